@@ -1,0 +1,3 @@
+from migrt.fast import main
+
+main()

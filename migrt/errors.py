@@ -1,0 +1,77 @@
+"""One error contract for the whole runtime.
+
+runc's callers read errors in two places: stderr, and, when they pass `--log FILE
+--log-format json`, the last `{"level":"error",...}` line of FILE (containerd shows that
+line to its user). Every migrt failure is a MigrtError carrying one clear line; `report`
+writes it to both places, exactly once, and the process exits with its code.
+"""
+import os
+import sys
+
+# Exit codes. runc exits 1 on any failure, and callers only look at zero/non-zero;
+# migrt's own commands use the finer codes below.
+EXIT_FAILURE = 1
+EXIT_USAGE = 2
+EXIT_REFUSED = 3       # a precondition was not met; nothing was changed
+EXIT_ROLLED_BACK = 4   # the operation failed and the source was resumed
+
+
+class MigrtError(Exception):
+    """A failure the user must see as one line. `where` names the file or peer."""
+
+    exit_code = EXIT_FAILURE
+
+    def __init__(self, msg, exit_code=None):
+        super().__init__(msg)
+        if exit_code is not None:
+            self.exit_code = exit_code
+
+
+class BundleError(MigrtError):
+    """The bundle (its config.json) is missing or malformed."""
+
+
+class CheckpointError(MigrtError):
+    """A checkpoint named by a marker is missing, incomplete, damaged or foreign."""
+
+
+class RuncError(MigrtError):
+    """runc (or CRIU under it) failed."""
+
+
+class RefusedError(MigrtError):
+    """A check refused the operation before anything was touched."""
+
+    exit_code = EXIT_REFUSED
+
+
+def _timestamp():
+    import time
+    t = time.time()
+    return time.strftime("%Y-%m-%dT%H:%M:%S", time.gmtime(t)) + ".%06dZ" % int((t % 1) * 1e6)
+
+
+def log_line(path, fmt, level, msg):
+    """Append one runc-style log line to `path` (json or logrus text format)."""
+    if fmt == "json":
+        import json
+        line = json.dumps({"level": level, "msg": msg, "time": _timestamp()})
+    else:
+        escaped = msg.replace("\\", "\\\\").replace('"', '\\"')
+        line = f'time="{_timestamp()}" level={level} msg="{escaped}"'
+    fd = os.open(path, os.O_WRONLY | os.O_APPEND | os.O_CREAT | os.O_CLOEXEC, 0o600)
+    try:
+        os.write(fd, (line + "\n").encode())
+    finally:
+        os.close(fd)
+
+
+def report(msg, log=None, log_format="text"):
+    """Tell the caller about a failure: stderr always, plus the --log file if any."""
+    if log:
+        try:
+            log_line(log, log_format, "error", msg)
+        except OSError as e:
+            sys.stderr.write(f"migrt: cannot write log {log}: {e.strerror}\n")
+    sys.stderr.write(f"migrt: {msg}\n")
+    sys.stderr.flush()

@@ -1,0 +1,108 @@
+#!/bin/bash
+# Install migrt and everything it drives (runc, CRIU 4.x, iptables) plus what the
+# test suite uses (containerd, podman, busybox), on a fresh Debian 12 or 13, as root.
+#
+# Debian 12's criu (3.17) fails `criu check` on current kernels (rt vDSO bounds), so on
+# bookworm criu, runc and iptables come together from trixie, pinned low so that nothing
+# else moves to trixie. They must come in ONE apt command: trixie's criu with bookworm's
+# iptables ends in a libxtables conflict.
+#
+# Idempotent: running it again only checks. Environment:
+#   MIGRT_PREFIX   where the virtualenv goes (default /opt/migrt)
+#   MIGRT_BIN      where the `migrt` launcher goes (default /usr/local/bin)
+#   MIGRT_NO_TEST_DEPS=1  skip containerd/podman/pytest (node install only)
+set -euo pipefail
+
+PREFIX=${MIGRT_PREFIX:-/opt/migrt}
+BIN=${MIGRT_BIN:-/usr/local/bin}
+SRC=$(cd "$(dirname "$0")/.." && pwd)
+
+log() { printf 'migrt-install: %s\n' "$*" >&2; }
+
+if [ "$(id -u)" != 0 ]; then
+    log "must run as root (it installs packages and writes $PREFIX)"
+    exit 1
+fi
+
+. /etc/os-release
+export DEBIAN_FRONTEND=noninteractive
+
+apt_updated=
+apt_update() { [ -n "$apt_updated" ] || { apt-get update -qq; apt_updated=1; }; }
+
+have_good_criu() {
+    command -v criu >/dev/null 2>&1 || return 1
+    local v; v=$(criu --version 2>/dev/null | sed -n 's/^Version: *//p')
+    [ "${v%%.*}" -ge 4 ] 2>/dev/null
+}
+
+base_pkgs="runc criu iptables"
+test_pkgs="containerd podman busybox-static iproute2 python3 python3-venv ca-certificates"
+
+if ! have_good_criu || ! command -v runc >/dev/null || ! command -v iptables-restore >/dev/null; then
+    case "$VERSION_CODENAME" in
+    bookworm)
+        log "Debian 12: taking criu, runc and iptables from trixie (pinned at priority 100)"
+        if ! grep -rqs 'trixie' /etc/apt/sources.list /etc/apt/sources.list.d/; then
+            cat > /etc/apt/sources.list.d/migrt-trixie.sources <<'SRC'
+Types: deb
+URIs: http://deb.debian.org/debian
+Suites: trixie
+Components: main
+Signed-By: /usr/share/keyrings/debian-archive-keyring.gpg
+SRC
+        fi
+        cat > /etc/apt/preferences.d/migrt-trixie <<'PIN'
+Package: *
+Pin: release n=trixie
+Pin-Priority: 100
+PIN
+        apt_updated=; apt_update
+        # python3-venv and pip's wheel come along: trixie's criu brings python3 3.13,
+        # whose venv needs trixie's pip wheel.
+        apt-get install -y -qq -t trixie $base_pkgs python3 python3-venv python3-pip-whl \
+            python3-setuptools-whl >/dev/null
+        ;;
+    *)
+        apt_update
+        apt-get install -y -qq $base_pkgs >/dev/null
+        ;;
+    esac
+fi
+have_good_criu || { log "CRIU 4.x is required; got: $(criu --version 2>&1 | head -1)"; exit 1; }
+
+if [ -z "${MIGRT_NO_TEST_DEPS:-}" ]; then
+    missing=
+    for p in $test_pkgs; do
+        dpkg-query -W -f='${Status}' "$p" 2>/dev/null | grep -q 'ok installed' || missing="$missing $p"
+    done
+    if [ -n "$missing" ]; then
+        apt_update
+        log "installing:$missing"
+        apt-get install -y -qq $missing >/dev/null
+    fi
+fi
+
+# The virtualenv uses the system Python: the launcher runs it with -I -S so that the
+# pass-through path starts in milliseconds.
+PY=/usr/bin/python3
+if [ ! -x "$PREFIX/venv/bin/python" ]; then
+    log "creating $PREFIX/venv"
+    mkdir -p "$PREFIX"
+    "$PY" -m venv "$PREFIX/venv"
+fi
+"$PREFIX/venv/bin/pip" install -q --disable-pip-version-check -r "$SRC/packaging/requirements.txt"
+if [ -z "${MIGRT_NO_TEST_DEPS:-}" ]; then
+    "$PREFIX/venv/bin/pip" install -q --disable-pip-version-check -r "$SRC/packaging/requirements-test.txt"
+fi
+# The code itself is copied next to the venv; the launcher puts it first on sys.path.
+rm -rf "$PREFIX/lib.new"; mkdir -p "$PREFIX/lib.new"
+cp -a "$SRC/migrt" "$SRC/plugins" "$SRC/hooks" "$PREFIX/lib.new/"
+find "$PREFIX/lib.new" -name __pycache__ -prune -exec rm -rf {} +
+rm -rf "$PREFIX/lib.old"; [ -d "$PREFIX/lib" ] && mv "$PREFIX/lib" "$PREFIX/lib.old"
+mv "$PREFIX/lib.new" "$PREFIX/lib"; rm -rf "$PREFIX/lib.old"
+"$PREFIX/venv/bin/python" -m compileall -q "$PREFIX/lib" >/dev/null
+"$PREFIX/venv/bin/python" -I -S "$PREFIX/lib/migrt/launcher.py" --source "$PREFIX/lib" \
+    --python "$PREFIX/venv/bin/python" "$BIN/migrt"
+log "migrt installed: $BIN/migrt ($("$BIN/migrt" --version 2>&1 | head -1))"
+log "runc: $(runc --version | head -1); criu: $(criu --version | head -1)"

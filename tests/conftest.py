@@ -1,0 +1,68 @@
+import os
+import shutil
+import sys
+
+import pytest
+
+sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
+
+import ocitest  # noqa: E402
+
+
+def pytest_collection_modifyitems(config, items):
+    """Tier marks by directory; root tiers skip with a reason when tools are missing."""
+    for item in items:
+        path = str(item.fspath)
+        if f"{os.sep}integration{os.sep}" in path or f"{os.sep}e2e{os.sep}" in path:
+            item.add_marker(pytest.mark.root)
+            if not ocitest.have_root_tools():
+                item.add_marker(pytest.mark.skip(reason="requires root, runc and criu"))
+
+
+@pytest.fixture(scope="session")
+def workdir(tmp_path_factory):
+    return tmp_path_factory.mktemp("migrt")
+
+
+@pytest.fixture(scope="session")
+def migrt_bin(workdir):
+    """The runtime under test: MIGRT_TEST_RUNTIME, or a launcher for this checkout."""
+    rt = os.environ.get("MIGRT_TEST_RUNTIME")
+    if rt:
+        return shutil.which(rt) or rt
+    return ocitest.build_launcher(str(workdir / "migrt"))
+
+
+@pytest.fixture(scope="session")
+def migrt_launcher(workdir):
+    """Always migrt (for tests of migrt-only behaviour)."""
+    return ocitest.build_launcher(str(workdir / "migrt-only"))
+
+
+@pytest.fixture(scope="session")
+def rootfs(workdir):
+    return ocitest.bundlekit.make_rootfs(str(workdir / "busybox-rootfs"))
+
+
+@pytest.fixture
+def make_bundle(tmp_path, rootfs):
+    """make_bundle(args, **kw) -> bundle dir with a copy of the busybox rootfs."""
+    def make(args, name=None, **kw):
+        name = name or ocitest.uid("b")
+        kw.setdefault("cgroups_path", f"/migrt-test/{name}")
+        return ocitest.bundlekit.make_bundle(str(tmp_path / name), args, rootfs=rootfs, **kw)
+    return make
+
+
+@pytest.fixture
+def node(tmp_path, migrt_bin):
+    """A simulated node: the runtime under test with a --root of its own."""
+    rts = []
+
+    def make(name="node", binary=None):
+        rt = ocitest.Runtime(binary or migrt_bin, str(tmp_path / f"root-{name}"))
+        rts.append(rt)
+        return rt
+    yield make
+    for rt in rts:
+        rt.cleanup()

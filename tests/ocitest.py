@@ -1,0 +1,157 @@
+"""Test helpers: drive an OCI runtime binary (migrt, or plain runc) on busybox bundles.
+
+The runtime under test comes from MIGRT_TEST_RUNTIME (default: a migrt launcher built
+for this checkout), so the lifecycle tests can be pointed at plain runc to show that
+migrt behaves the same.
+"""
+import json
+import os
+import shutil
+import subprocess
+import sys
+import threading
+import time
+import uuid
+
+HERE = os.path.dirname(os.path.abspath(__file__))
+REPO = os.path.dirname(HERE)
+sys.path.insert(0, REPO)
+
+from migrt import bundlekit  # noqa: E402
+
+VENV_PYTHON = os.environ.get("MIGRT_PYTHON", "/opt/migrt/venv/bin/python")
+
+# A workload whose state a restore must keep: a counter in shell memory that goes on,
+# printed to stdout and written to a file that stays open on fd 3.
+COUNTER = ("exec 3>>/data/counter.log; i=0; "
+           "while :; do i=$((i+1)); echo $i; echo $i >&3; echo $i > /tmp/count; "
+           "sleep 0.05; done")
+
+
+def have_root_tools():
+    return os.geteuid() == 0 and shutil.which("runc") and shutil.which("criu")
+
+
+def build_launcher(dest):
+    from migrt import launcher
+    launcher.write(dest, REPO, VENV_PYTHON)
+    return dest
+
+
+def uid(prefix="t"):
+    return f"{prefix}-{uuid.uuid4().hex[:8]}"
+
+
+class Output:
+    """Collects what a container writes to one pipe."""
+
+    def __init__(self, fd):
+        self.fd = fd
+        self.chunks = []
+        self.thread = threading.Thread(target=self._pump, daemon=True)
+        self.thread.start()
+
+    def _pump(self):
+        while True:
+            try:
+                b = os.read(self.fd, 65536)
+            except OSError:
+                break
+            if not b:
+                break
+            self.chunks.append(b)
+        os.close(self.fd)
+
+    @property
+    def text(self):
+        return b"".join(self.chunks).decode(errors="replace")
+
+    def lines(self):
+        return self.text.splitlines()
+
+
+class Runtime:
+    """An OCI runtime binary with its own --root (one simulated node)."""
+
+    def __init__(self, binary, root, env=None):
+        self.binary = binary
+        self.root = root
+        self.env = dict(os.environ, **(env or {}))
+        os.makedirs(root, exist_ok=True)
+
+    def cmd(self, *args, root_form="separate"):
+        if root_form == "joined":
+            return [self.binary, f"--root={self.root}", *args]
+        return [self.binary, "--root", self.root, *args]
+
+    def run(self, *args, input=None, timeout=120, root_form="separate", check=False):
+        p = subprocess.run(self.cmd(*args, root_form=root_form), input=input,
+                           capture_output=True, text=True, timeout=timeout, env=self.env)
+        if check and p.returncode != 0:
+            raise AssertionError(f"{args} failed ({p.returncode}): {p.stderr}")
+        return p
+
+    def create(self, cid, bundle, *extra, log=None, log_format="json", start=False,
+               timeout=120):
+        """`create` with pipes for the container's stdio. Returns (proc, out, err)."""
+        out_r, out_w = os.pipe()
+        err_r, err_w = os.pipe()
+        in_r, in_w = os.pipe()
+        glob = []
+        if log:
+            glob = ["--log", log, "--log-format", log_format]
+        argv = [self.binary, "--root", self.root, *glob, "create", "--bundle", bundle,
+                *extra, cid]
+        p = subprocess.run(argv, stdin=in_r, stdout=out_w, stderr=err_w, env=self.env,
+                           timeout=timeout)
+        os.close(out_w)
+        os.close(err_w)
+        os.close(in_r)
+        out, err = Output(out_r), Output(err_r)
+        if p.returncode != 0:
+            os.close(in_w)
+            err.thread.join(5)
+        else:
+            self._stdin = getattr(self, "_stdin", [])
+            self._stdin.append(in_w)
+        if start and p.returncode == 0:
+            s = self.run("start", cid)
+            assert s.returncode == 0, s.stderr
+        return p.returncode, out, err
+
+    def state(self, cid):
+        p = self.run("state", cid)
+        if p.returncode != 0:
+            return None
+        return json.loads(p.stdout)
+
+    def ids(self):
+        p = self.run("list", "--format", "json", check=True)
+        return [c["id"] for c in (json.loads(p.stdout) or [])]
+
+    def exec_out(self, cid, *args):
+        return self.run("exec", cid, *args, check=True).stdout
+
+    def cleanup(self):
+        for cid in self.ids() if os.path.isdir(self.root) else []:
+            self.run("delete", "--force", cid)
+        for fd in getattr(self, "_stdin", []):
+            try:
+                os.close(fd)
+            except OSError:
+                pass
+
+
+def wait_for(pred, timeout=10.0, interval=0.05, what="condition"):
+    end = time.monotonic() + timeout
+    while time.monotonic() < end:
+        v = pred()
+        if v:
+            return v
+        time.sleep(interval)
+    raise AssertionError(f"timed out waiting for {what}")
+
+
+def last_count(out):
+    nums = [int(x) for x in out.lines() if x.strip().isdigit()]
+    return nums[-1] if nums else 0
