@@ -1,0 +1,172 @@
+"""What a restore marker names, and whether it can be restored here.
+
+`MIGRT_RESTORE_FROM=<value>` in a bundle's process.env names the checkpoint:
+
+- an absolute path: a checkpoint directory made by `runc checkpoint` or
+  `migrt checkpoint` (the latter adds migrt/manifest.json, verified before restore);
+- `scheme:rest` (e.g. `staged:<migration-id>`): resolved by
+  `migrt.sources.<scheme>.resolve(rest, bundle)`, which returns a RestoreSource.
+
+Markers are refused unless they resolve (symlinks and `..` followed) under one of the
+allowed checkpoint locations: MIGRT_CHECKPOINT_DIRS (colon-separated), by default
+/var/lib/migrt/checkpoints and /run/migrt. A pod spec must not be able to name an
+arbitrary host path and restore another workload's memory.
+
+Everything is checked before runc is called: a missing or incomplete checkpoint, a
+symlink inside it, or one made on another architecture gets its own message.
+"""
+import os
+import platform
+import re
+import struct
+
+from migrt.errors import CheckpointError
+
+DEFAULT_DIRS = ("/var/lib/migrt/checkpoints", "/run/migrt")
+
+# The files without which CRIU cannot even start a restore.
+REQUIRED = ("inventory.img", "pstree.img")
+
+# CRIU image magics (criu/include/magic.h).
+IMG_COMMON_MAGIC = 0x54564319
+CORE_MAGIC = 0x55053847
+
+# CoreEntry.mtype (images/core.proto, enum march) and uname machine names.
+MARCH = {1: "x86_64", 2: "arm", 3: "aarch64", 4: "ppc64le", 5: "s390x", 6: "mips64",
+         7: "loongarch64", 8: "riscv64"}
+
+
+class RestoreSource:
+    """A checkpoint ready to restore, and what to do around the restore.
+
+    image_dir      CRIU images (runc restore --image-path)
+    restore_flags  extra `runc restore` flags the checkpoint needs (--tcp-established...)
+    lazy_address   "host:port" of a page server: restore with lazy-pages from it
+    prepare        callable(bundle, spec) run before runc restore (rootfs changes)
+    on_restored    callable(cid, pid) after the container runs
+    on_failed      callable(cid, message) after a failed restore was cleaned up
+    """
+
+    def __init__(self, image_dir, restore_flags=(), lazy_address=None, prepare=None,
+                 on_restored=None, on_failed=None, description=None):
+        self.image_dir = image_dir
+        self.restore_flags = list(restore_flags)
+        self.lazy_address = lazy_address
+        self.prepare = prepare
+        self.on_restored = on_restored
+        self.on_failed = on_failed
+        self.description = description or image_dir
+
+
+def allowed_dirs():
+    env = os.environ.get("MIGRT_CHECKPOINT_DIRS")
+    dirs = [d for d in env.split(":") if d] if env else list(DEFAULT_DIRS)
+    return [os.path.realpath(d) for d in dirs]
+
+
+def check_allowed(path, value):
+    real = os.path.realpath(path)
+    for d in allowed_dirs():
+        if real == d or real.startswith(d.rstrip("/") + "/"):
+            return real
+    raise CheckpointError(
+        f"checkpoint {value}: {real} is outside the allowed checkpoint locations "
+        f"({':'.join(allowed_dirs())}; set MIGRT_CHECKPOINT_DIRS)")
+
+
+def resolve(value, bundle):
+    """Turn a marker value into a validated RestoreSource."""
+    m = re.match(r"^([a-z][a-z0-9_-]*):(.+)$", value)
+    if m and not value.startswith("/"):
+        scheme, rest = m.groups()
+        import importlib
+        try:
+            mod = importlib.import_module(f"migrt.sources.{scheme.replace('-', '_')}")
+        except ImportError:
+            raise CheckpointError(f"checkpoint {value}: unknown checkpoint source {scheme!r}")
+        return mod.resolve(rest, bundle)
+    if not os.path.isabs(value):
+        raise CheckpointError(f"checkpoint {value}: must be an absolute path or scheme:name")
+    real = check_allowed(value, value)
+    validate(real, value)
+    return RestoreSource(real, restore_flags=manifest_flags(real), prepare=manifest_prepare(real),
+                         description=value)
+
+
+def validate(image_dir, name=None):
+    """Refuse a checkpoint dir that is missing, incomplete, foreign or tampered with."""
+    name = name or image_dir
+    if not os.path.exists(image_dir):
+        raise CheckpointError(f"checkpoint {name} does not exist")
+    if not os.path.isdir(image_dir):
+        raise CheckpointError(f"checkpoint {name} is not a directory")
+    try:
+        entries = os.listdir(image_dir)
+    except OSError as e:
+        raise CheckpointError(f"checkpoint {name}: cannot read: {e.strerror}")
+    for e in sorted(entries):
+        if os.path.islink(os.path.join(image_dir, e)):
+            raise CheckpointError(f"checkpoint {name}: {e} is a symlink; refusing to restore")
+    missing = [f for f in REQUIRED if f not in entries]
+    cores = sorted(e for e in entries if e.startswith("core-") and e.endswith(".img"))
+    if not cores:
+        missing.append("core-*.img")
+    if missing:
+        raise CheckpointError(f"checkpoint {name} is incomplete: missing {', '.join(missing)}")
+    if os.path.exists(os.path.join(image_dir, "migrt", "manifest.json")):
+        from migrt import image
+        image.verify_image(image_dir)
+    here = platform.machine()
+    for core in cores:
+        arch = core_arch(os.path.join(image_dir, core), name)
+        if arch != here:
+            raise CheckpointError(
+                f"checkpoint {name} was made on {arch} ({core}); this node is {here}")
+
+
+def core_arch(path, name):
+    """Read CoreEntry.mtype from a CRIU core-<pid>.img."""
+    try:
+        with open(path, "rb") as f:
+            head = f.read(64)
+    except OSError as e:
+        raise CheckpointError(f"checkpoint {name}: cannot read {os.path.basename(path)}: {e.strerror}")
+    base = os.path.basename(path)
+    if len(head) < 14:
+        raise CheckpointError(f"checkpoint {name}: {base} is truncated")
+    magic, kind, size = struct.unpack_from("<III", head)
+    if magic != IMG_COMMON_MAGIC or kind != CORE_MAGIC:
+        raise CheckpointError(f"checkpoint {name}: {base} is not a CRIU core image")
+    if head[12] != 0x08:          # field 1 (mtype), wire type varint
+        raise CheckpointError(f"checkpoint {name}: {base} has no machine type")
+    value, shift, i = 0, 0, 13
+    while i < len(head):
+        b = head[i]
+        value |= (b & 0x7F) << shift
+        i += 1
+        if not b & 0x80:
+            break
+        shift += 7
+    return MARCH.get(value, f"unknown machine type {value}")
+
+
+def manifest_flags(image_dir):
+    """runc restore flags recorded at checkpoint time (migrt images only)."""
+    path = os.path.join(image_dir, "migrt", "manifest.json")
+    if not os.path.exists(path):
+        return []
+    import json
+    with open(path) as f:
+        man = json.load(f)
+    keep = ("--tcp-established", "--ext-unix-sk", "--shell-job", "--file-locks")
+    return [f for f in man.get("criu_flags", []) if f in keep]
+
+
+def manifest_prepare(image_dir):
+    if not os.path.exists(os.path.join(image_dir, "migrt", "manifest.json")):
+        return None
+    from migrt import image
+    prep = getattr(image, "prepare_restore", None)
+    if prep is None:
+        return None
+    return lambda bundle, spec: prep(image_dir, bundle, spec)

@@ -1,0 +1,459 @@
+"""The one place that decides create-or-restore, and the container states around it.
+
+States of a container migrt restored (recorded in <runc root>/<id>/migrt.json, a file
+inside runc's own state dir, so `runc delete` removes it with the container):
+
+    created-from-checkpoint --start (no-op)--> running --delete--> gone
+
+runc's view of the same container is "running" from the moment `runc restore
+--detach` returns; the caller (containerd, CRI-O, podman) still believes it only
+created it, so the `start` that follows must succeed without doing anything. A second
+`start` goes to runc, which refuses it as it would for any running container.
+"""
+import hashlib
+import json
+import os
+import signal
+import subprocess
+import sys
+import time
+
+from migrt import checkpoints
+from migrt.errors import BundleError, MigrtError, RuncError
+from migrt.fast import MARKER, RECORD, runc_path
+
+STATE_DIR = os.environ.get("MIGRT_STATE_DIR", "/run/migrt")
+SPEC_BACKUP = "config.json.migrt-orig"
+
+
+# ---------------------------------------------------------------- records
+
+def record_path(call, cid):
+    return os.path.join(call.root, cid, RECORD)
+
+
+def read_record(call, cid):
+    try:
+        with open(record_path(call, cid)) as f:
+            return json.load(f)
+    except (OSError, ValueError):
+        return None
+
+
+def write_record(call, cid, rec):
+    path = record_path(call, cid)
+    tmp = path + ".tmp"
+    with open(os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o600), "w") as f:
+        json.dump(rec, f)
+    os.replace(tmp, path)
+
+
+def work_dir(call, cid):
+    """CRIU work dir of one restore: short, because it holds the lazy-pages socket."""
+    key = hashlib.sha1(f"{os.path.realpath(call.root)}\0{cid}".encode()).hexdigest()[:16]
+    return os.path.join(STATE_DIR, "work", key)
+
+
+def exists(call, cid):
+    return os.path.exists(os.path.join(call.root, cid, "state.json"))
+
+
+# ---------------------------------------------------------------- runc as a child
+
+def run_runc(tokens, forward_signals=False):
+    """Run runc with our stdio and inherited fds (pid-file, console, preserve-fds)."""
+    runc = runc_path()
+    proc = subprocess.Popen([runc] + tokens, close_fds=False)
+    if forward_signals:
+        def fwd(sig, _frame):
+            try:
+                proc.send_signal(sig)
+            except ProcessLookupError:
+                pass
+        for s in (signal.SIGINT, signal.SIGTERM, signal.SIGHUP, signal.SIGQUIT,
+                  signal.SIGUSR1, signal.SIGUSR2, signal.SIGWINCH):
+            signal.signal(s, fwd)
+    while True:
+        try:
+            return proc.wait()
+        except InterruptedError:
+            continue
+
+
+def quiet_runc(tokens):
+    runc = runc_path()
+    return subprocess.run([runc] + tokens, stdin=subprocess.DEVNULL, capture_output=True,
+                          text=True)
+
+
+def log_globals(call, work):
+    """Global tokens for a runc child, plus a json log of our own if the caller gave none.
+
+    Returns (tokens, log path, offset): the runc error is the last error line written
+    to that log after offset.
+    """
+    tokens = call.global_tokens()
+    if call.log and call.log_format == "json":
+        try:
+            off = os.path.getsize(call.log)
+        except OSError:
+            off = 0
+        return tokens, call.log, off
+    if call.log:     # text log: runc's message is also on stderr; we only add CRIU's
+        return tokens, None, 0
+    own = os.path.join(work, "runc.log")
+    return tokens + ["--log", own, "--log-format", "json"], own, 0
+
+
+def runc_error(log, offset):
+    if not log:
+        return None
+    try:
+        with open(log, "rb") as f:
+            f.seek(offset)
+            lines = f.read().decode(errors="replace").splitlines()
+    except OSError:
+        return None
+    msg = None
+    for line in lines:
+        try:
+            rec = json.loads(line)
+        except ValueError:
+            continue
+        if isinstance(rec, dict) and rec.get("level") in ("error", "fatal"):
+            msg = rec.get("msg")
+    return msg
+
+
+# CRIU writes these on every run on this kind of node; they are not the failure.
+CRIU_NOISE = ("RLIMIT_NOFILE", "cgroupd: recv req error", "Restoring FAILED",
+              "Dumping FAILED", "Can't keep kdat cache")
+
+
+def criu_errors(log_path, limit=3):
+    """The first meaningful `Error (...)` lines of a CRIU log, without timestamps."""
+    try:
+        with open(log_path, errors="replace") as f:
+            lines = f.readlines()
+    except OSError:
+        return []
+    errs = []
+    for line in lines:
+        i = line.find("Error (")
+        if i < 0 or any(n in line for n in CRIU_NOISE):
+            continue
+        text = line[i:].strip()
+        if text not in errs:
+            errs.append(text)
+        if len(errs) >= limit:
+            break
+    return errs
+
+
+def failure_message(what, log, offset, criu_log):
+    parts = [what]
+    err = runc_error(log, offset)
+    if err:
+        parts.append(f"runc: {err}")
+    errs = criu_errors(criu_log)
+    if errs:
+        parts.append(f"CRIU log {criu_log}: " + "; ".join(errs))
+    elif os.path.exists(criu_log):
+        parts.append(f"CRIU log {criu_log}")
+    return ": ".join(parts[:1]) + ("; " + "; ".join(parts[1:]) if len(parts) > 1 else "")
+
+
+# ---------------------------------------------------------------- spec helpers
+
+def write_spec(bundle, spec):
+    path = os.path.join(bundle, "config.json")
+    tmp = path + ".migrt-tmp"
+    with open(tmp, "w") as f:
+        json.dump(spec, f)
+    os.replace(tmp, path)
+
+
+def put_back_spec(bundle):
+    backup = os.path.join(bundle, SPEC_BACKUP)
+    if os.path.exists(backup):
+        os.replace(backup, os.path.join(bundle, "config.json"))
+
+
+def strip_marker(spec):
+    """The spec runc gets: the marker removed from process.env."""
+    spec = json.loads(json.dumps(spec))
+    env = spec["process"].get("env") or []
+    spec["process"]["env"] = [e for e in env
+                              if not (isinstance(e, str) and e.startswith(MARKER + "="))]
+    return spec
+
+
+# ---------------------------------------------------------------- create / run
+
+def create(call, flags, cid, bundle, spec, marker, plugins):
+    bundle = os.path.abspath(bundle)
+    if marker is None:
+        return create_with_plugins(call, flags, cid, bundle, spec, plugins)
+    return restore_create(call, flags, cid, bundle, spec, marker, plugins)
+
+
+def run_stage(stage, plugins, **ctx):
+    if not plugins:
+        return ctx
+    from migrt.plugins import run_stage as run
+    return run(stage, plugins, **ctx)
+
+
+def create_with_plugins(call, flags, cid, bundle, spec, plugins):
+    """A plain create that some plugin wants to see (no marker)."""
+    ctx = run_stage("pre-create", plugins, call=call, cid=cid, bundle=bundle, spec=spec)
+    if ctx["spec"] is not spec or ctx.get("spec_changed"):
+        write_spec(bundle, ctx["spec"])
+    rc = run_runc(call.argv, forward_signals=(call.command == "run"))
+    if rc == 0 and call.command == "create":
+        run_stage("post-create", plugins, call=call, cid=cid, bundle=bundle, spec=ctx["spec"],
+                  pid=_read_pid(flags.get("pid-file")))
+    return rc
+
+
+def _read_pid(path):
+    try:
+        with open(path) as f:
+            return int(f.read().strip())
+    except (TypeError, OSError, ValueError):
+        return None
+
+
+def restore_create(call, flags, cid, bundle, spec, marker, plugins):
+    """`create` (or `run`) of a bundle carrying the marker: restore instead."""
+    if exists(call, cid):
+        raise MigrtError(f"container with id exists: {cid}")
+    if not isinstance(spec.get("process"), dict):
+        raise BundleError(f"bundle {bundle}: config.json has no process")
+    source = checkpoints.resolve(marker, bundle)
+    detach = call.command == "create" or flags.get("detach")
+    work = work_dir(call, cid)
+    os.makedirs(work, mode=0o700, exist_ok=True)
+    for old in ("restore.log", "runc.log"):
+        try:
+            os.unlink(os.path.join(work, old))
+        except FileNotFoundError:
+            pass
+
+    runc_spec = strip_marker(spec)
+    ctx = run_stage("pre-restore", plugins, call=call, cid=cid, bundle=bundle, spec=runc_spec,
+                    image_dir=source.image_dir)
+    runc_spec = ctx["spec"]
+    backup = os.path.join(bundle, SPEC_BACKUP)
+    if not os.path.exists(backup):
+        os.replace(os.path.join(bundle, "config.json"), backup)
+    write_spec(bundle, runc_spec)
+
+    lazy = None
+    started = time.monotonic()
+    try:
+        if source.prepare:
+            source.prepare(bundle, runc_spec)
+        tokens, log, offset = log_globals(call, work)
+        tokens += ["restore", "--image-path", source.image_dir, "--work-path", work,
+                   "--bundle", bundle]
+        if detach:
+            tokens.append("--detach")
+        for name in ("pid-file", "console-socket"):
+            if flags.get(name):
+                tokens += [f"--{name}", flags[name]]
+        for name in ("no-pivot", "no-subreaper"):
+            if flags.get(name):
+                tokens.append(f"--{name}")
+        tokens += source.restore_flags
+        if source.lazy_address:
+            lazy = start_lazy_pages(source, work)
+            tokens.append("--lazy-pages")
+        tokens.append(cid)
+        if not detach:
+            # `run` stays attached: there is no start to follow and nothing to record.
+            rc = run_runc(tokens, forward_signals=True)
+            if rc != 0 and not _was_restored(work):
+                raise RuncError(failure_message(f"restore of {cid} from {marker} failed",
+                                                log, offset, os.path.join(work, "restore.log")))
+            return rc
+        rc = run_runc(tokens)
+        if rc != 0:
+            raise RuncError(failure_message(f"restore of {cid} from {marker} failed",
+                                            log, offset, os.path.join(work, "restore.log")))
+    except BaseException as e:
+        if lazy:
+            _kill(lazy)
+        if exists(call, cid):
+            quiet_runc(call.global_tokens() + ["delete", "--force", cid])
+        put_back_spec(bundle)
+        if source.on_failed:
+            try:
+                source.on_failed(cid, str(e))
+            except Exception:
+                pass
+        raise
+    pid = _read_pid(flags.get("pid-file")) or _state_pid(call, cid)
+    write_record(call, cid, {
+        "restored_from": marker, "image_dir": source.image_dir, "work": work,
+        "started": not detach or call.command == "run", "plugins": list(plugins),
+        "restore_seconds": round(time.monotonic() - started, 3),
+        "restored_at": time.time(), "lazy_pid": lazy.pid if lazy else None,
+    })
+    run_stage("post-restore", plugins, call=call, cid=cid, bundle=bundle, spec=runc_spec,
+              image_dir=source.image_dir, pid=pid)
+    if source.on_restored:
+        source.on_restored(cid, pid)
+    return 0
+
+
+def _was_restored(work):
+    """After an attached restore exits non-zero: did the container ever run?"""
+    try:
+        with open(os.path.join(work, "restore.log"), errors="replace") as f:
+            return "Restore finished successfully" in f.read()
+    except OSError:
+        return False
+
+
+def _state_pid(call, cid):
+    try:
+        with open(os.path.join(call.root, cid, "state.json")) as f:
+            return json.load(f).get("init_process_pid")
+    except (OSError, ValueError):
+        return None
+
+
+def start_lazy_pages(source, work):
+    """Start `criu lazy-pages` for this restore; runc restore --lazy-pages connects to
+    lazy-pages.socket in the same work dir (so the daemon must use that dir)."""
+    host, _, port = source.lazy_address.rpartition(":")
+    criu = os.environ.get("MIGRT_CRIU", "criu")
+    log = os.path.join(work, "lazy-pages.log")
+    proc = subprocess.Popen(
+        [criu, "lazy-pages", "--page-server", "--address", host, "--port", port,
+         "--images-dir", source.image_dir, "--work-dir", work, "-o", log, "-v4"],
+        stdin=subprocess.DEVNULL, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL,
+        start_new_session=True)
+    sock = os.path.join(work, "lazy-pages.socket")
+    deadline = time.monotonic() + 10
+    while not os.path.exists(sock):
+        if proc.poll() is not None or time.monotonic() > deadline:
+            _kill(proc)
+            errs = criu_errors(log)
+            raise RuncError(f"criu lazy-pages did not start (log {log})"
+                            + (": " + "; ".join(errs) if errs else ""))
+        time.sleep(0.01)
+    return proc
+
+
+def _kill(proc):
+    try:
+        proc.kill()
+        proc.wait(5)
+    except Exception:
+        pass
+
+
+# ---------------------------------------------------------------- start / delete
+
+def start(call, cid):
+    rec = read_record(call, cid)
+    if rec is None or rec.get("started"):
+        from migrt.fast import exec_runc
+        exec_runc(call.argv)
+    rec["started"] = True
+    write_record(call, cid, rec)
+    return 0
+
+
+def delete(call, flags, cid):
+    rec = read_record(call, cid) or {}
+    plugins = rec.get("plugins") or []
+    if plugins:
+        run_stage("delete", plugins, call=call, cid=cid, record=rec)
+    rc = run_runc(call.argv)
+    if rc == 0:
+        if rec.get("lazy_pid"):
+            _stop_lazy_daemon(rec["lazy_pid"])
+        work = rec.get("work")
+        if work and work.startswith(os.path.join(STATE_DIR, "work") + "/"):
+            import shutil
+            shutil.rmtree(work, ignore_errors=True)
+    return rc
+
+
+def _stop_lazy_daemon(pid):
+    """A lazy-pages daemon still serving a deleted container has nothing left to do."""
+    try:
+        with open(f"/proc/{pid}/cmdline", "rb") as f:
+            if b"lazy-pages" not in f.read():
+                return
+        os.kill(pid, signal.SIGTERM)
+    except OSError:
+        pass
+
+
+# ---------------------------------------------------------------- checkpoint
+
+def container_bundle(call, cid):
+    """The bundle of a container, from runc's own state.json."""
+    try:
+        with open(os.path.join(call.root, cid, "state.json")) as f:
+            state = json.load(f)
+    except (OSError, ValueError):
+        return None, None
+    for label in (state.get("config") or {}).get("labels") or []:
+        if label.startswith("bundle="):
+            return label[len("bundle="):], state
+    return None, state
+
+
+def checkpoint_flags(flags):
+    out = []
+    for name in ("leave-running", "tcp-established", "ext-unix-sk", "shell-job",
+                 "file-locks", "pre-dump", "lazy-pages", "auto-dedup"):
+        if flags.get(name):
+            out.append(f"--{name}")
+    for name in ("manage-cgroups-mode", "page-server", "parent-path", "empty-ns"):
+        if flags.get(name):
+            out += [f"--{name}", flags[name]]
+    return out
+
+
+def checkpoint(call, flags, cid):
+    """`checkpoint`: runc's, then migrt's manifest next to CRIU's images."""
+    bundle, state = container_bundle(call, cid)
+    if state is None:
+        from migrt.fast import exec_runc
+        exec_runc(call.argv)       # runc says the container does not exist
+    plugins = []
+    spec = None
+    if bundle:
+        try:
+            from migrt.fast import read_spec
+            from migrt import hookgate
+            spec = read_spec(bundle)
+            plugins = hookgate.active(spec, bundle)
+        except MigrtError:
+            plugins = []
+    image_dir = os.path.abspath(flags.get("image-path") or "checkpoint")
+    work = os.path.abspath(flags.get("work-path") or image_dir)
+    mode = ("pre-dump" if flags.get("pre-dump") else
+            "leave-running" if flags.get("leave-running") else "dump")
+    run_stage("pre-checkpoint", plugins, call=call, cid=cid, bundle=bundle, spec=spec,
+              image_dir=image_dir, mode=mode)
+    rc = run_runc(call.argv)
+    if rc != 0:
+        dump_log = os.path.join(work, "pre-dump.log" if mode == "pre-dump" else "dump.log")
+        errs = criu_errors(dump_log)
+        if errs or os.path.exists(dump_log):
+            raise RuncError(f"checkpoint of {cid} failed; CRIU log {dump_log}"
+                            + (": " + "; ".join(errs) if errs else ""))
+        return rc
+    if mode != "pre-dump" and not flags.get("lazy-pages"):
+        from migrt import image
+        image.finalize_checkpoint(image_dir, cid, state, bundle, checkpoint_flags(flags))
+    run_stage("post-checkpoint", plugins, call=call, cid=cid, bundle=bundle, spec=spec,
+              image_dir=image_dir, mode=mode)
+    return 0
