@@ -1,13 +1,237 @@
-"""The migrt checkpoint image: CRIU images plus what CRIU does not carry.
+"""The migrt checkpoint image: CRIU's images plus what CRIU does not carry.
 
-Placeholder API used by the runtime core (migrt.lifecycle); the migration engine
-fills it in.
+A migrt image is a directory made by `runc checkpoint` (left as runc wrote it) with
+migrt's own files under `migrt/`: the bundle's spec, the container's writable layer
+(migrt.image.rootfs) and a manifest of digests (migrt.image.manifest). The runtime core
+calls `finalize_checkpoint` after a checkpoint and `verify_image` before a restore.
 """
+import json
+import os
+import platform
+import stat
+
+from migrt.errors import CheckpointError
+from migrt.image import digest, manifest as mf, rootfs as rfs
+
+MANIFEST = mf.MANIFEST
+SPEC = mf.SPEC
+STAMP = "migrt/verified.json"
+# Written by CRIU/runc when an image is restored or used as a work dir; not image content.
+_IGNORED_SUFFIXES = (".log", ".socket")
+_IGNORED_NAMES = {"stats-restore", STAMP, MANIFEST + ".tmp"}
+
+
+def parse_rfc3339_ns(s):
+    """runc's `created` ("2026-01-02T03:04:05.123456789Z") as ns since the epoch."""
+    import calendar
+    import re
+    m = re.match(r"(\d+)-(\d+)-(\d+)T(\d+):(\d+):(\d+)(?:\.(\d+))?(Z|[+-]\d\d:\d\d)$", s or "")
+    if not m:
+        return None
+    y, mo, d, h, mi, se, frac, tz = m.groups()
+    secs = calendar.timegm((int(y), int(mo), int(d), int(h), int(mi), int(se)))
+    if tz != "Z":
+        sign = 1 if tz[0] == "+" else -1
+        secs -= sign * (int(tz[1:3]) * 3600 + int(tz[4:6]) * 60)
+    ns = int((frac or "0").ljust(9, "0")[:9])
+    return secs * 1_000_000_000 + ns
+
+
+def restrict(path):
+    """Make an image readable by its owner only (dirs 0700, files 0600)."""
+    for dirpath, dirnames, filenames in os.walk(path):
+        os.chmod(dirpath, 0o700)
+        for n in filenames:
+            p = os.path.join(dirpath, n)
+            if not os.path.islink(p):
+                os.chmod(p, 0o600)
+
+
+def rootfs_of(bundle, spec, state=None):
+    if state and state.get("rootfs"):
+        return state["rootfs"]
+    root = (spec.get("root") or {}).get("path", "rootfs")
+    return root if os.path.isabs(root) else os.path.join(bundle, root)
+
+
+def rootfs_base(spec):
+    ann = spec.get("annotations") or {}
+    return ann.get("migrt.rootfs-base") or os.environ.get("MIGRT_ROOTFS_BASE") or None
+
+
+def capture(image_dir, container_id, state, bundle, criu_flags, base=None, extra=None):
+    """Add spec, writable layer and manifest to a fresh CRIU image dir. Returns the manifest.
+
+    Call while the container's processes cannot change its files (frozen or dumped).
+    """
+    os.makedirs(os.path.join(image_dir, "migrt"), mode=0o700, exist_ok=True)
+    with open(os.path.join(bundle, "config.json"), "rb") as f:
+        raw = f.read()
+    spec = json.loads(raw)
+    fd = os.open(os.path.join(image_dir, SPEC), os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o600)
+    with os.fdopen(fd, "wb") as f:
+        f.write(raw)
+    since = parse_rfc3339_ns((state or {}).get("created"))
+    base = base or rootfs_base(spec)
+    kind, src, entries, deleted, listings = rfs.diff(rootfs_of(bundle, spec, state), since, base)
+    diff_dir = os.path.join(image_dir, rfs.DIFF_DIR)
+    nbytes = rfs.write_diff(src, entries, diff_dir)
+    info = {"kind": kind, "entries": entries, "deleted": deleted, "listings": listings,
+            "bytes": nbytes}
+    if base:
+        info["base"] = base
+    restrict(image_dir)
+    from migrt.image import criuimg
+    try:
+        procs = criuimg.processes(image_dir)
+    except (OSError, ValueError, IndexError):
+        procs = []
+    m = {"format": mf.FORMAT, "created": mf.now(),
+         "container": {"id": container_id, "bundle": os.path.abspath(bundle),
+                       "pid": int((state or {}).get("pid") or 0),
+                       "status": (state or {}).get("status", "")},
+         "node": mf.node_info(), "criu_flags": list(criu_flags or []),
+         "chunk_size": digest.CHUNK, "files": mf.file_entries(image_dir),
+         "rootfs": info, "processes": procs}
+    if extra:
+        m.update(extra)
+    mf.parse(json.dumps(m))
+    mf.write(image_dir, m)
+    return m
 
 
 def finalize_checkpoint(image_dir, container_id, state, bundle, criu_flags):
-    """Called after a successful `migrt checkpoint`: add migrt's manifest to image_dir."""
+    """Called by the core after a successful `migrt checkpoint`."""
+    capture(image_dir, container_id, state, bundle, criu_flags)
 
 
-def verify_image(image_dir):
-    """Raise migrt.errors.CheckpointError naming the first bad file, if any."""
+def load_manifest(image_dir):
+    return mf.load(image_dir)
+
+
+def _locate(image_dir, rel, rootfs_dir):
+    if rootfs_dir and (rel == rfs.DIFF_DIR or rel.startswith(rfs.DIFF_DIR + "/")):
+        return os.path.join(rootfs_dir, rel[len(rfs.DIFF_DIR) + 1:])
+    return os.path.join(image_dir, rel)
+
+
+def _stat_key(st):
+    return [st.st_size, st.st_ctime_ns, st.st_ino]
+
+
+def stamp_verified(image_dir, m, rootfs_dir=None):
+    """Record that every file was checked (by the agent, as it arrived) and its stat then.
+
+    verify_image trusts this record only while no file's size, ctime or inode changed:
+    ctime cannot be set from userspace, so any write since shows.
+    """
+    files = {}
+    for e in m["files"]:
+        files[e["path"]] = _stat_key(os.lstat(_locate(image_dir, e["path"], rootfs_dir)))
+    st = os.lstat(os.path.join(image_dir, MANIFEST))
+    rec = {"manifest": _stat_key(st), "files": files}
+    p = os.path.join(image_dir, STAMP)
+    fd = os.open(p, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o600)
+    with os.fdopen(fd, "w") as f:
+        json.dump(rec, f)
+
+
+def _stamp_ok(image_dir, m, rootfs_dir):
+    try:
+        with open(os.path.join(image_dir, STAMP)) as f:
+            rec = json.load(f)
+        if rec["manifest"] != _stat_key(os.lstat(os.path.join(image_dir, MANIFEST))):
+            return False
+        for e in m["files"]:
+            if rec["files"].get(e["path"]) != _stat_key(os.lstat(_locate(image_dir, e["path"], rootfs_dir))):
+                return False
+        return True
+    except (OSError, ValueError, KeyError, TypeError):
+        return False
+
+
+def verify_image(image_dir, rootfs_dir=None, full=False, check_arch=True):
+    """Check every file of a migrt image; raise CheckpointError naming the first bad one.
+
+    Returns the manifest. `full` ignores the agent's verified-on-arrival record.
+    """
+    m = mf.load(image_dir)
+    if check_arch and m["node"]["arch"] != platform.machine():
+        raise CheckpointError(f"{os.path.join(image_dir, MANIFEST)}: image made on "
+                              f"{m['node']['arch']}, this node is {platform.machine()}")
+    if not full and _stamp_ok(image_dir, m, rootfs_dir):
+        return m
+    chunk = m["chunk_size"]
+    listed = set()
+    for e in m["files"]:
+        rel = e["path"]
+        listed.add(rel)
+        p = _locate(image_dir, rel, rootfs_dir)
+        try:
+            st = os.lstat(p)
+        except FileNotFoundError:
+            raise CheckpointError(f"{p}: missing from the image")
+        if not stat.S_ISREG(st.st_mode):
+            raise CheckpointError(f"{p}: not a regular file (tampered)")
+        if st.st_mode & 0o022:
+            raise CheckpointError(f"{p}: writable by group or others (insecure image)")
+        if st.st_size != e["size"]:
+            what = "truncated" if st.st_size < e["size"] else "longer than recorded"
+            raise CheckpointError(f"{p}: {what} ({st.st_size} bytes, manifest says {e['size']})")
+        with open(p, "rb", buffering=0) as f:
+            for i, want in enumerate(e["chunks"]):
+                b = f.read(chunk)
+                if digest.chunk_digest(b) != want:
+                    raise CheckpointError(f"{p}: chunk {i} (offset {i * chunk}) does not match "
+                                          f"its digest (damaged or tampered)")
+    tops = [(image_dir, "")]
+    if rootfs_dir:
+        tops.append((rootfs_dir, rfs.DIFF_DIR))
+    for top, prefix in tops:
+        for rel in digest.walk_files(top):
+            name = os.path.join(prefix, rel) if prefix else rel
+            if name in listed or name in _IGNORED_NAMES or name == MANIFEST:
+                continue
+            if name.endswith(_IGNORED_SUFFIXES) or (rootfs_dir and not prefix
+                                                      and name.startswith(rfs.DIFF_DIR + "/")):
+                continue
+            full_path = os.path.join(top, rel)
+            if not os.path.isfile(full_path) or os.path.islink(full_path):
+                continue
+            raise CheckpointError(f"{full_path}: not in the manifest (tampered)")
+    return m
+
+
+def apply_rootfs(image_dir, bundle, rootfs_dir=None, m=None):
+    """Put the image's writable layer in place in `bundle`'s rootfs (rename, not copy)."""
+    m = m or mf.load(image_dir)
+    with open(os.path.join(bundle, "config.json")) as f:
+        spec = json.load(f)
+    diff_dir = rootfs_dir or os.path.join(image_dir, rfs.DIFF_DIR)
+    try:
+        return rfs.apply(diff_dir, m["rootfs"], rootfs_of(bundle, spec))
+    except ValueError as e:
+        raise CheckpointError(f"{os.path.join(image_dir, MANIFEST)}: {e}")
+
+
+def inspect(image_dir):
+    """A summary of an image for people: processes, sizes, memory, rootfs changes."""
+    m = mf.load(image_dir)
+    from migrt.image import criuimg
+    procs = m.get("processes") or criuimg.processes(image_dir)
+    sizes = {"criu": 0, "memory": 0, "rootfs": 0, "total": 0}
+    for e in m["files"]:
+        sizes["total"] += e["size"]
+        if e["path"].startswith(rfs.DIFF_DIR + "/"):
+            sizes["rootfs"] += e["size"]
+        elif not e["path"].startswith("migrt/"):
+            sizes["criu"] += e["size"]
+            if os.path.basename(e["path"]).startswith("pages-"):
+                sizes["memory"] += e["size"]
+    r = m["rootfs"]
+    return {"container": m["container"], "created": m["created"], "node": {
+        k: v for k, v in m["node"].items() if k != "cpu_flags"},
+        "criu_flags": m.get("criu_flags", []), "processes": procs, "sizes": sizes,
+        "files": len(m["files"]),
+        "rootfs": {"kind": r["kind"], "changed": [e["path"] for e in r.get("entries", [])],
+                   "deleted": r.get("deleted", []), "bytes": r.get("bytes", 0)}}

@@ -1,0 +1,164 @@
+"""The manifest of a migrt checkpoint image: what is in it and what it was made on.
+
+`<image>/migrt/manifest.json` lists every file of the image (CRIU's files as runc wrote
+them, migrt's spec copy and the rootfs diff) with its size and xxhash digests, and the
+versions, architecture and CPU features of the source node. It is validated against a
+JSON Schema before anything in it is trusted.
+"""
+import json
+import os
+import platform
+import subprocess
+import time
+
+import jsonschema
+
+from migrt.errors import CheckpointError
+from migrt.image import digest
+
+FORMAT = "migrt-image/1"
+MANIFEST = "migrt/manifest.json"
+SPEC = "migrt/config.json"
+
+_HEX = {"type": "string", "pattern": "^[0-9a-f]{16,32}$"}
+_REL = {"type": "string", "minLength": 1, "maxLength": 4096,
+        "not": {"pattern": "(^/|(^|/)\\.\\.(/|$))"}}
+
+SCHEMA = {
+    "$schema": "https://json-schema.org/draft/2020-12/schema",
+    "type": "object",
+    "required": ["format", "created", "container", "node", "chunk_size", "files", "rootfs"],
+    "properties": {
+        "format": {"const": FORMAT},
+        "created": {"type": "string"},
+        "container": {
+            "type": "object", "required": ["id"],
+            "properties": {"id": {"type": "string"}, "bundle": {"type": "string"},
+                           "pid": {"type": "integer"}, "status": {"type": "string"}},
+        },
+        "node": {
+            "type": "object", "required": ["arch", "kernel"],
+            "properties": {"arch": {"type": "string"}, "kernel": {"type": "string"},
+                           "runc": {"type": "string"}, "criu": {"type": "string"},
+                           "migrt": {"type": "string"},
+                           "cpu_flags": {"type": "array", "items": {"type": "string"}},
+                           "hostname": {"type": "string"}},
+        },
+        "criu_flags": {"type": "array", "items": {"type": "string"}},
+        "chunk_size": {"type": "integer", "minimum": 4096, "maximum": 1 << 30},
+        "files": {
+            "type": "array",
+            "items": {
+                "type": "object", "required": ["path", "size", "xxh3", "chunks"],
+                "additionalProperties": False,
+                "properties": {"path": _REL, "size": {"type": "integer", "minimum": 0},
+                               "xxh3": _HEX, "chunks": {"type": "array", "items": _HEX}},
+            },
+        },
+        "rootfs": {
+            "type": "object", "required": ["kind"],
+            "properties": {
+                "kind": {"enum": ["overlay", "base", "since-start", "none"]},
+                "base": {"type": "string"},
+                "bytes": {"type": "integer"},
+                "entries": {"type": "array", "items": {
+                    "type": "object", "required": ["path", "type", "mode", "uid", "gid", "mtime"],
+                    "properties": {"path": _REL, "type": {"enum": ["file", "dir", "symlink"]},
+                                   "mode": {"type": "integer"}, "uid": {"type": "integer"},
+                                   "gid": {"type": "integer"}, "mtime": {"type": "integer"},
+                                   "size": {"type": "integer"}, "target": {"type": "string"}}}},
+                "deleted": {"type": "array", "items": _REL},
+                "listings": {"type": "object", "additionalProperties": {
+                    "type": "array", "items": {"type": "string"}}},
+            },
+        },
+        "processes": {"type": "array"},
+        "migration": {"type": "object"},
+    },
+}
+
+
+def _version(cmd):
+    try:
+        out = subprocess.run(cmd, capture_output=True, text=True, timeout=10).stdout
+    except (OSError, subprocess.TimeoutExpired):
+        return "unknown"
+    for line in out.splitlines():
+        line = line.strip()
+        if line.lower().startswith(("runc version", "version:")):
+            return line.split()[-1]
+    return out.split("\n")[0].strip() or "unknown"
+
+
+def cpu_flags():
+    try:
+        with open("/proc/cpuinfo") as f:
+            for line in f:
+                if line.startswith("flags"):
+                    return sorted(set(line.split(":", 1)[1].split()))
+    except OSError:
+        pass
+    return []
+
+
+def node_info():
+    from migrt import __version__
+    u = os.uname()
+    return {"arch": platform.machine(), "kernel": u.release, "hostname": u.nodename,
+            "runc": _version([os.environ.get("MIGRT_RUNC", "runc"), "--version"]),
+            "criu": _version(["criu", "--version"]), "migrt": __version__,
+            "cpu_flags": cpu_flags()}
+
+
+def file_entries(image_dir, skip=(MANIFEST,), chunk=digest.CHUNK, extra_dirs=None):
+    """Digest every regular file under image_dir (and rel->dir pairs in extra_dirs)."""
+    out = []
+    roots = [("", image_dir)] + sorted((extra_dirs or {}).items())
+    for prefix, top in roots:
+        for rel in digest.walk_files(top):
+            name = os.path.join(prefix, rel) if prefix else rel
+            if name in skip or (prefix == "" and any(name.startswith(p + "/") for p in (extra_dirs or {}))):
+                continue
+            size, whole, chunks = digest.file_digests(os.path.join(top, rel), chunk)
+            out.append({"path": name, "size": size, "xxh3": whole, "chunks": chunks})
+    return sorted(out, key=lambda e: e["path"])
+
+
+def write(image_dir, manifest):
+    path = os.path.join(image_dir, MANIFEST)
+    os.makedirs(os.path.dirname(path), mode=0o700, exist_ok=True)
+    tmp = path + ".tmp"
+    fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o600)
+    with os.fdopen(fd, "w") as f:
+        json.dump(manifest, f, indent=1, sort_keys=True)
+    os.replace(tmp, path)
+
+
+def parse(data, where=MANIFEST):
+    """Parse and validate manifest bytes; CheckpointError naming `where` if bad."""
+    try:
+        m = json.loads(data)
+    except (ValueError, UnicodeDecodeError) as e:
+        raise CheckpointError(f"{where}: not valid JSON ({e})")
+    try:
+        jsonschema.validate(m, SCHEMA)
+    except jsonschema.ValidationError as e:
+        loc = "/".join(str(p) for p in e.absolute_path) or "(top)"
+        raise CheckpointError(f"{where}: invalid manifest at {loc}: {e.message[:200]}")
+    return m
+
+
+def load(image_dir):
+    path = os.path.join(image_dir, MANIFEST)
+    try:
+        with open(path, "rb") as f:
+            data = f.read(64 << 20)
+    except FileNotFoundError:
+        raise CheckpointError(f"{path}: missing (not a migrt image)")
+    except OSError as e:
+        raise CheckpointError(f"{path}: cannot read: {e.strerror}")
+    return parse(data, path)
+
+
+def now():
+    return time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime())

@@ -1,0 +1,225 @@
+"""The container's writable layer: what changed in its root filesystem since it started.
+
+CRIU carries processes, not files; a container whose files changed must find them
+changed on the destination too (CRIU even refuses to restore a file whose size differs).
+Three ways to find the changes, best first:
+
+- overlay: the rootfs is an overlay mount; its upper dir *is* the writable layer
+  (whiteouts are deletions, opaque dirs replace the lower dir);
+- base: the user names the unchanged image (a directory); the rootfs is compared to it;
+- since-start: a plain rootfs dir; anything whose ctime is not older than the container
+  (ctime cannot be set from userspace) changed, and each changed directory's full listing
+  is recorded so the destination can drop the entries deleted there.
+
+The diff is written as regular files under <dest>/files/ plus a list of entries.
+"""
+import os
+import shutil
+import stat
+
+DIFF_DIR = "migrt/rootfs"
+
+
+def overlay_upper(rootfs):
+    """Return the upperdir of the overlay mounted at rootfs, or None."""
+    target = os.path.realpath(rootfs)
+    try:
+        with open("/proc/self/mountinfo") as f:
+            lines = f.read().splitlines()
+    except OSError:
+        return None
+    found = None
+    for line in lines:
+        parts = line.split(" - ")
+        if len(parts) != 2:
+            continue
+        left, right = parts[0].split(), parts[1].split()
+        if left[4].encode().decode("unicode_escape") != target or right[0] != "overlay":
+            continue
+        for opt in right[2].split(","):
+            if opt.startswith("upperdir="):
+                found = opt[len("upperdir="):]
+    return found
+
+
+def _entry(rel, st, top):
+    e = {"path": rel, "mode": stat.S_IMODE(st.st_mode), "uid": st.st_uid, "gid": st.st_gid,
+         "mtime": st.st_mtime_ns}
+    if stat.S_ISDIR(st.st_mode):
+        e["type"] = "dir"
+    elif stat.S_ISLNK(st.st_mode):
+        e["type"] = "symlink"
+        e["target"] = os.readlink(os.path.join(top, rel))
+    elif stat.S_ISREG(st.st_mode):
+        e["type"] = "file"
+        e["size"] = st.st_size
+    else:
+        e["type"] = "other"
+    return e
+
+
+def _walk(top):
+    """Yield (relpath, lstat) for everything under top, parents first."""
+    for dirpath, dirnames, filenames in os.walk(top):
+        dirnames.sort()
+        for n in sorted(dirnames) + sorted(filenames):
+            full = os.path.join(dirpath, n)
+            try:
+                yield os.path.relpath(full, top), os.lstat(full)
+            except FileNotFoundError:
+                continue
+
+
+def diff(rootfs, since_ns=None, base=None):
+    """Find the writable layer of rootfs. Returns (kind, source_dir, entries, deleted, listings)."""
+    entries, deleted, listings = [], [], {}
+    upper = overlay_upper(rootfs)
+    if upper:
+        for rel, st in _walk(upper):
+            if stat.S_ISCHR(st.st_mode) and st.st_rdev == 0:
+                deleted.append(rel)
+                continue
+            e = _entry(rel, st, upper)
+            if e["type"] == "dir":
+                try:
+                    if os.getxattr(os.path.join(upper, rel), "trusted.overlay.opaque") == b"y":
+                        listings[rel] = sorted(os.listdir(os.path.join(rootfs, rel)))
+                except OSError:
+                    pass
+            if e["type"] != "other":
+                entries.append(e)
+        return "overlay", upper, entries, deleted, listings
+    if base:
+        for rel, st in _walk(rootfs):
+            try:
+                bst = os.lstat(os.path.join(base, rel))
+            except FileNotFoundError:
+                bst = None
+            same = (bst is not None and stat.S_IFMT(bst.st_mode) == stat.S_IFMT(st.st_mode)
+                    and bst.st_mode == st.st_mode and bst.st_uid == st.st_uid
+                    and bst.st_gid == st.st_gid)
+            if same and stat.S_ISREG(st.st_mode):
+                same = bst.st_size == st.st_size and bst.st_mtime_ns == st.st_mtime_ns
+            elif same and stat.S_ISLNK(st.st_mode):
+                same = os.readlink(os.path.join(base, rel)) == os.readlink(os.path.join(rootfs, rel))
+            if not same:
+                e = _entry(rel, st, rootfs)
+                if e["type"] != "other":
+                    entries.append(e)
+        for rel, _ in _walk(base):
+            if not os.path.lexists(os.path.join(rootfs, rel)):
+                parent = os.path.dirname(rel)
+                if not any(rel.startswith(d + "/") for d in deleted) or not parent:
+                    deleted.append(rel)
+        return "base", rootfs, entries, deleted, listings
+    if since_ns is None:
+        return "none", rootfs, [], [], {}
+    for rel, st in _walk(rootfs):
+        if st.st_ctime_ns < since_ns:
+            continue
+        e = _entry(rel, st, rootfs)
+        if e["type"] == "other":
+            continue
+        entries.append(e)
+        if e["type"] == "dir":
+            listings[rel] = sorted(os.listdir(os.path.join(rootfs, rel)))
+    try:
+        if os.lstat(rootfs).st_ctime_ns >= since_ns:
+            listings["."] = sorted(os.listdir(rootfs))
+    except OSError:
+        pass
+    return "since-start", rootfs, entries, deleted, listings
+
+
+def write_diff(source_dir, entries, dest):
+    """Copy the regular files of `entries` from source_dir into dest/files/; return bytes."""
+    total = 0
+    files = os.path.join(dest, "files")
+    os.makedirs(files, mode=0o700, exist_ok=True)
+    for e in entries:
+        if e["type"] != "file":
+            continue
+        src = os.path.join(source_dir, e["path"])
+        dst = os.path.join(files, e["path"])
+        os.makedirs(os.path.dirname(dst), mode=0o700, exist_ok=True)
+        with open(src, "rb") as fi:
+            fd = os.open(dst, os.O_WRONLY | os.O_CREAT | os.O_TRUNC | os.O_NOFOLLOW, 0o600)
+            with os.fdopen(fd, "wb") as fo:
+                shutil.copyfileobj(fi, fo, 1 << 20)
+        e["size"] = os.path.getsize(dst)
+        total += e["size"]
+    return total
+
+
+def _inside(root, rel):
+    """The absolute path of rel under root; refuse anything escaping root."""
+    if os.path.isabs(rel) or rel.startswith("../") or "/../" in rel or rel == ".." \
+            or rel.endswith("/.."):
+        raise ValueError(f"path escapes the rootfs: {rel}")
+    p = os.path.join(root, rel) if rel != "." else root
+    parent = os.path.realpath(os.path.dirname(p))
+    if not (parent + "/").startswith(os.path.realpath(root) + "/") and parent != os.path.realpath(root):
+        raise ValueError(f"path escapes the rootfs: {rel}")
+    return p
+
+
+def _remove(p):
+    if os.path.isdir(p) and not os.path.islink(p):
+        shutil.rmtree(p)
+    elif os.path.lexists(p):
+        os.unlink(p)
+
+
+def apply(diff_dir, info, rootfs):
+    """Put the writable layer `info` (manifest's rootfs section) in place under rootfs.
+
+    Regular files are moved with rename (staging lives on the node's disk beside the
+    bundles); across filesystems they are copied. Returns the number of bytes copied.
+    """
+    copied = 0
+    for rel in info.get("deleted", []):
+        _remove(_inside(rootfs, rel))
+    for rel, names in sorted(info.get("listings", {}).items()):
+        d = _inside(rootfs, rel)
+        if os.path.isdir(d) and not os.path.islink(d):
+            keep = set(names)
+            for n in os.listdir(d):
+                if n not in keep:
+                    _remove(os.path.join(d, n))
+    files = os.path.join(diff_dir, "files")
+    dirs = []
+    for e in info.get("entries", []):
+        p = _inside(rootfs, e["path"])
+        t = e["type"]
+        if t == "dir":
+            if os.path.lexists(p) and not (os.path.isdir(p) and not os.path.islink(p)):
+                _remove(p)
+            os.makedirs(p, exist_ok=True)
+            dirs.append((p, e))
+            continue
+        if os.path.lexists(p) and os.path.isdir(p) and not os.path.islink(p):
+            shutil.rmtree(p)
+        if t == "symlink":
+            if os.path.lexists(p):
+                os.unlink(p)
+            os.symlink(e["target"], p)
+            os.lchown(p, e["uid"], e["gid"])
+            continue
+        src = os.path.join(files, e["path"])
+        try:
+            os.rename(src, p)
+        except OSError as err:
+            if err.errno != 18:   # EXDEV
+                raise
+            tmp = p + ".migrt-tmp"
+            shutil.copyfile(src, tmp)
+            os.replace(tmp, p)
+            copied += e.get("size", 0)
+        os.chown(p, e["uid"], e["gid"])
+        os.chmod(p, e["mode"])
+        os.utime(p, ns=(e["mtime"], e["mtime"]))
+    for p, e in reversed(dirs):
+        os.chown(p, e["uid"], e["gid"])
+        os.chmod(p, e["mode"])
+        os.utime(p, ns=(e["mtime"], e["mtime"]))
+    return copied

@@ -1,0 +1,156 @@
+"""The migrt image: manifest, digests, rootfs diff, verify naming the first bad file."""
+import json
+import os
+import time
+
+import pytest
+
+from migrt import image
+from migrt.errors import CheckpointError
+from migrt.image import digest, manifest as mf, rootfs as rfs
+
+
+def make_bundle(tmp_path):
+    b = tmp_path / "bundle"
+    (b / "rootfs" / "etc").mkdir(parents=True)
+    (b / "rootfs" / "data").mkdir()
+    (b / "rootfs" / "etc" / "hosts").write_text("127.0.0.1 localhost\n")
+    (b / "rootfs" / "etc" / "gone").write_text("x")
+    (b / "config.json").write_text(json.dumps({"root": {"path": "rootfs"}, "process": {}}))
+    return b
+
+
+def make_image(tmp_path, created_ns=None):
+    b = make_bundle(tmp_path)
+    time.sleep(0.02)
+    created = created_ns or time.time_ns()
+    time.sleep(0.02)
+    (b / "rootfs" / "data" / "counter.log").write_text("1\n2\n3\n")
+    (b / "rootfs" / "etc" / "gone").unlink()
+    os.symlink("counter.log", b / "rootfs" / "data" / "link")
+    img = tmp_path / "img"
+    img.mkdir()
+    (img / "pages-1.img").write_bytes(os.urandom(3 * digest.CHUNK + 100))
+    (img / "core-1.img").write_bytes(b"core")
+    secs, ns = divmod(created, 10**9)
+    state = {"pid": 1, "status": "paused",
+             "created": time.strftime("%Y-%m-%dT%H:%M:%S", time.gmtime(secs)) + f".{ns:09d}Z"}
+    m = image.capture(str(img), "c1", state, str(b), ["--leave-running"])
+    return b, img, m
+
+
+def test_rfc3339():
+    assert image.parse_rfc3339_ns("1970-01-01T00:00:01.5Z") == 1_500_000_000
+    assert image.parse_rfc3339_ns("1970-01-01T01:00:01+01:00") == 1_000_000_000
+    assert image.parse_rfc3339_ns("junk") is None
+
+
+def test_capture_and_verify(tmp_path):
+    b, img, m = make_image(tmp_path)
+    paths = [e["path"] for e in m["files"]]
+    assert "pages-1.img" in paths and "migrt/config.json" in paths
+    assert "migrt/rootfs/files/data/counter.log" in paths
+    changed = [e["path"] for e in m["rootfs"]["entries"]]
+    assert "data/counter.log" in changed and "data/link" in changed
+    assert "etc/hosts" not in changed
+    assert "gone" not in m["rootfs"]["listings"]["etc"]
+    assert oct(os.stat(img).st_mode & 0o777) == "0o700"
+    assert os.stat(img / "pages-1.img").st_mode & 0o077 == 0
+    assert image.verify_image(str(img), full=True)["container"]["id"] == "c1"
+    info = image.inspect(str(img))
+    assert info["sizes"]["memory"] == 3 * digest.CHUNK + 100
+
+
+@pytest.mark.parametrize("damage,expect", [
+    ("flip", "pages-1.img: chunk 2"),
+    ("truncate", "pages-1.img: truncated"),
+    ("delete", "core-1.img: missing"),
+    ("extra", "evil.img: not in the manifest"),
+    ("manifest", "manifest.json: not valid JSON"),
+    ("schema", "invalid manifest at files/0/size"),
+    ("perm", "core-1.img: writable by group or others"),
+    ("rootfs", "counter.log: longer than recorded"),
+])
+def test_damage_is_named(tmp_path, damage, expect):
+    b, img, m = make_image(tmp_path)
+    p = img / "pages-1.img"
+    if damage == "flip":
+        with open(p, "r+b") as f:
+            f.seek(2 * digest.CHUNK + 7)
+            c = f.read(1)
+            f.seek(2 * digest.CHUNK + 7)
+            f.write(bytes([c[0] ^ 1]))
+    elif damage == "truncate":
+        os.truncate(p, 1000)
+    elif damage == "delete":
+        (img / "core-1.img").unlink()
+    elif damage == "extra":
+        (img / "evil.img").write_bytes(b"x")
+        os.chmod(img / "evil.img", 0o600)
+    elif damage == "manifest":
+        (img / "migrt" / "manifest.json").write_text("{not json")
+    elif damage == "schema":
+        d = json.loads((img / "migrt" / "manifest.json").read_text())
+        d["files"][0]["size"] = -1
+        (img / "migrt" / "manifest.json").write_text(json.dumps(d))
+    elif damage == "perm":
+        os.chmod(img / "core-1.img", 0o666)
+    elif damage == "rootfs":
+        with open(img / "migrt/rootfs/files/data/counter.log", "a") as f:
+            f.write("4\n")
+    with pytest.raises(CheckpointError, match=expect):
+        image.verify_image(str(img), full=True)
+
+
+def test_manifest_refuses_escaping_paths(tmp_path):
+    b, img, m = make_image(tmp_path)
+    m["files"][0]["path"] = "../../etc/shadow"
+    with pytest.raises(CheckpointError):
+        mf.parse(json.dumps(m))
+
+
+def test_stamp_fast_path_notices_writes(tmp_path):
+    b, img, m = make_image(tmp_path)
+    image.stamp_verified(str(img), m)
+    image.verify_image(str(img))
+    with open(img / "core-1.img", "r+b") as f:
+        f.write(b"X")
+    with pytest.raises(CheckpointError, match="core-1.img"):
+        image.verify_image(str(img))
+
+
+def test_apply_rootfs_renames(tmp_path):
+    b, img, m = make_image(tmp_path)
+    dest = tmp_path / "dest"
+    (dest / "rootfs" / "etc").mkdir(parents=True)
+    (dest / "rootfs" / "data").mkdir()
+    (dest / "rootfs" / "etc" / "hosts").write_text("127.0.0.1 localhost\n")
+    (dest / "rootfs" / "etc" / "gone").write_text("x")
+    (dest / "config.json").write_text((b / "config.json").read_text())
+    src_file = img / "migrt/rootfs/files/data/counter.log"
+    ino = os.stat(src_file).st_ino
+    copied = image.apply_rootfs(str(img), str(dest))
+    assert copied == 0
+    got = dest / "rootfs" / "data" / "counter.log"
+    assert got.read_text() == "1\n2\n3\n" and os.stat(got).st_ino == ino
+    assert os.readlink(dest / "rootfs" / "data" / "link") == "counter.log"
+    assert not (dest / "rootfs" / "etc" / "gone").exists()
+    assert (dest / "rootfs" / "etc" / "hosts").exists()
+
+
+def test_base_diff(tmp_path):
+    base = tmp_path / "base"
+    (base / "a").mkdir(parents=True)
+    (base / "a" / "keep").write_text("k")
+    (base / "a" / "del").write_text("d")
+    root = tmp_path / "root"
+    import shutil
+    shutil.copytree(base, root)
+    (root / "a" / "del").unlink()
+    (root / "a" / "new").write_text("n")
+    kind, src, entries, deleted, _ = rfs.diff(str(root), base=str(base))
+    assert kind == "base"
+    assert [e["path"] for e in entries if e["type"] == "file"] == ["a/new"]
+    assert deleted == ["a/del"]
+    with pytest.raises(ValueError):
+        rfs._inside(str(root), "../x")
