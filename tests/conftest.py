@@ -8,6 +8,10 @@ sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 
 import ocitest  # noqa: E402
 
+# Tests keep their checkpoints under the temp dir; the runtime only restores from
+# allowed checkpoint locations.
+os.environ.setdefault("MIGRT_CHECKPOINT_DIRS", "/tmp:/var/lib/migrt/checkpoints:/run/migrt")
+
 
 def pytest_collection_modifyitems(config, items):
     """Tier marks by directory; root tiers skip with a reason when tools are missing."""
