@@ -55,7 +55,8 @@ def log_line(path, fmt, level, msg):
     """Append one runc-style log line to `path` (json or logrus text format)."""
     if fmt == "json":
         import json
-        line = json.dumps({"level": level, "msg": msg, "time": _timestamp()})
+        line = json.dumps({"level": level, "msg": msg, "time": _timestamp()},
+                          separators=(",", ":"))
     else:
         escaped = msg.replace("\\", "\\\\").replace('"', '\\"')
         line = f'time="{_timestamp()}" level={level} msg="{escaped}"'
@@ -68,6 +69,7 @@ def log_line(path, fmt, level, msg):
 
 def report(msg, log=None, log_format="text"):
     """Tell the caller about a failure: stderr always, plus the --log file if any."""
+    msg = " ".join(str(msg).split("\n"))
     if log:
         try:
             log_line(log, log_format, "error", msg)

@@ -122,7 +122,8 @@ def runc_error(log, offset):
             continue
         if isinstance(rec, dict) and rec.get("level") in ("error", "fatal"):
             msg = rec.get("msg")
-    return msg
+    # runc appends "\nlog file: <criu log>", which our message names anyway
+    return msg.splitlines()[0] if msg else None
 
 
 # CRIU writes these on every run on this kind of node; they are not the failure.

@@ -48,8 +48,11 @@ def restrict(path):
 
 
 def rootfs_of(bundle, spec, state=None):
-    if state and state.get("rootfs"):
-        return state["rootfs"]
+    """The rootfs dir: runc's state.json has config.rootfs, `runc state` has rootfs."""
+    state = state or {}
+    for r in ((state.get("config") or {}).get("rootfs"), state.get("rootfs")):
+        if r:
+            return r
     root = (spec.get("root") or {}).get("path", "rootfs")
     return root if os.path.isabs(root) else os.path.join(bundle, root)
 
@@ -88,7 +91,8 @@ def capture(image_dir, container_id, state, bundle, criu_flags, base=None, extra
         procs = []
     m = {"format": mf.FORMAT, "created": mf.now(),
          "container": {"id": container_id, "bundle": os.path.abspath(bundle),
-                       "pid": int((state or {}).get("pid") or 0),
+                       "pid": int((state or {}).get("init_process_pid")
+                                  or (state or {}).get("pid") or 0),
                        "status": (state or {}).get("status", "")},
          "node": mf.node_info(), "criu_flags": list(criu_flags or []),
          "chunk_size": digest.CHUNK, "files": mf.file_entries(image_dir),
@@ -202,16 +206,26 @@ def verify_image(image_dir, rootfs_dir=None, full=False, check_arch=True):
     return m
 
 
-def apply_rootfs(image_dir, bundle, rootfs_dir=None, m=None):
-    """Put the image's writable layer in place in `bundle`'s rootfs (rename, not copy)."""
+def apply_rootfs(image_dir, bundle, rootfs_dir=None, m=None, spec=None, move=True):
+    """Put the image's writable layer in place in `bundle`'s rootfs.
+
+    move=True renames the staged files into place (a staged migration is used once);
+    move=False copies them, leaving a local image restorable again.
+    """
     m = m or mf.load(image_dir)
-    with open(os.path.join(bundle, "config.json")) as f:
-        spec = json.load(f)
+    if spec is None:
+        with open(os.path.join(bundle, "config.json")) as f:
+            spec = json.load(f)
     diff_dir = rootfs_dir or os.path.join(image_dir, rfs.DIFF_DIR)
     try:
-        return rfs.apply(diff_dir, m["rootfs"], rootfs_of(bundle, spec))
+        return rfs.apply(diff_dir, m["rootfs"], rootfs_of(bundle, spec), move=move)
     except ValueError as e:
         raise CheckpointError(f"{os.path.join(image_dir, MANIFEST)}: {e}")
+
+
+def prepare_restore(image_dir, bundle, spec):
+    """Called by the core before restoring a local migrt image: its rootfs changes, copied."""
+    return apply_rootfs(image_dir, bundle, spec=spec, move=False)
 
 
 def inspect(image_dir):

@@ -14,9 +14,13 @@ def chunk_digest(data):
     return xxhash.xxh3_64_hexdigest(data)
 
 
+def whole_digest(chunks):
+    """A file's digest: xxh3-128 over its chunk digests (so chunks can be hashed in parallel)."""
+    return xxhash.xxh3_128_hexdigest(",".join(chunks).encode())
+
+
 def file_digests(path, chunk=CHUNK):
-    """Return (size, whole-file xxh3-128 hex, [per-chunk xxh3-64 hex])."""
-    whole = xxhash.xxh3_128()
+    """Return (size, whole-file digest, [per-chunk xxh3-64 hex])."""
     chunks = []
     size = 0
     with open(path, "rb", buffering=0) as f:
@@ -25,41 +29,8 @@ def file_digests(path, chunk=CHUNK):
             if not b:
                 break
             size += len(b)
-            whole.update(b)
             chunks.append(chunk_digest(b))
-    return size, whole.hexdigest(), chunks
-
-
-class Streaming:
-    """Digests of a file written piece by piece, in order (the receiving side)."""
-
-    def __init__(self, chunk=CHUNK):
-        self.chunk = chunk
-        self.whole = xxhash.xxh3_128()
-        self.cur = xxhash.xxh3_64()
-        self.fill = 0
-        self.size = 0
-        self.chunks = []
-
-    def update(self, b):
-        self.whole.update(b)
-        self.size += len(b)
-        mv = memoryview(b)
-        while len(mv):
-            take = min(self.chunk - self.fill, len(mv))
-            self.cur.update(mv[:take])
-            self.fill += take
-            mv = mv[take:]
-            if self.fill == self.chunk:
-                self.chunks.append(self.cur.hexdigest())
-                self.cur = xxhash.xxh3_64()
-                self.fill = 0
-
-    def result(self):
-        chunks = list(self.chunks)
-        if self.fill:
-            chunks.append(self.cur.hexdigest())
-        return self.size, self.whole.hexdigest(), chunks
+    return size, whole_digest(chunks), chunks
 
 
 def block_digests(path, block):

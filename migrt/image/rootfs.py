@@ -170,7 +170,7 @@ def _remove(p):
         os.unlink(p)
 
 
-def apply(diff_dir, info, rootfs):
+def apply(diff_dir, info, rootfs, move=True):
     """Put the writable layer `info` (manifest's rootfs section) in place under rootfs.
 
     Regular files are moved with rename (staging lives on the node's disk beside the
@@ -207,6 +207,8 @@ def apply(diff_dir, info, rootfs):
             continue
         src = os.path.join(files, e["path"])
         try:
+            if not move:
+                raise OSError(18, "copy")
             os.rename(src, p)
         except OSError as err:
             if err.errno != 18:   # EXDEV
