@@ -236,3 +236,60 @@ def test_criu_failure_quotes_criu_log(rt, make_bundle, tmp_path, good_image):
     # the caller's bundle is as it was (marker included), ready for a retry
     assert open(os.path.join(b, "config.json")).read() == before
     assert not os.path.exists(os.path.join(b, "config.json.migrt-orig"))
+
+
+def console_receiver(path):
+    """Accept one connection on a unix socket and take the pty master runc sends."""
+    import socket
+    import threading
+    srv = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
+    srv.bind(path)
+    srv.listen(1)
+    got = {}
+
+    def accept():
+        conn, _ = srv.accept()
+        _, fds, _, _ = socket.recv_fds(conn, 1024, 1)
+        got["fd"] = fds[0]
+        conn.close()
+        srv.close()
+    t = threading.Thread(target=accept, daemon=True)
+    t.start()
+    return got, t
+
+
+def read_tty(fd, until, timeout=10):
+    import select
+    buf = b""
+    end = time.monotonic() + timeout
+    while time.monotonic() < end and not until(buf):
+        r, _, _ = select.select([fd], [], [], 0.2)
+        if r:
+            buf += os.read(fd, 4096)
+    return [int(x) for x in buf.decode().split() if x.isdigit()]
+
+
+def test_terminal_container_restores_onto_new_console_socket(rt, make_bundle, tmp_path):
+    cid = ocitest.uid("tty")
+    b = make_bundle(["sh", "-c", "i=0; while :; do i=$((i+1)); echo $i; sleep 0.05; done"])
+    spec = ocitest.bundlekit.read_spec(b)
+    spec["process"]["terminal"] = True
+    ocitest.bundlekit.write_spec(b, spec)
+    got, t = console_receiver(str(tmp_path / "c1.sock"))
+    p = rt.run("create", "--bundle", b, "--console-socket", str(tmp_path / "c1.sock"), cid)
+    assert p.returncode == 0, p.stderr
+    t.join(10)
+    assert rt.run("start", cid).returncode == 0
+    first = read_tty(got["fd"], lambda buf: buf.count(b"\n") >= 5)
+    assert first[:3] == [1, 2, 3]
+    assert rt.run("checkpoint", "--image-path", str(tmp_path / "ckpt"), cid).returncode == 0
+    ocitest.bundlekit.set_env(b, "MIGRT_RESTORE_FROM", str(tmp_path / "ckpt"))
+    got2, t2 = console_receiver(str(tmp_path / "c2.sock"))
+    p = rt.run("create", "--bundle", b, "--console-socket", str(tmp_path / "c2.sock"), cid)
+    assert p.returncode == 0, p.stderr
+    t2.join(10)
+    assert "fd" in got2, "runc restore did not send the new console to --console-socket"
+    assert rt.run("start", cid).returncode == 0
+    after = read_tty(got2["fd"], lambda buf: buf.count(b"\n") >= 5)
+    # the counter goes on on the new terminal (lines still in the old pty are lost)
+    assert after and after[0] > first[-1] and after == list(range(after[0], after[0] + len(after)))
