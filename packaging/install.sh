@@ -37,7 +37,15 @@ have_good_criu() {
 }
 
 base_pkgs="runc criu iptables"
-test_pkgs="containerd podman busybox-static iproute2 python3 python3-venv ca-certificates"
+test_pkgs="containerd podman busybox-static iproute2 ca-certificates"
+
+missing_pkgs() {
+    local p out=
+    for p in "$@"; do
+        dpkg-query -W -f='${Status}' "$p" 2>/dev/null | grep -q 'ok installed' || out="$out $p"
+    done
+    echo $out
+}
 
 if ! have_good_criu || ! command -v runc >/dev/null || ! command -v iptables-restore >/dev/null; then
     case "$VERSION_CODENAME" in
@@ -71,14 +79,23 @@ PIN
 fi
 have_good_criu || { log "CRIU 4.x is required; got: $(criu --version 2>&1 | head -1)"; exit 1; }
 
+# The venv's Python. On Debian 12 it is trixie's 3.13 (it came with criu), whose venv
+# needs trixie's pip wheel.
+if [ -n "$(missing_pkgs python3 python3-venv)" ] || ! /usr/bin/python3 -c 'import ensurepip' 2>/dev/null; then
+    apt_update
+    if [ "$VERSION_CODENAME" = bookworm ]; then
+        apt-get install -y -qq -t trixie python3 python3-venv python3-pip-whl \
+            python3-setuptools-whl >/dev/null
+    else
+        apt-get install -y -qq python3 python3-venv >/dev/null
+    fi
+fi
+
 if [ -z "${MIGRT_NO_TEST_DEPS:-}" ]; then
-    missing=
-    for p in $test_pkgs; do
-        dpkg-query -W -f='${Status}' "$p" 2>/dev/null | grep -q 'ok installed' || missing="$missing $p"
-    done
+    missing=$(missing_pkgs $test_pkgs)
     if [ -n "$missing" ]; then
         apt_update
-        log "installing:$missing"
+        log "installing: $missing"
         apt-get install -y -qq $missing >/dev/null
     fi
 fi
