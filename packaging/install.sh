@@ -81,7 +81,8 @@ have_good_criu || { log "CRIU 4.x is required; got: $(criu --version 2>&1 | head
 
 # The venv's Python. On Debian 12 it is trixie's 3.13 (it came with criu), whose venv
 # needs trixie's pip wheel.
-if [ -n "$(missing_pkgs python3 python3-venv)" ] || ! /usr/bin/python3 -c 'import ensurepip' 2>/dev/null; then
+pip_whl=$(dpkg-query -W -f='${Version}' python3-pip-whl 2>/dev/null || true)
+if [ -n "$(missing_pkgs python3 python3-venv)" ] || ! dpkg --compare-versions "${pip_whl:-0}" ge 24; then
     apt_update
     if [ "$VERSION_CODENAME" = bookworm ]; then
         apt-get install -y -qq -t trixie python3 python3-venv python3-pip-whl \
