@@ -22,6 +22,12 @@ def numbers(text):
     return [int(x) for x in text.split() if x.isdigit()]
 
 
+def migrt_work_dirs():
+    """migrt's per-restore CRIU work dirs: a deleted container must leave none behind."""
+    d = "/run/migrt/work"
+    return set(os.listdir(d)) if os.path.isdir(d) else set()
+
+
 def read(path):
     try:
         with open(path) as f:
@@ -78,6 +84,7 @@ def test_ctr_checkpoint_and_marker_restore(start_containerd, migrt_launcher, che
     """`ctr task checkpoint` through migrt, then a new container created with the marker
     restores it, and its output goes on in the new task's log."""
     c = start_containerd()
+    work_before = migrt_work_dirs()
     old_log, new_log = str(tmp_path / "old.log"), str(tmp_path / "new.log")
     c.ctr("run", "-d", "--runc-binary", migrt_launcher, "--log-uri", f"file://{old_log}",
           IMAGE, "counter", "sh", "-c", COUNTER)
@@ -102,6 +109,7 @@ def test_ctr_checkpoint_and_marker_restore(start_containerd, migrt_launcher, che
     c.ctr("task", "kill", "-s", "SIGKILL", "counter2")
     wait_for(lambda: c.ctr("task", "ls").stdout.split()[-1] == "STOPPED", what="STOPPED")
     c.ctr("task", "delete", "counter2")
+    assert migrt_work_dirs() <= work_before
 
 
 def test_ctr_failed_restore_shows_migrts_message(start_containerd, migrt_launcher,
@@ -210,6 +218,7 @@ def test_cri_checkpoint_and_restore_into_new_pod(pod, checkpoint_dir):
     """As a controller moving a pod: checkpoint the container (ctr task checkpoint on the
     CRI container), then a new pod whose container carries the marker continues it, and
     its output flows to the new container's log."""
+    work_before = migrt_work_dirs()
     api, c, sid, config, logdir = pod("migrt", name="src")
     cid = api.create(sid, config, "counter", IMAGE, ["sh", "-c", COUNTER])
     api.start(cid)
@@ -234,6 +243,7 @@ def test_cri_checkpoint_and_restore_into_new_pod(pod, checkpoint_dir):
     api2.stop(cid2, timeout=0)
     C.wait_state(api2, cid2, "EXITED")
     api2.remove(cid2)
+    assert migrt_work_dirs() <= work_before
 
 
 def test_cri_failed_restore_shows_migrts_message(pod, checkpoint_dir):
