@@ -1,0 +1,368 @@
+"""`migrt doctor`: check this node for everything migrt needs, and say how to fix it.
+
+Each check returns one Finding: ok, warn (migrt works, a feature is missing) or missing
+(migrt cannot do its job here), with the fix in one line. The exit status is 1 when any
+required check is missing, so an install script or a DaemonSet's readiness probe can use
+it. The checks only read: nothing on the node is changed.
+"""
+import glob
+import json
+import os
+import re
+import shutil
+import subprocess
+import sys
+import tomllib
+
+import click
+
+OK, WARN, MISSING = "ok", "warn", "MISSING"
+
+CONTAINERD_CONFIG = "/etc/containerd/config.toml"
+CRIO_CONFIG = "/etc/crio/crio.conf"
+CRIO_DROP_INS = "/etc/crio/crio.conf.d"
+CRI_TABLES = {2: "io.containerd.grpc.v1.cri", 3: "io.containerd.cri.v1.runtime"}
+REGISTER = "python3 /opt/migrt/lib/packaging/containerd_register.py register"
+MIN_STAGING = 256 << 20
+# Debian 12's runc (1.1.5) is the oldest seen working with CRIU 4.
+MIN_RUNC = (1, 1)
+MIN_CRIU = (4, 0)
+INSTALL = "bash packaging/install.sh (it takes criu, runc and iptables from Debian 13 on 12)"
+
+
+class Finding:
+    def __init__(self, name, status, detail, fix=None, required=True):
+        self.name, self.status, self.detail, self.fix = name, status, detail, fix
+        self.required = required
+
+    def as_dict(self):
+        return {"check": self.name, "status": self.status, "detail": self.detail,
+                "fix": self.fix, "required": self.required}
+
+
+class Node:
+    """What the checks look at; tests replace it with a fake node."""
+
+    def which(self, name, extra=("/usr/sbin", "/sbin", "/usr/local/sbin")):
+        found = shutil.which(name)
+        if found:
+            return found
+        for d in extra:
+            p = os.path.join(d, name)
+            if os.access(p, os.X_OK):
+                return p
+        return None
+
+    def run(self, argv, timeout=30):
+        """(exit code, stdout + stderr); (127, why) when it cannot run at all."""
+        try:
+            p = subprocess.run(argv, capture_output=True, text=True, timeout=timeout,
+                               stdin=subprocess.DEVNULL)
+        except (OSError, subprocess.TimeoutExpired) as e:
+            return 127, str(e)
+        return p.returncode, p.stdout + p.stderr
+
+    def exists(self, path):
+        return os.path.exists(path)
+
+    def read(self, path):
+        with open(path, "rb") as f:
+            return f.read().decode(errors="replace")
+
+    def glob(self, pattern):
+        return sorted(glob.glob(pattern))
+
+    def statvfs(self, path):
+        while not os.path.exists(path):
+            path = os.path.dirname(path)
+        st = os.statvfs(path)
+        return st.f_bavail * st.f_frsize
+
+    def fstype(self, path):
+        path = os.path.realpath(path)
+        while not os.path.exists(path):
+            path = os.path.dirname(path)
+        best, kind = "", "?"
+        with open("/proc/self/mountinfo") as f:
+            for line in f:
+                parts = line.split()
+                point = parts[4]
+                fs = parts[parts.index("-") + 1]
+                if (path == point or path.startswith(point.rstrip("/") + "/")) and \
+                        len(point) >= len(best):
+                    best, kind = point, fs
+        return kind
+
+
+def version_of(text):
+    m = re.search(r"(\d+)\.(\d+)(?:\.(\d+))?", text or "")
+    return tuple(int(x) for x in m.groups() if x is not None) if m else None
+
+
+def show(v):
+    return ".".join(map(str, v)) if v else "?"
+
+
+# --- the checks -------------------------------------------------------------------------
+
+def check_runc(node):
+    path = os.environ.get("MIGRT_RUNC") or node.which("runc")
+    if not path:
+        return Finding("runc", MISSING, "runc not found (MIGRT_RUNC, PATH, /usr/sbin)",
+                       f"apt-get install runc, or {INSTALL}")
+    rc, out = node.run([path, "--version"])
+    v = version_of(out)
+    if rc != 0 or not v:
+        return Finding("runc", MISSING, f"{path} --version failed: {out.strip()[:200]}",
+                       "reinstall runc")
+    if v < MIN_RUNC:
+        return Finding("runc", MISSING, f"runc {show(v)} ({path}) is older than "
+                       f"{show(MIN_RUNC)}", f"install runc {show(MIN_RUNC)} or later: {INSTALL}")
+    return Finding("runc", OK, f"runc {show(v)} ({path})")
+
+
+def check_criu(node):
+    path = node.which("criu")
+    if not path:
+        return [Finding("criu", MISSING, "criu not found: runc needs it on PATH for every "
+                        "checkpoint and restore", INSTALL)]
+    rc, out = node.run([path, "--version"])
+    v = version_of(out)
+    found = []
+    if not v or v < MIN_CRIU:
+        found.append(Finding("criu", MISSING, f"CRIU {show(v)} ({path}): 4.x is required "
+                             "(3.x fails `criu check` on current kernels: vDSO bounds)",
+                             INSTALL))
+        return found
+    rc, out = node.run([path, "check"], timeout=60)
+    if rc != 0 or "Looks good" not in out:
+        err = [ln for ln in out.splitlines() if "Error" in ln or "error" in ln][:2]
+        found.append(Finding("criu check", MISSING, f"CRIU {show(v)} ({path}): `criu check` "
+                             f"failed: {'; '.join(err) or out.strip()[:200]}",
+                             "run `criu check` as root and fix what it names (kernel "
+                             "config, or a newer CRIU)"))
+    else:
+        found.append(Finding("criu", OK, f"CRIU {show(v)} ({path}): criu check: Looks good"))
+    rc, out = node.run([path, "check", "--feature", "uffd-noncoop"])
+    if rc == 0:
+        found.append(Finding("lazy restore", OK, "uffd-noncoop supported: post-copy "
+                             "(lazy-pages) migration available", required=False))
+    else:
+        found.append(Finding("lazy restore", WARN, "uffd-noncoop not supported: no post-copy "
+                             "(lazy-pages) migration; migrations stop the container for the "
+                             "whole copy", "a kernel with CONFIG_USERFAULTFD (5.x or later)",
+                             required=False))
+    rc, out = node.run([path, "check", "--feature", "mem_dirty_track"])
+    if rc == 0:
+        found.append(Finding("pre-copy", OK, "mem_dirty_track supported: iterative pre-dump "
+                             "available", required=False))
+    else:
+        found.append(Finding("pre-copy", WARN, "soft-dirty memory tracking is off in this "
+                             "kernel: no pre-dump / iterative pre-copy (lazy restore still "
+                             "works)", "a kernel with CONFIG_MEM_SOFT_DIRTY", required=False))
+    return found
+
+
+def check_iptables(node):
+    missing = [t for t in ("iptables-restore", "ip6tables-restore") if not node.which(t)]
+    if missing:
+        return Finding("iptables", MISSING, f"{', '.join(missing)} not found: CRIU locks the "
+                       "container's network with them and every dump fails without them "
+                       "(\"Locking network failed\")", "apt-get install iptables "
+                       "(on Debian 12 from trixie together with criu: " + INSTALL + ")")
+    return Finding("iptables", OK, "iptables-restore and ip6tables-restore found")
+
+
+def check_userfaultfd(node):
+    if node.exists("/dev/userfaultfd") or node.exists("/proc/sys/vm/unprivileged_userfaultfd"):
+        return Finding("userfaultfd", OK, "the kernel has userfaultfd", required=False)
+    return Finding("userfaultfd", WARN, "no userfaultfd in this kernel: lazy restore "
+                   "(post-copy migration) is not possible", "a kernel with CONFIG_USERFAULTFD",
+                   required=False)
+
+
+def check_staging(node, staging, need=MIN_STAGING):
+    free = node.statvfs(staging)
+    kind = node.fstype(staging)
+    detail = f"{staging}: {free >> 20} MiB free on {kind}"
+    if free < need:
+        return Finding("staging room", MISSING, detail + f"; migrations stage memory images "
+                       f"there and need at least {need >> 20} MiB (as much as the largest "
+                       "container's memory)", f"free space on {staging}'s filesystem, or "
+                       "point MIGRT_STAGING at a bigger tmpfs")
+    if kind != "tmpfs":
+        return Finding("staging room", WARN, detail + "; not tmpfs, so staged images go "
+                       "through the disk (slower restores)",
+                       f"mount a tmpfs there: mount -t tmpfs -o size=4G tmpfs {staging}",
+                       required=False)
+    return Finding("staging room", OK, detail)
+
+
+def containerd_effective(node, config):
+    """The config containerd would use, with 1.x's import rule: each imported file
+    replaces the whole plugins."<id>" tables it names. Returns (doc, files read)."""
+    doc = tomllib.loads(node.read(config))
+    files = [config]
+    pending = list(doc.get("imports", []))
+    while pending:
+        pattern = pending.pop(0)
+        if not os.path.isabs(pattern):
+            pattern = os.path.join(os.path.dirname(config), pattern)
+        for path in (node.glob(pattern) if "*" in pattern else [pattern]):
+            if path in files:
+                continue
+            files.append(path)
+            sub = tomllib.loads(node.read(path))
+            for k, v in sub.items():
+                if k == "plugins":
+                    doc.setdefault("plugins", {}).update(v)
+                elif k == "imports":
+                    pending.extend(v)
+                elif k != "version" or "version" not in doc:
+                    doc[k] = v
+    return doc, files
+
+
+def check_containerd(node, config=CONTAINERD_CONFIG, migrt_path=None):
+    if not node.which("containerd"):
+        return None
+    if not node.exists(config):
+        return Finding("containerd", MISSING, f"containerd is installed but {config} does "
+                       "not exist, so no runtime handler migrt", REGISTER)
+    try:
+        doc, files = containerd_effective(node, config)
+    except (OSError, tomllib.TOMLDecodeError) as e:
+        return Finding("containerd", MISSING, f"cannot read containerd's config: {e}",
+                       f"fix {config}")
+    version = doc.get("version", 1)
+    table = CRI_TABLES.get(version)
+    if table is None:
+        return Finding("containerd", MISSING, f"{config}: config version {version}: migrt's "
+                       "drop-ins need version 2 (containerd 1.6/1.7) or 3 (2.x)",
+                       "containerd config migrate > new.toml, then " + REGISTER)
+    cri = doc.get("plugins", {}).get(table, {})
+    runtimes = cri.get("containerd", {}).get("runtimes", {})
+    default = cri.get("containerd", {}).get("default_runtime_name", "runc")
+    where = ", ".join(files)
+    if runtimes and default not in runtimes:
+        return Finding("containerd", MISSING, f"{where}: runtimes are defined but not the "
+                       f"default runtime '{default}': containerd's CRI plugin will not load "
+                       "(pods of every runtime class fail)", f"add [plugins.\"{table}\"."
+                       f"containerd.runtimes.{default}] runtime_type = \"io.containerd.runc.v2\""
+                       f" (an imported file replaces the whole [plugins.\"{table}\"] table)")
+    rt = runtimes.get("migrt")
+    if not rt:
+        return Finding("containerd", MISSING, f"{where}: no runtime handler 'migrt'",
+                       REGISTER + "; systemctl restart containerd")
+    binary = (rt.get("options") or {}).get("BinaryName")
+    if rt.get("runtime_type") != "io.containerd.runc.v2":
+        return Finding("containerd", MISSING, f"handler migrt has runtime_type "
+                       f"{rt.get('runtime_type')!r}, not io.containerd.runc.v2", REGISTER)
+    if not binary or not os.access(binary, os.X_OK):
+        return Finding("containerd", MISSING, f"handler migrt's BinaryName {binary!r} is not "
+                       "an executable", "install migrt there (packaging/install.sh writes "
+                       "/usr/local/bin/migrt) or fix BinaryName")
+    if migrt_path and os.path.realpath(binary) != os.path.realpath(migrt_path):
+        return Finding("containerd", WARN, f"handler migrt runs {binary}, this is "
+                       f"{migrt_path}", "point BinaryName at the migrt you mean", required=False)
+    return Finding("containerd", OK, f"runtime handler migrt -> {binary} (config version "
+                   f"{version}; {where}); restart containerd if you just changed it")
+
+
+def check_crio(node, config=CRIO_CONFIG, drop_ins=CRIO_DROP_INS):
+    if not node.which("crio"):
+        return None
+    files = [f for f in [config] + node.glob(os.path.join(drop_ins, "*.conf"))
+             if node.exists(f)]
+    path = None
+    for f in files:
+        try:
+            doc = tomllib.loads(node.read(f))
+        except (OSError, tomllib.TOMLDecodeError) as e:
+            return Finding("cri-o", MISSING, f"cannot read {f}: {e}", f"fix {f}")
+        rt = doc.get("crio", {}).get("runtime", {}).get("runtimes", {}).get("migrt")
+        if rt is not None:
+            path = rt.get("runtime_path") or "/usr/local/bin/migrt"
+    if path is None:
+        return Finding("cri-o", MISSING, "CRI-O has no runtime handler 'migrt'",
+                       f"cp containerd-config/crio-migrt.conf {drop_ins}/50-migrt.conf; "
+                       "systemctl restart crio")
+    if not os.access(path, os.X_OK):
+        return Finding("cri-o", MISSING, f"CRI-O handler migrt's runtime_path {path} is not "
+                       "an executable", "install migrt there or fix runtime_path")
+    return Finding("cri-o", OK, f"runtime handler migrt -> {path}")
+
+
+def check_callers(found_containerd, found_crio, node):
+    """At least one container manager must register migrt; none installed is a warning."""
+    out = [f for f in (found_containerd, found_crio) if f is not None]
+    if not out:
+        return [Finding("container manager", WARN, "neither containerd nor CRI-O is "
+                        "installed: migrt can still be used with podman --runtime or directly",
+                        "install containerd or CRI-O to use migrt as a Kubernetes runtime "
+                        "class", required=False)]
+    if any(f.status == OK for f in out):
+        for f in out:           # one registered manager is enough
+            if f.status == MISSING and "no runtime handler" in f.detail:
+                f.status, f.required = WARN, False
+    return out
+
+
+def run_checks(node=None, staging=None, containerd_config=CONTAINERD_CONFIG,
+               crio_config=CRIO_CONFIG, crio_drop_ins=CRIO_DROP_INS, migrt_path=None):
+    node = node or Node()
+    staging = staging or os.environ.get("MIGRT_STAGING", "/run/migrt/staged")
+    found = [check_runc(node)]
+    found += check_criu(node)
+    found.append(check_iptables(node))
+    found.append(check_userfaultfd(node))
+    found.append(check_staging(node, staging))
+    found += check_callers(check_containerd(node, containerd_config, migrt_path),
+                           check_crio(node, crio_config, crio_drop_ins), node)
+    return found
+
+
+def render(findings, color=False):
+    marks = {OK: "ok", WARN: "warn", MISSING: "MISSING"}
+    paint = {OK: "green", WARN: "yellow", MISSING: "red"}
+    lines = []
+    for f in findings:
+        mark = f"{marks[f.status]:<8}"
+        if color:
+            mark = click.style(mark, fg=paint[f.status], bold=f.status == MISSING)
+        lines.append(f"  {mark} {f.name}: {f.detail}")
+        if f.fix and f.status != OK:
+            lines.append(f"  {'':<8}   fix: {f.fix}")
+    bad = [f for f in findings if f.status == MISSING and f.required]
+    warn = [f for f in findings if f.status != OK and not (f.status == MISSING and f.required)]
+    lines.append("")
+    if bad:
+        lines.append(f"migrt cannot work on this node: {len(bad)} required thing(s) missing "
+                     f"({', '.join(f.name for f in bad)}).")
+    else:
+        lines.append("migrt can run on this node" + (f" ({len(warn)} warning(s))." if warn
+                                                     else "."))
+    return "\n".join(lines)
+
+
+@click.command(name="doctor")
+@click.option("--json", "as_json", is_flag=True, help="print the findings as JSON")
+@click.option("--staging", default=None,
+              help="where migrations stage memory images [default: $MIGRT_STAGING or "
+                   "/run/migrt/staged]")
+@click.option("--containerd-config", default=CONTAINERD_CONFIG, show_default=True)
+@click.option("--crio-config", default=CRIO_CONFIG, show_default=True)
+@click.option("--crio-drop-ins", default=CRIO_DROP_INS, show_default=True)
+def command(as_json, staging, containerd_config, crio_config, crio_drop_ins):
+    """Check this node for what migrt needs; exit 1 if something required is missing."""
+    me = os.path.realpath(sys.argv[0]) if sys.argv and sys.argv[0] else None
+    findings = run_checks(staging=staging, containerd_config=containerd_config,
+                          crio_config=crio_config, crio_drop_ins=crio_drop_ins,
+                          migrt_path=me if me and os.access(me, os.X_OK) else None)
+    if as_json:
+        click.echo(json.dumps([f.as_dict() for f in findings], indent=2))
+    else:
+        click.echo("migrt doctor: what this node has for migrt\n")
+        click.echo(render(findings, color=sys.stdout.isatty()))
+    if any(f.status == MISSING and f.required for f in findings):
+        sys.exit(1)

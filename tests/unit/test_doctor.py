@@ -1,0 +1,191 @@
+"""`migrt doctor` on fake nodes: what it finds missing, what it tells the user to do, and
+its exit status. No root, no runc, no CRIU needed."""
+import os
+import subprocess
+import sys
+
+import pytest
+
+from migrt.commands import doctor as d
+
+GOOD_RUNS = {
+    ("runc", "--version"): (0, "runc version 1.1.15+ds1\ncommit: x\n"),
+    ("criu", "--version"): (0, "Version: 4.1.1\n"),
+    ("criu", "check"): (0, "Looks good.\n"),
+    ("criu", "check", "--feature", "uffd-noncoop"): (0, "uffd-noncoop is supported\n"),
+    ("criu", "check", "--feature", "mem_dirty_track"): (1, "Dirty tracking is OFF\n"),
+}
+
+V2_REGISTERED = """version = 2
+[plugins."io.containerd.grpc.v1.cri".cni]
+  bin_dir = "/usr/lib/cni"
+[plugins."io.containerd.grpc.v1.cri".containerd.runtimes.runc]
+  runtime_type = "io.containerd.runc.v2"
+[plugins."io.containerd.grpc.v1.cri".containerd.runtimes.migrt]
+  runtime_type = "io.containerd.runc.v2"
+[plugins."io.containerd.grpc.v1.cri".containerd.runtimes.migrt.options]
+  BinaryName = "/bin/sh"
+"""
+
+
+class FakeNode(d.Node):
+    def __init__(self, tools=("runc", "criu", "iptables-restore", "ip6tables-restore",
+                              "containerd"), runs=None, files=None, free=8 << 30,
+                 fstype="tmpfs"):
+        self.tools = set(tools)
+        self.runs = {**GOOD_RUNS, **(runs or {})}
+        self.files = dict(files or {})
+        self.free, self.kind = free, fstype
+
+    def which(self, name, extra=()):
+        return f"/usr/sbin/{name}" if name in self.tools else None
+
+    def run(self, argv, timeout=30):
+        key = (os.path.basename(argv[0]),) + tuple(argv[1:])
+        return self.runs.get(key, (127, "not faked"))
+
+    def exists(self, path):
+        return path in self.files or path in ("/dev/userfaultfd",)
+
+    def read(self, path):
+        if path not in self.files:
+            raise FileNotFoundError(path)
+        return self.files[path]
+
+    def glob(self, pattern):
+        import fnmatch
+        return sorted(p for p in self.files if fnmatch.fnmatch(p, pattern))
+
+    def statvfs(self, path):
+        return self.free
+
+    def fstype(self, path):
+        return self.kind
+
+
+def by_name(findings):
+    return {f.name: f for f in findings}
+
+
+def required_missing(findings):
+    return [f.name for f in findings if f.status == d.MISSING and f.required]
+
+
+@pytest.fixture(autouse=True)
+def no_migrt_runc(monkeypatch):
+    monkeypatch.delenv("MIGRT_RUNC", raising=False)
+
+
+def test_healthy_node_passes_with_feature_warnings():
+    node = FakeNode(files={d.CONTAINERD_CONFIG: V2_REGISTERED})
+    found = d.run_checks(node)
+    assert required_missing(found) == []
+    f = by_name(found)
+    assert f["criu"].status == d.OK and "4.1.1" in f["criu"].detail
+    assert f["pre-copy"].status == d.WARN and not f["pre-copy"].required
+    assert f["lazy restore"].status == d.OK
+    assert f["containerd"].status == d.OK and "/bin/sh" in f["containerd"].detail
+    assert "migrt can run on this node" in d.render(found)
+
+
+def test_old_criu_is_missing_with_the_install_fix():
+    node = FakeNode(runs={("criu", "--version"): (0, "Version: 3.17.1\n")},
+                    files={d.CONTAINERD_CONFIG: V2_REGISTERED})
+    found = d.run_checks(node)
+    assert required_missing(found) == ["criu"]
+    assert "4.x is required" in by_name(found)["criu"].detail
+    assert "install.sh" in by_name(found)["criu"].fix
+
+
+def test_failing_criu_check_quotes_the_error():
+    node = FakeNode(runs={("criu", "check"): (1, "Error (criu/vdso.c:1): vdso: Unexpected rt "
+                                                  "vDSO area bounds\n")},
+                    files={d.CONTAINERD_CONFIG: V2_REGISTERED})
+    found = d.run_checks(node)
+    assert required_missing(found) == ["criu check"]
+    assert "Unexpected rt vDSO area bounds" in by_name(found)["criu check"].detail
+
+
+def test_no_runc_no_iptables():
+    node = FakeNode(tools=("criu", "containerd"), files={d.CONTAINERD_CONFIG: V2_REGISTERED})
+    found = d.run_checks(node)
+    assert set(required_missing(found)) >= {"runc", "iptables"}
+    assert "Locking network failed" in by_name(found)["iptables"].detail
+    assert "apt-get install iptables" in by_name(found)["iptables"].fix
+
+
+def test_small_staging_is_missing_and_disk_staging_warns():
+    found = by_name(d.run_checks(FakeNode(free=10 << 20,
+                                          files={d.CONTAINERD_CONFIG: V2_REGISTERED})))
+    assert found["staging room"].status == d.MISSING
+    found = by_name(d.run_checks(FakeNode(fstype="ext4",
+                                          files={d.CONTAINERD_CONFIG: V2_REGISTERED})))
+    assert found["staging room"].status == d.WARN and "tmpfs" in found["staging room"].fix
+
+
+def test_containerd_without_migrt_handler_names_the_register_command():
+    node = FakeNode(files={d.CONTAINERD_CONFIG: "version = 2\n"})
+    found = by_name(d.run_checks(node))
+    assert found["containerd"].status == d.MISSING
+    assert "containerd_register.py register" in found["containerd"].fix
+
+
+def test_drop_in_that_wipes_the_cri_table_is_caught():
+    """containerd 1.x: an import naming the CRI table replaces it, runc included."""
+    main = ('version = 2\nimports = ["/etc/containerd/conf.d/*.toml"]\n'
+            '[plugins."io.containerd.grpc.v1.cri".containerd.runtimes.runc]\n'
+            '  runtime_type = "io.containerd.runc.v2"\n')
+    only_migrt = ('version = 2\n'
+                  '[plugins."io.containerd.grpc.v1.cri".containerd.runtimes.migrt]\n'
+                  '  runtime_type = "io.containerd.runc.v2"\n')
+    node = FakeNode(files={d.CONTAINERD_CONFIG: main,
+                           "/etc/containerd/conf.d/migrt.toml": only_migrt})
+    f = by_name(d.run_checks(node))["containerd"]
+    assert f.status == d.MISSING and "CRI plugin will not load" in f.detail
+
+
+def test_shipped_drop_in_imported_is_ok(tmp_path):
+    shipped = open(os.path.join(os.path.dirname(__file__), "..", "..", "containerd-config",
+                                "containerd-v2-migrt.toml")).read()
+    main = 'version = 2\nimports = ["/etc/containerd/conf.d/*.toml"]\n'
+    node = FakeNode(files={d.CONTAINERD_CONFIG: main,
+                           "/etc/containerd/conf.d/migrt.toml": shipped})
+    f = by_name(d.run_checks(node))["containerd"]
+    # the shipped BinaryName does not exist on a unit-test machine: that is what it says
+    if not os.access("/usr/local/bin/migrt", os.X_OK):
+        assert f.status == d.MISSING and "/usr/local/bin/migrt" in f.detail
+    else:
+        assert f.status in (d.OK, d.WARN)
+
+
+def test_crio_registered_is_enough_without_containerd():
+    conf = '[crio.runtime.runtimes.migrt]\nruntime_path = "/bin/sh"\n'
+    node = FakeNode(tools=("runc", "criu", "iptables-restore", "ip6tables-restore", "crio"),
+                    files={"/etc/crio/crio.conf.d/50-migrt.conf": conf})
+    found = d.run_checks(node)
+    assert required_missing(found) == []
+    assert by_name(found)["cri-o"].status == d.OK
+
+
+def test_one_registered_manager_is_enough():
+    node = FakeNode(tools=("runc", "criu", "iptables-restore", "ip6tables-restore", "crio",
+                           "containerd"), files={d.CONTAINERD_CONFIG: V2_REGISTERED})
+    found = d.run_checks(node)
+    assert required_missing(found) == []
+    assert by_name(found)["cri-o"].status == d.WARN
+
+
+def test_command_exit_status_and_json(tmp_path):
+    """The real command on this machine: exit 1 exactly when something required is
+    missing, and --json lists the same findings."""
+    import json
+    repo = os.path.join(os.path.dirname(__file__), "..", "..")
+    cfg = tmp_path / "config.toml"
+    cfg.write_text("version = 2\n")
+    argv = [sys.executable, "-m", "migrt", "doctor", "--json", "--containerd-config", str(cfg)]
+    p = subprocess.run(argv, capture_output=True, text=True, cwd=repo, timeout=120)
+    found = json.loads(p.stdout)
+    bad = [f for f in found if f["status"] == "MISSING" and f["required"]]
+    assert p.returncode == (1 if bad else 0), (p.returncode, bad, p.stderr)
+    if any(f["check"] == "containerd" for f in found):
+        assert bad, "containerd has no migrt handler in this config: must be missing"
