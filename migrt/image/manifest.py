@@ -138,7 +138,7 @@ def parse(data, where=MANIFEST):
     """Parse and validate manifest bytes; CheckpointError naming `where` if bad."""
     try:
         m = json.loads(data)
-    except (ValueError, UnicodeDecodeError) as e:
+    except (ValueError, UnicodeDecodeError, RecursionError) as e:  # deep nesting
         raise CheckpointError(f"{where}: not valid JSON ({e})")
     try:
         jsonschema.validate(m, SCHEMA)
