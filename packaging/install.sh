@@ -115,12 +115,47 @@ if [ -z "${MIGRT_NO_TEST_DEPS:-}" ]; then
 fi
 # The code itself is copied next to the venv; the launcher puts it first on sys.path.
 rm -rf "$PREFIX/lib.new"; mkdir -p "$PREFIX/lib.new"
-cp -a "$SRC/migrt" "$SRC/plugins" "$SRC/hooks" "$PREFIX/lib.new/"
+cp -a "$SRC/migrt" "$SRC/plugins" "$SRC/hooks" "$SRC/containerd-config" "$PREFIX/lib.new/"
+mkdir -p "$PREFIX/lib.new/packaging"
+cp -a "$SRC/packaging/containerd_register.py" "$SRC/packaging/uninstall.sh" \
+    "$PREFIX/lib.new/packaging/"
 find "$PREFIX/lib.new" -name __pycache__ -prune -exec rm -rf {} +
 rm -rf "$PREFIX/lib.old"; [ -d "$PREFIX/lib" ] && mv "$PREFIX/lib" "$PREFIX/lib.old"
 mv "$PREFIX/lib.new" "$PREFIX/lib"; rm -rf "$PREFIX/lib.old"
 "$PREFIX/venv/bin/python" -m compileall -q "$PREFIX/lib" >/dev/null
 "$PREFIX/venv/bin/python" -I -S "$PREFIX/lib/migrt/launcher.py" --source "$PREFIX/lib" \
     --python "$PREFIX/venv/bin/python" "$BIN/migrt"
+# Register migrt with the container managers on this node, as runtime handler "migrt"
+# next to runc (which stays the default: nothing changes for pods without
+# runtimeClassName: migrt). MIGRT_NO_REGISTER=1 skips this; MIGRT_RESTART_MANAGERS=1
+# restarts containerd / CRI-O when their config changed (running containers keep running).
+if [ -z "${MIGRT_NO_REGISTER:-}" ]; then
+    ctrd_conf=${MIGRT_CONTAINERD_CONFIG:-/etc/containerd/config.toml}
+    if command -v containerd >/dev/null 2>&1; then
+        before=$( { cat "$ctrd_conf" 2>/dev/null || true; } | md5sum)
+        "$PREFIX/venv/bin/python" -I "$PREFIX/lib/packaging/containerd_register.py" register \
+            --config "$ctrd_conf" --binary "$BIN/migrt" >&2
+        if [ "$before" != "$(md5sum < "$ctrd_conf")" ] && systemctl is-active -q containerd 2>/dev/null; then
+            if [ -n "${MIGRT_RESTART_MANAGERS:-}" ]; then systemctl restart containerd
+            else log "restart containerd to load the migrt runtime handler: systemctl restart containerd"; fi
+        fi
+    fi
+    crio_dir=${MIGRT_CRIO_DROP_INS:-/etc/crio/crio.conf.d}
+    if command -v crio >/dev/null 2>&1 || [ -d "$(dirname "$crio_dir")" ]; then
+        mkdir -p "$crio_dir"
+        sed "s|\"/usr/local/bin/migrt\"|\"$BIN/migrt\"|" "$SRC/containerd-config/crio-migrt.conf" \
+            > "$crio_dir/50-migrt.conf.tmp"
+        if ! cmp -s "$crio_dir/50-migrt.conf.tmp" "$crio_dir/50-migrt.conf" 2>/dev/null; then
+            mv "$crio_dir/50-migrt.conf.tmp" "$crio_dir/50-migrt.conf"
+            log "CRI-O: runtime handler migrt in $crio_dir/50-migrt.conf"
+            if systemctl is-active -q crio 2>/dev/null; then
+                if [ -n "${MIGRT_RESTART_MANAGERS:-}" ]; then systemctl restart crio
+                else log "restart CRI-O to load it: systemctl restart crio"; fi
+            fi
+        else
+            rm -f "$crio_dir/50-migrt.conf.tmp"
+        fi
+    fi
+fi
 log "migrt installed: $BIN/migrt ($("$BIN/migrt" --version 2>&1 | head -1))"
 log "runc: $(runc --version | head -1); criu: $(criu --version | head -1)"
