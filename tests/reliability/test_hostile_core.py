@@ -1,0 +1,222 @@
+"""Hostile and broken input to the runtime core (real runc and CRIU).
+
+- a real migrt image with one byte flipped in any one of its files, truncated, grown,
+  with a file added, or with its manifest damaged: refused before runc is called, the
+  message naming the file, nothing created, the caller's config.json untouched;
+- markers that try to leave the allowed checkpoint locations (`..`, a symlinked
+  checkpoint, a symlinked parent, a symlink inside the image, another scheme's
+  traversal): refused;
+- fuzzed config.json and marker values (hypothesis, bounded): every failure is one
+  `migrt:` line with no traceback, nothing is left half-created, nothing is written
+  outside the bundle.
+"""
+import json
+import os
+import shutil
+import subprocess
+
+import pytest
+from hypothesis import HealthCheck, given, settings, strategies as st
+
+import ocitest
+
+EXAMPLES = int(os.environ.get("MIGRT_FUZZ_EXAMPLES_ROOT", "40"))
+
+
+@pytest.fixture(scope="module")
+def env(tmp_path_factory, rootfs):
+    """One real migrt image of a counter, and a runtime for the attempts."""
+    tmp = tmp_path_factory.mktemp("hostile")
+    launcher = ocitest.build_launcher(str(tmp / "migrt"))
+    rt = ocitest.Runtime(launcher, str(tmp / "root"))
+    rt._stdin = []
+    cid = ocitest.uid("src")
+    b = ocitest.bundlekit.make_bundle(str(tmp / cid), ["sh", "-c", ocitest.COUNTER],
+                                      rootfs=rootfs, cgroups_path=f"/migrt-test/{cid}")
+    rc, out, err = rt.create(cid, b, start=True)
+    assert rc == 0, err.text
+    ocitest.wait_for(lambda: ocitest.last_count(out) >= 3)
+    image = str(tmp / "image")
+    p = rt.run("checkpoint", "--image-path", image, cid)
+    assert p.returncode == 0, p.stderr
+    man = json.load(open(os.path.join(image, "migrt", "manifest.json")))
+    yield {"tmp": tmp, "rt": rt, "image": image, "manifest": man, "bundle": b}
+    rt.cleanup()
+
+
+def attempt(env, image_value, tmp_path, cid=None):
+    """create with the marker; returns (rc, last error line of the json log, stderr)."""
+    rt = env["rt"]
+    cid = cid or ocitest.uid("h")
+    bundle = str(tmp_path / cid)
+    shutil.copytree(env["bundle"], bundle, symlinks=True)
+    ocitest.bundlekit.set_env(bundle, "MIGRT_RESTORE_FROM", image_value)
+    before = open(os.path.join(bundle, "config.json")).read()
+    log = str(tmp_path / f"{cid}.log")
+    rc, out, err = rt.create(cid, bundle, log=log)
+    msg = None
+    if os.path.exists(log):
+        lines = open(log).read().splitlines()
+        msg = json.loads(lines[-1])["msg"] if lines else None
+    if rc != 0:
+        assert rt.state(cid) is None
+        assert cid not in rt.ids()
+        assert open(os.path.join(bundle, "config.json")).read() == before
+        assert not os.path.exists(os.path.join(bundle, "config.json.migrt-orig"))
+    else:
+        rt.run("delete", "--force", cid)
+    return rc, msg, err.text
+
+
+def copy_image(env, tmp_path, name="img"):
+    dst = str(tmp_path / name)
+    shutil.copytree(env["image"], dst)
+    return dst
+
+
+def test_every_file_bit_flip_is_refused(env, tmp_path):
+    files = [e for e in env["manifest"]["files"] if e["size"] > 0]
+    assert len(files) >= 5
+    refused = 0
+    for i, e in enumerate(files):
+        img = copy_image(env, tmp_path, f"flip{i}")
+        path = os.path.join(img, e["path"])
+        data = bytearray(open(path, "rb").read())
+        data[(i * 7919) % len(data)] ^= 0x10
+        open(path, "wb").write(bytes(data))
+        rc, msg, err = attempt(env, img, tmp_path)
+        assert rc != 0 and msg and path in msg and "does not match its digest" in msg, msg
+        assert "Traceback" not in err
+        refused += 1
+    print(f"\nHOSTILE bit flips refused: {refused} of {len(files)} files")
+
+
+@pytest.mark.parametrize("damage", ["truncate", "grow", "add", "remove", "manifest-flip",
+                                    "manifest-truncate", "manifest-escape"])
+def test_damaged_image_refused(env, tmp_path, damage):
+    img = copy_image(env, tmp_path)
+    pages = [e["path"] for e in env["manifest"]["files"] if e["path"].startswith("pages-")][0]
+    man = os.path.join(img, "migrt", "manifest.json")
+    expect = pages
+    if damage == "truncate":
+        os.truncate(os.path.join(img, pages), os.path.getsize(os.path.join(img, pages)) // 2)
+    elif damage == "grow":
+        with open(os.path.join(img, pages), "ab") as f:
+            f.write(b"\0" * 4096)
+    elif damage == "add":
+        with open(os.path.join(img, "extra.img"), "wb") as f:
+            f.write(b"x")
+        os.chmod(os.path.join(img, "extra.img"), 0o600)
+        expect = "extra.img"
+    elif damage == "remove":
+        os.unlink(os.path.join(img, pages))
+        expect = pages
+    elif damage == "manifest-flip":
+        raw = bytearray(open(man, "rb").read())
+        raw[raw.index(b'"format"') + 1] ^= 0x20
+        open(man, "wb").write(bytes(raw))
+        expect = "manifest.json"
+    elif damage == "manifest-truncate":
+        os.truncate(man, os.path.getsize(man) // 3)
+        expect = "manifest.json"
+    elif damage == "manifest-escape":
+        m = json.load(open(man))
+        m["files"][0]["path"] = "../../../../etc/shadow"
+        json.dump(m, open(man, "w"))
+        expect = "manifest.json"
+    rc, msg, err = attempt(env, img, tmp_path)
+    assert rc != 0 and msg and expect in msg, msg
+    assert "Traceback" not in err and len(err.strip().splitlines()) == 1, err
+
+
+def test_markers_outside_allowed_locations(env, tmp_path, monkeypatch):
+    allowed = tmp_path / "allowed"
+    allowed.mkdir()
+    outside = tmp_path / "outside"
+    shutil.copytree(env["image"], outside)                   # a valid image, elsewhere
+    (allowed / "link").symlink_to(outside)                   # symlinked checkpoint
+    (allowed / "sub").symlink_to(tmp_path)                   # symlinked parent
+    env["rt"].env["MIGRT_CHECKPOINT_DIRS"] = str(allowed)
+    try:
+        for value in (str(outside), f"{allowed}/../outside", str(allowed / "link"),
+                      str(allowed / "sub" / "outside"), f"encrypted:{outside}",
+                      f"encrypted:{allowed}/../outside", "staged:../../outside",
+                      "staged:m-0000000000000000/../../x", "nosuch:scheme", "outside",
+                      "/proc/self/root" + str(outside)):
+            rc, msg, err = attempt(env, value, tmp_path)
+            assert rc != 0, value
+            assert msg and ("outside the allowed" in msg or "not a migration id" in msg
+                            or "absolute path" in msg or "unknown checkpoint source" in msg
+                            or "no such staged" in msg), (value, msg)
+            assert "Traceback" not in err
+        # and the same image inside the allowed dir restores: the refusals were the path
+        shutil.copytree(env["image"], allowed / "ok")
+        rc, msg, err = attempt(env, str(allowed / "ok"), tmp_path)
+        assert rc == 0, msg
+    finally:
+        env["rt"].env["MIGRT_CHECKPOINT_DIRS"] = os.environ["MIGRT_CHECKPOINT_DIRS"]
+
+
+OUTCOMES = {True: 0, False: 0}
+SCALARS = st.one_of(st.none(), st.booleans(), st.integers(-3, 3), st.text(max_size=12))
+MARKERS = st.one_of(
+    st.sampled_from(["", "/", "/etc", "/tmp/../etc", "staged:", "staged:m-", "encrypted:",
+                     "encrypted:/etc", "staged:m-0123456789abcdef", "x:y", ":", "/dev/null",
+                     "/proc/1/root", "\n", "/tmp/\x00x"]),
+    st.text(max_size=30))
+
+
+@settings(max_examples=EXAMPLES, deadline=None,
+          suppress_health_check=[HealthCheck.function_scoped_fixture, HealthCheck.too_slow])
+@given(data=st.data())
+def test_fuzzed_config_fails_cleanly(env, tmp_path, data):
+    spec = json.load(open(os.path.join(env["bundle"], "config.json")))
+    marker = data.draw(MARKERS)
+    env_list = [e for e in spec["process"]["env"]] + [f"MIGRT_RESTORE_FROM={marker}"]
+    how = data.draw(st.sampled_from(["env-type", "process-type", "env-item", "args", "root",
+                                     "marker-only", "raw"]))
+    if how == "env-type":
+        spec["process"]["env"] = data.draw(SCALARS)
+    elif how == "process-type":
+        spec["process"] = data.draw(st.one_of(SCALARS, st.lists(SCALARS, max_size=3)))
+    elif how == "env-item":
+        spec["process"]["env"] = env_list + [data.draw(SCALARS)]
+    elif how == "args":
+        spec["process"]["env"] = env_list
+        spec["process"]["args"] = data.draw(st.one_of(SCALARS, st.lists(SCALARS, max_size=3)))
+    elif how == "root":
+        spec["process"]["env"] = env_list
+        spec["root"] = data.draw(st.one_of(SCALARS, st.fixed_dictionaries(
+            {"path": st.sampled_from(["../../../", "/", "rootfs", "/etc"])})))
+    else:
+        spec["process"]["env"] = env_list
+    raw = json.dumps(spec)
+    if how == "raw":
+        cut = data.draw(st.integers(0, len(raw)))
+        raw = raw[:cut] + data.draw(st.text(max_size=5)) + raw[cut:]
+    bundle = tmp_path / ocitest.uid("fz")
+    bundle.mkdir()
+    os.symlink(os.path.join(env["bundle"], "rootfs"), bundle / "rootfs")
+    (bundle / "config.json").write_text(raw)
+    listing = sorted(os.listdir(bundle))
+    cid = ocitest.uid("fz")
+    rt = env["rt"]
+    # files, not pipes, for stdio: a container that does get created must not hold them
+    with open(tmp_path / f"{cid}.out", "w+") as out, open(tmp_path / f"{cid}.err", "w+") as err:
+        p = subprocess.run(rt.cmd("create", "--bundle", str(bundle), cid), stdout=out,
+                           stderr=err, stdin=subprocess.DEVNULL, timeout=60, env=rt.env)
+        err.seek(0)
+        stderr = err.read()
+    OUTCOMES[p.returncode == 0] += 1
+    if p.returncode == 0:
+        rt.run("delete", "--force", cid)
+        return
+    assert "Traceback" not in stderr, stderr
+    assert stderr.startswith("migrt: ") or "runc" in stderr or "container" in stderr, stderr
+    assert rt.state(cid) is None
+    assert (bundle / "config.json").read_text() == raw            # caller's file as it was
+    assert sorted(os.listdir(bundle)) == listing                   # nothing new in the bundle
+
+
+def test_fuzz_outcomes_printed():
+    print(f"\nHOSTILE fuzzed configs: {OUTCOMES[False]} refused cleanly, {OUTCOMES[True]} created")
