@@ -88,3 +88,15 @@ def traced(tmp_path, migrt_launcher):
             out.append(words[i] if i < len(words) else "")
         return out
     return str(wrapper), calls
+
+
+@pytest.fixture
+def front(tmp_path, migrt_launcher):
+    """packaging/front.sh (the proposed shell front door) in front of migrt's launcher."""
+    repo = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+    with open(os.path.join(repo, "packaging", "front.sh")) as f:
+        text = f.read().replace("@PY_LAUNCHER@", migrt_launcher)
+    path = tmp_path / "migrt-front"
+    path.write_text(text)
+    path.chmod(0o755)
+    return str(path)

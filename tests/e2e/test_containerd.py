@@ -79,10 +79,13 @@ def test_ctr_lifecycle_same_as_runc(start_containerd, traced, tmp_path):
         assert step in calls(), f"shim never called migrt {step}: {calls()}"
 
 
-def test_ctr_checkpoint_and_marker_restore(start_containerd, migrt_launcher, checkpoint_dir,
-                                           tmp_path):
+@pytest.mark.parametrize("entry", ["launcher", "front"])
+def test_ctr_checkpoint_and_marker_restore(start_containerd, migrt_launcher, front, entry,
+                                           checkpoint_dir, tmp_path):
     """`ctr task checkpoint` through migrt, then a new container created with the marker
-    restores it, and its output goes on in the new task's log."""
+    restores it, and its output goes on in the new task's log. Through migrt's launcher,
+    and through the proposed shell front door (packaging/front.sh) before it."""
+    migrt_launcher = front if entry == "front" else migrt_launcher
     c = start_containerd()
     work_before = migrt_work_dirs()
     old_log, new_log = str(tmp_path / "old.log"), str(tmp_path / "new.log")

@@ -1,0 +1,88 @@
+#!/bin/sh
+# migrt's front door, PROPOSED (see docs/runtime-class.md, "The cost per container"):
+# decide in the shell, in about a millisecond, whether a call is migrt's business at all.
+# If it certainly is not, exec runc with the argv untouched; otherwise (and whenever this
+# script is unsure) exec migrt's Python launcher, which decides exactly (migrt.fast).
+#
+# migrt's business: its own commands; `create`/`run` of a bundle whose config.json
+# mentions MIGRT_RESTORE_FROM (or migrt.io/ annotations, for plugins); `start`/`delete`
+# of a container migrt restored (runc's state dir holds migrt.json); `checkpoint`;
+# anything this script does not parse with certainty (--help, --, unknown flags).
+#
+# Written by packaging/build_front.py with the Python launcher's path filled in.
+PY_LAUNCHER=@PY_LAUNCHER@
+
+python() { exec "$PY_LAUNCHER" "$@"; }
+
+runc_path() {
+    if [ -n "${MIGRT_RUNC:-}" ]; then echo "$MIGRT_RUNC"; return; fi
+    _ifs=$IFS; IFS=:
+    for _d in $PATH /usr/sbin /usr/bin /usr/local/sbin /usr/local/bin; do
+        if [ -x "$_d/runc" ] && [ ! -d "$_d/runc" ] && ! [ "$_d/runc" -ef "$0" ]; then
+            IFS=$_ifs; echo "$_d/runc"; return
+        fi
+    done
+    IFS=$_ifs
+}
+
+runc() {
+    _r=$(runc_path)
+    [ -n "$_r" ] || python "$@"        # migrt says "runc not found" in its own words
+    exec "$_r" "$@"
+}
+
+root=/run/runc; cmd=; need=; bundle=; id=; n_pos=0; stage=global
+for a in "$@"; do
+    if [ -n "$need" ]; then
+        case $need in root) root=$a;; bundle) bundle=$a;; esac
+        need=; continue
+    fi
+    case $stage in
+    global)
+        case $a in
+        --root=*|-root=*) root=${a#*=};;
+        --root|-root) need=root;;
+        --log|-log|--log-format|-log-format|--criu|-criu|--rootless|-rootless) need=skip;;
+        --log=*|-log=*|--log-format=*|-log-format=*|--criu=*|-criu=*|--rootless=*|-rootless=*) ;;
+        --debug|-debug|--systemd-cgroup|-systemd-cgroup) ;;
+        --debug=*|-debug=*|--systemd-cgroup=*|-systemd-cgroup=*) ;;
+        -*) python "$@";;
+        *) cmd=$a; stage=args
+           case $cmd in
+           create|run|start|delete) ;;
+           state|kill|exec|ps|pause|resume|update|events|list|spec|features|restore) runc "$@";;
+           *) python "$@";;          # checkpoint, migrt's own commands, the unknown
+           esac;;
+        esac;;
+    args)
+        case $cmd:$a in
+        *:--) python "$@";;
+        create:--bundle=*|create:-bundle=*|create:-b=*|create:--b=*|run:--bundle=*|run:-bundle=*|run:-b=*|run:--b=*)
+            bundle=${a#*=};;
+        create:--bundle|create:-bundle|create:-b|create:--b|run:--bundle|run:-bundle|run:-b|run:--b)
+            need=bundle;;
+        create:--console-socket|create:-console-socket|create:--pid-file|create:-pid-file|create:--preserve-fds|create:-preserve-fds|run:--console-socket|run:-console-socket|run:--pid-file|run:-pid-file|run:--preserve-fds|run:-preserve-fds)
+            need=skip;;
+        create:--console-socket=*|create:-console-socket=*|create:--pid-file=*|create:-pid-file=*|create:--preserve-fds=*|create:-preserve-fds=*|run:--console-socket=*|run:-console-socket=*|run:--pid-file=*|run:-pid-file=*|run:--preserve-fds=*|run:-preserve-fds=*)
+            ;;
+        create:--no-pivot|create:-no-pivot|create:--no-new-keyring|create:-no-new-keyring|run:--no-pivot|run:-no-pivot|run:--no-new-keyring|run:-no-new-keyring|run:--detach|run:-detach|run:-d|run:--d|run:--keep|run:-keep|run:--no-subreaper|run:-no-subreaper)
+            ;;
+        delete:--force|delete:-force|delete:-f|delete:--f) ;;
+        *:-*) python "$@";;
+        *) n_pos=$((n_pos + 1)); id=$a;;
+        esac;;
+    esac
+done
+[ -z "$need" ] && [ "$n_pos" = 1 ] || python "$@"
+
+case $cmd in
+create|run)
+    config=${bundle:-.}/config.json
+    [ -r "$config" ] || python "$@"                  # migrt's own message for a bad bundle
+    if grep -q -F -e MIGRT_RESTORE_FROM -e migrt.io/ "$config"; then python "$@"; fi
+    runc "$@";;
+start|delete)
+    [ -e "$root/$id/migrt.json" ] && python "$@"
+    runc "$@";;
+esac
+python "$@"
