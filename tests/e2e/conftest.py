@@ -43,9 +43,11 @@ def start_containerd(images, migrt_launcher):
     """
     started = []
 
-    def start(binary=None, mode="register", cri=False):
+    def start(binary=None, mode="register", cri=False, namespace="migrt-e2e", env=None,
+              **kw):
         base = tempfile.mkdtemp(prefix="migrt-ctrd-", dir="/run")
-        c = harness.Containerd(base, binary or migrt_launcher, mode=mode)
+        c = harness.Containerd(base, binary or migrt_launcher, mode=mode,
+                               namespace=namespace, env=env, **kw)
         started.append(c)
         c.start()
         c.import_image(images["busybox"])

@@ -105,7 +105,7 @@ class Containerd:
     """A containerd of our own: temporary config, socket, root and state."""
 
     def __init__(self, base, migrt, namespace="migrt-e2e", drop_in=DROP_IN_V2,
-                 mode="register", path=SERVICE_PATH):
+                 mode="register", path=SERVICE_PATH, env=None):
         self.base = base
         self.migrt = migrt
         self.namespace = namespace
@@ -118,6 +118,7 @@ class Containerd:
         self.drop_in = drop_in
         self.mode = mode
         self.path = path
+        self.env = dict(env or {})
         self.proc = None
 
     def write_config(self):
@@ -168,6 +169,7 @@ state = {json.dumps(self.state)}
         # The shim, and so migrt, runc and CRIU, get containerd's environment: give it the
         # PATH systemd gives a service, unless the test asks for another.
         env["PATH"] = self.path
+        env.update(self.env)
         logf = open(self.log, "ab")
         self.proc = subprocess.Popen(["containerd", "--config", self.config], stdout=logf,
                                      stderr=subprocess.STDOUT, env=env,

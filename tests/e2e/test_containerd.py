@@ -134,7 +134,7 @@ def test_ctr_failed_restore_shows_migrts_message(start_containerd, migrt_launche
 
 
 @pytest.mark.xfail(reason="core: migrt does not yet make CRIU findable when the shim's PATH "
-                          "lacks sbin (runc looks criu up on PATH); see the e2e README",
+                          "lacks sbin (runc looks criu up on PATH); see docs/runtime-class.md",
                    strict=False)
 def test_ctr_checkpoint_when_shim_path_lacks_sbin(start_containerd, migrt_launcher,
                                                    checkpoint_dir, tmp_path):
