@@ -5,7 +5,9 @@
 # script is unsure) exec migrt's Python launcher, which decides exactly (migrt.fast).
 #
 # migrt's business: its own commands; `create`/`run` of a bundle whose config.json
-# mentions MIGRT_RESTORE_FROM (or migrt.io/ annotations, for plugins); `start`/`delete`
+# mentions MIGRT_RESTORE_FROM or an explicit plugin choice (MIGRT_PLUGINS,
+# io.migrt.plugins), and every `create`/`run` on a node with a plugin config (plugins
+# detect their bundles by devices, mounts, env: only migrt.hookgate can tell); `start`/`delete`
 # of a container migrt restored (runc's state dir holds migrt.json); `checkpoint`;
 # anything this script does not parse with certainty (--help, --, unknown flags).
 #
@@ -79,7 +81,12 @@ case $cmd in
 create|run)
     config=${bundle:-.}/config.json
     [ -r "$config" ] || python "$@"                  # migrt's own message for a bad bundle
-    if grep -q -F -e MIGRT_RESTORE_FROM -e migrt.io/ "$config"; then python "$@"; fi
+    if grep -q -F -e MIGRT_RESTORE_FROM -e MIGRT_PLUGINS -e io.migrt.plugins "$config"; then
+        python "$@"
+    fi
+    if [ -n "${MIGRT_PLUGIN_PATH:-}" ] || [ -e "${MIGRT_CONFIG:-/etc/migrt/config.yaml}" ]; then
+        python "$@"
+    fi
     runc "$@";;
 start|delete)
     [ -e "$root/$id/migrt.json" ] && python "$@"

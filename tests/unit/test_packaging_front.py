@@ -38,7 +38,8 @@ def front(tmp_path):
         p = subprocess.run([str(f), *[a.format(root=root, plain=plain, marked=marked)
                                       for a in argv]],
                            capture_output=True, text=True, cwd=cwd, timeout=30,
-                           env=dict(os.environ, MIGRT_RUNC=str(tmp_path / "runc")))
+                           env=dict(os.environ, MIGRT_RUNC=str(tmp_path / "runc"),
+                                    MIGRT_CONFIG=str(tmp_path / "no-config.yaml")))
         assert p.returncode == 0, p.stderr
         which, _, rest = p.stdout.strip().partition(" ")
         assert rest == " ".join(a.format(root=root, plain=plain, marked=marked)
@@ -90,5 +91,25 @@ def test_route(front, argv, expected):
     assert front(*argv) == expected
 
 
+def test_plugin_choice_in_the_bundle_goes_to_python(front, tmp_path):
+    b = tmp_path / "gpu-bundle"
+    b.mkdir()
+    (b / "config.json").write_text(json.dumps({"annotations": {"io.migrt.plugins": "gpu"}}))
+    assert front("create", "--bundle", str(b), "c1") == "PY"
+
+
 def test_create_without_bundle_uses_the_working_directory(front):
     assert front("create", "c1", cwd=str(front.plain)) == "RUNC"
+
+
+def test_node_with_a_plugin_config_sends_every_create_to_python(front, tmp_path,
+                                                                monkeypatch):
+    cfg = tmp_path / "config.yaml"
+    cfg.write_text("plugins: {}\n")
+    text = open(FRONT).read()
+    assert "MIGRT_CONFIG" in text
+    monkeypatch.setenv("MIGRT_PLUGIN_PATH", str(tmp_path))
+    p = subprocess.run(["sh", "-c", f'MIGRT_RUNC=/bin/echo "$0" create --bundle '
+                        f'{front.plain} c1', str(tmp_path / "migrt")],
+                       capture_output=True, text=True, timeout=30)
+    assert p.stdout.startswith("PY "), p.stdout
