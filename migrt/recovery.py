@@ -1,0 +1,229 @@
+"""Interrupted migrations, found and finished from the source node's own records.
+
+`migrt migrate` keeps a journal of each migration it runs on this node
+(`<MIGRT_STATE_DIR>/migrations/<mid>.json`, root-only): the container, its runc root,
+the destination agent, the migration id, the work dir, its own pid, and the phase it
+has reached. Each phase is written *before* the step it names, so the journal never
+claims less than what may have happened:
+
+    prechecked  the destination staged nothing yet; nothing is frozen
+    frozen      the source may be paused (runc pause) and a dump may be running
+    restoring   the destination may be restoring, or may already run the container
+
+If `migrt migrate` dies (kill -9, OOM, reboot of the agent it talks to), the journal
+stays. `resolve_pending()` reads every journal whose writer is gone, stops what that
+writer left running (a `runc checkpoint` and its CRIU), asks the destination agent what
+became of the migration, and finishes it:
+
+    destination runs the container           -> delete the (frozen) source
+    destination never got to restore it      -> resume the source
+    destination unreachable, or the answer
+    cannot tell "dropped" from "restored"    -> leave the source frozen, keep the
+                                                journal, try again next time
+
+Never both copies running, never neither: a source is resumed only when the destination
+cannot have started the container. `migrt migrate` runs this before each migration, and
+`migrt agent` at start and on each sweep, so a restarted migrate or agent cleans up
+after a dead one. `python -m migrt.recovery` runs it by hand and prints each outcome.
+"""
+import json
+import os
+import shutil
+import signal
+import subprocess
+import time
+
+
+def state_dir():
+    return os.path.join(os.environ.get("MIGRT_STATE_DIR", "/run/migrt"), "migrations")
+
+
+class Journal:
+    """The on-disk record of one migration in progress on this (source) node."""
+
+    def __init__(self, path, rec):
+        self.path = path
+        self.rec = rec
+
+    @classmethod
+    def begin(cls, mid, container, root, to, work, **extra):
+        d = state_dir()
+        os.makedirs(d, mode=0o700, exist_ok=True)
+        rec = dict(extra, mid=mid, container=container, root=os.path.abspath(root), to=to,
+                   work=work, pid=os.getpid(), pid_start=_start_time(os.getpid()),
+                   phase="prechecked", started=time.time())
+        j = cls(os.path.join(d, f"{mid}.json"), rec)
+        j._write()
+        return j
+
+    def phase(self, name, **fields):
+        self.rec.update(fields, phase=name, updated=time.time())
+        self._write()
+
+    def _write(self):
+        tmp = self.path + ".tmp"
+        fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o600)
+        with os.fdopen(fd, "w") as f:
+            json.dump(self.rec, f)
+            f.flush()
+            os.fsync(f.fileno())
+        os.replace(tmp, self.path)
+
+    def done(self):
+        try:
+            os.unlink(self.path)
+        except FileNotFoundError:
+            pass
+
+
+def _start_time(pid):
+    try:
+        with open(f"/proc/{pid}/stat") as f:
+            return int(f.read().rsplit(")", 1)[1].split()[19])
+    except (OSError, ValueError, IndexError):
+        return None
+
+
+def writer_alive(rec):
+    pid = rec.get("pid")
+    return bool(pid) and _start_time(pid) is not None and _start_time(pid) == rec.get("pid_start")
+
+
+def pending():
+    """Journals whose `migrt migrate` is gone."""
+    out = []
+    try:
+        names = sorted(os.listdir(state_dir()))
+    except FileNotFoundError:
+        return out
+    for n in names:
+        if not n.endswith(".json"):
+            continue
+        p = os.path.join(state_dir(), n)
+        try:
+            with open(p) as f:
+                rec = json.load(f)
+        except (OSError, ValueError):
+            continue
+        if isinstance(rec, dict) and not writer_alive(rec):
+            out.append(Journal(p, rec))
+    return out
+
+
+def _runc(rec, *args):
+    from migrt.fast import runc_path
+    return subprocess.run([runc_path(), "--root", rec["root"], *args], capture_output=True,
+                          text=True, stdin=subprocess.DEVNULL, timeout=120)
+
+
+def stop_leftovers(rec):
+    """Kill what the dead writer started for this migration (runc checkpoint, CRIU)."""
+    import psutil
+    work = rec.get("work")
+    if not work:
+        return 0
+    victims = []
+    for p in psutil.process_iter(["pid", "cmdline"]):
+        try:
+            if any(work in a for a in (p.info["cmdline"] or [])):
+                victims += [p] + p.children(recursive=True)
+        except psutil.Error:
+            continue
+    for p in victims:
+        try:
+            p.send_signal(signal.SIGKILL)
+        except psutil.Error:
+            pass
+    psutil.wait_procs(victims, timeout=10)
+    return len(victims)
+
+
+def destination_state(rec, secret):
+    """What the destination agent says of the migration: (state, exists) where state is
+    restored, restoring, failed, gone, or None when it cannot be asked, and exists
+    whether a container of the destination's id is in the destination's runc root
+    (None if the agent does not say)."""
+    from migrt.transfer import wire
+    hello = {"op": "status", "mid": rec["mid"], "id": rec.get("dest_id") or rec["container"]}
+    if rec.get("dest_root"):
+        hello["root"] = rec["dest_root"]
+    try:
+        c, _ = wire.connect(rec["to"], secret, hello, timeout=3)
+    except (wire.ProtocolError, OSError):
+        return None, None
+    try:
+        reply = c.read_json()
+    except (wire.ProtocolError, OSError):
+        return None, None
+    finally:
+        c.close()
+    st = reply.get("state")
+    state = {"restored": "restored", "done": "restored", "restoring": "restoring",
+             "failed": "failed", "unknown": "gone"}.get(st, st or "gone")
+    exists = reply.get("container_exists")
+    return state, exists if isinstance(exists, bool) else None
+
+
+def resolve(j, secret):
+    """Finish one interrupted migration. Returns a one-line outcome."""
+    rec = j.rec
+    cid, phase = rec["container"], rec.get("phase")
+    killed = stop_leftovers(rec)
+    st = _runc(rec, "state", cid)
+    src = json.loads(st.stdout).get("status") if st.returncode == 0 else None
+    dest, exists = (destination_state(rec, secret) if phase in ("frozen", "restoring")
+                    else ("gone", False))
+    where = f"migration {rec['mid']} of {cid} to {rec['to']} (interrupted at {phase})"
+    if dest == "restored" or (dest is not None and exists):
+        if src is not None:
+            _runc(rec, "delete", "--force", cid)
+        outcome = f"{where}: the destination runs it; source deleted"
+    elif dest in ("failed", "gone") and (phase != "restoring" or exists is False):
+        if src == "paused":
+            r = _runc(rec, "resume", cid)
+            if r.returncode != 0:
+                return f"{where}: could not resume the source: {r.stderr.strip()}"
+        outcome = (f"{where}: the destination has no copy; source "
+                   + ("resumed" if src == "paused" else f"left {src or 'absent'}"))
+    elif src is None:
+        outcome = f"{where}: the source is gone (released before the record was removed)"
+    else:
+        # unreachable, still restoring, or gone after a restore may have happened
+        return (f"{where}: destination says {dest or 'nothing (unreachable)'}; the source "
+                f"stays {src} until that is known")
+    if killed:
+        outcome += f"; stopped {killed} leftover process(es)"
+    work = rec.get("work")
+    if work and os.path.basename(os.path.dirname(work)) == "migrate":
+        shutil.rmtree(work, ignore_errors=True)
+    j.done()
+    return outcome
+
+
+def resolve_pending(secret=None, log=None):
+    """Resolve every interrupted migration of this node. Returns the outcomes."""
+    out = []
+    for j in pending():
+        try:
+            s = secret
+            if s is None:
+                from migrt.transfer import wire
+                s = wire.load_secret(j.rec.get("secret_file"))
+            msg = resolve(j, s)
+        except Exception as e:          # one bad record must not stop the others
+            msg = f"migration {j.rec.get('mid')}: recovery failed: {type(e).__name__}: {e}"
+        out.append(msg)
+        if log:
+            log(msg)
+    return out
+
+
+def main():
+    import sys
+    for line in resolve_pending():
+        print(line)
+    return 0 if not pending() else 1
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())
