@@ -1,8 +1,248 @@
-"""Cheap answer to "does any plugin apply to this bundle?" for the hot path.
+"""Cheap answer to "does any plugin apply to this bundle?", asked on every create/run.
 
-Stub until the plugin framework lands: no plugin applies.
+The answer comes from the bundle's spec alone plus a JSON cache of the node's plugin
+config (written by migrt.plugins.config, keyed by the config file's and the plugin
+folders' mtimes). Detection rules are data (globs on device paths, env names,
+annotation keys, mount destinations), so nothing here imports YAML, JSON Schema, click
+or any plugin code. Only when the cache is missing or stale is the slow loader used,
+once, and its result is written back for the next call.
+
+A bundle chooses plugins explicitly with the annotation `io.migrt.plugins` or the env
+variable `MIGRT_PLUGINS` in process.env (the annotation wins): "gpu,rdma" names exactly
+the plugins to use, "+rdma" / "-logs" add to or remove from what detection found, and
+"none" turns them all off. An explicit choice always wins over detection.
 """
+import json
+import os
+import sys
+
+MARKER = "MIGRT_RESTORE_FROM"
+ANNOTATION = "io.migrt.plugins"
+ENV = "MIGRT_PLUGINS"
+DEFAULT_CONFIG = "/etc/migrt/config.yaml"
+CACHE_VERSION = 2
 
 
-def active(spec, bundle):
-    return []
+def config_path():
+    return os.environ.get("MIGRT_CONFIG") or DEFAULT_CONFIG
+
+
+def state_dir():
+    return os.environ.get("MIGRT_STATE_DIR", "/run/migrt")
+
+
+def plugins_dir():
+    """The project's plugins/ folder: next to the migrt package (as installed too)."""
+    here = os.path.dirname(os.path.abspath(__file__))
+    return os.path.join(os.path.dirname(here), "plugins")
+
+
+def extra_plugin_dirs():
+    return [d for d in os.environ.get("MIGRT_PLUGIN_PATH", "").split(os.pathsep) if d]
+
+
+def _mtime(path):
+    try:
+        st = os.stat(path)
+    except OSError:
+        return None
+    return [st.st_mtime_ns, st.st_size]
+
+
+def stamp(path=None):
+    """What the cache depends on: the config file, plugin folders, site-packages dirs."""
+    path = path or config_path()
+    dirs = [plugins_dir()] + extra_plugin_dirs()
+    dirs += sorted(p for p in sys.path if p.endswith("-packages"))
+    return {"config": path, "config_stat": _mtime(path), "version": CACHE_VERSION,
+            "dirs": [[d, _mtime(d)] for d in dirs]}
+
+
+def cache_path(path=None):
+    import hashlib
+    path = path or config_path()
+    key = hashlib.sha1(os.path.abspath(path).encode()).hexdigest()[:12]
+    return os.path.join(state_dir(), "plugins", f"cache-{key}.json")
+
+
+def node_cache():
+    """The node's plugin table: {"plugins": {name: {...}}, "error": msg or None}."""
+    st = stamp()
+    try:
+        with open(cache_path(), "rb") as f:
+            cache = json.loads(f.read())
+        if cache.get("stamp") == st:
+            return cache
+    except (OSError, ValueError):
+        pass
+    from migrt.plugins import config   # slow path: YAML, JSON Schema, plugin modules
+    return config.build_cache(st)
+
+
+# ---------------------------------------------------------------- the bundle's side
+
+def _env(spec):
+    proc = spec.get("process")
+    env = proc.get("env") if isinstance(proc, dict) else None
+    out = {}
+    if isinstance(env, list):
+        for item in env:
+            if isinstance(item, str):
+                k, sep, v = item.partition("=")
+                if sep:
+                    out[k] = v
+    return out
+
+
+def _annotations(spec):
+    a = spec.get("annotations")
+    return a if isinstance(a, dict) else {}
+
+
+def explicit_choice(spec):
+    """(source, text) of the bundle's explicit plugin choice, or (None, None)."""
+    ann = _annotations(spec).get(ANNOTATION)
+    if isinstance(ann, str) and ann.strip():
+        return f"annotation {ANNOTATION}", ann
+    env = _env(spec).get(ENV)
+    if env and env.strip():
+        return f"env {ENV}", env
+    return None, None
+
+
+def parse_choice(text):
+    """'a,b' -> ({a,b}, set(), set(), exact=True); '+a,-b' -> (set(), {a}, {b}, False)."""
+    exact, add, remove = set(), set(), set()
+    for tok in text.replace(" ", ",").split(","):
+        tok = tok.strip().lower()
+        if not tok:
+            continue
+        if tok == "none":
+            exact.add("")        # an exact, empty choice
+        elif tok[0] == "+":
+            add.add(tok[1:])
+        elif tok[0] == "-":
+            remove.add(tok[1:])
+        else:
+            exact.add(tok)
+    is_exact = bool(exact)
+    exact.discard("")
+    return exact, add, remove, is_exact
+
+
+def _glob(pattern, value):
+    from fnmatch import fnmatchcase
+    return fnmatchcase(value, pattern)
+
+
+def detect(rules, spec, env, marker, group):
+    """The reason a plugin's detect rules match this spec, or None."""
+    for pat in rules.get("devices") or ():
+        linux = spec.get("linux") if isinstance(spec.get("linux"), dict) else {}
+        for dev in linux.get("devices") or ():
+            path = dev.get("path") if isinstance(dev, dict) else None
+            if isinstance(path, str) and _glob(pat, path):
+                return f"bundle grants device {path}"
+    for name in rules.get("env") or ():
+        v = env.get(name)
+        if v and v.lower() not in ("void", "none"):
+            return f"process.env sets {name}={v}"
+    ann = _annotations(spec)
+    for key in rules.get("annotations") or ():
+        if key in ann:
+            return f"annotation {key} is set"
+    for pat in rules.get("mounts") or ():
+        for m in spec.get("mounts") or ():
+            if not isinstance(m, dict):
+                continue
+            dest = m.get("destination")
+            bind = m.get("type") == "bind" or "bind" in (m.get("options") or ()) \
+                or "rbind" in (m.get("options") or ())
+            if bind and isinstance(dest, str) and _glob(pat, dest):
+                return f"bundle bind-mounts {dest} from the host"
+    if rules.get("restore") and marker:
+        return "bundle is restored from a checkpoint"
+    if group in (rules.get("groups") or ()):
+        return f"applies to every {group}"
+    return None
+
+
+def _group(spec, stage, env):
+    if stage is None:
+        return "restore" if env.get(MARKER) else "create"
+    return stage
+
+
+def explain(spec, bundle=None, stage=None, cache=None):
+    """[(name, applies, reason)] for every installed plugin, plus unknown explicit names."""
+    cache = cache or node_cache()
+    if cache.get("error"):
+        from migrt.errors import MigrtError
+        raise MigrtError(cache["error"])
+    plugins = cache.get("plugins") or {}
+    env = _env(spec)
+    marker = bool(env.get(MARKER))
+    group = _group(spec, stage, env)
+    src, text = explicit_choice(spec)
+    exact, add, remove, is_exact = parse_choice(text) if text else (set(), set(), set(), False)
+    out = []
+    for name in sorted(plugins, key=lambda n: (plugins[n].get("order", 50), n)):
+        info = plugins[name]
+        relevant = _relevant(info, group)
+        if is_exact:
+            if name in exact:
+                out.append((name, True, f"chosen by {src}"))
+            else:
+                out.append((name, False, f"not chosen by {src}"))
+            continue
+        if name in remove:
+            out.append((name, False, f"removed by {src}"))
+            continue
+        if name in add:
+            out.append((name, True, f"added by {src}"))
+            continue
+        if not info.get("enabled", True):
+            out.append((name, False, f"disabled in {cache.get('stamp', {}).get('config')}"))
+            continue
+        reason = detect(info.get("detect") or {}, spec, env, marker, group)
+        if reason is None:
+            out.append((name, False, "nothing in the bundle calls for it"))
+        elif not relevant:
+            out.append((name, False, f"{reason}, but it has nothing to do on {group}"))
+        else:
+            out.append((name, True, reason))
+    for name in sorted((exact | add) - set(plugins)):
+        out.append((name, True, f"chosen by {src}, but not installed"))
+    return out
+
+
+STAGE_GROUPS = {
+    "create": ("pre-create", "post-create", "pre-checkpoint", "post-checkpoint",
+               "pre-migrate", "delete"),
+    "restore": ("pre-restore", "post-restore", "pre-checkpoint", "post-checkpoint",
+                "pre-migrate", "delete"),
+    "checkpoint": ("pre-checkpoint", "post-checkpoint"),
+    "migrate": ("pre-migrate", "pre-checkpoint", "post-checkpoint"),
+}
+
+
+def _relevant(info, group):
+    wanted = STAGE_GROUPS.get(group, (group,))
+    return any(s in wanted for s in info.get("stages") or ())
+
+
+def active(spec, bundle=None, stage=None):
+    """Names of the plugins that apply to this bundle, in run order ([] = none).
+
+    stage: what the core is about to do: None (create or run: "restore" when the spec
+    carries the marker, else "create"), "checkpoint", "migrate", or one stage name.
+    A plugin is returned only if it applies and has a hook in those stages.
+    """
+    cache = node_cache()
+    if cache.get("error"):
+        from migrt.errors import MigrtError
+        raise MigrtError(cache["error"])
+    plugins = cache.get("plugins") or {}
+    if not plugins:
+        return []
+    return [name for name, ok, _ in explain(spec, bundle, stage, cache) if ok]
