@@ -62,8 +62,9 @@ def rootfs_base(spec):
     return ann.get("migrt.rootfs-base") or os.environ.get("MIGRT_ROOTFS_BASE") or None
 
 
-def capture(image_dir, container_id, state, bundle, criu_flags, base=None, extra=None):
-    """Add spec, writable layer and manifest to a fresh CRIU image dir. Returns the manifest.
+def capture_extra(image_dir, container_id, state, bundle, criu_flags, base=None, extra=None):
+    """Add the spec and the writable layer to a CRIU image dir; return the manifest
+    without its `files` (the caller digests them, or lets `capture` do it).
 
     Call while the container's processes cannot change its files (frozen or dumped).
     """
@@ -95,10 +96,16 @@ def capture(image_dir, container_id, state, bundle, criu_flags, base=None, extra
                                   or (state or {}).get("pid") or 0),
                        "status": (state or {}).get("status", "")},
          "node": mf.node_info(), "criu_flags": list(criu_flags or []),
-         "chunk_size": digest.CHUNK, "files": mf.file_entries(image_dir),
-         "rootfs": info, "processes": procs}
+         "chunk_size": digest.CHUNK, "files": [], "rootfs": info, "processes": procs}
     if extra:
         m.update(extra)
+    return m
+
+
+def capture(image_dir, container_id, state, bundle, criu_flags, base=None, extra=None):
+    """capture_extra, then digest every file and write the manifest. Returns it."""
+    m = capture_extra(image_dir, container_id, state, bundle, criu_flags, base, extra)
+    m["files"] = mf.file_entries(image_dir)
     mf.parse(json.dumps(m))
     mf.write(image_dir, m)
     return m

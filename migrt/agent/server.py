@@ -1,0 +1,434 @@
+"""The agent's TCP server: one thread per connection, one Session per migration.
+
+Control connection (from `migrt migrate`), in order:
+  precheck -> {ok, mid}        can this node take the container? (nothing frozen yet)
+  commit   -> {ok, marker}     all data connections are done; check against the manifest
+  restore  -> {ok, pid}        run `migrt create`+`start` on the given bundle, or
+  wait     -> {ok, container}  wait until someone creates a container from the marker
+  release  -> {ok}             the source is gone; the migration is complete
+  abort                        drop the staged copy
+A control connection that drops before `restore` succeeded drops the staged copy too.
+Data connections (`op: data`, mid) carry chunks into that migration's Stage.
+"""
+import json
+import os
+import shutil
+import signal
+import socket
+import subprocess
+import sys
+import threading
+import time
+
+import zstandard
+
+from migrt import failpoints, recovery
+from migrt.agent import staging as stg
+from migrt.image import manifest as mf
+from migrt.transfer import receiver, wire
+
+RESERVE = 16 << 20
+
+
+def log(msg):
+    sys.stderr.write(f"migrt agent: {msg}\n")
+    sys.stderr.flush()
+
+
+class Refused(Exception):
+    pass
+
+
+class Session:
+    def __init__(self, agent, staged, stage, hello):
+        self.agent = agent
+        self.staged = staged
+        self.stage = stage
+        self.hello = hello
+        self.data_threads = 0
+        self.restored = False
+        self.lazy = False
+
+
+class Agent:
+    def __init__(self, listen, secret, staging, disk, quota=None, ttl=600, root="/run/runc",
+                 runtime=None, log_dir="/var/log/migrt", allow_bundles=None):
+        self.listen = listen
+        self.secret = secret
+        self.staging = os.path.abspath(staging)
+        self.disk = os.path.abspath(disk)
+        self.quota = quota
+        self.ttl = ttl
+        self.root = root
+        self.runtime = runtime
+        self.log_dir = log_dir
+        self.sessions = {}
+        self.lock = threading.Lock()
+        self.stop = threading.Event()
+        self._criu_features = {}
+        for d in (self.staging, self.disk):
+            os.makedirs(d, mode=0o700, exist_ok=True)
+            os.chmod(d, 0o700)
+        os.environ["MIGRT_STAGING"] = self.staging
+
+    # ------------------------------------------------------------ serving
+    def bind(self):
+        host, _, port = self.listen.rpartition(":")
+        fam = socket.AF_INET6 if ":" in host.strip("[]") else socket.AF_INET
+        self.sock = socket.socket(fam, socket.SOCK_STREAM)
+        self.sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+        self.sock.bind((host.strip("[]") or "0.0.0.0", int(port)))
+        self.sock.listen(64)
+        return self.sock.getsockname()[:2]
+
+    def serve(self):
+        for mid in stg.sweep(self.staging, self.ttl, startup=True, log=log):
+            pass
+        # migrations this node was the source of, left by a `migrt migrate` that died
+        threading.Thread(target=recovery.resolve_pending, args=(self.secret, log),
+                         daemon=True).start()
+        stg.sweep_disk(self.staging, self.disk)
+        threading.Thread(target=self._janitor, daemon=True).start()
+        while not self.stop.is_set():
+            try:
+                s, peer = self.sock.accept()
+            except OSError:
+                if self.stop.is_set():
+                    break
+                raise
+            threading.Thread(target=self._handle, args=(s, peer), daemon=True).start()
+
+    def _janitor(self):
+        every = max(1.0, min(30.0, self.ttl / 4))
+        while not self.stop.wait(every):
+            with self.lock:
+                active = set(self.sessions)
+            stg.sweep(self.staging, self.ttl, active=active, log=log)
+            stg.sweep_disk(self.staging, self.disk)
+            recovery.resolve_pending(self.secret, log)
+
+    def _handle(self, s, peer):
+        try:
+            conn, hello = wire.accept(s, self.secret)
+        except wire.AuthError:
+            log(f"refused {peer[0]}:{peer[1]}: authentication failed")
+            return
+        except (wire.ProtocolError, OSError) as e:
+            log(f"dropped {peer[0]}:{peer[1]}: {e}")
+            return
+        try:
+            op = hello.get("op")
+            if op == "control":
+                self._control(conn, hello, peer)
+            elif op == "data":
+                self._data(conn, hello)
+            elif op == "status":
+                self._status(conn, hello)
+            else:
+                conn.send_json({"error": f"unknown operation {op!r}"})
+        except (wire.ProtocolError, OSError) as e:
+            log(f"{peer[0]}:{peer[1]}: {e}")
+        except Exception as e:     # a malformed request costs its connection, nothing more
+            log(f"{peer[0]}:{peer[1]}: malformed request ({type(e).__name__}: {e})")
+            try:
+                conn.send_json({"error": f"malformed request ({type(e).__name__})"})
+            except OSError:
+                pass
+        finally:
+            conn.close()
+
+    # ------------------------------------------------------------ checks
+    def criu_feature(self, name):
+        if name not in self._criu_features:
+            p = subprocess.run(["criu", "check", "--feature", name], capture_output=True)
+            self._criu_features[name] = p.returncode == 0
+        return self._criu_features[name]
+
+    def precheck(self, msg):
+        src = msg.get("node") or {}
+        here = mf.node_info()
+        if src.get("arch") != here["arch"]:
+            raise Refused(f"architecture differs: source {src.get('arch')}, destination {here['arch']}")
+        missing = sorted(set(src.get("cpu_flags") or []) - set(here["cpu_flags"]))
+        if missing:
+            raise Refused(f"destination CPU lacks features the source has: {' '.join(missing[:8])}")
+        if shutil.which("criu") is None:
+            raise Refused("criu is not installed on the destination")
+        if msg.get("mode") == "lazy" and not self.criu_feature("uffd-noncoop"):
+            raise Refused("destination kernel lacks userfaultfd (needed for --lazy)")
+        need = int(msg.get("estimate") or 0)
+        st = os.statvfs(self.staging)
+        free = st.f_bavail * st.f_frsize
+        if need + RESERVE > free:
+            raise Refused(f"no room on the destination: staging {self.staging} has "
+                          f"{free >> 20} MiB free, the image needs about {need >> 20} MiB")
+        if self.quota is not None and need > self.quota:
+            raise Refused(f"no room on the destination: the image needs about {need >> 20} MiB, "
+                          f"the staging quota is {self.quota >> 20} MiB")
+        rneed = int(msg.get("rootfs_estimate") or 0)
+        st = os.statvfs(self.disk)
+        if rneed > st.f_bavail * st.f_frsize:
+            raise Refused(f"no room on the destination disk {self.disk} for the rootfs changes")
+        bundle = msg.get("bundle")
+        if bundle:
+            if not os.path.isfile(os.path.join(bundle, "config.json")):
+                raise Refused(f"destination bundle {bundle} has no config.json")
+            root = msg.get("root") or self.root
+            cid = msg.get("id")
+            if cid and os.path.exists(os.path.join(root, cid, "state.json")):
+                raise Refused(f"a container {cid} already exists on the destination")
+
+    # ------------------------------------------------------------ control
+    def _control(self, conn, hello, peer):
+        msg = conn.read_json()
+        if msg.get("op") != "precheck":
+            conn.send_json({"error": "expected precheck"})
+            return
+        try:
+            self.precheck(msg)
+        except Refused as e:
+            conn.send_json({"error": str(e)})
+            return
+        mid = stg.new_mid()
+        staged = stg.Staged(mid, self.staging, self.disk)
+        staged.create(source=f"{peer[0]}", container=msg.get("container"), mode=msg.get("mode"))
+        stage = receiver.Stage(staged.image_dir, staged.rootfs_dir, quota=self.quota)
+        sess = Session(self, staged, stage, msg)
+        with self.lock:
+            self.sessions[mid] = sess
+        log(f"{mid}: receiving {msg.get('container')} from {peer[0]} ({msg.get('mode')})")
+        conn.send_json({"ok": True, "mid": mid, "staging": staged.image_dir})
+        try:
+            self._control_loop(conn, sess)
+        except (wire.ProtocolError, OSError) as e:
+            if not sess.restored:
+                log(f"{mid}: source went away ({e}); dropping the staged copy")
+        finally:
+            with self.lock:
+                self.sessions.pop(mid, None)
+            stage.close()
+            rec = staged.read() or {}
+            if not sess.restored and rec.get("state") != "restored":
+                staged.remove()
+
+    def _control_loop(self, conn, sess):
+        staged = sess.staged
+        while True:
+            msg = conn.read_json()
+            op = msg.get("op")
+            if op == "commit":
+                try:
+                    if sess.stage.error:
+                        raise receiver.StageError(sess.stage.error)
+                    m = sess.stage.finish(msg.get("manifest"))
+                except (receiver.StageError, wire.ProtocolError) as e:
+                    conn.send_json({"error": f"verification failed: {e}"})
+                    return
+                except Exception as e:  # a bad manifest raises CheckpointError
+                    conn.send_json({"error": f"verification failed: {e}"})
+                    return
+                fields = {"state": "staged", "bytes": sum(e["size"] for e in m["files"])}
+                if msg.get("lazy_address"):
+                    fields["lazy_address"] = msg["lazy_address"]
+                    sess.lazy = True
+                if msg.get("final", True):
+                    staged.update(**fields)
+                    log(f"{staged.mid}: staged and verified ({fields['bytes']} bytes)")
+                conn.send_json({"ok": True, "marker": f"staged:{staged.mid}"})
+            elif op == "restore":
+                t0 = time.monotonic()
+                try:
+                    pid = self.restore(staged, msg)
+                except Refused as e:
+                    conn.send_json({"error": f"restore failed on the destination: {e}"})
+                    return
+                sess.restored = True
+                conn.send_json({"ok": True, "pid": pid, "restore_seconds": time.monotonic() - t0})
+            elif op == "wait":
+                deadline = time.monotonic() + float(msg.get("timeout", 300))
+                while True:
+                    rec = staged.read() or {}
+                    if rec.get("state") == "restored":
+                        sess.restored = True
+                        conn.send_json({"ok": True, "container": rec.get("container"),
+                                        "pid": rec.get("pid")})
+                        break
+                    if rec.get("state") == "failed":
+                        conn.send_json({"error": f"restore failed on the destination: "
+                                                 f"{rec.get('error', '?')}"})
+                        return
+                    if time.monotonic() > deadline:
+                        conn.send_json({"error": "no container was created from the marker "
+                                                 "in time"})
+                        return
+                    time.sleep(0.02)
+            elif op == "release":
+                staged.update(state="done" if not sess.lazy else "restored")
+                if not sess.lazy:
+                    staged.remove()
+                conn.send_json({"ok": True})
+                return
+            elif op == "abort":
+                conn.send_json({"ok": True})
+                return
+            else:
+                conn.send_json({"error": f"unknown operation {op!r}"})
+                return
+
+    def restore(self, staged, msg):
+        """Create the container from the staged migration through migrt's marker."""
+        bundle = msg.get("bundle")
+        cid = msg.get("id")
+        root = msg.get("root") or self.root
+        if not bundle or not cid:
+            raise Refused("restore needs a bundle and a container id")
+        cfg = os.path.join(bundle, "config.json")
+        try:
+            with open(cfg) as f:
+                spec = json.load(f)
+            env = [e for e in spec["process"].get("env", [])
+                   if not e.startswith("MIGRT_RESTORE_FROM=")]
+            spec["process"]["env"] = env + [f"MIGRT_RESTORE_FROM=staged:{staged.mid}"]
+            with open(cfg + ".tmp", "w") as f:
+                json.dump(spec, f)
+            os.replace(cfg + ".tmp", cfg)
+        except (OSError, ValueError, KeyError, TypeError) as e:
+            raise Refused(f"bundle {bundle}: {e}")
+        failpoints.hit("agent.before-restore")
+        os.makedirs(self.log_dir, mode=0o700, exist_ok=True)
+        out_path = os.path.join(self.log_dir, f"{cid}.log")
+        r, w = os.pipe()
+        in_r, in_w = os.pipe()
+        with open(out_path, "ab") as logf:
+            # The container's stdout/stderr must be pipes (as containerd gives them); a
+            # detached reader outlives the agent so that an agent restart does not
+            # break the container's pipes.
+            subprocess.Popen(["cat"], stdin=r, stdout=logf, stderr=subprocess.DEVNULL,
+                             start_new_session=True, close_fds=True)
+        os.close(r)
+        env = dict(os.environ, MIGRT_STAGING=self.staging)
+        errlog = os.path.join(staged.dir, "create.log")
+        argv = [self.runtime, "--root", root, "--log", errlog, "--log-format", "json",
+                "create", "--bundle", bundle, cid]
+        # The container inherits runc's stdio: stdout and stderr both go to the log pipe,
+        # so the error line is read back from the --log file.
+        try:
+            p = subprocess.run(argv, stdin=in_r, stdout=w, stderr=w, env=env, timeout=600)
+        finally:
+            os.close(w)
+            os.close(in_r)
+            os.close(in_w)
+        if p.returncode != 0:
+            raise Refused(_last_error(errlog) or f"migrt create exited {p.returncode}")
+        s = subprocess.run([self.runtime, "--root", root, "start", cid], capture_output=True,
+                           text=True, env=env)
+        if s.returncode != 0:
+            subprocess.run([self.runtime, "--root", root, "delete", "--force", cid],
+                           capture_output=True, env=env)
+            raise Refused(f"start: {s.stderr.strip()}")
+        st = subprocess.run([self.runtime, "--root", root, "state", cid], capture_output=True,
+                            text=True, env=env)
+        try:
+            state = json.loads(st.stdout)
+        except ValueError:
+            state = {}
+        if state.get("status") != "running":
+            subprocess.run([self.runtime, "--root", root, "delete", "--force", cid],
+                           capture_output=True, env=env)
+            raise Refused(f"container {cid} is {state.get('status', 'gone')} after restore")
+        log(f"{staged.mid}: restored as {cid} (pid {state.get('pid')}) in {root}")
+        return state.get("pid")
+
+    # ------------------------------------------------------------ data
+    def _data(self, conn, hello):
+        mid = hello.get("mid")
+        with self.lock:
+            sess = self.sessions.get(mid)
+        if sess is None:
+            conn.send_json({"error": f"no migration {mid!r} in progress"})
+            return
+        dctx = zstandard.ZstdDecompressor()
+        frames = 0
+        while True:
+            kind, payload = conn.read_frame()
+            if kind == b"J":
+                if payload.get("op") == "eof":
+                    if sess.stage.error:
+                        conn.send_json({"error": sess.stage.error})
+                    else:
+                        conn.send_json({"ok": True, "frames": frames})
+                    return
+                conn.send_json({"error": "unexpected control message on a data connection"})
+                return
+            head, data = payload
+            try:
+                sess.stage.write(head, data, dctx)
+            except receiver.StageError as e:
+                sess.stage.fail(str(e))
+                log(f"{mid}: {e}")
+                conn.send_json({"error": str(e)})
+                return
+            frames += 1
+
+    def _status(self, conn, hello):
+        mid = hello.get("mid")
+        if not stg.valid_mid(mid):
+            conn.send_json({"error": "bad migration id"})
+            return
+        rec = stg.Staged(mid, self.staging).read()
+        reply = {"ok": True, "state": (rec or {}).get("state", "unknown"),
+                 "container": (rec or {}).get("container")}
+        # does the container run here? (migrt.recovery: a staged record is gone once
+        # dropped *or* released, so its absence alone cannot say)
+        cid, root = hello.get("id"), hello.get("root") or self.root
+        if isinstance(cid, str) and isinstance(root, str) and stg.valid_cid(cid):
+            reply["container_exists"] = os.path.exists(os.path.join(root, cid, "state.json"))
+        conn.send_json(reply)
+
+
+def _last_error(path):
+    """The msg of the last error line of a runc-style json log."""
+    msg = None
+    try:
+        with open(path, errors="replace") as f:
+            for line in f:
+                try:
+                    rec = json.loads(line)
+                except ValueError:
+                    continue
+                if isinstance(rec, dict) and rec.get("level") in ("error", "fatal"):
+                    msg = rec.get("msg")
+    except OSError:
+        pass
+    return msg
+
+
+def _last_error(path):
+    msg = None
+    try:
+        with open(path, errors="replace") as f:
+            for line in f:
+                try:
+                    rec = json.loads(line)
+                except ValueError:
+                    continue
+                if isinstance(rec, dict) and rec.get("level") in ("error", "fatal"):
+                    msg = rec.get("msg")
+    except OSError:
+        pass
+    return msg
+
+
+def run(listen, secret, **kw):
+    agent = Agent(listen, secret, **kw)
+    host, port = agent.bind()
+    sys.stdout.write(f"migrt agent listening on {host}:{port}\n")
+    sys.stdout.flush()
+
+    def stop(*_):
+        agent.stop.set()
+        agent.sock.close()
+    signal.signal(signal.SIGTERM, stop)
+    signal.signal(signal.SIGINT, stop)
+    agent.serve()
+    return 0

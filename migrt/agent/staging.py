@@ -1,0 +1,141 @@
+"""Staged migrations on a node: where they live, their records, and their cleanup.
+
+A migration arriving at the agent is staged in two places: its memory images (CRIU's
+files and the manifest) on tmpfs, `<staging>/<mid>/image`, and the container's rootfs
+changes on the node's disk, `<disk>/<mid>/rootfs`, so that they can be renamed into the
+destination bundle. `<staging>/<mid>/migration.json` records its state:
+
+    receiving -> staged -> restoring -> restored
+                        \\-> failed
+
+`MIGRT_RESTORE_FROM=staged:<mid>` names a staged migration (migrt.sources.staged).
+"""
+import json
+import os
+import re
+import shutil
+import time
+
+DEFAULT_STAGING = "/run/migrt/staged"
+DEFAULT_DISK = "/var/lib/migrt/staged"
+MID_RE = re.compile(r"^m-[0-9a-f]{8,32}$")
+CID_RE = re.compile(r"^[A-Za-z0-9][A-Za-z0-9_.+-]{0,1023}$")
+RECORD = "migration.json"
+
+
+def staging_root():
+    return os.environ.get("MIGRT_STAGING", DEFAULT_STAGING)
+
+
+def valid_mid(mid):
+    return isinstance(mid, str) and bool(MID_RE.match(mid))
+
+
+def valid_cid(cid):
+    """A container id as runc accepts it (no path separators, no `..`)."""
+    return isinstance(cid, str) and bool(CID_RE.match(cid)) and cid not in (".", "..")
+
+
+def new_mid():
+    return "m-" + os.urandom(8).hex()
+
+
+class Staged:
+    """One staged migration."""
+
+    def __init__(self, mid, staging=None, disk=None):
+        if not valid_mid(mid):
+            raise ValueError(f"not a migration id: {mid!r}")
+        self.mid = mid
+        self.dir = os.path.join(staging or staging_root(), mid)
+        self.image_dir = os.path.join(self.dir, "image")
+        self.record_path = os.path.join(self.dir, RECORD)
+        rec = self.read() if disk is None else None
+        self.disk_dir = os.path.join(disk, mid) if disk else (rec or {}).get("disk_dir", "")
+        self.rootfs_dir = os.path.join(self.disk_dir, "rootfs") if self.disk_dir else ""
+
+    def create(self, **fields):
+        for d in (os.path.dirname(self.dir), os.path.dirname(self.disk_dir)):
+            os.makedirs(d, mode=0o700, exist_ok=True)
+        os.mkdir(self.dir, 0o700)
+        os.makedirs(self.disk_dir, mode=0o700, exist_ok=True)
+        os.chmod(self.disk_dir, 0o700)
+        self.write(dict(fields, mid=self.mid, state="receiving", created=time.time(),
+                        disk_dir=self.disk_dir))
+
+    def read(self):
+        try:
+            with open(self.record_path) as f:
+                rec = json.load(f)
+            return rec if isinstance(rec, dict) else None
+        except (OSError, ValueError):
+            return None
+
+    def write(self, rec):
+        rec["updated"] = time.time()
+        tmp = self.record_path + ".tmp"
+        fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o600)
+        with os.fdopen(fd, "w") as f:
+            json.dump(rec, f)
+        os.replace(tmp, self.record_path)
+
+    def update(self, **fields):
+        rec = self.read() or {"mid": self.mid}
+        rec.update(fields)
+        self.write(rec)
+        return rec
+
+    def drop_images(self):
+        """The memory images are not needed once the container runs (non-lazy)."""
+        shutil.rmtree(self.image_dir, ignore_errors=True)
+        if self.disk_dir:
+            shutil.rmtree(self.disk_dir, ignore_errors=True)
+
+    def remove(self):
+        self.drop_images()
+        shutil.rmtree(self.dir, ignore_errors=True)
+
+
+def all_staged(staging, disk=None):
+    try:
+        names = os.listdir(staging)
+    except FileNotFoundError:
+        return []
+    out = []
+    for n in sorted(names):
+        if valid_mid(n):
+            out.append(Staged(n, staging))
+    return out
+
+
+def sweep(staging, ttl, active=(), startup=False, log=None):
+    """Remove staged migrations older than ttl, and (at startup) any left half-received
+    by a previous agent. Disk dirs with no tmpfs record (tmpfs lost at reboot) go too."""
+    now = time.time()
+    removed = []
+    for s in all_staged(staging):
+        if s.mid in active:
+            continue
+        rec = s.read() or {}
+        state = rec.get("state")
+        age = now - rec.get("updated", rec.get("created", 0))
+        lazy_busy = state == "restored" and rec.get("lazy") and age < ttl
+        # at startup a staged copy has lost its control session (the source rolls back
+        # or asks for status, which then says "unknown"): nobody will restore it
+        if (startup and state in ("receiving", "staged", None)) or (age > ttl and not lazy_busy) \
+                or (state in ("failed", "done") and not rec.get("lazy")):
+            s.remove()
+            removed.append(s.mid)
+            if log:
+                log(f"removed staged migration {s.mid} ({state}, {age:.0f}s old)")
+    return removed
+
+
+def sweep_disk(staging, disk):
+    try:
+        names = os.listdir(disk)
+    except FileNotFoundError:
+        return
+    for n in names:
+        if valid_mid(n) and not os.path.exists(os.path.join(staging, n)):
+            shutil.rmtree(os.path.join(disk, n), ignore_errors=True)

@@ -1,0 +1,46 @@
+"""`migrt agent`: the node agent that receives migrations."""
+import os
+import sys
+
+import click
+
+
+def _size(s):
+    if s is None:
+        return None
+    units = {"k": 1 << 10, "m": 1 << 20, "g": 1 << 30}
+    s = s.strip().lower().rstrip("ib")
+    if s and s[-1] in units:
+        return int(float(s[:-1]) * units[s[-1]])
+    return int(s)
+
+
+@click.command(name="agent")
+@click.option("--listen", default="0.0.0.0:7070", show_default=True, help="HOST:PORT to listen on")
+@click.option("--secret-file", type=click.Path(dir_okay=False),
+              help="shared secret (mode 600); or MIGRT_SECRET_FILE")
+@click.option("--staging", default=None, help="tmpfs dir for memory images "
+              "[default: $MIGRT_STAGING or /run/migrt/staged]")
+@click.option("--disk", default="/var/lib/migrt/staged", show_default=True,
+              help="disk dir for rootfs changes (same filesystem as the bundles: rename, not copy)")
+@click.option("--quota", default=None, help="most bytes one migration may stage (e.g. 2G)")
+@click.option("--ttl", default=600.0, show_default=True, help="seconds a staged migration is kept")
+@click.option("--restore-root", default=None, help="runc root for restores [default: --root of migrt]")
+@click.option("--log-dir", default="/var/log/migrt", show_default=True,
+              help="where restored containers' stdout/stderr go")
+@click.pass_obj
+def command(call, listen, secret_file, staging, disk, quota, ttl, restore_root, log_dir):
+    """Receive migrations over TCP, stage and verify them, restore them here."""
+    from migrt.agent import server
+    from migrt.agent.staging import staging_root
+    from migrt.transfer import wire
+    try:
+        secret = wire.load_secret(secret_file)
+    except (wire.ProtocolError, OSError) as e:
+        raise click.ClickException(str(e))
+    me = os.path.realpath(sys.argv[0])
+    runtime = os.environ.get("MIGRT_SELF") or (me if os.access(me, os.X_OK) else "migrt")
+    root = restore_root or (call.root if call is not None else "/run/runc")
+    sys.exit(server.run(listen, secret, staging=staging or staging_root(), disk=disk,
+                        quota=_size(quota), ttl=ttl, root=root, runtime=runtime,
+                        log_dir=log_dir))

@@ -1,0 +1,73 @@
+"""`migrt migrate <container> --to HOST:PORT`: live-migrate a container to a node's agent."""
+import json
+import sys
+
+import click
+
+
+@click.command(name="migrate")
+@click.argument("container")
+@click.option("--to", "to", required=True, help="HOST:PORT of the destination's migrt agent")
+@click.option("--secret-file", type=click.Path(dir_okay=False),
+              help="shared secret (mode 600); or MIGRT_SECRET_FILE")
+@click.option("--bundle", help="bundle path on the destination: the agent creates the "
+              "container there; without it the image is only staged and the marker printed")
+@click.option("--dest-root", "dest_root", help="runc root on the destination (with --bundle)")
+@click.option("--id", "new_id", help="container id on the destination [default: the same]")
+@click.option("--precopy", is_flag=True, help="send a full image while running, then only "
+              "the changed blocks during the freeze")
+@click.option("--lazy", is_flag=True, help="post-copy: restore at once, serve memory on "
+              "demand from a page server here (cannot be rolled back once restored)")
+@click.option("--streams", default=4, show_default=True, help="parallel TCP streams")
+@click.option("--zstd-level", "level", default=1, show_default=True,
+              help="zstd level (0: no compression)")
+@click.option("--wait", default=300.0, show_default=True,
+              help="without --bundle: seconds to wait for a create from the marker")
+@click.option("--page-server-port", default=0, help="port of the page server (--lazy)")
+@click.option("--tcp-established", is_flag=True, help="migrate established TCP connections")
+@click.option("--rootfs-base", help="unchanged image rootfs to diff the container's against")
+@click.option("--json", "as_json", is_flag=True, help="print the report as JSON")
+@click.pass_obj
+def command(call, container, to, secret_file, bundle, dest_root, new_id, precopy, lazy,
+            streams, level, wait, page_server_port, tcp_established, rootfs_base, as_json):
+    """Move a running container to another node with the shortest downtime."""
+    from migrt.transfer import migrate as mig
+    from migrt.transfer import wire
+    if precopy and lazy:
+        raise click.UsageError("--precopy and --lazy exclude each other")
+    try:
+        secret = wire.load_secret(secret_file)
+    except (wire.ProtocolError, OSError) as e:
+        raise click.ClickException(str(e))
+    mode = "precopy" if precopy else "lazy" if lazy else "full"
+    opts = mig.Options(to, secret, streams=streams, level=level, mode=mode, bundle=bundle,
+                       dest_root=dest_root, new_id=new_id, wait=wait,
+                       progress=not as_json, page_server_port=page_server_port,
+                       criu_flags=["--tcp-established"] if tcp_established else [],
+                       rootfs_base=rootfs_base)
+    root = call.root if call is not None else "/run/runc"
+    report = mig.migrate(root, container, opts)
+    if as_json:
+        json.dump(report, sys.stdout, indent=2)
+        sys.stdout.write("\n")
+        return
+    print_report(report)
+
+
+def print_report(r):
+    p, b = r["phases"], r["bytes"]
+    click.echo(f"migrated {r['container']} to {r['to']} as {r.get('destination_id')} "
+               f"({r['mode']} mode, migration {r.get('migration')})")
+    order = ("precheck", "precopy", "freeze", "dump", "transfer", "transfer_after_dump",
+             "restore", "downtime", "pages_served_after_restore", "total")
+    for k in order:
+        if k in p:
+            click.echo(f"  {k:<28} {p[k] * 1000:9.1f} ms")
+    if b:
+        click.echo(f"  image {b.get('image', 0) / 1e6:.1f} MB, sent {b.get('sent_raw', 0) / 1e6:.1f} MB, "
+                   f"on the wire {b.get('wire', 0) / 1e6:.1f} MB"
+                   + (f" (ratio {b['ratio']})" if "ratio" in b else ""))
+    if r.get("mode") == "lazy":
+        click.echo("  (lazy mode: once restored, a failure could not have been rolled back)")
+    if r.get("warning"):
+        click.echo(f"  warning: {r['warning']}")

@@ -1,0 +1,43 @@
+"""`MIGRT_RESTORE_FROM=staged:<migration-id>`: restore a migration the agent staged.
+
+The agent has already checked every chunk as it arrived; verify_image only confirms
+that nothing was written since (its stat record) unless that record is gone.
+A staged migration is restored once: resolving it moves it to `restoring`.
+"""
+import os
+
+from migrt.errors import CheckpointError
+
+
+def resolve(rest, bundle):
+    from migrt import image
+    from migrt.agent.staging import Staged, valid_mid
+    from migrt.checkpoints import RestoreSource
+    if not valid_mid(rest):
+        raise CheckpointError(f"staged:{rest}: not a migration id")
+    s = Staged(rest)
+    rec = s.read()
+    if rec is None:
+        raise CheckpointError(f"staged:{rest}: no such staged migration in {os.path.dirname(s.dir)}")
+    if rec.get("state") != "staged":
+        raise CheckpointError(f"staged:{rest}: migration is {rec.get('state')}, not ready to restore")
+    m = image.verify_image(s.image_dir, rootfs_dir=s.rootfs_dir)
+    s.update(state="restoring", bundle=os.path.abspath(bundle))
+    keep = ("--tcp-established", "--ext-unix-sk", "--shell-job", "--file-locks")
+    flags = [f for f in m.get("criu_flags", []) if f in keep]
+    lazy = rec.get("lazy_address")
+
+    def prepare(bundle, spec):
+        image.apply_rootfs(s.image_dir, bundle, rootfs_dir=s.rootfs_dir, m=m, spec=spec, move=True)
+
+    def on_restored(cid, pid):
+        s.update(state="restored", container=cid, pid=pid, lazy=bool(lazy))
+        if not lazy:
+            s.drop_images()
+
+    def on_failed(cid, msg):
+        s.update(state="failed", error=msg)
+
+    return RestoreSource(s.image_dir, restore_flags=flags, lazy_address=lazy, prepare=prepare,
+                         on_restored=on_restored, on_failed=on_failed,
+                         description=f"staged:{rest}")

@@ -1,0 +1,557 @@
+"""`migrt migrate`: move a running container to another node's agent, losing nothing.
+
+The source is frozen (`runc pause`, the cgroup freezer), dumped with `--leave-running`
+(so the frozen processes stay, and cannot change anything after the dump), streamed to
+the agent while the dump is written, restored there, and only then deleted here. Any
+failure before the destination confirms resumes the source (`runc resume`) and drops
+the staged copy: never both copies running, never neither.
+
+Modes: full (one dump during the freeze), precopy (a first dump while running, then
+only the blocks that changed), lazy (memory served on demand by a CRIU page server
+here after the destination already runs; a failure after that point cannot be rolled
+back).
+"""
+import json
+import os
+import shutil
+import socket
+import subprocess
+import sys
+import threading
+import time
+
+from migrt import failpoints, recovery
+from migrt.errors import EXIT_ROLLED_BACK, MigrtError, RefusedError
+from migrt.image import manifest as mf
+from migrt.transfer import wire
+from migrt.transfer.sender import Sender, TransferError, manifest_files
+
+
+class MigrationFailed(MigrtError):
+    """The migration failed and the source was resumed."""
+
+    exit_code = EXIT_ROLLED_BACK
+
+
+class MigrationInDoubt(MigrtError):
+    """The destination's outcome is unknown; the source is left frozen, not resumed."""
+
+    exit_code = 5
+
+
+RESTORE_FLAGS = ("--tcp-established", "--ext-unix-sk", "--shell-job", "--file-locks")
+
+
+class Options:
+    def __init__(self, to, secret, streams=4, level=1, mode="full", bundle=None,
+                 dest_root=None, new_id=None, wait=300.0, progress=False,
+                 page_server_port=0, criu_flags=(), rootfs_base=None, keep_image=False):
+        self.to = to
+        self.secret = secret
+        self.streams = streams
+        self.level = level
+        self.mode = mode
+        self.bundle = bundle
+        self.dest_root = dest_root
+        self.new_id = new_id
+        self.wait = wait
+        self.progress = progress
+        self.page_server_port = page_server_port
+        self.criu_flags = list(criu_flags)
+        self.rootfs_base = rootfs_base
+        self.keep_image = keep_image
+
+
+class Progress:
+    """A one-line progress bar on stderr (only on a terminal)."""
+
+    def __init__(self, total, enabled):
+        self.total = max(total, 1)
+        self.enabled = enabled and sys.stderr.isatty()
+        self.t0 = time.monotonic()
+        self.last = 0.0
+        self.phase = ""
+
+    def __call__(self, stats):
+        if not self.enabled:
+            return
+        now = time.monotonic()
+        if now - self.last < 0.1:
+            return
+        self.last = now
+        frac = min(1.0, stats.raw / self.total)
+        bar = "#" * int(frac * 30)
+        rate = stats.raw / max(now - self.t0, 1e-3) / 1e6
+        sys.stderr.write(f"\r{self.phase:<9} [{bar:<30}] {stats.raw >> 20:>6} MiB "
+                         f"({stats.wire >> 20} MiB on the wire) {rate:7.1f} MB/s ")
+        sys.stderr.flush()
+
+    def done(self):
+        if self.enabled:
+            sys.stderr.write("\r" + " " * 100 + "\r")
+            sys.stderr.flush()
+
+
+class Source:
+    """The container on this node, driven through runc."""
+
+    def __init__(self, runc, root, cid):
+        self.runc = runc
+        self.root = root
+        self.cid = cid
+
+    def run(self, *args, timeout=600):
+        return subprocess.run([self.runc, "--root", self.root, *args], capture_output=True,
+                              text=True, stdin=subprocess.DEVNULL, timeout=timeout)
+
+    def state(self):
+        p = self.run("state", self.cid)
+        if p.returncode != 0:
+            raise RefusedError(f"container {self.cid}: {p.stderr.strip() or 'not found'}")
+        return json.loads(p.stdout)
+
+    def pids(self):
+        p = self.run("ps", "--format", "json", self.cid)
+        try:
+            return json.loads(p.stdout) or []
+        except ValueError:
+            return []
+
+    def memory_estimate(self):
+        import psutil
+        total = 0
+        for pid in self.pids():
+            try:
+                mi = psutil.Process(pid).memory_full_info()
+                total += getattr(mi, "uss", 0) or mi.rss
+            except (psutil.Error, OSError):
+                pass
+        return total
+
+
+def runc_binary():
+    from migrt.fast import runc_path
+    return runc_path()
+
+
+def _work_base():
+    return os.path.join(os.environ.get("MIGRT_STATE_DIR", "/run/migrt"), "migrate")
+
+
+def _criu_log_errors(path):
+    try:
+        from migrt.lifecycle import criu_errors
+        return criu_errors(path)
+    except ImportError:
+        return []
+
+
+class Migration:
+    def __init__(self, root, cid, opts):
+        self.opts = opts
+        self.src = Source(runc_binary(), root, cid)
+        self.cid = cid
+        self.report = {"container": cid, "to": opts.to, "mode": opts.mode,
+                       "streams": opts.streams, "zstd_level": opts.level, "phases": {},
+                       "bytes": {}}
+        self.phases = self.report["phases"]
+        self.paused = False
+        self.ctl = None
+        self.mid = None
+        self.work = None
+        self.phase = "pre-checks"
+        self.restore_sent = False
+        self.lazy_proc = None
+
+    # ------------------------------------------------------------ helpers
+    def _t(self, name, t0):
+        self.phases[name] = round(time.monotonic() - t0, 4)
+
+    def _request(self, msg):
+        self.ctl.send_json(msg)
+        return self.ctl.read_json()
+
+    def _fail(self, reason):
+        """Resume the source, drop the staged copy, raise one clear line."""
+        where = self.phase
+        resumed = self._rollback()
+        tail = ("the source was resumed and keeps running" if resumed
+                else "the source was not frozen and keeps running")
+        raise MigrationFailed(f"migration of {self.cid} to {self.opts.to} failed during "
+                              f"{where}: {reason}; {tail}")
+
+    def _rollback(self):
+        if self.lazy_proc is not None:
+            try:
+                self.lazy_proc.kill()
+                self.lazy_proc.wait(10)
+            except Exception:
+                pass
+        if self.ctl is not None:
+            try:
+                self.ctl.send_json({"op": "abort"})
+            except OSError:
+                pass
+            self.ctl.close()
+            self.ctl = None
+        resumed = False
+        if self.paused:
+            p = self.src.run("resume", self.cid)
+            if p.returncode != 0:
+                st = self.src.run("state", self.cid)
+                raise MigrtError(f"migration of {self.cid} failed during {self.phase} and the "
+                                 f"source could not be resumed: {p.stderr.strip()} "
+                                 f"(state: {st.stdout.strip()[:200]})")
+            self.paused = False
+            resumed = True
+        self._cleanup_local()
+        if getattr(self, "journal", None):
+            self.journal.done()
+        return resumed
+
+    def _cleanup_local(self):
+        if self.work and not self.opts.keep_image:
+            shutil.rmtree(self.work, ignore_errors=True)
+
+    # ------------------------------------------------------------ phases
+    def prechecks(self):
+        st = self.src.state()
+        if st.get("status") != "running":
+            raise RefusedError(f"container {self.cid} is {st.get('status')}, not running")
+        self.state = st
+        self.bundle = st["bundle"]
+        if shutil.which("criu") is None:
+            raise RefusedError("criu is not installed on this node")
+        est = self.src.memory_estimate()
+        self.estimate = int(est * 1.1) + (4 << 20)
+        hello = {"op": "control", "container": self.cid}
+        try:
+            self.ctl, _ = wire.connect(self.opts.to, self.opts.secret, hello)
+            reply = self._request({
+                "op": "precheck", "container": self.cid, "mode": self.opts.mode,
+                "node": mf.node_info(), "estimate": self.estimate,
+                "bundle": self.opts.bundle, "root": self.opts.dest_root,
+                "id": self.opts.new_id or self.cid})
+        except wire.ProtocolError as e:
+            if self.ctl is not None:
+                self.ctl.close()
+                self.ctl = None
+            raise RefusedError(f"destination {self.opts.to} cannot take {self.cid}: {e}; "
+                               f"nothing was frozen")
+        self.mid = reply["mid"]
+        self.report["migration"] = self.mid
+        self.work = os.path.join(_work_base(), self.mid)
+        os.makedirs(self.work, mode=0o700)
+        # from here on a dead `migrt migrate` is finished by migrt.recovery
+        self.journal = recovery.Journal.begin(self.mid, self.cid, self.src.root, self.opts.to,
+                                              self.work, dest_id=self.opts.new_id or self.cid,
+                                              dest_root=self.opts.dest_root)
+
+    def _sender(self, progress=None):
+        return Sender(self.opts.to, self.opts.secret, self.mid, streams=self.opts.streams,
+                      level=self.opts.level, progress=progress)
+
+    def _checkpoint_argv(self, image, work, lazy_addr=None, status_fd=None):
+        argv = ["checkpoint", "--leave-running", "--image-path", image, "--work-path", work]
+        if lazy_addr:
+            argv += ["--lazy-pages", "--page-server", lazy_addr, "--status-fd", str(status_fd)]
+        return argv + self.opts.criu_flags + [self.cid]
+
+    def _dump_thread(self, image, work, result, capture=True):
+        """Run runc checkpoint (and capture rootfs+spec); set result['done'] at the end."""
+        def run():
+            t0 = time.monotonic()
+            try:
+                p = subprocess.run([self.src.runc, "--root", self.src.root]
+                                   + self._checkpoint_argv(image, work),
+                                   capture_output=True, text=True, stdin=subprocess.DEVNULL)
+                result["criu_s"] = time.monotonic() - t0
+                if p.returncode != 0:
+                    log = os.path.join(work, "dump.log")
+                    errs = _criu_log_errors(log)
+                    result["error"] = (f"runc checkpoint failed: {p.stderr.strip()[-300:]}"
+                                       + (f"; CRIU log {log}: {'; '.join(errs)}" if errs else ""))
+                    return
+                if capture:
+                    from migrt import image as img
+                    result["manifest"] = img.capture_extra(
+                        image, self.cid, self.state, self.bundle,
+                        self.opts.criu_flags + ["--leave-running"], base=self.opts.rootfs_base)
+            except Exception as e:
+                result["error"] = f"dump: {type(e).__name__}: {e}"
+            finally:
+                result["dump_s"] = time.monotonic() - t0
+                result["done"] = True
+        t = threading.Thread(target=run, daemon=True)
+        t.start()
+        return t
+
+    def _send_round(self, image, work, capture, base=None, label="dump"):
+        os.makedirs(image, mode=0o700)
+        result = {"done": False}
+        prog = Progress(self.estimate, self.opts.progress)
+        prog.phase = label
+        sender = self._sender(prog)
+        t0 = time.monotonic()
+        th = self._dump_thread(image, work, result, capture)
+        try:
+            files = sender.send(image, lambda: result["done"] or "error" in result, base=base)
+        except (TransferError, wire.ProtocolError) as e:
+            th.join()
+            prog.done()
+            if "error" in result:
+                raise TransferError(result["error"])
+            raise
+        th.join()
+        prog.done()
+        if "error" in result:
+            raise TransferError(result["error"])
+        failpoints.hit("migrate.after-dump")
+        return sender, files, result, time.monotonic() - t0
+
+    def _commit(self, files, manifest, final=True, lazy_address=None):
+        manifest["files"] = manifest_files(files)
+        mf.parse(json.dumps(manifest))
+        msg = {"op": "commit", "manifest": manifest, "final": final}
+        if lazy_address:
+            msg["lazy_address"] = lazy_address
+        if final:       # once committed, the staged copy can be restored from its marker
+            self.journal.phase("restoring")
+        return self._request(msg)
+
+    def _bare_manifest(self):
+        return {"format": mf.FORMAT, "created": mf.now(),
+                "container": {"id": self.cid}, "node": mf.node_info(),
+                "chunk_size": 1 << 20, "files": [], "rootfs": {"kind": "none"}}
+
+    def _account(self, sender, key=""):
+        s = sender.stats
+        b = self.report["bytes"]
+        b[f"image{key}"] = b.get(f"image{key}", 0) + s.raw
+        b[f"sent_raw{key}"] = b.get(f"sent_raw{key}", 0) + s.sent_raw
+        b[f"wire{key}"] = b.get(f"wire{key}", 0) + s.wire
+        self.report.setdefault("cpu_compress_s", 0.0)
+        self.report["cpu_compress_s"] = round(self.report["cpu_compress_s"] + s.cpu_compress, 3)
+
+    def precopy_round(self):
+        self.phase = "pre-copy"
+        t0 = time.monotonic()
+        sender, files, result, took = self._send_round(
+            os.path.join(self.work, "round1"), os.path.join(self.work, "work1"),
+            capture=False, label="pre-copy")
+        self._commit(files, self._bare_manifest(), final=False)
+        self._t("precopy", t0)
+        self.phases["precopy_dump_freeze"] = round(result.get("criu_s", 0), 4)
+        self._account(sender, "_precopy")
+        return sender.blocks
+
+    def freeze(self):
+        self.phase = "freeze"
+        t0 = time.monotonic()
+        self.journal.phase("frozen")
+        p = self.src.run("pause", self.cid)
+        if p.returncode != 0:
+            raise TransferError(f"runc pause: {p.stderr.strip()}")
+        self.paused = True
+        self._t("freeze", t0)
+        return t0
+
+    def dump_and_send(self, base=None):
+        self.phase = "dump and transfer"
+        sender, files, result, took = self._send_round(
+            os.path.join(self.work, "image"), os.path.join(self.work, "work"),
+            capture=True, base=base)
+        self.phases["dump"] = round(result["dump_s"], 4)
+        t0 = time.monotonic()
+        self.phase = "verification on the destination"
+        self._commit(files, result["manifest"])
+        self._t("commit", t0)
+        self.phases["transfer"] = round(took + self.phases["commit"], 4)
+        self.phases["transfer_after_dump"] = round(
+            max(0.0, took - result["dump_s"]) + self.phases["commit"], 4)
+        self._account(sender)
+
+    def restore(self):
+        self.phase = "restore on the destination"
+        failpoints.hit("migrate.before-restore")
+        t0 = time.monotonic()
+        self.restore_sent = True
+        if self.opts.bundle:
+            reply = self._request({"op": "restore", "bundle": self.opts.bundle,
+                                   "root": self.opts.dest_root,
+                                   "id": self.opts.new_id or self.cid})
+        else:
+            marker = f"MIGRT_RESTORE_FROM=staged:{self.mid}"
+            self.report["marker"] = marker
+            if not self.opts.progress:
+                pass
+            sys.stderr.write(f"migrt: staged; create the container on the destination "
+                             f"with {marker} (waiting {self.opts.wait:.0f}s)\n")
+            sys.stderr.flush()
+            reply = self._request({"op": "wait", "timeout": self.opts.wait})
+        self._t("restore", t0)
+        self.report["destination_pid"] = reply.get("pid")
+        self.report["destination_id"] = reply.get("container") or self.opts.new_id or self.cid
+
+    def ask_status(self, tries=150):
+        """After a lost reply to `restore`: what did the destination do?"""
+        for _ in range(tries):
+            try:
+                c, _ = wire.connect(self.opts.to, self.opts.secret,
+                                    {"op": "status", "mid": self.mid}, timeout=2)
+                try:
+                    st = c.read_json().get("state")
+                finally:
+                    c.close()
+                if st in ("restored", "done"):
+                    return "restored"
+                if st in ("unknown", "failed"):
+                    return "not restored"
+            except (wire.ProtocolError, OSError):
+                pass
+            time.sleep(0.2)
+        return None
+
+    def release_source(self):
+        self.phase = "release of the source"
+        p = self.src.run("delete", "--force", self.cid)
+        self.paused = False
+        if p.returncode != 0:
+            self.report["warning"] = f"source delete failed: {p.stderr.strip()}"
+        try:
+            self._request({"op": "release"})
+        except (wire.ProtocolError, OSError):
+            pass
+        if self.ctl:
+            self.ctl.close()
+            self.ctl = None
+        self._cleanup_local()
+        self.journal.done()
+
+    # ------------------------------------------------------------ lazy
+    def lazy_dump_and_send(self):
+        """Dump everything but memory; a CRIU page server here serves the pages later."""
+        self.phase = "dump (lazy)"
+        image = os.path.join(self.work, "image")
+        work = os.path.join(self.work, "work")
+        os.makedirs(image, mode=0o700)
+        os.makedirs(work, mode=0o700)
+        local_ip = self.ctl.sock.getsockname()[0]
+        port = self.opts.page_server_port or _free_port(local_ip)
+        r, w = os.pipe()
+        t0 = time.monotonic()
+        self.lazy_proc = subprocess.Popen(
+            [self.src.runc, "--root", self.src.root]
+            + self._checkpoint_argv(image, work, f"{local_ip}:{port}", w),
+            stdin=subprocess.DEVNULL, stdout=subprocess.PIPE, stderr=subprocess.PIPE,
+            pass_fds=(w,))
+        os.close(w)
+        ready = b""
+        import select
+        while not ready:
+            rl, _, _ = select.select([r], [], [], 0.05)
+            if rl:
+                ready = os.read(r, 1)
+                break
+            if self.lazy_proc.poll() is not None:
+                os.close(r)
+                errs = _criu_log_errors(os.path.join(work, "dump.log"))
+                err = self.lazy_proc.stderr.read().decode(errors="replace").strip()
+                self.lazy_proc = None
+                raise TransferError(f"lazy checkpoint failed: {err[-300:]}"
+                                    + (f"; {'; '.join(errs)}" if errs else ""))
+        os.close(r)
+        self.phases["dump"] = round(time.monotonic() - t0, 4)
+        from migrt import image as img
+        m = img.capture_extra(image, self.cid, self.state, self.bundle,
+                              self.opts.criu_flags + ["--leave-running", "--lazy-pages"],
+                              base=self.opts.rootfs_base)
+        self.phase = "transfer"
+        t1 = time.monotonic()
+        sender = self._sender()
+        files = sender.send(image, lambda: True)
+        self._commit(files, m, lazy_address=f"{local_ip}:{port}")
+        self._t("transfer", t1)
+        self._account(sender)
+        self.report["page_server"] = f"{local_ip}:{port}"
+
+    def lazy_finish(self, timeout=600):
+        """Wait until the page server has sent every page, then drop the source."""
+        t0 = time.monotonic()
+        try:
+            self.lazy_proc.wait(timeout)
+        except subprocess.TimeoutExpired:
+            self.lazy_proc.kill()
+            self.lazy_proc.wait()
+            self.report["warning"] = "page server did not finish in time"
+        self._t("pages_served_after_restore", t0)
+        self.lazy_proc = None
+
+    # ------------------------------------------------------------ driver
+    def run(self):
+        t_start = time.monotonic()
+        self.prechecks()
+        self._t("precheck", t_start)
+        failpoints.hit("migrate.before-freeze")
+        try:
+            base = self.precopy_round() if self.opts.mode == "precopy" else None
+            t_freeze = self.freeze()
+            if self.opts.mode == "lazy":
+                self.lazy_dump_and_send()
+            else:
+                self.dump_and_send(base)
+            self.restore()
+        except (TransferError, wire.ProtocolError, OSError) as e:
+            if self.restore_sent and isinstance(e, (wire.ProtocolError, OSError)) \
+                    and "restore failed" not in str(e):
+                outcome = self.ask_status()
+                if outcome == "restored":
+                    return self._finish(t_start, t_freeze)
+                if outcome is None:
+                    raise MigrationInDoubt(
+                        f"migration of {self.cid} to {self.opts.to}: lost contact during "
+                        f"restore ({e}); the destination's outcome is unknown, so the source "
+                        f"is left frozen (runc pause): resume it only if the destination has "
+                        f"no copy")
+            self._fail(str(e))
+        except BaseException as e:
+            if isinstance(e, MigrtError) and not self.paused:
+                self._rollback()
+                raise
+            self._fail(f"{type(e).__name__}: {e}")
+        return self._finish(t_start, t_freeze)
+
+    def _finish(self, t_start, t_freeze):
+        self.phases["downtime"] = round(time.monotonic() - t_freeze, 4)
+        failpoints.hit("migrate.before-release")
+        if self.opts.mode == "lazy":
+            self.release_source_lazy()
+        else:
+            self.release_source()
+        self._t("total", t_start)
+        b = self.report["bytes"]
+        if b.get("wire"):
+            b["ratio"] = round(b.get("sent_raw", 0) / max(b["wire"], 1), 2)
+        tr = self.phases.get("transfer")
+        if tr:
+            self.report["throughput_MBps"] = round(b.get("image", 0) / tr / 1e6, 1)
+        return self.report
+
+    def release_source_lazy(self):
+        self.phase = "serving pages"
+        self.lazy_finish()
+        self.release_source()
+
+
+def _free_port(host):
+    s = socket.socket()
+    s.bind((host, 0))
+    port = s.getsockname()[1]
+    s.close()
+    return port
+
+
+def migrate(root, cid, opts):
+    # first finish any migration a dead `migrt migrate` left on this node
+    recovery.resolve_pending(opts.secret, lambda m: sys.stderr.write(f"migrt: {m}\n"))
+    return Migration(root, cid, opts).run()

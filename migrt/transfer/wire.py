@@ -1,0 +1,209 @@
+"""Framing and authentication between `migrt migrate` and `migrt agent`.
+
+A frame is one type byte, a 4-byte big-endian length and the payload: `J` frames carry
+a JSON object, `D` frames a data chunk (a 2-byte header length, a JSON header and the
+zstd-compressed bytes). Every connection is TLS 1.3 keyed by the shared secret
+(migrt.crypto: authenticated and encrypted, fresh keys per connection); inside it,
+before anything else both ends prove they hold the shared secret
+with an HMAC over each other's random nonce; a peer that fails gets one error frame and
+the connection is closed before it can send a single byte of data.
+"""
+import hashlib
+import hmac
+import json
+import os
+import socket
+import ssl
+import struct
+
+from migrt import crypto
+
+PROTOCOL = "migrt/1"
+MAX_JSON = 32 << 20
+MAX_DATA = 80 << 20
+HELLO_MAX = 4096
+_HDR = struct.Struct(">cI")
+
+
+class ProtocolError(Exception):
+    """The peer broke the protocol, closed the connection, or refused us."""
+
+
+class AuthError(ProtocolError):
+    """The peer does not hold the shared secret (or we do not hold theirs)."""
+
+
+def load_secret(path=None, value=None):
+    if value:
+        return value.encode() if isinstance(value, str) else value
+    path = path or os.environ.get("MIGRT_SECRET_FILE")
+    if path:
+        st = os.stat(path)
+        if st.st_mode & 0o077:
+            raise ProtocolError(f"secret file {path} is readable by others (chmod 600 it)")
+        with open(path, "rb") as f:
+            s = f.read().strip()
+        if len(s) < 16:
+            raise ProtocolError(f"secret file {path}: the secret must be at least 16 bytes")
+        return s
+    env = os.environ.get("MIGRT_SECRET")
+    if env:
+        return env.encode()
+    raise ProtocolError("no shared secret: use --secret-file (or MIGRT_SECRET_FILE)")
+
+
+class Conn:
+    """A socket with frame helpers."""
+
+    def __init__(self, sock):
+        self.sock = sock
+        self.rfile = sock.makefile("rb", buffering=1 << 20)
+
+    def _read_exact(self, n):
+        b = self.rfile.read(n)
+        if b is None or len(b) != n:
+            raise ProtocolError("connection closed by peer")
+        return b
+
+    def read_frame(self, max_json=MAX_JSON):
+        kind, n = _HDR.unpack(self._read_exact(_HDR.size))
+        if kind == b"J":
+            if n > max_json:
+                raise ProtocolError(f"control message too large ({n} bytes)")
+            try:
+                msg = json.loads(self._read_exact(n))
+            except (ValueError, RecursionError):
+                raise ProtocolError("malformed control message")
+            if not isinstance(msg, dict):
+                raise ProtocolError("malformed control message")
+            return kind, msg
+        if kind == b"D":
+            if n > MAX_DATA or n < 2:
+                raise ProtocolError(f"data frame of bad size ({n} bytes)")
+            payload = self._read_exact(n)
+            (hl,) = struct.unpack_from(">H", payload)
+            try:
+                head = json.loads(payload[2:2 + hl])
+            except (ValueError, RecursionError):
+                raise ProtocolError("malformed data header")
+            if not isinstance(head, dict):
+                raise ProtocolError("malformed data header")
+            return kind, (head, memoryview(payload)[2 + hl:])
+        raise ProtocolError(f"unknown frame type {kind!r}")
+
+    def read_json(self, max_json=MAX_JSON):
+        kind, msg = self.read_frame(max_json)
+        if kind != b"J":
+            raise ProtocolError("expected a control message")
+        if msg.get("error"):
+            raise ProtocolError(msg["error"])
+        return msg
+
+    def send_json(self, msg):
+        b = json.dumps(msg, separators=(",", ":")).encode()
+        self.sock.sendall(_HDR.pack(b"J", len(b)) + b)
+
+    def send_data(self, head, data):
+        h = json.dumps(head, separators=(",", ":")).encode()
+        n = 2 + len(h) + len(data)
+        self.sock.sendall(_HDR.pack(b"D", n) + struct.pack(">H", len(h)) + h)
+        self.sock.sendall(data)
+
+    def close(self):
+        try:
+            self.sock.shutdown(socket.SHUT_RDWR)
+        except OSError:
+            pass
+        try:
+            self.rfile.close()
+        except OSError:
+            pass
+        self.sock.close()
+
+
+def _mac(secret, label, a, b):
+    return hmac.new(secret, f"{PROTOCOL}|{label}|{a}|{b}".encode(), hashlib.sha256).hexdigest()
+
+
+def _tune(sock):
+    sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
+    for opt in (socket.SO_SNDBUF, socket.SO_RCVBUF):
+        try:
+            sock.setsockopt(socket.SOL_SOCKET, opt, 4 << 20)
+        except OSError:
+            pass
+
+
+def connect(address, secret, hello, timeout=10.0):
+    """Connect to an agent and authenticate both ways. Returns (Conn, server hello)."""
+    host, _, port = address.rpartition(":")
+    try:
+        sock = socket.create_connection((host.strip("[]"), int(port)), timeout=timeout)
+    except (OSError, ValueError) as e:
+        raise ProtocolError(f"cannot reach agent {address}: {getattr(e, 'strerror', None) or e}")
+    _tune(sock)
+    try:    # TLS 1.3 keyed by the shared secret: authenticated and encrypted (migrt.crypto)
+        sock = crypto.wrap_client(sock, secret)
+    except ssl.SSLError:
+        sock.close()
+        raise AuthError(f"agent {address} failed authentication (different shared secret?)")
+    except OSError as e:
+        sock.close()
+        raise ProtocolError(f"agent {address}: TLS handshake failed: {e}")
+    sock.settimeout(None)
+    c = Conn(sock)
+    try:
+        nonce = os.urandom(16).hex()
+        c.send_json(dict(hello, proto=PROTOCOL, nonce=nonce))
+        srv = c.read_json(HELLO_MAX)
+        if not hmac.compare_digest(str(srv.get("mac", "")),
+                                   _mac(secret, "server", nonce, srv.get("nonce", ""))):
+            raise AuthError(f"agent {address} failed authentication (different shared secret?)")
+        c.send_json({"mac": _mac(secret, "client", srv["nonce"], nonce)})
+        ok = c.read_json(HELLO_MAX)
+        if not ok.get("ok"):
+            raise AuthError(f"agent {address} refused us")
+        return c, ok
+    except ProtocolError as e:
+        c.close()
+        if isinstance(e, AuthError) or "authentication" in str(e):
+            raise AuthError(str(e) if "agent" in str(e) else f"agent {address}: {e}")
+        raise
+    except OSError as e:
+        c.close()
+        raise ProtocolError(f"agent {address}: {e}")
+
+
+def accept(sock, secret, timeout=10.0):
+    """Server side of the handshake. Returns (Conn, client hello) or raises AuthError."""
+    sock.settimeout(timeout)
+    _tune(sock)
+    try:    # TLS 1.3 keyed by the shared secret: authenticated and encrypted (migrt.crypto)
+        sock = crypto.wrap_server(sock, secret)
+    except ssl.SSLError:
+        sock.close()
+        raise AuthError("peer failed authentication (TLS-PSK handshake)")
+    except OSError:
+        sock.close()
+        raise
+    c = Conn(sock)
+    try:
+        hello = c.read_json(HELLO_MAX)
+        if hello.get("proto") != PROTOCOL:
+            raise ProtocolError(f"unknown protocol {hello.get('proto')!r}")
+        nonce = os.urandom(16).hex()
+        c.send_json({"nonce": nonce, "mac": _mac(secret, "server", hello.get("nonce", ""), nonce)})
+        reply = c.read_json(HELLO_MAX)
+        if not hmac.compare_digest(str(reply.get("mac", "")),
+                                   _mac(secret, "client", nonce, hello.get("nonce", ""))):
+            try:
+                c.send_json({"error": "authentication failed"})
+            except OSError:
+                pass
+            raise AuthError("peer failed authentication")
+        c.send_json({"ok": True})
+        sock.settimeout(None)
+        return c, hello
+    except (ProtocolError, OSError, socket.timeout):
+        c.close()
+        raise
