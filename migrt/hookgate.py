@@ -169,8 +169,20 @@ def detect(rules, spec, env, marker, group):
 
 def _group(spec, stage, env):
     if stage is None:
+        stage = _own_command()
+    if stage in (None, "create", "run"):
         return "restore" if env.get(MARKER) else "create"
     return stage
+
+
+def _own_command():
+    """The runc command this process is running (when the core did not say)."""
+    try:
+        from migrt.argv import Call
+        cmd = Call(sys.argv[1:]).command
+    except Exception:
+        return None
+    return cmd if cmd in ("checkpoint", "migrate") else None
 
 
 def explain(spec, bundle=None, stage=None, cache=None):
@@ -216,11 +228,11 @@ def explain(spec, bundle=None, stage=None, cache=None):
     return out
 
 
+# The stages each core action runs, so that a plugin is returned only where it has
+# work: a plugin whose only hooks are checkpoint stages costs nothing on create.
 STAGE_GROUPS = {
-    "create": ("pre-create", "post-create", "pre-checkpoint", "post-checkpoint",
-               "pre-migrate", "delete"),
-    "restore": ("pre-restore", "post-restore", "pre-checkpoint", "post-checkpoint",
-                "pre-migrate", "delete"),
+    "create": ("pre-create", "post-create"),
+    "restore": ("pre-restore", "post-restore", "delete"),
     "checkpoint": ("pre-checkpoint", "post-checkpoint"),
     "migrate": ("pre-migrate", "pre-checkpoint", "post-checkpoint"),
 }
@@ -234,8 +246,9 @@ def _relevant(info, group):
 def active(spec, bundle=None, stage=None):
     """Names of the plugins that apply to this bundle, in run order ([] = none).
 
-    stage: what the core is about to do: None (create or run: "restore" when the spec
-    carries the marker, else "create"), "checkpoint", "migrate", or one stage name.
+    stage: what the core is about to do: "create" ("restore" when the spec carries the
+    marker), "checkpoint", "migrate", or one stage name. None: the command this process
+    runs (its runc argv) decides.
     A plugin is returned only if it applies and has a hook in those stages.
     """
     cache = node_cache()

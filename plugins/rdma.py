@@ -1,0 +1,162 @@
+"""rdma: the migration notification protocol (wait-before-stop), for RDMA workloads
+and any workload that asks for it.
+
+An RDMA NIC holds a process's queue pairs and registered memory; CRIU cannot dump
+them. So before the freeze migrt tells the workload a migration is coming and waits,
+bounded, until it says it has drained its in-flight work and released the device;
+after restore it tells the workload where it now runs so it can reconnect. Without an
+acknowledgement the checkpoint is refused and the source keeps running.
+
+The protocol (docs/plugins.md has the workload's side): the workload names a directory
+inside its container with MIGRT_NOTIFY=<dir> in process.env (or the annotation
+io.migrt.rdma.notify). migrt writes <dir>/event atomically (rename), as KEY=VALUE lines
+that a shell can source:
+    seq=<number>  event=prepare|resumed|restored  node=<host name>  ...
+`prepare` must be answered by writing the same seq into <dir>/ack within the timeout;
+`resumed` means the checkpoint or migration did not happen (or left the container
+running): carry on here; `restored` means the container now runs on node=<name>.
+"""
+import os
+import socket
+import time
+
+from migrt.errors import MigrtError, RefusedError
+from migrt.plugins import Plugin, proc
+
+EVENT = "event"
+ACK = "ack"
+
+
+def _clean(v):
+    return "".join(c for c in str(v) if c.isalnum() or c in "._:-/@,[]") or "-"
+
+
+def _dir(ctx, pid):
+    d = ctx["options"].get("notify")
+    if not d:
+        return None
+    if not d.startswith("/"):
+        raise RefusedError(f"rdma: MIGRT_NOTIFY={d} must be an absolute path in the container")
+    return proc.in_container(pid, d)
+
+
+def write_event(host_dir, event, **fields):
+    os.makedirs(host_dir, exist_ok=True)
+    seq = time.time_ns() // 1000
+    lines = [f"seq={seq}", f"event={event}"] + [f"{k}={_clean(v)}" for k, v in fields.items()
+                                                  if v is not None]
+    tmp = os.path.join(host_dir, ".event.migrt-tmp")
+    with open(tmp, "w") as f:
+        f.write("\n".join(lines) + "\n")
+    os.replace(tmp, os.path.join(host_dir, EVENT))
+    return seq
+
+
+def read_ack(host_dir):
+    try:
+        with open(os.path.join(host_dir, ACK)) as f:
+            return f.read().strip()
+    except OSError:
+        return None
+
+
+def _rdma_devices(spec):
+    out = []
+    for d in ((spec or {}).get("linux") or {}).get("devices") or []:
+        if isinstance(d, dict) and str(d.get("path", "")).startswith("/dev/infiniband/"):
+            out.append(d["path"])
+    return out
+
+
+class Rdma(Plugin):
+    name = "rdma"
+    description = "tell the workload before the freeze and after restore (MIGRT_NOTIFY)"
+    order = 40
+    detect = {"devices": ["/dev/infiniband/*"], "env": ["MIGRT_NOTIFY"],
+              "annotations": ["io.migrt.rdma.notify"]}
+    options = {
+        "notify": {"type": "string", "default": "",
+                   "description": "directory in the container for the notification files "
+                                  "(MIGRT_NOTIFY)"},
+        "timeout": {"type": "number", "default": 10, "minimum": 0.1,
+                    "description": "seconds to wait for the workload's acknowledgement"},
+        "require": {"type": "boolean", "default": True,
+                    "description": "refuse when the workload does not acknowledge"},
+    }
+
+    def _notify_opt(self, ctx):
+        if not ctx["options"].get("notify"):
+            env = proc.spec_env(ctx.get("spec"))
+            if env.get("MIGRT_NOTIFY"):
+                ctx["options"]["notify"] = env["MIGRT_NOTIFY"]
+        return ctx["options"].get("notify")
+
+    def _check_listening(self, ctx):
+        if not self._notify_opt(ctx):
+            devs = _rdma_devices(ctx.get("spec"))
+            raise RefusedError(
+                f"rdma: the container uses {', '.join(devs) or 'RDMA devices'} but does not "
+                f"take migration notices (set MIGRT_NOTIFY=<dir> in its env and acknowledge "
+                f"them); nothing was frozen")
+
+    def pre_migrate(self, ctx):
+        self._check_listening(ctx)
+
+    def pre_checkpoint(self, ctx):
+        if ctx.get("mode") == "pre-dump":
+            return
+        self._check_listening(ctx)
+        pid = proc.init_pid(ctx)
+        if not pid:
+            raise RefusedError(f"rdma: cannot find the init process of {ctx['cid']}")
+        host_dir = _dir(ctx, pid)
+        try:
+            os.unlink(os.path.join(host_dir, ACK))
+        except OSError:
+            pass
+        timeout = float(ctx["options"]["timeout"])
+        dest = ctx.get("destination")
+        if isinstance(dest, dict):
+            dest = dest.get("address")
+        seq = write_event(host_dir, "prepare", node=socket.gethostname(), mode=ctx.get("mode"),
+                          timeout=timeout, destination=dest)
+        t0 = time.monotonic()
+        deadline = t0 + timeout
+        while time.monotonic() < deadline:
+            if read_ack(host_dir) == str(seq):
+                ctx["rdma_ack_seconds"] = round(time.monotonic() - t0, 3)
+                return
+            time.sleep(0.02)
+        if not ctx["options"].get("require"):
+            return
+        write_event(host_dir, "resumed", node=socket.gethostname(), reason="no-ack")
+        raise RefusedError(
+            f"rdma: the workload did not acknowledge the migration notice in "
+            f"{ctx['options']['notify']} within {timeout:g} s; nothing was frozen and "
+            f"{ctx['cid']} keeps running here")
+
+    def post_checkpoint(self, ctx):
+        if ctx.get("mode") == "pre-dump" or not self._notify_opt(ctx):
+            return
+        if ctx.get("mode") == "dump" and not ctx.get("error"):
+            return     # the container is gone; its next word comes after restore
+        pid = proc.init_pid(ctx)
+        if pid:
+            try:
+                write_event(_dir(ctx, pid), "resumed", node=socket.gethostname(),
+                            reason="failed" if ctx.get("error") else "left-running")
+            except OSError:
+                pass
+
+    def post_restore(self, ctx):
+        if not self._notify_opt(ctx):
+            return
+        pid = proc.init_pid(ctx)
+        try:
+            write_event(_dir(ctx, pid), "restored", node=socket.gethostname(),
+                        devices=",".join(_rdma_devices(ctx.get("spec"))) or None)
+        except OSError as e:
+            raise MigrtError(f"rdma: cannot tell the restored workload where it runs: {e}")
+
+
+plugin = Rdma
