@@ -320,6 +320,7 @@ class Agent:
             os.close(in_w)
         if p.returncode != 0:
             raise Refused(_last_error(errlog) or f"migrt create exited {p.returncode}")
+        failpoints.hit("agent.after-create")
         s = subprocess.run([self.runtime, "--root", root, "start", cid], capture_output=True,
                            text=True, env=env)
         if s.returncode != 0:
@@ -384,23 +385,6 @@ class Agent:
         if isinstance(cid, str) and isinstance(root, str) and stg.valid_cid(cid):
             reply["container_exists"] = os.path.exists(os.path.join(root, cid, "state.json"))
         conn.send_json(reply)
-
-
-def _last_error(path):
-    """The msg of the last error line of a runc-style json log."""
-    msg = None
-    try:
-        with open(path, errors="replace") as f:
-            for line in f:
-                try:
-                    rec = json.loads(line)
-                except ValueError:
-                    continue
-                if isinstance(rec, dict) and rec.get("level") in ("error", "fatal"):
-                    msg = rec.get("msg")
-    except OSError:
-        pass
-    return msg
 
 
 def _last_error(path):
