@@ -12,7 +12,9 @@
 import glob
 import json
 import os
+import socket
 import time
+import uuid
 
 from migrt.plugins import Plugin, plugin_dir, record
 
@@ -58,33 +60,19 @@ class Logs(Plugin):
         return ctx["options"].get("dir") or None
 
     def pre_checkpoint(self, ctx):
-        self._t0[("ckpt", ctx["cid"])] = time.monotonic()
-
-    def post_checkpoint(self, ctx):
+        # Everything the checkpoint carries is written now: the core seals the image
+        # (migrt's manifest of digests) before post-checkpoint runs.
         cid = ctx["cid"]
-        t0 = self._t0.pop(("ckpt", cid), None)
-        base = self._base(ctx)
+        ev = {"id": uuid.uuid4().hex[:16], "time": record._stamp(time.time()),
+              "node": socket.gethostname(), "event": "checkpoint", "mode": ctx.get("mode"),
+              "image": ctx.get("image_dir")}
+        self._t0[("ckpt", cid)] = (time.monotonic(), ev)
         image = ctx.get("image_dir")
-        dump_log = None
-        for d in filter(None, (ctx.get("work_dir"), image)):
-            name = "pre-dump.log" if ctx.get("mode") == "pre-dump" else "dump.log"
-            if os.path.exists(os.path.join(d, name)):
-                dump_log = os.path.join(d, name)
-                break
-        kept = record.keep_criu_log(cid, dump_log, ctx.get("mode") or "dump",
-                                    ctx["options"]["keep"], base)
-        ev = {"event": "checkpoint", "mode": ctx.get("mode"), "image": image,
-              "ok": not ctx.get("error"), "criu_log": kept}
-        if t0 is not None:
-            ev["seconds"] = round(time.monotonic() - t0, 3)
-        if ctx.get("error"):
-            ev["error"] = ctx["error"]
-        record.append(cid, ev, base)
-        if ctx.get("error") or ctx.get("mode") == "pre-dump" or not image:
+        if ctx.get("mode") == "pre-dump" or not image:
             return
         d = plugin_dir(ctx, self.name)
         with open(os.path.join(d, CARRIED), "w") as f:
-            for e in record.events(cid, base):
+            for e in record.events(cid, self._base(ctx)) + [ev]:
                 f.write(json.dumps(e, sort_keys=True) + "\n")
         src = _log_path(ctx)
         if src and os.path.isfile(src):
@@ -92,6 +80,27 @@ class Logs(Plugin):
             with open(src, "rb") as f, open(os.path.join(d, OUTPUT), "wb") as out:
                 f.seek(max(0, size - ctx["options"]["max_bytes"]))
                 out.write(f.read())
+
+    def post_checkpoint(self, ctx):
+        cid = ctx["cid"]
+        t0, ev = self._t0.pop(("ckpt", cid), (None, {"event": "checkpoint",
+                                                    "mode": ctx.get("mode"),
+                                                    "image": ctx.get("image_dir")}))
+        base = self._base(ctx)
+        dump_log = None
+        for d in filter(None, (ctx.get("work_dir"), ctx.get("image_dir"))):
+            name = "pre-dump.log" if ctx.get("mode") == "pre-dump" else "dump.log"
+            if os.path.exists(os.path.join(d, name)):
+                dump_log = os.path.join(d, name)
+                break
+        ev = dict(ev, ok=not ctx.get("error"),
+                  criu_log=record.keep_criu_log(cid, dump_log, ctx.get("mode") or "dump",
+                                                ctx["options"]["keep"], base))
+        if t0 is not None:
+            ev["seconds"] = round(time.monotonic() - t0, 3)
+        if ctx.get("error"):
+            ev["error"] = ctx["error"]
+        record.append(cid, ev, base)
 
     def pre_restore(self, ctx):
         self._t0[("restore", ctx["cid"])] = time.monotonic()

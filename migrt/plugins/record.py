@@ -38,7 +38,7 @@ def append(cid, event, base=None):
     """Add one event; returns it (with id, time and node filled in)."""
     now = time.time()
     ev = {"id": uuid.uuid4().hex[:16], "time": _stamp(now), "node": socket.gethostname()}
-    ev.update(event)
+    ev.update({k: v for k, v in event.items() if v is not None})
     path = os.path.join(container_dir(cid, base), "events.jsonl")
     fd = os.open(path, os.O_WRONLY | os.O_APPEND | os.O_CREAT | os.O_CLOEXEC, 0o600)
     try:
