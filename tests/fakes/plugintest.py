@@ -105,3 +105,8 @@ def calls(log):
 def wait_lines(out, pred, timeout=10, what="output"):
     return ocitest.wait_for(lambda: [x for x in out.lines() if pred(x)], timeout=timeout,
                             what=what)
+
+
+def uniq(prefix):
+    """Bundle names double as cgroup paths: unique, so parallel runs never share one."""
+    return ocitest.uid(prefix)

@@ -23,7 +23,7 @@ def nodes(tmp_path, migrt_bin):
 
 def _source(nodes, make_bundle, tmp_path):
     a = nodes("a")
-    src = make_bundle(["sh", "-c", HOLDER], name="src")
+    src = make_bundle(["sh", "-c", HOLDER], name=pt.uniq("src"))
     pt.grant(src, "/dev/accel0", 1, 3)          # a null-like device
     rc, out, err = a.create("c1", src, start=True)
     assert rc == 0, err.text
@@ -37,7 +37,7 @@ def _source(nodes, make_bundle, tmp_path):
 def test_held_device_is_remapped_to_the_destination_grant(nodes, make_bundle, tmp_path):
     a, img = _source(nodes, make_bundle, tmp_path)
     b = nodes("b")
-    dst = make_bundle(["sh", "-c", HOLDER], name="dst")
+    dst = make_bundle(["sh", "-c", HOLDER], name=pt.uniq("dst"))
     pt.grant(dst, "/dev/accel1", 1, 5)          # this node's device: zero-like, other name
     rc, out, err = pt.restore(b, "c2", dst, img)
     assert rc == 0, err.text
@@ -51,7 +51,7 @@ def test_held_device_is_remapped_to_the_destination_grant(nodes, make_bundle, tm
 def test_missing_device_is_refused_before_restore(nodes, make_bundle, tmp_path):
     a, img = _source(nodes, make_bundle, tmp_path)
     b = nodes("b")
-    dst = make_bundle(["sh", "-c", HOLDER], name="dst")
+    dst = make_bundle(["sh", "-c", HOLDER], name=pt.uniq("dst"))
     pt.grant(dst, "/dev/other0", 1, 7)
     rc, out, err = pt.restore(b, "c2", dst, img)
     assert rc != 0
@@ -63,7 +63,7 @@ def test_missing_device_is_refused_before_restore(nodes, make_bundle, tmp_path):
 def test_explicit_map_in_the_bundle(nodes, make_bundle, tmp_path):
     a, img = _source(nodes, make_bundle, tmp_path)
     b = nodes("b")
-    dst = make_bundle(["sh", "-c", HOLDER], name="dst",
+    dst = make_bundle(["sh", "-c", HOLDER], name=pt.uniq("dst"),
                       annotations={"io.migrt.devices.map": "/dev/accel0=/dev/other0"})
     pt.grant(dst, "/dev/other0", 1, 5)
     rc, out, err = pt.restore(b, "c2", dst, img)

@@ -27,7 +27,7 @@ def _source(nodes, make_bundle, tmp_path):
     (tmp_path / "a-hosts").write_text("10.0.0.1 pod-a\n")
     (tmp_path / "a-resolv").write_text("nameserver 10.0.0.53\n")
     a = nodes("a")
-    src = make_bundle(["sh", "-c", LOOP], name="src", hostname="pod-a",
+    src = make_bundle(["sh", "-c", LOOP], name=pt.uniq("src"), hostname="pod-a",
                       mounts=[_bind("/etc/hosts", tmp_path / "a-hosts"),
                               _bind("/etc/resolv.conf", tmp_path / "a-resolv")])
     rc, out, err = a.create("c1", src, start=True)
@@ -43,7 +43,7 @@ def test_hostname_and_host_files_are_kept(nodes, make_bundle, tmp_path):
     img = _source(nodes, make_bundle, tmp_path)
     (tmp_path / "b-hosts").write_text("10.9.9.9 somewhere-else\n")
     b = nodes("b")
-    dst = make_bundle(["sh", "-c", LOOP], name="dst", hostname="node-b-name",
+    dst = make_bundle(["sh", "-c", LOOP], name=pt.uniq("dst"), hostname="node-b-name",
                       mounts=[_bind("/etc/hosts", tmp_path / "b-hosts")])   # no resolv.conf
     rc, out, err = pt.restore(b, "c2", dst, img)
     assert rc == 0, err.text
@@ -61,7 +61,7 @@ def test_node_lacking_a_cpu_feature_is_refused(nodes, make_bundle, tmp_path):
     facts["cpu_flags"] = [f for f in facts["cpu_flags"] if f != isa[-1]]
     (tmp_path / "b-facts.json").write_text(json.dumps(facts))
     b = nodes("b", env={"MIGRT_NODE_FACTS": str(tmp_path / "b-facts.json")})
-    dst = make_bundle(["sh", "-c", LOOP], name="dst")
+    dst = make_bundle(["sh", "-c", LOOP], name=pt.uniq("dst"))
     rc, out, err = pt.restore(b, "c2", dst, img)
     assert rc != 0
     assert f"isolation: this node cannot restore the checkpoint: CPU lacks {isa[-1]}" in err.text

@@ -22,7 +22,7 @@ def test_output_log_and_record_follow_the_container(nodes, make_bundle, tmp_path
     src_log = tmp_path / "pods" / "a" / "0.log"
     src_log.parent.mkdir(parents=True)
     src_log.write_text("2026-11-23T10:00:00Z stdout F written before the move\n")
-    src = make_bundle(["sh", "-c", LOOP], name="src",
+    src = make_bundle(["sh", "-c", LOOP], name=pt.uniq("src"),
                       annotations={"io.kubernetes.cri-o.LogPath": str(src_log)})
     rc, out, err = a.create("c1", src, start=True)
     assert rc == 0, err.text
@@ -32,7 +32,7 @@ def test_output_log_and_record_follow_the_container(nodes, make_bundle, tmp_path
 
     b = nodes("b")
     dst_log = tmp_path / "pods" / "b" / "0.log"
-    dst = make_bundle(["sh", "-c", LOOP], name="dst",
+    dst = make_bundle(["sh", "-c", LOOP], name=pt.uniq("dst"),
                       annotations={"io.kubernetes.cri-o.LogPath": str(dst_log)})
     rc, out2, err2 = pt.restore(b, "c2", dst, img)
     assert rc == 0, err2.text

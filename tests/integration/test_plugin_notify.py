@@ -33,7 +33,7 @@ def _ticks(out):
 def test_acknowledging_workload_is_told_before_freeze_and_after_restore(
         nodes, make_bundle, tmp_path):
     a = nodes("a")
-    src = make_bundle(["sh", "-c", ACKER], name="src", env=["MIGRT_NOTIFY=/dev/shm/notify"])
+    src = make_bundle(["sh", "-c", ACKER], name=pt.uniq("src"), env=["MIGRT_NOTIFY=/dev/shm/notify"])
     rc, out, err = a.create("c1", src, start=True)
     assert rc == 0, err.text
     pt.wait_lines(out, lambda x: x.startswith("tick 3"))
@@ -44,7 +44,7 @@ def test_acknowledging_workload_is_told_before_freeze_and_after_restore(
     assert len(drained) == 1               # it drained once, before it was frozen
     before = _ticks(out)[-1]
     b = nodes("b")
-    dst = make_bundle(["sh", "-c", ACKER], name="dst", env=["MIGRT_NOTIFY=/dev/shm/notify"])
+    dst = make_bundle(["sh", "-c", ACKER], name=pt.uniq("dst"), env=["MIGRT_NOTIFY=/dev/shm/notify"])
     rc, out2, err2 = pt.restore(b, "c2", dst, img)
     assert rc == 0, err2.text
     lines = pt.wait_lines(out2, lambda x: x.startswith("restored on "))
@@ -57,7 +57,7 @@ def test_acknowledging_workload_is_told_before_freeze_and_after_restore(
 def test_workload_that_ignores_the_notice_is_refused_and_keeps_running(
         nodes, make_bundle, tmp_path):
     a = nodes("a")
-    src = make_bundle(["sh", "-c", IGNORER], name="src",
+    src = make_bundle(["sh", "-c", IGNORER], name=pt.uniq("src"),
                       env=["MIGRT_NOTIFY=/dev/shm/notify", "MIGRT_RDMA_TIMEOUT=1"])
     rc, out, err = a.create("c1", src, start=True)
     assert rc == 0, err.text
@@ -78,7 +78,7 @@ def test_workload_that_ignores_the_notice_is_refused_and_keeps_running(
 
 def test_rdma_device_without_notification_is_refused(nodes, make_bundle, tmp_path):
     a = nodes("a")
-    src = make_bundle(["sh", "-c", IGNORER], name="src")
+    src = make_bundle(["sh", "-c", IGNORER], name=pt.uniq("src"))
     pt.grant(src, "/dev/infiniband/uverbs0", 1, 7)   # stands in for an RDMA device
     rc, out, err = a.create("c1", src, start=True)
     assert rc == 0, err.text
