@@ -33,12 +33,13 @@ def _coerce(value, schema, where):
             for pair in filter(None, (x.strip() for x in v.split(","))):
                 k, sep, val = pair.partition("=")
                 if not sep:
-                    raise ValueError(f"{pair!r} is not key=value")
+                    raise ValueError(f"not key=value pairs ({pair!r})")
                 out[k.strip()] = val.strip()
         else:
             out = value
     except ValueError as e:
-        msg = str(e) if "not" in str(e) else f"not a{'n' if t == 'integer' else ''} {t}"
+        msg = str(e) if str(e).startswith("not ") else \
+            f"not a{'n' if t == 'integer' else ''} {t}"
         raise BundleError(f"{where}: {value!r} is {msg}")
     enum = schema.get("enum")
     if enum and out not in enum:
