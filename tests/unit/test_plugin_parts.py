@@ -1,0 +1,84 @@
+"""Plugin parts that need no root: the notification file format a shell can source,
+the GPU refusals, GPU inventory parsing, node compatibility and the fake
+cuda-checkpoint's documented command line."""
+import os
+import subprocess
+import sys
+
+import pytest
+
+REPO = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+sys.path.insert(0, REPO)
+sys.path.insert(0, os.path.join(REPO, "tests"))
+
+from migrt.errors import RefusedError  # noqa: E402
+from migrt.plugins import nodefacts, proc, registry  # noqa: E402
+from fakes import plugintest as pt  # noqa: E402
+
+
+def load(name):
+    return registry.load_file(os.path.join(REPO, "plugins", f"{name}.py"))
+
+
+def test_notification_event_is_sourceable_by_sh(tmp_path):
+    rdma = sys.modules[load("rdma").__class__.__module__]
+    seq = rdma.write_event(str(tmp_path), "restored", node="node b;rm -rf /",
+                           destination="10.0.0.2:7000")
+    out = subprocess.run(["sh", "-c", f'. {tmp_path}/event; echo "$seq|$event|$node|$destination"'],
+                         capture_output=True, text=True).stdout.strip()
+    assert out == f"{seq}|restored|nodebrm-rf/|10.0.0.2:7000"
+
+
+def gpu_ctx(**opts):
+    gpu = load("gpu")
+    options = {k: v.get("default") for k, v in gpu.options.items()}
+    options.update(opts)
+    return gpu, {"cid": "c", "spec": {"process": {"env": []}, "linux": {}}, "options": options}
+
+
+def test_uvm_mapping_is_refused_unless_allowed(monkeypatch):
+    gpu, ctx = gpu_ctx()
+    monkeypatch.setattr(proc, "mapped_paths", lambda pid: {"/usr/lib/libcuda.so.1", "/dev/nvidia-uvm"})
+    monkeypatch.setattr(proc, "environ", lambda pid: {})
+    with pytest.raises(RefusedError, match="process 42 uses UVM managed memory"):
+        gpu._checks(ctx, [42])
+    gpu, ctx = gpu_ctx(allow_uvm=True)
+    gpu._checks(ctx, [42])
+
+
+def test_mig_uuid_in_visible_devices_is_refused():
+    gpu, ctx = gpu_ctx()
+    ctx["spec"]["process"]["env"] = ["NVIDIA_VISIBLE_DEVICES=MIG-4f2a-0000"]
+    with pytest.raises(RefusedError, match="MIG partition"):
+        gpu._checks(ctx, [])
+
+
+def test_gpu_inventory_from_driver_files(tmp_path):
+    gpu_mod = sys.modules[load("gpu").__class__.__module__]
+    root = pt.fake_driver(str(tmp_path), [(0, "GPU-a", "NVIDIA H100"), (3, "GPU-b", "NVIDIA H100")])
+    inv = gpu_mod.inventory(root)
+    assert inv[3]["uuid"] == "GPU-b" and inv[0]["model"] == "NVIDIA H100"
+
+
+def test_compatibility_reasons():
+    src = {"arch": "x86_64", "cpu_flags": ["fpu", "sse2", "avx2", "avx512f"], "criu": "4.1.1",
+           "criu_features": {"timens": True, "uffd-noncoop": True}}
+    dst = {"arch": "x86_64", "cpu_flags": ["fpu", "sse2", "avx2", "hypervisor"], "criu": "4.0",
+           "criu_features": {"timens": False, "uffd-noncoop": False}}
+    problems = nodefacts.incompatible(src, dst)
+    assert problems == ["CPU lacks avx512f", "CRIU 4.0 is older than the checkpoint's 4.1.1",
+                        "kernel/CRIU lack timens"]
+    assert nodefacts.incompatible(src, src) == []
+
+
+def test_fake_cuda_checkpoint_speaks_the_documented_cli():
+    def cc(*args):
+        p = subprocess.run([pt.FAKE_CUDA, *args], capture_output=True, text=True)
+        return p.returncode, p.stdout.strip()
+    rc, out = cc("--help")
+    assert rc == 0 and "--device-map" in out and "--get-restore-tid" in out
+    rc, out = cc("--get-state", "--pid", str(os.getpid()))
+    assert rc == 1 and out == f'Could not get state on process ID {os.getpid()}: "operation not supported"'
+    rc, out = cc("--action", "freeze", "--pid", "1")
+    assert rc == 1 and out.startswith("CUDA checkpoint and restore utility")
+    assert cc("--pid")[0] == 1
