@@ -100,7 +100,8 @@ def load(path=None):
     data = read_yaml(path) or {}
     extra = data.get("plugin_path") if isinstance(data.get("plugin_path"), list) else []
     found, problems = registry.discover([d for d in extra if isinstance(d, str)])
-    validate(data, {n: p for n, (p, _) in found.items()}, path)
+    if data:          # an absent or empty config needs no JSON Schema (nor its import)
+        validate(data, {n: p for n, (p, _) in found.items()}, path)
     node = {}
     for name, opts in (data.get("plugins") or {}).items():
         node[name] = dict(opts or {})
