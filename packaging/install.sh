@@ -101,6 +101,27 @@ if [ -z "${MIGRT_NO_TEST_DEPS:-}" ]; then
     fi
 fi
 
+# The e2e tests prove migrt's containerd drop-in on containerd 1.6 (Debian 12's) and 1.7
+# (Debian 13's). Where the system's containerd is 1.6, 1.7 is unpacked privately under
+# $PREFIX/test (its binaries need only libc, which trixie's criu brought along): the
+# node's own containerd is not touched.
+if [ -z "${MIGRT_NO_TEST_DEPS:-}" ] && containerd --version 2>/dev/null | grep -q ' 1\.6\.' \
+        && [ ! -x "$PREFIX/test/containerd-1.7/usr/bin/containerd" ]; then
+    log "unpacking Debian 13's containerd 1.7 into $PREFIX/test for the e2e tests"
+    apt_update
+    dl=$(mktemp -d); chmod 755 "$dl"
+    if (cd "$dl" && apt-get download -qq containerd/trixie >/dev/null 2>&1); then
+        mkdir -p "$PREFIX/test"
+        rm -rf "$PREFIX/test/containerd-1.7.new"
+        dpkg-deb -x "$dl"/containerd_*.deb "$PREFIX/test/containerd-1.7.new"
+        rm -rf "$PREFIX/test/containerd-1.7"
+        mv "$PREFIX/test/containerd-1.7.new" "$PREFIX/test/containerd-1.7"
+    else
+        log "could not download trixie's containerd: the e2e tests will cover 1.6 only"
+    fi
+    rm -rf "$dl"
+fi
+
 # The virtualenv uses the system Python: the launcher runs it with -I -S so that the
 # pass-through path starts in milliseconds.
 PY=/usr/bin/python3

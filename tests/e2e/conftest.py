@@ -15,6 +15,13 @@ sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 import harness  # noqa: E402
 
 
+def pytest_generate_tests(metafunc):
+    """`containerd_version`: every containerd build on this machine (see harness)."""
+    if "containerd_version" in metafunc.fixturenames:
+        builds = sorted(harness.containerd_builds()) or ["none"]
+        metafunc.parametrize("containerd_version", builds)
+
+
 def pytest_collection_modifyitems(config, items):
     for item in items:
         if f"{os.sep}e2e{os.sep}" in str(item.fspath):
@@ -44,8 +51,10 @@ def start_containerd(images, migrt_launcher):
     started = []
 
     def start(binary=None, mode="register", cri=False, namespace="migrt-e2e", env=None,
-              **kw):
+              version=None, **kw):
         base = tempfile.mkdtemp(prefix="migrt-ctrd-", dir="/run")
+        if version is not None:
+            kw["bin_dir"] = harness.containerd_builds()[version]
         c = harness.Containerd(base, binary or migrt_launcher, mode=mode,
                                namespace=namespace, env=env, **kw)
         started.append(c)

@@ -27,14 +27,34 @@ REPO = os.path.dirname(os.path.dirname(HERE))
 CONFIG_DIR = os.path.join(REPO, "containerd-config")
 DROP_IN_V2 = os.path.join(CONFIG_DIR, "containerd-v2-migrt.toml")
 INSTALLED_MIGRT = "/usr/local/bin/migrt"
+# containerd builds to run the tests against: the system's, plus others unpacked privately
+# by packaging/install.sh (on Debian 12 it unpacks Debian 13's containerd 1.7 there, so the
+# shipped drop-in is proven on 1.6 and 1.7; the node's own containerd is not touched).
+EXTRA_CONTAINERDS = os.environ.get("MIGRT_E2E_CONTAINERDS",
+                                   "/opt/migrt/test/containerd-1.7/usr/bin")
+
+
+def containerd_builds():
+    """{version: bin dir or None for the system's}, e.g. {"1.6": None, "1.7": "/opt/..."}."""
+    builds = {}
+    for d in [None] + [x for x in EXTRA_CONTAINERDS.split(":") if x]:
+        exe = os.path.join(d, "containerd") if d else shutil.which("containerd")
+        if not exe or not os.access(exe, os.X_OK):
+            continue
+        out = subprocess.run([exe, "--version"], capture_output=True, text=True).stdout
+        parts = out.split()
+        if len(parts) >= 3:
+            builds.setdefault(".".join(parts[2].split(".")[:2]), d)
+    return builds
+
+
 SERVICE_PATH = "/usr/local/sbin:/usr/local/bin:/usr/sbin:/usr/bin:/sbin:/bin"
 REGISTER = os.path.join(REPO, "packaging", "containerd_register.py")
 
 IMAGE = "localhost/migrt-e2e/busybox:1"
-# CRI's default sandbox ("pause") image in containerd 1.6: an image of that name, made
-# here from the same busybox layer with a command that just waits, keeps the CRI plugin
-# from trying to pull it.
-PAUSE_IMAGE = "registry.k8s.io/pause:3.6"
+# The CRI sandbox ("pause") image, named in the test config's sandbox_image: made here
+# from the same busybox layer with a command that just waits, so nothing is pulled.
+PAUSE_IMAGE = "localhost/migrt-e2e/pause:1"
 PAUSE_CMD = ("/bin/sleep", "2147483647")
 
 
@@ -105,7 +125,7 @@ class Containerd:
     """A containerd of our own: temporary config, socket, root and state."""
 
     def __init__(self, base, migrt, namespace="migrt-e2e", drop_in=DROP_IN_V2,
-                 mode="register", path=SERVICE_PATH, env=None):
+                 mode="register", path=SERVICE_PATH, env=None, bin_dir=None):
         self.base = base
         self.migrt = migrt
         self.namespace = namespace
@@ -118,7 +138,13 @@ class Containerd:
         self.drop_in = drop_in
         self.mode = mode
         self.path = path
-        self.env = dict(env or {})
+        # migrt's own state (restore work dirs, plugin cache) private to this containerd,
+        # so that what a test leaves behind is told apart from other runs on the machine
+        self.migrt_state = os.path.join(base, "migrt-state")
+        self.env = {"MIGRT_STATE_DIR": self.migrt_state, **(env or {})}
+        self.bin_dir = bin_dir
+        self.exe = os.path.join(bin_dir, "containerd") if bin_dir else "containerd"
+        self.ctr_exe = os.path.join(bin_dir, "ctr") if bin_dir else "ctr"
         self.proc = None
 
     def write_config(self):
@@ -153,6 +179,7 @@ state = {json.dumps(self.state)}
             f.write(head + f"""
 [plugins."io.containerd.grpc.v1.cri"]
   restrict_oom_score_adj = true
+  sandbox_image = {json.dumps(PAUSE_IMAGE)}
   [plugins."io.containerd.grpc.v1.cri".cni]
     conf_dir = {json.dumps(self.confd)}
 """)
@@ -168,10 +195,10 @@ state = {json.dumps(self.state)}
         env = dict(os.environ)
         # The shim, and so migrt, runc and CRIU, get containerd's environment: give it the
         # PATH systemd gives a service, unless the test asks for another.
-        env["PATH"] = self.path
+        env["PATH"] = f"{self.bin_dir}:{self.path}" if self.bin_dir else self.path
         env.update(self.env)
         logf = open(self.log, "ab")
-        self.proc = subprocess.Popen(["containerd", "--config", self.config], stdout=logf,
+        self.proc = subprocess.Popen([self.exe, "--config", self.config], stdout=logf,
                                      stderr=subprocess.STDOUT, env=env,
                                      start_new_session=True)
         logf.close()
@@ -194,7 +221,7 @@ state = {json.dumps(self.state)}
             return ""
 
     def ctr_argv(self, *args, namespace=None):
-        return ["ctr", "--address", self.address, "--namespace", namespace or self.namespace,
+        return [self.ctr_exe, "--address", self.address, "--namespace", namespace or self.namespace,
                 *args]
 
     def ctr(self, *args, namespace=None, timeout=60, check=True, input=None):

@@ -22,9 +22,10 @@ def numbers(text):
     return [int(x) for x in text.split() if x.isdigit()]
 
 
-def migrt_work_dirs():
-    """migrt's per-restore CRIU work dirs: a deleted container must leave none behind."""
-    d = "/run/migrt/work"
+def migrt_work_dirs(c):
+    """migrt's per-restore CRIU work dirs under this containerd's shims: a deleted
+    container must leave none behind."""
+    d = os.path.join(c.migrt_state, "work")
     return set(os.listdir(d)) if os.path.isdir(d) else set()
 
 
@@ -87,7 +88,6 @@ def test_ctr_checkpoint_and_marker_restore(start_containerd, migrt_launcher, fro
     and through the proposed shell front door (packaging/front.sh) before it."""
     migrt_launcher = front if entry == "front" else migrt_launcher
     c = start_containerd()
-    work_before = migrt_work_dirs()
     old_log, new_log = str(tmp_path / "old.log"), str(tmp_path / "new.log")
     c.ctr("run", "-d", "--runc-binary", migrt_launcher, "--log-uri", f"file://{old_log}",
           IMAGE, "counter", "sh", "-c", COUNTER)
@@ -112,7 +112,7 @@ def test_ctr_checkpoint_and_marker_restore(start_containerd, migrt_launcher, fro
     c.ctr("task", "kill", "-s", "SIGKILL", "counter2")
     wait_for(lambda: c.ctr("task", "ls").stdout.split()[-1] == "STOPPED", what="STOPPED")
     c.ctr("task", "delete", "counter2")
-    assert migrt_work_dirs() <= work_before
+    assert migrt_work_dirs(c) == set()
 
 
 def test_ctr_failed_restore_shows_migrts_message(start_containerd, migrt_launcher,
@@ -154,8 +154,8 @@ def pod(start_containerd, tmp_path):
     """pod(handler, name, binary=None) -> (cri, containerd, sandbox_id, sandbox_config, logdir)."""
     made = []
 
-    def make(handler="migrt", name="p", binary=None, c=None):
-        c = c or start_containerd(binary, cri=True)
+    def make(handler="migrt", name="p", binary=None, c=None, version=None):
+        c = c or start_containerd(binary, cri=True, version=version)
         api = C.CRI(c.address)
         logdir = str(tmp_path / f"pods-{name}")
         os.makedirs(logdir, exist_ok=True)
@@ -173,9 +173,9 @@ def pod(start_containerd, tmp_path):
         api.close()
 
 
-def test_cri_pod_lifecycle_with_migrt_handler(pod, traced):
+def test_cri_pod_lifecycle_with_migrt_handler(pod, traced, containerd_version):
     binary, calls = traced
-    api, c, sid, config, logdir = pod("migrt", binary=binary)
+    api, c, sid, config, logdir = pod("migrt", binary=binary, version=containerd_version)
     cid = api.create(sid, config, "app", IMAGE,
                      ["sh", "-c", "trap 'echo bye; exit 0' TERM; echo ready; "
                                   "while :; do sleep 0.1; done"])
@@ -196,10 +196,10 @@ def test_cri_pod_lifecycle_with_migrt_handler(pod, traced):
         assert step in seen, f"containerd never called migrt {step}: {seen}"
 
 
-def test_shipped_drop_in_loads_as_is(start_containerd):
+def test_shipped_drop_in_loads_as_is(start_containerd, containerd_version):
     """containerd-config/containerd-v2-migrt.toml imported unchanged (only BinaryName points
     at this checkout): the CRI plugin loads, with handler migrt and runc both present."""
-    c = start_containerd(mode="import")
+    c = start_containerd(mode="import", version=containerd_version)
     api = C.CRI(c.address)
     try:
         f = api.call("Status", C.msg((1, True)))
@@ -217,12 +217,11 @@ def test_shipped_drop_in_loads_as_is(start_containerd):
     assert config["containerd"]["defaultRuntimeName"] == "runc"
 
 
-def test_cri_checkpoint_and_restore_into_new_pod(pod, checkpoint_dir):
+def test_cri_checkpoint_and_restore_into_new_pod(pod, checkpoint_dir, containerd_version):
     """As a controller moving a pod: checkpoint the container (ctr task checkpoint on the
     CRI container), then a new pod whose container carries the marker continues it, and
     its output flows to the new container's log."""
-    work_before = migrt_work_dirs()
-    api, c, sid, config, logdir = pod("migrt", name="src")
+    api, c, sid, config, logdir = pod("migrt", name="src", version=containerd_version)
     cid = api.create(sid, config, "counter", IMAGE, ["sh", "-c", COUNTER])
     api.start(cid)
     src_log = os.path.join(logdir, "counter.log")
@@ -246,7 +245,7 @@ def test_cri_checkpoint_and_restore_into_new_pod(pod, checkpoint_dir):
     api2.stop(cid2, timeout=0)
     C.wait_state(api2, cid2, "EXITED")
     api2.remove(cid2)
-    assert migrt_work_dirs() <= work_before
+    assert migrt_work_dirs(c) == set()
 
 
 def test_cri_failed_restore_shows_migrts_message(pod, checkpoint_dir):
