@@ -82,3 +82,16 @@ def test_fake_cuda_checkpoint_speaks_the_documented_cli():
     rc, out = cc("--action", "freeze", "--pid", "1")
     assert rc == 1 and out.startswith("CUDA checkpoint and restore utility")
     assert cc("--pid")[0] == 1
+
+
+def test_amd_gpu_without_criu_amdgpu_plugin_is_refused(tmp_path):
+    gpu, ctx = gpu_ctx(criu_libdir=str(tmp_path))
+    ctx["spec"]["linux"]["devices"] = [{"path": "/dev/kfd", "type": "c", "major": 511, "minor": 0}]
+    ctx.update(mode="dump", image_dir=str(tmp_path / "img"))
+    with pytest.raises(RefusedError, match=f"CRIU's amdgpu plugin is not in {tmp_path}"):
+        gpu.pre_checkpoint(ctx)
+    (tmp_path / "amdgpu_plugin.so").write_bytes(b"")
+    ctx["options"]["amdgpu_env"] = {"KFD_MAX_BUFFER_SIZE": "0"}
+    gpu.pre_checkpoint(ctx)
+    assert os.environ.pop("KFD_MAX_BUFFER_SIZE") == "0"      # handed to CRIU through runc
+    assert os.path.exists(tmp_path / "img" / "migrt" / "plugins" / "gpu" / "gpu.json")
