@@ -27,6 +27,7 @@ settings (option amdgpu_env) to CRIU through the environment runc hands it.
 Nothing here has run on GPU hardware: it is tested against tests/fakes/cuda-checkpoint,
 a stand-in that follows the documented interface and states.
 """
+import atexit
 import glob
 import json
 import os
@@ -239,6 +240,9 @@ class Gpu(Plugin):
     def _lock_and_checkpoint(self, ctx, pids):
         done = []
         self._held[ctx["cid"]] = done
+        # If the checkpoint fails and the core never calls post-checkpoint, the source's
+        # processes must not stay locked: release them when this process exits.
+        atexit.register(self._release_quietly, dict(ctx, options=dict(ctx["options"])))
         timeout = ctx["options"]["lock_timeout_ms"]
         for pid in pids:
             rc, out = self._cc(ctx, "--action", "lock", "--pid", pid, "--timeout", timeout)
@@ -266,6 +270,13 @@ class Gpu(Plugin):
                     break
         if errors:
             raise MigrtError("gpu: could not resume CUDA on the source: " + "; ".join(errors))
+
+    def _release_quietly(self, ctx):
+        if ctx["cid"] in self._held:
+            try:
+                self._release(ctx)
+            except Exception:
+                pass
 
     def post_checkpoint(self, ctx):
         if ctx["cid"] not in self._held:

@@ -16,6 +16,7 @@ that a shell can source:
 `resumed` means the checkpoint or migration did not happen (or left the container
 running): carry on here; `restored` means the container now runs on node=<name>.
 """
+import atexit
 import os
 import socket
 import time
@@ -84,6 +85,9 @@ class Rdma(Plugin):
                     "description": "refuse when the workload does not acknowledge"},
     }
 
+    def __init__(self):
+        self._pending = {}
+
     def _notify_opt(self, ctx):
         if not ctx["options"].get("notify"):
             env = proc.spec_env(ctx.get("spec"))
@@ -125,6 +129,10 @@ class Rdma(Plugin):
         while time.monotonic() < deadline:
             if read_ack(host_dir) == str(seq):
                 ctx["rdma_ack_seconds"] = round(time.monotonic() - t0, 3)
+                # Should the checkpoint fail without a post-checkpoint from the core, the
+                # drained workload still hears that it may carry on.
+                self._pending[ctx["cid"]] = host_dir
+                atexit.register(self._resume_if_pending, ctx["cid"], pid)
                 return
             time.sleep(0.02)
         if not ctx["options"].get("require"):
@@ -135,7 +143,16 @@ class Rdma(Plugin):
             f"{ctx['options']['notify']} within {timeout:g} s; nothing was frozen and "
             f"{ctx['cid']} keeps running here")
 
+    def _resume_if_pending(self, cid, pid):
+        host_dir = self._pending.pop(cid, None)
+        if host_dir and os.path.exists(f"/proc/{pid}"):
+            try:
+                write_event(host_dir, "resumed", node=socket.gethostname(), reason="failed")
+            except OSError:
+                pass
+
     def post_checkpoint(self, ctx):
+        self._pending.pop(ctx["cid"], None)
         if ctx.get("mode") == "pre-dump" or not self._notify_opt(ctx):
             return
         if ctx.get("mode") == "dump" and not ctx.get("error"):

@@ -36,9 +36,10 @@ def gpu_node(nodes, tmp_path, name, gpus, criu_plugin=False):
     return rt
 
 
-def _run_source(nodes, make_bundle, tmp_path, criu_plugin=False, extra=None, env=()):
+def _run_source(nodes, make_bundle, tmp_path, criu_plugin=False, extra=None, env=(),
+                prefix=""):
     a = gpu_node(nodes, tmp_path, "a", [(3, GPU_A, L4)], criu_plugin)
-    src = make_bundle(["sh", "-c", CUDA_LIKE], name=pt.uniq("src"), env=list(env))
+    src = make_bundle(["sh", "-c", prefix + CUDA_LIKE], name=pt.uniq("src"), env=list(env))
     pt.grant(src, "/dev/nvidia0", 1, 3)
     for path, maj, mi in extra or ():
         pt.grant(src, path, maj, mi)
@@ -106,3 +107,17 @@ def test_criu_cuda_plugin_does_the_work_and_cannot_remap(nodes, make_bundle, tmp
     assert f"{GPU_A}->{GPU_B1}) but CRIU's cuda plugin restores onto the same GPUs only" \
         in err2.text
     assert b.state("c2") is None
+
+
+def test_failed_dump_gives_the_gpu_back_to_the_source(nodes, make_bundle, tmp_path):
+    # /dev/vcs0 (c 7:0) is a device CRIU cannot dump: the checkpoint fails after the
+    # plugin locked and checkpointed CUDA; the source must get its GPU back.
+    a, out = _run_source(nodes, make_bundle, tmp_path, extra=[("/dev/vcs0", 7, 0)],
+                         prefix="exec 5</dev/vcs0; ")
+    p = pt.checkpoint(a, "c1", tmp_path / "ckpt")
+    assert p.returncode != 0
+    assert pt.calls(a.calls_log)[:3] == ["get-state", "lock", "checkpoint"]
+    assert pt.calls(a.calls_log)[3:] == ["restore", "unlock"]
+    assert a.state("c1")["status"] == "running"
+    n = int(out.lines()[-1].split()[1])
+    pt.wait_lines(out, lambda x: x == f"tick {n + 3}")

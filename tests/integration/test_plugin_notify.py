@@ -87,3 +87,20 @@ def test_rdma_device_without_notification_is_refused(nodes, make_bundle, tmp_pat
     assert "rdma: the container uses /dev/infiniband/uverbs0 but does not take migration " \
            "notices" in p.stderr
     assert a.state("c1")["status"] == "running"
+
+
+def test_failed_dump_tells_the_drained_workload_to_resume(nodes, make_bundle, tmp_path):
+    # /dev/vcs0 (c 7:0) is a device CRIU cannot dump: the checkpoint fails after the ack.
+    a = nodes("a")
+    src = make_bundle(["sh", "-c", "exec 5</dev/vcs0; " + ACKER], name=pt.uniq("src"),
+                      env=["MIGRT_NOTIFY=/dev/shm/notify"])
+    pt.grant(src, "/dev/vcs0", 7, 0)
+    rc, out, err = a.create("c1", src, start=True)
+    assert rc == 0, err.text
+    pt.wait_lines(out, lambda x: x.startswith("tick 3"))
+    p = pt.checkpoint(a, "c1", tmp_path / "ckpt")
+    assert p.returncode != 0
+    assert [x for x in out.lines() if x.startswith("drained ")]
+    event = a.exec_out("c1", "cat", "/dev/shm/notify/event")
+    assert "event=resumed" in event and "reason=failed" in event
+    assert a.state("c1")["status"] == "running"
