@@ -178,7 +178,13 @@ def _group(spec, stage, env):
         stage = _own_command()
     if stage in (None, "create", "run"):
         return "restore" if env.get(MARKER) else "create"
-    return stage
+    return _STAGE_TO_GROUP.get(stage, stage)
+
+
+_STAGE_TO_GROUP = {"pre-create": "create", "post-create": "create",
+                   "pre-restore": "restore", "post-restore": "restore", "delete": "restore",
+                   "pre-checkpoint": "checkpoint", "post-checkpoint": "checkpoint",
+                   "pre-migrate": "migrate"}
 
 
 def _own_command():

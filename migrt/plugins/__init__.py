@@ -72,7 +72,12 @@ def run_stage(stage, names, **ctx):
     if stage not in _stages.ALL:
         raise MigrtError(f"plugins: unknown stage {stage!r}")
     from migrt.plugins import registry, options as _options
-    plugins = registry.resolve(names)
+    try:
+        plugins = registry.resolve(names)
+    except MigrtError:
+        if stage == _stages.DELETE:
+            return ctx      # a container must always be deletable, whatever the config
+        raise
     method = _stages.method_name(stage)
     spec = ctx.get("spec")
     ran = []
