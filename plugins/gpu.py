@@ -188,14 +188,17 @@ class Gpu(Plugin):
             gpus.append({"path": d["path"], "minor": d.get("minor"), "uuid": info.get("uuid"),
                          "model": info.get("model")})
         if not gpus:
+            # GPUs injected by a prestart hook (nvidia-container-runtime's legacy mode)
+            # are not in linux.devices: NVIDIA_VISIBLE_DEVICES names them by index or UUID.
             vis = proc.spec_env(spec).get("NVIDIA_VISIBLE_DEVICES", "")
-            by_uuid = {v["uuid"]: (m, v) for m, v in inv.items()}
-            for i, tok in enumerate(t for t in vis.split(",") if t and t != "all"):
-                m, v = by_uuid.get(tok) or (int(tok), inv.get(int(tok))) if tok.isdigit() \
-                    else by_uuid.get(tok, (None, None))
-                if v:
-                    gpus.append({"path": f"visible:{i}", "minor": m, "uuid": v["uuid"],
-                                 "model": v.get("model")})
+            by_uuid = {v["uuid"]: m for m, v in inv.items()}
+            for i, tok in enumerate(t.strip() for t in vis.split(",")
+                                    if t.strip() and t.strip() not in ("all", "none", "void")):
+                minor = int(tok) if tok.isdigit() else by_uuid.get(tok)
+                info = inv.get(minor)
+                if info:
+                    gpus.append({"path": f"visible:{i}", "minor": minor, "uuid": info["uuid"],
+                                 "model": info.get("model")})
         return gpus
 
     # ------------------------------------------------------------ source side

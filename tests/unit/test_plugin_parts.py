@@ -95,3 +95,11 @@ def test_amd_gpu_without_criu_amdgpu_plugin_is_refused(tmp_path):
     gpu.pre_checkpoint(ctx)
     assert os.environ.pop("KFD_MAX_BUFFER_SIZE") == "0"      # handed to CRIU through runc
     assert os.path.exists(tmp_path / "img" / "migrt" / "plugins" / "gpu" / "gpu.json")
+
+
+def test_gpus_named_by_visible_devices_when_a_hook_injects_them(tmp_path):
+    root = pt.fake_driver(str(tmp_path), [(0, "GPU-a", "L4"), (1, "GPU-b", "L4")])
+    gpu, ctx = gpu_ctx(driver_root=root)
+    ctx["spec"]["process"]["env"] = ["NVIDIA_VISIBLE_DEVICES=1,GPU-a"]
+    assert [(g["path"], g["uuid"]) for g in gpu._gpus(ctx, ctx["spec"])] == \
+        [("visible:0", "GPU-b"), ("visible:1", "GPU-a")]
