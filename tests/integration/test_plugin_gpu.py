@@ -121,3 +121,12 @@ def test_failed_dump_gives_the_gpu_back_to_the_source(nodes, make_bundle, tmp_pa
     assert a.state("c1")["status"] == "running"
     n = int(out.lines()[-1].split()[1])
     pt.wait_lines(out, lambda x: x == f"tick {n + 3}")
+
+
+def test_leave_running_checkpoint_resumes_cuda_on_the_source(nodes, make_bundle, tmp_path):
+    a, out = _run_source(nodes, make_bundle, tmp_path)
+    p = a.run("checkpoint", "--leave-running", "--image-path", str(tmp_path / "ckpt"), "c1")
+    assert p.returncode == 0, p.stderr
+    assert pt.calls(a.calls_log) == ["get-state", "lock", "checkpoint", "restore", "unlock"]
+    n = int(out.lines()[-1].split()[1])
+    pt.wait_lines(out, lambda x: x == f"tick {n + 3}")
