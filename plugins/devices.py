@@ -42,6 +42,13 @@ def _spec_devices(spec):
     return out
 
 
+def _check_path(path):
+    """Device paths end up as paths a root action script writes: keep them tame."""
+    if not (isinstance(path, str) and path.startswith("/dev/")
+            and os.path.normpath(path) == path):
+        raise RefusedError(f"devices: device path {path!r} is not a plain path under /dev")
+
+
 def _fmt(d):
     return f"{d['path']} ({d.get('type', 'c')} {d.get('major')}:{d.get('minor')})"
 
@@ -85,6 +92,8 @@ class Devices(Plugin):
             return          # not checkpointed through this plugin: nothing to map
         spec = ctx["spec"]
         dest = _spec_devices(spec)
+        for d in dest + list(rec.get("devices") or []):
+            _check_path(d.get("path"))
         explicit = ctx["options"].get("map") or {}
         by_path = {d["path"]: d for d in dest}
         claimed = set()

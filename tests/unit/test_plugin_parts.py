@@ -103,3 +103,18 @@ def test_gpus_named_by_visible_devices_when_a_hook_injects_them(tmp_path):
     ctx["spec"]["process"]["env"] = ["NVIDIA_VISIBLE_DEVICES=1,GPU-a"]
     assert [(g["path"], g["uuid"]) for g in gpu._gpus(ctx, ctx["spec"])] == \
         [("visible:0", "GPU-b"), ("visible:1", "GPU-a")]
+
+
+def test_device_hook_never_follows_links_out_of_the_restored_dev(tmp_path):
+    from importlib.machinery import SourceFileLoader
+    hook = SourceFileLoader("criu_devices", os.path.join(REPO, "hooks", "criu-devices")).load_module()
+    assert hook.clean("/dev/nvidia0") and hook.clean("/dev/dri/renderD128")
+    assert not hook.clean("/dev/../etc/passwd") and not hook.clean("/etc/passwd")
+    base = tmp_path / "yard-dev"
+    base.mkdir()
+    (base / "dri").symlink_to("/etc")                 # planted by the workload
+    (base / "accel0").write_text("not a device")
+    assert hook.walk_safe(str(base), "dri/renderD128") is None
+    assert hook.walk_safe(str(base), "accel0") is None
+    assert hook.walk_safe(str(base), "infiniband/uverbs0") == str(base / "infiniband" / "uverbs0")
+    assert (base / "infiniband").is_dir()
