@@ -16,21 +16,22 @@ PY_LAUNCHER=@PY_LAUNCHER@
 
 python() { exec "$PY_LAUNCHER" "$@"; }
 
-runc_path() {
-    if [ -n "${MIGRT_RUNC:-}" ]; then echo "$MIGRT_RUNC"; return; fi
+find_runc() {                          # sets R; no subshell: this runs on every call
+    R=${MIGRT_RUNC:-}
+    [ -n "$R" ] && return
     _ifs=$IFS; IFS=:
     for _d in $PATH /usr/sbin /usr/bin /usr/local/sbin /usr/local/bin; do
         if [ -x "$_d/runc" ] && [ ! -d "$_d/runc" ] && ! [ "$_d/runc" -ef "$0" ]; then
-            IFS=$_ifs; echo "$_d/runc"; return
+            R=$_d/runc; break
         fi
     done
     IFS=$_ifs
 }
 
 runc() {
-    _r=$(runc_path)
-    [ -n "$_r" ] || python "$@"        # migrt says "runc not found" in its own words
-    exec "$_r" "$@"
+    find_runc
+    [ -n "$R" ] || python "$@"        # migrt says "runc not found" in its own words
+    exec "$R" "$@"
 }
 
 root=/run/runc; cmd=; need=; bundle=; id=; n_pos=0; stage=global
