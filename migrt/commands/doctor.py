@@ -19,6 +19,7 @@ import click
 OK, WARN, MISSING = "ok", "warn", "MISSING"
 
 CONTAINERD_CONFIG = "/etc/containerd/config.toml"
+CONTAINERD_SOCKET = "/run/containerd/containerd.sock"
 CRIO_CONFIG = "/etc/crio/crio.conf"
 CRIO_DROP_INS = "/etc/crio/crio.conf.d"
 CRI_TABLES = {2: "io.containerd.grpc.v1.cri", 3: "io.containerd.cri.v1.runtime"}
@@ -269,6 +270,30 @@ def check_containerd(node, config=CONTAINERD_CONFIG, migrt_path=None):
                    f"{version}; {where}); restart containerd if you just changed it")
 
 
+def check_containerd_running(node, address=CONTAINERD_SOCKET):
+    """A running containerd: did its CRI plugin load? (A config it cannot use fails only
+    there, and only in containerd's log.)"""
+    if not node.exists(address) or not node.which("ctr"):
+        return None
+    rc, out = node.run(["ctr", "--address", address, "--timeout", "5s", "plugins", "ls"],
+                       timeout=15)
+    if rc != 0:
+        return Finding("containerd CRI", WARN, f"cannot ask containerd at {address}: "
+                       f"{out.strip()[:200]}", "is containerd running?", required=False)
+    for line in out.splitlines():
+        cols = line.split()
+        if len(cols) >= 3 and cols[0] in ("io.containerd.grpc.v1", "io.containerd.cri.v1") \
+                and cols[1] in ("cri", "runtime"):
+            if cols[-1] == "ok":
+                return Finding("containerd CRI", OK, "the running containerd's CRI plugin "
+                               "is loaded (restart containerd after changing its config)")
+            return Finding("containerd CRI", MISSING, f"the running containerd's CRI plugin "
+                           f"did not load ({cols[-1]}): no pod of any runtime class can run",
+                           "journalctl -u containerd | grep -i cri (then fix the config "
+                           "and restart containerd)")
+    return None
+
+
 def check_crio(node, config=CRIO_CONFIG, drop_ins=CRIO_DROP_INS):
     if not node.which("crio"):
         return None
@@ -309,7 +334,8 @@ def check_callers(found_containerd, found_crio, node):
 
 
 def run_checks(node=None, staging=None, containerd_config=CONTAINERD_CONFIG,
-               crio_config=CRIO_CONFIG, crio_drop_ins=CRIO_DROP_INS, migrt_path=None):
+               crio_config=CRIO_CONFIG, crio_drop_ins=CRIO_DROP_INS, migrt_path=None,
+               containerd_address=CONTAINERD_SOCKET):
     node = node or Node()
     staging = staging or os.environ.get("MIGRT_STAGING", "/run/migrt/staged")
     found = [check_runc(node)]
@@ -319,6 +345,9 @@ def run_checks(node=None, staging=None, containerd_config=CONTAINERD_CONFIG,
     found.append(check_staging(node, staging))
     found += check_callers(check_containerd(node, containerd_config, migrt_path),
                            check_crio(node, crio_config, crio_drop_ins), node)
+    running = check_containerd_running(node, containerd_address)
+    if running is not None:
+        found.append(running)
     return found
 
 
@@ -351,14 +380,18 @@ def render(findings, color=False):
               help="where migrations stage memory images [default: $MIGRT_STAGING or "
                    "/run/migrt/staged]")
 @click.option("--containerd-config", default=CONTAINERD_CONFIG, show_default=True)
+@click.option("--containerd-address", default=CONTAINERD_SOCKET, show_default=True,
+              help="socket of the running containerd to ask whether its CRI plugin loaded")
 @click.option("--crio-config", default=CRIO_CONFIG, show_default=True)
 @click.option("--crio-drop-ins", default=CRIO_DROP_INS, show_default=True)
-def command(as_json, staging, containerd_config, crio_config, crio_drop_ins):
+def command(as_json, staging, containerd_config, containerd_address, crio_config,
+            crio_drop_ins):
     """Check this node for what migrt needs; exit 1 if something required is missing."""
     me = os.path.realpath(sys.argv[0]) if sys.argv and sys.argv[0] else None
     findings = run_checks(staging=staging, containerd_config=containerd_config,
                           crio_config=crio_config, crio_drop_ins=crio_drop_ins,
-                          migrt_path=me if me and os.access(me, os.X_OK) else None)
+                          migrt_path=me if me and os.access(me, os.X_OK) else None,
+                          containerd_address=containerd_address)
     if as_json:
         click.echo(json.dumps([f.as_dict() for f in findings], indent=2))
     else:

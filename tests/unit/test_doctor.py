@@ -189,3 +189,17 @@ def test_command_exit_status_and_json(tmp_path):
     assert p.returncode == (1 if bad else 0), (p.returncode, bad, p.stderr)
     if any(f["check"] == "containerd" for f in found):
         assert bad, "containerd has no migrt handler in this config: must be missing"
+
+
+def test_running_containerd_whose_cri_plugin_failed_is_missing():
+    runs = {("ctr", "--address", d.CONTAINERD_SOCKET, "--timeout", "5s", "plugins", "ls"):
+            (0, "TYPE                  ID   PLATFORMS    STATUS\n"
+                "io.containerd.grpc.v1 cri  linux/amd64  error\n")}
+    node = FakeNode(tools=("runc", "criu", "iptables-restore", "ip6tables-restore",
+                           "containerd", "ctr"), runs=runs,
+                    files={d.CONTAINERD_CONFIG: V2_REGISTERED, d.CONTAINERD_SOCKET: ""})
+    f = by_name(d.run_checks(node))["containerd CRI"]
+    assert f.status == d.MISSING and "did not load" in f.detail
+    ok = {k: (0, v[1].replace("error", "ok")) for k, v in runs.items()}
+    node.runs.update(ok)
+    assert by_name(d.run_checks(node))["containerd CRI"].status == d.OK
