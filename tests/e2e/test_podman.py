@@ -46,11 +46,16 @@ class Podman:
         shutil.rmtree(self.base, ignore_errors=True)
 
 
-@pytest.fixture
-def podman(images, migrt_launcher):
+@pytest.fixture(params=["launcher"])
+def podman(request, images, migrt_launcher):
+    """podman with migrt as --runtime: its launcher, or (param "front") the proposed
+    shell front door packaging/front.sh before it."""
     if not shutil.which("podman") or not shutil.which("conmon"):
         pytest.skip("requires podman and conmon")
-    pm = Podman(tempfile.mkdtemp(prefix="migrt-podman-", dir="/run"), migrt_launcher)
+    runtime = migrt_launcher
+    if request.param == "front":
+        runtime = request.getfixturevalue("front")
+    pm = Podman(tempfile.mkdtemp(prefix="migrt-podman-", dir="/run"), runtime)
     try:
         pm("load", "-i", images["busybox"])
         yield pm
@@ -74,6 +79,7 @@ def test_podman_run_exec_stop_rm(podman):
     assert "c1" not in podman("ps", "-a", "--format", "{{.Names}}").stdout.split()
 
 
+@pytest.mark.parametrize("podman", ["launcher", "front"], indirect=True)
 def test_podman_checkpoint_export_and_restore_import(podman, tmp_path):
     run_counter(podman, "c1")
     wait_for(lambda: len(podman.numbers("c1")) >= 5, what="the counter's log")
