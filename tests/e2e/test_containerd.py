@@ -205,6 +205,21 @@ def test_cri_pod_lifecycle_with_migrt_handler(pod, traced, containerd_version):
         assert step in seen, f"containerd never called migrt {step}: {seen}"
 
 
+@pytest.mark.parametrize("handler", ["", "runc"])
+def test_runc_pods_never_meet_migrt(pod, traced, handler):
+    """Registering migrt changes nothing for everyone else: pods of the default handler
+    and of "runc" run as before, and migrt is never called for them."""
+    binary, calls = traced
+    api, c, sid, config, logdir = pod(handler, binary=binary)
+    cid = api.create(sid, config, "app", IMAGE, ["sh", "-c", "echo hi; sleep 60"])
+    api.start(cid)
+    C.wait_state(api, cid, "RUNNING")
+    assert api.exec_sync(cid, ["echo", "ok"])[0] == "ok\n"
+    api.stop(cid, timeout=0)
+    api.remove(cid)
+    assert calls() == []
+
+
 def test_shipped_drop_in_loads_as_is(start_containerd, containerd_version):
     """containerd-config/containerd-v2-migrt.toml imported unchanged (only BinaryName points
     at this checkout): the CRI plugin loads, with handler migrt and runc both present."""
