@@ -54,9 +54,8 @@ class Isolation(Plugin):
         d = plugin_dir(ctx, self.name)
         for dest, m in _bind_mounts(spec).items():
             try:
-                with open(proc.in_container(pid, dest), "rb") as f:
-                    data = f.read(1 << 20)
-            except (OSError, TypeError):
+                data = proc.read_in_root(pid, dest)     # as the workload sees it
+            except Exception:
                 continue
             name = dest.strip("/").replace("/", "_")
             with open(os.path.join(d, name), "wb") as f:

@@ -32,33 +32,56 @@ def _clean(v):
     return "".join(c for c in str(v) if c.isalnum() or c in "._:-/@,[]") or "-"
 
 
-def _dir(ctx, pid):
-    d = ctx["options"].get("notify")
-    if not d:
-        return None
-    if not d.startswith("/"):
-        raise RefusedError(f"rdma: MIGRT_NOTIFY={d} must be an absolute path in the container")
-    return proc.in_container(pid, d)
-
-
-def write_event(host_dir, event, **fields):
-    os.makedirs(host_dir, exist_ok=True)
+def _lines(event, fields):
     seq = time.time_ns() // 1000
-    lines = [f"seq={seq}", f"event={event}"] + [f"{k}={_clean(v)}" for k, v in fields.items()
-                                                  if v is not None]
-    tmp = os.path.join(host_dir, ".event.migrt-tmp")
+    return seq, [f"seq={seq}", f"event={event}"] + [f"{k}={_clean(v)}" for k, v in fields.items()
+                                                   if v is not None]
+
+
+def post_event(d, lines):
+    """Write <d>/event atomically. Runs in the container's root (proc.in_root)."""
+    os.makedirs(d, exist_ok=True)
+    tmp = os.path.join(d, ".event.migrt-tmp")
     with open(tmp, "w") as f:
         f.write("\n".join(lines) + "\n")
-    os.replace(tmp, os.path.join(host_dir, EVENT))
+    os.replace(tmp, os.path.join(d, EVENT))
+    return True
+
+
+def prepare_and_wait(d, lines, seq, timeout):
+    """Post `prepare`, wait for <d>/ack to hold its seq: the seconds it took, or None."""
+    try:
+        os.unlink(os.path.join(d, ACK))
+    except FileNotFoundError:
+        pass
+    post_event(d, lines)
+    t0 = time.monotonic()
+    while time.monotonic() - t0 < timeout:
+        try:
+            with open(os.path.join(d, ACK)) as f:
+                if f.read().strip() == str(seq):
+                    return round(time.monotonic() - t0, 3)
+        except OSError:
+            pass
+        time.sleep(0.02)
+    return None
+
+
+def write_event(pid, d, event, **fields):
+    """Tell the workload `event` (in its own root: its links cannot point us out)."""
+    seq, lines = _lines(event, fields)
+    if pid is None:            # a plain directory (tests, tools)
+        post_event(d, lines)
+    else:
+        proc.in_root(pid, post_event, d, lines)
     return seq
 
 
-def read_ack(host_dir):
-    try:
-        with open(os.path.join(host_dir, ACK)) as f:
-            return f.read().strip()
-    except OSError:
-        return None
+def _dir(ctx):
+    d = ctx["options"].get("notify")
+    if d and not d.startswith("/"):
+        raise RefusedError(f"rdma: MIGRT_NOTIFY={d} must be an absolute path in the container")
+    return d
 
 
 def _rdma_devices(spec):
@@ -113,42 +136,39 @@ class Rdma(Plugin):
         pid = proc.init_pid(ctx)
         if not pid:
             raise RefusedError(f"rdma: cannot find the init process of {ctx['cid']}")
-        host_dir = _dir(ctx, pid)
-        try:
-            os.unlink(os.path.join(host_dir, ACK))
-        except OSError:
-            pass
+        d = _dir(ctx)
         timeout = float(ctx["options"]["timeout"])
         dest = ctx.get("destination")
         if isinstance(dest, dict):
             dest = dest.get("address")
-        seq = write_event(host_dir, "prepare", node=socket.gethostname(), mode=ctx.get("mode"),
-                          timeout=timeout, destination=dest)
-        t0 = time.monotonic()
-        deadline = t0 + timeout
-        while time.monotonic() < deadline:
-            if read_ack(host_dir) == str(seq):
-                ctx["rdma_ack_seconds"] = round(time.monotonic() - t0, 3)
-                # Should the checkpoint fail without a post-checkpoint from the core, the
-                # drained workload still hears that it may carry on.
-                self._pending[ctx["cid"]] = host_dir
-                atexit.register(self._resume_if_pending, ctx["cid"], pid)
-                return
-            time.sleep(0.02)
+        seq, lines = _lines("prepare", {"node": socket.gethostname(), "mode": ctx.get("mode"),
+                                        "timeout": timeout, "destination": dest})
+        try:
+            took = proc.in_root(pid, prepare_and_wait, d, lines, seq, timeout)
+        except OSError as e:
+            raise RefusedError(f"rdma: cannot post the migration notice in {d}: "
+                               f"{e.strerror or e}; nothing was frozen")
+        if took is not None:
+            ctx["rdma_ack_seconds"] = took
+            # Should the checkpoint fail without a post-checkpoint from the core, the
+            # drained workload still hears that it may carry on.
+            self._pending[ctx["cid"]] = d
+            atexit.register(self._resume_if_pending, ctx["cid"], pid)
+            return
         if not ctx["options"].get("require"):
             return
-        write_event(host_dir, "resumed", node=socket.gethostname(), reason="no-ack")
+        write_event(pid, d, "resumed", node=socket.gethostname(), reason="no-ack")
         raise RefusedError(
             f"rdma: the workload did not acknowledge the migration notice in "
-            f"{ctx['options']['notify']} within {timeout:g} s; nothing was frozen and "
+            f"{d} within {timeout:g} s; nothing was frozen and "
             f"{ctx['cid']} keeps running here")
 
     def _resume_if_pending(self, cid, pid):
-        host_dir = self._pending.pop(cid, None)
-        if host_dir and os.path.exists(f"/proc/{pid}"):
+        d = self._pending.pop(cid, None)
+        if d and os.path.exists(f"/proc/{pid}"):
             try:
-                write_event(host_dir, "resumed", node=socket.gethostname(), reason="failed")
-            except OSError:
+                write_event(pid, d, "resumed", node=socket.gethostname(), reason="failed")
+            except Exception:
                 pass
 
     def post_checkpoint(self, ctx):
@@ -160,9 +180,9 @@ class Rdma(Plugin):
         pid = proc.init_pid(ctx)
         if pid:
             try:
-                write_event(_dir(ctx, pid), "resumed", node=socket.gethostname(),
+                write_event(pid, _dir(ctx), "resumed", node=socket.gethostname(),
                             reason="failed" if ctx.get("error") else "left-running")
-            except OSError:
+            except Exception:
                 pass
 
     def post_restore(self, ctx):
@@ -170,9 +190,9 @@ class Rdma(Plugin):
             return
         pid = proc.init_pid(ctx)
         try:
-            write_event(_dir(ctx, pid), "restored", node=socket.gethostname(),
+            write_event(pid, _dir(ctx), "restored", node=socket.gethostname(),
                         devices=",".join(_rdma_devices(ctx.get("spec"))) or None)
-        except OSError as e:
+        except (OSError, MigrtError) as e:
             raise MigrtError(f"rdma: cannot tell the restored workload where it runs: {e}")
 
 

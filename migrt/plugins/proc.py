@@ -190,3 +190,58 @@ def add_criu_config(ctx, owner, lines):
 def hooks_dir():
     from migrt import hookgate
     return os.path.join(os.path.dirname(hookgate.plugins_dir()), "hooks")
+
+
+def in_root(pid, func, *args):
+    """Run func(*args) in a child process chrooted into the container's root.
+
+    Paths then resolve as the workload sees them, and links the workload planted cannot
+    lead out of its root: walking /proc/<pid>/root/... from the host would follow an
+    absolute link to the HOST's files. Returns func's JSON-able result; an exception
+    in the child comes back as OSError (with its errno) or MigrtError.
+    """
+    r, w = os.pipe()
+    child = os.fork()
+    if child == 0:      # the child: no return from here
+        code = 0
+        try:
+            os.close(r)
+            os.chroot(f"/proc/{pid}/root")
+            os.chdir("/")
+            res = {"ok": func(*args)}
+        except BaseException as e:
+            res = {"error": f"{type(e).__name__}: {e}", "errno": getattr(e, "errno", None)}
+            code = 1
+        try:
+            data = json.dumps(res).encode()
+            while data:
+                data = data[os.write(w, data):]
+        finally:
+            os._exit(code)
+    os.close(w)
+    chunks = []
+    while True:
+        b = os.read(r, 65536)
+        if not b:
+            break
+        chunks.append(b)
+    os.close(r)
+    os.waitpid(child, 0)
+    try:
+        res = json.loads(b"".join(chunks) or b"{}")
+    except ValueError:
+        res = {"error": "no answer from the container's root"}
+    if "ok" in res:
+        return res["ok"]
+    if res.get("errno"):
+        raise OSError(res["errno"], res.get("error"))
+    from migrt.errors import MigrtError
+    raise MigrtError(res.get("error") or "failed in the container's root")
+
+
+def read_in_root(pid, path, limit=1 << 20):
+    """Read a file as the container sees it (latin-1 round-trips any bytes)."""
+    def read(p, n):
+        with open(p, "rb") as f:
+            return f.read(n).decode("latin-1")
+    return in_root(pid, read, path, limit).encode("latin-1")

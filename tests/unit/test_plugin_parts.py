@@ -4,6 +4,7 @@ cuda-checkpoint's documented command line."""
 import os
 import subprocess
 import sys
+import time
 
 import pytest
 
@@ -22,7 +23,7 @@ def load(name):
 
 def test_notification_event_is_sourceable_by_sh(tmp_path):
     rdma = sys.modules[load("rdma").__class__.__module__]
-    seq = rdma.write_event(str(tmp_path), "restored", node="node b;rm -rf /",
+    seq = rdma.write_event(None, str(tmp_path), "restored", node="node b;rm -rf /",
                            destination="10.0.0.2:7000")
     out = subprocess.run(["sh", "-c", f'. {tmp_path}/event; echo "$seq|$event|$node|$destination"'],
                          capture_output=True, text=True).stdout.strip()
@@ -118,3 +119,27 @@ def test_device_hook_never_follows_links_out_of_the_restored_dev(tmp_path):
     assert hook.walk_safe(str(base), "accel0") is None
     assert hook.walk_safe(str(base), "infiniband/uverbs0") == str(base / "infiniband" / "uverbs0")
     assert (base / "infiniband").is_dir()
+
+
+def test_container_files_are_reached_inside_its_root(tmp_path):
+    """A link the workload plants must resolve inside its root, never to the host's."""
+    if os.geteuid() != 0:
+        pytest.skip("chroot needs root")
+    root = tmp_path / "rootfs"
+    (root / "etc").mkdir(parents=True)
+    (root / "etc" / "hosts").symlink_to("/etc/secret")    # absolute: inside its root
+    (root / "etc" / "secret").write_text("container's own\n")
+    pid = os.fork()
+    if pid == 0:
+        os.chroot(str(root))
+        time.sleep(30)
+        os._exit(0)
+    try:
+        time.sleep(0.2)
+        assert proc.read_in_root(pid, "/etc/hosts") == b"container's own\n"
+        rdma = sys.modules[load("rdma").__class__.__module__]
+        rdma.write_event(pid, "/notify", "resumed", node="x")
+        assert "event=resumed" in (root / "notify" / "event").read_text()
+    finally:
+        os.kill(pid, 9)
+        os.waitpid(pid, 0)
