@@ -9,6 +9,7 @@ import shutil
 import subprocess
 import tarfile
 import tempfile
+import time
 
 import pytest
 
@@ -40,8 +41,25 @@ class Podman:
         out = self("logs", name, check=False).stdout
         return [int(x) for x in out.split() if x.isdigit()]
 
+    def users(self):
+        """pids of podman/conmon processes still working on this storage (conmon runs
+        `podman container cleanup` after a container exits, asynchronously)."""
+        pids = []
+        for pid in os.listdir("/proc"):
+            if pid.isdigit() and int(pid) != os.getpid():
+                try:
+                    with open(f"/proc/{pid}/cmdline", "rb") as f:
+                        if self.base.encode() in f.read():
+                            pids.append(int(pid))
+                except OSError:
+                    pass
+        return pids
+
     def cleanup(self):
         self("rm", "--all", "--force", "--time", "0", check=False)
+        end = time.monotonic() + 20
+        while self.users() and time.monotonic() < end:
+            time.sleep(0.1)
         harness.unmount_under(self.base)
         shutil.rmtree(self.base, ignore_errors=True)
 
