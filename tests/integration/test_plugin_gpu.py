@@ -4,10 +4,13 @@ import pytest
 
 from fakes import plugintest as pt
 
-# Holds "GPU 0" open like a CUDA process; children must not inherit it (a sleep that
-# exits between lock and checkpoint is a real process vanishing, not a test subject).
-CUDA_LIKE = ("exec 4</dev/nvidia0; i=0; while :; do i=$((i+1)); echo tick $i; "
-             "sleep 0.05 4<&-; done")
+# Holds GPU 0, the control node and UVM open as a CUDA process does after cuInit
+# (without mapping UVM memory); children must not inherit them (a sleep that exits
+# between lock and checkpoint is a real process vanishing, not a test subject).
+CUDA_LIKE = ("exec 4</dev/nvidia0 6</dev/nvidiactl 7</dev/nvidia-uvm; i=0; "
+             "while :; do i=$((i+1)); echo tick $i; sleep 0.05 4<&- 6<&- 7<&-; done")
+# Stand-ins for the driver's nodes: ordinary character devices CRIU can dump.
+CTL, UVM = ("/dev/nvidiactl", 1, 7), ("/dev/nvidia-uvm", 1, 8)
 L4 = "NVIDIA L4"
 GPU_A = "GPU-aaaaaaaa-0000-0000-0000-000000000001"
 GPU_B0 = "GPU-bbbbbbbb-0000-0000-0000-000000000000"
@@ -41,7 +44,7 @@ def _run_source(nodes, make_bundle, tmp_path, criu_plugin=False, extra=None, env
     a = gpu_node(nodes, tmp_path, "a", [(3, GPU_A, L4)], criu_plugin)
     src = make_bundle(["sh", "-c", prefix + CUDA_LIKE], name=pt.uniq("src"), env=list(env))
     pt.grant(src, "/dev/nvidia0", 1, 3)
-    for path, maj, mi in extra or ():
+    for path, maj, mi in [CTL, UVM] + list(extra or ()):
         pt.grant(src, path, maj, mi)
     rc, out, err = a.create("c1", src, start=True)
     assert rc == 0, err.text
@@ -60,6 +63,8 @@ def test_cuda_state_is_checkpointed_and_restored_onto_another_gpu(nodes, make_bu
     b = gpu_node(nodes, tmp_path, "b", [(7, GPU_B0, L4), (5, GPU_B1, L4)])
     dst = make_bundle(["sh", "-c", CUDA_LIKE], name=pt.uniq("dst"))
     pt.grant(dst, "/dev/nvidia1", 1, 5)           # this node gives the container its GPU 1
+    pt.grant(dst, *CTL)
+    pt.grant(dst, *UVM)
     rc, out2, err2 = pt.restore(b, "c2", dst, img)
     assert rc == 0, err2.text
     made = pt.calls(b.calls_log)
@@ -102,6 +107,8 @@ def test_criu_cuda_plugin_does_the_work_and_cannot_remap(nodes, make_bundle, tmp
     b = gpu_node(nodes, tmp_path, "b", [(5, GPU_B1, L4)], criu_plugin=True)
     dst = make_bundle(["sh", "-c", CUDA_LIKE], name=pt.uniq("dst"))
     pt.grant(dst, "/dev/nvidia0", 1, 5)
+    pt.grant(dst, *CTL)
+    pt.grant(dst, *UVM)
     rc, out2, err2 = pt.restore(b, "c2", dst, img)
     assert rc != 0
     assert f"{GPU_A}->{GPU_B1}) but CRIU's cuda plugin restores onto the same GPUs only" \
