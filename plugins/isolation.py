@@ -14,6 +14,7 @@
 """
 import json
 import os
+import subprocess
 
 from migrt.errors import RefusedError
 from migrt.plugins import Plugin, nodefacts, plugin_dir, proc
@@ -63,6 +64,13 @@ class Isolation(Plugin):
             files[dest] = {"file": name, "options": m.get("options") or ["rbind", "rprivate"]}
         rec = {"hostname": spec.get("hostname"), "files": files,
                "facts": nodefacts.collect()}
+        # CRIU's own view of the CPU (CPUID, xsave features), checked on the destination.
+        criu = os.environ.get("MIGRT_CRIU", "criu")
+        try:
+            rec["cpuinfo"] = subprocess.run([criu, "cpuinfo", "dump", "-D", d],
+                                            capture_output=True, timeout=30).returncode == 0
+        except (OSError, subprocess.TimeoutExpired):
+            rec["cpuinfo"] = False
         with open(os.path.join(d, RECORD), "w") as f:
             json.dump(rec, f, indent=1)
 
@@ -88,7 +96,18 @@ class Isolation(Plugin):
             return
         opts = ctx["options"]
         if opts.get("check") and rec.get("facts"):
-            problems = nodefacts.incompatible(rec["facts"], nodefacts.collect())
+            here = nodefacts.collect()
+            problems = nodefacts.incompatible(rec["facts"], here)
+            if not problems and rec.get("cpuinfo") and \
+                    rec["facts"].get("cpu_flags") != here.get("cpu_flags"):
+                # Another CPU model: ask CRIU too (skipped when the flags are the same,
+                # since this stage is part of the restore's downtime).
+                criu = os.environ.get("MIGRT_CRIU", "criu")
+                p = subprocess.run([criu, "cpuinfo", "check", "-D", d], capture_output=True,
+                                   text=True, timeout=30)
+                if p.returncode != 0:
+                    problems.append("`criu cpuinfo check` refuses this CPU: "
+                                    + (p.stderr.strip().splitlines() or ["(no output)"])[-1])
             if problems:
                 raise RefusedError("isolation: this node cannot restore the checkpoint: "
                                    + "; ".join(problems))
