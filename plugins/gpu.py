@@ -221,13 +221,16 @@ class Gpu(Plugin):
             rec["devices"] = [d["path"] for d in amd_devices(spec)]
         elif kind == "nvidia":
             pids = proc.container_pids(ctx)
+            candidates = self._cuda_pids(ctx, pids)
+            if not candidates and not nvidia_devices(spec):
+                return     # e.g. a CUDA image's NVIDIA_VISIBLE_DEVICES=all on a node without GPUs
             self._checks(ctx, pids)
-            if not self._tool(ctx):
+            if candidates and not self._tool(ctx):
                 raise RefusedError(f"gpu: {ctx['options']['cuda_checkpoint']} not found; the "
                                    "container's CUDA state cannot be checkpointed; nothing was frozen")
             criu_plugin = self._criu_plugin(ctx, "cuda_plugin.so")
             cuda = []
-            for pid in self._cuda_pids(ctx, pids):
+            for pid in candidates:
                 state = self._state(ctx, pid)
                 if state:
                     cuda.append((pid, state))

@@ -143,3 +143,13 @@ def test_container_files_are_reached_inside_its_root(tmp_path):
     finally:
         os.kill(pid, 9)
         os.waitpid(pid, 0)
+
+
+def test_cuda_image_env_without_gpus_is_left_alone(tmp_path, monkeypatch):
+    """NVIDIA_VISIBLE_DEVICES=all comes with every CUDA base image: no GPU, no refusal."""
+    gpu, ctx = gpu_ctx(cuda_checkpoint=str(tmp_path / "absent"))
+    ctx["spec"]["process"]["env"] = ["NVIDIA_VISIBLE_DEVICES=all"]
+    ctx.update(mode="dump", image_dir=str(tmp_path / "img"))
+    monkeypatch.setattr(proc, "container_pids", lambda ctx: [os.getpid()])
+    gpu.pre_checkpoint(ctx)
+    assert not os.path.exists(tmp_path / "img")
