@@ -281,7 +281,7 @@ state = {json.dumps(self.state)}
         unmount_under(self.base)
         shutil.rmtree(self.base, ignore_errors=True)
         # the shims' runc roots (/run/containerd/runc/<namespace>) of our own namespaces
-        for ns in {self.namespace, "node-a", "node-b"} - {"k8s.io", "default"}:
+        for ns in {self.namespace} - {"k8s.io", "default"}:
             try:
                 os.rmdir(os.path.join("/run/containerd/runc", ns))
             except OSError:
