@@ -171,6 +171,11 @@ def resolve(j, secret):
     killed = stop_leftovers(rec)
     st = _runc(rec, "state", cid)
     src = json.loads(st.stdout).get("status") if st.returncode == 0 else None
+    if src is None:
+        # nothing left here to resume or delete (released, or removed by hand)
+        j.done()
+        return (f"migration {rec['mid']} of {cid} to {rec['to']} (interrupted at {phase}): "
+                f"the source is gone; nothing to do")
     dest, exists = (destination_state(rec, secret) if phase in ("frozen", "restoring")
                     else ("gone", False))
     where = f"migration {rec['mid']} of {cid} to {rec['to']} (interrupted at {phase})"
@@ -185,8 +190,6 @@ def resolve(j, secret):
                 return f"{where}: could not resume the source: {r.stderr.strip()}"
         outcome = (f"{where}: the destination has no copy; source "
                    + ("resumed" if src == "paused" else f"left {src or 'absent'}"))
-    elif src is None:
-        outcome = f"{where}: the source is gone (released before the record was removed)"
     else:
         # unreachable, still restoring, or gone after a restore may have happened
         return (f"{where}: destination says {dest or 'nothing (unreachable)'}; the source "

@@ -81,6 +81,18 @@ class Agent:
         if self.proc and self.proc.poll() is None:
             self.kill()
 
+    def restart(self, env=None):
+        """Start again on the same port and dirs (after a kill)."""
+        self.kill()
+        if env is not None:
+            self.env = dict(os.environ, MIGRT_STAGING=self.staging, **env)
+        return self.start()
+
+    def staged_data(self):
+        """Staged image and rootfs files (the small migration records do not count)."""
+        return [p for p in self.staged_files()
+                if os.path.basename(p) not in ("migration.json", "create.log")]
+
     def staged_files(self):
         out = []
         for top in (self.staging, self.disk):
@@ -109,12 +121,13 @@ class Nodes:
         self.agents.append(ag)
         return ag
 
-    def counter(self, extra_env=()):
+    def counter(self, extra_env=(), src_annotations=None, dest_annotations=None):
         """A running counter on node A and an empty destination bundle for node B."""
         cid = ocitest.uid("mg")
-        bundle = self.make_bundle(["sh", "-c", ocitest.COUNTER], name=cid, env=list(extra_env))
+        bundle = self.make_bundle(["sh", "-c", ocitest.COUNTER], name=cid, env=list(extra_env),
+                                  annotations=src_annotations)
         dest = self.make_bundle(["sh", "-c", ocitest.COUNTER], name=cid + "-dst",
-                                env=list(extra_env))
+                                env=list(extra_env), annotations=dest_annotations)
         rc, out, err = self.a.create(cid, bundle, start=True)
         assert rc == 0, err.text
         ocitest.wait_for(lambda: ocitest.last_count(out) >= 3, what="counter on node A")
@@ -134,10 +147,13 @@ class Nodes:
             report = json.loads(p.stdout)
         return p, report
 
-    def spawn_migrate(self, cid, dest, agent, *extra):
-        p = subprocess.Popen(self.migrate_argv(cid, dest, agent, *extra),
-                             stdout=subprocess.PIPE, stderr=subprocess.PIPE,
-                             stdin=subprocess.DEVNULL, start_new_session=True)
+    def spawn_migrate(self, cid, dest, agent, *extra, env=None, to=None):
+        argv = self.migrate_argv(cid, dest, agent, *extra)
+        if to:
+            argv[argv.index("--to") + 1] = to
+        p = subprocess.Popen(argv, stdout=subprocess.PIPE, stderr=subprocess.PIPE,
+                             stdin=subprocess.DEVNULL, start_new_session=True,
+                             env=dict(os.environ, **(env or {})))
         self.procs.append(p)
         return p
 
@@ -175,3 +191,176 @@ def wait_dest_counting(agent, cid, after, timeout=15):
                      timeout=timeout, what=f"{cid} counting on node B")
     nums = dest_numbers(agent, cid)
     return nums
+
+
+class Proxy:
+    """A TCP forwarder between `migrt migrate` and the agent that a test can cut.
+
+    cut() resets every connection through it (RST, as a dead link or a firewall would);
+    block(True) resets new connections until block(False); cut_after(n) cuts everything
+    once n bytes have gone from the source to the agent.
+    """
+
+    def __init__(self, target_port):
+        import threading
+        self.target = ("127.0.0.1", target_port)
+        self.sock = socket.socket()
+        self.sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+        self.sock.bind(("127.0.0.1", 0))
+        self.sock.listen(64)
+        self.port = self.sock.getsockname()[1]
+        self.address = f"127.0.0.1:{self.port}"
+        self.lock = threading.Lock()
+        self.conns = []
+        self.blocked = False
+        self.limit = None
+        self.forwarded = 0
+        self.cuts = 0
+        self.closed = False
+        threading.Thread(target=self._accept, daemon=True).start()
+
+    def _accept(self):
+        import threading
+        while not self.closed:
+            try:
+                c, _ = self.sock.accept()
+            except OSError:
+                return
+            if self.blocked:
+                _reset(c)
+                continue
+            try:
+                t = socket.create_connection(self.target, timeout=5)
+            except OSError:
+                _reset(c)
+                continue
+            with self.lock:
+                self.conns += [c, t]
+            threading.Thread(target=self._pump, args=(c, t, True), daemon=True).start()
+            threading.Thread(target=self._pump, args=(t, c, False), daemon=True).start()
+
+    def _pump(self, a, b, upstream):
+        try:
+            while True:
+                data = a.recv(65536)
+                if not data:
+                    break
+                if upstream:
+                    with self.lock:
+                        self.forwarded += len(data)
+                        over = self.limit is not None and self.forwarded >= self.limit
+                    if over:
+                        self.cut()
+                        return
+                b.sendall(data)
+        except OSError:
+            pass
+        try:
+            b.shutdown(socket.SHUT_WR)
+        except OSError:
+            pass
+
+    def cut(self):
+        with self.lock:
+            conns, self.conns = self.conns, []
+            self.cuts += 1
+        for c in conns:
+            _reset(c)
+
+    def cut_after(self, nbytes):
+        with self.lock:
+            self.limit = self.forwarded + nbytes
+
+    def block(self, on=True):
+        self.blocked = on
+
+    def close(self):
+        self.closed = True
+        self.sock.close()
+        self.cut()
+
+
+def _reset(s):
+    """Reset a connection. shutdown() first: close() alone does not interrupt a pump
+    thread blocked in recv() on it, and the socket would stay open."""
+    import struct
+    try:
+        s.setsockopt(socket.SOL_SOCKET, socket.SO_LINGER, struct.pack("ii", 1, 0))
+        s.shutdown(socket.SHUT_RDWR)
+    except OSError:
+        pass
+    s.close()
+
+
+ACTION_SCRIPT = """#!/bin/sh
+# CRIU action script of the fault tests: at the action named in $DIR/want, the first
+# time, record CRIU's pid and wait, so that the test can kill CRIU at exactly that step.
+DIR=%s
+if [ "$CRTOOLS_SCRIPT_ACTION" = "$(cat $DIR/want 2>/dev/null)" ] && \
+        mkdir $DIR/fired 2>/dev/null; then
+    echo $$ > $DIR/script.pid
+    echo $PPID > $DIR/criu.pid
+    exec sleep 30
+fi
+exit 0
+"""
+
+
+def criu_hook(tmp, action):
+    """An org.criu.config annotation whose action script stops CRIU at `action`."""
+    d = os.path.join(str(tmp), "criu-hook")
+    os.makedirs(d, exist_ok=True)
+    with open(os.path.join(d, "want"), "w") as f:
+        f.write(action)
+    script = os.path.join(d, "script.sh")
+    with open(script, "w") as f:
+        f.write(ACTION_SCRIPT % d)
+    os.chmod(script, 0o755)
+    conf = os.path.join(d, "criu.conf")
+    with open(conf, "w") as f:
+        f.write(f"action-script {script}\n")
+    return d, {"org.criu.config": conf}
+
+
+def leaks_processes(cid):
+    """Processes whose command line names the container (runc checkpoint, migrate...)."""
+    out = []
+    for d in os.listdir("/proc"):
+        if not d.isdigit():
+            continue
+        try:
+            with open(f"/proc/{d}/cmdline", "rb") as f:
+                args = f.read().split(b"\0")
+        except OSError:
+            continue
+        if cid.encode() in args and b"migrate" not in args[:4]:
+            out.append(int(d))
+    return out
+
+
+def kill_tree_of(path):
+    """SIGKILL every process whose command line names `path`, and its descendants."""
+    import psutil
+    victims = []
+    for p in psutil.process_iter(["pid", "cmdline"]):
+        try:
+            if p.pid != os.getpid() and any(path in a for a in p.info["cmdline"] or []):
+                victims += [p] + p.children(recursive=True)
+        except psutil.Error:
+            continue
+    for p in victims:
+        try:
+            p.kill()
+        except psutil.Error:
+            pass
+    psutil.wait_procs(victims, timeout=10)
+    return [p.pid for p in victims]
+
+
+def umount_under(path):
+    """Unmount what is mounted under path (deepest first); returns what was."""
+    import leaks
+    found = sorted(leaks.mounts(path), key=len, reverse=True)
+    for mp in found:
+        subprocess.run(["umount", "-l", mp], capture_output=True)
+    return found

@@ -1,0 +1,297 @@
+"""Faults during a migration: kill -9 of `migrt migrate`, of the agent, of CRIU, and a
+cut connection, at each phase. Real runc, real CRIU, real TLS over loopback TCP.
+
+Each scenario starts a counter on node A, starts `migrt migrate` to node B's agent,
+does its damage at one exact point (failpoints in migrate and the agent, a CRIU action
+script that holds CRIU at a named step, or a TCP proxy that resets every connection),
+then lets the system resolve itself the way it would on a real node: the migrate
+command finishing or rolling back on its own, the agent being restarted, or `migrt
+migrate` being run again. Then, as a user would check it:
+
+- exactly one copy of the container runs (on A or on B) and none is left paused;
+- its state is intact: the counter goes on from the next number, on A or on B, and the
+  file it keeps open holds every number once, in order;
+- no staged image data is left on B, no journal of the migration is left on A, and no
+  process of the migration (runc checkpoint, CRIU) is left behind.
+"""
+import json
+import os
+import signal
+import subprocess
+import time
+
+import pytest
+
+import migr
+import ocitest
+from migrt import recovery
+
+RESULTS = []
+
+
+@pytest.fixture
+def nodes(tmp_path, migrt_launcher, make_bundle):
+    n = migr.Nodes(migrt_launcher, tmp_path, make_bundle)
+    yield n
+    n.cleanup()
+    # a failed scenario may leave what it started (a hung runc restore and its CRIU
+    # tasks, a bind mount of runc's): end those, by pid, so later tests start clean
+    migr.kill_tree_of(str(tmp_path))
+    migr.umount_under(str(tmp_path))
+
+
+def wait_file(path, timeout=60, proc=None):
+    end = time.monotonic() + timeout
+    while time.monotonic() < end:
+        if os.path.exists(path) and os.listdir(path) if os.path.isdir(path) else os.path.exists(path):
+            return
+        if proc is not None and proc.poll() is not None:
+            out, err = proc.communicate()
+            raise AssertionError(f"migrate ended ({proc.returncode}) before the fault point: "
+                                 f"{err.decode()[-800:]}")
+        time.sleep(0.02)
+    raise AssertionError(f"timed out waiting for {path}")
+
+
+def kill_pid(pid):
+    try:
+        os.kill(pid, signal.SIGKILL)
+    except ProcessLookupError:
+        pass
+
+
+def journals_of(cid):
+    out = []
+    try:
+        for n in os.listdir(recovery.state_dir()):
+            try:
+                with open(os.path.join(recovery.state_dir(), n)) as f:
+                    if json.load(f).get("container") == cid:
+                        out.append(n)
+            except (OSError, ValueError):
+                pass
+    except FileNotFoundError:
+        pass
+    return out
+
+
+def numbers_file(bundle):
+    try:
+        with open(os.path.join(bundle, "rootfs", "data", "counter.log")) as f:
+            return [int(x) for x in f.read().split()]
+    except OSError:
+        return []
+
+
+def settle(nodes, agent, cid, bundle, dest, out_a, expect, resolve=None, timeout=60):
+    """Wait until the migration is resolved, then check everything a user would."""
+    end = time.monotonic() + timeout
+    last = None
+    while time.monotonic() < end:
+        c = migr.copies(nodes, cid)
+        last = c
+        one = (c["a"] == "running" and c["b"] is None) or (c["b"] == "running" and c["a"] is None)
+        if one and not journals_of(cid) and not agent.staged_data():
+            break
+        if resolve:
+            resolve()
+        time.sleep(0.3)
+    else:
+        raise AssertionError(f"not resolved: copies {last}, journals {journals_of(cid)}, "
+                             f"staged {agent.staged_data()[:3]}; agent log: {agent.log()[-1500:]}")
+    where = "a" if last["a"] == "running" else "b"
+    assert where == expect, f"container ended on {where}, expected {expect}"
+    if where == "a":
+        n0 = ocitest.last_count(out_a)
+        ocitest.wait_for(lambda: ocitest.last_count(out_a) >= n0 + 3, timeout=15,
+                         what="counter going on at the source")
+        nums = [int(x) for x in out_a.lines() if x.isdigit()]
+        assert nums == list(range(1, len(nums) + 1)), "source stdout lost or repeated numbers"
+        log = numbers_file(bundle)
+    else:
+        out_a.thread.join(15)
+        a_last = ocitest.last_count(out_a)
+        nums = migr.wait_dest_counting(agent, cid, a_last)
+        assert nums[0] == a_last + 1 and nums == list(range(nums[0], nums[0] + len(nums))), \
+            f"destination did not carry on: source ended at {a_last}, destination {nums[:5]}"
+        log = numbers_file(dest)
+    assert log == list(range(1, len(log) + 1)) and len(log) > 3, "counter.log damaged"
+    left = [p for p in migr.leaks_processes(cid) if p != os.getpid()]
+    assert left == [], f"processes of the migration left: {left}"
+    return where
+
+
+def run_scenario(nodes, tmp_path, name, expect, *, mig_fp=None, agent_fp=None,
+                 criu_at=None, criu_side=None, fault, resolve="none", proxy=False):
+    fpdir = str(tmp_path / "fp")
+    os.makedirs(fpdir, exist_ok=True)
+    agent_env = {"MIGRT_FAILPOINT_DIR": fpdir}
+    if agent_fp:
+        agent_env["MIGRT_FAILPOINTS"] = agent_fp
+    agent = nodes.agent(ttl=8, env=agent_env)
+    src_ann = dest_ann = None
+    hook = None
+    if criu_at:
+        hook, ann = migr.criu_hook(tmp_path, criu_at)
+        src_ann, dest_ann = (ann, None) if criu_side == "dump" else (None, ann)
+    cid, bundle, dest, out_a = nodes.counter(src_annotations=src_ann, dest_annotations=dest_ann)
+    px = migr.Proxy(agent.port) if proxy else None
+    env = {"MIGRT_FAILPOINT_DIR": fpdir}
+    if mig_fp:
+        env["MIGRT_FAILPOINTS"] = mig_fp
+    t0 = time.monotonic()
+    mig = nodes.spawn_migrate(cid, dest, agent, env=env, to=px.address if px else None)
+    ctx = {"agent": agent, "mig": mig, "fpdir": fpdir, "hook": hook, "proxy": px,
+           "nodes": nodes, "cid": cid}
+    fault(ctx)
+    try:
+        mig.wait(90)
+    except subprocess.TimeoutExpired:
+        mig.kill()
+        raise
+    rc = mig.returncode
+    err = mig.stderr.read().decode(errors="replace")
+
+    resolver = None
+    if resolve == "restart-agent":
+        if agent.proc.poll() is None:
+            agent.kill()
+        agent.restart(env={})
+    elif resolve == "rerun-migrate":
+        def resolver():
+            p = subprocess.run(nodes.migrate_argv(cid, dest, agent), capture_output=True,
+                               text=True, timeout=60)
+            ctx.setdefault("reruns", []).append((p.returncode, p.stderr.strip()[-300:]))
+        resolver()
+        resolver = None
+    if hook:
+        # the action script CRIU left behind (its CRIU is dead) has nothing to wait for
+        try:
+            kill_pid(int(open(os.path.join(hook, "script.pid")).read()))
+        except (OSError, ValueError):
+            pass
+    where = settle(nodes, agent, cid, bundle, dest, out_a, expect, resolver)
+    took = time.monotonic() - t0
+    RESULTS.append({"scenario": name, "migrate_exit": rc, "ended_on": where,
+                    "seconds": round(took, 1)})
+    print(f"\nFAULT {name}: migrate exit {rc}, container on node {where.upper()}, "
+          f"resolved in {took:.1f}s; {err.strip().splitlines()[-1][:160] if err.strip() else ''}")
+    if px:
+        px.close()
+    return rc, err
+
+
+# ---------------------------------------------------------------- fault actions
+
+def at_failpoint(point, then):
+    def fault(ctx):
+        wait_file(os.path.join(ctx["fpdir"]), proc=ctx["mig"] if "agent" not in point else None)
+        while not any(f.startswith(point) for f in os.listdir(ctx["fpdir"])):
+            if ctx["mig"].poll() is not None:
+                raise AssertionError(f"migrate ended before {point}: "
+                                     f"{ctx['mig'].stderr.read().decode()[-800:]}")
+            time.sleep(0.02)
+        then(ctx)
+    return fault
+
+
+def at_criu(then):
+    def fault(ctx):
+        pidfile = os.path.join(ctx["hook"], "criu.pid")
+        end = time.monotonic() + 60
+        while not os.path.exists(pidfile) or not open(pidfile).read().strip():
+            assert time.monotonic() < end, "CRIU never reached the action"
+            if ctx["mig"].poll() is not None:
+                raise AssertionError(f"migrate ended before CRIU's step: "
+                                     f"{ctx['mig'].stderr.read().decode()[-800:]}")
+            time.sleep(0.02)
+        then(ctx)
+    return fault
+
+
+def kill_migrate(ctx):
+    kill_pid(ctx["mig"].pid)
+
+
+def kill_agent(ctx):
+    ctx["agent"].kill()
+
+
+def kill_agent_restart_soon(ctx):
+    ctx["agent"].kill()
+    time.sleep(1)
+    ctx["agent"].restart(env={})
+
+
+def kill_criu(ctx):
+    kill_pid(int(open(os.path.join(ctx["hook"], "criu.pid")).read()))
+
+
+def cut(ctx):
+    ctx["proxy"].cut()
+
+
+def cut_and_partition(ctx):
+    ctx["proxy"].block(True)
+    ctx["proxy"].cut()
+    time.sleep(4)
+    ctx["proxy"].block(False)
+
+
+SCENARIOS = [
+    # name, expect, kwargs
+    # migrate run again: it finishes the dead one's journal, then migrates for real
+    ("kill -9 migrate, before freeze; migrate again", "b",
+     dict(mig_fp="migrate.before-freeze=pause(60)",
+          fault=at_failpoint("migrate.before-freeze", kill_migrate), resolve="rerun-migrate")),
+    ("kill -9 migrate, during dump (CRIU at network-lock)", "a",
+     dict(criu_at="network-lock", criu_side="dump", fault=at_criu(kill_migrate),
+          resolve="restart-agent")),
+    ("kill -9 migrate, during transfer (sent, not committed)", "a",
+     dict(mig_fp="migrate.after-dump=pause(60)",
+          fault=at_failpoint("migrate.after-dump", kill_migrate), resolve="restart-agent")),
+    ("kill -9 migrate, during restore", "b",
+     dict(agent_fp="agent.before-restore=pause(2)",
+          fault=at_failpoint("agent.before-restore", kill_migrate), resolve="none")),
+    ("kill -9 migrate, after restore before release; migrate again", "b",
+     dict(mig_fp="migrate.before-release=pause(60)",
+          fault=at_failpoint("migrate.before-release", kill_migrate), resolve="rerun-migrate")),
+    ("kill -9 agent, before freeze", "a",
+     dict(mig_fp="migrate.before-freeze=pause(2)",
+          fault=at_failpoint("migrate.before-freeze", kill_agent), resolve="restart-agent")),
+    ("kill -9 agent, during transfer", "a",
+     dict(mig_fp="migrate.after-dump=pause(2)",
+          fault=at_failpoint("migrate.after-dump", kill_agent), resolve="restart-agent")),
+    ("kill -9 agent, during restore (before create)", "a",
+     dict(agent_fp="agent.before-restore=pause(60)",
+          fault=at_failpoint("agent.before-restore", kill_agent_restart_soon))),
+    ("kill -9 agent, during restore (created, not started)", "b",
+     dict(agent_fp="agent.after-create=pause(60)",
+          fault=at_failpoint("agent.after-create", kill_agent_restart_soon))),
+    ("kill -9 CRIU, during dump", "a",
+     dict(criu_at="network-lock", criu_side="dump", fault=at_criu(kill_criu))),
+    ("kill -9 CRIU, during restore", "a",
+     dict(criu_at="post-setup-namespaces", criu_side="restore", fault=at_criu(kill_criu))),
+    ("cut connection, before freeze", "a",
+     dict(proxy=True, mig_fp="migrate.before-freeze=pause(2)",
+          fault=at_failpoint("migrate.before-freeze", cut))),
+    ("cut connection, during transfer", "a",
+     dict(proxy=True, mig_fp="migrate.after-dump=pause(2)",
+          fault=at_failpoint("migrate.after-dump", cut))),
+    ("cut connection, during restore (4 s partition)", "b",
+     dict(proxy=True, agent_fp="agent.before-restore=pause(2)",
+          fault=at_failpoint("agent.before-restore", cut_and_partition))),
+    ("cut connection, after restore before release", "b",
+     dict(proxy=True, mig_fp="migrate.before-release=pause(2)",
+          fault=at_failpoint("migrate.before-release", cut))),
+]
+
+
+@pytest.mark.parametrize("name,expect,kw", SCENARIOS, ids=[s[0] for s in SCENARIOS])
+def test_fault(nodes, tmp_path, name, expect, kw):
+    run_scenario(nodes, tmp_path, name, expect, **kw)
+
+
+def test_fault_summary():
+    if RESULTS:
+        print("\nFAULT SUMMARY " + json.dumps(RESULTS))
