@@ -129,13 +129,16 @@ def test_container_files_are_reached_inside_its_root(tmp_path):
     (root / "etc").mkdir(parents=True)
     (root / "etc" / "hosts").symlink_to("/etc/secret")    # absolute: inside its root
     (root / "etc" / "secret").write_text("container's own\n")
+    r, w = os.pipe()
     pid = os.fork()
     if pid == 0:
         os.chroot(str(root))
+        os.write(w, b"x")
         time.sleep(30)
         os._exit(0)
     try:
-        time.sleep(0.2)
+        os.close(w)
+        assert os.read(r, 1) == b"x"         # chrooted now
         assert proc.read_in_root(pid, "/etc/hosts") == b"container's own\n"
         rdma = sys.modules[load("rdma").__class__.__module__]
         rdma.write_event(pid, "/notify", "resumed", node="x")
