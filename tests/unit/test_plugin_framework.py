@@ -237,3 +237,24 @@ def test_plugins_command_lists_and_explains(tmp_path):
     assert rows["gpu"]["applies"] and "bundle grants device /dev/nvidia0" in rows["gpu"]["why"]
     assert rows["rdma"]["options"]["notify"] == ""
     assert rows["rdma"]["why"].startswith("process.env sets MIGRT_NOTIFY=/run/n")
+
+
+def test_engine_runs_stages_for_a_container_it_drives_itself(tmp_path, monkeypatch):
+    monkeypatch.setenv("MIGRT_LOG_DIR", str(tmp_path / "records"))
+    bundle = tmp_path / "bundle"
+    bundle.mkdir()
+    (bundle / "config.json").write_text(json.dumps(spec(env=["MIGRT_PLUGINS=logs"])))
+    root = tmp_path / "root"
+    (root / "c1").mkdir(parents=True)
+    (root / "c1" / "state.json").write_text(json.dumps(
+        {"init_process_pid": os.getpid(), "config": {"labels": [f"bundle={bundle}"]}}))
+    from migrt.plugins.engine import ForContainer
+    from migrt.plugins import record
+    hooks = ForContainer(str(root), "c1")
+    assert hooks.names == ["logs"]
+    hooks.pre_checkpoint(str(tmp_path / "img"), mode="dump")
+    hooks.post_checkpoint(str(tmp_path / "img"), mode="dump", error="transfer broke")
+    hooks.record({"event": "migrate", "phases": {"freeze": 0.1}, "ok": False})
+    events = record.events("c1")
+    assert [e["event"] for e in events] == ["checkpoint", "migrate"]
+    assert events[0]["error"] == "transfer broke" and events[0]["ok"] is False
