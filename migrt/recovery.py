@@ -173,6 +173,7 @@ def resolve(j, secret):
     src = json.loads(st.stdout).get("status") if st.returncode == 0 else None
     if src is None:
         # nothing left here to resume or delete (released, or removed by hand)
+        _drop_work(rec)
         j.done()
         return (f"migration {rec['mid']} of {cid} to {rec['to']} (interrupted at {phase}): "
                 f"the source is gone; nothing to do")
@@ -196,11 +197,16 @@ def resolve(j, secret):
                 f"stays {src} until that is known")
     if killed:
         outcome += f"; stopped {killed} leftover process(es)"
+    _drop_work(rec)
+    j.done()
+    return outcome
+
+
+def _drop_work(rec):
+    """The dead writer's local image and CRIU work dir (only under .../migrate/)."""
     work = rec.get("work")
     if work and os.path.basename(os.path.dirname(work)) == "migrate":
         shutil.rmtree(work, ignore_errors=True)
-    j.done()
-    return outcome
 
 
 def resolve_pending(secret=None, log=None):

@@ -27,6 +27,7 @@ import ocitest
 from migrt import recovery
 
 RESULTS = []
+WORK = os.path.join(os.environ.get("MIGRT_STATE_DIR", "/run/migrt"), "migrate")
 
 
 @pytest.fixture
@@ -139,6 +140,7 @@ def run_scenario(nodes, tmp_path, name, expect, *, mig_fp=None, agent_fp=None,
     env = {"MIGRT_FAILPOINT_DIR": fpdir}
     if mig_fp:
         env["MIGRT_FAILPOINTS"] = mig_fp
+    work_before = set(os.listdir(WORK)) if os.path.isdir(WORK) else set()
     t0 = time.monotonic()
     mig = nodes.spawn_migrate(cid, dest, agent, env=env, to=px.address if px else None)
     ctx = {"agent": agent, "mig": mig, "fpdir": fpdir, "hook": hook, "proxy": px,
@@ -172,6 +174,9 @@ def run_scenario(nodes, tmp_path, name, expect, *, mig_fp=None, agent_fp=None,
             pass
     where = settle(nodes, agent, cid, bundle, dest, out_a, expect, resolver)
     took = time.monotonic() - t0
+    # the source's local copy of the image (its work dir) is gone as well
+    ocitest.wait_for(lambda: not (set(os.listdir(WORK)) - work_before), timeout=10,
+                     what="the migration's work dir on the source to go")
     RESULTS.append({"scenario": name, "migrate_exit": rc, "ended_on": where,
                     "seconds": round(took, 1)})
     print(f"\nFAULT {name}: migrate exit {rc}, container on node {where.upper()}, "
