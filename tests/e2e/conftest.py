@@ -111,3 +111,17 @@ def front(tmp_path, migrt_launcher):
     path.write_text(text)
     path.chmod(0o755)
     return str(path)
+
+
+@pytest.fixture(scope="session")
+def pyz(workdir):
+    """migrt as the single-file zipapp of packaging/build_zipapp.py, for /usr/bin/python3;
+    it unpacks its compiled dependencies into a cache dir of its own (MIGRT_PYZ_CACHE)."""
+    repo = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+    out = str(workdir / "migrt.pyz")
+    import subprocess
+    subprocess.run([sys.executable, os.path.join(repo, "packaging", "build_zipapp.py"),
+                    "-o", out, "--python", "/usr/bin/python3"], check=True,
+                   capture_output=True, timeout=300)
+    cache = str(workdir / "pyz-cache")
+    return out, {"MIGRT_PYZ_CACHE": cache}

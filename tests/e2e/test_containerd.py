@@ -80,14 +80,19 @@ def test_ctr_lifecycle_same_as_runc(start_containerd, traced, tmp_path):
         assert step in calls(), f"shim never called migrt {step}: {calls()}"
 
 
-@pytest.mark.parametrize("entry", ["launcher", "front"])
-def test_ctr_checkpoint_and_marker_restore(start_containerd, migrt_launcher, front, entry,
+@pytest.mark.parametrize("entry", ["launcher", "front", "zipapp"])
+def test_ctr_checkpoint_and_marker_restore(request, start_containerd, migrt_launcher, entry,
                                            checkpoint_dir, tmp_path):
     """`ctr task checkpoint` through migrt, then a new container created with the marker
     restores it, and its output goes on in the new task's log. Through migrt's launcher,
-    and through the proposed shell front door (packaging/front.sh) before it."""
-    migrt_launcher = front if entry == "front" else migrt_launcher
-    c = start_containerd()
+    the proposed shell front door (packaging/front.sh) before it, and the single-file
+    zipapp on the system's Python."""
+    env = None
+    if entry == "front":
+        migrt_launcher = request.getfixturevalue("front")
+    elif entry == "zipapp":
+        migrt_launcher, env = request.getfixturevalue("pyz")
+    c = start_containerd(env=env)
     old_log, new_log = str(tmp_path / "old.log"), str(tmp_path / "new.log")
     c.ctr("run", "-d", "--runc-binary", migrt_launcher, "--log-uri", f"file://{old_log}",
           IMAGE, "counter", "sh", "-c", COUNTER)

@@ -128,6 +128,30 @@ def test_zipapp_is_one_file_needing_only_system_python(pyz, tmp_path):
     assert "migrt/fast.pyc" in names and "click/__init__.pyc" in names
 
 
+def test_zipapp_unpacks_compiled_dependencies_on_first_use(pyz, tmp_path):
+    """xxhash, zstandard, psutil and jsonschema (checkpoint, migrate, agent) come out of
+    the zip into a cache dir the first time they are imported, and only then."""
+    main = zipfile.ZipFile(pyz).read("__main__.py").decode()
+    probe = main.replace("from migrt.fast import main\nmain()\n",
+                         "import xxhash, zstandard, psutil, jsonschema\n"
+                         "jsonschema.validate(1, {'type': 'integer'})\n"
+                         "print(xxhash.__file__)\n")
+    assert probe != main
+    cache = tmp_path / "cache"
+    code = (f"import sys; sys.path.insert(0, {pyz!r}); "
+            f"__file__ = {pyz + '/__main__.py'!r}; exec(compile({probe!r}, 'probe', 'exec'))")
+    env = dict(os.environ, MIGRT_PYZ_CACHE=str(cache))
+    p = subprocess.run([SYSTEM_PYTHON, "-I", "-S", "-c", code], capture_output=True,
+                       text=True, env=env, timeout=120)
+    assert p.returncode == 0, p.stderr
+    assert p.stdout.startswith(str(cache) + "/pyz-"), p.stdout
+    # a pass-through call leaves the cache alone
+    cache2 = tmp_path / "cache2"
+    env = dict(os.environ, MIGRT_PYZ_CACHE=str(cache2), MIGRT_RUNC=fake_runc(tmp_path))
+    subprocess.run([pyz, "state", "c1"], capture_output=True, env=env, timeout=60)
+    assert not cache2.exists()
+
+
 def median_ms(argv, env, n=25):
     xs = []
     for _ in range(n):
