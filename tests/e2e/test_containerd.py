@@ -5,6 +5,7 @@ CRI API (what the kubelet calls), where the runtime handler "migrt" comes from t
 drop-in in containerd-config/. Each test starts its own containerd and leaves nothing
 behind.
 """
+import base64
 import json
 import os
 import time
@@ -118,6 +119,36 @@ def test_ctr_checkpoint_and_marker_restore(request, start_containerd, migrt_laun
     wait_for(lambda: c.ctr("task", "ls").stdout.split()[-1] == "STOPPED", what="STOPPED")
     c.ctr("task", "delete", "counter2")
     assert migrt_work_dirs(c) == set()
+
+
+def test_containerd_checkpoint_image_round_trip(start_containerd, migrt_launcher):
+    """containerd's own checkpoint (an image in its content store, with the rw layer) and
+    `ctr containers restore --live` work through migrt as through runc: the restore is
+    runc's own `restore`, which migrt passes through."""
+    c = start_containerd()
+    c.ctr("run", "-d", "--runc-binary", migrt_launcher, IMAGE, "cnt", "sh", "-c",
+          "i=0; while :; do i=$((i+1)); echo $i > /tmp/count; sleep 0.1; done")
+
+    def count():
+        p = c.ctr("task", "exec", "--exec-id", f"e{time.monotonic_ns()}", "cnt", "cat",
+                  "/tmp/count", check=False)
+        return int(p.stdout) if p.stdout.strip().isdigit() else 0
+    wait_for(lambda: count() >= 30, timeout=20, what="the counter to reach 30")
+    c.ctr("containers", "checkpoint", "--task", "--rw", "cnt", "localhost/ckpt/cnt:1")
+    after_checkpoint = count()
+    c.ctr("task", "kill", "-s", "SIGKILL", "cnt")
+    wait_for(lambda: c.ctr("task", "ls").stdout.split()[-1] == "STOPPED", what="STOPPED")
+    c.ctr("task", "delete", "cnt")
+    c.ctr("container", "delete", "cnt")
+
+    c.ctr("containers", "restore", "--live", "--rw", "cnt", "localhost/ckpt/cnt:1")
+    assert c.ctr("task", "ls").stdout.split()[-1] == "RUNNING"
+    after = count()
+    # checkpointed at 30 or more: a fresh start would be back near 0
+    assert 30 <= after <= after_checkpoint + 30, (after_checkpoint, after)
+    info = json.loads(c.ctr("containers", "info", "cnt").stdout)
+    options = base64.b64decode(info["Runtime"]["Options"]["value"])     # runc Options proto
+    assert migrt_launcher.encode() in options, "the restored container lost BinaryName"
 
 
 def test_ctr_failed_restore_shows_migrts_message(start_containerd, migrt_launcher,
