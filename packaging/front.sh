@@ -31,6 +31,8 @@ find_runc() {                          # sets R; no subshell: this runs on every
 runc() {
     find_runc
     [ -n "$R" ] || python "$@"        # migrt says "runc not found" in its own words
+    # runc looks CRIU up on PATH (restore passes through here): a shim's PATH may lack sbin
+    case ":$PATH:" in *:/usr/sbin:*) ;; *) export PATH="${PATH:+$PATH:}/usr/local/sbin:/usr/sbin:/sbin";; esac
     exec "$R" "$@"
 }
 
