@@ -91,7 +91,14 @@ def dispatch(argv):
         spec = read_spec(bundle)
         marker = find_marker(spec, bundle)
         from migrt import hookgate
-        plugins = hookgate.active(spec, bundle)
+        try:
+            plugins = hookgate.active(spec, bundle)
+        except Exception:
+            # A broken node plugin config must not stop containers that asked for
+            # nothing: only a restore or an explicit plugin choice fails on it.
+            if marker is not None or hookgate.explicit_choice(spec)[1]:
+                raise
+            plugins = []
         if marker is None and not plugins:
             exec_runc(argv)
         from migrt import lifecycle

@@ -243,7 +243,7 @@ def restore_create(call, flags, cid, bundle, spec, marker, plugins):
 
     runc_spec = strip_marker(spec)
     ctx = run_stage("pre-restore", plugins, call=call, cid=cid, bundle=bundle, spec=runc_spec,
-                    image_dir=source.image_dir)
+                    image_dir=source.image_dir, work_dir=work)
     runc_spec = ctx["spec"]
     backup = os.path.join(bundle, SPEC_BACKUP)
     if not os.path.exists(backup):
@@ -295,14 +295,28 @@ def restore_create(call, flags, cid, bundle, spec, marker, plugins):
                 pass
         raise
     pid = _read_pid(flags.get("pid-file")) or _state_pid(call, cid)
+    try:
+        run_stage("post-restore", plugins, call=call, cid=cid, bundle=bundle, spec=runc_spec,
+                  image_dir=source.image_dir, pid=pid, work_dir=work)
+    except BaseException as e:
+        # A plugin could not finish the restore (a GPU left locked, a device missing):
+        # the caller sees a failed create, so no container may be left running.
+        quiet_runc(call.global_tokens() + ["delete", "--force", cid])
+        if lazy:
+            _kill(lazy)
+        put_back_spec(bundle)
+        if source.on_failed:
+            try:
+                source.on_failed(cid, str(e))
+            except Exception:
+                pass
+        raise
     write_record(call, cid, {
         "restored_from": marker, "image_dir": source.image_dir, "work": work,
         "started": not detach or call.command == "run", "plugins": list(plugins),
         "restore_seconds": round(time.monotonic() - started, 3),
         "restored_at": time.time(), "lazy_pid": lazy.pid if lazy else None,
     })
-    run_stage("post-restore", plugins, call=call, cid=cid, bundle=bundle, spec=runc_spec,
-              image_dir=source.image_dir, pid=pid)
     if source.on_restored:
         source.on_restored(cid, pid)
     return 0
@@ -431,30 +445,38 @@ def checkpoint(call, flags, cid):
     plugins = []
     spec = None
     if bundle:
+        from migrt.fast import read_spec
+        from migrt import hookgate
         try:
-            from migrt.fast import read_spec
-            from migrt import hookgate
             spec = read_spec(bundle)
-            plugins = hookgate.active(spec, bundle)
         except MigrtError:
-            plugins = []
+            spec = None
+        if spec is not None:
+            plugins = hookgate.active(spec, bundle, stage="checkpoint")
     image_dir = os.path.abspath(flags.get("image-path") or "checkpoint")
     work = os.path.abspath(flags.get("work-path") or image_dir)
     mode = ("pre-dump" if flags.get("pre-dump") else
             "leave-running" if flags.get("leave-running") else "dump")
-    run_stage("pre-checkpoint", plugins, call=call, cid=cid, bundle=bundle, spec=spec,
-              image_dir=image_dir, mode=mode)
-    rc = run_runc(call.argv)
-    if rc != 0:
-        dump_log = os.path.join(work, "pre-dump.log" if mode == "pre-dump" else "dump.log")
-        errs = criu_errors(dump_log)
-        if errs or os.path.exists(dump_log):
+    ctx = dict(call=call, cid=cid, bundle=bundle, spec=spec, image_dir=image_dir,
+               work_dir=work, mode=mode)
+    run_stage("pre-checkpoint", plugins, **ctx)
+    try:
+        rc = run_runc(call.argv)
+        if rc != 0:
+            dump_log = os.path.join(work, "pre-dump.log" if mode == "pre-dump" else "dump.log")
+            errs = criu_errors(dump_log)
             raise RuncError(f"checkpoint of {cid} failed; CRIU log {dump_log}"
                             + (": " + "; ".join(errs) if errs else ""))
-        return rc
+    except BaseException as e:
+        # plugins undo what pre-checkpoint did (resume CUDA, tell the workload)
+        try:
+            run_stage("post-checkpoint", plugins, **dict(ctx, error=str(e) or "interrupted"))
+        except Exception:
+            pass
+        raise
+    run_stage("post-checkpoint", plugins, **ctx)
+    # sealed last, so that what plugins add to the image is covered by its digests
     if mode != "pre-dump" and not flags.get("lazy-pages"):
         from migrt import image
         image.finalize_checkpoint(image_dir, cid, state, bundle, checkpoint_flags(flags))
-    run_stage("post-checkpoint", plugins, call=call, cid=cid, bundle=bundle, spec=spec,
-              image_dir=image_dir, mode=mode)
     return 0
