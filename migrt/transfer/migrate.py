@@ -182,11 +182,7 @@ class Migration:
 
     def _rollback(self):
         if self.lazy_proc is not None:
-            try:
-                self.lazy_proc.kill()
-                self.lazy_proc.wait(10)
-            except Exception:
-                pass
+            _kill_group(self.lazy_proc)
         if self.ctl is not None:
             try:
                 self.ctl.send_json({"op": "abort"})
@@ -197,8 +193,9 @@ class Migration:
         resumed = False
         if self.paused:
             p = self.src.run("resume", self.cid)
-            if p.returncode != 0:
-                st = self.src.run("state", self.cid)
+            st = self.src.run("state", self.cid)
+            running = p.returncode == 0 or '"status": "running"' in st.stdout
+            if not running:
                 raise MigrtError(f"migration of {self.cid} failed during {self.phase} and the "
                                  f"source could not be resumed: {p.stderr.strip()} "
                                  f"(state: {st.stdout.strip()[:200]})")
@@ -252,9 +249,14 @@ class Migration:
                       level=self.opts.level, progress=progress)
 
     def _checkpoint_argv(self, image, work, lazy_addr=None, status_fd=None):
-        argv = ["checkpoint", "--leave-running", "--image-path", image, "--work-path", work]
+        argv = ["checkpoint", "--image-path", image, "--work-path", work]
         if lazy_addr:
+            # CRIU 4.1 fails to serve lazy pages with --leave-running (page-pipe splice
+            # EBADF); without it CRIU keeps the tasks frozen until every page is served,
+            # and on a failed transfer unfreezes them (the cgroup stays paused).
             argv += ["--lazy-pages", "--page-server", lazy_addr, "--status-fd", str(status_fd)]
+        else:
+            argv.insert(1, "--leave-running")
         return argv + self.opts.criu_flags + [self.cid]
 
     def _dump_thread(self, image, work, result, capture=True):
@@ -444,7 +446,7 @@ class Migration:
             [self.src.runc, "--root", self.src.root]
             + self._checkpoint_argv(image, work, f"{local_ip}:{port}", w),
             stdin=subprocess.DEVNULL, stdout=subprocess.PIPE, stderr=subprocess.PIPE,
-            pass_fds=(w,))
+            pass_fds=(w,), start_new_session=True)
         os.close(w)
         ready = b""
         import select
@@ -481,8 +483,7 @@ class Migration:
         try:
             self.lazy_proc.wait(timeout)
         except subprocess.TimeoutExpired:
-            self.lazy_proc.kill()
-            self.lazy_proc.wait()
+            _kill_group(self.lazy_proc)
             self.report["warning"] = "page server did not finish in time"
         self._t("pages_served_after_restore", t0)
         self.lazy_proc = None
@@ -541,6 +542,19 @@ class Migration:
         self.phase = "serving pages"
         self.lazy_finish()
         self.release_source()
+
+
+def _kill_group(proc):
+    """Stop runc checkpoint and the CRIU it runs (its own process group)."""
+    import signal
+    try:
+        os.killpg(proc.pid, signal.SIGKILL)
+    except OSError:
+        pass
+    try:
+        proc.wait(10)
+    except Exception:
+        pass
 
 
 def _free_port(host):

@@ -1,0 +1,356 @@
+"""`migrt migrate` between two simulated nodes (two runc roots) over real TCP on loopback.
+
+Every test checks what a user would: the counter goes on at the destination, or, when
+something fails, the source is still running (not paused, not gone) and the destination
+holds neither a container nor staged files.
+"""
+import json
+import os
+import shutil
+import signal
+import socket
+import subprocess
+import threading
+import time
+
+import pytest
+
+import ocitest
+
+
+def free_port():
+    s = socket.socket()
+    s.bind(("127.0.0.1", 0))
+    p = s.getsockname()[1]
+    s.close()
+    return p
+
+
+def secret_file(path, value=None):
+    fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o600)
+    with os.fdopen(fd, "w") as f:
+        f.write((value or os.urandom(24).hex()) + "\n")
+    return str(path)
+
+
+class Proxy:
+    """A TCP relay between migrate and the agent that can damage or slow the data."""
+
+    def __init__(self, target, flip_at=None, rate=None):
+        self.target = target
+        self.flip_at = flip_at       # flip one byte at this offset of the 2nd connection
+        self.rate = rate             # bytes per second, client to server
+        self.forwarded = 0
+        self.sock = socket.socket()
+        self.sock.bind(("127.0.0.1", 0))
+        self.sock.listen(16)
+        self.address = f"127.0.0.1:{self.sock.getsockname()[1]}"
+        self.n = 0
+        threading.Thread(target=self._accept, daemon=True).start()
+
+    def _accept(self):
+        while True:
+            try:
+                c, _ = self.sock.accept()
+            except OSError:
+                return
+            host, port = self.target.rsplit(":", 1)
+            u = socket.create_connection((host, int(port)))
+            idx = self.n
+            self.n += 1
+            threading.Thread(target=self._pump, args=(c, u, idx, True), daemon=True).start()
+            threading.Thread(target=self._pump, args=(u, c, idx, False), daemon=True).start()
+
+    def _pump(self, a, b, idx, up):
+        pos = 0
+        try:
+            while True:
+                data = a.recv(16384)
+                if not data:
+                    break
+                if up and self.flip_at is not None and idx == 1 and pos <= self.flip_at < pos + len(data):
+                    i = self.flip_at - pos
+                    data = data[:i] + bytes([data[i] ^ 0x55]) + data[i + 1:]
+                pos += len(data)
+                if up:
+                    self.forwarded += len(data)
+                    if self.rate:
+                        time.sleep(len(data) / self.rate)
+                b.sendall(data)
+        except OSError:
+            pass
+        for s in (a, b):
+            try:
+                s.shutdown(socket.SHUT_RDWR)
+            except OSError:
+                pass
+
+    def close(self):
+        self.sock.close()
+
+
+class Agent:
+    def __init__(self, binary, tmp, root, secret, env, quota=None, staging=None):
+        self.dir = os.path.join(tmp, "agent")
+        self.staging = staging or os.path.join(env["MIGRT_STATE_DIR"], "staged")
+        self.disk = os.path.join(self.dir, "disk")
+        self.address = f"127.0.0.1:{free_port()}"
+        self.argv = [binary, "--root", root, "agent", "--listen", self.address,
+                     "--secret-file", secret, "--staging", self.staging, "--disk", self.disk,
+                     "--log-dir", os.path.join(self.dir, "logs")]
+        if quota:
+            self.argv += ["--quota", str(quota)]
+        self.env = env
+        self.proc = None
+        os.makedirs(self.dir, exist_ok=True)
+
+    def start(self):
+        self.err = open(os.path.join(self.dir, "stderr"), "ab")
+        self.proc = subprocess.Popen(self.argv, stdout=subprocess.PIPE, stderr=self.err,
+                                     stdin=subprocess.DEVNULL, env=self.env, start_new_session=True)
+        line = self.proc.stdout.readline().decode()
+        assert "listening" in line, self.log()
+        return self
+
+    def log(self):
+        with open(os.path.join(self.dir, "stderr"), errors="replace") as f:
+            return f.read()
+
+    def kill(self, sig=signal.SIGKILL):
+        if self.proc and self.proc.poll() is None:
+            os.kill(self.proc.pid, sig)
+            self.proc.wait(30)
+
+    def staged(self):
+        out = []
+        for d in (self.staging, self.disk):
+            if os.path.isdir(d):
+                out += [os.path.join(d, n) for n in os.listdir(d)]
+        return out
+
+
+@pytest.fixture
+def two_nodes(tmp_path, node, make_bundle, migrt_launcher):
+    state = f"/dev/shm/migrt-it-{ocitest.uid('s')}"
+    env = dict(os.environ, MIGRT_STATE_DIR=state)
+    secret = secret_file(tmp_path / "secret")
+    a = ocitest.Runtime(migrt_launcher, str(tmp_path / "root-a"), env=env)
+    b = ocitest.Runtime(migrt_launcher, str(tmp_path / "root-b"), env=env)
+    agents = []
+
+    class Nodes:
+        pass
+    n = Nodes()
+    n.a, n.b, n.env, n.secret, n.tmp = a, b, env, secret, str(tmp_path)
+
+    def agent(**kw):
+        ag = Agent(migrt_launcher, str(tmp_path), b.root, kw.pop("secret", secret), env, **kw)
+        agents.append(ag)
+        return ag.start()
+    n.agent = agent
+
+    def source(cid="ctr"):
+        bundle = make_bundle(["sh", "-c", ocitest.COUNTER], name="src")
+        code, out, err = a.create(cid, bundle, start=True)
+        assert code == 0, err.text
+        ocitest.wait_for(lambda: ocitest.last_count(out) >= 5, what="counter on the source")
+        return bundle, out
+    n.source = source
+
+    def dest_bundle():
+        return make_bundle(["sh", "-c", ocitest.COUNTER], name="dst")
+    n.dest_bundle = dest_bundle
+
+    def migrate(ag_or_addr, cid="ctr", *extra, bundle=None, secret=None, timeout=120):
+        addr = ag_or_addr if isinstance(ag_or_addr, str) else ag_or_addr.address
+        argv = [migrt_launcher, "--root", a.root, "migrate", cid, "--to", addr,
+                "--secret-file", secret or n.secret, "--json"]
+        if bundle:
+            argv += ["--bundle", bundle, "--dest-root", b.root]
+        p = subprocess.run(argv + list(extra), capture_output=True, text=True, env=env,
+                           timeout=timeout)
+        rep = json.loads(p.stdout) if p.returncode == 0 else None
+        return p, rep
+    n.migrate = migrate
+    yield n
+    for ag in agents:
+        ag.kill()
+    a.cleanup()
+    b.cleanup()
+    shutil.rmtree(state, ignore_errors=True)
+
+
+def assert_source_running(n, out, cid="ctr"):
+    st = n.a.state(cid)
+    assert st is not None and st["status"] == "running", st
+    before = ocitest.last_count(out)
+    ocitest.wait_for(lambda: ocitest.last_count(out) > before + 2, what="source counter going on")
+
+
+def assert_destination_clean(n, ag, cid="ctr"):
+    assert n.b.state(cid) is None
+    ocitest.wait_for(lambda: not ag.staged(), timeout=10, what=f"staging emptied: {ag.staged()}")
+
+
+def dest_count(n, cid="ctr"):
+    return int(n.b.exec_out(cid, "cat", "/tmp/count").strip())
+
+
+@pytest.mark.parametrize("mode", ["full", "precopy"])
+def test_migrate_counter_continues(two_nodes, mode):
+    n = two_nodes
+    ag = n.agent()
+    bundle, out = n.source()
+    extra = ["--precopy"] if mode == "precopy" else []
+    p, rep = n.migrate(ag, "ctr", *extra, bundle=n.dest_bundle())
+    assert p.returncode == 0, p.stderr + ag.log()
+    last_src = ocitest.last_count(out)
+    assert n.a.state("ctr") is None, "source must be gone after a successful migration"
+    assert n.b.state("ctr")["status"] == "running"
+    c1 = dest_count(n)
+    assert c1 >= last_src, (c1, last_src)
+    ocitest.wait_for(lambda: dest_count(n) > c1 + 2, what="counter going on at the destination")
+    ph = rep["phases"]
+    for k in ("freeze", "dump", "transfer", "restore", "downtime"):
+        assert ph[k] >= 0
+    assert rep["bytes"]["image"] > 0 and rep["bytes"]["wire"] > 0
+    assert rep["mode"] == mode
+    # the file the counter keeps open on fd 3 came along (rootfs writable layer)
+    log = n.b.exec_out("ctr", "cat", "/data/counter.log").split()
+    assert int(log[0]) == 1 and int(log[-1]) >= last_src
+    assert_destination_staging_empty = not ag.staged()
+    assert assert_destination_staging_empty, ag.staged()
+
+
+def test_migrate_staged_then_created_from_marker(two_nodes):
+    """Without --bundle: the agent stages, the user creates with the marker, the source waits."""
+    n = two_nodes
+    ag = n.agent()
+    bundle, out = n.source()
+    dst = n.dest_bundle()
+    argv = [n.a.binary, "--root", n.a.root, "migrate", "ctr", "--to", ag.address,
+            "--secret-file", n.secret, "--json", "--wait", "60"]
+    proc = subprocess.Popen(argv, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
+                            env=n.env)
+    marker = None
+    for line in proc.stderr:
+        if "MIGRT_RESTORE_FROM=" in line:
+            marker = line.split("with ", 1)[1].split(" ")[0]
+            break
+    assert marker and marker.startswith("MIGRT_RESTORE_FROM=staged:m-")
+    ocitest.bundlekit.set_env(dst, "MIGRT_RESTORE_FROM", marker.split("=", 1)[1])
+    env_b = dict(n.env, MIGRT_STAGING=ag.staging)
+    rb = ocitest.Runtime(n.b.binary, n.b.root, env=env_b)
+    code, dout, derr = rb.create("ctr", dst, start=True)
+    assert code == 0, derr.text
+    rep = json.loads(proc.stdout.read())
+    assert proc.wait(60) == 0
+    assert rep["destination_id"] == "ctr"
+    assert n.a.state("ctr") is None
+    c1 = dest_count(n)
+    ocitest.wait_for(lambda: dest_count(n) > c1 + 2, what="destination counter")
+
+
+def test_wrong_secret_refused_before_freezing(two_nodes, tmp_path):
+    n = two_nodes
+    ag = n.agent()
+    bundle, out = n.source()
+    p, _ = n.migrate(ag, "ctr", bundle=n.dest_bundle(),
+                     secret=secret_file(tmp_path / "other", "not-the-same-secret-at-all"))
+    assert p.returncode == 3, p.stderr
+    assert "authentication" in p.stderr and "nothing was frozen" in p.stderr
+    assert len(p.stderr.strip().splitlines()) == 1
+    assert_source_running(n, out)
+    assert_destination_clean(n, ag)
+    assert "authentication failed" in ag.log()
+
+
+def test_corrupted_chunk_rolls_back(two_nodes):
+    n = two_nodes
+    ag = n.agent()
+    bundle, out = n.source()
+    proxy = Proxy(ag.address, flip_at=30000)
+    try:
+        p, _ = n.migrate(proxy.address, "ctr", "--zstd-level", "0", "--streams", "1",
+                         bundle=n.dest_bundle())
+    finally:
+        proxy.close()
+    assert p.returncode == 4, p.stderr
+    # the wire's TLS record MAC or the chunk's xxhash catches it, whichever sees it first
+    assert ("damaged" in p.stderr or "bad record mac" in p.stderr), p.stderr
+    assert "source was resumed" in p.stderr and len(p.stderr.strip().splitlines()) == 1
+    assert_source_running(n, out)
+    assert_destination_clean(n, ag)
+
+
+def test_no_room_on_destination_refused(two_nodes, tmp_path):
+    n = two_nodes
+    small = tmp_path / "small-tmpfs"
+    small.mkdir()
+    subprocess.run(["mount", "-t", "tmpfs", "-o", "size=256k", "tmpfs", str(small)], check=True)
+    try:
+        ag = n.agent(staging=str(small / "staged"))
+        bundle, out = n.source()
+        p, _ = n.migrate(ag, "ctr", bundle=n.dest_bundle())
+        assert p.returncode == 3, p.stderr
+        assert "no room on the destination" in p.stderr and "nothing was frozen" in p.stderr
+        assert_source_running(n, out)
+        assert_destination_clean(n, ag)
+    finally:
+        for ag in []:
+            pass
+        subprocess.run(["umount", "-l", str(small)])
+
+
+def test_quota_exceeded_during_transfer_rolls_back(two_nodes):
+    n = two_nodes
+    ag = n.agent(quota=64 << 10)
+    bundle, out = n.source()
+    # the pre-check estimate (several MiB) already exceeds a 64 KiB quota
+    p, _ = n.migrate(ag, "ctr", bundle=n.dest_bundle())
+    assert p.returncode == 3 and "staging quota" in p.stderr, p.stderr
+    assert_source_running(n, out)
+    assert_destination_clean(n, ag)
+
+
+def test_agent_killed_mid_transfer(two_nodes):
+    n = two_nodes
+    ag = n.agent()
+    bundle, out = n.source()
+    proxy = Proxy(ag.address, rate=200_000)   # ~1 s for the image: time to kill the agent
+    result = {}
+
+    def run():
+        result["p"], _ = n.migrate(proxy.address, "ctr", "--zstd-level", "0",
+                                   bundle=n.dest_bundle())
+    t = threading.Thread(target=run)
+    t.start()
+    ocitest.wait_for(lambda: proxy.forwarded > 40_000 and n.a.state("ctr")["status"] == "paused",
+                     timeout=30, what="transfer under way")
+    ag.kill()
+    t.join(120)
+    proxy.close()
+    p = result["p"]
+    assert p.returncode == 4, p.stderr
+    assert "source was resumed" in p.stderr
+    assert_source_running(n, out)
+    assert n.b.state("ctr") is None
+    # a restarted agent removes what its dead predecessor half-received
+    ag.start()
+    assert_destination_clean(n, ag)
+
+
+def test_restore_failing_on_destination_rolls_back(two_nodes):
+    n = two_nodes
+    ag = n.agent()
+    bundle, out = n.source()
+    dst = n.dest_bundle()
+    spec = ocitest.bundlekit.read_spec(dst)
+    spec["root"]["path"] = "/nonexistent-rootfs"
+    ocitest.bundlekit.write_spec(dst, spec)
+    p, _ = n.migrate(ag, "ctr", bundle=dst)
+    assert p.returncode == 4, p.stderr
+    assert "restore failed on the destination" in p.stderr and "source was resumed" in p.stderr
+    assert len(p.stderr.strip().splitlines()) == 1, p.stderr
+    assert_source_running(n, out)
+    assert_destination_clean(n, ag)
