@@ -81,7 +81,7 @@ class Sender:
                     continue
                 rel, path, off, n = job
                 with open(path, "rb", buffering=0) as f:
-                    data = f.read(n) if n else b""
+                    data = os.pread(f.fileno(), n, off) if n else b""
                     if len(data) != n:
                         raise TransferError(f"{rel}: shrank while being sent")
                 idx = off // self.chunk

@@ -1,0 +1,148 @@
+"""Sender -> receiver over real loopback TCP: chunks, zstd, xxhash, delta rounds, refusals."""
+import json
+import os
+import socket
+import threading
+
+import pytest
+import zstandard
+
+from migrt.image import digest, manifest as mf
+from migrt.transfer import receiver, sender as snd, wire
+
+SECRET = b"unit-test-secret-0123456789abcdef"
+
+
+class MiniAgent:
+    """Just the data side of the agent: authenticated connections into one Stage."""
+
+    def __init__(self, stage):
+        self.stage = stage
+        self.sock = socket.socket()
+        self.sock.bind(("127.0.0.1", 0))
+        self.sock.listen(16)
+        self.address = f"127.0.0.1:{self.sock.getsockname()[1]}"
+        threading.Thread(target=self._serve, daemon=True).start()
+
+    def _serve(self):
+        while True:
+            try:
+                s, _ = self.sock.accept()
+            except OSError:
+                return
+            threading.Thread(target=self._conn, args=(s,), daemon=True).start()
+
+    def _conn(self, s):
+        try:
+            c, hello = wire.accept(s, SECRET)
+        except (wire.ProtocolError, OSError):
+            return
+        d = zstandard.ZstdDecompressor()
+        try:
+            while True:
+                kind, payload = c.read_frame()
+                if kind == b"J":
+                    c.send_json({"error": self.stage.error} if self.stage.error else {"ok": True})
+                    return
+                try:
+                    self.stage.write(payload[0], payload[1], d)
+                except receiver.StageError as e:
+                    self.stage.fail(str(e))
+                    c.send_json({"error": str(e)})
+                    return
+        except (wire.ProtocolError, OSError):
+            pass
+        finally:
+            c.close()
+
+
+def manifest(files):
+    return {"format": mf.FORMAT, "created": mf.now(), "container": {"id": "c"},
+            "node": {"arch": "x86_64", "kernel": "k"}, "chunk_size": digest.CHUNK,
+            "files": snd.manifest_files(files), "rootfs": {"kind": "none"}}
+
+
+def tree(tmp_path, name, files):
+    d = tmp_path / name
+    for rel, data in files.items():
+        p = d / rel
+        p.parent.mkdir(parents=True, exist_ok=True)
+        p.write_bytes(data)
+    return str(d)
+
+
+def test_full_then_delta_round(tmp_path):
+    stage = receiver.Stage(str(tmp_path / "st" / "image"), str(tmp_path / "st" / "rootfs"))
+    agent = MiniAgent(stage)
+    pages = bytearray(os.urandom(3 * digest.CHUNK + 5000))
+    r1 = tree(tmp_path, "r1", {"pages-1.img": bytes(pages), "core-1.img": b"core",
+                               "gone.img": b"x", "migrt/rootfs/files/data/log": b"1\n"})
+    s1 = snd.Sender(agent.address, SECRET, "m-0123456789abcdef", streams=3, level=1)
+    files = s1.send(r1, lambda: True)
+    stage.finish(manifest(files))
+    assert (tmp_path / "st" / "image" / "pages-1.img").read_bytes() == bytes(pages)
+    assert (tmp_path / "st" / "rootfs" / "files" / "data" / "log").read_bytes() == b"1\n"
+    # round 2: two blocks changed, the file grew, one file vanished, one appeared
+    pages[100] ^= 1
+    pages[2 * digest.CHUNK + 70000] ^= 1
+    pages += b"tail" * 1000
+    r2 = tree(tmp_path, "r2", {"pages-1.img": bytes(pages), "core-1.img": b"core",
+                               "new.img": b"new", "migrt/rootfs/files/data/log": b"1\n2\n"})
+    s2 = snd.Sender(agent.address, SECRET, "m-0123456789abcdef", streams=2, level=3)
+    files2 = s2.send(r2, lambda: True, base=s1.blocks)
+    assert s2.stats.sent_raw < 4 * snd.BLOCK + 10000   # only the changed blocks travelled
+    stage.finish(manifest(files2))
+    img = tmp_path / "st" / "image"
+    assert (img / "pages-1.img").read_bytes() == bytes(pages)
+    assert (img / "new.img").read_bytes() == b"new"
+    assert not (img / "gone.img").exists()
+    assert (tmp_path / "st" / "rootfs" / "files" / "data" / "log").read_bytes() == b"1\n2\n"
+
+
+def test_damaged_chunk_is_refused(tmp_path):
+    stage = receiver.Stage(str(tmp_path / "i"), str(tmp_path / "r"))
+    data = os.urandom(5000)
+    head = {"p": "pages-1.img", "o": 0, "n": len(data), "h": digest.chunk_digest(data), "z": 0,
+            "c": 0}
+    bad = bytearray(data)
+    bad[10] ^= 1
+    with pytest.raises(receiver.StageError, match="pages-1.img: chunk at offset 0 arrived damaged"):
+        stage.write(head, bytes(bad), zstandard.ZstdDecompressor())
+    z = zstandard.ZstdCompressor().compress(data)
+    with pytest.raises(receiver.StageError, match="does not decompress|damaged"):
+        stage.write(dict(head, z=1), z[:-3] + b"xyz", zstandard.ZstdDecompressor())
+
+
+@pytest.mark.parametrize("rel", ["../x", "/etc/passwd", "a/../../b", "a//b", "./a", ""])
+def test_paths_escaping_staging_are_refused(tmp_path, rel):
+    stage = receiver.Stage(str(tmp_path / "i"), str(tmp_path / "r"))
+    with pytest.raises(receiver.StageError, match="refusing path"):
+        stage.write({"p": rel, "o": 0, "n": 1, "h": digest.chunk_digest(b"x"), "z": 0}, b"x",
+                    zstandard.ZstdDecompressor())
+
+
+def test_quota(tmp_path):
+    stage = receiver.Stage(str(tmp_path / "i"), str(tmp_path / "r"), quota=1000)
+    data = b"y" * 800
+    head = {"p": "a.img", "o": 0, "n": 800, "h": digest.chunk_digest(data), "z": 0}
+    stage.write(head, data, None)
+    with pytest.raises(receiver.StageError, match="no room on the destination"):
+        stage.write(dict(head, o=800), data, None)
+
+
+def test_manifest_mismatch_names_file(tmp_path):
+    stage = receiver.Stage(str(tmp_path / "st" / "i"), str(tmp_path / "st" / "r"))
+    agent = MiniAgent(stage)
+    r = tree(tmp_path, "r", {"core-1.img": b"abc", "pages-1.img": b"p" * 10})
+    files = snd.Sender(agent.address, SECRET, "m-0123456789abcdef", streams=1).send(r, lambda: True)
+    files["pages-1.img"] = (10, [digest.chunk_digest(b"q" * 10)])
+    with pytest.raises(receiver.StageError, match="pages-1.img: chunk 0 does not match"):
+        stage.finish(manifest(files))
+
+
+def test_wrong_secret(tmp_path):
+    stage = receiver.Stage(str(tmp_path / "i"), str(tmp_path / "r"))
+    agent = MiniAgent(stage)
+    with pytest.raises(wire.AuthError):
+        wire.connect(agent.address, b"another-secret-entirely-0000000", {"op": "data"})
+    assert not os.listdir(tmp_path / "i")
