@@ -22,6 +22,7 @@ import time
 
 import pytest
 
+import leaks
 import migr
 import ocitest
 from migrt import recovery
@@ -119,6 +120,7 @@ def settle(nodes, agent, cid, bundle, dest, out_a, expect, resolve=None, timeout
     assert log == list(range(1, len(log) + 1)) and len(log) > 3, "counter.log damaged"
     left = [p for p in migr.leaks_processes(cid) if p != os.getpid()]
     assert left == [], f"processes of the migration left: {left}"
+    assert leaks.mounts(nodes.tmp) == [], "mounts left behind"
     return where
 
 
