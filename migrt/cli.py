@@ -33,8 +33,8 @@ def main(call):
     """Run migrt's own command `call.command` with its args; return an exit code."""
     cmd = load(call.command)
     try:
-        cmd.main(args=list(call.args), prog_name=f"migrt {call.command}", obj=call,
-                 standalone_mode=False)
+        rv = cmd.main(args=list(call.args), prog_name=f"migrt {call.command}", obj=call,
+                      standalone_mode=False)
     except click.exceptions.Exit as e:
         return e.exit_code
     except click.Abort:
@@ -42,7 +42,8 @@ def main(call):
     except click.ClickException as e:
         e.show()
         return EXIT_USAGE if isinstance(e, click.UsageError) else 1
-    return 0
+    # without standalone mode click returns ctx.exit(n)'s code instead of exiting
+    return rv if type(rv) is int else 0
 
 
 def top_level(call):

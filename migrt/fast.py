@@ -45,6 +45,12 @@ def find_runc():
 
 
 def runc_path(call=None):
+    # runc finds CRIU on PATH; a containerd shim's PATH may lack the sbin dirs
+    path = os.environ.get("PATH", "")
+    parts = path.split(os.pathsep) if path else []
+    extra = [d for d in ("/usr/local/sbin", "/usr/sbin", "/sbin") if d not in parts]
+    if extra:
+        os.environ["PATH"] = os.pathsep.join(parts + extra)
     runc = find_runc()
     if runc is None:
         from migrt.errors import MigrtError

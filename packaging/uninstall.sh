@@ -66,7 +66,7 @@ fi
 # 4. the command, if it is migrt's
 cmd="$BIN/migrt"
 if [ -e "$cmd" ] && ! [ -L "$cmd" ]; then
-    if head -c 4096 "$cmd" | grep -aq 'migrt launcher\|migrt zipapp\|migrt/fast'; then
+    if head -c 4096 "$cmd" | grep -aq "migrt launcher\|migrt zipapp\|migrt/fast\|migrt's front door"; then
         busy=
         for p in /proc/[0-9]*/cmdline; do
             case "$(tr '\0' ' ' < "$p" 2>/dev/null)" in
@@ -86,6 +86,11 @@ if [ -e "$cmd" ] && ! [ -L "$cmd" ]; then
     fi
 elif [ -L "$cmd" ] && [ -n "$PURGE" ]; then
     rm -f "$cmd"
+fi
+# the Python launcher behind the front door
+if [ -f "$BIN/migrt-python" ] && head -c 4096 "$BIN/migrt-python" | grep -aq 'migrt launcher'; then
+    rm -f "$BIN/migrt-python"
+    log "removed $BIN/migrt-python"
 fi
 
 # 5. the code and its virtualenv

@@ -32,9 +32,13 @@ def have_root_tools():
     return os.geteuid() == 0 and shutil.which("runc") and shutil.which("criu")
 
 
-def build_launcher(dest):
+def build_launcher(dest, front=None):
+    """The `migrt` executable as installed: the shell front door before the Python
+    launcher (MIGRT_TEST_FRONT=0: the Python launcher alone)."""
     from migrt import launcher
-    launcher.write(dest, REPO, VENV_PYTHON)
+    if front is None:
+        front = os.environ.get("MIGRT_TEST_FRONT", "1") != "0"
+    launcher.write(dest, REPO, VENV_PYTHON, front=front)
     return dest
 
 

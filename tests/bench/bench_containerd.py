@@ -60,7 +60,7 @@ def main(argv=None):
                     help="containers per handler (default 30)")
     ap.add_argument("--migrt", help="the migrt binary (default: a launcher for this checkout)")
     ap.add_argument("--front", action="store_true",
-                    help="put packaging/front.sh (the proposed shell front door) before "
+                    help="put migrt/front.sh (the proposed shell front door) before "
                     "migrt's Python launcher, as BinaryName")
     ap.add_argument("--warmup", type=int, default=3)
     a = ap.parse_args(argv)
@@ -69,7 +69,7 @@ def main(argv=None):
     base = tempfile.mkdtemp(prefix="migrt-bctrd-", dir="/run")
     migrt = a.migrt or ocitest.build_launcher(os.path.join(work, "migrt"))
     if a.front:
-        with open(os.path.join(HERE, "..", "..", "packaging", "front.sh")) as f:
+        with open(os.path.join(HERE, "..", "..", "migrt", "front.sh")) as f:
             text = f.read().replace("@PY_LAUNCHER@", migrt)
         migrt = os.path.join(work, "migrt-front")
         with open(migrt, "w") as f:

@@ -86,7 +86,7 @@ def test_ctr_checkpoint_and_marker_restore(request, start_containerd, migrt_laun
                                            checkpoint_dir, tmp_path):
     """`ctr task checkpoint` through migrt, then a new container created with the marker
     restores it, and its output goes on in the new task's log. Through migrt's launcher,
-    the proposed shell front door (packaging/front.sh) before it, and the single-file
+    the proposed shell front door (migrt/front.sh) before it, and the single-file
     zipapp on the system's Python."""
     env = None
     if entry == "front":
@@ -179,9 +179,6 @@ def test_ctr_runs_when_shim_path_lacks_sbin(start_containerd, migrt_launcher):
     assert out == "ok\n"
 
 
-@pytest.mark.xfail(reason="core: migrt does not yet make CRIU findable when the shim's PATH "
-                          "lacks sbin (runc looks criu up on PATH); see docs/runtime-class.md",
-                   strict=False)
 def test_ctr_checkpoint_when_shim_path_lacks_sbin(start_containerd, migrt_launcher,
                                                    checkpoint_dir):
     """The same shim environment: checkpoint needs CRIU, which runc looks up on PATH."""

@@ -10,9 +10,6 @@ class FakeCall:
     args = []
 
 
-@pytest.mark.xfail(reason="core: cli.main ignores the code that click returns for "
-                          "click.exceptions.Exit / ctx.exit(n) with standalone_mode=False "
-                          "(doctor uses sys.exit(1) until it is fixed)", strict=False)
 def test_click_exit_code_reaches_the_caller(monkeypatch):
     @click.command()
     def command():

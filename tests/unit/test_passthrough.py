@@ -101,11 +101,19 @@ def test_create_without_marker_is_passed_through(fake, tmp_path):
 
 
 def test_create_uses_cwd_as_bundle(fake, tmp_path):
-    (tmp_path / "config.json").write_text("{not json")
+    (tmp_path / "config.json").write_text('{"process": {"env": ["MIGRT_RESTORE_FROM=/x"]')
     p, got, _ = fake("--root", "/r", "create", "abc", cwd=str(tmp_path))
     assert p.returncode == 1
     assert got == []                     # runc never ran
     assert "config.json is not valid JSON" in p.stderr
+
+
+def test_malformed_config_without_marker_is_runcs_to_report(fake, tmp_path):
+    """A bundle that does not mention migrt is runc's business, broken or not."""
+    (tmp_path / "config.json").write_text("{not json")
+    argv = ["--root", "/r", "create", "--bundle", str(tmp_path), "abc"]
+    p, got, _ = fake(*argv)
+    assert got == argv
 
 
 def test_missing_config_gets_its_own_message(fake, tmp_path):

@@ -1,6 +1,6 @@
 #!/bin/sh
-# migrt's front door, PROPOSED (see docs/runtime-class.md, "The cost per container"):
-# decide in the shell, in about a millisecond, whether a call is migrt's business at all.
+# migrt's front door, installed as the `migrt` executable (see README, "Pass-through
+# cost"): decide in the shell, in about a millisecond, whether a call is migrt's business at all.
 # If it certainly is not, exec runc with the argv untouched; otherwise (and whenever this
 # script is unsure) exec migrt's Python launcher, which decides exactly (migrt.fast).
 #
@@ -11,7 +11,8 @@
 # of a container migrt restored (runc's state dir holds migrt.json); `checkpoint`;
 # anything this script does not parse with certainty (--help, --, unknown flags).
 #
-# Written by packaging/build_front.py with the Python launcher's path filled in.
+# Written by migrt/launcher.py with the Python launcher's path filled in. A malformed
+# config.json that does not mention migrt is runc's to report, as with plain runc.
 PY_LAUNCHER=@PY_LAUNCHER@
 
 python() { exec "$PY_LAUNCHER" "$@"; }
@@ -30,7 +31,7 @@ find_runc() {                          # sets R; no subshell: this runs on every
 
 runc() {
     find_runc
-    [ -n "$R" ] || python "$@"        # migrt says "runc not found" in its own words
+    [ -x "$R" ] || python "$@"        # migrt says "runc not found" in its own words
     # runc looks CRIU up on PATH (restore passes through here): a shim's PATH may lack sbin
     case ":$PATH:" in *:/usr/sbin:*) ;; *) export PATH="${PATH:+$PATH:}/usr/local/sbin:/usr/sbin:/sbin";; esac
     exec "$R" "$@"
