@@ -136,3 +136,61 @@ def test_concurrent_lifecycle_through_migrt(node, migrt_launcher, make_bundle, t
     assert not failures, failures
     assert not details, details
     assert ops["restore"] == N * ROUNDS and ops["delete"] == N
+
+
+M = int(os.environ.get("MIGRT_LOAD_MIGRATIONS", "8"))
+
+
+def test_concurrent_migrations_to_one_agent(tmp_path, migrt_launcher, make_bundle):
+    """M containers migrate at the same moment to one agent, each over 4 TLS streams."""
+    import subprocess
+    import migr
+    from migrt import recovery
+    nodes = migr.Nodes(migrt_launcher, tmp_path, make_bundle)
+    try:
+        agent = nodes.agent()
+        tag = ocitest.uid("MIGRT_MLOAD_TAG")
+        ctrs = [nodes.counter(extra_env=[f"{tag}=1"]) for _ in range(M)]
+        t0 = time.monotonic()
+        procs = [subprocess.Popen(nodes.migrate_argv(cid, dest, agent), stdout=subprocess.PIPE,
+                                  stderr=subprocess.PIPE, stdin=subprocess.DEVNULL)
+                 for cid, bundle, dest, out in ctrs]
+        results = [(p.wait(180), p.stdout.read(), p.stderr.read()) for p in procs]
+        wall = time.monotonic() - t0
+        failures = [f"{c[0]}: {err.decode()[-300:]}" for c, (rc, _, err) in zip(ctrs, results) if rc]
+        downtimes = sorted(json.loads(o)["phases"]["downtime"] for rc, o, _ in results if rc == 0)
+        for cid, bundle, dest, out in ctrs:
+            try:
+                out.thread.join(15)
+                last = ocitest.last_count(out)
+                nums = migr.wait_dest_counting(agent, cid, last)
+                if nums[0] != last + 1 or migr.copies(nodes, cid) != {"a": None, "b": "running"}:
+                    failures.append(f"{cid}: source ended at {last}, destination {nums[:3]}, "
+                                    f"copies {migr.copies(nodes, cid)}")
+            except AssertionError as e:
+                failures.append(f"{cid}: {e}")
+        for cid, *_ in ctrs:
+            nodes.b.run("delete", "--force", cid)
+        time.sleep(0.5)
+        cids = [c[0] for c in ctrs]
+        found = {
+            "processes": leaks.processes(tag=tag),
+            "mounts": leaks.mounts(str(tmp_path)),
+            "cgroups": leaks.cgroups([f"/migrt-test/{c}" for c in cids]
+                                     + [f"/migrt-test/{c}-dst" for c in cids]),
+            "staged": agent.staged_data(),
+            "journals": [j.path for j in recovery.pending() if j.rec.get("container") in cids],
+            "work_dirs": leaks.work_dirs(nodes.b.root, cids),
+        }
+        counts, details = leaks.report(**found)
+        figures = {"migrations": M, "to_one_agent": True, "failures": len(failures),
+                   "wall_seconds": round(wall, 2),
+                   "downtime_s": {"min": downtimes[0] if downtimes else None,
+                                  "median": downtimes[len(downtimes) // 2] if downtimes else None,
+                                  "max": downtimes[-1] if downtimes else None},
+                   "leaks": counts}
+        print("\nMIGRATION LOAD " + json.dumps(figures))
+        assert not failures, failures
+        assert not details, details
+    finally:
+        nodes.cleanup()
