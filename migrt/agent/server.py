@@ -63,6 +63,7 @@ class Agent:
         self.runtime = runtime
         self.log_dir = log_dir
         self.sessions = {}
+        self.privileged = None      # migrt.privsep.Client when the network side is not root
         self.lock = threading.Lock()
         self.stop = threading.Event()
         self._criu_features = {}
@@ -85,8 +86,7 @@ class Agent:
         for mid in stg.sweep(self.staging, self.ttl, startup=True, log=log):
             pass
         # migrations this node was the source of, left by a `migrt migrate` that died
-        threading.Thread(target=recovery.resolve_pending, args=(self.secret, log),
-                         daemon=True).start()
+        threading.Thread(target=self._recover, daemon=True).start()
         stg.sweep_disk(self.staging, self.disk)
         threading.Thread(target=self._janitor, daemon=True).start()
         while not self.stop.is_set():
@@ -105,6 +105,12 @@ class Agent:
                 active = set(self.sessions)
             stg.sweep(self.staging, self.ttl, active=active, log=log)
             stg.sweep_disk(self.staging, self.disk)
+            self._recover()
+
+    def _recover(self):
+        if self.privileged:
+            self.privileged.recover(log=log)
+        else:
             recovery.resolve_pending(self.secret, log)
 
     def _handle(self, s, peer):
@@ -170,7 +176,11 @@ class Agent:
         if rneed > st.f_bavail * st.f_frsize:
             raise Refused(f"no room on the destination disk {self.disk} for the rootfs changes")
         bundle = msg.get("bundle")
-        if bundle:
+        if bundle and self.privileged:       # bundles and runc roots are root's to read
+            err = self.privileged.check(bundle, msg.get("id"), msg.get("root"))
+            if err:
+                raise Refused(err)
+        elif bundle:
             if not os.path.isfile(os.path.join(bundle, "config.json")):
                 raise Refused(f"destination bundle {bundle} has no config.json")
             root = msg.get("root") or self.root
@@ -238,7 +248,7 @@ class Agent:
             elif op == "restore":
                 t0 = time.monotonic()
                 try:
-                    pid = self.restore(staged, msg)
+                    pid = (self.privileged or self).restore(staged, msg)
                 except Refused as e:
                     conn.send_json({"error": f"restore failed on the destination: {e}"})
                     return
@@ -382,7 +392,11 @@ class Agent:
         # does the container run here? (migrt.recovery: a staged record is gone once
         # dropped *or* released, so its absence alone cannot say)
         cid, root = hello.get("id"), hello.get("root") or self.root
-        if isinstance(cid, str) and isinstance(root, str) and stg.valid_cid(cid):
+        if self.privileged and isinstance(cid, str):
+            exists = self.privileged.exists(cid, hello.get("root"))
+            if exists is not None:
+                reply["container_exists"] = exists
+        elif isinstance(cid, str) and isinstance(root, str) and stg.valid_cid(cid):
             reply["container_exists"] = os.path.exists(os.path.join(root, cid, "state.json"))
         conn.send_json(reply)
 

@@ -28,8 +28,10 @@ def _size(s):
 @click.option("--restore-root", default=None, help="runc root for restores [default: --root of migrt]")
 @click.option("--log-dir", default="/var/log/migrt", show_default=True,
               help="where restored containers' stdout/stderr go")
+@click.option("--user", default=None, help="run the network side as this user; only "
+              "restores go through a narrow root helper (see migrt/privsep.py)")
 @click.pass_obj
-def command(call, listen, secret_file, staging, disk, quota, ttl, restore_root, log_dir):
+def command(call, listen, secret_file, staging, disk, quota, ttl, restore_root, log_dir, user):
     """Receive migrations over TCP, stage and verify them, restore them here."""
     from migrt.agent import server
     from migrt.agent.staging import staging_root
@@ -41,6 +43,9 @@ def command(call, listen, secret_file, staging, disk, quota, ttl, restore_root, 
     me = os.path.realpath(sys.argv[0])
     runtime = os.environ.get("MIGRT_SELF") or (me if os.access(me, os.X_OK) else "migrt")
     root = restore_root or (call.root if call is not None else "/run/runc")
-    sys.exit(server.run(listen, secret, staging=staging or staging_root(), disk=disk,
-                        quota=_size(quota), ttl=ttl, root=root, runtime=runtime,
-                        log_dir=log_dir))
+    kw = dict(staging=staging or staging_root(), disk=disk, quota=_size(quota), ttl=ttl,
+              root=root, runtime=runtime, log_dir=log_dir)
+    if user:
+        from migrt import privsep
+        sys.exit(privsep.run(listen, secret, user, **kw))
+    sys.exit(server.run(listen, secret, **kw))

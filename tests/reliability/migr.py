@@ -34,7 +34,7 @@ class Agent:
     """`migrt agent` as a child process, on 127.0.0.1 and a free port."""
 
     def __init__(self, launcher, tmp, name, restore_root, secret_file, quota=None, ttl=600,
-                 env=None, port=None):
+                 env=None, port=None, user=None):
         self.launcher = launcher
         self.dir = os.path.join(tmp, f"agent-{name}")
         self.staging = os.path.join(self.dir, "staging")
@@ -47,6 +47,7 @@ class Agent:
         self.port = port or free_port()
         self.address = f"127.0.0.1:{self.port}"
         self.env = dict(os.environ, MIGRT_STAGING=self.staging, **(env or {}))
+        self.user = user
         self.proc = None
         self.stderr_path = os.path.join(self.dir, "agent.stderr")
         os.makedirs(self.dir, exist_ok=True)
@@ -58,6 +59,8 @@ class Agent:
                 "--ttl", str(self.ttl)]
         if self.quota:
             argv += ["--quota", str(self.quota)]
+        if self.user:
+            argv += ["--user", self.user]
         self.err = open(self.stderr_path, "ab")
         self.proc = subprocess.Popen(argv, stdin=subprocess.DEVNULL, stdout=subprocess.PIPE,
                                      stderr=self.err, env=self.env, start_new_session=True)
