@@ -220,6 +220,7 @@ class Proxy:
         self.forwarded = 0
         self.cuts = 0
         self.closed = False
+        self.captured = None           # bytearray(): keep what the source sends
         threading.Thread(target=self._accept, daemon=True).start()
 
     def _accept(self):
@@ -251,6 +252,8 @@ class Proxy:
                 if upstream:
                     with self.lock:
                         self.forwarded += len(data)
+                        if self.captured is not None and len(self.captured) < 256 << 20:
+                            self.captured += data
                         over = self.limit is not None and self.forwarded >= self.limit
                     if over:
                         self.cut()
