@@ -201,7 +201,11 @@ class Agent:
             return
         mid = stg.new_mid()
         staged = stg.Staged(mid, self.staging, self.disk)
-        staged.create(source=f"{peer[0]}", container=msg.get("container"), mode=msg.get("mode"))
+        # a staged copy sent for one bundle must not be restored into another
+        # (migrt.sources.staged): another pod must not take this workload's memory
+        for_bundle = msg.get("bundle") if isinstance(msg.get("bundle"), str) else None
+        staged.create(source=f"{peer[0]}", container=msg.get("container"), mode=msg.get("mode"),
+                      for_bundle=os.path.abspath(for_bundle) if for_bundle else None)
         stage = receiver.Stage(staged.image_dir, staged.rootfs_dir, quota=self.quota)
         sess = Session(self, staged, stage, msg)
         with self.lock:

@@ -21,6 +21,10 @@ def resolve(rest, bundle):
         raise CheckpointError(f"staged:{rest}: no such staged migration in {os.path.dirname(s.dir)}")
     if rec.get("state") != "staged":
         raise CheckpointError(f"staged:{rest}: migration is {rec.get('state')}, not ready to restore")
+    want = rec.get("for_bundle")
+    if want and os.path.realpath(want) != os.path.realpath(bundle):
+        raise CheckpointError(f"staged:{rest}: was sent for bundle {want}, not "
+                              f"{os.path.abspath(bundle)}")
     m = image.verify_image(s.image_dir, rootfs_dir=s.rootfs_dir)
     s.update(state="restoring", bundle=os.path.abspath(bundle))
     keep = ("--tcp-established", "--ext-unix-sk", "--shell-job", "--file-locks")

@@ -220,3 +220,37 @@ def test_fuzzed_config_fails_cleanly(env, tmp_path, data):
 
 def test_fuzz_outcomes_printed():
     print(f"\nHOSTILE fuzzed configs: {OUTCOMES[False]} refused cleanly, {OUTCOMES[True]} created")
+
+
+def test_staged_migration_cannot_be_taken_by_another_bundle(tmp_path, migrt_launcher,
+                                                            make_bundle):
+    """While a migration waits (staged and verified) to be restored into its bundle, a
+    container of another bundle on the same node that names it is refused; the
+    migration then completes into its own bundle."""
+    import re
+    import migr
+    nodes = migr.Nodes(migrt_launcher, tmp_path, make_bundle)
+    try:
+        fp = tmp_path / "fp"
+        fp.mkdir()
+        ag = nodes.agent()
+        cid, bundle, dest, out = nodes.counter()
+        mig = nodes.spawn_migrate(cid, dest, ag, env={
+            "MIGRT_FAILPOINTS": "migrate.before-restore=pause(5)", "MIGRT_FAILPOINT_DIR": str(fp)})
+        ocitest.wait_for(lambda: os.listdir(fp), timeout=60, what="staged")
+        mid = re.search(r"(m-[0-9a-f]+): staged and verified", ag.log()).group(1)
+        thief = make_bundle(["sh", "-c", "cat /proc/1/environ; sleep 60"], name="thief")
+        ocitest.bundlekit.set_env(thief, "MIGRT_RESTORE_FROM", f"staged:{mid}")
+        rt = ocitest.Runtime(migrt_launcher, nodes.b.root, env={"MIGRT_STAGING": ag.staging})
+        log = str(tmp_path / "thief.log")
+        rc, _, err = rt.create("thief", thief, log=log)
+        assert rc != 0
+        msg = json.loads(open(log).read().splitlines()[-1])["msg"]
+        assert f"was sent for bundle {dest}" in msg, msg
+        assert rt.state("thief") is None
+        assert mig.wait(120) == 0, mig.stderr.read().decode()
+        out.thread.join(15)
+        nums = migr.wait_dest_counting(ag, cid, ocitest.last_count(out))
+        assert nums[0] == ocitest.last_count(out) + 1
+    finally:
+        nodes.cleanup()
