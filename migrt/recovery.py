@@ -168,23 +168,30 @@ def resolve(j, secret):
     """Finish one interrupted migration. Returns a one-line outcome."""
     rec = j.rec
     cid, phase = rec["container"], rec.get("phase")
-    killed = stop_leftovers(rec)
+    where = f"migration {rec['mid']} of {cid} to {rec['to']} (interrupted at {phase})"
+    # lazy mode after the restore request: the dead writer's page server may still be
+    # feeding the destination's memory; it must not be killed until that is over
+    serving = rec.get("mode") == "lazy" and phase == "restoring"
+    killed = 0 if serving else stop_leftovers(rec)
     st = _runc(rec, "state", cid)
     src = json.loads(st.stdout).get("status") if st.returncode == 0 else None
-    if src is None:
+    dest, exists = (destination_state(rec, secret) if phase in ("frozen", "restoring")
+                    else ("gone", False))
+    if src is None and not (serving and leftovers(rec)):
         # nothing left here to resume or delete (released, or removed by hand)
         _drop_work(rec)
         j.done()
-        return (f"migration {rec['mid']} of {cid} to {rec['to']} (interrupted at {phase}): "
-                f"the source is gone; nothing to do")
-    dest, exists = (destination_state(rec, secret) if phase in ("frozen", "restoring")
-                    else ("gone", False))
-    where = f"migration {rec['mid']} of {cid} to {rec['to']} (interrupted at {phase})"
+        return f"{where}: the source is gone; nothing to do"
     if dest == "restored" or (dest is not None and exists):
+        if serving and leftovers(rec):
+            return f"{where}: the destination runs it; the source still serves its memory"
         if src is not None:
             _runc(rec, "delete", "--force", cid)
         outcome = f"{where}: the destination runs it; source deleted"
     elif dest in ("failed", "gone") and (phase != "restoring" or exists is False):
+        if serving:
+            killed = stop_leftovers(rec)
+            src = json.loads(_runc(rec, "state", cid).stdout or "{}").get("status")
         if src == "paused":
             r = _runc(rec, "resume", cid)
             if r.returncode != 0:
@@ -200,6 +207,21 @@ def resolve(j, secret):
     _drop_work(rec)
     j.done()
     return outcome
+
+
+def leftovers(rec):
+    """Processes the dead writer started for this migration that still run."""
+    import psutil
+    work = rec.get("work")
+    out = []
+    for p in psutil.process_iter(["pid", "cmdline", "status"]):
+        try:
+            if work and p.info["status"] != psutil.STATUS_ZOMBIE and \
+                    any(work in a for a in (p.info["cmdline"] or [])):
+                out.append(p.pid)
+        except psutil.Error:
+            continue
+    return out
 
 
 def _drop_work(rec):

@@ -242,7 +242,7 @@ class Migration:
         # from here on a dead `migrt migrate` is finished by migrt.recovery
         self.journal = recovery.Journal.begin(self.mid, self.cid, self.src.root, self.opts.to,
                                               self.work, dest_id=self.opts.new_id or self.cid,
-                                              dest_root=self.opts.dest_root)
+                                              dest_root=self.opts.dest_root, mode=self.opts.mode)
 
     def _sender(self, progress=None):
         return Sender(self.opts.to, self.opts.secret, self.mid, streams=self.opts.streams,

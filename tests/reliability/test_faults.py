@@ -125,7 +125,8 @@ def settle(nodes, agent, cid, bundle, dest, out_a, expect, resolve=None, timeout
 
 
 def run_scenario(nodes, tmp_path, name, expect, *, mig_fp=None, agent_fp=None,
-                 criu_at=None, criu_side=None, fault, resolve="none", proxy=False):
+                 criu_at=None, criu_side=None, fault, resolve="none", proxy=False,
+                 mig_args=()):
     fpdir = str(tmp_path / "fp")
     os.makedirs(fpdir, exist_ok=True)
     agent_env = {"MIGRT_FAILPOINT_DIR": fpdir}
@@ -144,7 +145,8 @@ def run_scenario(nodes, tmp_path, name, expect, *, mig_fp=None, agent_fp=None,
         env["MIGRT_FAILPOINTS"] = mig_fp
     work_before = set(os.listdir(WORK)) if os.path.isdir(WORK) else set()
     t0 = time.monotonic()
-    mig = nodes.spawn_migrate(cid, dest, agent, env=env, to=px.address if px else None)
+    mig = nodes.spawn_migrate(cid, dest, agent, *mig_args, env=env,
+                              to=px.address if px else None)
     ctx = {"agent": agent, "mig": mig, "fpdir": fpdir, "hook": hook, "proxy": px,
            "nodes": nodes, "cid": cid}
     fault(ctx)
@@ -291,6 +293,15 @@ SCENARIOS = [
     ("cut connection, after restore before release", "b",
      dict(proxy=True, mig_fp="migrate.before-release=pause(2)",
           fault=at_failpoint("migrate.before-release", cut))),
+    # the other modes: pre-copy's first round runs while the source still runs; lazy
+    # mode keeps a page server on the source until the destination has every page
+    ("kill -9 migrate, pre-copy first round (source running)", "a",
+     dict(mig_args=("--precopy",), mig_fp="migrate.after-dump=pause(60)",
+          fault=at_failpoint("migrate.after-dump", kill_migrate), resolve="restart-agent")),
+    ("kill -9 migrate, lazy mode, before restore", "a",
+     dict(mig_args=("--lazy",), mig_fp="migrate.before-restore=pause(60)",
+          fault=at_failpoint("migrate.before-restore", kill_migrate),
+          resolve="restart-agent")),
 ]
 
 
