@@ -286,3 +286,44 @@ def test_agent_survived_everything(setup):
     print(f"\nAGENT after all hostile tests: alive, rss {rss >> 20} MiB, {threads} threads, "
           f"nothing staged")
     assert rss < 300 << 20
+
+
+def test_full_disk_for_rootfs_changes(setup, tmp_path):
+    """The rootfs changes go to the node's disk dir, not tmpfs: a peer filling that gets
+    "no room" too, and the agent removes what it wrote there."""
+    mnt = tmp_path / "tinydisk"
+    mnt.mkdir()
+    subprocess.run(["mount", "-t", "tmpfs", "-o", "size=2m,mode=0700", "tmpfs", str(mnt)],
+                   check=True)
+    ag = None
+    try:
+        ag = migr.Agent(setup["launcher"], str(tmp_path), "disk", str(tmp_path / "root"),
+                        setup["secret_file"])
+        ag.disk = str(mnt / "disk")
+        ag.start()
+        c, mid = control(setup, estimate=0, agent=ag)
+        d, _ = wire.connect(ag.address, setup["secret"], {"op": "data", "mid": mid})
+        sent = 0
+        error = None
+        try:
+            for i in range(8):
+                head, z = chunk("migrt/rootfs/files/data/big", i << 20, os.urandom(1 << 20))
+                d.send_data(head, z)
+                sent += 1
+            d.send_json({"op": "eof"})
+        except OSError:
+            pass
+        try:
+            error = d.read_json().get("error")
+        except (wire.ProtocolError, OSError) as e:
+            error = str(e)
+        assert "no room" in str(error), error
+        d.close()
+        c.close()
+        no_staged(ag)
+        assert not os.listdir(str(mnt / "disk"))
+        assert honest_precheck(setup, agent=ag) < 5
+    finally:
+        if ag:
+            ag.stop()
+        subprocess.run(["umount", str(mnt)])
