@@ -180,6 +180,15 @@ def test_endless_stream_stops_at_quota(setup):
     sent, error = stream(d, 64)                  # 64 MiB offered against a 4 MiB quota
     d.close()
     assert "quota" in str(error), error
+    # what was staged meanwhile is root's alone: files 0600, dirs 0700
+    staged_now = ag.staged_files()
+    assert staged_now
+    for top in (ag.staging, ag.disk):
+        for dirpath, dirs, files in os.walk(top):
+            assert os.stat(dirpath).st_mode & 0o777 == 0o700 and os.stat(dirpath).st_uid == 0, dirpath
+            for f in files:
+                st = os.stat(os.path.join(dirpath, f))
+                assert st.st_mode & 0o077 == 0 and st.st_uid == 0, (f, oct(st.st_mode))
     staged = sum(os.path.getsize(p) for p in ag.staged_files() if p.endswith(".img"))
     assert staged <= QUOTA
     c.send_json({"op": "commit", "manifest": {"format": "x"}})
