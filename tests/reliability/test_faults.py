@@ -313,3 +313,35 @@ def test_fault(nodes, tmp_path, name, expect, kw):
 def test_fault_summary():
     if RESULTS:
         print("\nFAULT SUMMARY " + json.dumps(RESULTS))
+
+
+def test_two_migrations_of_one_container_at_once(nodes, tmp_path, make_bundle):
+    """Two `migrt migrate` of the same container, at the same moment, to two agents
+    (say, two schedulers deciding at once): exactly one copy ends up running."""
+    import migr as m
+    ag1 = nodes.agent()
+    ag2 = nodes.agent()
+    cid, bundle, dest, out = nodes.counter()
+    dest2 = make_bundle(["sh", "-c", ocitest.COUNTER], name=cid + "-dst2")
+    root_c = str(tmp_path / "root-c")
+    argv1 = nodes.migrate_argv(cid, dest, ag1)
+    argv2 = nodes.migrate_argv(cid, dest2, ag2)
+    argv2[argv2.index("--dest-root") + 1] = root_c
+    ag2.restore_root = root_c
+    ag2.restart()
+    p1 = subprocess.Popen(argv1, stdout=subprocess.PIPE, stderr=subprocess.PIPE)
+    p2 = subprocess.Popen(argv2, stdout=subprocess.PIPE, stderr=subprocess.PIPE)
+    r1, r2 = p1.wait(120), p2.wait(120)
+    c = ocitest.Runtime(nodes.launcher, root_c)
+    states = {"a": (nodes.a.state(cid) or {}).get("status"),
+              "b": (nodes.b.state(cid) or {}).get("status"),
+              "c": (c.state(cid) or {}).get("status")}
+    try:
+        running = [k for k, v in states.items() if v == "running"]
+        assert len(running) == 1 and not [k for k, v in states.items() if v == "paused"], \
+            (states, r1, r2, p1.stderr.read()[-300:], p2.stderr.read()[-300:])
+        loser = (p1 if r1 else p2).stderr.read().decode().strip()[-250:]
+        print(f"\nFAULT two migrations at once: exits {r1}/{r2}, running on {running[0]}; {loser}")
+        assert not ag1.staged_data() and not ag2.staged_data()
+    finally:
+        c.run("delete", "--force", cid)
