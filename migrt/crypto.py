@@ -40,7 +40,7 @@ KEY_NAME_OK = frozenset("abcdefghijklmnopqrstuvwxyzABCDEFGHIJKLMNOPQRSTUVWXYZ012
 PSK_IDENTITY = "migrt/1"
 
 
-class KeyError_(CheckpointError):
+class KeyFileError(CheckpointError):
     """A key is missing, unreadable, too open or wrong."""
 
 
@@ -99,7 +99,7 @@ def key_dir():
 
 def key_path(name):
     if not name or set(name) - KEY_NAME_OK or name.startswith("."):
-        raise KeyError_(f"bad key name {name!r} (letters, digits, . _ -)")
+        raise KeyFileError(f"bad key name {name!r} (letters, digits, . _ -)")
     return os.path.join(key_dir(), name + ".key")
 
 
@@ -109,15 +109,15 @@ def load_key(name):
     try:
         fd = os.open(p, os.O_RDONLY | os.O_NOFOLLOW | os.O_CLOEXEC)
     except FileNotFoundError:
-        raise KeyError_(f"key {name!r} not found ({p})")
+        raise KeyFileError(f"key {name!r} not found ({p})")
     except OSError as e:
-        raise KeyError_(f"key {name!r}: cannot read {p}: {e.strerror}")
+        raise KeyFileError(f"key {name!r}: cannot read {p}: {e.strerror}")
     with os.fdopen(fd, "rb") as f:
         st = os.fstat(f.fileno())
         if st.st_mode & 0o077:
-            raise KeyError_(f"key file {p} is readable by others (chmod 600 it)")
+            raise KeyFileError(f"key file {p} is readable by others (chmod 600 it)")
         if st.st_uid != os.geteuid():
-            raise KeyError_(f"key file {p} is not owned by this user")
+            raise KeyFileError(f"key file {p} is not owned by this user")
         raw = f.read(200).strip()
     if len(raw) == 64:
         try:
@@ -125,7 +125,7 @@ def load_key(name):
         except ValueError:
             pass
     if len(raw) != 32:
-        raise KeyError_(f"key file {p} must hold 32 bytes (raw, or 64 hex digits)")
+        raise KeyFileError(f"key file {p} must hold 32 bytes (raw, or 64 hex digits)")
     return raw
 
 
@@ -137,7 +137,7 @@ def make_key(name, exist_ok=True):
         fd = os.open(p, os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_NOFOLLOW, 0o600)
     except FileExistsError:
         if not exist_ok:
-            raise KeyError_(f"key {name!r} exists ({p})")
+            raise KeyFileError(f"key {name!r} exists ({p})")
         return p
     with os.fdopen(fd, "wb") as f:
         f.write(os.urandom(32).hex().encode() + b"\n")
@@ -278,7 +278,7 @@ def decrypt_image(src, dst):
     h = read_header(src)
     key = load_key(h["key"])
     if not hmac.compare_digest(str(h.get("key_check", "")), key_check(key)):
-        raise KeyError_(f"{src}: encrypted with another key than this node's {h['key']!r}")
+        raise KeyFileError(f"{src}: encrypted with another key than this node's {h['key']!r}")
     present = set(_files(src)) - {HEADER}
     extra = sorted(present - set(h["files"]))
     if extra:
