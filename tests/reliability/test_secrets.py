@@ -69,7 +69,8 @@ def test_encrypted_checkpoint_restores_and_hides_secrets(rt, make_bundle, tmp_pa
     # the check below could fail: the plain image does hold the secret
     assert grep_tree(plain, SECRET.encode()), "expected the secret in the plain image"
     enc = str(tmp_path / "enc-ckpt")
-    crypto.encrypt_image(plain, enc)                       # node key, made on first use
+    p = rt.run("image", "encrypt", plain, enc)             # node key, made on first use
+    assert p.returncode == 0 and "encrypted with key 'node'" in p.stdout, p.stderr
     shutil.rmtree(plain)
     assert grep_tree(enc, SECRET.encode()) == []
     assert oct(os.stat(os.path.join(keys, "node.key")).st_mode & 0o777) == "0o600"
@@ -95,9 +96,12 @@ def test_named_key_wrong_key_and_damage_refused(rt, make_bundle, tmp_path, keys)
     cid, bundle, out = counter_with_secret(rt, make_bundle)
     plain = str(tmp_path / "plain-ckpt")
     assert rt.run("checkpoint", "--image-path", plain, cid).returncode == 0
-    crypto.make_key("mig-1")
     good = str(tmp_path / "enc")
-    crypto.encrypt_image(plain, good, "mig-1")
+    p = rt.run("image", "encrypt", "--key", "mig-1", "--new-key", plain, good)
+    assert p.returncode == 0, p.stderr
+    dec = str(tmp_path / "dec")
+    assert rt.run("image", "decrypt", good, dec).returncode == 0
+    assert sorted(os.listdir(dec)) == sorted(os.listdir(plain))
     pages = sorted(f for f in os.listdir(good) if f.startswith("pages-"))[0]
 
     def variant(name, damage):
