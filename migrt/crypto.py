@@ -14,9 +14,9 @@ size streams through bounded memory. Each file has its own key, derived with HKD
 the named key and a random salt; each chunk's nonce is its index and its associated
 data names the file, the index and whether it is the last chunk, so that a chunk moved,
 dropped, reordered or cut off fails authentication like a flipped bit. Keys are
-named (`migrt image encrypt --key NAME`): `node` is the node key (made on first use), any other name a key made for one
-migration or one workload. They live in MIGRT_KEY_DIR (default /etc/migrt/keys), one
-file per key, root-only. An encrypted image is restored through the marker
+named (`migrt image encrypt --key NAME`): `node` is the node key (made on first use),
+any other name a key made for one migration or one workload. They live in
+MIGRT_KEY_DIR (default /etc/migrt/keys), one file per key, root-only. An encrypted image is restored through the marker
 `MIGRT_RESTORE_FROM=encrypted:<dir>` (migrt.sources.encrypted), which decrypts into a
 root-only tmpfs dir, restores, and removes the plaintext.
 """
