@@ -327,7 +327,9 @@ class Agent:
         # The container inherits runc's stdio: stdout and stderr both go to the log pipe,
         # so the error line is read back from the --log file.
         try:
+            t0 = time.monotonic()
             p = subprocess.run(argv, stdin=in_r, stdout=w, stderr=w, env=env, timeout=600)
+            self.last_timing = {"create": time.monotonic() - t0}
         finally:
             os.close(w)
             os.close(in_r)
@@ -351,7 +353,9 @@ class Agent:
             subprocess.run([self.runtime, "--root", root, "delete", "--force", cid],
                            capture_output=True, env=env)
             raise Refused(f"container {cid} is {state.get('status', 'gone')} after restore")
-        log(f"{staged.mid}: restored as {cid} (pid {state.get('pid')}) in {root}")
+        self.last_timing["total"] = time.monotonic() - t0
+        log(f"{staged.mid}: restored as {cid} (pid {state.get('pid')}) in {root} "
+            f"(create {self.last_timing['create']:.3f}s, with start {self.last_timing['total']:.3f}s)")
         return state.get("pid")
 
     # ------------------------------------------------------------ data

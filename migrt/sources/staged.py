@@ -35,9 +35,9 @@ def resolve(rest, bundle):
         image.apply_rootfs(s.image_dir, bundle, rootfs_dir=s.rootfs_dir, m=m, spec=spec, move=True)
 
     def on_restored(cid, pid):
+        # the agent frees the images when the source releases the migration: freeing
+        # hundreds of MiB of tmpfs here would only lengthen the downtime
         s.update(state="restored", container=cid, pid=pid, lazy=bool(lazy))
-        if not lazy:
-            s.drop_images()
 
     def on_failed(cid, msg):
         s.update(state="failed", error=msg)

@@ -1,0 +1,247 @@
+"""Downtime of `migrt migrate` (full, pre-copy, lazy) against the floors, on this machine.
+
+    /opt/migrt/venv/bin/python tests/bench/bench_migrate.py [--sizes 256,1024] [--markdown]
+
+For each memory size a static C workload (memtouch.c) touches that much memory in a
+busybox container; then, one after the other:
+
+- runc floor: plain `runc checkpoint` to tmpfs, then `runc restore` from it (no transfer);
+- migrt full / full with zstd off / precopy / lazy: `migrt migrate --json` to an agent on
+  loopback (two runc roots), downtime = freeze until the destination runs the container;
+- podman: `podman container checkpoint --export` + `podman container restore --import`.
+
+Prints one table (markdown with --markdown) and the raw reports as JSON on stderr.
+"""
+import argparse
+import json
+import os
+import shutil
+import subprocess
+import sys
+import tempfile
+import time
+
+HERE = os.path.dirname(os.path.abspath(__file__))
+sys.path.insert(0, os.path.join(HERE, ".."))
+import ocitest  # noqa: E402
+from migrt import bundlekit  # noqa: E402
+
+
+def build_workload(dest):
+    out = os.path.join(dest, "memtouch")
+    subprocess.run(["gcc", "-O2", "-static", "-o", out, os.path.join(HERE, "memtouch.c")],
+                   check=True)
+    return out
+
+
+class Bench:
+    def __init__(self, work, migrt):
+        self.work = work
+        self.migrt = migrt
+        self.rootfs = bundlekit.make_rootfs(os.path.join(work, "rootfs"))
+        shutil.copy(build_workload(work), os.path.join(self.rootfs, "bin", "memtouch"))
+        self.n = 0
+        self.env = dict(os.environ, MIGRT_STATE_DIR=os.path.join("/dev/shm", os.path.basename(work)))
+
+    def bundle(self, mib, tag):
+        self.n += 1
+        name = f"{tag}-{self.n}"
+        return bundlekit.make_bundle(os.path.join(self.work, name), ["/bin/memtouch", str(mib), "5"],
+                                     rootfs=self.rootfs, cgroups_path=f"/migrt-bench/{name}")
+
+    def start(self, rt, cid, mib):
+        b = self.bundle(mib, "src")
+        code, out, err = rt.create(cid, b, start=True)
+        assert code == 0, err.text
+        ocitest.wait_for(lambda: "ready" in out.text, timeout=120, what="workload ready")
+        time.sleep(0.5)
+        return b, out
+
+    # ------------------------------------------------------------ floors
+    def runc_floor(self, mib):
+        ra = ocitest.Runtime("runc", os.path.join(self.work, "runc-a"))
+        rb = ocitest.Runtime("runc", os.path.join(self.work, "runc-b"))
+        try:
+            b, out = self.start(ra, "w", mib)
+            img = tempfile.mkdtemp(dir="/dev/shm", prefix="bench-img-")
+            t0 = time.monotonic()
+            p = ra.run("checkpoint", "--image-path", img, "--work-path", img, "w")
+            t1 = time.monotonic()
+            assert p.returncode == 0, p.stderr
+            dst = self.bundle(mib, "dst")
+            for d in ("data", "tmp"):
+                shutil.rmtree(os.path.join(dst, "rootfs", d))
+                shutil.copytree(os.path.join(b, "rootfs", d), os.path.join(dst, "rootfs", d))
+            t2 = time.monotonic()
+            code, _, err = self._restore(rb, "w", dst, img)
+            t3 = time.monotonic()
+            assert code == 0, err
+            size = sum(os.path.getsize(os.path.join(img, f)) for f in os.listdir(img))
+            shutil.rmtree(img, ignore_errors=True)
+            return {"checkpoint": t1 - t0, "restore": t3 - t2, "downtime": (t1 - t0) + (t3 - t2),
+                    "image_bytes": size}
+        finally:
+            ra.cleanup()
+            rb.cleanup()
+
+    def _restore(self, rt, cid, bundle, img):
+        out_r, out_w = os.pipe()
+        in_r, in_w = os.pipe()
+        p = subprocess.run(["runc", "--root", rt.root, "restore", "--detach", "--image-path", img,
+                            "--work-path", img, "--bundle", bundle, cid],
+                           stdin=in_r, stdout=out_w, stderr=out_w)
+        os.close(out_w)
+        os.close(in_r)
+        o = ocitest.Output(out_r)
+        return p.returncode, None, o.text
+
+    # ------------------------------------------------------------ migrt
+    def migrt_run(self, mib, extra):
+        ra = ocitest.Runtime(self.migrt, os.path.join(self.work, f"m-a-{self.n}"), env=self.env)
+        rb = ocitest.Runtime(self.migrt, os.path.join(self.work, f"m-b-{self.n}"), env=self.env)
+        secret = os.path.join(self.work, "secret")
+        if not os.path.exists(secret):
+            with open(os.open(secret, os.O_WRONLY | os.O_CREAT, 0o600), "w") as f:
+                f.write(os.urandom(24).hex())
+        agent = subprocess.Popen(
+            [self.migrt, "--root", rb.root, "agent", "--listen", "127.0.0.1:0", "--secret-file",
+             secret, "--staging", os.path.join(self.env["MIGRT_STATE_DIR"], "staged"),
+             "--disk", os.path.join(self.work, "disk"), "--log-dir", os.path.join(self.work, "logs")],
+            stdout=subprocess.PIPE, stderr=subprocess.DEVNULL, env=self.env)
+        try:
+            addr = agent.stdout.readline().decode().split()[-1]
+            b, out = self.start(ra, "w", mib)
+            dst = self.bundle(mib, "dst")
+            before = os.times()
+            p = subprocess.run([self.migrt, "--root", ra.root, "migrate", "w", "--to", addr,
+                                "--secret-file", secret, "--bundle", dst, "--dest-root", rb.root,
+                                "--json"] + extra, capture_output=True, text=True, env=self.env,
+                               timeout=600)
+            after = os.times()
+            if p.returncode != 0:
+                return {"error": p.stderr.strip()[-300:]}
+            rep = json.loads(p.stdout)
+            rep["cpu_migrate_s"] = round((after.children_user - before.children_user)
+                                         + (after.children_system - before.children_system), 2)
+            c = rb.exec_out("w", "cat", "/tmp/count").strip()
+            rep["counter_on_destination"] = int(c)
+            return rep
+        finally:
+            agent.terminate()
+            agent.wait(30)
+            ra.cleanup()
+            rb.cleanup()
+
+    # ------------------------------------------------------------ podman
+    def podman(self, mib):
+        if not shutil.which("podman"):
+            return {"error": "podman not installed"}
+        tag = "localhost/migrt-bench-memtouch:latest"
+        tar = os.path.join(self.work, "rootfs.tar")
+        if not os.path.exists(tar):
+            subprocess.run(["tar", "-C", self.rootfs, "-cf", tar, "."], check=True)
+            subprocess.run(["podman", "import", tar, tag], check=True, capture_output=True)
+        name = f"migrt-bench-{os.getpid()}"
+        subprocess.run(["podman", "rm", "-f", name], capture_output=True)
+        p = subprocess.run(["podman", "run", "-d", "--name", name, "--ulimit", "nofile=1024:1024", "--ulimit", "nproc=4096:4096",
+                            "--network", "none", tag, "/bin/memtouch", str(mib), "5"],
+                           capture_output=True, text=True)
+        if p.returncode != 0:
+            return {"error": p.stderr.strip()[-300:]}
+        try:
+            ocitest.wait_for(lambda: "ready" in subprocess.run(
+                ["podman", "logs", name], capture_output=True, text=True).stdout,
+                timeout=120, what="podman workload")
+            time.sleep(0.5)
+            exp = os.path.join("/dev/shm", f"{name}.tar")
+            t0 = time.monotonic()
+            c = subprocess.run(["podman", "container", "checkpoint", "--export", exp, name],
+                               capture_output=True, text=True)
+            t1 = time.monotonic()
+            if c.returncode != 0:
+                return {"error": c.stderr.strip()[-300:]}
+            subprocess.run(["podman", "rm", "-f", name], capture_output=True)
+            t2 = time.monotonic()
+            r = subprocess.run(["podman", "container", "restore", "--import", exp],
+                               capture_output=True, text=True)
+            t3 = time.monotonic()
+            if r.returncode != 0:
+                return {"error": r.stderr.strip()[-300:]}
+            size = os.path.getsize(exp)
+            os.unlink(exp)
+            return {"checkpoint": t1 - t0, "restore": t3 - t2, "downtime": (t1 - t0) + (t3 - t2),
+                    "image_bytes": size}
+        finally:
+            subprocess.run(["podman", "rm", "-f", name], capture_output=True)
+
+
+def main():
+    ap = argparse.ArgumentParser()
+    ap.add_argument("--sizes", default="256,1024")
+    ap.add_argument("--modes", default="full,full-z0,precopy,lazy")
+    ap.add_argument("--no-podman", action="store_true")
+    ap.add_argument("--markdown", action="store_true")
+    args = ap.parse_args()
+    work = tempfile.mkdtemp(prefix="migrt-bench-", dir="/var/tmp")
+    migrt = ocitest.build_launcher(os.path.join(work, "migrt"))
+    b = Bench(work, migrt)
+    extra = {"full": [], "full-z0": ["--zstd-level", "0"], "full-z3": ["--zstd-level", "3"],
+             "precopy": ["--precopy"], "lazy": ["--lazy"]}
+    rows, raw = [], {}
+    try:
+        for mib in [int(s) for s in args.sizes.split(",")]:
+            floor = b.runc_floor(mib)
+            raw[f"{mib}-runc"] = floor
+            rows.append((mib, "runc checkpoint + restore (tmpfs, no transfer)", floor["downtime"],
+                         None, floor["image_bytes"], None, None, ""))
+            for mode in args.modes.split(","):
+                rep = b.migrt_run(mib, extra[mode])
+                raw[f"{mib}-{mode}"] = rep
+                if "error" in rep:
+                    rows.append((mib, f"migrt migrate ({mode})", None, None, None, None, None,
+                                 "FAILED: " + rep["error"][:120]))
+                    continue
+                ph, by = rep["phases"], rep["bytes"]
+                note = (f"dump {ph['dump']:.2f}s, restore {ph['restore']:.2f}s, "
+                        f"after-dump transfer {ph.get('transfer_after_dump', 0):.2f}s, "
+                        f"compress CPU {rep.get('cpu_compress_s', 0):.1f}s, "
+                        f"migrate CPU {rep['cpu_migrate_s']:.1f}s")
+                if mode == "precopy":
+                    note += (f"; round 1: {by.get('image_precopy', 0) / 1e6:.0f} MB, "
+                             f"frozen {ph.get('precopy_dump_freeze', 0):.2f}s while dumped")
+                rows.append((mib, f"migrt migrate ({mode})", ph["downtime"],
+                             ph["downtime"] / floor["downtime"], by.get("image"),
+                             by.get("wire"), rep.get("throughput_MBps"), note))
+            if not args.no_podman:
+                pod = b.podman(mib)
+                raw[f"{mib}-podman"] = pod
+                if "error" in pod:
+                    rows.append((mib, "podman checkpoint --export + restore --import", None, None,
+                                 None, None, None, "FAILED: " + pod["error"][:120]))
+                else:
+                    rows.append((mib, "podman checkpoint --export + restore --import",
+                                 pod["downtime"], pod["downtime"] / floor["downtime"],
+                                 pod["image_bytes"], None, None,
+                                 f"checkpoint {pod['checkpoint']:.2f}s, restore {pod['restore']:.2f}s"))
+    finally:
+        shutil.rmtree(work, ignore_errors=True)
+        shutil.rmtree(b.env["MIGRT_STATE_DIR"], ignore_errors=True)
+    json.dump(raw, sys.stderr, indent=1)
+    sys.stderr.write("\n")
+    f = lambda v, fmt: (fmt % v) if v is not None else "-"  # noqa: E731
+    if args.markdown:
+        print("| memory | method | downtime (s) | vs runc floor | image (MB) | on the wire (MB) | MB/s | notes |")
+        print("|---|---|---|---|---|---|---|---|")
+        for r in rows:
+            print(f"| {r[0]} MiB | {r[1]} | {f(r[2], '%.2f')} | {f(r[3], '%.2fx')} | "
+                  f"{f(r[4] and r[4] / 1e6, '%.0f')} | {f(r[5] and r[5] / 1e6, '%.0f')} | "
+                  f"{f(r[6], '%.0f')} | {r[7]} |")
+    else:
+        for r in rows:
+            print(f"{r[0]:>5} MiB  {r[1]:<48} {f(r[2], '%6.2f')} s  {f(r[3], '%5.2fx')}  "
+                  f"image {f(r[4] and r[4] / 1e6, '%6.0f')} MB  wire {f(r[5] and r[5] / 1e6, '%6.0f')} MB  "
+                  f"{f(r[6], '%5.0f')} MB/s  {r[7]}")
+
+
+if __name__ == "__main__":
+    main()
