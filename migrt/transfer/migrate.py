@@ -378,6 +378,8 @@ class Migration:
         failpoints.hit("migrate.before-restore")
         t0 = time.monotonic()
         self.restore_sent = True
+        if self.lazy_proc is not None:
+            threading.Thread(target=self._watch_page_server, daemon=True).start()
         if self.opts.bundle:
             reply = self._request({"op": "restore", "bundle": self.opts.bundle,
                                    "root": self.opts.dest_root,
@@ -394,6 +396,24 @@ class Migration:
         self._t("restore", t0)
         self.report["destination_pid"] = reply.get("pid")
         self.report["destination_id"] = reply.get("container") or self.opts.new_id or self.cid
+
+    def _watch_page_server(self):
+        """Lazy mode: if CRIU's page server dies before the destination confirms, the
+        destination cannot get its memory; stop waiting for it (CRIU has already thawed
+        the source's tasks on the failed transfer)."""
+        proc = self.lazy_proc
+        while proc is not None and self.lazy_proc is proc and self.ctl is not None:
+            if proc.poll() is not None:
+                if proc.returncode != 0:
+                    errs = _criu_log_errors(os.path.join(self.work, "work", "dump.log"))
+                    self.lazy_failed = ("CRIU page server failed"
+                                        + (f": {'; '.join(errs)}" if errs else ""))
+                    try:
+                        self.ctl.sock.shutdown(socket.SHUT_RDWR)
+                    except OSError:
+                        pass
+                return
+            time.sleep(0.05)
 
     def ask_status(self, tries=150):
         """After a lost reply to `restore`: what did the destination do?"""
@@ -503,6 +523,9 @@ class Migration:
                 self.dump_and_send(base)
             self.restore()
         except (TransferError, wire.ProtocolError, OSError) as e:
+            if getattr(self, "lazy_failed", None):
+                self.lazy_proc = None
+                self._fail(self.lazy_failed)
             if self.restore_sent and isinstance(e, (wire.ProtocolError, OSError)) \
                     and "restore failed" not in str(e):
                 outcome = self.ask_status()
