@@ -70,7 +70,8 @@ class Agent:
 
     def log(self):
         try:
-            return open(self.stderr_path, errors="replace").read()
+            with open(self.stderr_path, errors="replace") as f:
+                return f.read()
         except OSError:
             return ""
 
@@ -78,6 +79,9 @@ class Agent:
         if self.proc and self.proc.poll() is None:
             os.kill(self.proc.pid, sig)
             self.proc.wait(30)
+        if self.proc and self.proc.poll() is not None:
+            self.proc.stdout.close()
+            self.err.close()
 
     def stop(self):
         self.kill(signal.SIGTERM)

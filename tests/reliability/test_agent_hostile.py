@@ -31,7 +31,8 @@ IDLE = int(os.environ.get("MIGRT_IDLE_PEERS", "300"))
 def setup(tmp_path_factory, migrt_launcher):
     tmp = tmp_path_factory.mktemp("agent-hostile")
     secret_file = migr.write_secret(str(tmp / "secret"))
-    secret = open(secret_file, "rb").read().strip()
+    with open(secret_file, "rb") as f:
+        secret = f.read().strip()
     ag = migr.Agent(migrt_launcher, str(tmp), "h", str(tmp / "root"), secret_file,
                     quota=QUOTA).start()
     yield {"agent": ag, "secret": secret, "tmp": tmp, "launcher": migrt_launcher,

@@ -127,10 +127,9 @@ def feed(data, fn):
     def writer():
         try:
             b.sendall(data)
+            b.shutdown(socket.SHUT_WR)
         except OSError:
             pass
-        finally:
-            b.shutdown(socket.SHUT_WR)
     t = threading.Thread(target=writer, daemon=True)
     t.start()
     conn = wire.Conn(a)
