@@ -27,17 +27,30 @@ QUOTA = 4 << 20
 IDLE = int(os.environ.get("MIGRT_IDLE_PEERS", "300"))
 
 
-@pytest.fixture(scope="module")
-def setup(tmp_path_factory, migrt_launcher):
+@pytest.fixture(scope="module", params=["root", "nobody"])
+def setup(request, tmp_path_factory, migrt_launcher):
+    """The agent as root, and with its network side as `nobody` (migrt.privsep)."""
+    import shutil
     tmp = tmp_path_factory.mktemp("agent-hostile")
     secret_file = migr.write_secret(str(tmp / "secret"))
     with open(secret_file, "rb") as f:
         secret = f.read().strip()
+    user = None if request.param == "root" else request.param
     ag = migr.Agent(migrt_launcher, str(tmp), "h", str(tmp / "root"), secret_file,
-                    quota=QUOTA).start()
+                    quota=QUOTA, user=user)
+    shared = None
+    if user:                       # dirs the unprivileged side can reach
+        shared = f"/tmp/migrt-privsep-{os.urandom(4).hex()}"
+        os.makedirs(shared, mode=0o711)
+        os.chmod(shared, 0o711)
+        ag.staging, ag.disk = os.path.join(shared, "staging"), os.path.join(shared, "disk")
+        ag.env["MIGRT_STAGING"] = ag.staging
+    ag.start()
     yield {"agent": ag, "secret": secret, "tmp": tmp, "launcher": migrt_launcher,
-           "secret_file": secret_file}
+           "secret_file": secret_file, "uid": 65534 if user else 0}
     ag.stop()
+    if shared:
+        shutil.rmtree(shared, ignore_errors=True)
 
 
 def control(setup, estimate=1 << 20, agent=None):
@@ -181,15 +194,16 @@ def test_endless_stream_stops_at_quota(setup):
     sent, error = stream(d, 64)                  # 64 MiB offered against a 4 MiB quota
     d.close()
     assert "quota" in str(error), error
-    # what was staged meanwhile is root's alone: files 0600, dirs 0700
+    # what was staged meanwhile is the agent's alone: files 0600, dirs 0700
     staged_now = ag.staged_files()
     assert staged_now
     for top in (ag.staging, ag.disk):
         for dirpath, dirs, files in os.walk(top):
-            assert os.stat(dirpath).st_mode & 0o777 == 0o700 and os.stat(dirpath).st_uid == 0, dirpath
+            st = os.stat(dirpath)
+            assert st.st_mode & 0o777 == 0o700 and st.st_uid == setup["uid"], dirpath
             for f in files:
                 st = os.stat(os.path.join(dirpath, f))
-                assert st.st_mode & 0o077 == 0 and st.st_uid == 0, (f, oct(st.st_mode))
+                assert st.st_mode & 0o077 == 0 and st.st_uid == setup["uid"], (f, oct(st.st_mode))
     staged = sum(os.path.getsize(p) for p in ag.staged_files() if p.endswith(".img"))
     assert staged <= QUOTA
     c.send_json({"op": "commit", "manifest": {"format": "x"}})
@@ -288,12 +302,17 @@ def test_full_tmpfs(setup, tmp_path):
 def test_agent_survived_everything(setup):
     ag = setup["agent"]
     assert ag.proc.poll() is None
-    rss = psutil.Process(ag.proc.pid).memory_info().rss
-    threads = psutil.Process(ag.proc.pid).num_threads()
+    server = psutil.Process(ag.proc.pid)
+    if setup["uid"]:                        # the network side is the root side's child
+        (server,) = server.children()
+        assert server.uids().effective == setup["uid"]
+    rss = server.memory_info().rss
+    threads = server.num_threads()
     no_staged(ag)
     assert "Traceback" not in ag.log(), ag.log()[-2000:]
     assert setup["secret"].decode() not in ag.log()
-    print(f"\nAGENT after all hostile tests: alive, rss {rss >> 20} MiB, {threads} threads, "
+    print(f"\nAGENT ({'network side as uid %d' % setup['uid'] if setup['uid'] else 'root'}) "
+          f"after all hostile tests: alive, rss {rss >> 20} MiB, {threads} threads, "
           f"nothing staged")
     assert rss < 300 << 20
 
