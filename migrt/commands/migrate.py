@@ -19,8 +19,9 @@ import click
 @click.option("--lazy", is_flag=True, help="post-copy: restore at once, serve memory on "
               "demand from a page server here (cannot be rolled back once restored)")
 @click.option("--streams", default=4, show_default=True, help="parallel TCP streams")
-@click.option("--zstd-level", "level", default=1, show_default=True,
-              help="zstd level (0: no compression)")
+@click.option("--zstd-level", "level", default="auto", show_default=True,
+              help="zstd level; 0: no compression; negative: zstd's fast levels; auto: "
+              "1, or 0 when the agent is on this very host (loopback)")
 @click.option("--wait", default=300.0, show_default=True,
               help="without --bundle: seconds to wait for a create from the marker")
 @click.option("--page-server-port", default=0, help="port of the page server (--lazy)")
@@ -40,6 +41,11 @@ def command(call, container, to, secret_file, bundle, dest_root, new_id, precopy
     except (wire.ProtocolError, OSError) as e:
         raise click.ClickException(str(e))
     mode = "precopy" if precopy else "lazy" if lazy else "full"
+    if level != "auto":
+        try:
+            level = int(level)
+        except ValueError:
+            raise click.BadParameter(f"{level!r} is not an integer or auto", param_hint="--zstd-level")
     opts = mig.Options(to, secret, streams=streams, level=level, mode=mode, bundle=bundle,
                        dest_root=dest_root, new_id=new_id, wait=wait,
                        progress=not as_json, page_server_port=page_server_port,

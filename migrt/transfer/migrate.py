@@ -237,6 +237,12 @@ class Migration:
                                f"nothing was frozen")
         self.mid = reply["mid"]
         self.report["migration"] = self.mid
+        if self.opts.level == "auto":
+            # compressing for a loopback transfer only takes CPU from CRIU and the agent
+            import ipaddress
+            peer = self.ctl.sock.getpeername()[0]
+            self.opts.level = 0 if ipaddress.ip_address(peer).is_loopback else 1
+            self.report["zstd_level"] = self.opts.level
         self.work = os.path.join(_work_base(), self.mid)
         os.makedirs(self.work, mode=0o700)
         # from here on a dead `migrt migrate` is finished by migrt.recovery

@@ -185,7 +185,8 @@ def main():
     work = tempfile.mkdtemp(prefix="migrt-bench-", dir="/var/tmp")
     migrt = ocitest.build_launcher(os.path.join(work, "migrt"))
     b = Bench(work, migrt)
-    extra = {"full": [], "full-z0": ["--zstd-level", "0"], "full-z3": ["--zstd-level", "3"],
+    extra = {"full": ["--zstd-level", "1"], "full-z0": ["--zstd-level", "0"],
+             "full-z3": ["--zstd-level", "3"], "full-zfast": ["--zstd-level", "-5"],
              "precopy": ["--precopy"], "lazy": ["--lazy"]}
     rows, raw = [], {}
     try:
