@@ -62,6 +62,7 @@ class Agent:
         self.root = root
         self.runtime = runtime
         self.log_dir = log_dir
+        self.restore_timeout = float(os.environ.get("MIGRT_RESTORE_TIMEOUT", "120"))
         self.sessions = {}
         self.privileged = None      # migrt.privsep.Client when the network side is not root
         self.lock = threading.Lock()
@@ -328,7 +329,21 @@ class Agent:
         # so the error line is read back from the --log file.
         try:
             t0 = time.monotonic()
-            p = subprocess.run(argv, stdin=in_r, stdout=w, stderr=w, env=env, timeout=600)
+            # its own session, so that a restore that hangs (runc restore --lazy-pages
+            # after a failed page transfer does) can be stopped with its runc and CRIU
+            p = subprocess.Popen(argv, stdin=in_r, stdout=w, stderr=w, env=env,
+                                 start_new_session=True)
+            try:
+                p.wait(self.restore_timeout)
+            except subprocess.TimeoutExpired:
+                try:
+                    os.killpg(p.pid, signal.SIGKILL)
+                except OSError:
+                    pass
+                p.wait()
+                subprocess.run([self.runtime, "--root", root, "delete", "--force", cid],
+                               capture_output=True, env=env)
+                raise Refused(f"restore did not finish in {self.restore_timeout:.0f}s; stopped")
             self.last_timing = {"create": time.monotonic() - t0}
         finally:
             os.close(w)
