@@ -59,22 +59,16 @@ def main(argv=None):
     ap.add_argument("-n", "--containers", type=int, default=30,
                     help="containers per handler (default 30)")
     ap.add_argument("--migrt", help="the migrt binary (default: a launcher for this checkout)")
-    ap.add_argument("--front", action="store_true",
-                    help="put migrt/front.sh (the proposed shell front door) before "
-                    "migrt's Python launcher, as BinaryName")
+    ap.add_argument("--python-only", action="store_true",
+                    help="BinaryName = migrt's Python launcher alone, without the shell "
+                    "front door that the installed `migrt` has")
     ap.add_argument("--warmup", type=int, default=3)
     a = ap.parse_args(argv)
 
     work = tempfile.mkdtemp(prefix="migrt-bench-ctrd-")
     base = tempfile.mkdtemp(prefix="migrt-bctrd-", dir="/run")
-    migrt = a.migrt or ocitest.build_launcher(os.path.join(work, "migrt"))
-    if a.front:
-        with open(os.path.join(HERE, "..", "..", "migrt", "front.sh")) as f:
-            text = f.read().replace("@PY_LAUNCHER@", migrt)
-        migrt = os.path.join(work, "migrt-front")
-        with open(migrt, "w") as f:
-            f.write(text)
-        os.chmod(migrt, 0o755)
+    migrt = a.migrt or ocitest.build_launcher(os.path.join(work, "migrt"),
+                                              front=not a.python_only)
     rootfs = ocitest.bundlekit.make_rootfs(os.path.join(work, "rootfs"))
     c = harness.Containerd(base, migrt)
     apis = []
@@ -114,7 +108,7 @@ def main(argv=None):
         return statistics.median(r[phase] for r in results[handler]) * 1000
 
     print(f"containerd CRI cycle, {a.containers} containers per handler (after {a.warmup} "
-          f"warm-up), migrt = {'front.sh + ' if a.front else ''}Python launcher; "
+          f"warm-up), migrt = {'Python launcher alone' if a.python_only else 'front door + Python launcher'}; "
           "medians in ms:")
     print(f"  {'phase':<8} {'runc':>9} {'migrt':>9} {'diff':>8}")
     for p in PHASES + ("cycle",):
