@@ -388,6 +388,8 @@ def command(as_json, staging, containerd_config, containerd_address, crio_config
             crio_drop_ins):
     """Check this node for what migrt needs; exit 1 if something required is missing."""
     me = os.path.realpath(sys.argv[0]) if sys.argv and sys.argv[0] else None
+    if me and me.endswith("-python") and os.path.exists(me[:-len("-python")]):
+        me = me[:-len("-python")]       # the front door execs its Python launcher
     findings = run_checks(staging=staging, containerd_config=containerd_config,
                           crio_config=crio_config, crio_drop_ins=crio_drop_ins,
                           migrt_path=me if me and os.access(me, os.X_OK) else None,
