@@ -341,6 +341,7 @@ class Agent:
                 except OSError:
                     pass
                 p.wait()
+                _unmount_criu_leftovers(root, cid)
                 subprocess.run([self.runtime, "--root", root, "delete", "--force", cid],
                                capture_output=True, env=env)
                 raise Refused(f"restore did not finish in {self.restore_timeout:.0f}s; stopped")
@@ -422,6 +423,20 @@ class Agent:
         elif isinstance(cid, str) and isinstance(root, str) and stg.valid_cid(cid):
             reply["container_exists"] = os.path.exists(os.path.join(root, cid, "state.json"))
         conn.send_json(reply)
+
+
+def _unmount_criu_leftovers(root, cid):
+    """A CRIU killed mid-restore leaves its cgroup yard mounted in the restore's work dir."""
+    import types
+    try:
+        from migrt.lifecycle import work_dir
+        work = work_dir(types.SimpleNamespace(root=root), cid)
+        with open("/proc/self/mountinfo") as f:
+            points = [line.split()[4] for line in f]
+    except (ImportError, OSError, IndexError):
+        return
+    for mp in sorted((m for m in points if m.startswith(work + "/")), reverse=True):
+        subprocess.run(["umount", "-l", mp], capture_output=True)
 
 
 def _last_error(path):
