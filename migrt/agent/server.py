@@ -426,7 +426,8 @@ class Agent:
 
 
 def _unmount_criu_leftovers(root, cid):
-    """A CRIU killed mid-restore leaves its cgroup yard mounted in the restore's work dir."""
+    """A CRIU killed mid-restore leaves its cgroup yard mounted in the restore's work dir,
+    and runc its criu-root in the container's state dir."""
     import types
     try:
         from migrt.lifecycle import work_dir
@@ -435,7 +436,9 @@ def _unmount_criu_leftovers(root, cid):
             points = [line.split()[4] for line in f]
     except (ImportError, OSError, IndexError):
         return
-    for mp in sorted((m for m in points if m.startswith(work + "/")), reverse=True):
+    state = os.path.join(os.path.realpath(root), cid)
+    for mp in sorted((m for m in points if m.startswith((work + "/", state + "/"))),
+                     reverse=True):
         subprocess.run(["umount", "-l", mp], capture_output=True)
 
 
