@@ -279,6 +279,8 @@ SCENARIOS = [
           fault=at_failpoint("agent.after-create", kill_agent_restart_soon))),
     ("kill -9 CRIU, during dump", "a",
      dict(criu_at="network-lock", criu_side="dump", fault=at_criu(kill_criu))),
+    ("kill -9 CRIU, at the end of the dump (post-dump, tasks still seized)", "a",
+     dict(criu_at="post-dump", criu_side="dump", fault=at_criu(kill_criu))),
     ("kill -9 CRIU, during restore", "a",
      dict(criu_at="post-setup-namespaces", criu_side="restore", fault=at_criu(kill_criu))),
     ("cut connection, before freeze", "a",
