@@ -60,10 +60,13 @@ def exists(call, cid):
 
 # ---------------------------------------------------------------- runc as a child
 
-def run_runc(tokens, forward_signals=False):
+def run_runc(tokens, forward_signals=False, watch_criu=False, lazy=None):
     """Run runc with our stdio and inherited fds (pid-file, console, preserve-fds)."""
     runc = runc_path()
     proc = subprocess.Popen([runc] + tokens, close_fds=False)
+    if watch_criu:
+        import threading
+        threading.Thread(target=_criu_watchdog, args=(proc, lazy), daemon=True).start()
     if forward_signals:
         def fwd(sig, _frame):
             try:
@@ -78,6 +81,40 @@ def run_runc(tokens, forward_signals=False):
             return proc.wait()
         except InterruptedError:
             continue
+
+
+def _criu_watchdog(proc, lazy=None):
+    """Make a dead CRIU fail the restore instead of hanging it.
+
+    `runc restore` waits on CRIU's RPC socket; when CRIU's main process dies mid-restore
+    (killed, or its lazy-pages daemon gone), the half-restored tasks ("criu: restore")
+    keep that socket open and runc waits forever. Killing them lets runc fail, and the
+    caller then cleans up as for any failed restore.
+    """
+    import psutil
+    try:
+        runc = psutil.Process(proc.pid)
+    except psutil.Error:
+        return
+    criu = None
+    while proc.poll() is None:
+        try:
+            if criu is None:
+                criu = next((k for k in runc.children() if k.name() == "criu"), None)
+            dead = criu is not None and (not criu.is_running()
+                                         or criu.status() == psutil.STATUS_ZOMBIE)
+            if lazy is not None and lazy.poll() not in (None, 0):
+                dead = True        # the lazy-pages daemon failed: no page will come
+            if dead:
+                for k in runc.children(recursive=True):
+                    try:
+                        if " ".join(k.cmdline()).startswith("criu"):
+                            k.kill()
+                    except psutil.Error:
+                        pass
+        except psutil.Error:
+            pass
+        time.sleep(0.1)
 
 
 def quiet_runc(tokens):
@@ -273,12 +310,12 @@ def restore_create(call, flags, cid, bundle, spec, marker, plugins):
         tokens.append(cid)
         if not detach:
             # `run` stays attached: there is no start to follow and nothing to record.
-            rc = run_runc(tokens, forward_signals=True)
+            rc = run_runc(tokens, forward_signals=True, watch_criu=True, lazy=lazy)
             if rc != 0 and not _was_restored(work):
                 raise RuncError(failure_message(f"restore of {cid} from {marker} failed",
                                                 log, offset, os.path.join(work, "restore.log")))
             return rc
-        rc = run_runc(tokens)
+        rc = run_runc(tokens, watch_criu=True, lazy=lazy)
         if rc != 0:
             raise RuncError(failure_message(f"restore of {cid} from {marker} failed",
                                             log, offset, os.path.join(work, "restore.log")))
