@@ -86,32 +86,55 @@ def run_runc(tokens, forward_signals=False, watch_criu=False, lazy=None):
 def _criu_watchdog(proc, lazy=None):
     """Make a dead CRIU fail the restore instead of hanging it.
 
-    `runc restore` waits on CRIU's RPC socket; when CRIU's main process dies mid-restore
-    (killed, or its lazy-pages daemon gone), the half-restored tasks ("criu: restore")
-    keep that socket open and runc waits forever. Killing them lets runc fail, and the
-    caller then cleans up as for any failed restore.
+    `runc restore` talks to `criu swrk` over a socket; when CRIU's main process dies
+    mid-restore, the half-restored tasks ("criu: restore ...", re-parented to runc, the
+    subreaper) keep that socket open and runc waits forever. When they are left without
+    a live `criu swrk`, or the lazy-pages daemon has failed (no page will ever come),
+    killing them lets runc fail, and the caller cleans up as for any failed restore.
     """
     import psutil
     try:
         runc = psutil.Process(proc.pid)
     except psutil.Error:
         return
-    criu = None
+
+    def cmd(p):
+        try:
+            if p.status() == psutil.STATUS_ZOMBIE:
+                return ""
+            return " ".join(p.cmdline())
+        except psutil.Error:
+            return ""
+
+    # CRIU's main process starts as "criu swrk 3" and retitles itself "criu: restore";
+    # the restored tasks carry that title too until their memory (argv included) is back.
+    main = None
+    stuck_since = None
     while proc.poll() is None:
         try:
-            if criu is None:
-                criu = next((k for k in runc.children() if k.name() == "criu"), None)
-            dead = criu is not None and (not criu.is_running()
-                                         or criu.status() == psutil.STATUS_ZOMBIE)
-            if lazy is not None and lazy.poll() not in (None, 0):
-                dead = True        # the lazy-pages daemon failed: no page will come
-            if dead:
-                for k in runc.children(recursive=True):
-                    try:
-                        if " ".join(k.cmdline()).startswith("criu"):
-                            k.kill()
-                    except psutil.Error:
-                        pass
+            for k in runc.children():
+                if (main is None or k.pid != main.pid) and k.name() == "criu" \
+                        and "swrk" in cmd(k):
+                    main = k
+            alive = main is not None and cmd(main) != ""
+            tasks = [k for k in runc.children(recursive=True)
+                     if cmd(k).startswith("criu: ") and (main is None or k.pid != main.pid)]
+            lazy_failed = lazy is not None and lazy.poll() not in (None, 0)
+            victims = []
+            if lazy_failed:
+                victims = ([main] if alive else []) + tasks
+            elif main is not None and not alive and tasks:
+                now = time.monotonic()
+                stuck_since = stuck_since or now
+                if now - stuck_since > 1.0:
+                    victims = tasks
+            else:
+                stuck_since = None
+            for k in victims:
+                try:
+                    k.kill()
+                except psutil.Error:
+                    pass
         except psutil.Error:
             pass
         time.sleep(0.1)
