@@ -151,6 +151,15 @@ class Agent:
             self._criu_features[name] = p.returncode == 0
         return self._criu_features[name]
 
+    def node_facts(self):
+        """This node's CPU, kernel and CRIU facts, for the source's pre-migrate plugins."""
+        try:
+            from migrt.plugins import nodefacts
+            return nodefacts.collect()
+        except Exception as e:       # facts are advisory: plugins refuse without them
+            log(f"node facts unavailable: {e}")
+            return None
+
     def precheck(self, msg):
         src = msg.get("node") or {}
         here = mf.node_info()
@@ -212,7 +221,8 @@ class Agent:
         with self.lock:
             self.sessions[mid] = sess
         log(f"{mid}: receiving {msg.get('container')} from {peer[0]} ({msg.get('mode')})")
-        conn.send_json({"ok": True, "mid": mid, "staging": staged.image_dir})
+        conn.send_json({"ok": True, "mid": mid, "staging": staged.image_dir,
+                        "facts": self.node_facts()})
         try:
             self._control_loop(conn, sess)
         except (wire.ProtocolError, OSError) as e:

@@ -181,6 +181,14 @@ class Migration:
                               f"{where}: {reason}; {tail}")
 
     def _rollback(self):
+        if getattr(self, "checkpoint_hooks", False):
+            self.checkpoint_hooks = False
+            try:      # the source goes on: plugins undo (resume CUDA, tell the workload)
+                self.plugins.post_checkpoint(os.path.join(self.work, "image"), mode="dump",
+                                             work_dir=os.path.join(self.work, "work"),
+                                             error=f"migration failed during {self.phase}")
+            except Exception:
+                pass
         if self.lazy_proc is not None:
             _kill_group(self.lazy_proc)
         if self.ctl is not None:
@@ -237,6 +245,16 @@ class Migration:
                                f"nothing was frozen")
         self.mid = reply["mid"]
         self.report["migration"] = self.mid
+        # plugins may refuse now, before anything is frozen (devices, GPU, isolation...)
+        from migrt.plugins.engine import ForContainer
+        self.plugins = ForContainer(self.src.root, self.cid)
+        try:
+            self.plugins.pre_migrate({"address": self.opts.to, "facts": reply.get("facts")})
+        except MigrtError:
+            self.ctl.send_json({"op": "abort"})
+            self.ctl.close()
+            self.ctl = None
+            raise
         if self.opts.level == "auto":
             # compressing for a loopback transfer only takes CPU from CRIU and the agent
             import ipaddress
@@ -295,7 +313,7 @@ class Migration:
         return t
 
     def _send_round(self, image, work, capture, base=None, label="dump"):
-        os.makedirs(image, mode=0o700)
+        os.makedirs(image, mode=0o700, exist_ok=True)   # plugins may have written there
         result = {"done": False}
         prog = Progress(self.estimate, self.opts.progress)
         prog.phase = label
@@ -462,8 +480,8 @@ class Migration:
         self.phase = "dump (lazy)"
         image = os.path.join(self.work, "image")
         work = os.path.join(self.work, "work")
-        os.makedirs(image, mode=0o700)
-        os.makedirs(work, mode=0o700)
+        os.makedirs(image, mode=0o700, exist_ok=True)
+        os.makedirs(work, mode=0o700, exist_ok=True)
         local_ip = self.ctl.sock.getsockname()[0]
         port = self.opts.page_server_port or _free_port(local_ip)
         r, w = os.pipe()
@@ -522,6 +540,11 @@ class Migration:
         failpoints.hit("migrate.before-freeze")
         try:
             base = self.precopy_round() if self.opts.mode == "precopy" else None
+            # e.g. the workload is told and drains (rdma), CUDA is locked (gpu)
+            self.plugins.pre_checkpoint(os.path.join(self.work, "image"), mode="dump",
+                                        work_dir=os.path.join(self.work, "work"),
+                                        destination=self.opts.to)
+            self.checkpoint_hooks = True
             t_freeze = self.freeze()
             if self.opts.mode == "lazy":
                 self.lazy_dump_and_send()
@@ -553,6 +576,18 @@ class Migration:
 
     def _finish(self, t_start, t_freeze):
         self.phases["downtime"] = round(time.monotonic() - t_freeze, 4)
+        if getattr(self, "checkpoint_hooks", False):
+            self.checkpoint_hooks = False
+            try:
+                self.plugins.post_checkpoint(os.path.join(self.work, "image"), mode="dump",
+                                             work_dir=os.path.join(self.work, "work"))
+            except Exception:
+                pass      # the container already runs on the destination
+        try:              # `migrt logs <id>` on this node shows where it went
+            self.plugins.record({"event": "migrate", "to": self.opts.to, "mode": self.opts.mode,
+                                 "migration": self.mid, "phases": dict(self.phases)})
+        except Exception:
+            pass
         failpoints.hit("migrate.before-release")
         if self.opts.mode == "lazy":
             self.release_source_lazy()
