@@ -122,6 +122,12 @@ if [ -z "${MIGRT_NO_TEST_DEPS:-}" ] && containerd --version 2>/dev/null | grep -
     rm -rf "$dl"
 fi
 
+# The agent's network side runs as this user (migrt agent --user): no login, no home.
+if ! getent passwd migrt-agent >/dev/null; then
+    useradd --system --no-create-home --home-dir /nonexistent --shell /usr/sbin/nologin \
+        migrt-agent 2>/dev/null || log "could not create user migrt-agent (agent runs without --user)"
+fi
+
 # The virtualenv uses the system Python: the launcher runs it with -I -S so that the
 # pass-through path starts in milliseconds.
 PY=/usr/bin/python3
