@@ -37,7 +37,7 @@ have_good_criu() {
 }
 
 base_pkgs="runc criu iptables"
-test_pkgs="containerd podman busybox-static iproute2 ca-certificates"
+test_pkgs="containerd podman busybox-static iproute2 ca-certificates gcc libc6-dev"
 
 missing_pkgs() {
     local p out=

@@ -1,13 +1,22 @@
 """gpu: checkpoint and restore the GPU state of a container's processes.
 
 NVIDIA: CRIU cannot dump GPU memory, so before the dump each CUDA process is locked
-and checkpointed with the driver's `cuda-checkpoint` utility (`--action lock
---timeout`, then `--action checkpoint`: device memory moves to host memory and the
-process lets go of the GPU); after restore it is restored and unlocked (`--action
-restore [--device-map old=new,...]`, `--action unlock`). The GPUs' UUIDs are recorded
-at checkpoint (from /proc/driver/nvidia/gpus/*/information); when the destination
-grants other GPUs at the same container paths (see the devices plugin) the restore
-passes the UUID map, which the driver requires to name every checkpointed GPU.
+and checkpointed through the driver's checkpoint interface (lock with a timeout, then
+checkpoint: device memory moves to host memory and the process lets go of the GPU);
+after restore it is restored and unlocked. The GPUs' UUIDs are recorded at checkpoint
+(from /proc/driver/nvidia/gpus/*/information); when the destination grants other GPUs
+at the same container paths (see the devices plugin) the restore passes the UUID map,
+which the driver requires to name every checkpointed GPU.
+
+Two ways into the same driver interface (option `interface`):
+- `cuda-checkpoint`, NVIDIA's utility: `--get-state`, `--action lock --timeout`,
+  `--action checkpoint`, `--action restore [--device-map old=new,...]`, `--action
+  unlock`;
+- `driver-api`, the CUDA driver library's own calls (libcuda.so.1, r570 / CUDA 12.8 and
+  later: cuCheckpointProcessGetState/Lock/Checkpoint/Restore/Unlock), through ctypes in
+  _cuda_driver.py; the GPU map needs CUDA 13.0 (r580) there too;
+- `auto` (default): cuda-checkpoint when it is installed, else the driver API when the
+  library has the calls, else a refusal naming why neither can be used.
 
 CRIU's own CUDA plugin (cuda_plugin.so in CRIU's plugin dir) does the same four steps
 inside `criu dump`/`criu restore`. When it is installed this plugin does not repeat
@@ -18,28 +27,123 @@ remap with it installed is refused with that reason.
 Refused before anything is locked or frozen: MIG partitions (/dev/nvidia-caps or MIG-
 UUIDs), MPS clients (CUDA_MPS_PIPE_DIRECTORY, a mounted MPS pipe dir), UVM managed
 memory (a process maps /dev/nvidia-uvm; cuda-checkpoint documents no UVM support and
-leaves a process in a bad state when it meets it), a missing cuda-checkpoint.
+leaves a process in a bad state when it meets it), no usable checkpoint interface.
 
 AMD: CRIU's amdgpu plugin does the work inside CRIU; this plugin refuses a container
 using /dev/kfd when amdgpu_plugin.so is not installed, and passes the plugin's KFD_*
 settings (option amdgpu_env) to CRIU through the environment runc hands it.
 
-Nothing here has run on GPU hardware: it is tested against tests/fakes/cuda-checkpoint,
-a stand-in that follows the documented interface and states.
+Nothing here has run on GPU hardware: it is tested against tests/fakes/cuda-checkpoint
+and tests/fakes/fake_libcuda.c, stand-ins that follow the documented interfaces and states.
 """
 import atexit
 import glob
+import importlib
+import importlib.util
 import json
 import os
 import re
 import shutil
 import subprocess
+import sys
 
 from migrt.errors import MigrtError, RefusedError
 from migrt.plugins import Plugin, plugin_dir, proc
 
 RECORD = "gpu.json"
 NVIDIA_GPU = re.compile(r"^/dev/nvidia(\d+)$")
+INTERFACES = ("auto", "cuda-checkpoint", "driver-api")
+
+
+def driver_module():
+    """plugins/_cuda_driver.py (ctypes; loaded only when the driver API is wanted)."""
+    name = "migrt_plugins._cuda_driver"
+    mod = sys.modules.get(name)
+    if mod is not None:
+        return mod
+    path = os.path.join(os.path.dirname(os.path.abspath(__file__)), "_cuda_driver.py")
+    if not os.path.exists(path):
+        return importlib.import_module(name)      # installed as the migrt_plugins package
+    spec = importlib.util.spec_from_file_location(name, path)
+    mod = importlib.util.module_from_spec(spec)
+    sys.modules[name] = mod
+    try:
+        spec.loader.exec_module(mod)
+    except Exception:
+        del sys.modules[name]
+        raise
+    return mod
+
+
+class CudaCheckpointTool:
+    """The driver's checkpoint interface through the cuda-checkpoint utility."""
+    name = label = "cuda-checkpoint"
+
+    def __init__(self, path, timeout_ms):
+        self.path, self.timeout_ms = path, timeout_ms
+
+    def _run(self, *args):
+        try:
+            p = subprocess.run([self.path, *map(str, args)], capture_output=True, text=True,
+                               timeout=max(60, self.timeout_ms / 1000 + 30))
+        except subprocess.TimeoutExpired:
+            return 124, "timed out"
+        return p.returncode, (p.stdout + p.stderr).strip()
+
+    def state(self, pid):
+        rc, out = self._run("--get-state", "--pid", pid)
+        return out.split()[0] if rc == 0 and out else None
+
+    def act(self, action, pid, gpu_map=None):
+        """None when done, else the tool's one-line reason."""
+        args = ["--action", action, "--pid", pid]
+        if action == "lock":
+            args += ["--timeout", self.timeout_ms]
+        if gpu_map:
+            args += ["--device-map", ",".join(f"{a}={b}" for a, b in sorted(gpu_map.items()))]
+        rc, out = self._run(*args)
+        return None if rc == 0 else (out or f"exit status {rc}")
+
+    def cannot_remap(self):
+        rc, out = self._run("--help")
+        if "--device-map" not in out:
+            return ("restoring onto other GPUs needs cuda-checkpoint --device-map (driver "
+                    "r580 or later); this one has none")
+        return None
+
+
+class DriverApi:
+    """The same interface through the CUDA driver library's cuCheckpointProcess* calls."""
+    name = "driver-api"
+    label = "the CUDA driver API"
+
+    def __init__(self, driver, timeout_ms):
+        self.driver, self.timeout_ms = driver, timeout_ms
+
+    def state(self, pid):
+        try:
+            return self.driver.state(pid)
+        except driver_module().DriverError:
+            return None          # not a CUDA process (CUDA_ERROR_NOT_SUPPORTED), or gone
+
+    def act(self, action, pid, gpu_map=None):
+        mod = driver_module()
+        try:
+            if action == "lock":
+                self.driver.lock(pid, self.timeout_ms)
+            elif action == "restore":
+                self.driver.restore(pid, gpu_map or None)
+            else:
+                getattr(self.driver, action)(pid)
+        except (mod.DriverError, mod.Unavailable, ValueError) as e:
+            return str(e)
+        return None
+
+    def cannot_remap(self):
+        if self.driver.can_remap():
+            return None
+        return (f"restoring onto other GPUs needs the driver API's GPU pairs (CUDA 13.0, "
+                f"driver r580 or later); {self.driver.path} is {self.driver.version_text()}")
 
 
 def inventory(driver_root):
@@ -77,13 +181,22 @@ def amd_devices(spec):
 
 class Gpu(Plugin):
     name = "gpu"
-    description = "lock/checkpoint CUDA state (cuda-checkpoint) or drive CRIU's amdgpu plugin"
+    description = ("lock/checkpoint CUDA state (cuda-checkpoint or the CUDA driver API) or "
+                   "drive CRIU's amdgpu plugin")
     order = 30
     detect = {"devices": ["/dev/nvidia[0-9]*", "/dev/nvidiactl", "/dev/kfd", "/dev/dri/renderD*"],
               "env": ["NVIDIA_VISIBLE_DEVICES"]}
     options = {
+        "interface": {"type": "string", "enum": list(INTERFACES), "default": "auto",
+                      "description": "how to reach the driver's checkpoint interface: "
+                                     "cuda-checkpoint, driver-api (libcuda's "
+                                     "cuCheckpointProcess* calls) or auto (cuda-checkpoint "
+                                     "when installed, else the driver API)"},
         "cuda_checkpoint": {"type": "string", "default": "cuda-checkpoint",
                             "description": "the cuda-checkpoint utility (name on PATH or path)"},
+        "libcuda": {"type": "string", "default": "",
+                    "description": "the CUDA driver library for interface driver-api "
+                                   "(default: $MIGRT_LIBCUDA, else libcuda.so.1)"},
         "driver_root": {"type": "string", "default": "/proc/driver/nvidia",
                         "description": "the NVIDIA driver's proc dir (GPU UUIDs by minor)"},
         "criu_libdir": {"type": "string", "default": "",
@@ -97,8 +210,9 @@ class Gpu(Plugin):
     }
 
     def __init__(self):
-        self._held = {}      # cid -> pids this plugin locked+checkpointed (source side)
+        self._held = {}      # cid -> (interface, pids this plugin locked+checkpointed)
         self._plans = {}     # cid -> restore plan (destination side)
+        self._drivers = {}   # library path -> _cuda_driver.Driver or its Unavailable reason
 
     # ------------------------------------------------------------ helpers
 
@@ -109,18 +223,39 @@ class Gpu(Plugin):
             return None
         return path
 
-    def _cc(self, ctx, *args):
-        tool = self._tool(ctx)
+    def _driver(self, ctx):
+        """A loaded driver library with the checkpoint calls, or the reason there is none."""
         try:
-            p = subprocess.run([tool, *map(str, args)], capture_output=True, text=True,
-                               timeout=max(60, ctx["options"]["lock_timeout_ms"] / 1000 + 30))
-        except subprocess.TimeoutExpired:
-            return 124, "timed out"
-        return p.returncode, (p.stdout + p.stderr).strip()
+            mod = driver_module()
+        except Exception as e:
+            return None, f"cannot load the driver API binding ({type(e).__name__}: {e})"
+        path = mod.library_path(ctx["options"].get("libcuda") or "")
+        if path not in self._drivers:
+            try:
+                self._drivers[path] = mod.Driver(path)
+            except mod.Unavailable as e:
+                self._drivers[path] = str(e)
+        got = self._drivers[path]
+        return (None, got) if isinstance(got, str) else (got, None)
 
-    def _state(self, ctx, pid):
-        rc, out = self._cc(ctx, "--get-state", "--pid", pid)
-        return out.split()[0] if rc == 0 and out else None
+    def _interface(self, ctx):
+        """(interface, None), or (None, why neither cuda-checkpoint nor the driver API)."""
+        opts = ctx["options"]
+        choice = opts.get("interface") or "auto"
+        timeout = opts["lock_timeout_ms"]
+        if choice != "driver-api":
+            tool = self._tool(ctx)
+            if tool:
+                return CudaCheckpointTool(tool, timeout), None
+            if choice == "cuda-checkpoint":
+                return None, f"{opts['cuda_checkpoint']} not found"
+        drv, why = self._driver(ctx)
+        if drv:
+            return DriverApi(drv, timeout), None
+        if choice == "driver-api":
+            return None, f"the CUDA driver API cannot be used: {why}"
+        return None, (f"{opts['cuda_checkpoint']} not found and the CUDA driver API cannot "
+                      f"be used: {why}")
 
     def _libdir(self, ctx):
         return ctx["options"].get("criu_libdir") or proc.criu_libdir(ctx.get("spec"))
@@ -225,54 +360,58 @@ class Gpu(Plugin):
             if not candidates and not nvidia_devices(spec):
                 return     # e.g. a CUDA image's NVIDIA_VISIBLE_DEVICES=all on a node without GPUs
             self._checks(ctx, pids)
-            if candidates and not self._tool(ctx):
-                raise RefusedError(f"gpu: {ctx['options']['cuda_checkpoint']} not found; the "
-                                   "container's CUDA state cannot be checkpointed; nothing was frozen")
+            iface = None
+            if candidates:
+                iface, why = self._interface(ctx)
+                if iface is None:
+                    raise RefusedError(f"gpu: {why}; the container's CUDA state cannot be "
+                                       "checkpointed; nothing was frozen")
             criu_plugin = self._criu_plugin(ctx, "cuda_plugin.so")
             cuda = []
             for pid in candidates:
-                state = self._state(ctx, pid)
+                state = iface.state(pid)
                 if state:
                     cuda.append((pid, state))
             rec.update(gpus=self._gpus(ctx, spec), criu_plugin=bool(criu_plugin),
+                       interface=iface.name if iface else None,
                        processes=[{"pid": p, "state": s} for p, s in cuda])
             if not criu_plugin:
-                self._lock_and_checkpoint(ctx, [p for p, s in cuda if s == "running"])
+                self._lock_and_checkpoint(ctx, iface, [p for p, s in cuda if s == "running"])
         else:
             return
         with open(os.path.join(plugin_dir(ctx, self.name), RECORD), "w") as f:
             json.dump(rec, f, indent=1)
 
-    def _lock_and_checkpoint(self, ctx, pids):
+    def _lock_and_checkpoint(self, ctx, iface, pids):
         done = []
-        self._held[ctx["cid"]] = done
+        self._held[ctx["cid"]] = (iface, done)
         # If the checkpoint fails and the core never calls post-checkpoint, the source's
         # processes must not stay locked: release them when this process exits.
         atexit.register(self._release_quietly, dict(ctx, options=dict(ctx["options"])))
-        timeout = ctx["options"]["lock_timeout_ms"]
         for pid in pids:
-            rc, out = self._cc(ctx, "--action", "lock", "--pid", pid, "--timeout", timeout)
-            if rc != 0:
+            err = iface.act("lock", pid)
+            if err:
                 self._release(ctx)
-                raise RefusedError(f"gpu: cuda-checkpoint could not lock process {pid}: {out}; "
+                raise RefusedError(f"gpu: {iface.label} could not lock process {pid}: {err}; "
                                    "nothing was frozen")
             done.append([pid, "locked"])
-            rc, out = self._cc(ctx, "--action", "checkpoint", "--pid", pid)
-            if rc != 0:
+            err = iface.act("checkpoint", pid)
+            if err:
                 self._release(ctx)
-                raise RefusedError(f"gpu: cuda-checkpoint could not checkpoint process {pid}: "
-                                   f"{out}; nothing was frozen")
+                raise RefusedError(f"gpu: {iface.label} could not checkpoint process {pid}: "
+                                   f"{err}; nothing was frozen")
             done[-1][1] = "checkpointed"
 
     def _release(self, ctx):
         """Give the GPU back to processes this plugin checkpointed (source keeps running)."""
         errors = []
-        for pid, state in reversed(self._held.pop(ctx["cid"], [])):
+        iface, held = self._held.pop(ctx["cid"], (None, []))
+        for pid, state in reversed(held):
             steps = (["restore", "unlock"] if state == "checkpointed" else ["unlock"])
             for action in steps:
-                rc, out = self._cc(ctx, "--action", action, "--pid", pid)
-                if rc != 0:
-                    errors.append(f"{action} {pid}: {out}")
+                err = iface.act(action, pid)
+                if err:
+                    errors.append(f"{action} {pid}: {err}")
                     break
         if errors:
             raise MigrtError("gpu: could not resume CUDA on the source: " + "; ".join(errors))
@@ -308,9 +447,9 @@ class Gpu(Plugin):
             return
         if rec.get("kind") != "nvidia":
             return
-        if not self._tool(ctx):
-            raise RefusedError(f"gpu: {ctx['options']['cuda_checkpoint']} not found; cannot "
-                               "restore the checkpoint's CUDA state")
+        iface, why = self._interface(ctx)
+        if iface is None:
+            raise RefusedError(f"gpu: {why}; cannot restore the checkpoint's CUDA state")
         dest = {g["path"]: g for g in self._gpus(ctx, ctx["spec"])}
         dmap = {}
         for g in rec.get("gpus") or []:
@@ -336,11 +475,10 @@ class Gpu(Plugin):
                                    + ", ".join(f"{a}->{b}" for a, b in dmap.items() if a != b)
                                    + ") but CRIU's cuda plugin restores onto the same GPUs only")
         elif remap:
-            rc, out = self._cc(ctx, "--help")
-            if "--device-map" not in out:
-                raise RefusedError("gpu: restoring onto other GPUs needs cuda-checkpoint "
-                                   "--device-map (driver r580 or later); this one has none")
-        self._plans[ctx["cid"]] = {"map": dmap if remap else {},
+            why = iface.cannot_remap()
+            if why:
+                raise RefusedError(f"gpu: {why}")
+        self._plans[ctx["cid"]] = {"map": dmap if remap else {}, "interface": iface,
                                    "criu_plugin": bool(rec.get("criu_plugin"))}
 
     def post_restore(self, ctx):
@@ -348,7 +486,8 @@ class Gpu(Plugin):
         if plan is None:
             return
         pids = proc.container_pids(ctx)
-        states = {pid: self._state(ctx, pid) for pid in pids}
+        iface = plan["interface"]
+        states = {pid: iface.state(pid) for pid in pids}
         if plan["criu_plugin"]:
             stuck = [f"{p} ({s})" for p, s in states.items() if s in ("locked", "checkpointed")]
             if stuck:
@@ -357,13 +496,10 @@ class Gpu(Plugin):
         for pid, state in states.items():
             if state != "checkpointed":
                 continue
-            args = ["--action", "restore", "--pid", pid]
-            if plan["map"]:
-                args += ["--device-map", ",".join(f"{a}={b}" for a, b in sorted(plan["map"].items()))]
-            for step in (args, ["--action", "unlock", "--pid", pid]):
-                rc, out = self._cc(ctx, *step)
-                if rc != 0:
-                    raise MigrtError(f"gpu: cuda-checkpoint {step[1]} of process {pid} failed: {out}")
+            for action in ("restore", "unlock"):
+                err = iface.act(action, pid, plan["map"] if action == "restore" else None)
+                if err:
+                    raise MigrtError(f"gpu: {iface.label} {action} of process {pid} failed: {err}")
 
 
 plugin = Gpu
