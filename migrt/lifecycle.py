@@ -106,24 +106,39 @@ def _criu_watchdog(proc, lazy=None):
         except psutil.Error:
             return ""
 
-    # CRIU's main process starts as "criu swrk 3" and retitles itself "criu: restore";
-    # the restored tasks carry that title too until their memory (argv included) is back.
+    def pidns(pid):
+        try:
+            return os.readlink(f"/proc/{pid}/ns/pid")
+        except OSError:
+            return None
+
+    # CRIU's main process starts as "criu swrk 3", then retitles itself "criu: restore";
+    # the restored tasks carry one of those titles until their memory (argv included) is
+    # back, but they live in the container's pid namespace, CRIU in runc's. CRIU's main
+    # process is the first CRIU child of runc; its helpers come later.
+    host = pidns(proc.pid)
     main = None
+    seen_tasks = False
     stuck_since = None
     while proc.poll() is None:
         try:
-            for k in runc.children():
-                if (main is None or k.pid != main.pid) and k.name() == "criu" \
-                        and "swrk" in cmd(k):
-                    main = k
-            alive = main is not None and cmd(main) != ""
+            kids = runc.children()
+            # a CRIU child of runc that died and that runc has not reaped: runc is
+            # blocked on CRIU's socket, which the restored tasks still hold
+            zombie = any(_is_zombie(k) for k in kids if k.name() == "criu")
+            direct = [k for k in kids if k.name() == "criu" and cmd(k)
+                      and pidns(k.pid) == host]
             tasks = [k for k in runc.children(recursive=True)
-                     if cmd(k).startswith("criu: ") and (main is None or k.pid != main.pid)]
+                     if cmd(k).startswith("criu") and pidns(k.pid) not in (host, None)]
+            seen_tasks = seen_tasks or bool(tasks)
+            if direct and (main is None or (not cmd(main) and not seen_tasks)):
+                main = min(direct, key=lambda k: k.create_time())
+            alive = main is not None and cmd(main) != ""
             lazy_failed = lazy is not None and lazy.poll() not in (None, 0)
             victims = []
             if lazy_failed:
                 victims = ([main] if alive else []) + tasks
-            elif main is not None and not alive and tasks:
+            elif tasks and (zombie or (main is not None and not alive)):
                 now = time.monotonic()
                 stuck_since = stuck_since or now
                 if now - stuck_since > 1.0:
@@ -138,6 +153,14 @@ def _criu_watchdog(proc, lazy=None):
         except psutil.Error:
             pass
         time.sleep(0.1)
+
+
+def _is_zombie(p):
+    import psutil
+    try:
+        return p.status() == psutil.STATUS_ZOMBIE
+    except psutil.Error:
+        return False
 
 
 def quiet_runc(tokens):
