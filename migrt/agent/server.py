@@ -293,6 +293,8 @@ class Agent:
                     staged.remove()
                 conn.send_json({"ok": True})
                 return
+            elif op == "why":
+                conn.send_json({"ok": True, "reason": sess.stage.error})
             elif op == "abort":
                 conn.send_json({"ok": True})
                 return
@@ -395,7 +397,14 @@ class Agent:
         dctx = zstandard.ZstdDecompressor()
         frames = 0
         while True:
-            kind, payload = conn.read_frame()
+            try:
+                kind, payload = conn.read_frame()
+            except (wire.ProtocolError, OSError) as e:
+                # e.g. TLS "bad record mac": the stream was damaged on the way; the source
+                # learns it on the control connection ("why"), not from its broken pipe
+                sess.stage.fail(f"data stream damaged on the way: {e}")
+                log(f"{mid}: data stream damaged on the way: {e}")
+                raise
             if kind == b"J":
                 if payload.get("op") == "eof":
                     if sess.stage.error:

@@ -327,6 +327,9 @@ class Migration:
             prog.done()
             if "error" in result:
                 raise TransferError(result["error"])
+            why = self._why()
+            if why:
+                raise TransferError(why) from e
             raise
         th.join()
         prog.done()
@@ -334,6 +337,15 @@ class Migration:
             raise TransferError(result["error"])
         failpoints.hit("migrate.after-dump")
         return sender, files, result, time.monotonic() - t0
+
+    def _why(self):
+        """What the destination saw when a data connection broke (None if nothing)."""
+        try:
+            reply = self._request({"op": "why"})
+        except (wire.ProtocolError, OSError):
+            return None
+        err = reply.get("reason") if isinstance(reply, dict) else None
+        return f"destination: {err}" if err else None
 
     def _commit(self, files, manifest, final=True, lazy_address=None):
         manifest["files"] = manifest_files(files)

@@ -124,9 +124,22 @@ class Sender:
         except wire.ProtocolError as e:
             self._fail(f"destination: {e}")
         except (OSError, TransferError) as e:
-            self._fail(f"transfer to {self.address}: {e}")
+            self._fail(f"transfer to {self.address}: {self._reason(conn) or e}")
         finally:
             conn.close()
+
+    @staticmethod
+    def _reason(conn):
+        """The agent says why before it drops a data connection (a damaged chunk, no
+        room): read that instead of reporting our own broken pipe."""
+        try:
+            conn.sock.settimeout(2)
+            conn.read_json()
+        except wire.ProtocolError as e:     # read_json raises the agent's {"error": ...}
+            return f"destination: {e}"
+        except Exception:
+            pass
+        return None
 
     def send(self, image_dir, finished, tail=TAIL, base=None, skip=(), rename=None):
         """Send image_dir; `finished()` says whether its writer is done.
