@@ -194,7 +194,11 @@ def assert_destination_clean(n, ag, cid="ctr"):
 
 
 def dest_count(n, cid="ctr"):
-    return int(n.b.exec_out(cid, "cat", "/tmp/count").strip())
+    # the workload rewrites the file (truncate, then write): a read may catch it empty
+    def read():
+        v = n.b.exec_out(cid, "cat", "/tmp/count").strip()
+        return int(v) if v.isdigit() else None
+    return ocitest.wait_for(read, timeout=5, what="a count on the destination")
 
 
 @pytest.mark.parametrize("mode", ["full", "precopy"])
