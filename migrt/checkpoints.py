@@ -139,15 +139,23 @@ def core_arch(path, name):
         raise CheckpointError(f"checkpoint {name}: {base} is not a CRIU core image")
     if head[12] != 0x08:          # field 1 (mtype), wire type varint
         raise CheckpointError(f"checkpoint {name}: {base} has no machine type")
-    value, shift, i = 0, 0, 13
-    while i < len(head):
-        b = head[i]
-        value |= (b & 0x7F) << shift
-        i += 1
-        if not b & 0x80:
-            break
-        shift += 7
+    try:
+        value, _ = varint(head, 13)
+    except IndexError:
+        raise CheckpointError(f"checkpoint {name}: {base} is truncated")
     return MARCH.get(value, f"unknown machine type {value}")
+
+
+def varint(b, i):
+    """Decode the protobuf varint at b[i]; return (value, next index)."""
+    shift = result = 0
+    while True:
+        c = b[i]
+        i += 1
+        result |= (c & 0x7F) << shift
+        if not c & 0x80:
+            return result, i
+        shift += 7
 
 
 def manifest_flags(image_dir):

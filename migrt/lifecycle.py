@@ -20,17 +20,13 @@ import time
 
 from migrt import checkpoints
 from migrt.errors import BundleError, MigrtError, RuncError
-from migrt.fast import MARKER, RECORD, runc_path
+from migrt.fast import MARKER, record_path, runc_path
 
 STATE_DIR = os.environ.get("MIGRT_STATE_DIR", "/run/migrt")
 SPEC_BACKUP = "config.json.migrt-orig"
 
 
 # ---------------------------------------------------------------- records
-
-def record_path(call, cid):
-    return os.path.join(call.root, cid, RECORD)
-
 
 def read_record(call, cid):
     try:
@@ -334,6 +330,20 @@ def restore_create(call, flags, cid, bundle, spec, marker, plugins):
     write_spec(bundle, runc_spec)
 
     lazy = None
+
+    def undo(err):
+        """Leave nothing of a failed restore: no container, the caller's spec back."""
+        if lazy:
+            _kill(lazy)
+        if exists(call, cid):
+            quiet_runc(call.global_tokens() + ["delete", "--force", cid])
+        put_back_spec(bundle)
+        if source.on_failed:
+            try:
+                source.on_failed(cid, str(err))
+            except Exception:
+                pass
+
     started = time.monotonic()
     try:
         if source.prepare:
@@ -366,16 +376,7 @@ def restore_create(call, flags, cid, bundle, spec, marker, plugins):
             raise RuncError(failure_message(f"restore of {cid} from {marker} failed",
                                             log, offset, os.path.join(work, "restore.log")))
     except BaseException as e:
-        if lazy:
-            _kill(lazy)
-        if exists(call, cid):
-            quiet_runc(call.global_tokens() + ["delete", "--force", cid])
-        put_back_spec(bundle)
-        if source.on_failed:
-            try:
-                source.on_failed(cid, str(e))
-            except Exception:
-                pass
+        undo(e)
         raise
     pid = _read_pid(flags.get("pid-file")) or _state_pid(call, cid)
     try:
@@ -384,15 +385,7 @@ def restore_create(call, flags, cid, bundle, spec, marker, plugins):
     except BaseException as e:
         # A plugin could not finish the restore (a GPU left locked, a device missing):
         # the caller sees a failed create, so no container may be left running.
-        quiet_runc(call.global_tokens() + ["delete", "--force", cid])
-        if lazy:
-            _kill(lazy)
-        put_back_spec(bundle)
-        if source.on_failed:
-            try:
-                source.on_failed(cid, str(e))
-            except Exception:
-                pass
+        undo(e)
         raise
     write_record(call, cid, {
         "restored_from": marker, "image_dir": source.image_dir, "work": work,

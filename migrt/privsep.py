@@ -257,13 +257,7 @@ def run(listen, secret, user, **kw):
             sys.stdout.write(f"migrt agent listening on {host}:{port} "
                              f"(network side as {user}, pid {os.getpid()})\n")
             sys.stdout.flush()
-
-            def stop(*_):
-                agent.stop.set()
-                agent.sock.close()
-            signal.signal(signal.SIGTERM, stop)
-            signal.signal(signal.SIGINT, stop)
-            agent.serve()
+            agent.serve_until_signalled()
         except BaseException as e:       # never return into the parent's code
             sys.stderr.write(f"migrt agent: network side failed: {e}\n")
             code = 1

@@ -23,6 +23,7 @@ import time
 import zstandard
 
 from migrt import failpoints, recovery
+from migrt.lifecycle import runc_error
 from migrt.agent import staging as stg
 from migrt.image import manifest as mf
 from migrt.transfer import receiver, wire
@@ -82,6 +83,15 @@ class Agent:
         self.sock.bind((host.strip("[]") or "0.0.0.0", int(port)))
         self.sock.listen(64)
         return self.sock.getsockname()[:2]
+
+    def serve_until_signalled(self):
+        """serve() until SIGTERM or SIGINT."""
+        def stop(*_):
+            self.stop.set()
+            self.sock.close()
+        signal.signal(signal.SIGTERM, stop)
+        signal.signal(signal.SIGINT, stop)
+        self.serve()
 
     def serve(self):
         for mid in stg.sweep(self.staging, self.ttl, startup=True, log=log):
@@ -363,7 +373,7 @@ class Agent:
             os.close(in_r)
             os.close(in_w)
         if p.returncode != 0:
-            raise Refused(_last_error(errlog) or f"migrt create exited {p.returncode}")
+            raise Refused(runc_error(errlog, 0) or f"migrt create exited {p.returncode}")
         failpoints.hit("agent.after-create")
         s = subprocess.run([self.runtime, "--root", root, "start", cid], capture_output=True,
                            text=True, env=env)
@@ -461,32 +471,10 @@ def _unmount_criu_leftovers(root, cid):
         subprocess.run(["umount", "-l", mp], capture_output=True)
 
 
-def _last_error(path):
-    msg = None
-    try:
-        with open(path, errors="replace") as f:
-            for line in f:
-                try:
-                    rec = json.loads(line)
-                except ValueError:
-                    continue
-                if isinstance(rec, dict) and rec.get("level") in ("error", "fatal"):
-                    msg = rec.get("msg")
-    except OSError:
-        pass
-    return msg
-
-
 def run(listen, secret, **kw):
     agent = Agent(listen, secret, **kw)
     host, port = agent.bind()
     sys.stdout.write(f"migrt agent listening on {host}:{port}\n")
     sys.stdout.flush()
-
-    def stop(*_):
-        agent.stop.set()
-        agent.sock.close()
-    signal.signal(signal.SIGTERM, stop)
-    signal.signal(signal.SIGINT, stop)
-    agent.serve()
+    agent.serve_until_signalled()
     return 0

@@ -6,16 +6,7 @@ Reading the few fields migrt shows needs no protobuf library.
 import os
 import struct
 
-
-def _varint(b, i):
-    shift = result = 0
-    while True:
-        c = b[i]
-        i += 1
-        result |= (c & 0x7F) << shift
-        if not c & 0x80:
-            return result, i
-        shift += 7
+from migrt.checkpoints import varint
 
 
 def fields(msg):
@@ -24,15 +15,15 @@ def fields(msg):
     i = 0
     n = len(msg)
     while i < n:
-        key, i = _varint(msg, i)
+        key, i = varint(msg, i)
         num, wt = key >> 3, key & 7
         if wt == 0:
-            v, i = _varint(msg, i)
+            v, i = varint(msg, i)
         elif wt == 1:
             v = msg[i:i + 8]
             i += 8
         elif wt == 2:
-            ln, i = _varint(msg, i)
+            ln, i = varint(msg, i)
             v = msg[i:i + ln]
             i += ln
         elif wt == 5:

@@ -27,17 +27,15 @@ class ForContainer:
             argv += ["--log", log, "--log-format", log_format]
         self.call = Call(argv)
         self.cid = cid
-        self.bundle, self.spec = None, None
-        try:
-            with open(os.path.join(root, cid, "state.json")) as f:
-                state = json.load(f)
-            for label in (state.get("config") or {}).get("labels") or []:
-                if label.startswith("bundle="):
-                    self.bundle = label[len("bundle="):]
-            with open(os.path.join(self.bundle, "config.json")) as f:
-                self.spec = json.load(f)
-        except (OSError, ValueError, TypeError):
-            pass
+        from migrt.lifecycle import container_bundle
+        self.bundle, _ = container_bundle(self.call, cid)
+        self.spec = None
+        if self.bundle:
+            try:
+                with open(os.path.join(self.bundle, "config.json")) as f:
+                    self.spec = json.load(f)
+            except (OSError, ValueError):
+                pass
         self.names = hookgate.active(self.spec, self.bundle, stage="migrate") \
             if isinstance(self.spec, dict) else []
 
