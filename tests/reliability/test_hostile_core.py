@@ -214,7 +214,7 @@ def test_fuzzed_config_fails_cleanly(env, tmp_path, data):
     assert "Traceback" not in stderr, stderr
     assert stderr.startswith("migrt: ") or "runc" in stderr or "container" in stderr, stderr
     assert rt.state(cid) is None
-    assert (bundle / "config.json").read_text() == raw            # caller's file as it was
+    assert (bundle / "config.json").read_bytes() == raw.encode()  # caller's file as it was
     assert sorted(os.listdir(bundle)) == listing                   # nothing new in the bundle
 
 
