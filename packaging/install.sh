@@ -37,7 +37,17 @@ have_good_criu() {
 }
 
 base_pkgs="runc criu iptables"
-test_pkgs="containerd podman busybox-static iproute2 ca-certificates gcc libc6-dev"
+test_pkgs="containerd podman busybox-static iproute2 ca-certificates"
+# The compiler for the tests' fake libcuda and memory workload. On Debian 12 libc6 is
+# trixie's by now (it came with criu), so its -dev package and gcc must be trixie's too.
+build_pkgs="gcc libc6-dev"
+
+# A Debian 12 that got criu from trixie (pinned low, below) reports trixie in
+# /etc/os-release afterwards (base-files came along), but its default release is still
+# bookworm: packages that must match trixie's libc are taken with -t trixie.
+pinned_trixie() {
+    [ -f /etc/apt/preferences.d/migrt-trixie ] && echo yes
+}
 
 missing_pkgs() {
     local p out=
@@ -84,7 +94,7 @@ have_good_criu || { log "CRIU 4.x is required; got: $(criu --version 2>&1 | head
 pip_whl=$(dpkg-query -W -f='${Version}' python3-pip-whl 2>/dev/null || true)
 if [ -n "$(missing_pkgs python3 python3-venv)" ] || ! dpkg --compare-versions "${pip_whl:-0}" ge 24; then
     apt_update
-    if [ "$VERSION_CODENAME" = bookworm ]; then
+    if [ -n "$(pinned_trixie)" ]; then
         apt-get install -y -qq -t trixie python3 python3-venv python3-pip-whl \
             python3-setuptools-whl >/dev/null
     else
@@ -98,6 +108,16 @@ if [ -z "${MIGRT_NO_TEST_DEPS:-}" ]; then
         apt_update
         log "installing: $missing"
         apt-get install -y -qq $missing >/dev/null
+    fi
+    missing=$(missing_pkgs $build_pkgs)
+    if [ -n "$missing" ]; then
+        apt_update
+        log "installing: $missing"
+        if [ -n "$(pinned_trixie)" ]; then
+            apt-get install -y -qq -t trixie $missing >/dev/null
+        else
+            apt-get install -y -qq $missing >/dev/null
+        fi
     fi
 fi
 
