@@ -182,6 +182,9 @@ def find_marker(spec, bundle):
 
 def main():
     argv = sys.argv[1:]
+    if "MIGRT_SPARE_FD" in os.environ:      # a restorer the agent started ahead of time
+        from migrt import spare
+        argv = spare.wait(int(os.environ.pop("MIGRT_SPARE_FD")))
     try:
         code = dispatch(argv)
     except KeyboardInterrupt:

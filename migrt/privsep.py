@@ -273,6 +273,7 @@ def run(listen, secret, user, **kw):
             pass
     signal.signal(signal.SIGTERM, forward)
     signal.signal(signal.SIGINT, forward)
+    agent.warm()                         # restores run on this side
     RootHelper(agent, pw.pw_uid, pw.pw_gid).serve(parent_sock)
     _, status = os.waitpid(pid, 0)
     return os.waitstatus_to_exitcode(status)

@@ -69,6 +69,7 @@ class Agent:
         self.lock = threading.Lock()
         self.stop = threading.Event()
         self._criu_features = {}
+        self._spare = None          # migrt.spare.Spare, started by warm()
         for d in (self.staging, self.disk):
             os.makedirs(d, mode=0o700, exist_ok=True)
             os.chmod(d, 0o700)
@@ -232,7 +233,7 @@ class Agent:
             self.sessions[mid] = sess
         log(f"{mid}: receiving {msg.get('container')} from {peer[0]} ({msg.get('mode')})")
         conn.send_json({"ok": True, "mid": mid, "staging": staged.image_dir,
-                        "facts": self.node_facts()})
+                        "facts": self.node_facts(), "boot_id": mf.boot_id()})
         try:
             self._control_loop(conn, sess)
         except (wire.ProtocolError, OSError) as e:
@@ -353,8 +354,13 @@ class Agent:
             t0 = time.monotonic()
             # its own session, so that a restore that hangs (runc restore --lazy-pages
             # after a failed page transfer does) can be stopped with its runc and CRIU
-            p = subprocess.Popen(argv, stdin=in_r, stdout=w, stderr=w, env=env,
-                                 start_new_session=True)
+            spare = self._take_spare()
+            how = "a pre-started restorer" if spare is not None else "a new process"
+            if spare is not None:
+                p = spare.run(argv[1:], env, (in_r, w, w))
+            else:
+                p = subprocess.Popen(argv, stdin=in_r, stdout=w, stderr=w, env=env,
+                                     start_new_session=True)
             try:
                 p.wait(self.restore_timeout)
             except subprocess.TimeoutExpired:
@@ -393,8 +399,36 @@ class Agent:
             raise Refused(f"container {cid} is {state.get('status', 'gone')} after restore")
         self.last_timing["total"] = time.monotonic() - t0
         log(f"{staged.mid}: restored as {cid} (pid {state.get('pid')}) in {root} "
-            f"(create {self.last_timing['create']:.3f}s, with start {self.last_timing['total']:.3f}s)")
+            f"(create {self.last_timing['create']:.3f}s in {how}, with start "
+            f"{self.last_timing['total']:.3f}s)")
         return state.get("pid")
+
+    def warm(self):
+        """Start a spare restorer (migrt.spare) so the next restore skips its start-up."""
+        from migrt import spare
+        launcher = spare.launcher_for(self.runtime)
+        if launcher is None:
+            return
+        try:
+            s = spare.Spare(launcher)
+        except OSError as e:
+            log(f"no spare restorer: {e}")
+            return
+        with self.lock:
+            old, self._spare = self._spare, s
+        if old is not None:
+            old.discard()
+
+    def _take_spare(self):
+        with self.lock:
+            s, self._spare = self._spare, None
+        # the next one starts now, while this restore runs on the other core
+        threading.Thread(target=self.warm, daemon=True).start()
+        if s is not None and s.alive():
+            return s
+        if s is not None:
+            s.discard()
+        return None
 
     # ------------------------------------------------------------ data
     def _data(self, conn, hello):
@@ -474,6 +508,7 @@ def _unmount_criu_leftovers(root, cid):
 def run(listen, secret, **kw):
     agent = Agent(listen, secret, **kw)
     host, port = agent.bind()
+    agent.warm()
     sys.stdout.write(f"migrt agent listening on {host}:{port}\n")
     sys.stdout.flush()
     agent.serve_until_signalled()

@@ -21,7 +21,8 @@ import click
 @click.option("--streams", default=4, show_default=True, help="parallel TCP streams")
 @click.option("--zstd-level", "level", default="auto", show_default=True,
               help="zstd level; 0: no compression; negative: zstd's fast levels; auto: "
-              "1, or 0 when the agent is on this very host (loopback)")
+              "1, or 0 when the agent runs on this very machine (loopback, or a veth into "
+              "another network namespace: same boot id)")
 @click.option("--wait", default=300.0, show_default=True,
               help="without --bundle: seconds to wait for a create from the marker")
 @click.option("--page-server-port", default=0, help="port of the page server (--lazy)")

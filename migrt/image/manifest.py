@@ -101,6 +101,15 @@ def cpu_flags():
     return []
 
 
+def boot_id():
+    """This kernel's boot id: two agents that report the same one share a machine."""
+    try:
+        with open("/proc/sys/kernel/random/boot_id") as f:
+            return f.read().strip()
+    except OSError:
+        return None
+
+
 def node_info():
     from migrt import __version__
     u = os.uname()

@@ -256,10 +256,14 @@ class Migration:
             self.ctl = None
             raise
         if self.opts.level == "auto":
-            # compressing for a loopback transfer only takes CPU from CRIU and the agent
+            # compressing for a transfer that never leaves this machine (loopback, or a
+            # veth into another network namespace) only takes CPU from CRIU and the agent
             import ipaddress
             peer = self.ctl.sock.getpeername()[0]
-            self.opts.level = 0 if ipaddress.ip_address(peer).is_loopback else 1
+            here = mf.boot_id()
+            same = ipaddress.ip_address(peer).is_loopback or (
+                here is not None and reply.get("boot_id") == here)
+            self.opts.level = 0 if same else 1
             self.report["zstd_level"] = self.opts.level
         self.work = os.path.join(_work_base(), self.mid)
         os.makedirs(self.work, mode=0o700)
@@ -268,9 +272,9 @@ class Migration:
                                               self.work, dest_id=self.opts.new_id or self.cid,
                                               dest_root=self.opts.dest_root, mode=self.opts.mode)
 
-    def _sender(self, progress=None):
+    def _sender(self, progress=None, want_blocks=False):
         return Sender(self.opts.to, self.opts.secret, self.mid, streams=self.opts.streams,
-                      level=self.opts.level, progress=progress)
+                      level=self.opts.level, progress=progress, want_blocks=want_blocks)
 
     def _checkpoint_argv(self, image, work, lazy_addr=None, status_fd=None):
         argv = ["checkpoint", "--image-path", image, "--work-path", work]
@@ -317,7 +321,8 @@ class Migration:
         result = {"done": False}
         prog = Progress(self.estimate, self.opts.progress)
         prog.phase = label
-        sender = self._sender(prog)
+        # only a pre-copy round's block digests are used again (by the delta round)
+        sender = self._sender(prog, want_blocks=label == "pre-copy")
         t0 = time.monotonic()
         th = self._dump_thread(image, work, result, capture)
         try:
@@ -400,6 +405,7 @@ class Migration:
             os.path.join(self.work, "image"), os.path.join(self.work, "work"),
             capture=True, base=base)
         self.phases["dump"] = round(result["dump_s"], 4)
+        self.phases["dump_criu"] = round(result.get("criu_s", 0), 4)
         t0 = time.monotonic()
         self.phase = "verification on the destination"
         self._commit(files, result["manifest"])
@@ -408,6 +414,30 @@ class Migration:
         self.phases["transfer_after_dump"] = round(
             max(0.0, took - result["dump_s"]) + self.phases["commit"], 4)
         self._account(sender)
+        self._drop_local_pages()
+
+    def _drop_local_pages(self):
+        """The destination holds a verified copy now, and a rollback resumes the paused
+        source, not this dump: give its memory back before the destination restores.
+        On tmpfs the dump's pages are as big as the container; freeing them here is what
+        lets the restore find warm memory instead of fresh (on a VM, host-faulted) pages."""
+        if self.opts.keep_image or not self.work:
+            return
+        dirs = [os.path.join(self.work, d) for d in ("image", "round1")]
+
+        def drop():
+            for d in dirs:
+                try:
+                    names = os.listdir(d)
+                except OSError:
+                    continue
+                for n in names:
+                    if n.startswith("pages-") and n.endswith(".img"):
+                        try:
+                            os.unlink(os.path.join(d, n))
+                        except OSError:
+                            pass
+        threading.Thread(target=drop, daemon=True).start()
 
     def restore(self):
         self.phase = "restore on the destination"

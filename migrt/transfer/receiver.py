@@ -73,7 +73,7 @@ class Stage:
             except zstandard.ZstdError as e:
                 raise StageError(f"{rel}: chunk at offset {off} does not decompress ({e})")
         else:
-            data = bytes(payload)
+            data = payload
         if len(data) != n or digest.chunk_digest(data) != h:
             raise StageError(f"{rel}: chunk at offset {off} arrived damaged (digest mismatch)")
         with self.lock:

@@ -50,7 +50,7 @@ class Sender:
     """One round of sending a directory over `streams` authenticated data connections."""
 
     def __init__(self, address, secret, mid, streams=4, level=1, chunk=digest.CHUNK,
-                 progress=None, hello_extra=None):
+                 progress=None, hello_extra=None, want_blocks=True):
         self.address = address
         self.secret = secret
         self.mid = mid
@@ -63,6 +63,7 @@ class Sender:
         self.hello_extra = hello_extra or {}
         self.digests = {}      # rel -> {chunk index: digest}
         self.blocks = {}       # rel -> {block index: int digest} (for a later delta round)
+        self.want_blocks = want_blocks
         self.lock = threading.Lock()
 
     def _fail(self, msg):
@@ -88,12 +89,14 @@ class Sender:
                 d = digest.chunk_digest(data)
                 blocks = {}
                 mv = memoryview(data)
-                for b in range(0, len(data), BLOCK):
-                    blocks[(off + b) // BLOCK] = xxhash.xxh3_64_intdigest(mv[b:b + BLOCK])
+                old = base.get(rel) if base is not None else None
+                if self.want_blocks or old is not None:
+                    for b in range(0, len(data), BLOCK):
+                        blocks[(off + b) // BLOCK] = xxhash.xxh3_64_intdigest(mv[b:b + BLOCK])
                 with self.lock:
                     self.digests.setdefault(rel, {})[idx] = d
-                    self.blocks.setdefault(rel, {}).update(blocks)
-                old = base.get(rel) if base is not None else None
+                    if self.want_blocks:
+                        self.blocks.setdefault(rel, {}).update(blocks)
                 t0 = time.thread_time()
                 sent_raw = wire_bytes = 0
                 if old is None:

@@ -80,7 +80,9 @@ class Conn:
         if kind == b"D":
             if n > MAX_DATA or n < 2:
                 raise ProtocolError(f"data frame of bad size ({n} bytes)")
-            payload = self._read_exact(n)
+            payload = bytearray(n)      # read straight into it: no copy of a 1 MiB chunk
+            if self.rfile.readinto(payload) != n:
+                raise ProtocolError("connection closed by peer")
             (hl,) = struct.unpack_from(">H", payload)
             try:
                 head = json.loads(payload[2:2 + hl])

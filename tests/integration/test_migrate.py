@@ -220,6 +220,10 @@ def test_migrate_counter_continues(two_nodes, mode):
         assert ph[k] >= 0
     assert rep["bytes"]["image"] > 0 and rep["bytes"]["wire"] > 0
     assert rep["mode"] == mode
+    # --zstd-level auto: no compression for an agent on this very machine
+    assert rep["zstd_level"] == 0
+    # the restore ran in the restorer the agent had started ahead of time
+    assert "in a pre-started restorer" in ag.log(), ag.log()
     # the file the counter keeps open on fd 3 came along (rootfs writable layer)
     log = n.b.exec_out("ctr", "cat", "/data/counter.log").split()
     assert int(log[0]) == 1 and int(log[-1]) >= last_src
