@@ -3,7 +3,7 @@
 Control connection (from `migrt migrate`), in order:
   precheck -> {ok, mid}        can this node take the container? (nothing frozen yet)
   commit   -> {ok, marker}     all data connections are done; check against the manifest
-  restore  -> {ok, pid}        run `migrt create`+`start` on the given bundle, or
+  restore  -> {ok, pid}        run `migrt run --detach` (the marker) on the given bundle, or
   wait     -> {ok, container}  wait until someone creates a container from the marker
   release  -> {ok}             the source is gone; the migration is complete
   abort                        drop the staged copy
@@ -299,9 +299,10 @@ class Agent:
                         return
                     time.sleep(0.02)
             elif op == "release":
-                staged.update(state="done" if not sess.lazy else "restored")
-                if not sess.lazy:
-                    staged.remove()
+                # (lazy mode: the source releases only once its page server has served
+                # every page, so nothing here is read any more)
+                staged.update(state="done")
+                staged.remove()
                 conn.send_json({"ok": True})
                 return
             elif op == "why":
@@ -347,7 +348,7 @@ class Agent:
         env = dict(os.environ, MIGRT_STAGING=self.staging)
         errlog = os.path.join(staged.dir, "create.log")
         argv = [self.runtime, "--root", root, "--log", errlog, "--log-format", "json",
-                "create", "--bundle", bundle, cid]
+                "run", "--detach", "--bundle", bundle, cid]     # create and start in one call
         # The container inherits runc's stdio: stdout and stderr both go to the log pipe,
         # so the error line is read back from the --log file.
         try:
@@ -373,20 +374,14 @@ class Agent:
                 subprocess.run([self.runtime, "--root", root, "delete", "--force", cid],
                                capture_output=True, env=env)
                 raise Refused(f"restore did not finish in {self.restore_timeout:.0f}s; stopped")
-            self.last_timing = {"create": time.monotonic() - t0}
+            self.last_timing = {"restore": time.monotonic() - t0}
         finally:
             os.close(w)
             os.close(in_r)
             os.close(in_w)
         if p.returncode != 0:
-            raise Refused(runc_error(errlog, 0) or f"migrt create exited {p.returncode}")
+            raise Refused(runc_error(errlog, 0) or f"migrt run --detach exited {p.returncode}")
         failpoints.hit("agent.after-create")
-        s = subprocess.run([self.runtime, "--root", root, "start", cid], capture_output=True,
-                           text=True, env=env)
-        if s.returncode != 0:
-            subprocess.run([self.runtime, "--root", root, "delete", "--force", cid],
-                           capture_output=True, env=env)
-            raise Refused(f"start: {s.stderr.strip()}")
         st = subprocess.run([self.runtime, "--root", root, "state", cid], capture_output=True,
                             text=True, env=env)
         try:
@@ -399,7 +394,7 @@ class Agent:
             raise Refused(f"container {cid} is {state.get('status', 'gone')} after restore")
         self.last_timing["total"] = time.monotonic() - t0
         log(f"{staged.mid}: restored as {cid} (pid {state.get('pid')}) in {root} "
-            f"(create {self.last_timing['create']:.3f}s in {how}, with start "
+            f"(restore {self.last_timing['restore']:.3f}s in {how}, checked running "
             f"{self.last_timing['total']:.3f}s)")
         return state.get("pid")
 

@@ -191,6 +191,8 @@ class Migration:
                 pass
         if self.lazy_proc is not None:
             _kill_group(self.lazy_proc)
+        for c in (getattr(self, "lazy_sender", None) and self.lazy_sender.conns) or ():
+            c.close()
         if self.ctl is not None:
             try:
                 self.ctl.send_json({"op": "abort"})
@@ -552,11 +554,11 @@ class Migration:
         self.phases["dump"] = round(time.monotonic() - t0, 4)
         from migrt import image as img
         m = img.capture_extra(image, self.cid, self.state, self.bundle,
-                              self.opts.criu_flags + ["--leave-running", "--lazy-pages"],
+                              self.opts.criu_flags + ["--lazy-pages"],
                               base=self.opts.rootfs_base)
         self.phase = "transfer"
         t1 = time.monotonic()
-        sender = self._sender()
+        sender = self.lazy_sender
         files = sender.send(image, lambda: True)
         self._commit(files, m, lazy_address=f"{local_ip}:{port}")
         self._t("transfer", t1)
@@ -587,6 +589,11 @@ class Migration:
                                         work_dir=os.path.join(self.work, "work"),
                                         destination=self.opts.to)
             self.checkpoint_hooks = True
+            if self.opts.mode == "lazy":
+                # lazy mode sends a few hundred KiB while frozen: one stream, connected now
+                self.lazy_sender = Sender(self.opts.to, self.opts.secret, self.mid, streams=1,
+                                          level=self.opts.level, want_blocks=False)
+                self.lazy_sender.connect()
             t_freeze = self.freeze()
             if self.opts.mode == "lazy":
                 self.lazy_dump_and_send()

@@ -66,6 +66,23 @@ class Sender:
         self.want_blocks = want_blocks
         self.lock = threading.Lock()
 
+    conns = None
+
+    def connect(self):
+        """Open and authenticate the data connections (ahead of send(), if called early)."""
+        conns = []
+        try:
+            for _ in range(self.streams):
+                c, _ = wire.connect(self.address, self.secret,
+                                    dict(self.hello_extra, op="data", mid=self.mid))
+                conns.append(c)
+        except BaseException:
+            for c in conns:
+                c.close()
+            raise
+        self.conns = conns
+        return conns
+
     def _fail(self, msg):
         with self.lock:
             if self.error is None:
@@ -150,11 +167,7 @@ class Sender:
         base: the `blocks` of a previous round for a delta. rename maps a top-level
         subdir to another name on the wire. Returns {rel: (size, [chunk digests])}.
         """
-        conns = []
-        for _ in range(self.streams):
-            c, _ = wire.connect(self.address, self.secret,
-                                dict(self.hello_extra, op="data", mid=self.mid))
-            conns.append(c)
+        conns, self.conns = self.conns or self.connect(), None
         jobs = queue.Queue(maxsize=self.streams * 8)
         threads = [threading.Thread(target=self._worker, args=(c, jobs, base), daemon=True)
                    for c in conns]

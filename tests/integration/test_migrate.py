@@ -365,21 +365,23 @@ def test_restore_failing_on_destination_rolls_back(two_nodes):
     assert_destination_clean(n, ag)
 
 
-def test_lazy_never_loses_the_container(two_nodes):
-    """--lazy either works (the counter goes on at the destination) or, as with CRIU 4.1.1
-    under runc 1.1.15 here (page-pipe splice EBADF in the page server), fails with one
-    line, the source running and the destination cleaned up after the restore timeout."""
+def test_lazy_restores_at_once_and_pages_follow(two_nodes):
+    """--lazy: only the non-memory state moves while frozen; the destination runs at once
+    and takes its memory from the source's page server; the source goes when all is served."""
     n = two_nodes
-    ag = n.agent(extra_env={"MIGRT_RESTORE_TIMEOUT": "5"})
+    ag = n.agent()
     bundle, out = n.source()
     p, rep = n.migrate(ag, "ctr", "--lazy", bundle=n.dest_bundle())
-    if p.returncode == 0:
-        assert rep["mode"] == "lazy" and n.a.state("ctr") is None
-        c1 = dest_count(n)
-        ocitest.wait_for(lambda: dest_count(n) > c1 + 2, what="destination counter")
-        return
-    assert p.returncode == 4, p.stderr
-    assert len(p.stderr.strip().splitlines()) == 1 and "source was resumed" in p.stderr
-    assert_source_running(n, out)
-    ocitest.wait_for(lambda: n.b.state("ctr") is None, timeout=30, what="destination cleaned")
-    assert_destination_clean(n, ag)
+    assert p.returncode == 0, p.stderr + ag.log()
+    assert rep["mode"] == "lazy"
+    last_src = ocitest.last_count(out)
+    assert n.a.state("ctr") is None, "the source must be gone once every page was served"
+    assert "pages_served_after_restore" in rep["phases"]
+    # the memory did not move during the freeze: only CRIU's small images went
+    assert rep["bytes"]["image"] < 4 << 20, rep["bytes"]
+    c1 = dest_count(n)
+    assert c1 >= last_src, (c1, last_src)
+    ocitest.wait_for(lambda: dest_count(n) > c1 + 2, what="counter going on at the destination")
+    log = n.b.exec_out("ctr", "cat", "/data/counter.log").split()
+    assert int(log[0]) == 1 and int(log[-1]) >= last_src
+    assert not ag.staged(), ag.staged()
