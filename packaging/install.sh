@@ -204,5 +204,19 @@ if [ -z "${MIGRT_NO_REGISTER:-}" ]; then
         fi
     fi
 fi
+# CRIU's page server (the source of a lazy migration) needs a 4 MiB pipe; root without
+# CAP_SYS_RESOURCE (VMs, sandboxes) may not exceed fs.pipe-max-size (often 1 MiB): see
+# migrt/lazycheck.py. Raise the limit, persistently, only if it is lower.
+if [ "$(cat /proc/sys/fs/pipe-max-size 2>/dev/null || echo 0)" -lt 4194304 ]; then
+    mkdir -p /etc/sysctl.d
+    printf '# migrt: CRIU lazy page server (migrt/lazycheck.py)\nfs.pipe-max-size = 4194304\n' \
+        > /etc/sysctl.d/90-migrt.conf
+    if sysctl -q -p /etc/sysctl.d/90-migrt.conf 2>/dev/null \
+            || echo 4194304 > /proc/sys/fs/pipe-max-size 2>/dev/null; then
+        log "fs.pipe-max-size raised to 4194304 (/etc/sysctl.d/90-migrt.conf)"
+    else
+        log "could not raise fs.pipe-max-size: migrt migrate --lazy will refuse on this node"
+    fi
+fi
 log "migrt installed: $BIN/migrt ($("$BIN/migrt" --version 2>&1 | head -1))"
 log "runc: $(runc --version | head -1); criu: $(criu --version | head -1)"

@@ -20,6 +20,7 @@ BIN=${MIGRT_BIN:-/usr/local/bin}
 CTRD_CONF=${MIGRT_CONTAINERD_CONFIG:-/etc/containerd/config.toml}
 CRIO_DIR=${MIGRT_CRIO_DROP_INS:-/etc/crio/crio.conf.d}
 UNIT_DIR=${MIGRT_SYSTEMD_DIR:-/etc/systemd/system}
+SYSCTL_DIR=${MIGRT_SYSCTL_DIR:-/etc/sysctl.d}
 DATA_DIRS=${MIGRT_DATA_DIRS:-/var/lib/migrt /run/migrt /var/log/migrt /etc/migrt}
 HERE=$(cd "$(dirname "$0")" && pwd)
 PURGE=
@@ -91,6 +92,12 @@ fi
 if [ -f "$BIN/migrt-python" ] && head -c 4096 "$BIN/migrt-python" | grep -aq 'migrt launcher'; then
     rm -f "$BIN/migrt-python"
     log "removed $BIN/migrt-python"
+fi
+
+# the page server's pipe limit (install.sh); the running value stays until reboot
+if [ -f "$SYSCTL_DIR/90-migrt.conf" ] && grep -q '^# migrt:' "$SYSCTL_DIR/90-migrt.conf"; then
+    rm -f "$SYSCTL_DIR/90-migrt.conf"
+    log "removed $SYSCTL_DIR/90-migrt.conf"
 fi
 
 # 5. the code and its virtualenv

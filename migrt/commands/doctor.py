@@ -182,6 +182,17 @@ def check_userfaultfd(node):
                    required=False)
 
 
+def check_page_server(node):
+    from migrt import lazycheck
+    why = lazycheck.problem(read=node.read)
+    if why is None:
+        return Finding("page server", OK, "CRIU's page server can size its pipe "
+                       "(lazy migrations from this node)", required=False)
+    return Finding("page server", WARN, why.split("; raise it")[0],
+                   f"sysctl -w fs.pipe-max-size={lazycheck.PAGE_SERVER_PIPE} (persisted by "
+                   "packaging/install.sh in /etc/sysctl.d/90-migrt.conf)", required=False)
+
+
 def check_staging(node, staging, need=MIN_STAGING):
     free = node.statvfs(staging)
     kind = node.fstype(staging)
@@ -342,6 +353,7 @@ def run_checks(node=None, staging=None, containerd_config=CONTAINERD_CONFIG,
     found += check_criu(node)
     found.append(check_iptables(node))
     found.append(check_userfaultfd(node))
+    found.append(check_page_server(node))
     found.append(check_staging(node, staging))
     found += check_callers(check_containerd(node, containerd_config, migrt_path),
                            check_crio(node, crio_config, crio_drop_ins), node)

@@ -229,6 +229,12 @@ class Migration:
         self.bundle = st["bundle"]
         if shutil.which("criu") is None:
             raise RefusedError("criu is not installed on this node")
+        if self.opts.mode == "lazy":
+            from migrt import lazycheck
+            why = lazycheck.problem()
+            if why:
+                raise RefusedError(f"cannot migrate {self.cid} with --lazy from this node: "
+                                   f"{why}; nothing was frozen")
         est = self.src.memory_estimate()
         self.estimate = int(est * 1.1) + (4 << 20)
         hello = {"op": "control", "container": self.cid}

@@ -175,10 +175,22 @@ class Bench:
             subprocess.run(["podman", "rm", "-f", name], capture_output=True)
 
 
+def _median(xs):
+    xs = sorted(xs)
+    n = len(xs)
+    return xs[n // 2] if n % 2 else (xs[n // 2 - 1] + xs[n // 2]) / 2
+
+
+def _spread(xs):
+    return f" (runs: {', '.join('%.2f' % x for x in xs)})" if len(xs) > 1 else ""
+
+
 def main():
     ap = argparse.ArgumentParser()
     ap.add_argument("--sizes", default="256,1024")
     ap.add_argument("--modes", default="full,full-z1,precopy,lazy")
+    ap.add_argument("--repeat", type=int, default=3,
+                    help="rounds (floor, then every mode) per size; the table shows medians")
     ap.add_argument("--no-podman", action="store_true")
     ap.add_argument("--markdown", action="store_true")
     args = ap.parse_args()
@@ -189,31 +201,49 @@ def main():
     extra = {"full": [], "full-z1": ["--zstd-level", "1"], "full-z0": ["--zstd-level", "0"],
              "full-z3": ["--zstd-level", "3"], "full-zfast": ["--zstd-level", "-5"],
              "precopy": ["--precopy"], "lazy": ["--lazy"]}
+    modes = args.modes.split(",")
     rows, raw = [], {}
     try:
         for mib in [int(s) for s in args.sizes.split(",")]:
-            floor = b.runc_floor(mib)
-            raw[f"{mib}-runc"] = floor
-            rows.append((mib, "runc checkpoint + restore (tmpfs, no transfer)", floor["downtime"],
-                         None, floor["image_bytes"], None, None, ""))
-            for mode in args.modes.split(","):
-                rep = b.migrt_run(mib, extra[mode])
-                raw[f"{mib}-{mode}"] = rep
-                if "error" in rep:
+            # rounds interleave the methods, so that a noisy minute hits all of them alike
+            floors, reps = [], {m: [] for m in modes}
+            for r in range(args.repeat):
+                floors.append(b.runc_floor(mib))
+                for mode in modes:
+                    reps[mode].append(b.migrt_run(mib, extra[mode]))
+            raw[f"{mib}-runc"] = floors
+            fd = [x["downtime"] for x in floors]
+            floor = _median(fd)
+            rows.append((mib, "runc checkpoint + restore (tmpfs, no transfer)", floor,
+                         None, floors[0]["image_bytes"], None, None,
+                         f"checkpoint {_median([x['checkpoint'] for x in floors]):.2f}s, "
+                         f"restore {_median([x['restore'] for x in floors]):.2f}s" + _spread(fd)))
+            for mode in modes:
+                raw[f"{mib}-{mode}"] = reps[mode]
+                bad = [x["error"] for x in reps[mode] if "error" in x]
+                good = [x for x in reps[mode] if "error" not in x]
+                if bad:
                     rows.append((mib, f"migrt migrate ({mode})", None, None, None, None, None,
-                                 "FAILED: " + rep["error"][:120]))
-                    continue
+                                 f"FAILED {len(bad)} of {len(reps[mode])}: " + bad[0][:120]))
+                    if not good:
+                        continue
+                dts = [x["phases"]["downtime"] for x in good]
+                med = _median(dts)
+                rep = min(good, key=lambda x: abs(x["phases"]["downtime"] - med))
                 ph, by = rep["phases"], rep["bytes"]
                 note = (f"dump {ph['dump']:.2f}s, restore {ph['restore']:.2f}s, "
                         f"after-dump transfer {ph.get('transfer_after_dump', 0):.2f}s, "
+                        f"zstd level {rep.get('zstd_level')}, "
                         f"compress CPU {rep.get('cpu_compress_s', 0):.1f}s, "
                         f"migrate CPU {rep['cpu_migrate_s']:.1f}s")
                 if mode == "precopy":
                     note += (f"; round 1: {by.get('image_precopy', 0) / 1e6:.0f} MB, "
                              f"frozen {ph.get('precopy_dump_freeze', 0):.2f}s while dumped")
-                rows.append((mib, f"migrt migrate ({mode})", ph["downtime"],
-                             ph["downtime"] / floor["downtime"], by.get("image"),
-                             by.get("wire"), rep.get("throughput_MBps"), note))
+                if mode == "lazy":
+                    note += (f"; pages served {ph.get('pages_served_after_restore', 0):.2f}s "
+                             f"after the restore")
+                rows.append((mib, f"migrt migrate ({mode})", med, med / floor, by.get("image"),
+                             by.get("wire"), rep.get("throughput_MBps"), note + _spread(dts)))
             if not args.no_podman:
                 pod = b.podman(mib)
                 raw[f"{mib}-podman"] = pod
@@ -222,7 +252,7 @@ def main():
                                  None, None, None, "FAILED: " + pod["error"][:120]))
                 else:
                     rows.append((mib, "podman checkpoint --export + restore --import",
-                                 pod["downtime"], pod["downtime"] / floor["downtime"],
+                                 pod["downtime"], pod["downtime"] / floor,
                                  pod["image_bytes"], None, None,
                                  f"checkpoint {pod['checkpoint']:.2f}s, restore {pod['restore']:.2f}s"))
     finally:
@@ -232,7 +262,7 @@ def main():
     sys.stderr.write("\n")
     f = lambda v, fmt: (fmt % v) if v is not None else "-"  # noqa: E731
     if args.markdown:
-        print("| memory | method | downtime (s) | vs runc floor | image (MB) | on the wire (MB) | MB/s | notes |")
+        print("| memory | method | downtime (s), median | vs runc floor | image (MB) | on the wire (MB) | MB/s | notes |")
         print("|---|---|---|---|---|---|---|---|")
         for r in rows:
             print(f"| {r[0]} MiB | {r[1]} | {f(r[2], '%.2f')} | {f(r[3], '%.2fx')} | "

@@ -385,3 +385,28 @@ def test_lazy_restores_at_once_and_pages_follow(two_nodes):
     log = n.b.exec_out("ctr", "cat", "/data/counter.log").split()
     assert int(log[0]) == 1 and int(log[-1]) >= last_src
     assert not ag.staged(), ag.staged()
+
+
+def test_lazy_refused_before_freezing_when_the_page_server_cannot_work(two_nodes):
+    """Without CAP_SYS_RESOURCE (as here) and with fs.pipe-max-size below 4 MiB, CRIU's
+    page server fails on the first page (splice EBADF): --lazy says so before freezing."""
+    from migrt import lazycheck
+    n = two_nodes
+    ag = n.agent()
+    bundle, out = n.source()
+    with open(lazycheck.PIPE_MAX) as f:
+        saved = f.read().strip()
+    try:
+        with open(lazycheck.PIPE_MAX, "w") as f:
+            f.write("1048576")
+        if lazycheck.problem() is None:
+            pytest.skip("root has CAP_SYS_RESOURCE here: the page server works at any limit")
+        p, _ = n.migrate(ag, "ctr", "--lazy", bundle=n.dest_bundle())
+    finally:
+        with open(lazycheck.PIPE_MAX, "w") as f:
+            f.write(saved)
+    assert p.returncode == 3, p.stderr
+    assert len(p.stderr.strip().splitlines()) == 1, p.stderr
+    assert "fs.pipe-max-size" in p.stderr and "nothing was frozen" in p.stderr
+    assert_source_running(n, out)
+    assert_destination_clean(n, ag)

@@ -203,3 +203,15 @@ def test_running_containerd_whose_cri_plugin_failed_is_missing():
     ok = {k: (0, v[1].replace("error", "ok")) for k, v in runs.items()}
     node.runs.update(ok)
     assert by_name(d.run_checks(node))["containerd CRI"].status == d.OK
+
+
+def test_page_server_pipe_limit_is_a_warning_with_its_fix():
+    low = FakeNode(files={d.CONTAINERD_CONFIG: V2_REGISTERED,
+                          "/proc/self/status": "CapEff:\t000001fffeffffff\n",
+                          "/proc/sys/fs/pipe-max-size": "1048576\n"})
+    f = d.check_page_server(low)
+    assert f.status == d.WARN and not f.required
+    assert "fs.pipe-max-size is 1048576" in f.detail and "sysctl -w" in f.fix
+    ok = FakeNode(files={"/proc/self/status": "CapEff:\t000001fffeffffff\n",
+                         "/proc/sys/fs/pipe-max-size": "4194304\n"})
+    assert d.check_page_server(ok).status == d.OK

@@ -237,7 +237,8 @@ def test_uninstall_removes_only_migrts_files(tmp_path):
     (data / "checkpoints").mkdir(parents=True)
     env = dict(os.environ, MIGRT_PREFIX=str(prefix), MIGRT_BIN=str(bin_dir),
                MIGRT_CONTAINERD_CONFIG=str(cfg), MIGRT_CRIO_DROP_INS=str(crio),
-               MIGRT_SYSTEMD_DIR=str(units), MIGRT_DATA_DIRS=str(data))
+               MIGRT_SYSTEMD_DIR=str(units), MIGRT_DATA_DIRS=str(data),
+               MIGRT_SYSCTL_DIR=str(units))
     p = subprocess.run(["bash", os.path.join(PKG, "uninstall.sh")], env=env,
                        capture_output=True, text=True, timeout=60)
     assert p.returncode == 0, p.stderr
@@ -263,7 +264,8 @@ def test_uninstall_leaves_a_foreign_migrt_command_alone(tmp_path):
     env = dict(os.environ, MIGRT_PREFIX=str(tmp_path / "none"), MIGRT_BIN=str(bin_dir),
                MIGRT_CONTAINERD_CONFIG=str(tmp_path / "none.toml"),
                MIGRT_CRIO_DROP_INS=str(tmp_path / "none.d"),
-               MIGRT_SYSTEMD_DIR=str(tmp_path), MIGRT_DATA_DIRS=str(tmp_path / "nodata"))
+               MIGRT_SYSTEMD_DIR=str(tmp_path), MIGRT_DATA_DIRS=str(tmp_path / "nodata"),
+               MIGRT_SYSCTL_DIR=str(tmp_path))
     p = subprocess.run(["bash", os.path.join(PKG, "uninstall.sh")], env=env,
                        capture_output=True, text=True, timeout=60)
     assert p.returncode == 0 and (bin_dir / "migrt").exists(), p.stderr
