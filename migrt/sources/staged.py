@@ -2,7 +2,8 @@
 
 The agent has already checked every chunk as it arrived; verify_image only confirms
 that nothing was written since (its stat record) unless that record is gone.
-A staged migration is restored once: resolving it moves it to `restoring`.
+A staged migration is restored once: resolving it moves it to `restoring`, and its
+restore frees the image's pages as it goes (`runc restore --auto-dedup`).
 """
 import os
 
@@ -30,6 +31,11 @@ def resolve(rest, bundle):
     keep = ("--tcp-established", "--ext-unix-sk", "--shell-job", "--file-locks")
     flags = [f for f in m.get("criu_flags", []) if f in keep]
     lazy = rec.get("lazy_address")
+    if not lazy:
+        # restored once, then dropped: CRIU punches each page out of the staged image as
+        # it restores it, so the destination holds one copy of the memory, not two (and
+        # the restore reuses the pages it frees instead of asking for fresh ones)
+        flags.append("--auto-dedup")
 
     def prepare(bundle, spec):
         image.apply_rootfs(s.image_dir, bundle, rootfs_dir=s.rootfs_dir, m=m, spec=spec, move=True)

@@ -281,8 +281,10 @@ class Migration:
                                               dest_root=self.opts.dest_root, mode=self.opts.mode)
 
     def _sender(self, progress=None, want_blocks=False):
+        # each chunk's local copy is freed once sent, unless the user keeps the image
         return Sender(self.opts.to, self.opts.secret, self.mid, streams=self.opts.streams,
-                      level=self.opts.level, progress=progress, want_blocks=want_blocks)
+                      level=self.opts.level, progress=progress, want_blocks=want_blocks,
+                      release=not self.opts.keep_image)
 
     def _checkpoint_argv(self, image, work, lazy_addr=None, status_fd=None):
         argv = ["checkpoint", "--image-path", image, "--work-path", work]

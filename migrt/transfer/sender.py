@@ -24,6 +24,33 @@ TAIL = ("pages-*.img",)
 BLOCK = 64 << 10
 
 
+def _fallocate():
+    try:
+        import ctypes
+        libc = ctypes.CDLL(None, use_errno=True)
+        f = libc.fallocate
+    except (OSError, AttributeError):
+        return None
+    f.argtypes = [ctypes.c_int, ctypes.c_int, ctypes.c_int64, ctypes.c_int64]
+    PUNCH = 0x01 | 0x02           # FALLOC_FL_KEEP_SIZE | FALLOC_FL_PUNCH_HOLE
+
+    def punch(path, off, n):
+        if not n:
+            return
+        try:
+            fd = os.open(path, os.O_WRONLY | os.O_CLOEXEC)
+        except OSError:
+            return
+        try:
+            f(fd, PUNCH, off, n)  # best effort: a filesystem without holes keeps the bytes
+        finally:
+            os.close(fd)
+    return punch
+
+
+_punch = _fallocate()
+
+
 class TransferError(Exception):
     """The transfer failed; the message says where."""
 
@@ -50,7 +77,7 @@ class Sender:
     """One round of sending a directory over `streams` authenticated data connections."""
 
     def __init__(self, address, secret, mid, streams=4, level=1, chunk=digest.CHUNK,
-                 progress=None, hello_extra=None, want_blocks=True):
+                 progress=None, hello_extra=None, want_blocks=True, release=False):
         self.address = address
         self.secret = secret
         self.mid = mid
@@ -64,6 +91,7 @@ class Sender:
         self.digests = {}      # rel -> {chunk index: digest}
         self.blocks = {}       # rel -> {block index: int digest} (for a later delta round)
         self.want_blocks = want_blocks
+        self.release = release and _punch is not None
         self.lock = threading.Lock()
 
     conns = None
@@ -136,6 +164,10 @@ class Sender:
                     conn.send_data(head, z)
                     sent_raw += len(pdata)
                     wire_bytes += len(z)
+                if self.release:
+                    # sent: this copy of the chunk is no longer needed (a rollback resumes
+                    # the container, not this dump), so give its memory back now
+                    _punch(path, off, n)
                 self.stats.add(n, sent_raw, wire_bytes, time.thread_time() - t0)
                 if self.progress:
                     self.progress(self.stats)

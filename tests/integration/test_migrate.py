@@ -410,3 +410,51 @@ def test_lazy_refused_before_freezing_when_the_page_server_cannot_work(two_nodes
     assert "fs.pipe-max-size" in p.stderr and "nothing was frozen" in p.stderr
     assert_source_running(n, out)
     assert_destination_clean(n, ag)
+
+
+def test_memory_moves_rather_than_doubles(two_nodes, tmp_path):
+    """The source frees each sent chunk of its dump, and the destination's restore frees
+    each page of the staged image as CRIU restores it (--auto-dedup): neither node holds
+    a second full copy of the container's memory once it has been used."""
+    n = two_nodes
+    fp = tmp_path / "fp"
+    fp.mkdir()
+    ag = n.agent(extra_env={"MIGRT_FAILPOINTS": "agent.after-create=pause(4)",
+                            "MIGRT_FAILPOINT_DIR": str(fp)})
+    bundle, out = n.source()
+    env = dict(n.env, MIGRT_FAILPOINTS="migrate.after-dump=pause(4)",
+               MIGRT_FAILPOINT_DIR=str(fp))
+    argv = [n.a.binary, "--root", n.a.root, "migrate", "ctr", "--to", ag.address,
+            "--secret-file", n.secret, "--json", "--bundle", n.dest_bundle(),
+            "--dest-root", n.b.root]
+    proc = subprocess.Popen(argv, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
+                            env=env)
+
+    def pages(top):
+        found = []
+        for d, _, files in os.walk(top):
+            found += [os.path.join(d, f) for f in files if f.startswith("pages-")]
+        return found
+
+    def held(paths):         # bytes actually allocated, against the files' sizes
+        st = [os.stat(p) for p in paths]
+        return sum(s.st_blocks * 512 for s in st), sum(s.st_size for s in st)
+
+    try:
+        ocitest.wait_for(lambda: any(f.name.startswith("migrate.after-dump") for f in fp.iterdir()),
+                         timeout=60, what="the source's dump sent")
+        src = pages(os.path.join(n.env["MIGRT_STATE_DIR"], "migrate"))
+        assert src, "no dump on the source"
+        used, size = held(src)
+        assert size > 64 << 10 and used < size // 4, (used, size)
+        ocitest.wait_for(lambda: any(f.name.startswith("agent.after-create") for f in fp.iterdir()),
+                         timeout=60, what="the destination's restore done")
+        dst = pages(ag.staging)
+        assert dst, "no staged image on the destination"
+        used, size = held(dst)
+        assert size > 64 << 10 and used < size // 4, (used, size)
+    finally:
+        stdout, stderr = proc.communicate(timeout=120)
+    assert proc.returncode == 0, stderr + ag.log()
+    c1 = dest_count(n)
+    ocitest.wait_for(lambda: dest_count(n) > c1 + 2, what="counter going on at the destination")
