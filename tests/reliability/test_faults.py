@@ -170,6 +170,11 @@ def run_scenario(nodes, tmp_path, name, expect, *, mig_fp=None, agent_fp=None,
             ctx.setdefault("reruns", []).append((p.returncode, p.stderr.strip()[-300:]))
         resolver()
         resolver = None
+    elif resolve == "rerun-migrate-while-pending":
+        def resolver():       # what an operator's retry loop does
+            if journals_of(cid):
+                subprocess.run(nodes.migrate_argv(cid, dest, agent), capture_output=True,
+                               timeout=60)
     if hook:
         # the action script CRIU left behind (its CRIU is dead) has nothing to wait for
         try:
@@ -304,6 +309,12 @@ SCENARIOS = [
      dict(mig_args=("--lazy",), mig_fp="migrate.before-restore=pause(60)",
           fault=at_failpoint("migrate.before-restore", kill_migrate),
           resolve="restart-agent")),
+    # the destination runs and takes its memory from the dead migrate's page server,
+    # which must go on serving: recovery deletes the source only once it is done
+    ("kill -9 migrate, lazy mode, destination running, pages still served", "b",
+     dict(mig_args=("--lazy",), mig_fp="migrate.before-release=pause(60)",
+          fault=at_failpoint("migrate.before-release", kill_migrate),
+          resolve="rerun-migrate-while-pending")),
 ]
 
 
