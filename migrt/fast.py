@@ -182,9 +182,10 @@ def find_marker(spec, bundle):
 
 def main():
     argv = sys.argv[1:]
-    if "MIGRT_SPARE_FD" in os.environ:      # a restorer the agent started ahead of time
-        from migrt import spare
-        argv = spare.wait(int(os.environ.pop("MIGRT_SPARE_FD")))
+    spare = "MIGRT_SPARE_FD" in os.environ  # a restorer the agent started ahead of time
+    if spare:
+        from migrt import spare as sp
+        argv = sp.wait(int(os.environ.pop("MIGRT_SPARE_FD")))
     try:
         code = dispatch(argv)
     except KeyboardInterrupt:
@@ -201,6 +202,11 @@ def main():
                 traceback.print_exc()
         report(msg, call.log if call else None, call.log_format if call else "text")
     sys.stdout.flush()
+    if spare:
+        # the agent waits for this exit inside a migration's downtime: skip the
+        # interpreter's teardown of everything the spare preloaded
+        sys.stderr.flush()
+        os._exit(code if isinstance(code, int) else 0 if code is None else 1)
     sys.exit(code or 0)
 
 

@@ -423,7 +423,7 @@ def start_lazy_pages(source, work):
     log = os.path.join(work, "lazy-pages.log")
     proc = subprocess.Popen(
         [criu, "lazy-pages", "--page-server", "--address", host, "--port", port,
-         "--images-dir", source.image_dir, "--work-dir", work, "-o", log, "-v4"],
+         "--images-dir", source.image_dir, "--work-dir", work, "-o", log, "-v2"],
         stdin=subprocess.DEVNULL, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL,
         start_new_session=True)
     sock = os.path.join(work, "lazy-pages.socket")
@@ -434,7 +434,7 @@ def start_lazy_pages(source, work):
             errs = criu_errors(log)
             raise RuncError(f"criu lazy-pages did not start (log {log})"
                             + (": " + "; ".join(errs) if errs else ""))
-        time.sleep(0.01)
+        time.sleep(0.002)
     return proc
 
 

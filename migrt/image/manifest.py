@@ -110,13 +110,21 @@ def boot_id():
         return None
 
 
+_NODE = None
+
+
 def node_info():
-    from migrt import __version__
-    u = os.uname()
-    return {"arch": platform.machine(), "kernel": u.release, "hostname": u.nodename,
-            "runc": _version([os.environ.get("MIGRT_RUNC", "runc"), "--version"]),
-            "criu": _version(["criu", "--version"]), "migrt": __version__,
-            "cpu_flags": cpu_flags()}
+    """This node's facts; runc and CRIU are asked once per process (a migration needs
+    them before the freeze and again, inside the downtime, for the manifest)."""
+    global _NODE
+    if _NODE is None:
+        from migrt import __version__
+        u = os.uname()
+        _NODE = {"arch": platform.machine(), "kernel": u.release, "hostname": u.nodename,
+                 "runc": _version([os.environ.get("MIGRT_RUNC", "runc"), "--version"]),
+                 "criu": _version(["criu", "--version"]), "migrt": __version__,
+                 "cpu_flags": cpu_flags()}
+    return json.loads(json.dumps(_NODE))
 
 
 def file_entries(image_dir, skip=(MANIFEST,), chunk=digest.CHUNK, extra_dirs=None):
