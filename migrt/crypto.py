@@ -72,6 +72,7 @@ def _context(server, secret):
     ctx.minimum_version = ssl.TLSVersion.TLSv1_3
     key = psk(secret)
     if server:
+        ctx.num_tickets = 0     # no resumption; and nothing pending when data conns leave TLS
         ctx.set_psk_server_callback(lambda identity: key if identity == PSK_IDENTITY else b"",
                                     PSK_IDENTITY)
     else:
