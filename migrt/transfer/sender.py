@@ -118,10 +118,12 @@ class Sender:
 
     def _worker(self, conn, jobs, base):
         comp = zstandard.ZstdCompressor(level=self.level) if self.level > 0 else None
+        ended = False
         try:
             while True:
                 job = jobs.get()
                 if job is None:
+                    ended = True
                     break
                 if self.error:
                     continue
@@ -179,6 +181,10 @@ class Sender:
             self._fail(f"transfer to {self.address}: {self._reason(conn) or e}")
         finally:
             conn.close()
+            # after a failure the other streams may be gone too: keep taking jobs (until
+            # this worker's end marker) so that send() never blocks on a full queue
+            while not ended:
+                ended = jobs.get() is None
 
     @staticmethod
     def _reason(conn):

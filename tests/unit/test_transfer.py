@@ -164,8 +164,8 @@ def raw_records(n_records, payloads):
     out = []
     for p in payloads:
         s.sendall(p)
-        hdr = b.recv(4, socket.MSG_WAITALL)
-        body = b.recv(int.from_bytes(hdr, "big"), socket.MSG_WAITALL)
+        hdr = b.recv(wire._Sealed.HEAD, socket.MSG_WAITALL)
+        body = b.recv(len(p) + 16, socket.MSG_WAITALL)
         out.append(hdr + body)
     a.close()
     b.close()
@@ -197,12 +197,12 @@ def test_sealed_records_round_trip_both_ways():
     b.close()
 
 
-@pytest.mark.parametrize("damage", ["flip", "reorder", "replay", "drop"])
+@pytest.mark.parametrize("damage", ["flip", "flip-length", "reorder", "replay", "drop"])
 def test_sealed_records_refuse_what_was_tampered_with(damage):
     key, recs = raw_records(3, [b"one", b"two", b"three"])
-    if damage == "flip":
+    if damage in ("flip", "flip-length"):
         r = bytearray(recs[1])
-        r[6] ^= 1
+        r[0 if damage == "flip-length" else 22] ^= 1
         stream = recs[0] + bytes(r) + recs[2]
     elif damage == "reorder":
         stream = recs[0] + recs[2] + recs[1]
@@ -234,3 +234,25 @@ def test_data_connection_leaves_tls_for_sealed_records(tmp_path):
     c.send_json({"op": "eof"})
     assert c.read_json() == {"ok": True}
     c.close()
+
+
+def test_a_stream_failing_early_does_not_leave_send_waiting(tmp_path):
+    """The destination refuses the first chunk (quota) while many more are queued: the
+    sender must come back with the reason, not wait forever on a full job queue."""
+    stage = receiver.Stage(str(tmp_path / "st" / "image"), str(tmp_path / "st" / "rootfs"),
+                           quota=1)
+    agent = MiniAgent(stage)
+    r = tree(tmp_path, "r", {"pages-1.img": b"\1" * (40 * digest.CHUNK)})
+    s = snd.Sender(agent.address, SECRET, "m-0123456789abcdef", streams=1, level=0)
+    result = {}
+
+    def run():
+        try:
+            s.send(r, lambda: True)
+        except snd.TransferError as e:
+            result["error"] = str(e)
+    t = threading.Thread(target=run, daemon=True)
+    t.start()
+    t.join(30)
+    assert not t.is_alive(), "send() still waiting after its only stream failed"
+    assert "quota" in result.get("error", ""), result
