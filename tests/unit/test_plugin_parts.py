@@ -107,8 +107,11 @@ def test_gpus_named_by_visible_devices_when_a_hook_injects_them(tmp_path):
 
 
 def test_device_hook_never_follows_links_out_of_the_restored_dev(tmp_path):
+    import importlib.util
     from importlib.machinery import SourceFileLoader
-    hook = SourceFileLoader("criu_devices", os.path.join(REPO, "hooks", "criu-devices")).load_module()
+    loader = SourceFileLoader("criu_devices", os.path.join(REPO, "hooks", "criu-devices"))
+    hook = importlib.util.module_from_spec(importlib.util.spec_from_loader("criu_devices", loader))
+    loader.exec_module(hook)
     assert hook.clean("/dev/nvidia0") and hook.clean("/dev/dri/renderD128")
     assert not hook.clean("/dev/../etc/passwd") and not hook.clean("/etc/passwd")
     base = tmp_path / "yard-dev"
