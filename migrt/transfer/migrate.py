@@ -280,9 +280,10 @@ class Migration:
                                               self.work, dest_id=self.opts.new_id or self.cid,
                                               dest_root=self.opts.dest_root, mode=self.opts.mode)
 
-    def _sender(self, progress=None, want_blocks=False):
+    def _sender(self, progress=None, want_blocks=False, streams=None):
         # each chunk's local copy is freed once sent, unless the user keeps the image
-        return Sender(self.opts.to, self.opts.secret, self.mid, streams=self.opts.streams,
+        return Sender(self.opts.to, self.opts.secret, self.mid,
+                      streams=streams or self.opts.streams,
                       level=self.opts.level, progress=progress, want_blocks=want_blocks,
                       release=not self.opts.keep_image)
 
@@ -424,30 +425,6 @@ class Migration:
         self.phases["transfer_after_dump"] = round(
             max(0.0, took - result["dump_s"]) + self.phases["commit"], 4)
         self._account(sender)
-        self._drop_local_pages()
-
-    def _drop_local_pages(self):
-        """The destination holds a verified copy now, and a rollback resumes the paused
-        source, not this dump: give its memory back before the destination restores.
-        On tmpfs the dump's pages are as big as the container; freeing them here is what
-        lets the restore find warm memory instead of fresh (on a VM, host-faulted) pages."""
-        if self.opts.keep_image or not self.work:
-            return
-        dirs = [os.path.join(self.work, d) for d in ("image", "round1")]
-
-        def drop():
-            for d in dirs:
-                try:
-                    names = os.listdir(d)
-                except OSError:
-                    continue
-                for n in names:
-                    if n.startswith("pages-") and n.endswith(".img"):
-                        try:
-                            os.unlink(os.path.join(d, n))
-                        except OSError:
-                            pass
-        threading.Thread(target=drop, daemon=True).start()
 
     def restore(self):
         self.phase = "restore on the destination"
@@ -599,8 +576,7 @@ class Migration:
             self.checkpoint_hooks = True
             if self.opts.mode == "lazy":
                 # lazy mode sends a few hundred KiB while frozen: one stream, connected now
-                self.lazy_sender = Sender(self.opts.to, self.opts.secret, self.mid, streams=1,
-                                          level=self.opts.level, want_blocks=False)
+                self.lazy_sender = self._sender(streams=1)
                 self.lazy_sender.connect()
             t_freeze = self.freeze()
             if self.opts.mode == "lazy":
