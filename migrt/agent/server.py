@@ -29,6 +29,8 @@ from migrt.image import manifest as mf
 from migrt.transfer import receiver, wire
 
 RESERVE = 16 << 20
+# seconds a refused data connection is drained before closing (wire.Conn.close)
+REFUSE_LINGER = 2.0
 
 
 def log(msg):
@@ -153,7 +155,7 @@ class Agent:
             except OSError:
                 pass
         finally:
-            conn.close()
+            conn.close(linger=getattr(conn, "linger", 0.0))
 
     # ------------------------------------------------------------ checks
     def criu_feature(self, name):
@@ -452,6 +454,7 @@ class Agent:
                         conn.send_json({"ok": True, "frames": frames})
                     return
                 conn.send_json({"error": "unexpected control message on a data connection"})
+                conn.linger = REFUSE_LINGER
                 return
             head, data = payload
             try:
@@ -460,6 +463,7 @@ class Agent:
                 sess.stage.fail(str(e))
                 log(f"{mid}: {e}")
                 conn.send_json({"error": str(e)})
+                conn.linger = REFUSE_LINGER     # so the reason reaches the sender
                 return
             frames += 1
 

@@ -25,6 +25,7 @@ import os
 import socket
 import ssl
 import struct
+import time
 
 from migrt import crypto
 
@@ -152,6 +153,9 @@ class _Sealed:
         pass
 
 
+LINGER_BYTES = 64 << 20
+
+
 class Conn:
     """A socket with frame helpers."""
 
@@ -231,7 +235,30 @@ class Conn:
         self._out.sendall(_HDR.pack(b"D", n) + struct.pack(">H", len(h)) + h)
         self._out.sendall(data)
 
-    def close(self):
+    def _drain(self, seconds):
+        try:
+            self.sock.shutdown(socket.SHUT_WR)
+            end = time.monotonic() + seconds
+            budget = LINGER_BYTES
+            buf = bytearray(1 << 20)
+            while budget > 0:
+                left = end - time.monotonic()
+                if left <= 0:
+                    return
+                self.sock.settimeout(left)
+                n = self.sock.recv_into(buf)
+                if not n:
+                    return
+                budget -= n
+        except (OSError, ValueError):
+            return
+
+    def close(self, linger=0.0):
+        """Close. With linger, first drain what the peer is still sending (for at most
+        linger seconds and LINGER_BYTES): a reply sent just before closing on unread
+        input is otherwise lost to the TCP reset the close triggers."""
+        if linger:
+            self._drain(linger)
         try:
             self.sock.shutdown(socket.SHUT_RDWR)
         except OSError:
