@@ -35,6 +35,9 @@ class Stage:
         self.quota = quota
         self.chunk = chunk
         self.lock = threading.Lock()
+        # one write at a time: parallel writes to one file queue on its inode lock
+        # inside the kernel, where waiters spin and take the CPU that CRIU needs
+        self.write_lock = threading.Lock()
         self.fds = {}
         self.known = {}      # rel -> {chunk index: digest} as received
         self.touched = {}    # rel -> set of chunk indexes patched by a delta
@@ -91,7 +94,8 @@ class Stage:
                 t = self.touched.setdefault(rel, set())
                 t.update(range(off // self.chunk, (off + max(n, 1) - 1) // self.chunk + 1))
         try:
-            os.pwrite(fd, data, off)
+            with self.write_lock:
+                os.pwrite(fd, data, off)
         except OSError as e:
             if e.errno == 28:
                 raise StageError(f"no room on the destination: {self.path(rel)}: {e.strerror}")

@@ -118,6 +118,7 @@ class Sender:
 
     def _worker(self, conn, jobs, base):
         comp = zstandard.ZstdCompressor(level=self.level) if self.level > 0 else None
+        rbuf = memoryview(bytearray(self.chunk))    # each chunk is read into this one buffer
         ended = False
         try:
             while True:
@@ -128,9 +129,11 @@ class Sender:
                 if self.error:
                     continue
                 rel, path, off, n = job
+                if n > len(rbuf):
+                    rbuf = memoryview(bytearray(n))
+                data = rbuf[:n]
                 with open(path, "rb", buffering=0) as f:
-                    data = os.pread(f.fileno(), n, off) if n else b""
-                    if len(data) != n:
+                    if n and os.preadv(f.fileno(), [data], off) != n:
                         raise TransferError(f"{rel}: shrank while being sent")
                 idx = off // self.chunk
                 d = digest.chunk_digest(data)

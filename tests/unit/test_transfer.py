@@ -197,6 +197,26 @@ def test_sealed_records_round_trip_both_ways():
     b.close()
 
 
+def test_chunk_views_survive_the_next_record():
+    """Chunk records are decrypted into buffers the connection keeps: the view of one
+    chunk must still hold its bytes while the next chunk is read (the agent writes a
+    chunk out before reading on, but must never see it overwritten early)."""
+    x, y, a, b = sealed_pair()
+    chunks = [os.urandom(1 << 20) for _ in range(4)] + [os.urandom(3 << 20)]
+    t = threading.Thread(target=lambda: [x.sendall(c) for c in chunks], daemon=True)
+    t.start()
+    prev = None
+    for i, c in enumerate(chunks):
+        v = y.read_view(len(c))
+        assert bytes(v) == c
+        if prev is not None:
+            assert bytes(prev) == chunks[i - 1]
+        prev = v
+    t.join(10)
+    a.close()
+    b.close()
+
+
 @pytest.mark.parametrize("damage", ["flip", "flip-length", "reorder", "replay", "drop"])
 def test_sealed_records_refuse_what_was_tampered_with(damage):
     key, recs = raw_records(3, [b"one", b"two", b"three"])
