@@ -30,9 +30,15 @@ def _size(s):
               help="where restored containers' stdout/stderr go")
 @click.option("--user", default=None, help="run the network side as this user; only "
               "restores go through a narrow root helper (see migrt/privsep.py)")
+@click.option("--peer-timeout", type=float, default=None,
+              help="seconds without an answer from a source after which its migration is "
+              "dropped [default: $MIGRT_PEER_TIMEOUT or 20]")
 @click.pass_obj
-def command(call, listen, secret_file, staging, disk, quota, ttl, restore_root, log_dir, user):
+def command(call, listen, secret_file, staging, disk, quota, ttl, restore_root, log_dir, user,
+            peer_timeout):
     """Receive migrations over TCP, stage and verify them, restore them here."""
+    if peer_timeout is not None:
+        os.environ["MIGRT_PEER_TIMEOUT"] = str(peer_timeout)
     from migrt.agent import server
     from migrt.agent.staging import staging_root
     from migrt.transfer import wire

@@ -1,5 +1,6 @@
 """`migrt migrate <container> --to HOST:PORT`: live-migrate a container to a node's agent."""
 import json
+import os
 import sys
 
 import click
@@ -28,13 +29,19 @@ import click
 @click.option("--page-server-port", default=0, help="port of the page server (--lazy)")
 @click.option("--tcp-established", is_flag=True, help="migrate established TCP connections")
 @click.option("--rootfs-base", help="unchanged image rootfs to diff the container's against")
+@click.option("--peer-timeout", type=float, default=None,
+              help="seconds without an answer from the agent after which it counts as gone "
+              "(and the source is resumed) [default: $MIGRT_PEER_TIMEOUT or 20]")
 @click.option("--json", "as_json", is_flag=True, help="print the report as JSON")
 @click.pass_obj
 def command(call, container, to, secret_file, bundle, dest_root, new_id, precopy, lazy,
-            streams, level, wait, page_server_port, tcp_established, rootfs_base, as_json):
+            streams, level, wait, page_server_port, tcp_established, rootfs_base,
+            peer_timeout, as_json):
     """Move a running container to another node with the shortest downtime."""
     from migrt.transfer import migrate as mig
     from migrt.transfer import wire
+    if peer_timeout is not None:
+        os.environ["MIGRT_PEER_TIMEOUT"] = str(peer_timeout)
     if precopy and lazy:
         raise click.UsageError("--precopy and --lazy exclude each other")
     try:

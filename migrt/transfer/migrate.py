@@ -599,7 +599,7 @@ class Migration:
                         f"restore ({e}); the destination's outcome is unknown, so the source "
                         f"is left frozen (runc pause): resume it only if the destination has "
                         f"no copy")
-            self._fail(str(e))
+            self._fail(wire.explain(e))
         except BaseException as e:
             if isinstance(e, MigrtError) and not self.paused:
                 self._rollback()

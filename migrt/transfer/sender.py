@@ -181,7 +181,7 @@ class Sender:
         except wire.ProtocolError as e:
             self._fail(f"destination: {e}")
         except (OSError, TransferError) as e:
-            self._fail(f"transfer to {self.address}: {self._reason(conn) or e}")
+            self._fail(f"transfer to {self.address}: {self._reason(conn) or wire.explain(e)}")
         finally:
             conn.close()
             # after a failure the other streams may be gone too: keep taking jobs (until

@@ -18,6 +18,7 @@ then the sealed body; nonces are a per-direction record counter. A record that w
 altered, dropped, replayed or reordered fails its tag. The keys never leave the TLS session, which also keeps its
 forward secrecy.
 """
+import errno
 import hashlib
 import hmac
 import json
@@ -302,8 +303,38 @@ def _mac(secret, label, a, b):
     return hmac.new(secret, f"{PROTOCOL}|{label}|{a}|{b}".encode(), hashlib.sha256).hexdigest()
 
 
+# Seconds without an acknowledgement (of data, or of keepalive probes on an idle
+# connection) after which the peer counts as gone. Without it a peer that vanishes
+# without a reset (a host powered off, a partition) blocks a send for the kernel's
+# ~15 minutes of retransmissions, and a wait for a reply forever: with the source frozen.
+PEER_TIMEOUT = 20.0
+
+
+def peer_timeout():
+    try:
+        t = float(os.environ.get("MIGRT_PEER_TIMEOUT") or PEER_TIMEOUT)
+    except ValueError:
+        t = PEER_TIMEOUT
+    return max(1.0, t)
+
+
+def explain(e):
+    """An error of a connection to a peer, in words (a timed-out peer says how long)."""
+    if isinstance(e, OSError) and e.errno == errno.ETIMEDOUT:
+        return (f"no answer for {peer_timeout():.0f}s (the peer's host is down or the network "
+                f"between is cut)")
+    return str(e)
+
+
 def _tune(sock):
     sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
+    t = peer_timeout()
+    sock.setsockopt(socket.SOL_SOCKET, socket.SO_KEEPALIVE, 1)
+    sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_KEEPIDLE, max(1, int(t / 4)))
+    sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_KEEPINTVL, max(1, int(t / 8)))
+    sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_KEEPCNT, 8)
+    # (with keepalive on, this also decides when unanswered probes end the connection)
+    sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_USER_TIMEOUT, int(t * 1000))
     for opt in (socket.SO_SNDBUF, socket.SO_RCVBUF):
         try:
             sock.setsockopt(socket.SOL_SOCKET, opt, 4 << 20)

@@ -126,10 +126,12 @@ def settle(nodes, agent, cid, bundle, dest, out_a, expect, resolve=None, timeout
 
 def run_scenario(nodes, tmp_path, name, expect, *, mig_fp=None, agent_fp=None,
                  criu_at=None, criu_side=None, fault, resolve="none", proxy=False,
-                 mig_args=()):
+                 mig_args=(), peer_timeout=None, message=None):
     fpdir = str(tmp_path / "fp")
     os.makedirs(fpdir, exist_ok=True)
     agent_env = {"MIGRT_FAILPOINT_DIR": fpdir}
+    if peer_timeout:
+        agent_env["MIGRT_PEER_TIMEOUT"] = str(peer_timeout)
     if agent_fp:
         agent_env["MIGRT_FAILPOINTS"] = agent_fp
     agent = nodes.agent(ttl=8, env=agent_env)
@@ -141,6 +143,8 @@ def run_scenario(nodes, tmp_path, name, expect, *, mig_fp=None, agent_fp=None,
     cid, bundle, dest, out_a = nodes.counter(src_annotations=src_ann, dest_annotations=dest_ann)
     px = migr.Proxy(agent.port) if proxy else None
     env = {"MIGRT_FAILPOINT_DIR": fpdir}
+    if peer_timeout:
+        env["MIGRT_PEER_TIMEOUT"] = str(peer_timeout)
     if mig_fp:
         env["MIGRT_FAILPOINTS"] = mig_fp
     work_before = set(os.listdir(WORK)) if os.path.isdir(WORK) else set()
@@ -148,15 +152,25 @@ def run_scenario(nodes, tmp_path, name, expect, *, mig_fp=None, agent_fp=None,
     mig = nodes.spawn_migrate(cid, dest, agent, *mig_args, env=env,
                               to=px.address if px else None)
     ctx = {"agent": agent, "mig": mig, "fpdir": fpdir, "hook": hook, "proxy": px,
-           "nodes": nodes, "cid": cid}
-    fault(ctx)
+           "nodes": nodes, "cid": cid, "undo": []}
     try:
-        mig.wait(90)
-    except subprocess.TimeoutExpired:
-        mig.kill()
-        raise
-    rc = mig.returncode
-    err = mig.stderr.read().decode(errors="replace")
+        fault(ctx)
+        try:
+            mig.wait(90)
+        except subprocess.TimeoutExpired:
+            mig.kill()
+            raise
+        rc = mig.returncode
+        err = mig.stderr.read().decode(errors="replace")
+        t_migrate = time.monotonic() - t0
+    finally:
+        for undo in ctx["undo"]:
+            undo()
+    if message:
+        assert message in err, err[-800:]
+    if peer_timeout:
+        # noticed within a few timeouts, not the kernel's minutes of retransmissions
+        assert t_migrate < 10 * peer_timeout, f"migrate took {t_migrate:.0f}s: {err[-500:]}"
 
     resolver = None
     if resolve == "restart-agent":
@@ -187,7 +201,7 @@ def run_scenario(nodes, tmp_path, name, expect, *, mig_fp=None, agent_fp=None,
     ocitest.wait_for(lambda: not (set(os.listdir(WORK)) - work_before), timeout=10,
                      what="the migration's work dir on the source to go")
     RESULTS.append({"scenario": name, "migrate_exit": rc, "ended_on": where,
-                    "seconds": round(took, 1)})
+                    "migrate_seconds": round(t_migrate, 1), "seconds": round(took, 1)})
     print(f"\nFAULT {name}: migrate exit {rc}, container on node {where.upper()}, "
           f"resolved in {took:.1f}s; {err.strip().splitlines()[-1][:160] if err.strip() else ''}")
     if px:
@@ -245,6 +259,25 @@ def cut(ctx):
     ctx["proxy"].cut()
 
 
+def blackhole(seconds=None):
+    """Drop every packet to and from the agent's port, without a reset: the peer is as
+    good as a host powered off (or, with seconds, a partition that heals)."""
+    def fault(ctx):
+        rules = [["INPUT", "-p", "tcp", "--dport", str(ctx["agent"].port), "-j", "DROP"],
+                 ["INPUT", "-p", "tcp", "--sport", str(ctx["agent"].port), "-j", "DROP"]]
+
+        def lift():
+            for r in rules:
+                subprocess.run(["iptables", "-D", *r], capture_output=True)
+        ctx["undo"].append(lift)
+        for r in rules:
+            subprocess.run(["iptables", "-I", *r], check=True, capture_output=True)
+        if seconds:
+            time.sleep(seconds)
+            lift()
+    return fault
+
+
 def cut_and_partition(ctx):
     ctx["proxy"].block(True)
     ctx["proxy"].cut()
@@ -297,6 +330,14 @@ SCENARIOS = [
     ("cut connection, during restore (4 s partition)", "b",
      dict(proxy=True, agent_fp="agent.before-restore=pause(2)",
           fault=at_failpoint("agent.before-restore", cut_and_partition))),
+    # the peer vanishes without a reset: TCP_USER_TIMEOUT and keepalive (3 s here)
+    # notice it, instead of the kernel's quarter of an hour of retransmissions
+    ("destination goes silent (no reset), during transfer", "a",
+     dict(peer_timeout=3, mig_fp="migrate.after-dump=pause(2)", message="no answer for 3s",
+          fault=at_failpoint("migrate.after-dump", blackhole()))),
+    ("destination goes silent during restore, back after 8 s", "b",
+     dict(peer_timeout=3, agent_fp="agent.before-restore=pause(2)",
+          fault=at_failpoint("agent.before-restore", blackhole(8)))),
     ("cut connection, after restore before release", "b",
      dict(proxy=True, mig_fp="migrate.before-release=pause(2)",
           fault=at_failpoint("migrate.before-release", cut))),
