@@ -54,6 +54,22 @@ def exists(call, cid):
     return os.path.exists(os.path.join(call.root, cid, "state.json"))
 
 
+def unmount_criu_leftovers(call, cid):
+    """A CRIU killed mid-restore leaves its cgroup yard (.criu.cgyard.*) mounted in the
+    restore's work dir, and runc its criu-root in the container's state dir: a dozen
+    mounts per failed restore that would pile up on the node."""
+    work = work_dir(call, cid)
+    state = os.path.join(os.path.realpath(call.root), cid)
+    try:
+        with open("/proc/self/mountinfo") as f:
+            points = [line.split()[4] for line in f]
+    except (OSError, IndexError):
+        return
+    for mp in sorted((m for m in points if m.startswith((work + "/", state + "/"))),
+                     reverse=True):
+        subprocess.run(["umount", "-l", mp], capture_output=True)
+
+
 # ---------------------------------------------------------------- runc as a child
 
 def run_runc(tokens, forward_signals=False, watch_criu=False, lazy=None):
@@ -337,6 +353,7 @@ def restore_create(call, flags, cid, bundle, spec, marker, plugins):
             _kill(lazy)
         if exists(call, cid):
             quiet_runc(call.global_tokens() + ["delete", "--force", cid])
+        unmount_criu_leftovers(call, cid)
         put_back_spec(bundle)
         if source.on_failed:
             try:

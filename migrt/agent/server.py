@@ -488,20 +488,9 @@ class Agent:
 
 
 def _unmount_criu_leftovers(root, cid):
-    """A CRIU killed mid-restore leaves its cgroup yard mounted in the restore's work dir,
-    and runc its criu-root in the container's state dir."""
     import types
-    try:
-        from migrt.lifecycle import work_dir
-        work = work_dir(types.SimpleNamespace(root=root), cid)
-        with open("/proc/self/mountinfo") as f:
-            points = [line.split()[4] for line in f]
-    except (ImportError, OSError, IndexError):
-        return
-    state = os.path.join(os.path.realpath(root), cid)
-    for mp in sorted((m for m in points if m.startswith((work + "/", state + "/"))),
-                     reverse=True):
-        subprocess.run(["umount", "-l", mp], capture_output=True)
+    from migrt.lifecycle import unmount_criu_leftovers
+    unmount_criu_leftovers(types.SimpleNamespace(root=root), cid)
 
 
 def run(listen, secret, **kw):

@@ -6,6 +6,9 @@ For each memory size a static C workload (memtouch.c) touches that much memory i
 busybox container; then, one after the other:
 
 - runc floor: plain `runc checkpoint` to tmpfs, then `runc restore` from it (no transfer);
+- runc with the source kept: `runc pause`, `runc checkpoint --leave-running`, `runc restore
+  --auto-dedup`, then delete the source: what migrt must do by design even if the
+  transfer cost nothing (the source stays until the copy runs; memory is not doubled);
 - migrt full (defaults) / full with zstd level 1 forced / precopy / lazy: `migrt migrate --json` to an agent on
   loopback (two runc roots), downtime = freeze until the destination runs the container;
 - podman: `podman container checkpoint --export` + `podman container restore --import`.
@@ -58,14 +61,23 @@ class Bench:
         return b, out
 
     # ------------------------------------------------------------ floors
-    def runc_floor(self, mib):
+    def runc_floor(self, mib, keep_source=False):
+        """Plain runc, no transfer. keep_source: what any migration that keeps its promise
+        must do even with a free transfer: the source frozen and kept until the copy runs
+        (runc pause, checkpoint --leave-running, delete after), and the memory not
+        doubled meanwhile (restore --auto-dedup, as the agent restores)."""
         ra = ocitest.Runtime("runc", os.path.join(self.work, "runc-a"))
         rb = ocitest.Runtime("runc", os.path.join(self.work, "runc-b"))
         try:
             b, out = self.start(ra, "w", mib)
             img = tempfile.mkdtemp(dir="/dev/shm", prefix="bench-img-")
             t0 = time.monotonic()
-            p = ra.run("checkpoint", "--image-path", img, "--work-path", img, "w")
+            if keep_source:
+                assert ra.run("pause", "w").returncode == 0
+                p = ra.run("checkpoint", "--leave-running", "--image-path", img,
+                           "--work-path", img, "w")
+            else:
+                p = ra.run("checkpoint", "--image-path", img, "--work-path", img, "w")
             t1 = time.monotonic()
             assert p.returncode == 0, p.stderr
             dst = self.bundle(mib, "dst")
@@ -73,9 +85,12 @@ class Bench:
                 shutil.rmtree(os.path.join(dst, "rootfs", d))
                 shutil.copytree(os.path.join(b, "rootfs", d), os.path.join(dst, "rootfs", d))
             t2 = time.monotonic()
-            code, _, err = self._restore(rb, "w", dst, img)
+            code, _, err = self._restore(rb, "w", dst, img,
+                                         ["--auto-dedup"] if keep_source else [])
             t3 = time.monotonic()
             assert code == 0, err
+            if keep_source:
+                ra.run("delete", "--force", "w")
             size = sum(os.path.getsize(os.path.join(img, f)) for f in os.listdir(img))
             shutil.rmtree(img, ignore_errors=True)
             return {"checkpoint": t1 - t0, "restore": t3 - t2, "downtime": (t1 - t0) + (t3 - t2),
@@ -84,11 +99,11 @@ class Bench:
             ra.cleanup()
             rb.cleanup()
 
-    def _restore(self, rt, cid, bundle, img):
+    def _restore(self, rt, cid, bundle, img, extra=()):
         out_r, out_w = os.pipe()
         in_r, in_w = os.pipe()
         p = subprocess.run(["runc", "--root", rt.root, "restore", "--detach", "--image-path", img,
-                            "--work-path", img, "--bundle", bundle, cid],
+                            "--work-path", img, "--bundle", bundle, *extra, cid],
                            stdin=in_r, stdout=out_w, stderr=out_w)
         os.close(out_w)
         os.close(in_r)
@@ -192,6 +207,8 @@ def main():
     ap.add_argument("--repeat", type=int, default=3,
                     help="rounds (floor, then every mode) per size; the table shows medians")
     ap.add_argument("--no-podman", action="store_true")
+    ap.add_argument("--no-kept", action="store_true",
+                    help="skip the runc floor with the source kept (pause, --leave-running)")
     ap.add_argument("--markdown", action="store_true")
     args = ap.parse_args()
     work = tempfile.mkdtemp(prefix="migrt-bench-", dir="/var/tmp")
@@ -206,9 +223,11 @@ def main():
     try:
         for mib in [int(s) for s in args.sizes.split(",")]:
             # rounds interleave the methods, so that a noisy minute hits all of them alike
-            floors, reps = [], {m: [] for m in modes}
+            floors, kept, reps = [], [], {m: [] for m in modes}
             for r in range(args.repeat):
                 floors.append(b.runc_floor(mib))
+                if not args.no_kept:
+                    kept.append(b.runc_floor(mib, keep_source=True))
                 for mode in modes:
                     reps[mode].append(b.migrt_run(mib, extra[mode]))
             raw[f"{mib}-runc"] = floors
@@ -218,6 +237,16 @@ def main():
                          None, floors[0]["image_bytes"], None, None,
                          f"checkpoint {_median([x['checkpoint'] for x in floors]):.2f}s, "
                          f"restore {_median([x['restore'] for x in floors]):.2f}s" + _spread(fd)))
+            if kept:
+                raw[f"{mib}-runc-kept"] = kept
+                kd = [x["downtime"] for x in kept]
+                rows.append((mib, "runc, source kept (pause, checkpoint --leave-running, "
+                             "restore --auto-dedup; no transfer)", _median(kd),
+                             _median(kd) / floor, kept[0]["image_bytes"], None, None,
+                             f"checkpoint {_median([x['checkpoint'] for x in kept]):.2f}s, "
+                             f"restore {_median([x['restore'] for x in kept]):.2f}s; the least "
+                             f"a migration that keeps the source until the copy runs can "
+                             f"do" + _spread(kd)))
             for mode in modes:
                 raw[f"{mib}-{mode}"] = reps[mode]
                 bad = [x["error"] for x in reps[mode] if "error" in x]

@@ -29,6 +29,7 @@ from migrt import recovery
 
 RESULTS = []
 WORK = os.path.join(os.environ.get("MIGRT_STATE_DIR", "/run/migrt"), "migrate")
+RESTORE_WORK = os.path.join(os.environ.get("MIGRT_STATE_DIR", "/run/migrt"), "work")
 
 
 @pytest.fixture
@@ -148,6 +149,7 @@ def run_scenario(nodes, tmp_path, name, expect, *, mig_fp=None, agent_fp=None,
     if mig_fp:
         env["MIGRT_FAILPOINTS"] = mig_fp
     work_before = set(os.listdir(WORK)) if os.path.isdir(WORK) else set()
+    mounts_before = set(leaks.mounts(RESTORE_WORK))
     t0 = time.monotonic()
     mig = nodes.spawn_migrate(cid, dest, agent, *mig_args, env=env,
                               to=px.address if px else None)
@@ -200,6 +202,9 @@ def run_scenario(nodes, tmp_path, name, expect, *, mig_fp=None, agent_fp=None,
     # the source's local copy of the image (its work dir) is gone as well
     ocitest.wait_for(lambda: not (set(os.listdir(WORK)) - work_before), timeout=10,
                      what="the migration's work dir on the source to go")
+    # nor mounts a killed CRIU left in a restore's work dir (its cgroup yard)
+    left = set(leaks.mounts(RESTORE_WORK)) - mounts_before
+    assert not left, f"mounts left behind: {sorted(left)[:3]}"
     RESULTS.append({"scenario": name, "migrate_exit": rc, "ended_on": where,
                     "migrate_seconds": round(t_migrate, 1), "seconds": round(took, 1)})
     print(f"\nFAULT {name}: migrate exit {rc}, container on node {where.upper()}, "
