@@ -104,6 +104,9 @@ def run_stage(stage, names, **ctx):
             errors.append(str(e))
         except Exception as e:  # a plugin bug must still read as one line
             msg = f"{p.name}: {stage} failed: {type(e).__name__}: {e}"
+            where = ctx.get("image_dir") or ctx.get("bundle")
+            if isinstance(e, OSError) and not e.filename and where:
+                msg += f" (in {where})"     # a failed write does not name its file
             if stage.startswith("pre-"):
                 ctx.pop("options", None)
                 _undo(stage, ran, ctx)

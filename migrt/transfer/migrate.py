@@ -138,6 +138,50 @@ def _work_base():
     return os.path.join(os.environ.get("MIGRT_STATE_DIR", "/run/migrt"), "migrate")
 
 
+KEPT_LOGS = 40           # CRIU logs of failed migrations kept in <state>/failed
+
+
+def _kept_dir():
+    return os.path.join(os.environ.get("MIGRT_STATE_DIR", "/run/migrt"), "failed")
+
+
+def _kept_log(mid, name):
+    """Where the CRIU log `name` of a failed migration is kept once its work dir goes."""
+    return os.path.join(_kept_dir(), f"{mid}-{name}")
+
+
+def _keep_logs(work, mid):
+    """Read the CRIU logs of a failed migration's work dir (before it is removed)."""
+    logs = {}
+    for sub in ("work", "work1"):
+        for name in ("dump.log", "pre-dump.log"):
+            try:
+                with open(os.path.join(work, sub, name), "rb") as f:
+                    f.seek(0, os.SEEK_END)
+                    f.seek(max(0, f.tell() - (1 << 20)))
+                    logs[f"{sub}-{name}" if sub != "work" else name] = f.read()
+            except OSError:
+                pass
+    return logs
+
+
+def _write_kept_logs(mid, logs):
+    if not logs:
+        return
+    d = _kept_dir()
+    try:
+        os.makedirs(d, mode=0o700, exist_ok=True)
+        for name, data in logs.items():
+            with open(os.open(_kept_log(mid, name), os.O_WRONLY | os.O_CREAT | os.O_TRUNC,
+                              0o600), "wb") as f:
+                f.write(data)
+        old = sorted(os.listdir(d), key=lambda n: os.path.getmtime(os.path.join(d, n)))
+        for n in old[:-KEPT_LOGS]:
+            os.unlink(os.path.join(d, n))
+    except OSError:
+        pass                  # the disk that failed the dump may still be full
+
+
 def _criu_log_errors(path):
     try:
         from migrt.lifecycle import criu_errors
@@ -211,14 +255,17 @@ class Migration:
                                  f"(state: {st.stdout.strip()[:200]})")
             self.paused = False
             resumed = True
-        self._cleanup_local()
+        self._cleanup_local(keep_logs=True)
         if getattr(self, "journal", None):
             self.journal.done()
         return resumed
 
-    def _cleanup_local(self):
+    def _cleanup_local(self, keep_logs=False):
         if self.work and not self.opts.keep_image:
+            logs = _keep_logs(self.work, self.mid) if keep_logs else None
             shutil.rmtree(self.work, ignore_errors=True)
+            if logs:
+                _write_kept_logs(self.mid, logs)
 
     # ------------------------------------------------------------ phases
     def prechecks(self):
@@ -310,8 +357,13 @@ class Migration:
                 if p.returncode != 0:
                     log = os.path.join(work, "dump.log")
                     errs = _criu_log_errors(log)
-                    result["error"] = (f"runc checkpoint failed: {p.stderr.strip()[-300:]}"
-                                       + (f"; CRIU log {log}: {'; '.join(errs)}" if errs else ""))
+                    # the work dir goes with the rollback; its log is kept (_keep_logs)
+                    kept = _kept_log(self.mid, "dump.log" if os.path.basename(work) == "work"
+                                     else f"{os.path.basename(work)}-dump.log")
+                    out = p.stderr.strip()[-300:].replace(log, kept)
+                    result["error"] = (f"runc checkpoint into {image} failed: {out}"
+                                       + (f"; CRIU log {kept}: {'; '.join(errs)}" if errs
+                                          else ""))
                     return
                 if capture:
                     from migrt import image as img
@@ -570,6 +622,7 @@ class Migration:
         try:
             base = self.precopy_round() if self.opts.mode == "precopy" else None
             # e.g. the workload is told and drains (rdma), CUDA is locked (gpu)
+            self.phase = "checkpoint preparation (plugins)"
             self.plugins.pre_checkpoint(os.path.join(self.work, "image"), mode="dump",
                                         work_dir=os.path.join(self.work, "work"),
                                         destination=self.opts.to)
@@ -601,10 +654,10 @@ class Migration:
                         f"no copy")
             self._fail(wire.explain(e))
         except BaseException as e:
-            if isinstance(e, MigrtError) and not self.paused:
+            if isinstance(e, RefusedError) and not self.paused:
                 self._rollback()
                 raise
-            self._fail(f"{type(e).__name__}: {e}")
+            self._fail(str(e) if isinstance(e, MigrtError) else f"{type(e).__name__}: {e}")
         return self._finish(t_start, t_freeze)
 
     def _finish(self, t_start, t_freeze):

@@ -459,3 +459,32 @@ def test_memory_moves_rather_than_doubles(two_nodes, tmp_path):
     assert proc.returncode == 0, stderr + ag.log()
     c1 = dest_count(n)
     ocitest.wait_for(lambda: dest_count(n) > c1 + 2, what="counter going on at the destination")
+
+
+@pytest.mark.parametrize("size", ["64k", "512k"])
+def test_full_disk_on_the_source_rolls_back(two_nodes, size):
+    """The source's own dump space runs out (a small tmpfs under its work dir): at 64 KiB
+    while the plugins write their part of the image, at 1 MiB while CRIU dumps (the
+    first 1 MiB chunk of pages never completes, so nothing is sent and freed). The
+    source keeps running, the destination is clean, one line says what and where."""
+    n = two_nodes
+    ag = n.agent()
+    bundle, out = n.source()
+    work = os.path.join(n.env["MIGRT_STATE_DIR"], "migrate")
+    os.makedirs(work, exist_ok=True)
+    subprocess.run(["mount", "-t", "tmpfs", "-o", f"size={size},mode=0700", "tmpfs", work],
+                   check=True)
+    try:
+        p, _ = n.migrate(ag, "ctr", bundle=n.dest_bundle())
+    finally:
+        subprocess.run(["umount", "-l", work], check=True)
+    assert p.returncode == 4, (p.returncode, p.stdout, p.stderr)
+    line = p.stderr.strip()
+    assert len(line.splitlines()) == 1, (p.stdout, p.stderr)
+    assert "No space left on device" in line and work in line, line
+    assert "keeps running" in line, line
+    if "CRIU log " in line:       # the work dir went with the rollback; its log is kept
+        kept = line.split("CRIU log ")[1].split(":")[0]
+        assert os.path.isfile(kept) and "No space left" in open(kept).read(), kept
+    assert_source_running(n, out)
+    assert_destination_clean(n, ag)
