@@ -14,6 +14,7 @@ back).
 import json
 import os
 import shutil
+import signal
 import socket
 import subprocess
 import sys
@@ -37,6 +38,15 @@ class MigrationInDoubt(MigrtError):
     """The destination's outcome is unknown; the source is left frozen, not resumed."""
 
     exit_code = 5
+
+
+class Interrupted(BaseException):
+    """SIGTERM (or SIGINT) during a migration: unwound like Ctrl-C, so that the source is
+    resumed, or the migration finished if the destination already runs the container."""
+
+
+def _interrupt(signum, frame):
+    raise Interrupted(f"interrupted ({signal.Signals(signum).name})")
 
 
 RESTORE_FLAGS = ("--tcp-established", "--ext-unix-sk", "--shell-job", "--file-locks")
@@ -657,7 +667,27 @@ class Migration:
             if isinstance(e, RefusedError) and not self.paused:
                 self._rollback()
                 raise
-            self._fail(str(e) if isinstance(e, MigrtError) else f"{type(e).__name__}: {e}")
+            if isinstance(e, MigrtError):
+                reason = str(e)
+            elif isinstance(e, KeyboardInterrupt):
+                reason = "interrupted (SIGINT)"
+            else:
+                reason = str(e) if isinstance(e, Interrupted) else f"{type(e).__name__}: {e}"
+            if self.restore_sent and not isinstance(e, MigrtError):
+                # asked to restore, the destination may run the container by now: resuming
+                # the source could make two copies
+                outcome = self.ask_status()
+                if outcome == "restored":
+                    self.report["note"] = (f"{reason} after the restore request; the "
+                                           f"destination had restored, so the migration "
+                                           f"was completed")
+                    return self._finish(t_start, t_freeze)
+                if outcome is None:
+                    raise MigrationInDoubt(
+                        f"migration of {self.cid} to {self.opts.to}: {reason} during restore "
+                        f"and the destination cannot say what it did, so the source is left "
+                        f"frozen (runc pause): resume it only if the destination has no copy")
+            self._fail(reason)
         return self._finish(t_start, t_freeze)
 
     def _finish(self, t_start, t_freeze):
@@ -718,4 +748,11 @@ def _free_port(host):
 def migrate(root, cid, opts):
     # first finish any migration a dead `migrt migrate` left on this node
     recovery.resolve_pending(opts.secret, lambda m: sys.stderr.write(f"migrt: {m}\n"))
-    return Migration(root, cid, opts).run()
+    old = None
+    if threading.current_thread() is threading.main_thread():
+        old = signal.signal(signal.SIGTERM, _interrupt)
+    try:
+        return Migration(root, cid, opts).run()
+    finally:
+        if old is not None:
+            signal.signal(signal.SIGTERM, old)

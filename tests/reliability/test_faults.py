@@ -283,6 +283,14 @@ def blackhole(seconds=None):
     return fault
 
 
+def interrupt(sig):
+    """What a user's Ctrl-C (SIGINT to the whole foreground process group) or a
+    supervisor's SIGTERM does to `migrt migrate`."""
+    def fault(ctx):
+        os.killpg(ctx["mig"].pid, sig)
+    return fault
+
+
 def cut_and_partition(ctx):
     ctx["proxy"].block(True)
     ctx["proxy"].cut()
@@ -335,6 +343,20 @@ SCENARIOS = [
     ("cut connection, during restore (4 s partition)", "b",
      dict(proxy=True, agent_fp="agent.before-restore=pause(2)",
           fault=at_failpoint("agent.before-restore", cut_and_partition))),
+    # interrupted on purpose: before the restore request the source goes on; after it,
+    # migrate asks the destination, which has the container by then
+    ("Ctrl-C, during transfer", "a",
+     dict(mig_fp="migrate.after-dump=pause(3)",
+          fault=at_failpoint("migrate.after-dump", interrupt(signal.SIGINT)))),
+    ("Ctrl-C, during restore", "b",
+     dict(agent_fp="agent.before-restore=pause(2)",
+          fault=at_failpoint("agent.before-restore", interrupt(signal.SIGINT)))),
+    ("SIGTERM, during transfer", "a",
+     dict(mig_fp="migrate.after-dump=pause(3)",
+          fault=at_failpoint("migrate.after-dump", interrupt(signal.SIGTERM)))),
+    ("SIGTERM, during restore", "b",
+     dict(agent_fp="agent.before-restore=pause(2)",
+          fault=at_failpoint("agent.before-restore", interrupt(signal.SIGTERM)))),
     # the peer vanishes without a reset: TCP_USER_TIMEOUT and keepalive (3 s here)
     # notice it, instead of the kernel's quarter of an hour of retransmissions
     ("destination goes silent (no reset), during transfer", "a",
