@@ -41,7 +41,7 @@ class MigrationInDoubt(MigrtError):
 
 
 class Interrupted(BaseException):
-    """SIGTERM (or SIGINT) during a migration: unwound like Ctrl-C, so that the source is
+    """SIGTERM or SIGHUP during a migration: unwound like Ctrl-C, so that the source is
     resumed, or the migration finished if the destination already runs the container."""
 
 
@@ -748,11 +748,12 @@ def _free_port(host):
 def migrate(root, cid, opts):
     # first finish any migration a dead `migrt migrate` left on this node
     recovery.resolve_pending(opts.secret, lambda m: sys.stderr.write(f"migrt: {m}\n"))
-    old = None
+    old = {}
     if threading.current_thread() is threading.main_thread():
-        old = signal.signal(signal.SIGTERM, _interrupt)
+        # (a closed terminal, SIGHUP, too: the source must not stay frozen for it)
+        old = {s: signal.signal(s, _interrupt) for s in (signal.SIGTERM, signal.SIGHUP)}
     try:
         return Migration(root, cid, opts).run()
     finally:
-        if old is not None:
-            signal.signal(signal.SIGTERM, old)
+        for s, h in old.items():
+            signal.signal(s, h)

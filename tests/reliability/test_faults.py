@@ -357,6 +357,9 @@ SCENARIOS = [
     ("SIGTERM, during restore", "b",
      dict(agent_fp="agent.before-restore=pause(2)",
           fault=at_failpoint("agent.before-restore", interrupt(signal.SIGTERM)))),
+    ("SIGHUP (terminal closed), during transfer", "a",
+     dict(mig_fp="migrate.after-dump=pause(3)",
+          fault=at_failpoint("migrate.after-dump", interrupt(signal.SIGHUP)))),
     # the peer vanishes without a reset: TCP_USER_TIMEOUT and keepalive (3 s here)
     # notice it, instead of the kernel's quarter of an hour of retransmissions
     ("destination goes silent (no reset), during transfer", "a",
