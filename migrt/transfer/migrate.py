@@ -40,6 +40,13 @@ class MigrationInDoubt(MigrtError):
     exit_code = 5
 
 
+class MigrationUnfinished(MigrtError):
+    """Interrupted once the destination ran the container: it stays there, and the
+    source's release is left to recovery (its journal)."""
+
+    exit_code = 6
+
+
 class Interrupted(BaseException):
     """SIGTERM or SIGHUP during a migration: unwound like Ctrl-C, so that the source is
     resumed, or the migration finished if the destination already runs the container."""
@@ -704,11 +711,20 @@ class Migration:
                                  "migration": self.mid, "phases": dict(self.phases)})
         except Exception:
             pass
-        failpoints.hit("migrate.before-release")
-        if self.opts.mode == "lazy":
-            self.release_source_lazy()
-        else:
-            self.release_source()
+        try:
+            failpoints.hit("migrate.before-release")
+            if self.opts.mode == "lazy":
+                self.release_source_lazy()
+            else:
+                self.release_source()
+        except (KeyboardInterrupt, Interrupted) as e:
+            reason = str(e) if isinstance(e, Interrupted) else "interrupted (SIGINT)"
+            raise MigrationUnfinished(
+                f"migration of {self.cid} to {self.opts.to}: {reason} after the container "
+                f"started there; it keeps running there, and this node's copy is released by "
+                f"recovery (`migrt migrate` again, or this node's agent)"
+                + ("; the page server goes on serving its memory" if self.opts.mode == "lazy"
+                   else ""))
         self._t("total", t_start)
         b = self.report["bytes"]
         if b.get("wire"):
