@@ -199,6 +199,20 @@ def _write_kept_logs(mid, logs):
         pass                  # the disk that failed the dump may still be full
 
 
+def _full_disk(path, errs):
+    """Say so when the dump's filesystem is full: CRIU's own log, on the same disk, may
+    not have been able to record it."""
+    if any("No space left" in e for e in errs):
+        return ""
+    try:
+        st = os.statvfs(path)
+    except OSError:
+        return ""
+    if st.f_bavail * st.f_frsize < (1 << 20):
+        return f"; {path}: No space left on device (its filesystem is full)"
+    return ""
+
+
 def _criu_log_errors(path):
     try:
         from migrt.lifecycle import criu_errors
@@ -380,7 +394,7 @@ class Migration:
                     out = p.stderr.strip()[-300:].replace(log, kept)
                     result["error"] = (f"runc checkpoint into {image} failed: {out}"
                                        + (f"; CRIU log {kept}: {'; '.join(errs)}" if errs
-                                          else ""))
+                                          else "") + _full_disk(image, errs))
                     return
                 if capture:
                     from migrt import image as img
