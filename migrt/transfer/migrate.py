@@ -391,6 +391,8 @@ class Migration:
                     # the work dir goes with the rollback; its log is kept (_keep_logs)
                     kept = _kept_log(self.mid, "dump.log" if os.path.basename(work) == "work"
                                      else f"{os.path.basename(work)}-dump.log")
+                    if self.opts.keep_image:
+                        kept = log            # the work dir stays
                     out = p.stderr.strip()[-300:].replace(log, kept)
                     result["error"] = (f"runc checkpoint into {image} failed: {out}"
                                        + (f"; CRIU log {kept}: {'; '.join(errs)}" if errs
