@@ -783,7 +783,9 @@ def migrate(root, cid, opts):
     old = {}
     if threading.current_thread() is threading.main_thread():
         # (a closed terminal, SIGHUP, too: the source must not stay frozen for it)
-        old = {s: signal.signal(s, _interrupt) for s in (signal.SIGTERM, signal.SIGHUP)}
+        # (not where they are ignored: under nohup the migration goes on)
+        old = {s: signal.signal(s, _interrupt) for s in (signal.SIGTERM, signal.SIGHUP)
+               if signal.getsignal(s) is not signal.SIG_IGN}
     try:
         return Migration(root, cid, opts).run()
     finally:

@@ -276,3 +276,34 @@ def test_a_stream_failing_early_does_not_leave_send_waiting(tmp_path):
     t.join(30)
     assert not t.is_alive(), "send() still waiting after its only stream failed"
     assert "quota" in result.get("error", ""), result
+
+
+def test_migrate_unwinds_on_signals_but_respects_nohup(monkeypatch):
+    """SIGTERM and SIGHUP unwind a migration like Ctrl-C (migrt.transfer.migrate), except
+    a signal the caller ignores: under nohup a closed terminal must not stop it."""
+    import signal
+    import types
+    from migrt.transfer import migrate as mig
+    seen = {}
+
+    class Fake:
+        def __init__(self, *a):
+            pass
+
+        def run(self):
+            seen.update(hup=signal.getsignal(signal.SIGHUP), term=signal.getsignal(signal.SIGTERM))
+            return {}
+    monkeypatch.setattr(mig, "Migration", Fake)
+    monkeypatch.setattr(mig.recovery, "resolve_pending", lambda *a: None)
+    old_term = signal.getsignal(signal.SIGTERM)
+    old_hup = signal.signal(signal.SIGHUP, signal.SIG_IGN)
+    try:
+        mig.migrate("/root", "c", types.SimpleNamespace(secret=b"s"))
+        assert seen["hup"] is signal.SIG_IGN
+        assert seen["term"] is mig._interrupt
+        assert signal.getsignal(signal.SIGTERM) is old_term       # put back afterwards
+        signal.signal(signal.SIGHUP, signal.SIG_DFL)
+        mig.migrate("/root", "c", types.SimpleNamespace(secret=b"s"))
+        assert seen["hup"] is mig._interrupt
+    finally:
+        signal.signal(signal.SIGHUP, old_hup)
