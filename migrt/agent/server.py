@@ -19,6 +19,7 @@ import subprocess
 import sys
 import threading
 import time
+import types
 
 import zstandard
 
@@ -155,7 +156,7 @@ class Agent:
             except OSError:
                 pass
         finally:
-            conn.close(linger=getattr(conn, "linger", 0.0))
+            conn.close(linger=conn.linger)
 
     # ------------------------------------------------------------ checks
     def criu_feature(self, name):
@@ -372,7 +373,8 @@ class Agent:
                 except OSError:
                     pass
                 p.wait()
-                _unmount_criu_leftovers(root, cid)
+                from migrt.lifecycle import unmount_criu_leftovers
+                unmount_criu_leftovers(types.SimpleNamespace(root=root), cid)
                 subprocess.run([self.runtime, "--root", root, "delete", "--force", cid],
                                capture_output=True, env=env)
                 raise Refused(f"restore did not finish in {self.restore_timeout:.0f}s; stopped")
@@ -485,12 +487,6 @@ class Agent:
         elif isinstance(cid, str) and isinstance(root, str) and stg.valid_cid(cid):
             reply["container_exists"] = os.path.exists(os.path.join(root, cid, "state.json"))
         conn.send_json(reply)
-
-
-def _unmount_criu_leftovers(root, cid):
-    import types
-    from migrt.lifecycle import unmount_criu_leftovers
-    unmount_criu_leftovers(types.SimpleNamespace(root=root), cid)
 
 
 def run(listen, secret, **kw):

@@ -56,6 +56,13 @@ def _interrupt(signum, frame):
     raise Interrupted(f"interrupted ({signal.Signals(signum).name})")
 
 
+def _interruption(e):
+    """The reason an interrupt gives (Ctrl-C or a signal), None for other exceptions."""
+    if isinstance(e, KeyboardInterrupt):
+        return "interrupted (SIGINT)"
+    return str(e) if isinstance(e, Interrupted) else None
+
+
 RESTORE_FLAGS = ("--tcp-established", "--ext-unix-sk", "--shell-job", "--file-locks")
 
 
@@ -151,15 +158,19 @@ def runc_binary():
     return runc_path()
 
 
+def _state_dir():
+    return os.environ.get("MIGRT_STATE_DIR", "/run/migrt")
+
+
 def _work_base():
-    return os.path.join(os.environ.get("MIGRT_STATE_DIR", "/run/migrt"), "migrate")
+    return os.path.join(_state_dir(), "migrate")
 
 
 KEPT_LOGS = 40           # CRIU logs of failed migrations kept in <state>/failed
 
 
 def _kept_dir():
-    return os.path.join(os.environ.get("MIGRT_STATE_DIR", "/run/migrt"), "failed")
+    return os.path.join(_state_dir(), "failed")
 
 
 def _kept_log(mid, name):
@@ -170,16 +181,19 @@ def _kept_log(mid, name):
 def _keep_logs(work, mid):
     """Read the CRIU logs of a failed migration's work dir (before it is removed)."""
     logs = {}
-    for sub in ("work", "work1"):
-        for name in ("dump.log", "pre-dump.log"):
-            try:
-                with open(os.path.join(work, sub, name), "rb") as f:
-                    f.seek(0, os.SEEK_END)
-                    f.seek(max(0, f.tell() - (1 << 20)))
-                    logs[f"{sub}-{name}" if sub != "work" else name] = f.read()
-            except OSError:
-                pass
+    for sub in ("work", "work1"):            # the dump, and pre-copy's first round
+        try:
+            with open(os.path.join(work, sub, "dump.log"), "rb") as f:
+                f.seek(0, os.SEEK_END)
+                f.seek(max(0, f.tell() - (1 << 20)))
+                logs[_kept_name(sub)] = f.read()
+        except OSError:
+            pass
     return logs
+
+
+def _kept_name(sub):
+    return "dump.log" if sub == "work" else f"{sub}-dump.log"
 
 
 def _write_kept_logs(mid, logs):
@@ -389,8 +403,7 @@ class Migration:
                     log = os.path.join(work, "dump.log")
                     errs = _criu_log_errors(log)
                     # the work dir goes with the rollback; its log is kept (_keep_logs)
-                    kept = _kept_log(self.mid, "dump.log" if os.path.basename(work) == "work"
-                                     else f"{os.path.basename(work)}-dump.log")
+                    kept = _kept_log(self.mid, _kept_name(os.path.basename(work)))
                     if self.opts.keep_image:
                         kept = log            # the work dir stays
                     out = p.stderr.strip()[-300:].replace(log, kept)
@@ -676,42 +689,36 @@ class Migration:
                 self._fail(self.lazy_failed)
             if self.restore_sent and isinstance(e, (wire.ProtocolError, OSError)) \
                     and "restore failed" not in str(e):
-                outcome = self.ask_status()
-                if outcome == "restored":
+                if self._destination_restored(f"lost contact during restore ({e})"):
                     return self._finish(t_start, t_freeze)
-                if outcome is None:
-                    raise MigrationInDoubt(
-                        f"migration of {self.cid} to {self.opts.to}: lost contact during "
-                        f"restore ({e}); the destination's outcome is unknown, so the source "
-                        f"is left frozen (runc pause): resume it only if the destination has "
-                        f"no copy")
             self._fail(wire.explain(e))
         except BaseException as e:
             if isinstance(e, RefusedError) and not self.paused:
                 self._rollback()
                 raise
-            if isinstance(e, MigrtError):
-                reason = str(e)
-            elif isinstance(e, KeyboardInterrupt):
-                reason = "interrupted (SIGINT)"
-            else:
-                reason = str(e) if isinstance(e, Interrupted) else f"{type(e).__name__}: {e}"
-            if self.restore_sent and not isinstance(e, MigrtError):
-                # asked to restore, the destination may run the container by now: resuming
-                # the source could make two copies
-                outcome = self.ask_status()
-                if outcome == "restored":
-                    self.report["note"] = (f"{reason} after the restore request; the "
-                                           f"destination had restored, so the migration "
-                                           f"was completed")
-                    return self._finish(t_start, t_freeze)
-                if outcome is None:
-                    raise MigrationInDoubt(
-                        f"migration of {self.cid} to {self.opts.to}: {reason} during restore "
-                        f"and the destination cannot say what it did, so the source is left "
-                        f"frozen (runc pause): resume it only if the destination has no copy")
+            reason = str(e) if isinstance(e, MigrtError) else (
+                _interruption(e) or f"{type(e).__name__}: {e}")
+            # asked to restore, the destination may run the container by now: resuming
+            # the source could make two copies
+            if self.restore_sent and not isinstance(e, MigrtError) \
+                    and self._destination_restored(f"{reason} during restore"):
+                self.report["note"] = (f"{reason} after the restore request; the destination "
+                                       f"had restored, so the migration was completed")
+                return self._finish(t_start, t_freeze)
             self._fail(reason)
         return self._finish(t_start, t_freeze)
+
+    def _destination_restored(self, what):
+        """After the restore request went out and its reply did not come back: True if
+        the destination runs the container, False if it does not; if it cannot tell,
+        the source is left frozen (MigrationInDoubt) rather than risk two copies."""
+        outcome = self.ask_status()
+        if outcome is None:
+            raise MigrationInDoubt(
+                f"migration of {self.cid} to {self.opts.to}: {what}; the destination's "
+                f"outcome is unknown, so the source is left frozen (runc pause): resume it "
+                f"only if the destination has no copy")
+        return outcome == "restored"
 
     def _finish(self, t_start, t_freeze):
         self.phases["downtime"] = round(time.monotonic() - t_freeze, 4)
@@ -734,7 +741,7 @@ class Migration:
             else:
                 self.release_source()
         except (KeyboardInterrupt, Interrupted) as e:
-            reason = str(e) if isinstance(e, Interrupted) else "interrupted (SIGINT)"
+            reason = _interruption(e)
             raise MigrationUnfinished(
                 f"migration of {self.cid} to {self.opts.to}: {reason} after the container "
                 f"started there; it keeps running there, and this node's copy is released by "

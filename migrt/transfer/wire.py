@@ -187,6 +187,8 @@ LINGER_BYTES = 64 << 20
 class Conn:
     """A socket with frame helpers."""
 
+    linger = 0.0        # seconds close() drains first (set where a refusal was sent)
+
     def __init__(self, sock):
         self.sock = sock
         self.rfile = sock.makefile("rb", buffering=1 << 20)
