@@ -95,6 +95,23 @@ def run_runc(tokens, forward_signals=False, watch_criu=False, lazy=None):
             continue
 
 
+def wait_exit(proc, timeout):
+    """proc.wait(timeout), but seen the moment the process ends: Popen.wait with a
+    timeout looks, then sleeps (up to 50 ms) between looks."""
+    try:
+        fd = os.pidfd_open(proc.pid)
+    except (OSError, AttributeError):
+        return proc.wait(timeout)
+    try:
+        import select
+        ready, _, _ = select.select([fd], [], [], timeout)
+    finally:
+        os.close(fd)
+    if not ready:
+        raise subprocess.TimeoutExpired(proc.args, timeout)
+    return proc.wait()
+
+
 def _criu_watchdog(proc, lazy=None):
     """Make a dead CRIU fail the restore instead of hanging it.
 

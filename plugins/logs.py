@@ -72,7 +72,7 @@ class Logs(Plugin):
             return
         d = plugin_dir(ctx, self.name)
         with open(os.path.join(d, CARRIED), "w") as f:
-            for e in record.events(cid, self._base(ctx)) + [ev]:
+            for e in record.events(cid, self._base(ctx))[-(record.CARRY_EVENTS - 1):] + [ev]:
                 f.write(json.dumps(e, sort_keys=True) + "\n")
         src = _log_path(ctx)
         if src and os.path.isfile(src):

@@ -24,7 +24,8 @@ import types
 import zstandard
 
 from migrt import failpoints, recovery
-from migrt.lifecycle import runc_error
+from migrt.fast import runc_path
+from migrt.lifecycle import runc_error, wait_exit
 from migrt.agent import staging as stg
 from migrt.image import manifest as mf
 from migrt.transfer import receiver, wire
@@ -366,7 +367,7 @@ class Agent:
                 p = subprocess.Popen(argv, stdin=in_r, stdout=w, stderr=w, env=env,
                                      start_new_session=True)
             try:
-                p.wait(self.restore_timeout)
+                wait_exit(p, self.restore_timeout)
             except subprocess.TimeoutExpired:
                 try:
                     os.killpg(p.pid, signal.SIGKILL)
@@ -386,7 +387,8 @@ class Agent:
         if p.returncode != 0:
             raise Refused(runc_error(errlog, 0) or f"migrt run --detach exited {p.returncode}")
         failpoints.hit("agent.after-create")
-        st = subprocess.run([self.runtime, "--root", root, "state", cid], capture_output=True,
+        # runc itself: `state` through migrt is the same call, after an interpreter start
+        st = subprocess.run([runc_path(), "--root", root, "state", cid], capture_output=True,
                             text=True, env=env)
         try:
             state = json.loads(st.stdout)

@@ -15,6 +15,9 @@ import time
 import uuid
 
 DEFAULT_DIR = "/var/lib/migrt/containers"
+KEEP_EVENTS = 1000      # events.jsonl keeps the newest this many events of an id
+CARRY_EVENTS = 200      # a checkpoint carries the newest this many
+_TRIM_AT = 512 << 10    # ...looked at when the file passes this size
 
 
 def base_dir(override=None):
@@ -43,9 +46,22 @@ def append(cid, event, base=None):
     fd = os.open(path, os.O_WRONLY | os.O_APPEND | os.O_CREAT | os.O_CLOEXEC, 0o600)
     try:
         os.write(fd, (json.dumps(ev, sort_keys=True) + "\n").encode())
+        big = os.fstat(fd).st_size > _TRIM_AT
     finally:
         os.close(fd)
+    if big:
+        # an id that is used again and again (a name, not a generated id) must not
+        # make every checkpoint carry, and every restore merge, all of its history
+        _rewrite(path, events(cid, base)[-KEEP_EVENTS:])
     return ev
+
+
+def _rewrite(path, evs):
+    tmp = path + ".tmp"
+    with open(os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o600), "w") as f:
+        for e in evs:
+            f.write(json.dumps(e, sort_keys=True) + "\n")
+    os.replace(tmp, path)
 
 
 def events(cid, base=None):
@@ -65,18 +81,14 @@ def events(cid, base=None):
 
 def merge(cid, incoming, base=None):
     """Add events carried by a checkpoint that this node's record does not have yet."""
-    have = {e.get("id") for e in events(cid, base)}
+    existing = events(cid, base)
+    have = {e.get("id") for e in existing}
     new = [e for e in incoming if e.get("id") not in have]
     if not new:
         return 0
     path = os.path.join(container_dir(cid, base), "events.jsonl")
-    existing = events(cid, base)
     allev = sorted(existing + new, key=lambda e: e.get("time", ""))
-    tmp = path + ".tmp"
-    with open(os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o600), "w") as f:
-        for e in allev:
-            f.write(json.dumps(e, sort_keys=True) + "\n")
-    os.replace(tmp, path)
+    _rewrite(path, allev[-KEEP_EVENTS:])
     return len(new)
 
 

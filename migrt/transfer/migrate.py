@@ -25,7 +25,7 @@ from migrt import failpoints, recovery
 from migrt.errors import EXIT_ROLLED_BACK, MigrtError, RefusedError
 from migrt.image import manifest as mf
 from migrt.transfer import wire
-from migrt.transfer.sender import Sender, TransferError, manifest_files
+from migrt.transfer.sender import PagePipes, Sender, TransferError, manifest_files
 
 
 class MigrationFailed(MigrtError):
@@ -142,9 +142,12 @@ class Source:
             return []
 
     def memory_estimate(self):
+        """USS of the container's processes; also counts them (self.nprocs)."""
         import psutil
         total = 0
-        for pid in self.pids():
+        pids = self.pids()
+        self.nprocs = len(pids)
+        for pid in pids:
             try:
                 mi = psutil.Process(pid).memory_full_info()
                 total += getattr(mi, "uss", 0) or mi.rss
@@ -251,6 +254,7 @@ class Migration:
         self.phase = "pre-checks"
         self.restore_sent = False
         self.lazy_proc = None
+        self.nprocs = 1
 
     # ------------------------------------------------------------ helpers
     def _t(self, name, t0):
@@ -328,6 +332,7 @@ class Migration:
                 raise RefusedError(f"cannot migrate {self.cid} with --lazy from this node: "
                                    f"{why}; nothing was frozen")
         est = self.src.memory_estimate()
+        self.nprocs = self.src.nprocs
         self.estimate = int(est * 1.1) + (4 << 20)
         hello = {"op": "control", "container": self.cid}
         try:
@@ -421,21 +426,33 @@ class Migration:
             finally:
                 result["dump_s"] = time.monotonic() - t0
                 result["done"] = True
+                for wake in result.get("wake", ()):
+                    wake()
         t = threading.Thread(target=run, daemon=True)
         t.start()
         return t
 
-    def _send_round(self, image, work, capture, base=None, label="dump"):
+    def _send_round(self, image, work, capture, base=None, label="dump", fifos=False):
+        """Dump into image while sending it. fifos: the pages go through FIFOs (only
+        when frozen anyway: CRIU then waits for the transfer, and so do the tasks)."""
         os.makedirs(image, mode=0o700, exist_ok=True)   # plugins may have written there
         result = {"done": False}
         prog = Progress(self.estimate, self.opts.progress)
         prog.phase = label
         # only a pre-copy round's block digests are used again (by the delta round)
         sender = self._sender(prog, want_blocks=label == "pre-copy")
+        pipes = None
+        if fifos and not self.opts.keep_image:
+            # one page file per process (and per shared memory segment): enough FIFOs
+            # for the usual case; CRIU writes any further ones as plain files
+            pipes = PagePipes(image, self.nprocs + 16, sender.chunk)
+        ended = threading.Event()
+        result["wake"] = [ended.set] + ([pipes.wake] if pipes else [])
         t0 = time.monotonic()
         th = self._dump_thread(image, work, result, capture)
         try:
-            files = sender.send(image, lambda: result["done"] or "error" in result, base=base)
+            files = sender.send(image, lambda: result["done"] or "error" in result, base=base,
+                                pipes=pipes, wake=ended)
         except (TransferError, wire.ProtocolError) as e:
             th.join()
             prog.done()
@@ -512,7 +529,7 @@ class Migration:
         self.phase = "dump and transfer"
         sender, files, result, took = self._send_round(
             os.path.join(self.work, "image"), os.path.join(self.work, "work"),
-            capture=True, base=base)
+            capture=True, base=base, fifos=True)
         self.phases["dump"] = round(result["dump_s"], 4)
         self.phases["dump_criu"] = round(result.get("criu_s", 0), 4)
         t0 = time.monotonic()

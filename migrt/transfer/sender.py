@@ -7,10 +7,19 @@ are sent as they grow: a chunk goes as soon as it is complete; everything else g
 the dump has finished. In delta mode (pre-copy's second round) a worker compares each
 block with the block at the same offset of the previous round and sends only those that
 differ. The digests computed on the way become the manifest: nothing is read twice.
+
+With `pipes`, the page files CRIU will write (pages-1.img, pages-2.img, ...) are made
+FIFOs before the dump starts: CRIU splices the frozen tasks' pages into them, and the
+sender reads them straight from the pipe. The pages then never land on this node's
+tmpfs, which saves writing, reading back and freeing them, all while the container is
+frozen. A page file CRIU needs beyond the FIFOs made is a plain file, sent as it grows.
 """
+import errno
+import fcntl
 import fnmatch
 import os
 import queue
+import select
 import threading
 import time
 
@@ -18,37 +27,145 @@ import xxhash
 import zstandard
 
 from migrt.image import digest
-from migrt.transfer import wire
+from migrt.transfer import holes, wire
 
 TAIL = ("pages-*.img",)
 BLOCK = 64 << 10
+F_SETPIPE_SZ = 1031
 
 
-def _fallocate():
+def _pipe_max():
     try:
-        import ctypes
-        libc = ctypes.CDLL(None, use_errno=True)
-        f = libc.fallocate
-    except (OSError, AttributeError):
-        return None
-    f.argtypes = [ctypes.c_int, ctypes.c_int, ctypes.c_int64, ctypes.c_int64]
-    PUNCH = 0x01 | 0x02           # FALLOC_FL_KEEP_SIZE | FALLOC_FL_PUNCH_HOLE
+        with open("/proc/sys/fs/pipe-max-size") as f:
+            return int(f.read())
+    except (OSError, ValueError):
+        return 1 << 20
 
-    def punch(path, off, n):
-        if not n:
-            return
+
+class PagePipes:
+    """pages-N.img made FIFOs in an image dir, read as CRIU writes them.
+
+    A FIFO opened for reading before its writer reports neither data nor a hang-up
+    until a writer has come, so once CRIU has exited, the FIFOs that never showed
+    anything are the ones it did not need: they are removed, and only those it wrote
+    are reported (with their sizes).
+    """
+
+    def __init__(self, image_dir, count, chunk):
+        self.image_dir = image_dir
+        self.chunk = chunk
+        self.fds = {}           # fd -> [rel, emitted bytes, buffer or None, bytes in buffer]
+        self.sizes = {}         # rel -> size, for each page file CRIU wrote
+        self.error = None
+        size = min(_pipe_max(), 4 << 20)
+        for i in range(1, count + 1):
+            rel = f"pages-{i}.img"
+            path = os.path.join(image_dir, rel)
+            os.mkfifo(path, 0o600)
+            fd = os.open(path, os.O_RDONLY | os.O_NONBLOCK | os.O_CLOEXEC)
+            try:      # fewer, larger splices for CRIU; a smaller pipe only costs wakeups
+                fcntl.fcntl(fd, F_SETPIPE_SZ, size)
+            except OSError:
+                pass
+            self.fds[fd] = [rel, 0, None, 0]
+        self.names = {st[0] for st in self.fds.values()}
+        self._wake_r, self._wake_w = os.pipe2(os.O_NONBLOCK | os.O_CLOEXEC)
+        self._lock = threading.Lock()    # wake() never writes to a closed (reused) fd
+
+    def wake(self):
+        """The writer is done (call after finished() turns true): stop waiting at once."""
+        with self._lock:
+            if self._wake_w is not None:
+                try:
+                    os.write(self._wake_w, b"x")
+                except OSError:
+                    pass
+
+    def run(self, finished, emit, buffers, failed):
+        """Read every FIFO until CRIU is done: emit(rel, off, n, buf) for each chunk (and
+        an empty one for an empty file). After a failure the pipes are still drained, so
+        that CRIU never blocks on a full one, but nothing more is emitted."""
+        ep = select.epoll()
+        scratch = bytearray(1 << 20)
+        broken = []
+
+        def stop():
+            return bool(broken) or failed()
         try:
-            fd = os.open(path, os.O_WRONLY | os.O_CLOEXEC)
-        except OSError:
-            return
-        try:
-            f(fd, PUNCH, off, n)  # best effort: a filesystem without holes keeps the bytes
+            for fd in self.fds:
+                ep.register(fd, select.EPOLLIN)
+            ep.register(self._wake_r, select.EPOLLIN)
+            live = set(self.fds)
+            while live:
+                done = finished()       # sampled before the poll: nothing is missed
+                events = ep.poll(0 if done else 0.5)
+                if done and all(fd == self._wake_r for fd, _ in events):
+                    break
+                for fd, _ in events:
+                    if fd == self._wake_r:
+                        continue        # finished() is true now: the next round ends it
+                    try:
+                        end = self._read(fd, emit, buffers, stop, scratch)
+                    except Exception as e:        # from here on only drain the others
+                        broken.append(e)
+                        self.error = f"reading {self.fds[fd][0]} from CRIU: {e}"
+                        ep.unregister(fd)
+                        live.discard(fd)
+                        continue
+                    if end:
+                        ep.unregister(fd)
+                        live.discard(fd)
+                        self.sizes[self.fds[fd][0]] = self.fds[fd][1]
         finally:
-            os.close(fd)
-    return punch
+            ep.close()
+            with self._lock:
+                os.close(self._wake_r)
+                os.close(self._wake_w)
+                self._wake_w = None
+            for fd, st in self.fds.items():
+                os.close(fd)
+                try:   # the FIFOs go; CRIU's page files exist only on the destination
+                    os.unlink(os.path.join(self.image_dir, st[0]))
+                except OSError:
+                    pass
 
-
-_punch = _fallocate()
+    def _read(self, fd, emit, buffers, failed, scratch):
+        """Read what is in one FIFO; True at its end."""
+        st = self.fds[fd]
+        while True:
+            if failed():
+                st[2] = None
+                try:
+                    n = os.readv(fd, [scratch])
+                except BlockingIOError:
+                    return False
+                if not n:
+                    return True
+                continue
+            if st[2] is None:
+                try:
+                    st[2], st[3] = buffers.get(timeout=0.1), 0
+                except queue.Empty:
+                    continue
+            buf = st[2]
+            try:
+                n = os.readv(fd, [buf[st[3]:self.chunk]])
+            except BlockingIOError:
+                return False
+            except OSError as e:
+                if e.errno == errno.EINTR:
+                    continue
+                raise
+            st[3] += n
+            if st[3] == self.chunk or (n == 0 and (st[3] or st[1] == 0)):
+                emit(st[0], st[1], st[3], buf)
+                st[1] += st[3]
+                st[2] = None
+            if n == 0:
+                if st[2] is not None:
+                    buffers.put(st[2])
+                    st[2] = None
+                return True
 
 
 class TransferError(Exception):
@@ -91,7 +208,7 @@ class Sender:
         self.digests = {}      # rel -> {chunk index: digest}
         self.blocks = {}       # rel -> {block index: int digest} (for a later delta round)
         self.want_blocks = want_blocks
-        self.release = release and _punch is not None
+        self.release = release and holes.available
         self.lock = threading.Lock()
 
     conns = None
@@ -128,13 +245,16 @@ class Sender:
                     break
                 if self.error:
                     continue
-                rel, path, off, n = job
-                if n > len(rbuf):
-                    rbuf = memoryview(bytearray(n))
-                data = rbuf[:n]
-                with open(path, "rb", buffering=0) as f:
-                    if n and os.preadv(f.fileno(), [data], off) != n:
-                        raise TransferError(f"{rel}: shrank while being sent")
+                rel, path, off, n, buf = job
+                if buf is not None:              # read from a page FIFO
+                    data = buf[:n]
+                else:
+                    if n > len(rbuf):
+                        rbuf = memoryview(bytearray(n))
+                    data = rbuf[:n]
+                    with open(path, "rb", buffering=0) as f:
+                        if n and os.preadv(f.fileno(), [data], off) != n:
+                            raise TransferError(f"{rel}: shrank while being sent")
                 idx = off // self.chunk
                 d = digest.chunk_digest(data)
                 blocks = {}
@@ -169,10 +289,12 @@ class Sender:
                     conn.send_data(head, z)
                     sent_raw += len(pdata)
                     wire_bytes += len(z)
-                if self.release:
+                if buf is not None:
+                    self.buffers.put(buf)
+                elif self.release:
                     # sent: this copy of the chunk is no longer needed (a rollback resumes
                     # the container, not this dump), so give its memory back now
-                    _punch(path, off, n)
+                    holes.punch_path(path, off, n)
                 self.stats.add(n, sent_raw, wire_bytes, time.thread_time() - t0)
                 if self.progress:
                     self.progress(self.stats)
@@ -189,6 +311,13 @@ class Sender:
             while not ended:
                 ended = jobs.get() is None
 
+    def _read_pipes(self, pipes, finished, jobs):
+        def emit(rel, off, n, buf):
+            jobs.put((rel, None, off, n, buf))
+        pipes.run(finished, emit, self.buffers, lambda: self.error is not None)
+        if pipes.error:
+            self._fail(pipes.error)
+
     @staticmethod
     def _reason(conn):
         """The agent says why before it drops a data connection (a damaged chunk, no
@@ -202,13 +331,21 @@ class Sender:
             pass
         return None
 
-    def send(self, image_dir, finished, tail=TAIL, base=None, skip=(), rename=None):
+    def send(self, image_dir, finished, tail=TAIL, base=None, skip=(), rename=None,
+             pipes=None, wake=None):
         """Send image_dir; `finished()` says whether its writer is done.
 
         base: the `blocks` of a previous round for a delta. rename maps a top-level
-        subdir to another name on the wire. Returns {rel: (size, [chunk digests])}.
+        subdir to another name on the wire. pipes: a PagePipes made in image_dir before
+        its writer started. wake: a threading.Event set when the writer is done (so
+        that the end is seen at once). Returns {rel: (size, [chunk digests])}.
         """
-        conns, self.conns = self.conns or self.connect(), None
+        try:
+            conns, self.conns = self.conns or self.connect(), None
+        except BaseException:
+            if pipes is not None:      # CRIU must not wait for a reader that never comes
+                pipes.run(finished, None, None, lambda: True)
+            raise
         jobs = queue.Queue(maxsize=self.streams * 8)
         threads = [threading.Thread(target=self._worker, args=(c, jobs, base), daemon=True)
                    for c in conns]
@@ -216,9 +353,21 @@ class Sender:
             t.start()
         queued = {}
         sizes = {}
+        reader = None
+        if pipes is not None:
+            self.buffers = queue.Queue()
+            for _ in range(self.streams * 2 + 2):
+                self.buffers.put(memoryview(bytearray(self.chunk)))
+            reader = threading.Thread(
+                target=self._read_pipes, args=(pipes, finished, jobs), daemon=True)
+            reader.start()
+            skip = set(skip) | pipes.names
         try:
             while True:
                 done = finished()
+                if done and reader is not None:
+                    reader.join()
+                    sizes.update(pipes.sizes)
                 for rel in digest.walk_files(image_dir):
                     if rel in skip or self.error:
                         continue
@@ -233,18 +382,24 @@ class Sender:
                     limit = size if done else (size // self.chunk) * self.chunk
                     pos = queued.get(rel, 0)
                     if done and rel not in queued and size == 0:
-                        jobs.put((rel, path, 0, 0))
+                        jobs.put((rel, path, 0, 0, None))
                     while pos < limit:
                         n = min(self.chunk, limit - pos)
-                        jobs.put((rel, path, pos, n))
+                        jobs.put((rel, path, pos, n, None))
                         pos += n
                     queued[rel] = pos
                     if done:
                         sizes[rel] = size
                 if done or self.error:
                     break
-                time.sleep(0.01)
+                if wake is not None:
+                    wake.wait(0.01)
+                else:
+                    time.sleep(0.01)
         finally:
+            if reader is not None and reader.is_alive():
+                self._fail("transfer stopped")      # the reader now only drains CRIU
+                reader.join()
             for _ in threads:
                 jobs.put(None)
             for t in threads:

@@ -414,9 +414,10 @@ def test_lazy_refused_before_freezing_when_the_page_server_cannot_work(two_nodes
 
 
 def test_memory_moves_rather_than_doubles(two_nodes, tmp_path):
-    """The source frees each sent chunk of its dump, and the destination's restore frees
-    each page of the staged image as CRIU restores it (--auto-dedup): neither node holds
-    a second full copy of the container's memory once it has been used."""
+    """The source's pages go from CRIU through FIFOs into the stream, and the
+    destination's restore frees each page of the staged image as CRIU restores it
+    (--auto-dedup): neither node holds a second full copy of the container's memory
+    once it has been used."""
     n = two_nodes
     fp = tmp_path / "fp"
     fp.mkdir()
@@ -445,9 +446,8 @@ def test_memory_moves_rather_than_doubles(two_nodes, tmp_path):
         ocitest.wait_for(lambda: any(f.name.startswith("migrate.after-dump") for f in fp.iterdir()),
                          timeout=60, what="the source's dump sent")
         src = pages(os.path.join(n.env["MIGRT_STATE_DIR"], "migrate"))
-        assert src, "no dump on the source"
-        used, size = held(src)
-        assert size > 64 << 10 and used < size // 4, (used, size)
+        used, _ = held(src)
+        assert used < 64 << 10, f"the source holds {used} bytes of pages: {src}"
         ocitest.wait_for(lambda: any(f.name.startswith("agent.after-create") for f in fp.iterdir()),
                          timeout=60, what="the destination's restore done")
         dst = pages(ag.staging)
@@ -464,12 +464,16 @@ def test_memory_moves_rather_than_doubles(two_nodes, tmp_path):
 @pytest.mark.parametrize("size", ["64k", "512k"])
 def test_full_disk_on_the_source_rolls_back(two_nodes, size):
     """The source's own dump space runs out (a small tmpfs under its work dir): at 64 KiB
-    while the plugins write their part of the image, at 1 MiB while CRIU dumps (the
-    first 1 MiB chunk of pages never completes, so nothing is sent and freed). The
-    source keeps running, the destination is clean, one line says what and where."""
+    while the plugins write their part of the image, at 512 KiB while CRIU dumps (the
+    pages do not land there, they go through FIFOs; the container's /dev/shm holds a
+    MiB that does not compress, which CRIU archives into the image). The source keeps
+    running, the destination is clean, one line says what and where."""
     n = two_nodes
     ag = n.agent()
     bundle, out = n.source()
+    if size == "512k":
+        n.a.exec_out("ctr", "dd", "if=/dev/urandom", "of=/dev/shm/blob", "bs=1024",
+                     "count=1024")
     work = os.path.join(n.env["MIGRT_STATE_DIR"], "migrate")
     os.makedirs(work, exist_ok=True)
     subprocess.run(["mount", "-t", "tmpfs", "-o", f"size={size},mode=0700", "tmpfs", work],

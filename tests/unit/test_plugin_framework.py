@@ -258,3 +258,20 @@ def test_engine_runs_stages_for_a_container_it_drives_itself(tmp_path, monkeypat
     events = record.events("c1")
     assert [e["event"] for e in events] == ["checkpoint", "migrate"]
     assert events[0]["error"] == "transfer broke" and events[0]["ok"] is False
+
+
+def test_event_record_of_a_reused_id_stays_bounded(tmp_path, monkeypatch):
+    """A container id used over and over (a name) must not make its record, and so
+    every checkpoint that carries it and every restore that merges it, grow forever."""
+    monkeypatch.setenv("MIGRT_LOG_DIR", str(tmp_path / "records"))
+    from migrt.plugins import record
+    for i in range(record.KEEP_EVENTS + 2000):
+        record.append("c1", {"event": "checkpoint", "n": i, "pad": "x" * 200})
+    evs = record.events("c1")
+    assert len(evs) <= record.KEEP_EVENTS + (record._TRIM_AT // 250)
+    assert evs[-1]["n"] == record.KEEP_EVENTS + 1999          # the newest are kept
+    incoming = [{"id": f"in{i}", "time": "2999-01-01T00:00:00.000Z", "event": "restore"}
+                for i in range(record.KEEP_EVENTS)]
+    assert record.merge("c1", incoming) == record.KEEP_EVENTS
+    evs = record.events("c1")
+    assert len(evs) == record.KEEP_EVENTS and evs[-1]["id"] == f"in{record.KEEP_EVENTS - 1}"

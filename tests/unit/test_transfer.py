@@ -99,6 +99,78 @@ def test_full_then_delta_round(tmp_path):
     assert (tmp_path / "st" / "rootfs" / "files" / "data" / "log").read_bytes() == b"1\n2\n"
 
 
+def test_pages_through_fifos(tmp_path):
+    """A writer standing in for CRIU opens some of the FIFOs made for it, as CRIU opens
+    page files: one with pages (not a whole number of chunks), one left empty. Both
+    arrive with their digests; the FIFOs it never opened are neither sent nor left."""
+    stage = receiver.Stage(str(tmp_path / "st" / "image"), str(tmp_path / "st" / "rootfs"))
+    agent = MiniAgent(stage)
+    src = tmp_path / "src"
+    src.mkdir()
+    pipes = snd.PagePipes(str(src), 5, digest.CHUNK)
+    pages = os.urandom(2 * digest.CHUNK + 12345)
+    done = threading.Event()
+
+    def criu():
+        with open(src / "pages-1.img", "wb") as f:    # blocks until read: write in pieces
+            for off in range(0, len(pages), 300000):
+                f.write(pages[off:off + 300000])
+        open(src / "pages-2.img", "wb").close()
+        (src / "core-1.img").write_bytes(b"core")
+        done.set()
+        pipes.wake()
+
+    threading.Thread(target=criu, daemon=True).start()
+    s = snd.Sender(agent.address, SECRET, "m-0123456789abcdef", streams=2, level=0)
+    files = s.send(str(src), done.is_set, pipes=pipes, wake=done)
+    assert sorted(files) == ["core-1.img", "pages-1.img", "pages-2.img"]
+    assert files["pages-1.img"][0] == len(pages)
+    assert files["pages-1.img"][1] == digest.file_digests(str(tree(
+        tmp_path, "cmp", {"p": pages}) + "/p"))[2]
+    assert sorted(os.listdir(src)) == ["core-1.img"]   # no FIFO left behind
+    stage.finish(manifest(files))
+    img = tmp_path / "st" / "image"
+    assert (img / "pages-1.img").read_bytes() == pages
+    assert (img / "pages-2.img").read_bytes() == b""
+
+
+def test_fifo_writer_is_drained_after_a_failure(tmp_path):
+    """The transfer fails (the agent refuses the first chunk): CRIU must still be able
+    to write all of its pages and finish, or it would hold the container frozen."""
+    stage = receiver.Stage(str(tmp_path / "i"), str(tmp_path / "r"), quota=1000)
+    agent = MiniAgent(stage)
+    src = tmp_path / "src"
+    src.mkdir()
+    pipes = snd.PagePipes(str(src), 2, digest.CHUNK)
+    done = threading.Event()
+    wrote = []
+
+    def criu():
+        with open(src / "pages-1.img", "wb") as f:
+            for _ in range(40):
+                f.write(b"x" * digest.CHUNK)
+        wrote.append(True)
+        done.set()
+        pipes.wake()
+
+    threading.Thread(target=criu, daemon=True).start()
+    s = snd.Sender(agent.address, SECRET, "m-0123456789abcdef", streams=2, level=0)
+    out = []
+
+    def send():
+        try:
+            s.send(str(src), done.is_set, pipes=pipes, wake=done)
+        except snd.TransferError as e:
+            out.append(str(e))
+
+    t = threading.Thread(target=send, daemon=True)
+    t.start()
+    t.join(60)
+    assert not t.is_alive(), "send() never returned: the writer was left blocked"
+    assert wrote and out and "quota" in out[0], out
+    assert os.listdir(src) == []
+
+
 def test_damaged_chunk_is_refused(tmp_path):
     stage = receiver.Stage(str(tmp_path / "i"), str(tmp_path / "r"))
     data = os.urandom(5000)
