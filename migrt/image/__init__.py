@@ -62,11 +62,14 @@ def rootfs_base(spec):
     return ann.get("migrt.rootfs-base") or os.environ.get("MIGRT_ROOTFS_BASE") or None
 
 
-def capture_extra(image_dir, container_id, state, bundle, criu_flags, base=None, extra=None):
+def capture_extra(image_dir, container_id, state, bundle, criu_flags, base=None, extra=None,
+                  dumped=True):
     """Add the spec and the writable layer to a CRIU image dir; return the manifest
     without its `files` (the caller digests them, or lets `capture` do it).
 
     Call while the container's processes cannot change its files (frozen or dumped).
+    dumped=False: CRIU is still writing the dir (the container frozen meanwhile); the
+    caller then completes the manifest with `after_dump` once CRIU is done.
     """
     os.makedirs(os.path.join(image_dir, "migrt"), mode=0o700, exist_ok=True)
     with open(os.path.join(bundle, "config.json"), "rb") as f:
@@ -84,21 +87,27 @@ def capture_extra(image_dir, container_id, state, bundle, criu_flags, base=None,
             "bytes": nbytes}
     if base:
         info["base"] = base
-    restrict(image_dir)
-    from migrt.image import criuimg
-    try:
-        procs = criuimg.processes(image_dir)
-    except (OSError, ValueError, IndexError):
-        procs = []
     m = {"format": mf.FORMAT, "created": mf.now(),
          "container": {"id": container_id, "bundle": os.path.abspath(bundle),
                        "pid": int((state or {}).get("init_process_pid")
                                   or (state or {}).get("pid") or 0),
                        "status": (state or {}).get("status", "")},
          "node": mf.node_info(), "criu_flags": list(criu_flags or []),
-         "chunk_size": digest.CHUNK, "files": [], "rootfs": info, "processes": procs}
+         "chunk_size": digest.CHUNK, "files": [], "rootfs": info, "processes": []}
     if extra:
         m.update(extra)
+    return after_dump(image_dir, m) if dumped else m
+
+
+def after_dump(image_dir, m):
+    """Finish capture_extra's manifest once CRIU's images are complete: the processes
+    they hold, and the whole dir made owner-only."""
+    restrict(image_dir)
+    from migrt.image import criuimg
+    try:
+        m["processes"] = criuimg.processes(image_dir)
+    except (OSError, ValueError, IndexError):
+        m["processes"] = []
     return m
 
 

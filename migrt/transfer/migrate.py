@@ -395,15 +395,35 @@ class Migration:
             argv.insert(1, "--leave-running")
         return argv + self.opts.criu_flags + [self.cid]
 
+    def _capture(self, image, result):
+        """The spec and the rootfs changes, taken while CRIU dumps (the container is
+        frozen: its files cannot change), so that they travel during the dump rather
+        than after it. Sets result['early'] to the image's parts that are complete."""
+        try:
+            from migrt import image as img
+            result["manifest"] = img.capture_extra(
+                image, self.cid, self.state, self.bundle,
+                self.opts.criu_flags + ["--leave-running"], base=self.opts.rootfs_base,
+                dumped=False)
+            result["early"] = ("migrt/",)
+        except Exception as e:
+            result["capture_error"] = f"dump: {type(e).__name__}: {e}"
+
     def _dump_thread(self, image, work, result, capture=True):
         """Run runc checkpoint (and capture rootfs+spec); set result['done'] at the end."""
         def run():
             t0 = time.monotonic()
+            cap = None
+            if capture:
+                cap = threading.Thread(target=self._capture, args=(image, result), daemon=True)
+                cap.start()
             try:
                 p = subprocess.run([self.src.runc, "--root", self.src.root]
                                    + self._checkpoint_argv(image, work),
                                    capture_output=True, text=True, stdin=subprocess.DEVNULL)
                 result["criu_s"] = time.monotonic() - t0
+                if cap is not None:
+                    cap.join()
                 if p.returncode != 0:
                     log = os.path.join(work, "dump.log")
                     errs = _criu_log_errors(log)
@@ -416,11 +436,12 @@ class Migration:
                                        + (f"; CRIU log {kept}: {'; '.join(errs)}" if errs
                                           else "") + _full_disk(image, errs))
                     return
+                if "capture_error" in result:
+                    result["error"] = result["capture_error"]
+                    return
                 if capture:
                     from migrt import image as img
-                    result["manifest"] = img.capture_extra(
-                        image, self.cid, self.state, self.bundle,
-                        self.opts.criu_flags + ["--leave-running"], base=self.opts.rootfs_base)
+                    img.after_dump(image, result["manifest"])
             except Exception as e:
                 result["error"] = f"dump: {type(e).__name__}: {e}"
             finally:
@@ -452,7 +473,7 @@ class Migration:
         th = self._dump_thread(image, work, result, capture)
         try:
             files = sender.send(image, lambda: result["done"] or "error" in result, base=base,
-                                pipes=pipes, wake=ended)
+                                pipes=pipes, wake=ended, early=lambda: result.get("early", ()))
         except (TransferError, wire.ProtocolError) as e:
             th.join()
             prog.done()

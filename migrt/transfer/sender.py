@@ -332,13 +332,14 @@ class Sender:
         return None
 
     def send(self, image_dir, finished, tail=TAIL, base=None, skip=(), rename=None,
-             pipes=None, wake=None):
+             pipes=None, wake=None, early=None):
         """Send image_dir; `finished()` says whether its writer is done.
 
         base: the `blocks` of a previous round for a delta. rename maps a top-level
         subdir to another name on the wire. pipes: a PagePipes made in image_dir before
         its writer started. wake: a threading.Event set when the writer is done (so
-        that the end is seen at once). Returns {rel: (size, [chunk digests])}.
+        that the end is seen at once). early(): path prefixes whose files are complete
+        before the writer is done. Returns {rel: (size, [chunk digests])}.
         """
         try:
             conns, self.conns = self.conns or self.connect(), None
@@ -368,27 +369,29 @@ class Sender:
                 if done and reader is not None:
                     reader.join()
                     sizes.update(pipes.sizes)
+                ready = tuple(early()) if early is not None and not done else ()
                 for rel in digest.walk_files(image_dir):
                     if rel in skip or self.error:
                         continue
+                    complete = done or (ready and rel.startswith(ready))
                     tailable = any(fnmatch.fnmatch(os.path.basename(rel), p) for p in tail)
-                    if not done and not tailable:
+                    if not complete and not tailable:
                         continue
                     path = os.path.join(image_dir, rel)
                     try:
                         size = os.path.getsize(path)
                     except FileNotFoundError:
                         continue
-                    limit = size if done else (size // self.chunk) * self.chunk
+                    limit = size if complete else (size // self.chunk) * self.chunk
                     pos = queued.get(rel, 0)
-                    if done and rel not in queued and size == 0:
+                    if complete and rel not in queued and size == 0:
                         jobs.put((rel, path, 0, 0, None))
                     while pos < limit:
                         n = min(self.chunk, limit - pos)
                         jobs.put((rel, path, pos, n, None))
                         pos += n
                     queued[rel] = pos
-                    if done:
+                    if complete:
                         sizes[rel] = size
                 if done or self.error:
                     break

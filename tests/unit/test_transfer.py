@@ -134,6 +134,31 @@ def test_pages_through_fifos(tmp_path):
     assert (img / "pages-2.img").read_bytes() == b""
 
 
+def test_complete_parts_travel_before_the_writer_is_done(tmp_path):
+    """What early() names as complete (migrate: the spec and rootfs changes, taken while
+    CRIU still dumps) is sent at once: here the writer only finishes once the rootfs
+    file has reached the destination, so sending it only at the end never finishes."""
+    stage = receiver.Stage(str(tmp_path / "st" / "image"), str(tmp_path / "st" / "rootfs"))
+    agent = MiniAgent(stage)
+    big = os.urandom(digest.CHUNK * 2 + 777)
+    src = tree(tmp_path, "src", {"migrt/rootfs/files/data/big": big, "core-1.img": b"c"})
+    arrived = tmp_path / "st" / "rootfs" / "files" / "data" / "big"
+
+    def finished():
+        return arrived.exists() and arrived.stat().st_size == len(big)
+
+    s = snd.Sender(agent.address, SECRET, "m-0123456789abcdef", streams=2, level=0)
+    out = []
+    t = threading.Thread(target=lambda: out.append(
+        s.send(src, finished, early=lambda: ("migrt/",))), daemon=True)
+    t.start()
+    t.join(30)
+    assert not t.is_alive() and out, "the complete part waited for the end of the dump"
+    stage.finish(manifest(out[0]))
+    assert arrived.read_bytes() == big
+    assert (tmp_path / "st" / "image" / "core-1.img").read_bytes() == b"c"
+
+
 def test_fifo_writer_is_drained_after_a_failure(tmp_path):
     """The transfer fails (the agent refuses the first chunk): CRIU must still be able
     to write all of its pages and finish, or it would hold the container frozen."""
