@@ -10,6 +10,7 @@ Control connection (from `migrt migrate`), in order:
 A control connection that drops before `restore` succeeded drops the staged copy too.
 Data connections (`op: data`, mid) carry chunks into that migration's Stage.
 """
+import collections
 import json
 import os
 import shutil
@@ -31,6 +32,9 @@ from migrt.image import manifest as mf
 from migrt.transfer import receiver, wire
 
 RESERVE = 16 << 20
+MAX_PENDING = int(os.environ.get("MIGRT_AGENT_MAX_HANDSHAKES", "64"))
+MAX_CONNS = int(os.environ.get("MIGRT_AGENT_MAX_CONNS", "512"))
+HANDSHAKE_GRACE = 0.25
 # seconds a refused data connection is drained before closing (wire.Conn.close)
 REFUSE_LINGER = 2.0
 
@@ -74,6 +78,10 @@ class Agent:
         self.stop = threading.Event()
         self._criu_features = {}
         self._spare = None          # migrt.spare.Spare, started by warm()
+        # connections still in their handshake, oldest first (see serve)
+        self._pending = collections.OrderedDict()
+        self._conns = 0             # authenticated connections being served
+        self._dropped = 0
         for d in (self.staging, self.disk):
             os.makedirs(d, mode=0o700, exist_ok=True)
             os.chmod(d, 0o700)
@@ -112,7 +120,52 @@ class Agent:
                 if self.stop.is_set():
                     break
                 raise
-            threading.Thread(target=self._handle, args=(s, peer), daemon=True).start()
+            if self._admit(s):
+                threading.Thread(target=self._handle, args=(s, peer), daemon=True).start()
+
+    def _admit(self, s):
+        """Bound what unauthenticated peers can hold: at most MAX_PENDING connections in
+        their handshake (each has a thread, for up to 10 s). When that is full, the
+        oldest goes if it has had HANDSHAKE_GRACE seconds (an honest handshake takes
+        milliseconds), else the newcomer is turned away: idle or slow peers cannot keep
+        honest ones out, and nothing unauthenticated holds more than MAX_PENDING threads."""
+        now = time.monotonic()
+        with self.lock:
+            if len(self._pending) >= MAX_PENDING:
+                self._dropped += 1
+                if self._dropped in (1, 10, 100) or self._dropped % 1000 == 0:
+                    log(f"{self._dropped} unauthenticated connection(s) dropped so far: "
+                        f"more than {MAX_PENDING} at once in their handshake")
+                old, (since, dupfd) = next(iter(self._pending.items()))
+                if now - since < HANDSHAKE_GRACE:
+                    s.close()
+                    return False
+                del self._pending[old]
+                # through our own duplicate of its descriptor (the handshake has wrapped
+                # the socket object by now): its thread wakes up and closes it
+                victim = socket.socket(fileno=dupfd)
+                try:
+                    victim.shutdown(socket.SHUT_RDWR)
+                except OSError:
+                    pass
+                victim.close()
+            self._pending[s] = (now, os.dup(s.fileno()))
+            return True
+
+    def _handshake_over(self, s):
+        with self.lock:
+            entry = self._pending.pop(s, None)
+        if entry is not None:
+            os.close(entry[1])
+
+    def _authenticated(self):
+        """Count an authenticated connection in; False beyond MAX_CONNS (a bound for
+        peers that hold the secret too: a buggy or runaway source)."""
+        with self.lock:
+            if self._conns >= MAX_CONNS:
+                return False
+            self._conns += 1
+            return True
 
     def _janitor(self):
         every = max(1.0, min(30.0, self.ttl / 4))
@@ -138,6 +191,16 @@ class Agent:
         except (wire.ProtocolError, OSError) as e:
             log(f"dropped {peer[0]}:{peer[1]}: {e}")
             return
+        finally:
+            self._handshake_over(s)
+        if not self._authenticated():
+            log(f"refused {peer[0]}:{peer[1]}: {MAX_CONNS} connections already served")
+            try:
+                conn.send_json({"error": f"the agent already serves {MAX_CONNS} connections"})
+            except OSError:
+                pass
+            conn.close()
+            return
         try:
             op = hello.get("op")
             if op == "control":
@@ -158,6 +221,8 @@ class Agent:
                 pass
         finally:
             conn.close(linger=conn.linger)
+            with self.lock:
+                self._conns -= 1
 
     # ------------------------------------------------------------ checks
     def criu_feature(self, name):
