@@ -63,6 +63,8 @@ def _interruption(e):
     return str(e) if isinstance(e, Interrupted) else None
 
 
+MAX_PAGE_FIFOS = 128
+
 RESTORE_FLAGS = ("--tcp-established", "--ext-unix-sk", "--shell-job", "--file-locks")
 
 
@@ -465,8 +467,9 @@ class Migration:
         pipes = None
         if fifos and not self.opts.keep_image:
             # one page file per process (and per shared memory segment): enough FIFOs
-            # for the usual case; CRIU writes any further ones as plain files
-            pipes = PagePipes(image, self.nprocs + 16, sender.chunk)
+            # for the usual case, within a bound on descriptors; CRIU writes any
+            # further ones as plain files, sent as they grow
+            pipes = PagePipes(image, min(self.nprocs + 16, MAX_PAGE_FIFOS), sender.chunk)
         ended = threading.Event()
         result["wake"] = [ended.set] + ([pipes.wake] if pipes else [])
         t0 = time.monotonic()
@@ -488,6 +491,8 @@ class Migration:
         if "error" in result:
             raise TransferError(result["error"])
         failpoints.hit("migrate.after-dump")
+        if pipes is not None:   # page files CRIU wrote into FIFOs (the rest as plain files)
+            self.report["page_fifos"] = len(pipes.sizes)
         return sender, files, result, time.monotonic() - t0
 
     def _why(self):

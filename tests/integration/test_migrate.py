@@ -161,6 +161,7 @@ def two_nodes(tmp_path, node, make_bundle, migrt_launcher):
     def dest_bundle():
         return make_bundle(["sh", "-c", ocitest.COUNTER], name="dst")
     n.dest_bundle = dest_bundle
+    n.make_bundle = make_bundle
 
     def migrate(ag_or_addr, cid="ctr", *extra, bundle=None, secret=None, timeout=120):
         addr = ag_or_addr if isinstance(ag_or_addr, str) else ag_or_addr.address
@@ -229,6 +230,36 @@ def test_migrate_counter_continues(two_nodes, mode):
     assert int(log[0]) == 1 and int(log[-1]) >= last_src
     assert_destination_staging_empty = not ag.staged()
     assert assert_destination_staging_empty, ag.staged()
+
+
+def test_processes_with_their_own_memory_all_arrive(two_nodes):
+    """Five processes, each holding its own random bytes (one page file each, through
+    one FIFO each): every one of them runs on the destination with its bytes intact."""
+    n = two_nodes
+    ag = n.agent()
+    holder = ('x=$(head -c 200000 /dev/urandom | od -An -tx1 | tr -d " \\n"); '
+              'echo "$x" | md5sum > /tmp/sum.$$; while :; do '
+              '[ "$(echo "$x" | md5sum)" = "$(cat /tmp/sum.$$)" ] || echo BAD > /tmp/bad; '
+              'sleep 0.2; done')
+    script = f"for i in 1 2 3 4; do sh -c '{holder}' & done; " + ocitest.COUNTER
+    bundle = n.dest_bundle()
+    code, out, err = n.a.create("ctr", n.make_bundle(["sh", "-c", script], name="src"),
+                                start=True)
+    assert code == 0, err.text
+    ocitest.wait_for(lambda: ocitest.last_count(out) >= 10, what="counter on the source")
+    ocitest.wait_for(lambda: len(n.a.exec_out("ctr", "sh", "-c", "ls /tmp/sum.*").split()) == 4,
+                     what="four holders ready")
+    p, rep = n.migrate(ag, "ctr", bundle=bundle)
+    assert p.returncode == 0, p.stderr + ag.log()
+    assert rep["page_fifos"] >= 5, rep      # each process's pages came through a FIFO
+    sums = n.b.exec_out("ctr", "sh", "-c", "ls /tmp/sum.*").split()
+    assert len(sums) == 4, sums
+    c1 = dest_count(n)
+    ocitest.wait_for(lambda: dest_count(n) > c1 + 2, what="counter going on at the destination")
+    time.sleep(0.5)                    # each holder has re-checked its bytes since
+    assert n.b.exec_out("ctr", "sh", "-c", "cat /tmp/bad 2>/dev/null; true").strip() == ""
+    procs = n.b.exec_out("ctr", "ps").splitlines()
+    assert sum(" sh -c x=" in line for line in procs) >= 4, procs
 
 
 def test_migrate_staged_then_created_from_marker(two_nodes):

@@ -116,6 +116,7 @@ def test_pages_through_fifos(tmp_path):
             for off in range(0, len(pages), 300000):
                 f.write(pages[off:off + 300000])
         open(src / "pages-2.img", "wb").close()
+        (src / "pages-9.img").write_bytes(pages[:5000])   # beyond the FIFOs: a plain file
         (src / "core-1.img").write_bytes(b"core")
         done.set()
         pipes.wake()
@@ -123,15 +124,16 @@ def test_pages_through_fifos(tmp_path):
     threading.Thread(target=criu, daemon=True).start()
     s = snd.Sender(agent.address, SECRET, "m-0123456789abcdef", streams=2, level=0)
     files = s.send(str(src), done.is_set, pipes=pipes, wake=done)
-    assert sorted(files) == ["core-1.img", "pages-1.img", "pages-2.img"]
+    assert sorted(files) == ["core-1.img", "pages-1.img", "pages-2.img", "pages-9.img"]
     assert files["pages-1.img"][0] == len(pages)
     assert files["pages-1.img"][1] == digest.file_digests(str(tree(
         tmp_path, "cmp", {"p": pages}) + "/p"))[2]
-    assert sorted(os.listdir(src)) == ["core-1.img"]   # no FIFO left behind
+    assert sorted(os.listdir(src)) == ["core-1.img", "pages-9.img"]   # no FIFO left
     stage.finish(manifest(files))
     img = tmp_path / "st" / "image"
     assert (img / "pages-1.img").read_bytes() == pages
     assert (img / "pages-2.img").read_bytes() == b""
+    assert (img / "pages-9.img").read_bytes() == pages[:5000]
 
 
 def test_complete_parts_travel_before_the_writer_is_done(tmp_path):
