@@ -14,6 +14,10 @@ arbitrary host path and restore another workload's memory.
 
 Everything is checked before runc is called: a missing or incomplete checkpoint, a
 symlink inside it, or one made on another architecture gets its own message.
+
+A checkpoint taken from a Kubernetes pod records the pod's namespace (from the
+annotation containerd or CRI-O put in the bundle); a pod of another namespace cannot
+restore it, even by naming it, unless the node allows that (MIGRT_ALLOW_CROSS_NAMESPACE=1).
 """
 import os
 import platform
@@ -56,6 +60,39 @@ class RestoreSource:
         self.on_restored = on_restored
         self.on_failed = on_failed
         self.description = description or image_dir
+
+
+# the pod namespace, as containerd's CRI plugin and CRI-O annotate a container's bundle
+NAMESPACE_ANNOTATIONS = ("io.kubernetes.cri.sandbox-namespace", "io.kubernetes.pod.namespace")
+
+
+def pod_namespace(spec):
+    """The Kubernetes namespace of the pod a bundle belongs to, None outside Kubernetes."""
+    ann = (spec or {}).get("annotations") or {}
+    for key in NAMESPACE_ANNOTATIONS:
+        v = ann.get(key)
+        if isinstance(v, str) and v:
+            return v
+    return None
+
+
+def check_namespace(image_dir, spec, marker):
+    """Refuse a restore into a pod of another namespace than the checkpointed pod's."""
+    if os.environ.get("MIGRT_ALLOW_CROSS_NAMESPACE") == "1":
+        return
+    here = pod_namespace(spec)
+    if here is None:            # not a pod: root on this node restoring by hand
+        return
+    import json
+    try:
+        with open(os.path.join(image_dir, "migrt", "manifest.json")) as f:
+            theirs = (json.load(f).get("container") or {}).get("namespace")
+    except (OSError, ValueError, AttributeError):
+        return                  # no manifest: validate() already decided about it
+    if theirs and theirs != here:
+        raise CheckpointError(
+            f"checkpoint {marker} was taken from a pod in namespace {theirs!r}; this pod "
+            f"is in {here!r} (a node can allow it with MIGRT_ALLOW_CROSS_NAMESPACE=1)")
 
 
 def allowed_dirs():

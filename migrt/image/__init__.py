@@ -94,6 +94,10 @@ def capture_extra(image_dir, container_id, state, bundle, criu_flags, base=None,
                        "status": (state or {}).get("status", "")},
          "node": mf.node_info(), "criu_flags": list(criu_flags or []),
          "chunk_size": digest.CHUNK, "files": [], "rootfs": info, "processes": []}
+    from migrt.checkpoints import pod_namespace
+    ns = pod_namespace(spec)
+    if ns:
+        m["container"]["namespace"] = ns
     if extra:
         m.update(extra)
     return after_dump(image_dir, m) if dumped else m

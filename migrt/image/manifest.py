@@ -34,7 +34,8 @@ SCHEMA = {
         "container": {
             "type": "object", "required": ["id"],
             "properties": {"id": {"type": "string"}, "bundle": {"type": "string"},
-                           "pid": {"type": "integer"}, "status": {"type": "string"}},
+                           "pid": {"type": "integer"}, "status": {"type": "string"},
+                           "namespace": {"type": "string"}},
         },
         "node": {
             "type": "object", "required": ["arch", "kernel"],

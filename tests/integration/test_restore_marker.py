@@ -293,3 +293,33 @@ def test_terminal_container_restores_onto_new_console_socket(rt, make_bundle, tm
     after = read_tty(got2["fd"], lambda buf: buf.count(b"\n") >= 5)
     # the counter goes on on the new terminal (lines still in the old pty are lost)
     assert after and after[0] > first[-1] and after == list(range(after[0], after[0] + len(after)))
+
+
+@pytest.mark.parametrize("key", ["io.kubernetes.cri.sandbox-namespace",    # containerd
+                                 "io.kubernetes.pod.namespace"])            # CRI-O
+def test_pod_of_another_namespace_cannot_restore(rt, make_bundle, tmp_path, key):
+    """A checkpoint of a pod in namespace team-a, named by a pod in team-b: refused
+    before anything runs, with both namespaces in the message; the same marker in a
+    team-a pod restores, and the counter goes on."""
+    cid = ocitest.uid("ctr")
+    src = make_bundle(["sh", "-c", ocitest.COUNTER], name=cid, annotations={key: "team-a"})
+    rc, out, err = rt.create(cid, src, start=True)
+    assert rc == 0, err.text
+    ocitest.wait_for(lambda: ocitest.last_count(out) >= 5, what="counter")
+    image = checkpoint(rt, cid, str(tmp_path / "ckpt"))
+    with open(os.path.join(image, "migrt", "manifest.json")) as f:
+        assert json.load(f)["container"]["namespace"] == "team-a"
+
+    other = make_bundle(["sh", "-c", "echo fresh; sleep 600"], annotations={key: "team-b"})
+    ocitest.bundlekit.set_env(other, "MIGRT_RESTORE_FROM", image)
+    msg, _ = failing_create(rt, "intruder", other, tmp_path)
+    assert msg == (f"checkpoint {image} was taken from a pod in namespace 'team-a'; this "
+                   f"pod is in 'team-b' (a node can allow it with "
+                   f"MIGRT_ALLOW_CROSS_NAMESPACE=1)"), msg
+
+    ocitest.bundlekit.set_env(src, "MIGRT_RESTORE_FROM", image)
+    before = ocitest.last_count(out)
+    rc, out2, err = rt.create(cid, src, start=True)
+    assert rc == 0, err.text
+    ocitest.wait_for(lambda: ocitest.last_count(out2) > before + 2, what="restored counter")
+    rt.run("delete", "--force", cid)

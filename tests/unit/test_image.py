@@ -154,3 +154,28 @@ def test_base_diff(tmp_path):
     assert deleted == ["a/del"]
     with pytest.raises(ValueError):
         rfs._inside(str(root), "../x")
+
+
+def test_namespace_binding(tmp_path, monkeypatch):
+    """Only a pod of another namespace is refused: a bundle outside Kubernetes (root on
+    the node), an image without a recorded namespace, or a node that allows it pass."""
+    import json
+    import pytest
+    from migrt import checkpoints
+    from migrt.errors import CheckpointError
+    (tmp_path / "migrt").mkdir()
+    (tmp_path / "migrt" / "manifest.json").write_text(
+        json.dumps({"container": {"id": "c", "namespace": "team-a"}}))
+
+    def pod(ns, key="io.kubernetes.cri.sandbox-namespace"):
+        return {"annotations": {key: ns}} if ns else {}
+    checkpoints.check_namespace(str(tmp_path), pod("team-a"), "m")
+    checkpoints.check_namespace(str(tmp_path), pod("team-a", "io.kubernetes.pod.namespace"), "m")
+    checkpoints.check_namespace(str(tmp_path), pod(None), "m")
+    with pytest.raises(CheckpointError, match="namespace 'team-a'; this pod is in 'team-b'"):
+        checkpoints.check_namespace(str(tmp_path), pod("team-b"), "m")
+    monkeypatch.setenv("MIGRT_ALLOW_CROSS_NAMESPACE", "1")
+    checkpoints.check_namespace(str(tmp_path), pod("team-b"), "m")
+    monkeypatch.delenv("MIGRT_ALLOW_CROSS_NAMESPACE")
+    (tmp_path / "migrt" / "manifest.json").write_text(json.dumps({"container": {"id": "c"}}))
+    checkpoints.check_namespace(str(tmp_path), pod("team-b"), "m")
