@@ -280,12 +280,16 @@ class Sender:
                                 pieces.append((prev[0], prev[1] + bytes(mv[b:b + BLOCK]), False))
                             else:
                                 pieces.append((off + b, bytes(mv[b:b + BLOCK]), False))
-                for poff, pdata, whole in pieces:
+                for k, (poff, pdata, whole) in enumerate(pieces):
                     z = comp.compress(pdata) if comp else pdata
                     head = {"p": rel, "o": poff, "n": len(pdata),
                             "h": digest.chunk_digest(pdata), "z": 1 if comp else 0}
                     if whole:
                         head["c"] = idx
+                    elif k == len(pieces) - 1:
+                        # the chunk's last patch: the agent can check the patched chunk
+                        # now, during the dump, rather than all of them at the commit
+                        head["e"] = idx
                     conn.send_data(head, z)
                     sent_raw += len(pdata)
                     wire_bytes += len(z)

@@ -406,3 +406,32 @@ def test_migrate_unwinds_on_signals_but_respects_nohup(monkeypatch):
         assert seen["hup"] is mig._interrupt
     finally:
         signal.signal(signal.SIGHUP, old_hup)
+
+
+def test_delta_chunk_checked_as_its_last_patch_lands(tmp_path):
+    """A delta's last patch of a chunk (marked "e") has the agent hash that chunk at
+    once, so the commit does not read it back; a patch of it written afterwards sends
+    it back to the commit's check, and a wrong result still fails there."""
+    stage = receiver.Stage(str(tmp_path / "i"), str(tmp_path / "r"))
+    d = zstandard.ZstdDecompressor()
+    base = os.urandom(digest.CHUNK)
+    stage.write({"p": "pages-1.img", "o": 0, "n": len(base), "h": digest.chunk_digest(base),
+                 "z": 0, "c": 0}, base, d)
+    new = bytearray(base)
+    new[10:20] = b"x" * 10
+
+    def patch(off, data, **kw):
+        stage.write(dict({"p": "pages-1.img", "o": off, "n": len(data),
+                          "h": digest.chunk_digest(data), "z": 0}, **kw), data, d)
+    patch(0, bytes(new[:100]), e=0)
+    assert 0 not in stage.touched["pages-1.img"]
+    assert stage.known["pages-1.img"][0] == digest.chunk_digest(bytes(new))
+    new[5000] ^= 1
+    patch(5000, bytes(new[5000:5001]))                  # a patch after the "last" one
+    assert 0 in stage.touched["pages-1.img"]
+    files = {"pages-1.img": (len(new), [digest.chunk_digest(bytes(new))])}
+    stage.finish(manifest(files))                       # re-hashed at the commit: good
+    assert (tmp_path / "i" / "pages-1.img").read_bytes() == bytes(new)
+    with pytest.raises(receiver.StageError, match="chunk 0 does not match"):
+        patch(0, b"y", e=0)
+        stage.finish(manifest(files))
