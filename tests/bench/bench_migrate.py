@@ -138,8 +138,11 @@ class Bench:
             rep = json.loads(p.stdout)
             rep["cpu_migrate_s"] = round((after.children_user - before.children_user)
                                          + (after.children_system - before.children_system), 2)
-            c = rb.exec_out("w", "cat", "/tmp/count").strip()
-            rep["counter_on_destination"] = int(c)
+            # the workload rewrites the file (truncate, then write): a read may catch it
+            # empty, so look again
+            rep["counter_on_destination"] = ocitest.wait_for(
+                lambda: int(c) if (c := rb.exec_out("w", "cat", "/tmp/count").strip()).isdigit()
+                else None, timeout=10, what="the counter on the destination")
             return rep
         finally:
             agent.terminate()
