@@ -390,6 +390,10 @@ class Gpu(Plugin):
         atexit.register(self._release_quietly, dict(ctx, options=dict(ctx["options"])))
         for pid in pids:
             err = iface.act("lock", pid)
+            if err and iface.state(pid) is None:
+                # gone since it was asked, or a fork that had only inherited the device
+                # descriptors and has let them go: no CUDA state of its own to keep
+                continue
             if err:
                 self._release(ctx)
                 raise RefusedError(f"gpu: {iface.label} could not lock process {pid}: {err}; "

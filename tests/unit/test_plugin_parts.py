@@ -159,3 +159,34 @@ def test_cuda_image_env_without_gpus_is_left_alone(tmp_path, monkeypatch):
     monkeypatch.setattr(proc, "container_pids", lambda ctx: [os.getpid()])
     gpu.pre_checkpoint(ctx)
     assert not os.path.exists(tmp_path / "img")
+
+
+def test_a_process_that_let_its_gpu_go_is_skipped_not_refused():
+    """Between the state query and the lock, one process exits (or is a fork that only
+    inherited the device descriptors and closed them): it has no CUDA state to keep, so
+    the checkpoint goes on; a process that still has CUDA state and cannot be locked is
+    refused, and what was locked is given back."""
+    gpu, ctx = gpu_ctx()
+
+    class Iface:
+        label = "cuda-checkpoint"
+
+        def __init__(self, gone):
+            self.gone, self.calls = gone, []
+
+        def state(self, pid):
+            return None if pid in self.gone else "running"
+
+        def act(self, action, pid, gpu_map=None):
+            self.calls.append((action, pid))
+            return "operation not supported" if pid in self.gone or pid == 9 else None
+
+    iface = Iface(gone={7})
+    gpu._lock_and_checkpoint(ctx, iface, [5, 7, 8])
+    assert iface.calls == [("lock", 5), ("checkpoint", 5), ("lock", 7), ("lock", 8),
+                           ("checkpoint", 8)]
+    gpu._held.pop(ctx["cid"], None)
+    iface = Iface(gone=set())
+    with pytest.raises(RefusedError, match="could not lock process 9"):
+        gpu._lock_and_checkpoint(ctx, iface, [5, 9])
+    assert iface.calls[-2:] == [("restore", 5), ("unlock", 5)]
