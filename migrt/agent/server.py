@@ -143,13 +143,21 @@ class Agent:
                 del self._pending[old]
                 # through our own duplicate of its descriptor (the handshake has wrapped
                 # the socket object by now): its thread wakes up and closes it
-                victim = socket.socket(fileno=dupfd)
                 try:
-                    victim.shutdown(socket.SHUT_RDWR)
+                    victim = socket.socket(fileno=dupfd)
                 except OSError:
-                    pass
-                victim.close()
-            self._pending[s] = (now, os.dup(s.fileno()))
+                    os.close(dupfd)
+                else:
+                    try:
+                        victim.shutdown(socket.SHUT_RDWR)
+                    except OSError:
+                        pass
+                    victim.close()
+            try:
+                self._pending[s] = (now, os.dup(s.fileno()))
+            except OSError:             # out of descriptors: this one waits for none
+                s.close()
+                return False
             return True
 
     def _handshake_over(self, s):
