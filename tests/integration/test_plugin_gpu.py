@@ -123,7 +123,7 @@ def test_failed_dump_gives_the_gpu_back_to_the_source(nodes, make_bundle, tmp_pa
                          prefix="exec 5</dev/vcs0; ")
     p = pt.checkpoint(a, "c1", tmp_path / "ckpt")
     assert p.returncode != 0
-    assert pt.calls(a.calls_log)[:3] == ["get-state", "lock", "checkpoint"]
+    assert pt.calls(a.calls_log)[:3] == ["get-state", "lock", "checkpoint"], p.stderr
     assert pt.calls(a.calls_log)[3:] == ["restore", "unlock"]
     assert a.state("c1")["status"] == "running"
     n = int(out.lines()[-1].split()[1])
