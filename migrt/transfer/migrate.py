@@ -121,6 +121,8 @@ class Progress:
 class Source:
     """The container on this node, driven through runc."""
 
+    nprocs = 1      # processes, as counted by memory_estimate()
+
     def __init__(self, runc, root, cid):
         self.runc = runc
         self.root = root
@@ -256,7 +258,6 @@ class Migration:
         self.phase = "pre-checks"
         self.restore_sent = False
         self.lazy_proc = None
-        self.nprocs = 1
 
     # ------------------------------------------------------------ helpers
     def _t(self, name, t0):
@@ -334,7 +335,6 @@ class Migration:
                 raise RefusedError(f"cannot migrate {self.cid} with --lazy from this node: "
                                    f"{why}; nothing was frozen")
         est = self.src.memory_estimate()
-        self.nprocs = self.src.nprocs
         self.estimate = int(est * 1.1) + (4 << 20)
         hello = {"op": "control", "container": self.cid}
         try:
@@ -469,7 +469,7 @@ class Migration:
             # one page file per process (and per shared memory segment): enough FIFOs
             # for the usual case, within a bound on descriptors; CRIU writes any
             # further ones as plain files, sent as they grow
-            pipes = PagePipes(image, min(self.nprocs + 16, MAX_PAGE_FIFOS), sender.chunk)
+            pipes = PagePipes(image, min(self.src.nprocs + 16, MAX_PAGE_FIFOS), sender.chunk)
         ended = threading.Event()
         result["wake"] = [ended.set] + ([pipes.wake] if pipes else [])
         t0 = time.monotonic()
