@@ -173,8 +173,10 @@ def resolve(j, secret):
     # feeding the destination's memory; it must not be killed until that is over
     serving = rec.get("mode") == "lazy" and phase == "restoring"
     killed = 0 if serving else stop_leftovers(rec)
+    unlocked = ""
     st = _runc(rec, "state", cid)
-    src = json.loads(st.stdout).get("status") if st.returncode == 0 else None
+    srcst = json.loads(st.stdout) if st.returncode == 0 else {}
+    src = srcst.get("status")
     dest, exists = (destination_state(rec, secret) if phase in ("frozen", "restoring")
                     else ("gone", False))
     if src is None and not (serving and leftovers(rec)):
@@ -192,6 +194,7 @@ def resolve(j, secret):
         if serving:
             killed = stop_leftovers(rec)
             src = json.loads(_runc(rec, "state", cid).stdout or "{}").get("status")
+        unlocked = _clear_netlock(srcst.get("pid"))
         if src == "paused":
             r = _runc(rec, "resume", cid)
             if r.returncode != 0:
@@ -204,9 +207,24 @@ def resolve(j, secret):
                 f"stays {src} until that is known")
     if killed:
         outcome += f"; stopped {killed} leftover process(es)"
+    if unlocked:
+        outcome += f"; {unlocked}"
     _drop_work(rec)
     j.done()
     return outcome
+
+
+def _clear_netlock(pid):
+    """The dead writer's CRIU may have died with the source's network locked: undo it
+    (migrt.netlock). Returns a note for the outcome ("" if there was nothing)."""
+    if not pid:
+        return ""
+    from migrt import netlock
+    try:
+        removed = netlock.clear(pid)
+    except (OSError, subprocess.SubprocessError) as e:
+        return f"could not check the source's network lock: {e}"
+    return f"removed the network lock its CRIU left ({', '.join(removed)})" if removed else ""
 
 
 def leftovers(rec):

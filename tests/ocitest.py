@@ -159,3 +159,28 @@ def wait_for(pred, timeout=10.0, interval=0.05, what="condition"):
 def last_count(out):
     nums = [int(x) for x in out.lines() if x.strip().isdigit()]
     return nums[-1] if nums else 0
+
+
+# ---------------------------------------------------------------- network namespaces
+
+def _in_netns(pid, prog):
+    return subprocess.run(["nsenter", "-t", str(pid), "-n", sys.executable, "-I", "-c", prog],
+                          capture_output=True, text=True, timeout=30)
+
+
+def lo_up(pid):
+    """Bring lo up in the network namespace of `pid` (runc leaves a new one down)."""
+    p = _in_netns(pid, "from pyroute2 import IPRoute\n"
+                       "with IPRoute() as ip:\n"
+                       "    ip.link('set', index=ip.link_lookup(ifname='lo')[0], state='up')")
+    assert p.returncode == 0, p.stderr
+
+
+def net_works(pid):
+    """A TCP connection over lo in the network namespace of `pid`: what CRIU's network
+    lock (iptables or nftables) drops until it is undone."""
+    p = _in_netns(pid, "import socket\n"
+                       "s = socket.create_server(('127.0.0.1', 0))\n"
+                       "socket.create_connection(s.getsockname(), timeout=2)\n"
+                       "print('connected')")
+    return p.stdout.strip() == "connected"

@@ -15,7 +15,11 @@ import subprocess
 
 # Features a runc-made container's restore can depend on (names as `criu check --feature`).
 CRIU_FEATURES = ("timens", "cgroupns", "seccomp_filters", "clone3_set_tid",
-                 "move_mount_set_group", "get_rseq_conf", "uffd-noncoop")
+                 "move_mount_set_group", "get_rseq_conf", "uffd-noncoop",
+                 "network_lock_nftables")
+# Features only some modes use; `migrt migrate` checks them itself (lazy mode needs
+# userfaultfd; the nftables network lock is used only where both nodes have it).
+OPTIONAL = frozenset({"uffd-noncoop", "network_lock_nftables"})
 
 # /proc/cpuinfo flags that are user-visible instruction-set extensions: a program that
 # found one at start-up (glibc's ifuncs, numpy, a JIT) crashes where it is missing.
@@ -69,9 +73,9 @@ def _cache_key(criu):
     path = shutil.which(criu) or criu
     try:
         st = os.stat(path)
-        return f"{boot}:{path}:{st.st_mtime_ns}"
+        return f"{boot}:{path}:{st.st_mtime_ns}:{','.join(CRIU_FEATURES)}"
     except OSError:
-        return f"{boot}:{path}"
+        return f"{boot}:{path}:{','.join(CRIU_FEATURES)}"
 
 
 def collect(criu=None, use_cache=True):
@@ -124,7 +128,7 @@ def incompatible(source, dest):
         problems.append(f"CRIU {dest['criu']} is older than the checkpoint's {source['criu']}")
     sf, df = source.get("criu_features") or {}, dest.get("criu_features") or {}
     lost = sorted(f for f, ok in sf.items() if ok and f in df and not df[f]
-                  and f != "uffd-noncoop")
+                  and f not in OPTIONAL)
     if lost:
         problems.append("kernel/CRIU lack " + ", ".join(lost))
     return problems

@@ -21,7 +21,7 @@ import sys
 import threading
 import time
 
-from migrt import failpoints, recovery
+from migrt import failpoints, netlock, recovery
 from migrt.errors import EXIT_ROLLED_BACK, MigrtError, RefusedError
 from migrt.image import manifest as mf
 from migrt.transfer import wire
@@ -258,6 +258,9 @@ class Migration:
         self.phase = "pre-checks"
         self.restore_sent = False
         self.lazy_proc = None
+        self.netlock = None             # CRIU's default until the precheck chooses
+        self.dump_started = False
+        self.dump_thread = None
 
     # ------------------------------------------------------------ helpers
     def _t(self, name, t0):
@@ -297,6 +300,7 @@ class Migration:
             self.ctl.close()
             self.ctl = None
         resumed = False
+        self._clear_netlock()
         if self.paused:
             p = self.src.run("resume", self.cid)
             st = self.src.run("state", self.cid)
@@ -311,6 +315,26 @@ class Migration:
         if getattr(self, "journal", None):
             self.journal.done()
         return resumed
+
+    def _clear_netlock(self):
+        """A CRIU that died between locking and unlocking the network (killed, or
+        stopped with its runc) leaves the container cut off: undo that before it resumes."""
+        if not getattr(self, "dump_started", False):
+            return
+        th = self.dump_thread
+        if th is not None:
+            # interrupted mid-dump: CRIU may be waiting on pages nobody reads any more;
+            # it fails once this process is gone, and then unlocks by itself
+            th.join(3)
+            if th.is_alive():
+                return
+        try:
+            removed = netlock.clear(self.state["pid"])
+        except (OSError, subprocess.SubprocessError, KeyError) as e:
+            self.report["warning"] = f"could not check the source's network lock: {e}"
+            return
+        if removed:
+            self.report["network_unlocked"] = removed
 
     def _cleanup_local(self, keep_logs=False):
         if self.work and not self.opts.keep_image:
@@ -362,6 +386,15 @@ class Migration:
             self.ctl.close()
             self.ctl = None
             raise
+        try:
+            from migrt.plugins import nodefacts
+            self.netlock = netlock.choose(nodefacts.collect(), reply.get("facts"))
+        except ValueError as e:
+            self.ctl.send_json({"op": "abort"})
+            self.ctl.close()
+            self.ctl = None
+            raise RefusedError(f"{e}; nothing was frozen")
+        self.report["network_lock"] = self.netlock
         if self.opts.level == "auto":
             # compressing for a transfer that never leaves this machine (loopback, or a
             # veth into another network namespace) only takes CPU from CRIU and the agent
@@ -420,9 +453,11 @@ class Migration:
                 cap = threading.Thread(target=self._capture, args=(image, result), daemon=True)
                 cap.start()
             try:
+                self.dump_started = True
                 p = subprocess.run([self.src.runc, "--root", self.src.root]
                                    + self._checkpoint_argv(image, work),
-                                   capture_output=True, text=True, stdin=subprocess.DEVNULL)
+                                   capture_output=True, text=True, stdin=subprocess.DEVNULL,
+                                   env=netlock.criu_env(self.netlock, self.work))
                 result["criu_s"] = time.monotonic() - t0
                 if cap is not None:
                     cap.join()
@@ -451,7 +486,7 @@ class Migration:
                 result["done"] = True
                 for wake in result.get("wake", ()):
                     wake()
-        t = threading.Thread(target=run, daemon=True)
+        t = self.dump_thread = threading.Thread(target=run, daemon=True)
         t.start()
         return t
 
@@ -656,11 +691,13 @@ class Migration:
         port = self.opts.page_server_port or _free_port(local_ip)
         r, w = os.pipe()
         t0 = time.monotonic()
+        self.dump_started = True
         self.lazy_proc = subprocess.Popen(
             [self.src.runc, "--root", self.src.root]
             + self._checkpoint_argv(image, work, f"{local_ip}:{port}", w),
             stdin=subprocess.DEVNULL, stdout=subprocess.PIPE, stderr=subprocess.PIPE,
-            pass_fds=(w,), start_new_session=True)
+            pass_fds=(w,), start_new_session=True,
+            env=netlock.criu_env(self.netlock, self.work))
         os.close(w)
         ready = b""
         import select

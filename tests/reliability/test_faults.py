@@ -110,6 +110,8 @@ def settle(nodes, agent, cid, bundle, dest, out_a, expect, resolve=None, timeout
                          what="counter going on at the source")
         nums = [int(x) for x in out_a.lines() if x.isdigit()]
         assert nums == list(range(1, len(nums) + 1)), "source stdout lost or repeated numbers"
+        # and with its network: no lock of a CRIU that died while it held one
+        assert ocitest.net_works(nodes.a.state(cid)["pid"]), "the source's network stays locked"
         log = numbers_file(bundle)
     else:
         out_a.thread.join(15)
@@ -142,6 +144,7 @@ def run_scenario(nodes, tmp_path, name, expect, *, mig_fp=None, agent_fp=None,
         hook, ann = migr.criu_hook(tmp_path, criu_at)
         src_ann, dest_ann = (ann, None) if criu_side == "dump" else (None, ann)
     cid, bundle, dest, out_a = nodes.counter(src_annotations=src_ann, dest_annotations=dest_ann)
+    ocitest.lo_up(nodes.a.state(cid)["pid"])
     px = migr.Proxy(agent.port) if proxy else None
     env = {"MIGRT_FAILPOINT_DIR": fpdir}
     if peer_timeout:

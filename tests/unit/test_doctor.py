@@ -14,6 +14,8 @@ GOOD_RUNS = {
     ("criu", "check"): (0, "Looks good.\n"),
     ("criu", "check", "--feature", "uffd-noncoop"): (0, "uffd-noncoop is supported\n"),
     ("criu", "check", "--feature", "mem_dirty_track"): (1, "Dirty tracking is OFF\n"),
+    ("criu", "check", "--feature", "network_lock_nftables"):
+        (0, "network_lock_nftables is supported\n"),
 }
 
 V2_REGISTERED = """version = 2
@@ -84,8 +86,19 @@ def test_healthy_node_passes_with_feature_warnings():
     assert f["criu"].status == d.OK and "4.1.1" in f["criu"].detail
     assert f["pre-copy"].status == d.WARN and not f["pre-copy"].required
     assert f["lazy restore"].status == d.OK
+    assert f["network lock"].status == d.OK and "nftables" in f["network lock"].detail
     assert f["containerd"].status == d.OK and "/bin/sh" in f["containerd"].detail
     assert "migrt can run on this node" in d.render(found)
+
+
+def test_no_nftables_lock_is_a_warning_not_a_stop():
+    node = FakeNode(runs={("criu", "check", "--feature", "network_lock_nftables"):
+                          (1, "Nftables based locking requires libnftables\n")},
+                    files={d.CONTAINERD_CONFIG: V2_REGISTERED})
+    found = d.run_checks(node)
+    assert required_missing(found) == []
+    f = by_name(found)["network lock"]
+    assert f.status == d.WARN and not f.required and "iptables" in f.detail
 
 
 def test_old_criu_is_missing_with_the_install_fix():
