@@ -46,16 +46,18 @@ class RestoreSource:
     image_dir      CRIU images (runc restore --image-path)
     restore_flags  extra `runc restore` flags the checkpoint needs (--tcp-established...)
     lazy_address   "host:port" of a page server: restore with lazy-pages from it
+    lazy_tls       its TLS files (migrt.pagetls.files), or None for plain TCP
     prepare        callable(bundle, spec) run before runc restore (rootfs changes)
     on_restored    callable(cid, pid) after the container runs
     on_failed      callable(cid, message) after a failed restore was cleaned up
     """
 
     def __init__(self, image_dir, restore_flags=(), lazy_address=None, prepare=None,
-                 on_restored=None, on_failed=None, description=None):
+                 on_restored=None, on_failed=None, description=None, lazy_tls=None):
         self.image_dir = image_dir
         self.restore_flags = list(restore_flags)
         self.lazy_address = lazy_address
+        self.lazy_tls = lazy_tls
         self.prepare = prepare
         self.on_restored = on_restored
         self.on_failed = on_failed

@@ -453,12 +453,14 @@ def _state_pid(call, cid):
 def start_lazy_pages(source, work):
     """Start `criu lazy-pages` for this restore; runc restore --lazy-pages connects to
     lazy-pages.socket in the same work dir (so the daemon must use that dir)."""
+    from migrt import pagetls
     host, _, port = source.lazy_address.rpartition(":")
     criu = os.environ.get("MIGRT_CRIU", "criu")
     log = os.path.join(work, "lazy-pages.log")
     proc = subprocess.Popen(
         [criu, "lazy-pages", "--page-server", "--address", host, "--port", port,
-         "--images-dir", source.image_dir, "--work-dir", work, "-o", log, "-v2"],
+         "--images-dir", source.image_dir, "--work-dir", work, "-o", log, "-v2"]
+        + (pagetls.criu_args(source.lazy_tls) if source.lazy_tls else []),
         stdin=subprocess.DEVNULL, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL,
         start_new_session=True)
     sock = os.path.join(work, "lazy-pages.socket")

@@ -12,9 +12,7 @@ kernel support it (`criu check --feature network_lock_nftables`, part of the nod
 facts the agent reports in the precheck); plain `runc checkpoint` through migrt is
 left as runc does it.
 
-runc hands CRIU no lock option, but CRIU reads the file that CRIU_CONFIG_FILE names
-before runc's own config file (org.criu.config or /etc/criu/runc.conf), so a node's
-own choice there still wins.
+runc hands CRIU no lock option: the lines go through migrt.criuconf.
 
 MIGRT_NETWORK_LOCK=iptables keeps CRIU's default; =nftables asks for nftables even
 where the checks did not find it.
@@ -45,27 +43,9 @@ def choose(local_facts, dest_facts):
     return "nftables" if has(local_facts) and has(dest_facts) else "iptables"
 
 
-def criu_env(method, work_dir, base=None):
-    """The environment for a `runc checkpoint` whose CRIU should lock with `method`
-    (None: leave it as it is). A CRIU_CONFIG_FILE the caller set keeps its lines,
-    after ours, so that its own network-lock line wins."""
-    env = dict(os.environ if base is None else base)
-    if method != "nftables":
-        return env
-    lines = ["network-lock nftables"]
-    theirs = env.get("CRIU_CONFIG_FILE")
-    if theirs:
-        try:
-            with open(theirs) as f:
-                lines += f.read().splitlines()
-        except OSError:
-            pass
-    path = os.path.join(work_dir, "criu-migrt.conf")
-    fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_TRUNC | os.O_NOFOLLOW, 0o600)
-    with os.fdopen(fd, "w") as f:
-        f.write("\n".join(lines) + "\n")
-    env["CRIU_CONFIG_FILE"] = path
-    return env
+def conf_lines(method):
+    """CRIU config lines for a dump that should lock with `method`."""
+    return ["network-lock nftables"] if method == "nftables" else []
 
 
 # ---------------------------------------------------------------- leftovers

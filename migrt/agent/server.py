@@ -297,6 +297,16 @@ class Agent:
         except Refused as e:
             conn.send_json({"error": str(e)})
             return
+        page_tls = None
+        if msg.get("mode") == "lazy":
+            # the lazy-pages daemon's TLS identity, pinned to the source's (migrt.pagetls)
+            from migrt import pagetls
+            try:
+                page_tls = (*pagetls.identity("migrt lazy pages"),
+                            pagetls.peer_cert(msg.get("page_tls_cert")))
+            except ValueError as e:
+                conn.send_json({"error": str(e)})
+                return
         mid = stg.new_mid()
         staged = stg.Staged(mid, self.staging, self.disk)
         # a staged copy sent for one bundle must not be restored into another
@@ -304,13 +314,18 @@ class Agent:
         for_bundle = msg.get("bundle") if isinstance(msg.get("bundle"), str) else None
         staged.create(source=f"{peer[0]}", container=msg.get("container"), mode=msg.get("mode"),
                       for_bundle=os.path.abspath(for_bundle) if for_bundle else None)
+        if page_tls:
+            pagetls.write(staged.tls_dir, *page_tls)
         stage = receiver.Stage(staged.image_dir, staged.rootfs_dir, quota=self.quota)
         sess = Session(self, staged, stage, msg)
         with self.lock:
             self.sessions[mid] = sess
         log(f"{mid}: receiving {msg.get('container')} from {peer[0]} ({msg.get('mode')})")
-        conn.send_json({"ok": True, "mid": mid, "staging": staged.image_dir,
-                        "facts": self.node_facts(), "boot_id": mf.boot_id()})
+        reply = {"ok": True, "mid": mid, "staging": staged.image_dir,
+                 "facts": self.node_facts(), "boot_id": mf.boot_id()}
+        if page_tls:
+            reply["page_tls_cert"] = page_tls[1].decode()
+        conn.send_json(reply)
         try:
             self._control_loop(conn, sess)
         except (wire.ProtocolError, OSError) as e:

@@ -49,6 +49,7 @@ class Staged:
         self.mid = mid
         self.dir = os.path.join(staging or staging_root(), mid)
         self.image_dir = os.path.join(self.dir, "image")
+        self.tls_dir = os.path.join(self.dir, "tls")       # lazy mode's page TLS identity
         self.record_path = os.path.join(self.dir, RECORD)
         rec = self.read() if disk is None else None
         self.disk_dir = os.path.join(disk, mid) if disk else (rec or {}).get("disk_dir", "")

@@ -48,6 +48,14 @@ def resolve(rest, bundle):
     def on_failed(cid, msg):
         s.update(state="failed", error=msg)
 
-    return RestoreSource(s.image_dir, restore_flags=flags, lazy_address=lazy, prepare=prepare,
+    tls = None
+    if lazy:
+        from migrt import pagetls
+        tls = pagetls.files(s.tls_dir)
+        if not all(os.path.isfile(p) for p in tls.values()):
+            raise CheckpointError(f"staged:{rest}: lazy migration without its page-traffic "
+                                  f"TLS identity ({s.tls_dir})")
+    return RestoreSource(s.image_dir, restore_flags=flags, lazy_address=lazy, lazy_tls=tls,
+                         prepare=prepare,
                          on_restored=on_restored, on_failed=on_failed,
                          description=f"staged:{rest}")

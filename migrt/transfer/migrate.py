@@ -21,7 +21,7 @@ import sys
 import threading
 import time
 
-from migrt import failpoints, netlock, recovery
+from migrt import criuconf, failpoints, netlock, recovery
 from migrt.errors import EXIT_ROLLED_BACK, MigrtError, RefusedError
 from migrt.image import manifest as mf
 from migrt.transfer import wire
@@ -361,13 +361,18 @@ class Migration:
         est = self.src.memory_estimate()
         self.estimate = int(est * 1.1) + (4 << 20)
         hello = {"op": "control", "container": self.cid}
+        req = {"op": "precheck", "container": self.cid, "mode": self.opts.mode,
+               "node": mf.node_info(), "estimate": self.estimate,
+               "bundle": self.opts.bundle, "root": self.opts.dest_root,
+               "id": self.opts.new_id or self.cid}
+        if self.opts.mode == "lazy":
+            # the page server's TLS identity, and the agent's in the reply (migrt.pagetls)
+            from migrt import pagetls
+            self.page_tls = pagetls.identity(f"migrt page server {self.cid}")
+            req["page_tls_cert"] = self.page_tls[1].decode()
         try:
             self.ctl, _ = wire.connect(self.opts.to, self.opts.secret, hello)
-            reply = self._request({
-                "op": "precheck", "container": self.cid, "mode": self.opts.mode,
-                "node": mf.node_info(), "estimate": self.estimate,
-                "bundle": self.opts.bundle, "root": self.opts.dest_root,
-                "id": self.opts.new_id or self.cid})
+            reply = self._request(req)
         except wire.ProtocolError as e:
             if self.ctl is not None:
                 self.ctl.close()
@@ -375,6 +380,15 @@ class Migration:
             raise RefusedError(f"destination {self.opts.to} cannot take {self.cid}: {e}; "
                                f"nothing was frozen")
         self.mid = reply["mid"]
+        if self.opts.mode == "lazy":
+            try:
+                self.page_tls += (pagetls.peer_cert(reply.get("page_tls_cert")),)
+            except ValueError as e:
+                self.ctl.send_json({"op": "abort"})
+                self.ctl.close()
+                self.ctl = None
+                raise RefusedError(f"destination {self.opts.to} cannot take {self.cid} with "
+                                   f"--lazy: {e}; nothing was frozen")
         self.report["migration"] = self.mid
         # plugins may refuse now, before anything is frozen (devices, GPU, isolation...)
         from migrt.plugins.engine import ForContainer
@@ -457,7 +471,7 @@ class Migration:
                 p = subprocess.run([self.src.runc, "--root", self.src.root]
                                    + self._checkpoint_argv(image, work),
                                    capture_output=True, text=True, stdin=subprocess.DEVNULL,
-                                   env=netlock.criu_env(self.netlock, self.work))
+                                   env=criuconf.env(self.work, netlock.conf_lines(self.netlock)))
                 result["criu_s"] = time.monotonic() - t0
                 if cap is not None:
                     cap.join()
@@ -689,6 +703,8 @@ class Migration:
         os.makedirs(work, mode=0o700, exist_ok=True)
         local_ip = self.ctl.sock.getsockname()[0]
         port = self.opts.page_server_port or _free_port(local_ip)
+        from migrt import pagetls
+        tls = pagetls.write(os.path.join(self.work, "tls"), *self.page_tls)
         r, w = os.pipe()
         t0 = time.monotonic()
         self.dump_started = True
@@ -697,7 +713,8 @@ class Migration:
             + self._checkpoint_argv(image, work, f"{local_ip}:{port}", w),
             stdin=subprocess.DEVNULL, stdout=subprocess.PIPE, stderr=subprocess.PIPE,
             pass_fds=(w,), start_new_session=True,
-            env=netlock.criu_env(self.netlock, self.work))
+            env=criuconf.env(self.work, netlock.conf_lines(self.netlock)
+                             + pagetls.conf_lines(tls)))
         os.close(w)
         ready = b""
         import select

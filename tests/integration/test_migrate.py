@@ -454,6 +454,72 @@ def test_lazy_restores_at_once_and_pages_follow(two_nodes):
     assert not ag.staged(), ag.staged()
 
 
+def _steal_pages(port, pid_in_ns, vaddr, nr_pages):
+    """What anyone who reaches a lazy migration's page server can try: CRIU's own
+    request for pages (page-xfer.c: struct page_server_iov, PS_IOV_GET with the task's
+    pid in its namespace), in the clear. Returns every byte that came back. Against a
+    plain page server this returns the pages themselves."""
+    import struct
+    s = socket.create_connection(("127.0.0.1", port), timeout=5)
+    got = b""
+    try:
+        s.sendall(struct.pack("<IIQQ", 7, nr_pages, vaddr, pid_in_ns))
+        while True:
+            b = s.recv(1 << 20)
+            if not b:
+                break
+            got += b
+    except OSError:
+        pass
+    finally:
+        s.close()
+    return got
+
+
+def test_lazy_page_server_gives_nothing_to_a_peer_without_the_migrations_key(two_nodes):
+    """The lazy page server holds the container's memory until the destination has taken
+    it. Someone who connects to it first, asking for pages as CRIU's lazy-pages daemon
+    does, must get none of them: it speaks TLS and serves only the certificate swapped in
+    the authenticated precheck (migrt.pagetls). The migration then ends with one copy."""
+    n = two_nodes
+    fpdir = os.path.join(n.tmp, "fp")
+    os.makedirs(fpdir)
+    ag = n.agent({"MIGRT_FAILPOINT_DIR": fpdir, "MIGRT_FAILPOINTS": "agent.before-restore=pause(3)"})
+    secret = os.urandom(16).hex()
+    prog = f"S={secret}; " + ocitest.COUNTER
+    code, out, err = n.a.create("ctr", n.make_bundle(["sh", "-c", prog], name="src"),
+                                start=True)
+    assert code == 0, err.text
+    ocitest.wait_for(lambda: ocitest.last_count(out) >= 5, what="counter on the source")
+    pid = n.a.state("ctr")["pid"]
+    with open(f"/proc/{pid}/maps") as f:
+        heap = [ln.split()[0] for ln in f if ln.rstrip().endswith("[heap]")]
+    lo, hi = (int(x, 16) for x in heap[0].split("-"))
+    with open(f"/proc/{pid}/mem", "rb") as f:        # the secret is there to be taken
+        f.seek(lo)
+        assert secret.encode() in f.read(hi - lo)
+    port = free_port()
+    argv = [n.a.binary, "--root", n.a.root, "migrate", "ctr", "--to", ag.address,
+            "--secret-file", n.secret, "--json", "--lazy", "--page-server-port", str(port),
+            "--bundle", n.dest_bundle(), "--dest-root", n.b.root]
+    mig = subprocess.Popen(argv, stdout=subprocess.PIPE, stderr=subprocess.PIPE, env=n.env)
+    try:
+        # the source is dumped and its page server listens once the agent is asked to
+        # restore: the destination's lazy-pages daemon has not connected yet
+        ocitest.wait_for(lambda: any(f.startswith("agent.before-restore") for f in
+                                     os.listdir(fpdir)), timeout=60, what="restore request")
+        got = _steal_pages(port, 1, lo, (hi - lo) >> 12)
+        mig.wait(120)
+    finally:
+        if mig.poll() is None:
+            mig.kill()
+    assert secret.encode() not in got, "the page server served the container's memory"
+    assert b"\0" * 4096 not in got                    # nor any page at all
+    copies = [n.a.state("ctr"), n.b.state("ctr")]
+    running = [c for c in copies if c and c["status"] == "running"]
+    assert len(running) == 1, (copies, mig.stderr.read().decode()[-600:])
+
+
 def test_lazy_refused_before_freezing_when_the_page_server_cannot_work(two_nodes):
     """Without CAP_SYS_RESOURCE (as here) and with fs.pipe-max-size below 4 MiB, CRIU's
     page server fails on the first page (splice EBADF): --lazy says so before freezing."""

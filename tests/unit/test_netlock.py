@@ -35,20 +35,10 @@ def test_the_node_setting_wins(monkeypatch):
         netlock.choose(NFT, NFT)
 
 
-def test_criu_env_points_criu_at_the_lock_and_keeps_the_callers_config(tmp_path):
-    base = {"PATH": "/usr/bin"}
-    assert netlock.criu_env("iptables", str(tmp_path), base) == base
-    env = netlock.criu_env("nftables", str(tmp_path), base)
-    conf = env["CRIU_CONFIG_FILE"]
-    assert open(conf).read() == "network-lock nftables\n"
-    assert os.stat(conf).st_mode & 0o077 == 0
-    # a config file the caller already gives CRIU keeps its lines, after ours, so that
-    # its own choice of lock is the one CRIU takes (a later line wins)
-    theirs = tmp_path / "theirs.conf"
-    theirs.write_text("tcp-established\nnetwork-lock iptables\n")
-    env = netlock.criu_env("nftables", str(tmp_path), dict(base, CRIU_CONFIG_FILE=str(theirs)))
-    assert open(env["CRIU_CONFIG_FILE"]).read().splitlines() == [
-        "network-lock nftables", "tcp-established", "network-lock iptables"]
+def test_conf_lines():
+    assert netlock.conf_lines("nftables") == ["network-lock nftables"]
+    assert netlock.conf_lines("iptables") == []
+    assert netlock.conf_lines(None) == []
 
 
 def test_an_optional_feature_the_destination_lacks_refuses_nothing():

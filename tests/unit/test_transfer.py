@@ -433,5 +433,5 @@ def test_delta_chunk_checked_as_its_last_patch_lands(tmp_path):
     stage.finish(manifest(files))                       # re-hashed at the commit: good
     assert (tmp_path / "i" / "pages-1.img").read_bytes() == bytes(new)
     with pytest.raises(receiver.StageError, match="chunk 0 does not match"):
-        patch(0, b"y", e=0)
+        patch(0, bytes([new[0] ^ 0xff]), e=0)     # (a fixed byte would match 1 time in 256)
         stage.finish(manifest(files))
