@@ -283,7 +283,8 @@ class Sender:
                 for k, (poff, pdata, whole) in enumerate(pieces):
                     z = comp.compress(pdata) if comp else pdata
                     head = {"p": rel, "o": poff, "n": len(pdata),
-                            "h": digest.chunk_digest(pdata), "z": 1 if comp else 0}
+                            "h": d if whole else digest.chunk_digest(pdata),
+                            "z": 1 if comp else 0}
                     if whole:
                         head["c"] = idx
                     elif k == len(pieces) - 1:
