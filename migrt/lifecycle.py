@@ -502,6 +502,12 @@ def delete(call, flags, cid):
         run_stage("delete", plugins, call=call, cid=cid, record=rec)
     rc = run_runc(call.argv)
     if rc == 0:
+        if plugins:
+            try:                # off the downtime: records of ids long gone (record.sweep)
+                from migrt.plugins import record as events
+                events.sweep()
+            except Exception:
+                pass
         if rec.get("lazy_pid"):
             _stop_lazy_daemon(rec["lazy_pid"])
         work = rec.get("work")

@@ -183,6 +183,11 @@ class Agent:
             stg.sweep(self.staging, self.ttl, active=active, log=log)
             stg.sweep_disk(self.staging, self.disk)
             self._recover()
+            try:        # container records with no event for MIGRT_RECORD_DAYS
+                from migrt.plugins import record
+                record.sweep()
+            except Exception as e:
+                log(f"container records: {e}")
 
     def _recover(self):
         if self.privileged:

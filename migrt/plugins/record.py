@@ -5,7 +5,8 @@ logs plugin's `dir` option): events.jsonl (one JSON object per event: time, node
 event, phases and timings, error) and criu/ (copies of CRIU's dump and restore logs).
 The logs plugin carries the events inside every checkpoint, so the record on the
 destination node continues the source's. `migrt logs <id>` shows it; the migration
-engine adds its own phases with `append(cid, {"event": "migrate", ...})`.
+engine adds its own phases with `append(cid, {"event": "migrate", ...})`. A record with
+no event for MIGRT_RECORD_DAYS (30) is removed (`sweep`).
 """
 import json
 import os
@@ -18,6 +19,8 @@ DEFAULT_DIR = "/var/lib/migrt/containers"
 KEEP_EVENTS = 1000      # events.jsonl keeps the newest this many events of an id
 CARRY_EVENTS = 200      # a checkpoint carries the newest this many
 _TRIM_AT = 512 << 10    # ...looked at when the file passes this size
+KEEP_DAYS = 30.0        # an id's record goes after this many days without an event
+SWEEP_EVERY = 3600      # seconds between two looks for such records
 
 
 def base_dir(override=None):
@@ -31,6 +34,55 @@ def container_dir(cid, base=None, create=True):
     if create:
         os.makedirs(os.path.join(d, "criu"), mode=0o700, exist_ok=True)
     return d
+
+
+def keep_days():
+    try:
+        return float(os.environ.get("MIGRT_RECORD_DAYS", KEEP_DAYS))
+    except ValueError:
+        return KEEP_DAYS
+
+
+def sweep(base=None, days=None, now=None, every=SWEEP_EVERY):
+    """Remove the records of ids with no event for `days` (MIGRT_RECORD_DAYS, 30; 0
+    keeps them all). Records outlive their containers so that `migrt logs` can still
+    tell where one went, but a node that moves containers all day must not keep one
+    dir per id forever. Called off the downtime (a container's delete, the agent's
+    janitor); looks at most once per `every` seconds (a stamp file), so that it costs
+    one stat on the common path. Returns the ids removed."""
+    days = keep_days() if days is None else days
+    if days <= 0:
+        return []
+    top = base_dir(base)
+    now = time.time() if now is None else now
+    stamp = os.path.join(top, ".swept")
+    try:
+        if now - os.stat(stamp).st_mtime < every:
+            return []
+    except OSError:
+        pass
+    try:
+        with open(os.open(stamp, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o600), "w"):
+            pass
+        os.utime(stamp, (now, now))
+        names = os.listdir(top)
+    except OSError:
+        return []
+    cutoff = now - days * 86400
+    gone = []
+    for name in names:
+        d = os.path.join(top, name)
+        if name.startswith(".") or not os.path.isdir(d):
+            continue
+        try:
+            newest = max(os.stat(os.path.join(d, f)).st_mtime
+                         for f in ("", "events.jsonl", "criu") if os.path.exists(os.path.join(d, f)))
+        except (OSError, ValueError):
+            continue
+        if newest < cutoff:
+            shutil.rmtree(d, ignore_errors=True)
+            gone.append(name)
+    return gone
 
 
 def _stamp(t):

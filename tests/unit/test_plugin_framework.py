@@ -275,3 +275,27 @@ def test_event_record_of_a_reused_id_stays_bounded(tmp_path, monkeypatch):
     assert record.merge("c1", incoming) == record.KEEP_EVENTS
     evs = record.events("c1")
     assert len(evs) == record.KEEP_EVENTS and evs[-1]["id"] == f"in{record.KEEP_EVENTS - 1}"
+
+
+def test_records_of_long_quiet_ids_are_swept(tmp_path, monkeypatch):
+    """One record dir per container id outlives the container (`migrt logs` tells where
+    it went), but not forever: ids with no event for MIGRT_RECORD_DAYS go (looked for
+    at a container's delete and by the agent's janitor), at most once an hour."""
+    monkeypatch.setenv("MIGRT_LOG_DIR", str(tmp_path / "records"))
+    from migrt.plugins import record
+    record.append("old", {"event": "checkpoint"})
+    record.append("recent", {"event": "checkpoint"})
+    month = time.time() - 31 * 86400
+    for root, dirs, files in os.walk(tmp_path / "records" / "old"):
+        for n in dirs + files + [""]:
+            os.utime(os.path.join(root, n), (month, month))
+    assert record.sweep() == ["old"]
+    assert sorted(os.listdir(tmp_path / "records")) == [".swept", "recent"]
+    assert [e["event"] for e in record.events("recent")] == ["checkpoint"]
+    # within the hour nothing is looked at again, however old
+    for n in ("", "events.jsonl", "criu"):
+        os.utime(os.path.join(tmp_path / "records" / "recent", n), (month, month))
+    assert record.sweep() == []
+    assert record.sweep(now=time.time() + 7200) == ["recent"]
+    monkeypatch.setenv("MIGRT_RECORD_DAYS", "0")                # 0: keep every record
+    assert record.sweep(now=time.time() + 99 * 86400) == []
