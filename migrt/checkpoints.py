@@ -47,17 +47,23 @@ class RestoreSource:
     restore_flags  extra `runc restore` flags the checkpoint needs (--tcp-established...)
     lazy_address   "host:port" of a page server: restore with lazy-pages from it
     lazy_tls       its TLS files (migrt.pagetls.files), or None for plain TCP
+    lazy_local     restore with lazy-pages from image_dir itself: the container runs
+                   before its memory is all back (migrt.sources.staged); `fill` then
+                   says where the daemon reports (set by the restore)
     prepare        callable(bundle, spec) run before runc restore (rootfs changes)
     on_restored    callable(cid, pid) after the container runs
     on_failed      callable(cid, message) after a failed restore was cleaned up
     """
 
     def __init__(self, image_dir, restore_flags=(), lazy_address=None, prepare=None,
-                 on_restored=None, on_failed=None, description=None, lazy_tls=None):
+                 on_restored=None, on_failed=None, description=None, lazy_tls=None,
+                 lazy_local=False):
         self.image_dir = image_dir
         self.restore_flags = list(restore_flags)
         self.lazy_address = lazy_address
         self.lazy_tls = lazy_tls
+        self.lazy_local = lazy_local and not lazy_address
+        self.fill = None
         self.prepare = prepare
         self.on_restored = on_restored
         self.on_failed = on_failed

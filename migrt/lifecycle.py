@@ -395,7 +395,7 @@ def restore_create(call, flags, cid, bundle, spec, marker, plugins):
             if flags.get(name):
                 tokens.append(f"--{name}")
         tokens += source.restore_flags
-        if source.lazy_address:
+        if source.lazy_address or source.lazy_local:
             lazy = start_lazy_pages(source, work)
             tokens.append("--lazy-pages")
         tokens.append(cid)
@@ -428,6 +428,11 @@ def restore_create(call, flags, cid, bundle, spec, marker, plugins):
         "restore_seconds": round(time.monotonic() - started, 3),
         "restored_at": time.time(), "lazy_pid": lazy.pid if lazy else None,
     })
+    if source.lazy_local:
+        # the memory still streams in from the local image: done when the daemon is
+        source.fill = {"pid": lazy.pid, "status": os.path.join(work, FILL_STATUS),
+                       "log": os.path.join(work, "lazy-pages.log"), "root": call.root,
+                       "container": cid}
     if source.on_restored:
         source.on_restored(cid, pid)
     return 0
@@ -450,19 +455,41 @@ def _state_pid(call, cid):
         return None
 
 
+FILL_STATUS = "lazy-pages.status"
+
+
 def start_lazy_pages(source, work):
     """Start `criu lazy-pages` for this restore; runc restore --lazy-pages connects to
-    lazy-pages.socket in the same work dir (so the daemon must use that dir)."""
+    lazy-pages.socket in the same work dir (so the daemon must use that dir).
+
+    With a page server (lazy migration) the pages come from the source node. Local
+    (source.lazy_local, a staged full or pre-copy migration): they come from the staged
+    image on this node, and the daemon's exit status is written to FILL_STATUS in the
+    work dir (a shell waits for it), because the agent that has to know whether every
+    page arrived is not its parent."""
     from migrt import pagetls
-    host, _, port = source.lazy_address.rpartition(":")
     criu = os.environ.get("MIGRT_CRIU", "criu")
     log = os.path.join(work, "lazy-pages.log")
+    argv = [criu, "lazy-pages", "--images-dir", source.image_dir, "--work-dir", work,
+            "-o", log, "-v2"]
+    if source.lazy_address:
+        host, _, port = source.lazy_address.rpartition(":")
+        argv += ["--page-server", "--address", host, "--port", port]
+        if source.lazy_tls:
+            argv += pagetls.criu_args(source.lazy_tls)
+    else:
+        # each page read from the staged image is punched out of it, as the restore
+        # itself does (--auto-dedup): the node holds one copy of the memory, not two
+        argv.append("--auto-dedup")
+        status = os.path.join(work, FILL_STATUS)
+        argv = ["sh", "-c", 'criu_bin=$1; shift; "$criu_bin" "$@"; rc=$?; '
+                            'echo $rc > "$MIGRT_FILL_STATUS.tmp" && '
+                            'mv "$MIGRT_FILL_STATUS.tmp" "$MIGRT_FILL_STATUS"; exit $rc',
+                "lazy-pages"] + argv
     proc = subprocess.Popen(
-        [criu, "lazy-pages", "--page-server", "--address", host, "--port", port,
-         "--images-dir", source.image_dir, "--work-dir", work, "-o", log, "-v2"]
-        + (pagetls.criu_args(source.lazy_tls) if source.lazy_tls else []),
-        stdin=subprocess.DEVNULL, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL,
-        start_new_session=True)
+        argv, stdin=subprocess.DEVNULL, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL,
+        start_new_session=True,
+        env=None if source.lazy_address else dict(os.environ, MIGRT_FILL_STATUS=status))
     sock = os.path.join(work, "lazy-pages.socket")
     deadline = time.monotonic() + 10
     while not os.path.exists(sock):
@@ -476,6 +503,11 @@ def start_lazy_pages(source, work):
 
 
 def _kill(proc):
+    """Stop a lazy-pages daemon (and the shell that waits for a local one)."""
+    try:
+        os.killpg(proc.pid, signal.SIGKILL)     # its own session (start_lazy_pages)
+    except OSError:
+        pass
     try:
         proc.kill()
         proc.wait(5)
@@ -523,7 +555,7 @@ def _stop_lazy_daemon(pid):
         with open(f"/proc/{pid}/cmdline", "rb") as f:
             if b"lazy-pages" not in f.read():
                 return
-        os.kill(pid, signal.SIGTERM)
+        os.killpg(pid, signal.SIGTERM)          # the daemon leads its own session
     except OSError:
         pass
 

@@ -11,7 +11,7 @@ cgroups) needs root. `migrt agent --user NAME` splits the two:
     child         drops to NAME (no supplementary groups, no capabilities, no_new_privs)
                   and runs all of the agent's networking, staging and verification
 
-The socketpair is the one narrow path from the network side to root. It carries four
+The socketpair is the one narrow path from the network side to root. It carries five
 requests, each checked by the parent before anything is done:
 
     restore  mid, bundle, id  a staged migration of *this* agent's staging dir, in state
@@ -22,6 +22,8 @@ requests, each checked by the parent before anything is done:
     check    bundle, id       the bundle and id checks of `restore`, before the source
                               is frozen (the precheck)                   -> ok or why not
     exists   id               is there a container of that id in --restore-root -> bool
+    fill     mid              has the memory of a local lazy restore all come in
+                              (migrt.agent.fill; a failed fill stops that copy) -> state
     recover                   migrt.recovery for this node               -> outcomes
 
 A compromised network side can ask for no more than that: it cannot name a checkpoint
@@ -73,6 +75,8 @@ class RootHelper:
             if op == "check":
                 self.check(req)
                 return {"ok": True}
+            if op == "fill":
+                return dict(zip(("state", "error"), self.fill(req)), ok=True)
             if op == "recover":
                 from migrt import recovery
                 from migrt.agent.server import log
@@ -107,6 +111,19 @@ class RootHelper:
             return self.agent.restore(staged, {"bundle": bundle, "id": cid, "root": root})
         except server.Refused as e:
             raise Refused(str(e))
+        finally:
+            self._give_back(staged.dir)
+
+    def fill(self, req):
+        """One look at a local lazy restore's memory fill (migrt.agent.fill); a failed
+        fill stops the destination copy, which only root can do."""
+        from migrt.agent import fill, staging as stg
+        mid = req.get("mid")
+        if not stg.valid_mid(mid):
+            raise Refused("not a migration id")
+        staged = stg.Staged(mid, self.agent.staging)
+        try:
+            return fill.check(staged, fill.runc_binary())
         finally:
             self._give_back(staged.dir)
 
@@ -190,6 +207,12 @@ class Client:
         """None if the root side would restore into this bundle and id, else why not."""
         r = self.call({"op": "check", "bundle": bundle, "id": cid, "root": root})
         return r.get("error")
+
+    def fill(self, mid):
+        r = self.call({"op": "fill", "mid": mid})
+        if r.get("ok"):
+            return r.get("state"), r.get("error")
+        return "filling", r.get("error")     # not known: nothing may be rolled back on it
 
     def recover(self, secret=None, log=None):
         for line in self.call({"op": "recover"}).get("outcomes") or []:

@@ -27,7 +27,7 @@ import zstandard
 from migrt import failpoints, recovery
 from migrt.fast import runc_path
 from migrt.lifecycle import runc_error, wait_exit
-from migrt.agent import staging as stg
+from migrt.agent import fill, staging as stg
 from migrt.image import manifest as mf
 from migrt.transfer import receiver, wire
 
@@ -180,6 +180,11 @@ class Agent:
         while not self.stop.wait(every):
             with self.lock:
                 active = set(self.sessions)
+            for s in stg.all_staged(self.staging):
+                if (s.read() or {}).get("state") == fill.FILLING:
+                    state, why = self.fill_check(s)
+                    if state != fill.FILLING:
+                        log(f"{s.mid}: memory fill " + ("done" if state == "restored" else why))
             stg.sweep(self.staging, self.ttl, active=active, log=log)
             stg.sweep_disk(self.staging, self.disk)
             self._recover()
@@ -376,15 +381,36 @@ class Agent:
                     conn.send_json({"error": f"restore failed on the destination: {e}"})
                     return
                 sess.restored = True
-                conn.send_json({"ok": True, "pid": pid, "restore_seconds": time.monotonic() - t0})
+                reply = {"ok": True, "pid": pid, "restore_seconds": time.monotonic() - t0}
+                if (staged.read() or {}).get("state") == fill.FILLING:
+                    reply["filling"] = True       # running; its memory still coming in
+                conn.send_json(reply)
+            elif op == "filled":
+                # the source waits for this before it lets its copy go
+                state, why = self.fill_wait(staged, float(msg.get("timeout", 600)))
+                if state == "restored":
+                    conn.send_json({"ok": True})
+                else:
+                    # failed: the copy here was stopped, the source may resume (and the
+                    # staged copy goes with this session); still filling (timed out):
+                    # nobody knows yet, the source must wait
+                    if state == "failed":
+                        sess.restored = False
+                        log(f"{staged.mid}: {why}; the container here was stopped")
+                    conn.send_json({"error": f"restore failed on the destination: {why}",
+                                    "stopped": state == "failed"})
+                    return
             elif op == "wait":
                 deadline = time.monotonic() + float(msg.get("timeout", 300))
                 while True:
                     rec = staged.read() or {}
-                    if rec.get("state") == "restored":
+                    if rec.get("state") in ("restored", fill.FILLING):
                         sess.restored = True
-                        conn.send_json({"ok": True, "container": rec.get("container"),
-                                        "pid": rec.get("pid")})
+                        reply = {"ok": True, "container": rec.get("container"),
+                                 "pid": rec.get("pid")}
+                        if rec.get("state") == fill.FILLING:
+                            reply["filling"] = True
+                        conn.send_json(reply)
                         break
                     if rec.get("state") == "failed":
                         conn.send_json({"error": f"restore failed on the destination: "
@@ -565,12 +591,31 @@ class Agent:
                 return
             frames += 1
 
+    def fill_check(self, staged):
+        """One look at a local lazy restore's memory fill (migrt.agent.fill)."""
+        if self.privileged:
+            return self.privileged.fill(staged.mid)
+        return fill.check(staged, fill.runc_binary())
+
+    def fill_wait(self, staged, timeout):
+        deadline = time.monotonic() + timeout
+        while True:
+            state, why = self.fill_check(staged)
+            if state != fill.FILLING:
+                return state, why
+            if time.monotonic() > deadline:
+                return state, f"memory fill still running after {timeout:.0f}s"
+            time.sleep(0.02)
+
     def _status(self, conn, hello):
         mid = hello.get("mid")
         if not stg.valid_mid(mid):
             conn.send_json({"error": "bad migration id"})
             return
-        rec = stg.Staged(mid, self.staging).read()
+        staged = stg.Staged(mid, self.staging)
+        if (staged.read() or {}).get("state") == fill.FILLING:
+            self.fill_check(staged)             # moves it on if the daemon is done
+        rec = staged.read()
         reply = {"ok": True, "state": (rec or {}).get("state", "unknown"),
                  "container": (rec or {}).get("container")}
         # does the container run here? (migrt.recovery: a staged record is gone once

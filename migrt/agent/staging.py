@@ -120,7 +120,8 @@ def sweep(staging, ttl, active=(), startup=False, log=None):
         rec = s.read() or {}
         state = rec.get("state")
         age = now - rec.get("updated", rec.get("created", 0))
-        lazy_busy = state == "restored" and rec.get("lazy") and age < ttl
+        lazy_busy = (state == "restored" and rec.get("lazy") and age < ttl) \
+            or state == "filling"       # its image still feeds a running container
         # at startup a staged copy has lost its control session (the source rolls back
         # or asks for status, which then says "unknown"): nobody will restore it
         if (startup and state in ("receiving", "staged", None)) or (age > ttl and not lazy_busy) \

@@ -73,7 +73,8 @@ def print_report(r):
     click.echo(f"migrated {r['container']} to {r['to']} as {r.get('destination_id')} "
                f"({r['mode']} mode, migration {r.get('migration')})")
     order = ("precheck", "precopy", "freeze", "dump", "transfer", "transfer_after_dump",
-             "restore", "downtime", "pages_served_after_restore", "total")
+             "restore", "downtime", "fill_after_restore", "pages_served_after_restore",
+             "total")
     for k in order:
         if k in p:
             click.echo(f"  {k:<28} {p[k] * 1000:9.1f} ms")
@@ -83,5 +84,10 @@ def print_report(r):
                    + (f" (ratio {b['ratio']})" if "ratio" in b else ""))
     if r.get("mode") == "lazy":
         click.echo("  (lazy mode: once restored, a failure could not have been rolled back)")
+    elif "fill_after_restore" in p:
+        click.echo("  (the container ran once restored; its memory came in from the "
+                   "destination's copy after that, and the source went when it was all there)")
+    if r.get("network_lock"):
+        click.echo(f"  network lock during the dump: {r['network_lock']}")
     if r.get("warning"):
         click.echo(f"  warning: {r['warning']}")

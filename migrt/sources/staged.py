@@ -43,7 +43,15 @@ def resolve(rest, bundle):
     def on_restored(cid, pid):
         # the agent frees the images when the source releases the migration: freeing
         # hundreds of MiB of tmpfs here would only lengthen the downtime
-        s.update(state="restored", container=cid, pid=pid, lazy=bool(lazy))
+        fill = source.fill
+        if fill:
+            # running, its memory still coming in from the image: the agent says when
+            # it is all there (migrt.agent.fill), and only then may the source go
+            s.update(state="filling", container=cid, pid=pid, lazy=False,
+                     fill_pid=fill["pid"], fill_status=fill["status"], fill_log=fill["log"],
+                     root=fill["root"])
+        else:
+            s.update(state="restored", container=cid, pid=pid, lazy=bool(lazy))
 
     def on_failed(cid, msg):
         s.update(state="failed", error=msg)
@@ -55,7 +63,24 @@ def resolve(rest, bundle):
         if not all(os.path.isfile(p) for p in tls.values()):
             raise CheckpointError(f"staged:{rest}: lazy migration without its page-traffic "
                                   f"TLS identity ({s.tls_dir})")
-    return RestoreSource(s.image_dir, restore_flags=flags, lazy_address=lazy, lazy_tls=tls,
-                         prepare=prepare,
-                         on_restored=on_restored, on_failed=on_failed,
-                         description=f"staged:{rest}")
+    source = RestoreSource(s.image_dir, restore_flags=flags, lazy_address=lazy, lazy_tls=tls,
+                           lazy_local=not lazy and local_lazy(), prepare=prepare,
+                           on_restored=on_restored, on_failed=on_failed,
+                           description=f"staged:{rest}")
+    return source
+
+
+def local_lazy():
+    """Restore a staged full or pre-copy migration with lazy-pages from its own image:
+    CRIU restores everything but the memory, the container runs, and a local
+    `criu lazy-pages` fills the memory in from the staged image (on this 2-core node:
+    0.11 s to running instead of 0.20 s at 256 MiB and 0.70 s at 1 GiB; the fill takes
+    0.1 to 3 s after). MIGRT_EAGER_RESTORE=1 restores all of it first; a kernel without
+    userfaultfd always does."""
+    if os.environ.get("MIGRT_EAGER_RESTORE", "") not in ("", "0"):
+        return False
+    try:
+        from migrt.plugins import nodefacts
+        return bool((nodefacts.collect().get("criu_features") or {}).get("uffd-noncoop"))
+    except Exception:
+        return False

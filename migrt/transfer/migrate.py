@@ -261,6 +261,7 @@ class Migration:
         self.netlock = None             # CRIU's default until the precheck chooses
         self.dump_started = False
         self.dump_thread = None
+        self.filling = False
 
     # ------------------------------------------------------------ helpers
     def _t(self, name, t0):
@@ -637,6 +638,9 @@ class Migration:
             sys.stderr.flush()
             reply = self._request({"op": "wait", "timeout": self.opts.wait})
         self._t("restore", t0)
+        # running there, with its memory still streaming in from the staged image
+        # (migrt.sources.staged.local_lazy): the source stays until that is done
+        self.filling = bool(reply.get("filling"))
         self.report["destination_pid"] = reply.get("pid")
         self.report["destination_id"] = reply.get("container") or self.opts.new_id or self.cid
 
@@ -817,8 +821,52 @@ class Migration:
                 f"only if the destination has no copy")
         return outcome == "restored"
 
+    def _unfinished(self, reason):
+        return MigrationUnfinished(
+            f"migration of {self.cid} to {self.opts.to}: {reason} after the container "
+            f"started there; it keeps running there, and this node's copy is released by "
+            f"recovery (`migrt migrate` again, or this node's agent)"
+            + ("; the page server goes on serving its memory" if self.opts.mode == "lazy"
+               else ""))
+
+    def _await_fill(self):
+        """The destination runs the container and fills its memory in from the staged
+        image: the source may go only once that is over. A failed fill has stopped the
+        destination's copy: the source resumes."""
+        self.phase = "memory fill on the destination"
+        t0 = time.monotonic()
+        try:
+            self.ctl.send_json({"op": "filled", "timeout": 600})
+            kind, msg = self.ctl.read_frame()
+        except (wire.ProtocolError, OSError) as e:
+            outcome = self.ask_status()
+            if outcome == "not restored":
+                self._fail(f"lost contact during the memory fill ({e}), and the destination "
+                           f"has no running copy")
+            if outcome is None:
+                raise MigrationInDoubt(
+                    f"migration of {self.cid} to {self.opts.to}: lost contact while the "
+                    f"destination filled the container's memory ({e}); its outcome is "
+                    f"unknown, so the source is left frozen (runc pause)")
+        else:
+            if kind != b"J" or msg.get("error"):
+                err = msg.get("error") if isinstance(msg, dict) else "bad reply"
+                if isinstance(msg, dict) and msg.get("stopped"):
+                    self._fail(err)
+                raise MigrationInDoubt(
+                    f"migration of {self.cid} to {self.opts.to}: {err}; the source is left "
+                    f"frozen (runc pause) until the destination's copy is known to run or "
+                    f"to be gone")
+        self._t("fill_after_restore", t0)
+        self.report["memory_fill"] = "from the destination's staged image, after the restore"
+
     def _finish(self, t_start, t_freeze):
         self.phases["downtime"] = round(time.monotonic() - t_freeze, 4)
+        if self.filling:
+            try:
+                self._await_fill()
+            except (KeyboardInterrupt, Interrupted) as e:
+                raise self._unfinished(_interruption(e))
         if getattr(self, "checkpoint_hooks", False):
             self.checkpoint_hooks = False
             try:
@@ -838,13 +886,7 @@ class Migration:
             else:
                 self.release_source()
         except (KeyboardInterrupt, Interrupted) as e:
-            reason = _interruption(e)
-            raise MigrationUnfinished(
-                f"migration of {self.cid} to {self.opts.to}: {reason} after the container "
-                f"started there; it keeps running there, and this node's copy is released by "
-                f"recovery (`migrt migrate` again, or this node's agent)"
-                + ("; the page server goes on serving its memory" if self.opts.mode == "lazy"
-                   else ""))
+            raise self._unfinished(_interruption(e))
         self._t("total", t_start)
         b = self.report["bytes"]
         if b.get("wire"):

@@ -432,6 +432,47 @@ def test_restore_failing_on_destination_rolls_back(two_nodes):
     assert_destination_clean(n, ag)
 
 
+@pytest.mark.parametrize("eager", [False, True])
+def test_full_mode_runs_before_its_memory_is_back_and_the_source_waits_for_it(two_nodes,
+                                                                             eager):
+    """A staged full migration is restored with lazy-pages from the staged image: the
+    downtime ends when the container runs, its memory comes in from the destination's
+    tmpfs after that, and the source goes only once all of it is there (the report
+    says how long that took). MIGRT_EAGER_RESTORE=1 on the destination restores all of
+    it first."""
+    n = two_nodes
+    ag = n.agent({"MIGRT_EAGER_RESTORE": "1"} if eager else None)
+    bundle, out = n.source()
+    p, rep = n.migrate(ag, "ctr", bundle=n.dest_bundle())
+    assert p.returncode == 0, p.stderr + ag.log()
+    assert ("fill_after_restore" in rep["phases"]) is (not eager), rep["phases"]
+    assert n.a.state("ctr") is None
+    c1 = dest_count(n)
+    ocitest.wait_for(lambda: dest_count(n) > c1 + 2, what="counter going on at the destination")
+    log = n.b.exec_out("ctr", "cat", "/data/counter.log").split()
+    assert [int(x) for x in log] == list(range(1, len(log) + 1))
+    assert not ag.staged(), ag.staged()
+
+
+def test_failed_memory_fill_stops_the_destination_and_resumes_the_source(two_nodes, tmp_path):
+    """The destination runs the container before its memory is all back; if the fill
+    then fails (here: criu lazy-pages reports failure once it is done), that copy may be
+    missing pages, so it is stopped and the source, still frozen, resumes: one copy."""
+    n = two_nodes
+    wrapper = tmp_path / "criu-fails-fill"
+    wrapper.write_text('#!/bin/sh\nif [ "$1" = lazy-pages ]; then criu "$@"; exit 7; fi\n'
+                       'exec criu "$@"\n')
+    wrapper.chmod(0o755)
+    ag = n.agent({"MIGRT_CRIU": str(wrapper)})
+    bundle, out = n.source()
+    p, _ = n.migrate(ag, "ctr", bundle=n.dest_bundle())
+    assert p.returncode == 4, p.stderr + ag.log()
+    assert "memory fill from the staged image failed" in p.stderr and "exited 7" in p.stderr
+    assert "source was resumed" in p.stderr and len(p.stderr.strip().splitlines()) == 1
+    assert_source_running(n, out)
+    assert_destination_clean(n, ag)
+
+
 def test_lazy_restores_at_once_and_pages_follow(two_nodes):
     """--lazy: only the non-memory state moves while frozen; the destination runs at once
     and takes its memory from the source's page server; the source goes when all is served."""

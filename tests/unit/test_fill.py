@@ -1,0 +1,85 @@
+"""migrt.agent.fill: when is the memory of a local lazy restore all back, and what
+happens when the daemon that brings it in fails (no root, no CRIU: a stand-in daemon
+that is a real process named like one, and a stand-in runc that records its call)."""
+import os
+import subprocess
+import sys
+
+import pytest
+
+from migrt.agent import fill, staging as stg
+
+
+@pytest.fixture
+def staged(tmp_path):
+    s = stg.Staged(stg.new_mid(), str(tmp_path / "staging"), str(tmp_path / "disk"))
+    s.create(container="web")
+    return s
+
+
+@pytest.fixture
+def runc(tmp_path):
+    log = tmp_path / "runc.calls"
+    path = tmp_path / "runc"
+    path.write_text(f'#!/bin/sh\necho "$@" >> {log}\n')
+    path.chmod(0o755)
+    return str(path), log
+
+
+def daemon(status_path, code, wait_for):
+    """A process whose command line says lazy-pages, as the shell around the real
+    daemon does; it writes `code` where the fill status goes once `wait_for` exists."""
+    prog = ("import os, sys, time\n"
+            "while not os.path.exists(sys.argv[3]): time.sleep(0.01)\n"
+            "open(sys.argv[1], 'w').write(sys.argv[2])\n")
+    return subprocess.Popen([sys.executable, "-c", prog, status_path, code, wait_for,
+                             "lazy-pages"])
+
+
+def filling(staged, tmp_path, proc):
+    staged.update(state=fill.FILLING, container="web", root=str(tmp_path / "root"),
+                  fill_pid=proc.pid, fill_status=str(tmp_path / "status"),
+                  fill_log=str(tmp_path / "lazy-pages.log"))
+
+
+def test_filling_until_the_daemon_is_done_then_restored(staged, tmp_path, runc):
+    go = tmp_path / "go"
+    p = daemon(str(tmp_path / "status"), "0", str(go))
+    filling(staged, tmp_path, p)
+    assert fill.check(staged, runc[0]) == (fill.FILLING, None)
+    go.touch()
+    p.wait(10)
+    assert fill.check(staged, runc[0]) == ("restored", None)
+    assert staged.read()["state"] == "restored"
+    assert not runc[1].exists()                   # nothing was stopped
+
+
+def test_a_failed_fill_stops_the_copy_and_says_why(staged, tmp_path, runc):
+    (tmp_path / "lazy-pages.log").write_text(
+        "(00.1) Warn: something\n(00.2) Error (criu/uffd.c:1): uffd: no page for 7f00\n")
+    go = tmp_path / "go"
+    go.touch()
+    p = daemon(str(tmp_path / "status"), "1", str(go))
+    filling(staged, tmp_path, p)
+    p.wait(10)
+    state, why = fill.check(staged, runc[0])
+    assert state == "failed"
+    assert "criu lazy-pages exited 1" in why and "no page for 7f00" in why
+    assert runc[1].read_text().split() == ["--root", str(tmp_path / "root"), "delete",
+                                           "--force", "web"]
+    assert staged.read()["state"] == "failed" and staged.read()["error"] == why
+
+
+def test_a_daemon_killed_before_it_could_say_counts_as_failed(staged, tmp_path, runc):
+    p = subprocess.Popen(["sleep", "30"])
+    filling(staged, tmp_path, p)
+    # a live process that is not a lazy-pages daemon (a reused pid) does not count
+    state, why = fill.check(staged, runc[0])
+    assert state == "failed" and "was killed" in why
+    p.kill()
+    p.wait()
+
+
+def test_other_states_pass_through(staged, runc):
+    staged.update(state="staged")
+    assert fill.check(staged, runc[0]) == ("staged", None)
