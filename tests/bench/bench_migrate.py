@@ -274,6 +274,11 @@ def main():
                 if mode == "lazy":
                     note += (f"; pages served {ph.get('pages_served_after_restore', 0):.2f}s "
                              f"after the restore")
+                elif "fill_after_restore" in ph:
+                    # running once restored; the memory came in from the destination's
+                    # staged copy after that, before the source went
+                    note += (f"; memory filled in {ph['fill_after_restore']:.2f}s after the "
+                             f"restore")
                 rows.append((mib, f"migrt migrate ({mode})", med, med / floor, by.get("image"),
                              by.get("wire"), rep.get("throughput_MBps"), note + _spread(dts)))
             if not args.no_podman:
