@@ -112,6 +112,9 @@ def wait_exit(proc, timeout):
     return proc.wait()
 
 
+WATCHDOG_STOPPED = []      # why _criu_watchdog stopped a restore in this process
+
+
 def _criu_watchdog(proc, lazy=None):
     """Make a dead CRIU fail the restore instead of hanging it.
 
@@ -167,13 +170,18 @@ def _criu_watchdog(proc, lazy=None):
             victims = []
             if lazy_failed:
                 victims = ([main] if alive else []) + tasks
+                why = f"the lazy-pages daemon exited {lazy.returncode}"
             elif tasks and (zombie or (main is not None and not alive)):
                 now = time.monotonic()
                 stuck_since = stuck_since or now
                 if now - stuck_since > 1.0:
                     victims = tasks
+                    why = ("CRIU's main process was gone while restored tasks waited for it "
+                           "(over 1 s)")
             else:
                 stuck_since = None
+            if victims and why not in WATCHDOG_STOPPED:
+                WATCHDOG_STOPPED.append(why)       # the failed restore's message says so
             for k in victims:
                 try:
                     k.kill()
@@ -273,6 +281,8 @@ def failure_message(what, log, offset, criu_log):
         parts.append(f"CRIU log {criu_log}: " + "; ".join(errs))
     elif os.path.exists(criu_log):
         parts.append(f"CRIU log {criu_log}")
+    if WATCHDOG_STOPPED:
+        parts.append("migrt stopped the restore's tasks: " + "; ".join(WATCHDOG_STOPPED))
     return ": ".join(parts[:1]) + ("; " + "; ".join(parts[1:]) if len(parts) > 1 else "")
 
 
