@@ -322,8 +322,10 @@ class Agent:
         # a staged copy sent for one bundle must not be restored into another
         # (migrt.sources.staged): another pod must not take this workload's memory
         for_bundle = msg.get("bundle") if isinstance(msg.get("bundle"), str) else None
+        caps = msg.get("caps") if isinstance(msg.get("caps"), list) else []
         staged.create(source=f"{peer[0]}", container=msg.get("container"), mode=msg.get("mode"),
-                      for_bundle=os.path.abspath(for_bundle) if for_bundle else None)
+                      for_bundle=os.path.abspath(for_bundle) if for_bundle else None,
+                      fill_ok="fill" in caps)
         if page_tls:
             pagetls.write(staged.tls_dir, *page_tls)
         stage = receiver.Stage(staged.image_dir, staged.rootfs_dir, quota=self.quota)
@@ -424,6 +426,9 @@ class Agent:
             elif op == "release":
                 # (lazy mode: the source releases only once its page server has served
                 # every page, so nothing here is read any more)
+                if (staged.read() or {}).get("state") == fill.FILLING:
+                    # the image still feeds the container's memory: not before that ends
+                    self.fill_wait(staged, 600)
                 staged.update(state="done")
                 staged.remove()
                 conn.send_json({"ok": True})

@@ -64,10 +64,15 @@ def resolve(rest, bundle):
             raise CheckpointError(f"staged:{rest}: lazy migration without its page-traffic "
                                   f"TLS identity ({s.tls_dir})")
     source = RestoreSource(s.image_dir, restore_flags=flags, lazy_address=lazy, lazy_tls=tls,
-                           lazy_local=not lazy and local_lazy(), prepare=prepare,
+                           lazy_local=fill_locally(rec), prepare=prepare,
                            on_restored=on_restored, on_failed=on_failed,
                            description=f"staged:{rest}")
     return source
+
+
+def fill_locally(rec):
+    """Should this staged migration's memory be filled in after the container runs?"""
+    return not rec.get("lazy_address") and bool(rec.get("fill_ok")) and local_lazy()
 
 
 def local_lazy():
@@ -76,7 +81,8 @@ def local_lazy():
     `criu lazy-pages` fills the memory in from the staged image (on this 2-core node:
     0.11 s to running instead of 0.20 s at 256 MiB and 0.70 s at 1 GiB; the fill takes
     0.1 to 3 s after). MIGRT_EAGER_RESTORE=1 restores all of it first; a kernel without
-    userfaultfd always does."""
+    userfaultfd always does, and so does a migration from a `migrt migrate` that does
+    not wait for the fill (the staged record's `fill_ok`, from its precheck)."""
     if os.environ.get("MIGRT_EAGER_RESTORE", "") not in ("", "0"):
         return False
     try:

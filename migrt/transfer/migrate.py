@@ -365,7 +365,10 @@ class Migration:
         req = {"op": "precheck", "container": self.cid, "mode": self.opts.mode,
                "node": mf.node_info(), "estimate": self.estimate,
                "bundle": self.opts.bundle, "root": self.opts.dest_root,
-               "id": self.opts.new_id or self.cid}
+               "id": self.opts.new_id or self.cid,
+               # this migrate waits for a lazy restore's memory fill before it lets the
+               # source go (an older one would release it, and the staged image, at once)
+               "caps": ["fill"]}
         if self.opts.mode == "lazy":
             # the page server's TLS identity, and the agent's in the reply (migrt.pagetls)
             from migrt import pagetls

@@ -83,3 +83,21 @@ def test_a_daemon_killed_before_it_could_say_counts_as_failed(staged, tmp_path, 
 def test_other_states_pass_through(staged, runc):
     staged.update(state="staged")
     assert fill.check(staged, runc[0]) == ("staged", None)
+
+
+def test_only_a_source_that_waits_for_the_fill_gets_one(monkeypatch):
+    """An older `migrt migrate` releases the source, and the staged image, as soon as
+    the container runs: its migrations are restored with all their memory first."""
+    from migrt.sources import staged as src
+    monkeypatch.setattr(src, "local_lazy", lambda: True)
+    assert src.fill_locally({"fill_ok": True})
+    assert not src.fill_locally({})                                   # no caps: older
+    assert not src.fill_locally({"fill_ok": True, "lazy_address": "10.0.0.1:7071"})
+    monkeypatch.setattr(src, "local_lazy", lambda: False)             # eager node
+    assert not src.fill_locally({"fill_ok": True})
+
+
+def test_eager_restore_setting(monkeypatch):
+    from migrt.sources import staged as src
+    monkeypatch.setenv("MIGRT_EAGER_RESTORE", "1")
+    assert src.local_lazy() is False
