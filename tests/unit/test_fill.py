@@ -4,6 +4,7 @@ that is a real process named like one, and a stand-in runc that records its call
 import os
 import subprocess
 import sys
+import time
 
 import pytest
 
@@ -32,8 +33,13 @@ def daemon(status_path, code, wait_for):
     prog = ("import os, sys, time\n"
             "while not os.path.exists(sys.argv[3]): time.sleep(0.01)\n"
             "open(sys.argv[1], 'w').write(sys.argv[2])\n")
-    return subprocess.Popen([sys.executable, "-c", prog, status_path, code, wait_for,
-                             "lazy-pages"])
+    p = subprocess.Popen([sys.executable, "-c", prog, status_path, code, wait_for,
+                          "lazy-pages"])
+    end = time.monotonic() + 10          # (a fork not yet exec'd shows its parent's line)
+    while p.poll() is None and b"lazy-pages" not in open(f"/proc/{p.pid}/cmdline", "rb").read():
+        assert time.monotonic() < end
+        time.sleep(0.005)
+    return p
 
 
 def filling(staged, tmp_path, proc):
