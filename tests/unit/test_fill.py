@@ -27,6 +27,19 @@ def runc(tmp_path):
     return str(path), log
 
 
+@pytest.fixture(autouse=True)
+def no_leftover_daemons():
+    yield
+    for p in STARTED:                    # a failed test must not leave one waiting
+        if p.poll() is None:
+            p.kill()
+            p.wait()
+    STARTED.clear()
+
+
+STARTED = []
+
+
 def daemon(status_path, code, wait_for):
     """A process whose command line says lazy-pages, as the shell around the real
     daemon does; it writes `code` where the fill status goes once `wait_for` exists."""
@@ -35,6 +48,7 @@ def daemon(status_path, code, wait_for):
             "open(sys.argv[1], 'w').write(sys.argv[2])\n")
     p = subprocess.Popen([sys.executable, "-c", prog, status_path, code, wait_for,
                           "lazy-pages"])
+    STARTED.append(p)
     end = time.monotonic() + 10          # (a fork not yet exec'd shows its parent's line)
     while p.poll() is None and b"lazy-pages" not in open(f"/proc/{p.pid}/cmdline", "rb").read():
         assert time.monotonic() < end
