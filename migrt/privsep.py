@@ -123,7 +123,7 @@ class RootHelper:
             raise Refused("not a migration id")
         staged = stg.Staged(mid, self.agent.staging)
         try:
-            return fill.check(staged, fill.runc_binary())
+            return fill.check(staged)
         finally:
             self._give_back(staged.dir)
 

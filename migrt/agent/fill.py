@@ -37,9 +37,10 @@ def _errors(log, limit=3):
         return []
 
 
-def check(staged, runc="runc"):
+def check(staged, runc=None):
     """(state, error): `filling`, `restored` or `failed` (or the record's own state if
-    it is not filling). A failed fill stops the destination copy first."""
+    it is not filling). A failed fill stops the destination copy first (with `runc`,
+    default migrt.fast.runc_path())."""
     rec = staged.read() or {}
     state = rec.get("state")
     if state != FILLING:
@@ -61,15 +62,11 @@ def check(staged, runc="runc"):
     cid, root = rec.get("container"), rec.get("root")
     if cid and root:
         # a copy with part of its memory missing must not run on: the source resumes
+        if runc is None:
+            from migrt.fast import runc_path
+            runc = runc_path()
         subprocess.run([runc, "--root", root, "delete", "--force", cid],
                        capture_output=True, timeout=60)
     staged.update(state="failed", error=why)
     return "failed", why
 
-
-def runc_binary():
-    from migrt.fast import runc_path
-    try:
-        return runc_path()
-    except Exception:
-        return "runc"

@@ -600,7 +600,7 @@ class Agent:
         """One look at a local lazy restore's memory fill (migrt.agent.fill)."""
         if self.privileged:
             return self.privileged.fill(staged.mid)
-        return fill.check(staged, fill.runc_binary())
+        return fill.check(staged)
 
     def fill_wait(self, staged, timeout):
         deadline = time.monotonic() + timeout

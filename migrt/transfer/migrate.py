@@ -320,7 +320,7 @@ class Migration:
     def _clear_netlock(self):
         """A CRIU that died between locking and unlocking the network (killed, or
         stopped with its runc) leaves the container cut off: undo that before it resumes."""
-        if not getattr(self, "dump_started", False):
+        if not self.dump_started:
             return
         th = self.dump_thread
         if th is not None:
@@ -336,6 +336,12 @@ class Migration:
             return
         if removed:
             self.report["network_unlocked"] = removed
+
+    def _abort_precheck(self):
+        """Refused after the destination's precheck: it drops what it staged for us."""
+        self.ctl.send_json({"op": "abort"})
+        self.ctl.close()
+        self.ctl = None
 
     def _cleanup_local(self, keep_logs=False):
         if self.work and not self.opts.keep_image:
@@ -388,9 +394,7 @@ class Migration:
             try:
                 self.page_tls += (pagetls.peer_cert(reply.get("page_tls_cert")),)
             except ValueError as e:
-                self.ctl.send_json({"op": "abort"})
-                self.ctl.close()
-                self.ctl = None
+                self._abort_precheck()
                 raise RefusedError(f"destination {self.opts.to} cannot take {self.cid} with "
                                    f"--lazy: {e}; nothing was frozen")
         self.report["migration"] = self.mid
@@ -400,17 +404,13 @@ class Migration:
         try:
             self.plugins.pre_migrate({"address": self.opts.to, "facts": reply.get("facts")})
         except MigrtError:
-            self.ctl.send_json({"op": "abort"})
-            self.ctl.close()
-            self.ctl = None
+            self._abort_precheck()
             raise
         try:
             from migrt.plugins import nodefacts
             self.netlock = netlock.choose(nodefacts.collect(), reply.get("facts"))
         except ValueError as e:
-            self.ctl.send_json({"op": "abort"})
-            self.ctl.close()
-            self.ctl = None
+            self._abort_precheck()
             raise RefusedError(f"{e}; nothing was frozen")
         self.report["network_lock"] = self.netlock
         if self.opts.level == "auto":
