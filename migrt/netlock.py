@@ -57,7 +57,12 @@ def conf_lines(method):
 _CLEAR = r"""
 import ctypes, json, os, subprocess, sys
 fd = os.open(sys.argv[1], os.O_RDONLY | os.O_CLOEXEC)
-os.setns(fd, os.CLONE_NEWNET)
+if hasattr(os, "setns"):
+    os.setns(fd, os.CLONE_NEWNET)
+else:                               # Python 3.11 (Debian 12) has no os.setns
+    libc = ctypes.CDLL(None, use_errno=True)
+    if libc.setns(fd, 0x40000000) != 0:                 # CLONE_NEWNET
+        raise OSError(ctypes.get_errno(), "setns: " + os.strerror(ctypes.get_errno()))
 try:
     nft = ctypes.CDLL("libnftables.so.1")
 except OSError:
