@@ -65,7 +65,7 @@ trap cleanup EXIT
 # priority 100. Stop that: remove the source file it wrote, and its pin with it unless
 # some other source still names trixie (without the pin that source would take over the
 # node at apt's default priority). Nothing is downgraded: packages that already came from
-# trixie stay as they are (see README, "Upgrading from an install that used trixie").
+# trixie stay as they are (see README, "What the install does to a node").
 if [ -f /etc/apt/sources.list.d/migrt-trixie.sources ]; then
     rm -f /etc/apt/sources.list.d/migrt-trixie.sources
     log "removed /etc/apt/sources.list.d/migrt-trixie.sources (an older install's trixie source)"
@@ -88,12 +88,13 @@ private_apt_init() {    # DIR "deb-src|deb" SUITE
     chown -R _apt "$d/lists/partial" "$d/cache/archives/partial" 2>/dev/null || true
     echo "$2 [signed-by=$KEYRING] $MIRROR $3 main" > "$d/sources.list"
 }
-private_apt() {         # DIR apt-get-args...
+private_apt() {         # DIR apt-get-args...   (private_apt_cache: the same for apt-cache)
     local d=$1; shift
-    apt-get -o Dir::Etc::SourceList="$d/sources.list" -o Dir::Etc::SourceParts="$d/parts" \
-        -o Dir::State::Lists="$d/lists" -o Dir::Cache="$d/cache" \
-        -o Dir::Cache::pkgcache= -o Dir::Cache::srcpkgcache= "$@"
+    ${private_tool:-apt-get} -o Dir::Etc::SourceList="$d/sources.list" \
+        -o Dir::Etc::SourceParts="$d/parts" -o Dir::State::Lists="$d/lists" \
+        -o Dir::Cache="$d/cache" -o Dir::Cache::pkgcache= -o Dir::Cache::srcpkgcache= "$@"
 }
+private_apt_cache() { private_tool=apt-cache private_apt "$@"; }
 
 criu_version() { "${1:-$CRIU}" --version 2>/dev/null | sed -n 's/^Version: *//p'; }
 
@@ -107,7 +108,7 @@ criu_version() { "${1:-$CRIU}" --version 2>/dev/null | sed -n 's/^Version: *//p'
 # verified with Debian's archive keyring; the SHA-256 is checked once more here against
 # that same index.
 sid_source() {
-    local w=$1 pkg=$2 ver=$3 want tarball sum dir
+    local w=$1 pkg=$2 ver=$3 want= v tarball= sum= dir
     if [ ! -d "$w/apt" ]; then
         private_apt_init "$w/apt" deb-src sid
         chmod 755 "$w"
@@ -118,28 +119,36 @@ sid_source() {
             return 1
         fi
     fi
-    mkdir -p "$w/src" "$w/empty" || return 1
-    chmod 755 "$w/src"
-    want="$pkg=$ver"
-    if ! (cd "$w/empty" && private_apt "$w/apt" -qq --print-uris source --tar-only "$want" >/dev/null 2>&1); then
-        want=$pkg
-        log "sid no longer has $pkg $ver; taking sid's $pkg" \
-            "$(private_apt "$w/apt" -qq --print-uris source --tar-only "$pkg" 2>/dev/null | awk '{print $2}' | head -1)"
-    fi
-    (cd "$w/src" && private_apt "$w/apt" source -qq --download-only --tar-only "$want" \
-        >"$w/source-$pkg.log" 2>&1) || {
+    mkdir -p "$w/src/$pkg.dl" "$w/empty" || return 1
+    chmod 755 "$w/src" "$w/src/$pkg.dl"
+    # VERSION first, then the other versions sid's index lists, newest first (sid moves
+    # on; a mirror may lack a file the index still names)
+    for v in $( { echo "$ver"; private_apt_cache "$w/apt" showsrc "$pkg" 2>/dev/null \
+                    | sed -n 's/^Version: *//p' | sort -rV; } | awk '!seen[$0]++'); do
+        # --print-uris leaves out files already in the current directory: ask from an empty one
+        read -r tarball sum < <(cd "$w/empty" && private_apt "$w/apt" -qq --print-uris source --tar-only \
+            "$pkg=$v" 2>/dev/null | awk '$2 ~ /\.orig\.tar\.[a-z0-9]+$/ && $4 ~ /^SHA256:/ \
+            {sub(/^SHA256:/, "", $4); print $2, $4; exit}') || true
+        if [ -z "${tarball:-}" ]; then
+            log "sid's index has no $pkg $v"
+            continue
+        fi
+        if (cd "$w/src/$pkg.dl" && private_apt "$w/apt" source -qq --download-only --tar-only "$pkg=$v" \
+                >"$w/source-$pkg.log" 2>&1); then
+            want=$v
+            break
+        fi
         sed 's/^/  /' "$w/source-$pkg.log" >&2
-        log "could not fetch $want's source from sid ($MIRROR)"
-        return 1
-    }
-    # --print-uris leaves out files already in the current directory: ask from an empty one
-    read -r tarball sum < <(cd "$w/empty" && private_apt "$w/apt" -qq --print-uris source --tar-only "$want" \
-        2>/dev/null | awk '$2 ~ /\.orig\.tar\.[a-z0-9]+$/ && $4 ~ /^SHA256:/ {sub(/^SHA256:/, "", $4); print $2, $4; exit}')
-    if [ -z "${tarball:-}" ] || [ -z "${sum:-}" ] || ! (cd "$w/src" && echo "$sum  $tarball" | sha256sum -c --quiet - >&2); then
-        log "$pkg's source tarball '${tarball:-}' does not match sid's signed index (sha256 ${sum:-?})"
+        log "could not fetch $pkg $v's source from $MIRROR; trying another version sid lists"
+        rm -f "$w/src/$pkg.dl/"*
+    done
+    [ -n "$want" ] || { log "no source of $pkg could be fetched from sid ($MIRROR)"; return 1; }
+    [ "$want" = "$ver" ] || log "building $pkg $want (sid's), not $ver"
+    if ! (cd "$w/src/$pkg.dl" && echo "$sum  $tarball" | sha256sum -c --quiet - >&2); then
+        log "$pkg's source tarball $tarball does not match sid's signed index (sha256 $sum)"
         return 1
     fi
-    mkdir "$w/src/$pkg" && tar -C "$w/src/$pkg" -xf "$w/src/$tarball" || return 1
+    mkdir "$w/src/$pkg" && tar -C "$w/src/$pkg" -xf "$w/src/$pkg.dl/$tarball" || return 1
     dir=$(find "$w/src/$pkg" -mindepth 1 -maxdepth 1 -type d | head -1)
     [ -n "$dir" ] || { log "no directory in $tarball"; return 1; }
     echo "$dir"
@@ -192,8 +201,6 @@ build_criu() {
     local w dir got
     w=$(mktemp -d /var/tmp/migrt-criu.XXXXXX); tmpdirs+=("$w")
     log "building CRIU $CRIU_VERSION from Debian sid's source package criu $CRIU_SOURCE"
-    # shellcheck disable=SC2086
-    build_deps_install $criu_build_deps
     dir=$(sid_source "$w" criu "$CRIU_SOURCE") || exit 1
     if ! make -C "$dir" -j"$(nproc)" criu >"$w/build.log" 2>&1; then
         tail -30 "$w/build.log" | sed 's/^/  /' >&2
@@ -206,7 +213,7 @@ build_criu() {
     fi
     install -D -m 0755 "$dir/criu/criu" "$CRIU.new"
     mv -f "$CRIU.new" "$CRIU"
-    build_deps_cleanup "$CRIU"
+    built+=("$CRIU")
     log "CRIU $got installed as $CRIU"
 }
 
@@ -215,7 +222,7 @@ build_criu() {
 # Python lacks it (Debian 12: 3.11), CPython 3.13 is built from sid's python3.13 source
 # into $PREFIX/python (private to migrt: nothing else on the node uses it), with the
 # release's gcc and -dev packages, and the venv is made from it.
-PY_SOURCE=${MIGRT_PYTHON_SOURCE:-3.13.18-1}
+PY_SOURCE=${MIGRT_PYTHON_SOURCE:-3.13.15-1}
 PY_PRIVATE=$PREFIX/python/bin/python3.13
 py_has_psk() { "$1" -I -c 'import ssl, sys; sys.exit(0 if getattr(ssl, "HAS_PSK", False) and sys.version_info >= (3, 13) else 1)' 2>/dev/null; }
 py_build_deps="gcc libc6-dev make pkgconf xz-utils libssl-dev zlib1g-dev libffi-dev libbz2-dev
@@ -226,8 +233,6 @@ build_python() {
     w=$(mktemp -d /var/tmp/migrt-python.XXXXXX); tmpdirs+=("$w")
     log "building Python 3.13 from Debian sid's source package python3.13 $PY_SOURCE into" \
         "$PREFIX/python (this release's python3 has no TLS-PSK; a few minutes)"
-    # shellcheck disable=SC2086
-    build_deps_install $py_build_deps
     dir=$(sid_source "$w" python3.13 "$PY_SOURCE") || exit 1
     rm -rf "$PREFIX/python.new"
     if ! (cd "$dir" && ./configure -q --prefix="$PREFIX/python" --with-ensurepip=no \
@@ -242,7 +247,7 @@ build_python() {
     mv "$PREFIX/python.new.d$PREFIX/python" "$PREFIX/python"
     rm -rf "$PREFIX/python.new.d" "$PREFIX/python.old"
     py_has_psk "$PY_PRIVATE" || { log "the Python built has no ssl.HAS_PSK"; exit 1; }
-    build_deps_cleanup "$PY_PRIVATE" "$PREFIX"/python/lib/python3.13/lib-dynload/*.so
+    built+=("$PY_PRIVATE" "$PREFIX"/python/lib/python3.13/lib-dynload/*.so)
     log "Python $("$PY_PRIVATE" -c 'import platform; print(platform.python_version())') installed in $PREFIX/python"
 }
 
@@ -290,11 +295,23 @@ if [ -z "${MIGRT_NO_TEST_DEPS:-}" ]; then
     fi
 fi
 
-if dpkg --compare-versions "$(criu_version)" ge "$CRIU_VERSION" 2>/dev/null; then
-    :   # built before: nothing to do
-else
-    if [ -x "$CRIU" ]; then log "replacing $CRIU (version $(criu_version))"; fi
-    build_criu
+# The builds (CRIU always, Python where needed) share one install of build packages and
+# one clean-up. Keyed on versions: a second run builds nothing.
+need_criu=; need_python=
+dpkg --compare-versions "$(criu_version)" ge "$CRIU_VERSION" 2>/dev/null || need_criu=1
+if ! py_has_psk /usr/bin/python3 && ! { [ -x "$PY_PRIVATE" ] && py_has_psk "$PY_PRIVATE"; }; then
+    need_python=1
+fi
+built=()
+if [ -n "$need_criu$need_python" ]; then
+    # shellcheck disable=SC2086
+    build_deps_install ${need_criu:+$criu_build_deps} ${need_python:+$py_build_deps}
+    if [ -n "$need_criu" ]; then
+        if [ -x "$CRIU" ]; then log "replacing $CRIU (version $(criu_version))"; fi
+        build_criu
+    fi
+    [ -z "$need_python" ] || build_python
+    build_deps_cleanup "${built[@]}"
 fi
 if [ "$(command -v criu)" != "$CRIU" ]; then
     log "note: 'criu' on this shell's PATH is $(command -v criu || echo none); migrt and the"\
@@ -340,7 +357,6 @@ fi
 if py_has_psk /usr/bin/python3; then
     PY=/usr/bin/python3
 else
-    [ -x "$PY_PRIVATE" ] && py_has_psk "$PY_PRIVATE" || build_python
     PY=$PY_PRIVATE
 fi
 if [ -x "$PREFIX/venv/bin/python" ] && ! py_has_psk "$PREFIX/venv/bin/python"; then
