@@ -62,6 +62,11 @@ tar -C "$src" --exclude=.git --exclude=__pycache__ -cf - . | tar -C "$dir/src" -
 cp /etc/resolv.conf "$dir/etc/"
 # the host's CA bundle and pip settings, for sites that reach PyPI through a proxy
 cp /etc/ssl/certs/ca-certificates.crt "$dir/etc/ssl/certs/" 2>/dev/null || true
+# (and the site's own CAs, which update-ca-certificates keeps when ca-certificates comes in)
+if [ -d /usr/local/share/ca-certificates ]; then
+    mkdir -p "$dir/usr/local/share/ca-certificates"
+    cp -a /usr/local/share/ca-certificates/. "$dir/usr/local/share/ca-certificates/"
+fi
 [ -f /etc/pip.conf ] && cp /etc/pip.conf "$dir/etc/"
 # and the host's apt policy on stale indexes (a site whose mirror is a snapshot turns
 # Acquire::Check-Valid-Until off; the fresh root must see the mirror as the host does)

@@ -14,6 +14,9 @@
 # PATH and where migrt always looks first (migrt/fast.py criu_path). The build-only
 # packages it added are purged again; the libraries criu links to stay, marked manually
 # installed. Debian's own criu package, if installed, is left alone and not used.
+# Where the release's python3 is older than 3.13 (Debian 12), CPython 3.13 is built the
+# same way from sid's python3.13 source into $PREFIX/python for migrt's venv (see
+# build_python: the wire needs TLS-PSK).
 #
 # Idempotent: running it again only checks (the CRIU build is keyed on its version).
 # Environment:
@@ -21,6 +24,7 @@
 #   MIGRT_BIN      where the `migrt` launcher goes (default /usr/local/bin)
 #   MIGRT_NO_TEST_DEPS=1  skip containerd/podman/pytest/workloads (node install only)
 #   MIGRT_CRIU_SOURCE     Debian source version of criu to build (default 4.2.1-1)
+#   MIGRT_PYTHON_SOURCE   ... of python3.13, where one is built (default 3.13.15-1)
 #   MIGRT_DEBIAN_MIRROR   where sid's (and trixie's) indexes come from
 #                         (default http://deb.debian.org/debian)
 set -euo pipefail
