@@ -256,13 +256,14 @@ build_python() {
 }
 
 # runc and iptables (CRIU's network lock runs iptables-restore; it saves a network
-# namespace's routes with ip) from the node's own release.
+# namespace's routes with ip) from the node's own release. Without recommends: Debian
+# 13's runc recommends its criu (4.1.1), which migrt does not use.
 base_pkgs="runc iptables iproute2"
 missing=$(missing_pkgs $base_pkgs)
 if [ -n "$missing" ]; then
     apt_update
     log "installing: $missing"
-    apt-get install -y -qq $missing >/dev/null
+    apt-get install -y -qq --no-install-recommends $missing >/dev/null
 fi
 # The venv's Python: the release's own where it is 3.13 or later (Debian 13), else a
 # private build (see build_python).

@@ -22,7 +22,7 @@ SCRIPT = os.path.join(HERE, "..", "..", "packaging", "check-fresh-install.sh")
 def test_install_on_a_fresh_root_only_adds_packages(release, python, tmp_path):
     report = tmp_path / "report.json"
     p = subprocess.run(["bash", SCRIPT, release, str(report)], capture_output=True,
-                       text=True, timeout=1800)
+                       text=True, timeout=3600)
     print(p.stderr)
     assert report.exists(), p.stderr[-3000:]
     r = json.loads(report.read_text())
@@ -37,9 +37,10 @@ def test_install_on_a_fresh_root_only_adds_packages(release, python, tmp_path):
     assert r["migrt_version"]
     assert r["venv_python"].startswith(python)
     added = {a.split(":")[0].split("=")[0] for a in r["added"]}
-    assert {"runc", "iptables", "python3-venv"} <= added | {"python3-venv"}
-    assert "runc" in added and "iptables" in added
+    assert {"runc", "iptables"} <= added
     # the CRIU build's tools were purged again; the libraries criu loads stayed
     assert not added & {"gcc", "protobuf-compiler", "libprotobuf-dev", "make"}
     assert {"libprotobuf-c1", "libnet1"} <= added
+    # and the distribution's own criu (Debian 13's runc recommends it) stays out
+    assert "criu" not in added
     assert r["failures"] == [] and p.returncode == 0
