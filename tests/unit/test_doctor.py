@@ -322,3 +322,16 @@ def test_staging_default_is_the_agents():
     node = FakeNode(files={d.CONTAINERD_CONFIG: V2_REGISTERED})
     f = by_name(d.run_checks(node))["staging room"]
     assert f.detail.startswith(staging.DEFAULT_STAGING + ":")
+
+
+def test_probe_error_is_the_cause_not_the_harmless_rlimit_line(tmp_path):
+    """CRIU 4.1.1's dump log on this machine: the RLIMIT_NOFILE line comes first on every
+    run without CAP_SYS_RESOURCE and is not why the dump failed."""
+    log = tmp_path / "dump.log"
+    log.write_text(
+        "(00.070370) Error (criu/util.c:1533): rlimit: Can't setup RLIMIT_NOFILE for self: "
+        "Operation not permitted\n(00.1) inet: Collected\n"
+        "(00.117207) Error (criu/sockets.c:628): sockets: Can't get 1:16 opt: Operation not "
+        "supported\n(00.209755) Error (criu/cr-dump.c:2111): Dumping FAILED.\n")
+    assert criuprobe._first_error(str(log)) == \
+        "Error (criu/sockets.c:628): sockets: Can't get 1:16 opt: Operation not supported"
