@@ -542,6 +542,13 @@ class Migration:
             argv.insert(1, "--leave-running")
         return argv + self.opts.criu_flags + [self.cid]
 
+    def _manifest_flags(self, *more):
+        """The flags the restore needs, as the manifest records them: runc's, and
+        --tcp-close (not runc's: the destination puts it in CRIU's config file, as the
+        dump did; CRIU refuses to restore such an image without it)."""
+        return (self.opts.criu_flags + list(more)
+                + (["--tcp-close"] if "tcp-close" in self.criu_conf else []))
+
     def _capture(self, image, result):
         """The spec and the rootfs changes, taken while CRIU dumps (the container is
         frozen: its files cannot change), so that they travel during the dump rather
@@ -550,7 +557,7 @@ class Migration:
             from migrt import image as img
             result["manifest"] = img.capture_extra(
                 image, self.cid, self.state, self.bundle,
-                self.opts.criu_flags + ["--leave-running"], base=self.opts.rootfs_base,
+                self._manifest_flags("--leave-running"), base=self.opts.rootfs_base,
                 dumped=False)
             result["early"] = ("migrt/",)
         except Exception as e:
@@ -868,7 +875,7 @@ class Migration:
         self.phases["dump"] = round(time.monotonic() - t0, 4)
         from migrt import image as img
         m = img.capture_extra(image, self.cid, self.state, self.bundle,
-                              self.opts.criu_flags + ["--lazy-pages"],
+                              self._manifest_flags("--lazy-pages"),
                               base=self.opts.rootfs_base)
         self.phase = "transfer"
         t1 = time.monotonic()

@@ -405,6 +405,9 @@ def restore_create(call, flags, cid, bundle, spec, marker, plugins):
             if flags.get(name):
                 tokens.append(f"--{name}")
         tokens += source.restore_flags
+        if source.criu_conf:
+            from migrt.criu import config as criuconf
+            os.environ.update(criuconf.env(work, source.criu_conf))
         if source.lazy_address or source.lazy_local:
             lazy = start_lazy_pages(source, work)
             tokens.append("--lazy-pages")
