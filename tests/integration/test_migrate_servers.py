@@ -418,3 +418,28 @@ def test_lazy_dump_that_fails_rolls_back_and_says_the_dump_failed(two_nodes, tmp
     assert n.a.state("ur")["status"] == "running"
     assert n.b.state("ur") is None
     ocitest.wait_for(lambda: not ag.staged(), timeout=10, what="staging emptied")
+
+
+def test_checkpoint_passes_tcp_skip_in_flight_through(two_nodes, podnet, tmp_path):
+    """`migrt checkpoint --tcp-skip-in-flight` works on runc 1.1 too (which lacks the flag:
+    it becomes a line of CRIU's config file); without it CRIU refuses the in-flight
+    connection."""
+    n = two_nodes
+    pn = podnet()
+    src = with_helper(n, str(tmp_path), "ckpt-src", ["/bin/servers_helper", "backlog", str(PORT)])
+    pn.join(src, pn.a)
+    code, out, err = n.a.create("ck", src, start=True)
+    assert code == 0, err.text
+    ocitest.wait_for(lambda: "listening" in out.text, what="helper listening")
+    c = pn.connect(pn.server_ip)
+    base = ["checkpoint", "--leave-running", "--tcp-established"]
+    p = n.a.run(*base, "--image-path", str(tmp_path / "i1"), "--work-path", str(tmp_path / "w1"),
+                "ck")
+    assert p.returncode != 0
+    with open(tmp_path / "w1" / "dump.log") as f:
+        assert "In-flight connection" in f.read()
+    p = n.a.run(*base, "--tcp-skip-in-flight", "--image-path", str(tmp_path / "i2"),
+                "--work-path", str(tmp_path / "w2"), "ck")
+    assert p.returncode == 0, p.stderr
+    assert n.a.state("ck")["status"] == "running"
+    c.close()
