@@ -84,7 +84,7 @@ def print_report(r):
     p, b = r["phases"], r["bytes"]
     click.echo(f"migrated {r['container']} to {r['to']} as {r.get('destination_id')} "
                f"({r['mode']} mode, migration {r.get('migration')})")
-    order = ("precheck", "precopy", "freeze", "dump", "transfer", "transfer_after_dump",
+    order = ("precheck", "precopy", "network_hold", "freeze", "dump", "transfer", "transfer_after_dump",
              "restore", "downtime", "fill_after_restore", "pages_served_after_restore",
              "total")
     for k in order:

@@ -713,12 +713,15 @@ class Migration:
         # cut its network off first: nothing completes into a listen queue meanwhile,
         # and nothing leaves the source from now until it is gone (or resumed)
         pid = self.state["pid"]
+        th = time.monotonic()
         try:
             self.hold = handover.Hold.take(pid, bool(getattr(self, "external_netns", None)))
         except (OSError, subprocess.SubprocessError) as e:
             raise TransferError(f"could not lock the source's network: {e}")
         if self.hold is not None:
             self.report["source_network_held"] = self.hold.method
+            # the container's network is cut from here: this comes before the downtime
+            self._t("network_hold", th)
         t0 = time.monotonic()
         p = self.src.run("pause", self.cid)
         if p.returncode != 0:
