@@ -378,19 +378,25 @@ class Migration:
         there = dest.get("addresses") or []
         if host:
             moves, why = False, "it uses this node's own network namespace (host network)"
-        elif kind == "new" and not ext:
-            moves, why = True, ""      # CRIU dumps its namespace, addresses included
-        elif kind == "path" and here and set(here) <= set(there):
-            moves, why = True, ""
         elif kind == "path":
-            moves = False
+            moves = bool(here) and set(here) <= set(there)
             why = (f"it has {', '.join(here) or 'no address'} here and will have "
                    f"{', '.join(there) or 'no address'} on the destination")
+        elif kind == "host":
+            moves, why = False, "the destination bundle uses its node's network namespace"
+        elif not ext:
+            # a namespace of its own: CRIU dumps it, addresses included, and the restore
+            # makes it again (what the destination bundle says, if no --bundle, only
+            # matters if it joins another namespace: then the restore fails and the
+            # source resumes)
+            moves, why = True, ""
+        elif kind == "new":
+            moves, why = False, ("the destination bundle gives it a new network namespace, "
+                                 "without its addresses")
         else:
-            moves = False
-            why = ("the destination's address is not known before its container is created "
-                   "there (no --bundle)" if not kind else
-                   f"the destination gives it {kind} networking")
+            moves, why = False, ("it joins a namespace by path here (a pod's), and the "
+                                 "destination's address is not known before its container "
+                                 "is created there (no --bundle)")
         tcp = self.opts.tcp_established
         self.report["tcp"] = {"addresses": here, "destination_addresses": there,
                               "ip_moves": moves, "established": len(conns)}
@@ -412,7 +418,8 @@ class Migration:
                 fate = ("they are not migrated: the dump fails if it has any "
                         "(the source then resumes)")
             else:
-                fate = "they are restored closed there: their peers see them reset and must reconnect"
+                fate = ("they are restored closed there (its end sees them fail); their peers must "
+                        "reconnect to the new address")
             line = (f"{self.cid}'s IP does not move with it ({why}); its "
                     f"{len(conns)} established TCP connection(s): {fate}")
             self.report["tcp"]["note"] = line
