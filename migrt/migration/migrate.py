@@ -368,7 +368,11 @@ class Migration:
                 spec = json.load(f)
         except (OSError, ValueError):
             spec = {}
-        host = handover.host_netns(pid)
+        try:
+            host = handover.host_netns(pid)
+        except OSError as e:
+            raise RefusedError(f"container {self.cid}: cannot read its network namespace "
+                               f"({e}); nothing was frozen")
         ext = handover.external_netns(spec)
         here = [] if host else _try(lambda: handover.addresses(f"/proc/{pid}/ns/net"), [])
         conns = [] if host else _try(lambda: handover.tcp_connections(pid, ("01",)), [])
