@@ -70,7 +70,7 @@ class Incr(threading.Thread):
 def run(cluster, mode):
     """One migration of redis under an INCR loop; returns what the client saw."""
     cid, addr, dst = cluster.container("redis", base, ["redis-server", "/data/redis.conf"])
-    wl.wait_port(cluster.net, addr.ip, PORT, what="redis")
+    cluster.wait_serving(cid, addr, PORT)
     r = Resp(wl.connect(cluster.net, addr.ip, PORT, timeout=60))
     load(r)
     idle = Resp(wl.connect(cluster.net, addr.ip, PORT, timeout=60))

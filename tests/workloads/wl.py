@@ -281,6 +281,17 @@ class Cluster:
         self.outs[cid] = (out, err)
         return cid, addr, dst
 
+    def wait_serving(self, cid, addr, port, timeout=60):
+        """Wait until the source container accepts connections on port; show its output
+        if it does not."""
+        try:
+            wait_port(self.net, addr.ip, port, timeout=timeout, what=cid)
+        except AssertionError:
+            out, err = self.source_output(cid)
+            raise AssertionError(f"{cid} does not answer on {addr.ip}:{port}; "
+                                 f"state {self.a.state(cid)}; stdout {out[-1500:]!r}; "
+                                 f"stderr {err[-1500:]!r}") from None
+
     def source_output(self, cid):
         out, err = self.outs[cid]
         return out.text, err.text
