@@ -165,8 +165,10 @@ def connect(net, ip, port, timeout=10.0):
     return s
 
 
-def wait_port(net, ip, port, timeout=60, what="server"):
+def wait_port(net, ip, port, timeout=60, what="server", alive=None):
     def ok():
+        if alive and not alive():
+            raise AssertionError(f"{what} stopped")
         try:
             connect(net, ip, port, timeout=1).close()
             return True
@@ -196,18 +198,37 @@ def make_base(path):
     return path
 
 
+DEFAULT_CAPS = ("CHOWN", "DAC_OVERRIDE", "FOWNER", "FSETID", "KILL", "SETGID", "SETUID",
+                "SETPCAP", "NET_BIND_SERVICE", "NET_RAW", "SYS_CHROOT", "MKNOD", "AUDIT_WRITE",
+                "SETFCAP")
+
 HOST_BINDS = [{"destination": d, "type": "bind", "source": d, "options": ["rbind", "ro"]}
               for d in ("/usr", "/etc")]
+
+
+def _same_owners(src, dst):
+    """copytree does not keep owners: give each copied file its original's."""
+    for dirpath, dirs, files in os.walk(src):
+        for n in dirs + files:
+            st = os.lstat(os.path.join(dirpath, n))
+            if st.st_uid or st.st_gid:
+                os.lchown(os.path.join(dst, os.path.relpath(dirpath, src), n),
+                          st.st_uid, st.st_gid)
 
 
 def make_bundle(dest, base, args, netns, cgroups_path, env=(), user=None, mounts=(),
                 shm_size=None):
     bundlekit.make_bundle(dest, args, rootfs=base, cgroups_path=cgroups_path,
                           mounts=HOST_BINDS + list(mounts))
+    _same_owners(base, os.path.join(dest, "rootfs"))
     spec = bundlekit.read_spec(dest)
     spec["process"]["env"] = ["PATH=/usr/sbin:/usr/bin:/sbin:/bin", "HOME=/root",
                               "LANG=C.UTF-8"] + list(env)
     spec["process"]["cwd"] = "/"
+    # the capabilities container engines give by default (runc spec's three are fewer)
+    caps = ["CAP_" + c for c in DEFAULT_CAPS]
+    spec["process"]["capabilities"] = {k: list(caps) for k in
+                                       ("bounding", "effective", "permitted")}
     if user:
         spec["process"]["user"] = user
     nss = [n for n in spec["linux"]["namespaces"] if n["type"] != "network"]
@@ -285,7 +306,8 @@ class Cluster:
         """Wait until the source container accepts connections on port; show its output
         if it does not."""
         try:
-            wait_port(self.net, addr.ip, port, timeout=timeout, what=cid)
+            wait_port(self.net, addr.ip, port, timeout=timeout, what=cid,
+                      alive=lambda: (self.a.state(cid) or {}).get("status") == "running")
         except AssertionError:
             out, err = self.source_output(cid)
             raise AssertionError(f"{cid} does not answer on {addr.ip}:{port}; "
