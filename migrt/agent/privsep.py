@@ -75,6 +75,10 @@ class RootHelper:
             if op == "check":
                 self.check(req)
                 return {"ok": True}
+            if op == "net":
+                self._check_bundle(req.get("bundle"))
+                from migrt.agent.server import bundle_net
+                return {"ok": True, "net": bundle_net(req["bundle"])}
             if op == "fill":
                 return dict(zip(("state", "error"), self.fill(req)), ok=True)
             if op == "recover":
@@ -207,6 +211,11 @@ class Client:
         """None if the root side would restore into this bundle and id, else why not."""
         r = self.call({"op": "check", "bundle": bundle, "id": cid, "root": root})
         return r.get("error")
+
+    def net(self, bundle):
+        """The destination bundle's network namespace and its addresses (root reads it)."""
+        r = self.call({"op": "net", "bundle": bundle})
+        return r.get("net") if r.get("ok") else {"netns": "unknown", "error": r.get("error")}
 
     def fill(self, mid):
         r = self.call({"op": "fill", "mid": mid})

@@ -39,6 +39,16 @@ HANDSHAKE_GRACE = 0.25
 REFUSE_LINGER = 2.0
 
 
+def bundle_net(bundle):
+    """What the destination bundle's container gets for a network (its IPs, for the
+    source to tell whether its TCP connections can move; migrt.migration.handover)."""
+    from migrt.migration import handover
+    try:
+        return handover.bundle_net(bundle)
+    except (OSError, ValueError) as e:
+        return {"netns": "unknown", "error": str(e)}
+
+
 def log(msg):
     sys.stderr.write(f"migrt agent: {msg}\n")
     sys.stderr.flush()
@@ -288,6 +298,7 @@ class Agent:
             err = self.privileged.check(bundle, msg.get("id"), msg.get("root"))
             if err:
                 raise Refused(err)
+            return self.privileged.net(bundle)
         elif bundle:
             if not os.path.isfile(os.path.join(bundle, "config.json")):
                 raise Refused(f"destination bundle {bundle} has no config.json")
@@ -295,6 +306,8 @@ class Agent:
             cid = msg.get("id")
             if cid and os.path.exists(os.path.join(root, cid, "state.json")):
                 raise Refused(f"a container {cid} already exists on the destination")
+            return bundle_net(bundle)
+        return None
 
     # ------------------------------------------------------------ control
     def _control(self, conn, hello, peer):
@@ -303,7 +316,7 @@ class Agent:
             conn.send_json({"error": "expected precheck"})
             return
         try:
-            self.precheck(msg)
+            net = self.precheck(msg)
         except Refused as e:
             conn.send_json({"error": str(e)})
             return
@@ -335,6 +348,8 @@ class Agent:
         log(f"{mid}: receiving {msg.get('container')} from {peer[0]} ({msg.get('mode')})")
         reply = {"ok": True, "mid": mid, "staging": staged.image_dir,
                  "facts": self.node_facts(), "boot_id": mf.boot_id()}
+        if net is not None:       # the destination container's network namespace and IPs
+            reply["net"] = net
         if page_tls:
             reply["page_tls_cert"] = page_tls[1].decode()
         conn.send_json(reply)

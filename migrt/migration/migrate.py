@@ -24,7 +24,7 @@ import time
 from migrt.criu import config as criuconf
 from migrt.criu import failpoints
 from migrt.criu import netlock
-from migrt.migration import recovery
+from migrt.migration import handover, recovery
 from migrt.errors import EXIT_ROLLED_BACK, MigrtError, RefusedError
 from migrt.image import manifest as mf
 from migrt.transfer import wire
@@ -74,7 +74,8 @@ RESTORE_FLAGS = ("--tcp-established", "--ext-unix-sk", "--shell-job", "--file-lo
 class Options:
     def __init__(self, to, secret, streams=4, level=1, mode="full", bundle=None,
                  dest_root=None, new_id=None, wait=300.0, progress=False,
-                 page_server_port=0, criu_flags=(), rootfs_base=None, keep_image=False):
+                 page_server_port=0, criu_flags=(), rootfs_base=None, keep_image=False,
+                 tcp_established=None, file_locks=None, skip_in_flight=True):
         self.to = to
         self.secret = secret
         self.streams = streams
@@ -89,6 +90,11 @@ class Options:
         self.criu_flags = list(criu_flags)
         self.rootfs_base = rootfs_base
         self.keep_image = keep_image
+        # None: decided per migration (tcp: whether the container's IP moves with it;
+        # file locks: whether its processes hold any, read once they are frozen)
+        self.tcp_established = tcp_established
+        self.file_locks = file_locks
+        self.skip_in_flight = skip_in_flight
 
 
 class Progress:
@@ -265,6 +271,8 @@ class Migration:
         self.dump_started = False
         self.dump_thread = None
         self.filling = False
+        self.hold = None                # migrt's lock on the source's network (handover)
+        self.criu_conf = []             # CRIU options runc has no flag for (criu.config)
 
     # ------------------------------------------------------------ helpers
     def _t(self, name, t0):
@@ -305,6 +313,7 @@ class Migration:
             self.ctl = None
         resumed = False
         self._clear_netlock()
+        self._drop_hold()
         if self.paused:
             p = self.src.run("resume", self.cid)
             st = self.src.run("state", self.cid)
@@ -339,6 +348,90 @@ class Migration:
             return
         if removed:
             self.report["network_unlocked"] = removed
+
+    def _drop_hold(self):
+        """Rollback: the source resumes, so its network opens again."""
+        if self.hold is None:
+            return
+        h, self.hold = self.hold, None
+        try:
+            h.drop()
+        except (OSError, subprocess.SubprocessError) as e:
+            self.report["warning"] = f"could not remove migrt's network lock of the source: {e}"
+
+    def _plan_network(self, dest):
+        """Before anything is frozen: does the container's IP move with it? That decides
+        --tcp-established (unless given), and says ONE line when it does not."""
+        pid = self.state["pid"]
+        try:
+            with open(os.path.join(self.bundle, "config.json")) as f:
+                spec = json.load(f)
+        except (OSError, ValueError):
+            spec = {}
+        host = handover.host_netns(pid)
+        ext = handover.external_netns(spec)
+        here = [] if host else _try(lambda: handover.addresses(f"/proc/{pid}/ns/net"), [])
+        conns = [] if host else _try(lambda: handover.tcp_connections(pid, ("01",)), [])
+        self.external_netns = ext
+        dest = dest if isinstance(dest, dict) else {}
+        kind = dest.get("netns")
+        there = dest.get("addresses") or []
+        if host:
+            moves, why = False, "it uses this node's own network namespace (host network)"
+        elif kind == "path":
+            moves = bool(here) and set(here) <= set(there)
+            why = (f"it has {', '.join(here) or 'no address'} here and will have "
+                   f"{', '.join(there) or 'no address'} on the destination")
+        elif kind == "host":
+            moves, why = False, "the destination bundle uses its node's network namespace"
+        elif not ext:
+            # a namespace of its own: CRIU dumps it, addresses included, and the restore
+            # makes it again (what the destination bundle says, if no --bundle, only
+            # matters if it joins another namespace: then the restore fails and the
+            # source resumes)
+            moves, why = True, ""
+        elif kind == "new":
+            moves, why = False, ("the destination bundle gives it a new network namespace, "
+                                 "without its addresses")
+        else:
+            moves, why = False, ("it joins a namespace by path here (a pod's), and the "
+                                 "destination's address is not known before its container "
+                                 "is created there (no --bundle)")
+        tcp = self.opts.tcp_established
+        self.report["tcp"] = {"addresses": here, "destination_addresses": there,
+                              "ip_moves": moves, "established": len(conns)}
+        if tcp is None:
+            tcp = moves
+        if tcp:
+            self.opts.criu_flags.append("--tcp-established")
+        elif not host:
+            # connections are not migrated: CRIU restores them closed (the peers see a
+            # reset and reconnect), rather than refusing the dump
+            self.criu_conf.append("tcp-close")
+        self.report["tcp"]["mode"] = "established" if tcp else (
+            "closed" if not host else "not migrated")
+        if not moves:
+            if tcp:
+                fate = ("--tcp-established was asked for: its restore fails if the "
+                        "destination lacks those addresses, and the source then resumes")
+            elif host:
+                fate = ("they are not migrated: the dump fails if it has any "
+                        "(the source then resumes)")
+            else:
+                fate = ("they are restored closed there (its end sees them fail); their peers must "
+                        "reconnect to the new address")
+            line = (f"{self.cid}'s IP does not move with it ({why}); its "
+                    f"{len(conns)} established TCP connection(s): {fate}")
+            self.report["tcp"]["note"] = line
+            sys.stderr.write(f"migrt: {line}\n")
+            sys.stderr.flush()
+        if self.opts.skip_in_flight:
+            # a connection the kernel completed but nobody accepted yet cannot be dumped
+            # (`inet: In-flight connection`); skipped, its client sees a reset
+            if _runc_has_flag(self.src.runc, "--tcp-skip-in-flight"):
+                self.opts.criu_flags.append("--tcp-skip-in-flight")
+            else:
+                self.criu_conf.append("skip-in-flight")
 
     def _abort_precheck(self):
         """Refused after the destination's precheck: it drops what it staged for us."""
@@ -417,6 +510,11 @@ class Migration:
             self._abort_precheck()
             raise RefusedError(f"{e}; nothing was frozen")
         self.report["network_lock"] = self.netlock
+        try:
+            self._plan_network(reply.get("net"))
+        except MigrtError:
+            self._abort_precheck()
+            raise
         if self.opts.level == "auto":
             # compressing for a transfer that never leaves this machine (loopback, or a
             # veth into another network namespace) only takes CPU from CRIU and the agent
@@ -452,6 +550,13 @@ class Migration:
             argv.insert(1, "--leave-running")
         return argv + self.opts.criu_flags + [self.cid]
 
+    def _manifest_flags(self, *more):
+        """The flags the restore needs, as the manifest records them: runc's, and
+        --tcp-close (not runc's: the destination puts it in CRIU's config file, as the
+        dump did; CRIU refuses to restore such an image without it)."""
+        return (self.opts.criu_flags + list(more)
+                + (["--tcp-close"] if "tcp-close" in self.criu_conf else []))
+
     def _capture(self, image, result):
         """The spec and the rootfs changes, taken while CRIU dumps (the container is
         frozen: its files cannot change), so that they travel during the dump rather
@@ -460,7 +565,7 @@ class Migration:
             from migrt import image as img
             result["manifest"] = img.capture_extra(
                 image, self.cid, self.state, self.bundle,
-                self.opts.criu_flags + ["--leave-running"], base=self.opts.rootfs_base,
+                self._manifest_flags("--leave-running"), base=self.opts.rootfs_base,
                 dumped=False)
             result["early"] = ("migrt/",)
         except Exception as e:
@@ -479,7 +584,8 @@ class Migration:
                 p = subprocess.run([self.src.runc, "--root", self.src.root]
                                    + self._checkpoint_argv(image, work),
                                    capture_output=True, text=True, stdin=subprocess.DEVNULL,
-                                   env=criuconf.env(self.work, netlock.conf_lines(self.netlock)))
+                                   env=criuconf.env(self.work, netlock.conf_lines(self.netlock)
+                                                    + self.criu_conf))
                 result["criu_s"] = time.monotonic() - t0
                 if cap is not None:
                     cap.join()
@@ -588,6 +694,7 @@ class Migration:
     def precopy_round(self):
         self.phase = "pre-copy"
         t0 = time.monotonic()
+        self._detect_file_locks()
         sender, files, result, took = self._send_round(
             os.path.join(self.work, "round1"), os.path.join(self.work, "work1"),
             capture=False, label="pre-copy")
@@ -597,15 +704,39 @@ class Migration:
         self._account(sender, "_precopy")
         return sender.blocks
 
+    def _detect_file_locks(self):
+        """--file-locks when a process holds a lock (unless the user said either way)."""
+        if self.opts.file_locks is None and "--file-locks" not in self.opts.criu_flags:
+            n = held_file_locks(self.src.pids())
+            if n:
+                self.opts.criu_flags.append("--file-locks")
+                self.report["file_locks"] = n
+        elif self.opts.file_locks and "--file-locks" not in self.opts.criu_flags:
+            self.opts.criu_flags.append("--file-locks")
+
     def freeze(self):
         self.phase = "freeze"
         t0 = time.monotonic()
         self.journal.phase("frozen")
+        # cut its network off first: nothing completes into a listen queue meanwhile,
+        # and nothing leaves the source from now until it is gone (or resumed)
+        pid = self.state["pid"]
+        th = time.monotonic()
+        try:
+            self.hold = handover.Hold.take(pid, bool(getattr(self, "external_netns", None)))
+        except (OSError, subprocess.SubprocessError) as e:
+            raise TransferError(f"could not lock the source's network: {e}")
+        if self.hold is not None:
+            self.report["source_network_held"] = self.hold.method
+            # the container's network is cut from here: this comes before the downtime
+            self._t("network_hold", th)
+        t0 = time.monotonic()
         p = self.src.run("pause", self.cid)
         if p.returncode != 0:
             raise TransferError(f"runc pause: {p.stderr.strip()}")
         self.paused = True
         self._t("freeze", t0)
+        self._detect_file_locks()      # frozen: no lock comes or goes any more
         return t0
 
     def dump_and_send(self, base=None):
@@ -690,10 +821,18 @@ class Migration:
 
     def release_source(self):
         self.phase = "release of the source"
-        p = self.src.run("delete", "--force", self.cid)
+        # killed while frozen and still cut off: it never runs again, and its kernel
+        # sends nothing (FIN, RST, data) on the connections the destination now owns
+        warn = handover.release(self.src.run, self.cid)
         self.paused = False
-        if p.returncode != 0:
-            self.report["warning"] = f"source delete failed: {p.stderr.strip()}"
+        if warn:
+            self.report["warning"] = warn
+        if self.hold is not None:
+            h, self.hold = self.hold, None
+            try:
+                h.after_release()
+            except (OSError, subprocess.SubprocessError) as e:
+                self.report["warning"] = f"could not unlock the source's network namespace: {e}"
         try:
             self._request({"op": "release"})
         except (wire.ProtocolError, OSError):
@@ -725,27 +864,29 @@ class Migration:
             stdin=subprocess.DEVNULL, stdout=subprocess.PIPE, stderr=subprocess.PIPE,
             pass_fds=(w,), start_new_session=True,
             env=criuconf.env(self.work, netlock.conf_lines(self.netlock)
-                             + pagetls.conf_lines(tls)))
+                             + self.criu_conf + pagetls.conf_lines(tls)))
         os.close(w)
-        ready = b""
         import select
-        while not ready:
-            rl, _, _ = select.select([r], [], [], 0.05)
-            if rl:
-                ready = os.read(r, 1)
-                break
-            if self.lazy_proc.poll() is not None:
-                os.close(r)
-                errs = _criu_log_errors(os.path.join(work, "dump.log"))
-                err = self.lazy_proc.stderr.read().decode(errors="replace").strip()
-                self.lazy_proc = None
-                raise TransferError(f"lazy checkpoint failed: {err[-300:]}"
-                                    + (f"; {'; '.join(errs)}" if errs else ""))
-        os.close(r)
+        try:
+            while True:
+                rl, _, _ = select.select([r], [], [], 0.05)
+                # CRIU writes one byte once the page server is up; end of file means
+                # runc (and its CRIU) ended without it: the dump failed
+                if rl and os.read(r, 1):
+                    break                     # ready
+                if not rl and self.lazy_proc.poll() is None:
+                    continue                  # still dumping
+                try:
+                    self.lazy_proc.wait(30)
+                except subprocess.TimeoutExpired:
+                    _kill_group(self.lazy_proc)
+                self._lazy_dump_failed(work)
+        finally:
+            os.close(r)
         self.phases["dump"] = round(time.monotonic() - t0, 4)
         from migrt import image as img
         m = img.capture_extra(image, self.cid, self.state, self.bundle,
-                              self.opts.criu_flags + ["--lazy-pages"],
+                              self._manifest_flags("--lazy-pages"),
                               base=self.opts.rootfs_base)
         self.phase = "transfer"
         t1 = time.monotonic()
@@ -755,6 +896,19 @@ class Migration:
         self._t("transfer", t1)
         self._account(sender)
         self.report["page_server"] = f"{local_ip}:{port}"
+
+    def _lazy_dump_failed(self, work):
+        """The lazy dump ended before its page server was up: nothing usable was made
+        (nothing is committed or restored); say so with CRIU's own words."""
+        log = os.path.join(work, "dump.log")
+        errs = _criu_log_errors(log)
+        err = self.lazy_proc.stderr.read().decode(errors="replace").strip()
+        self.lazy_proc = None
+        kept = log if self.opts.keep_image else _kept_log(self.mid, "dump.log")
+        raise TransferError(
+            f"the dump failed on this node (runc checkpoint --lazy-pages exited before "
+            f"CRIU's page server was ready): {err.replace(log, kept)[-300:] or 'no output'}"
+            + (f"; CRIU log {kept}: {'; '.join(errs)}" if errs else ""))
 
     def lazy_finish(self, timeout=600):
         """Wait until the page server has sent every page, then drop the source."""
@@ -907,6 +1061,44 @@ class Migration:
         self.phase = "serving pages"
         self.lazy_finish()
         self.release_source()
+
+
+def _try(f, default):
+    try:
+        return f()
+    except (OSError, ValueError, subprocess.SubprocessError):
+        return default
+
+
+_RUNC_HELP = {}
+
+
+def _runc_has_flag(runc, flag):
+    """Whether this runc's checkpoint knows `flag` (runc 1.2 added --tcp-skip-in-flight;
+    runc 1.1 sends CRIU nothing for it, so CRIU's config file can set it)."""
+    if runc not in _RUNC_HELP:
+        p = subprocess.run([runc, "checkpoint", "--help"], capture_output=True, text=True)
+        _RUNC_HELP[runc] = p.stdout
+    return flag in _RUNC_HELP[runc].split()
+
+
+def held_file_locks(pids):
+    """How many file locks (flock, POSIX, OFD) the processes hold, as their fdinfo
+    shows them (what CRIU itself reads): CRIU refuses to dump a task holding one unless
+    told --file-locks, and runc always sends that option, so runc's flag must say it."""
+    n = 0
+    for pid in pids:
+        try:
+            fds = os.listdir(f"/proc/{pid}/fdinfo")
+        except OSError:
+            continue
+        for fd in fds:
+            try:
+                with open(f"/proc/{pid}/fdinfo/{fd}") as f:
+                    n += sum(1 for line in f if line.startswith("lock:"))
+            except OSError:
+                pass
+    return n
 
 
 def _kill_group(proc):

@@ -53,12 +53,14 @@ class RestoreSource:
     prepare        callable(bundle, spec) run before runc restore (rootfs changes)
     on_restored    callable(cid, pid) after the container runs
     on_failed      callable(cid, message) after a failed restore was cleaned up
+    criu_conf      CRIU config-file lines the restore needs (runc has no flag for them)
     """
 
     def __init__(self, image_dir, restore_flags=(), lazy_address=None, prepare=None,
                  on_restored=None, on_failed=None, description=None, lazy_tls=None,
-                 lazy_local=False):
+                 lazy_local=False, criu_conf=()):
         self.image_dir = image_dir
+        self.criu_conf = list(criu_conf)
         self.restore_flags = list(restore_flags)
         self.lazy_address = lazy_address
         self.lazy_tls = lazy_tls
@@ -189,6 +191,13 @@ def manifest_flags(image_dir):
         man = json.load(f)
     keep = ("--tcp-established", "--ext-unix-sk", "--shell-job", "--file-locks")
     return [f for f in man.get("criu_flags", []) if f in keep]
+
+
+def manifest_criu_conf(man):
+    """CRIU options the restore needs that runc has no flag for (CRIU's config file,
+    migrt.criu.config): --tcp-close, when the dump restored connections closed because
+    the container's IP changes (migrt.migration.migrate)."""
+    return ["tcp-close"] if "--tcp-close" in (man.get("criu_flags") or []) else []
 
 
 def manifest_prepare(image_dir):

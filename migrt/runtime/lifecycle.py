@@ -405,6 +405,9 @@ def restore_create(call, flags, cid, bundle, spec, marker, plugins):
             if flags.get(name):
                 tokens.append(f"--{name}")
         tokens += source.restore_flags
+        if source.criu_conf:
+            from migrt.criu import config as criuconf
+            os.environ.update(criuconf.env(work, source.criu_conf))
         if source.lazy_address or source.lazy_local:
             lazy = start_lazy_pages(source, work)
             tokens.append("--lazy-pages")
@@ -575,13 +578,31 @@ def _stop_lazy_daemon(pid):
 def checkpoint_flags(flags):
     out = []
     for name in ("leave-running", "tcp-established", "ext-unix-sk", "shell-job",
-                 "file-locks", "pre-dump", "lazy-pages", "auto-dedup"):
+                 "file-locks", "pre-dump", "lazy-pages", "auto-dedup", "tcp-skip-in-flight"):
         if flags.get(name):
             out.append(f"--{name}")
     for name in ("manage-cgroups-mode", "page-server", "parent-path", "empty-ns"):
         if flags.get(name):
             out += [f"--{name}", flags[name]]
     return out
+
+
+def skip_in_flight_argv(call, flags, work):
+    """runc 1.2 has --tcp-skip-in-flight; runc 1.1 refuses it but sends CRIU nothing
+    for the option, so there the flag becomes a line of CRIU's config file
+    (migrt.criu.config) and leaves the argv. Returns the argv for runc."""
+    if not flags.get("tcp-skip-in-flight"):
+        return call.argv
+    p = subprocess.run([runc_path(), "checkpoint", "--help"], capture_output=True, text=True)
+    if "--tcp-skip-in-flight" in p.stdout.split():
+        return call.argv
+    from migrt.criu import config as criuconf
+    os.makedirs(work, mode=0o700, exist_ok=True)
+    os.environ.update(criuconf.env(work, ["skip-in-flight"]))
+    n = len(call.argv) - len(call.args)
+    args = [t for t in call.args
+            if t.lstrip("-").split("=", 1)[0] != "tcp-skip-in-flight" or not t.startswith("-")]
+    return call.argv[:n] + args
 
 
 def checkpoint(call, flags, cid):
@@ -608,8 +629,9 @@ def checkpoint(call, flags, cid):
     ctx = dict(call=call, cid=cid, bundle=bundle, spec=spec, image_dir=image_dir,
                work_dir=work, mode=mode)
     run_stage("pre-checkpoint", plugins, **ctx)
+    argv = skip_in_flight_argv(call, flags, work)
     try:
-        rc = run_runc(call.argv)
+        rc = run_runc(argv)
         if rc != 0:
             dump_log = os.path.join(work, "pre-dump.log" if mode == "pre-dump" else "dump.log")
             errs = criu_errors(dump_log)
