@@ -326,11 +326,12 @@ class Cluster:
             return ""
 
     def migrate(self, cid, addr, dst, mode, extra=(), timeout=300):
-        """`migrt migrate` to node B; the address moves when node B has the container."""
+        """`migrt migrate` to node B, with no flag but the mode: migrate itself finds that
+        the address moves (node B's namespace has it) and keeps TCP connections then.
+        The address moves when node B's runc has the container."""
         argv = [self.launcher, "--root", self.a.root, "migrate", cid, "--to",
                 self.agent.address, "--secret-file", self.secret, "--bundle", dst,
-                "--dest-root", self.b.root, "--json", "--tcp-established",
-                *MODES[mode], *extra]
+                "--dest-root", self.b.root, "--json", *MODES[mode], *extra]
         state_b = os.path.join(self.b.root, cid, "state.json")
         done = threading.Event()
         handed = []
@@ -377,3 +378,5 @@ def assert_moved(cl, cid, mig):
     ocitest.wait_for(lambda: cl.a.state(cid) is None, timeout=30,
                      what="the source gone from node A")
     assert mig.handed_over_at is not None, "node B's runc never had the container"
+    tcp = mig.report.get("tcp") or {}
+    assert tcp.get("ip_moves") is True, f"migrate did not see the address move: {tcp}"

@@ -22,12 +22,17 @@ def pattern(n, back=False):
     return word * (HALF // len(word))
 
 
+def say(line):
+    """One write per line: the two processes share stdout."""
+    os.write(1, (line + "\n").encode())
+
+
 def recv_n(s):
     data = b""
     while len(data) < 8:
         chunk = s.recv(8 - len(data))
         if not chunk:
-            print("BAD socket closed", flush=True)
+            say("BAD socket closed")
             os._exit(1)
         data += chunk
     return struct.unpack("<Q", data)[0]
@@ -42,7 +47,7 @@ if os.fork() == 0:
     while True:
         n = recv_n(child_end)
         if m[:HALF] != pattern(n):
-            print(f"BAD child saw another segment for {n}", flush=True)
+            say(f"BAD child saw another segment for {n}")
             os._exit(1)
         m[HALF:] = pattern(n, back=True)
         child_end.sendall(struct.pack("<Q", n))
@@ -53,8 +58,8 @@ while True:
     m[:HALF] = pattern(n)
     parent_end.sendall(struct.pack("<Q", n))
     if recv_n(parent_end) != n or m[HALF:] != pattern(n, back=True):
-        print(f"BAD parent: answer for {n} wrong", flush=True)
+        say(f"BAD parent: answer for {n} wrong")
         sys.exit(1)
     if n % 10 == 0:
-        print(f"S {n}", flush=True)
+        say(f"S {n}")
     time.sleep(0.002)

@@ -23,19 +23,27 @@ def reader():
     while True:
         hi, count = db.execute("SELECT coalesce(max(n), 0), count(*) FROM t").fetchone()
         if hi != count or hi < last:
-            print(f"ERROR reader saw max {hi}, {count} rows, before {last}", flush=True)
+            say(f"ERROR reader saw max {hi}, {count} rows, before {last}")
             os._exit(1)
         last = hi
-        print(f"R {hi}", flush=True)
+        say(f"R {hi}")
         time.sleep(0.05)
+
+
+def say(line):
+    """One write per line: the two processes share stdout."""
+    os.write(1, (line + "\n").encode())
 
 
 def main():
     db = connect()
     assert db.execute("PRAGMA journal_mode = WAL").fetchone()[0] == "wal"
     db.execute("CREATE TABLE IF NOT EXISTS t (n INTEGER PRIMARY KEY, v TEXT NOT NULL)")
+    db.close()
+    # fork before either opens its connection: SQLite's locks must not cross a fork
     if os.fork() == 0:
         reader()
+    db = connect()
     n = 0
     while True:
         try:
@@ -45,9 +53,9 @@ def main():
             time.sleep(0.02)
             db.execute("COMMIT")
         except Exception as e:  # noqa: BLE001
-            print(f"ERROR writer: {e!r}", flush=True)
+            say(f"ERROR writer: {e!r}")
             sys.exit(1)
-        print(f"W {n}", flush=True)
+        say(f"W {n}")
 
 
 main()
