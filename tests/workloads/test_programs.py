@@ -79,12 +79,20 @@ def test_sqlite_wal(cluster, mode):
     after = [int(x[0]) for x in lines(out, "W")]
     # one sequence of commits across both nodes: none lost, none twice
     assert consecutive(before + after), (before[-3:], after[:3])
-    # both processes hold their POSIX locks on node B (WAL: the -shm's lock bytes)
+    # both processes hold their POSIX locks on node B: every open WAL connection keeps a
+    # read lock on byte 128 of the -shm file (SQLite's "DMS" byte) for as long as it is
+    # open; a connection that finds that byte unlocked takes itself for the first one and
+    # truncates the -shm under the others' mappings
     pids = set(cluster.dest_pids(p.cid))
     assert len(pids) == 2, pids
+    shm = os.stat(os.path.join(p.dst, "rootfs", "data", "db.sqlite-shm")).st_ino
     with open("/proc/locks") as f:
-        holders = {int(ln.split()[4]) for ln in f if ln.split()[1] == "POSIX"}
-    assert pids <= holders, f"processes without their locks on node B: {pids - holders}"
+        locks = [ln.split() for ln in f]
+    dms = {int(x[4]) for x in locks if x[1] == "POSIX" and x[3] == "READ"
+           and int(x[5].rsplit(":", 1)[1]) == shm and x[6] == x[7] == "128"}
+    assert pids <= dms, (f"processes without their read lock on the -shm's byte 128 on "
+                         f"node B: {sorted(pids - dms)}; their locks: "
+                         f"{[' '.join(x[1:]) for x in locks if int(x[4]) in pids]}")
     # the database is whole, and every printed commit is in it
     check = p.exec_b("python3", "-c",
                      "import sqlite3; db = sqlite3.connect('/data/db.sqlite', timeout=60);"
