@@ -262,6 +262,14 @@ class Migration:
     def phases(self):
         return (self.report or {}).get("phases", {})
 
+    def frozen_window(self, slack=1.0):
+        """(start, end) in time.monotonic(): from the freeze (the report's downtime before
+        the address moved, which was when node B's runc had the container) to the
+        handover, widened by `slack` seconds each side."""
+        down = self.phases().get("downtime") or (self.t1 - self.t0)
+        end = self.handed_over_at or self.t1
+        return end - down - slack, end + slack
+
 
 class Cluster:
     """Node A (runc root), node B (runc root + agent), the network, one workload."""
