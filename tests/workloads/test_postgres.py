@@ -21,7 +21,7 @@ import threading
 import time
 
 import wl
-from pgwire import Pg
+from pgwire import Pg, PgError
 
 PORT = 5432
 PG_UID = 101
@@ -112,7 +112,15 @@ def run(cluster, mode):
 
     def connect():
         return wl.connect(cluster.net, addr.ip, PORT, timeout=30)
-    setup = Pg(connect())
+
+    def ready():
+        try:
+            return Pg(connect())
+        except (PgError, OSError) as e:     # 57P03: accepting, but still starting up
+            if "57P03" not in str(e) and not isinstance(e, OSError):
+                raise
+            return None
+    setup = wl.ocitest.wait_for(ready, timeout=60, interval=0.2, what="postgres ready")
     setup.query("CREATE TABLE t (n integer NOT NULL, at timestamptz DEFAULT now())")
     w = Writer(connect)
     w.start()
