@@ -122,7 +122,7 @@ def main():
     shutil.rmtree(work, ignore_errors=True)
     print("| workload | mode | downtime (s), median | runs | client: longest gap (s), max | "
           "client: failed requests, total | memory all back after the restore (s), median "
-          "| client | failures |")
+          "| client (first good run) | failed runs |")
     print("|---|---|---|---|---|---|---|---|---|")
     for name, mode, runs in rows:
         good = [r for r in runs if "error" not in r]
