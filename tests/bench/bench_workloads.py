@@ -87,7 +87,8 @@ def one(launcher, work, name, mode):
             return {"error": mig.why().splitlines()[0][:200]}
         ph = mig.phases()
         fill = ph.get("pages_served_after_restore", ph.get("fill_after_restore"))
-        return dict(seen, downtime=ph.get("downtime"), fill=fill, wall=mig.t1 - mig.t0)
+        return dict(seen, downtime=ph.get("downtime"), fill=fill, wall=mig.t1 - mig.t0,
+                    phases=ph)
     except Exception as e:  # noqa: BLE001 - a failed run is a row, not the end
         return {"error": f"{type(e).__name__}: {str(e).splitlines()[0][:200]}"}
     finally:
