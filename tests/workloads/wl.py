@@ -360,7 +360,20 @@ class Cluster:
         done.set()
         w.join(5)
         report = json.loads(p.stdout) if p.returncode == 0 else None
+        if p.returncode != 0:
+            self.keep_logs()
         return Migration(p, report, t0, t1, handed[0] if handed else None)
+
+    def keep_logs(self):
+        """CRIU's and migrt's logs of a failed migration, kept in the test's tmp dir
+        (the state dir goes at cleanup)."""
+        for dirpath, _, names in os.walk(self.state):
+            for n in names:
+                if n.endswith((".log", ".json")):
+                    src = os.path.join(dirpath, n)
+                    dst = os.path.join(self.tmp, "failed-logs", os.path.relpath(src, self.state))
+                    os.makedirs(os.path.dirname(dst), exist_ok=True)
+                    shutil.copy(src, dst)
 
     def dest_pids(self, cid):
         p = self.b.run("ps", "--format", "json", cid)
