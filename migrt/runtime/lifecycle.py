@@ -354,7 +354,12 @@ def restore_create(call, flags, cid, bundle, spec, marker, plugins):
     if not isinstance(spec.get("process"), dict):
         raise BundleError(f"bundle {bundle}: config.json has no process")
     source = checkpoints.resolve(marker, bundle)
-    checkpoints.check_namespace(source.image_dir, spec, marker)
+    try:
+        checkpoints.check_namespace(source.image_dir, spec, marker, source.namespace)
+    except BaseException as e:
+        if source.on_failed:
+            source.on_failed(cid, str(e))
+        raise
     detach = call.command == "create" or flags.get("detach")
     work = work_dir(call, cid)
     os.makedirs(work, mode=0o700, exist_ok=True)

@@ -1,0 +1,208 @@
+"""Engine checkpoint archives (podman, CRI-O, kubelet layout) through the restore marker
+and `migrt image export|inspect|verify`: real runc and CRIU, busybox bundles.
+
+An archive is the layout `podman container checkpoint --export` writes: checkpoint/
+(CRIU's images), config.dump, spec.dump, rootfs-diff.tar, deleted.files. These tests
+make one from a real `runc checkpoint` the way an engine does (tests/e2e/test_podman.py
+uses podman's own), and `migrt image export` writes one from a migrt image.
+"""
+import io
+import json
+import os
+import shutil
+import subprocess
+import tarfile
+
+import pytest
+
+import ocitest
+
+CHECKPOINTCTL = os.environ.get("MIGRT_TEST_CHECKPOINTCTL",
+                               "/opt/migrt/test/checkpointctl/checkpointctl")
+# Writes a file into its rootfs (and deletes one) before counting.
+CHANGER = ("echo made-here > /data/new.txt; rm -f /bin/vi; " + ocitest.COUNTER)
+
+
+@pytest.fixture
+def rt(node, migrt_launcher, tmp_path):
+    r = node("migrt", binary=migrt_launcher)
+    r.env["MIGRT_UNPACK_DIR"] = str(tmp_path / "unpacked")
+    return r
+
+
+def unpacked_left(rt):
+    d = rt.env["MIGRT_UNPACK_DIR"]
+    return os.listdir(d) if os.path.isdir(d) else []
+
+
+def start(rt, make_bundle, script=CHANGER):
+    cid = ocitest.uid("arc")
+    bundle = make_bundle(["sh", "-c", script], name=cid)
+    rc, out, err = rt.create(cid, bundle, start=True)
+    assert rc == 0, err.text
+    ocitest.wait_for(lambda: ocitest.last_count(out) >= 5, what="counter")
+    return cid, bundle, out
+
+
+def engine_archive(rt, cid, bundle, dest, compress="none", rootfs_diff=None, deleted=None):
+    """Checkpoint with plain runc (no migrt files) and pack it as podman does."""
+    work = dest + ".d"
+    os.makedirs(work)
+    p = subprocess.run(["runc", "--root", rt.root, "checkpoint", "--image-path",
+                        os.path.join(work, "checkpoint"), cid], capture_output=True, text=True)
+    assert p.returncode == 0, p.stderr
+    spec = json.load(open(os.path.join(bundle, "config.json")))
+    spec.setdefault("annotations", {})["io.container.manager"] = "libpod"
+    with open(os.path.join(work, "spec.dump"), "w") as f:
+        json.dump(spec, f)
+    with open(os.path.join(work, "config.dump"), "w") as f:
+        json.dump({"id": cid, "name": cid, "rootfsImageName": "busybox", "runtime": "runc",
+                   "createdTime": "2026-12-06T08:00:00Z"}, f)
+    rootfs = os.path.join(bundle, "rootfs")
+    if rootfs_diff is None:
+        with tarfile.open(os.path.join(work, "rootfs-diff.tar"), "w") as t:
+            t.add(os.path.join(rootfs, "data"), "data", recursive=True)
+    else:
+        with open(os.path.join(work, "rootfs-diff.tar"), "wb") as f:
+            f.write(rootfs_diff)
+    with open(os.path.join(work, "deleted.files"), "w") as f:
+        json.dump(["/bin/vi"] if deleted is None else deleted, f)
+    with open(os.path.join(work, "network.status"), "w") as f:
+        f.write("null")
+    mode = {"none": "w", "gzip": "w:gz"}[compress]
+    with tarfile.open(dest, mode) as t:
+        for n in sorted(os.listdir(work)):
+            t.add(os.path.join(work, n), n)
+    return work
+
+
+def fresh_bundle(make_bundle, cid, image):
+    """A new bundle from the pristine busybox rootfs, its marker naming `image`."""
+    bundle = make_bundle(["sh", "-c", "echo fresh; sleep 1000"], name=cid + "-r")
+    ocitest.bundlekit.set_env(bundle, "MIGRT_RESTORE_FROM", image)
+    return bundle
+
+
+def restored_ok(rt, cid, bundle, out, before):
+    ocitest.wait_for(lambda: ocitest.last_count(out) > before + 2, what="restored counter")
+    nums = [int(x) for x in out.lines() if x.isdigit()]
+    assert nums[0] == before + 1, nums[:3]
+    root = os.path.join(bundle, "rootfs")
+    assert open(os.path.join(root, "data", "new.txt")).read() == "made-here\n"
+    assert not os.path.lexists(os.path.join(root, "bin", "vi"))
+    assert os.path.exists(os.path.join(root, "bin", "sh"))
+
+
+@pytest.mark.parametrize("compress", ["none", "gzip"])
+def test_marker_takes_engine_archive_tar(rt, make_bundle, tmp_path, compress):
+    cid, bundle, out = start(rt, make_bundle)
+    arc = str(tmp_path / f"c.tar{'.gz' if compress == 'gzip' else ''}")
+    engine_archive(rt, cid, bundle, arc, compress=compress)
+    before = ocitest.last_count(out)
+    nb = fresh_bundle(make_bundle, cid, arc)
+    rc, out2, err = rt.create(cid + "r", nb, start=True)
+    assert rc == 0, err.text
+    restored_ok(rt, cid + "r", nb, out2, before)
+    assert unpacked_left(rt) == []      # the private unpacked copy went once it ran
+
+
+def test_marker_takes_unpacked_archive_dir(rt, make_bundle, tmp_path):
+    cid, bundle, out = start(rt, make_bundle)
+    arc = str(tmp_path / "c.tar")
+    root = engine_archive(rt, cid, bundle, arc)
+    before = ocitest.last_count(out)
+    nb = fresh_bundle(make_bundle, cid, root)
+    rc, out2, err = rt.create(cid + "r", nb, start=True)
+    assert rc == 0, err.text
+    restored_ok(rt, cid + "r", nb, out2, before)
+    assert os.path.isfile(os.path.join(root, "rootfs-diff.tar"))    # the user's dir is kept
+
+
+def hostile_diff(name, kind="file", link=""):
+    buf = io.BytesIO()
+    with tarfile.open(fileobj=buf, mode="w") as t:
+        ti = tarfile.TarInfo(name)
+        if kind == "symlink":
+            ti.type, ti.linkname = tarfile.SYMTYPE, link
+            t.addfile(ti)
+        elif kind == "dev":
+            ti.type, ti.devmajor, ti.devminor = tarfile.BLKTYPE, 8, 0
+            t.addfile(ti)
+        else:
+            data = b"owned\n"
+            ti.size = len(data)
+            t.addfile(ti, io.BytesIO(data))
+    return buf.getvalue()
+
+
+@pytest.mark.parametrize("case", ["dotdot", "deleted", "via-symlink", "device", "outer-link"])
+def test_hostile_archive_refused_in_one_line(rt, make_bundle, tmp_path, case):
+    cid, bundle, out = start(rt, make_bundle)
+    victim = tmp_path / "victim"
+    victim.mkdir()
+    (victim / "keep").write_text("mine\n")
+    arc = str(tmp_path / "bad.tar")
+    kw = {}
+    if case == "dotdot":
+        kw["rootfs_diff"] = hostile_diff("../../../../../../" + str(victim / "owned"))
+    elif case == "deleted":
+        kw["deleted"] = ["/../../../../../../" + str(victim / "keep")]
+    elif case == "via-symlink":
+        # the rootfs already has a symlink to the host path: writing through it must fail
+        os.symlink(str(victim), os.path.join(bundle, "rootfs", "escape"))
+        kw["rootfs_diff"] = hostile_diff("escape/owned")
+    elif case == "device":
+        kw["rootfs_diff"] = hostile_diff("data/disk", kind="dev")
+    work = engine_archive(rt, cid, bundle, arc, **kw)
+    if case == "outer-link":
+        with tarfile.open(arc, "a") as t:
+            ti = tarfile.TarInfo("checkpoint/evil")
+            ti.type, ti.linkname = tarfile.SYMTYPE, "/etc/shadow"
+            t.addfile(ti)
+    nb = fresh_bundle(make_bundle, cid, arc)
+    if case == "via-symlink":
+        os.symlink(str(victim), os.path.join(nb, "rootfs", "escape"))
+    log = str(tmp_path / "log.json")
+    rc, _, err = rt.create(cid + "r", nb, log=log)
+    assert rc != 0
+    lines = [l for l in err.text.splitlines() if l.strip()]
+    print(lines)
+    assert len(lines) == 1 and "refusing" in lines[0], err.text
+    assert sorted(os.listdir(victim)) == ["keep"]
+    assert (victim / "keep").read_text() == "mine\n"
+    assert rt.state(cid + "r") is None
+    last = [json.loads(l) for l in open(log) if l.strip()][-1]
+    assert last["level"] == "error" and "refusing" in last["msg"]
+    assert unpacked_left(rt) == []
+
+
+def test_archive_outside_allowed_dirs_refused(rt, make_bundle, tmp_path):
+    cid, bundle, out = start(rt, make_bundle)
+    arc = str(tmp_path / "c.tar")
+    engine_archive(rt, cid, bundle, arc)
+    nb = fresh_bundle(make_bundle, cid, arc)
+    rt.env["MIGRT_CHECKPOINT_DIRS"] = "/var/lib/migrt/checkpoints"
+    rc, _, err = rt.create(cid + "r", nb)
+    assert rc != 0 and "outside the allowed checkpoint locations" in err.text, err.text
+
+
+def test_archive_pod_namespace_enforced(rt, make_bundle, tmp_path):
+    cid, bundle, out = start(rt, make_bundle)
+    arc = str(tmp_path / "c.tar")
+    work = engine_archive(rt, cid, bundle, arc)
+    spec = json.load(open(os.path.join(work, "spec.dump")))
+    spec["annotations"]["io.kubernetes.pod.namespace"] = "team-a"
+    with open(os.path.join(work, "spec.dump"), "w") as f:
+        json.dump(spec, f)
+    nb = fresh_bundle(make_bundle, cid, work)
+    _annotate(nb)
+    rc, _, err = rt.create(cid + "r", nb)
+    assert rc != 0 and "namespace 'team-a'" in err.text and "'team-b'" in err.text, err.text
+
+
+def _annotate(bundle):
+    p = os.path.join(bundle, "config.json")
+    spec = json.load(open(p))
+    spec.setdefault("annotations", {})["io.kubernetes.cri.sandbox-namespace"] = "team-b"
+    with open(p, "w") as f:
+        json.dump(spec, f)
