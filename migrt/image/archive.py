@@ -371,7 +371,8 @@ def export(image_dir, dest, m, rootfs_dir=None, compress="none"):
     writable layer for podman, CRI-O and checkpointctl."""
     from migrt.image import rootfs as rfs
     diff_dir = rootfs_dir or os.path.join(image_dir, rfs.DIFF_DIR)
-    with open(os.path.join(image_dir, "migrt", "spec.json"), "rb") as f:
+    from migrt.image.manifest import SPEC
+    with open(os.path.join(image_dir, SPEC), "rb") as f:
         spec = json.loads(f.read())
     spec.setdefault("annotations", {})["migrt.exported"] = m["container"]["id"]
     c = m["container"]
@@ -393,26 +394,20 @@ def export(image_dir, dest, m, rootfs_dir=None, compress="none"):
             out, mode = raw, "w|"
         with tarfile.open(fileobj=out, mode=mode, format=tarfile.PAX_FORMAT) as t:
             _add_dir(t, CHECKPOINT)
-            for dirpath, dirnames, filenames in os.walk(image_dir):
-                dirnames.sort()
-                rel_dir = os.path.relpath(dirpath, image_dir)
-                for d in dirnames:
-                    _add_dir(t, os.path.normpath(os.path.join(CHECKPOINT, rel_dir, d)))
-                for n in sorted(filenames):
-                    p = os.path.join(dirpath, n)
-                    rel = os.path.normpath(os.path.join(rel_dir, n))
-                    if os.path.islink(p) or not os.path.isfile(p) or n.endswith((".log", ".socket")):
-                        continue
-                    if rel in ("migrt/verified.json",):
-                        continue
-                    _add_file(t, p, f"{CHECKPOINT}/{rel}")
-            if rootfs_dir:       # a staged migration keeps its writable layer apart
-                for dirpath, dirnames, filenames in os.walk(rootfs_dir):
-                    dirnames.sort()
-                    for n in sorted(filenames):
-                        p = os.path.join(dirpath, n)
-                        rel = os.path.relpath(p, rootfs_dir)
-                        _add_file(t, p, f"{CHECKPOINT}/{rfs.DIFF_DIR}/{rel}")
+            # exactly the files the manifest lists (a staged migration keeps its
+            # writable layer apart: rootfs_dir stands for migrt/rootfs), and the manifest
+            from migrt.image import _locate, MANIFEST
+            made = set()
+            for rel in [e["path"] for e in m["files"]] + [MANIFEST]:
+                parts = rel.split("/")
+                for i in range(1, len(parts)):
+                    d = "/".join(parts[:i])
+                    if d not in made:
+                        made.add(d)
+                        _add_dir(t, f"{CHECKPOINT}/{d}")
+                src = os.path.join(image_dir, rel) if rel == MANIFEST else \
+                    _locate(image_dir, rel, rootfs_dir)
+                _add_file(t, src, f"{CHECKPOINT}/{rel}")
             stats = os.path.join(image_dir, STATS)
             if os.path.isfile(stats):
                 _add_file(t, stats, STATS)

@@ -166,7 +166,6 @@ def test_hostile_archive_refused_in_one_line(rt, make_bundle, tmp_path, case):
     rc, _, err = rt.create(cid + "r", nb, log=log)
     assert rc != 0
     lines = [l for l in err.text.splitlines() if l.strip()]
-    print(lines)
     assert len(lines) == 1 and "refusing" in lines[0], err.text
     assert sorted(os.listdir(victim)) == ["keep"]
     assert (victim / "keep").read_text() == "mine\n"
@@ -206,3 +205,90 @@ def _annotate(bundle):
     spec.setdefault("annotations", {})["io.kubernetes.cri.sandbox-namespace"] = "team-b"
     with open(p, "w") as f:
         json.dump(spec, f)
+
+
+def migrt_cli(rt, *args):
+    return subprocess.run([rt.binary, *args], capture_output=True, text=True, env=rt.env,
+                          timeout=120)
+
+
+def need_checkpointctl():
+    if not os.access(CHECKPOINTCTL, os.X_OK):
+        if os.environ.get("MIGRT_NO_SKIP") == "1":
+            pytest.fail(f"checkpointctl not found at {CHECKPOINTCTL} "
+                        f"(tests/tools/get-checkpointctl.sh puts Debian's there)")
+        pytest.skip(f"requires Debian's checkpointctl ({CHECKPOINTCTL})")
+
+
+@pytest.mark.parametrize("compress", ["none", "zstd"])
+def test_export_reads_in_checkpointctl_and_restores(rt, make_bundle, tmp_path, compress, rootfs):
+    """deleted.files names what migrt knows was deleted: with the image's unchanged
+    rootfs named (MIGRT_ROOTFS_BASE) or an overlay, by name (a plain rootfs dir records
+    each changed directory's listing instead, which only a migrt restore reads)."""
+    need_checkpointctl()
+    rt.env["MIGRT_ROOTFS_BASE"] = rootfs
+    cid, bundle, out = start(rt, make_bundle)
+    image = str(tmp_path / "ckpt")
+    p = rt.run("checkpoint", "--image-path", image, cid)
+    assert p.returncode == 0, p.stderr
+    before = ocitest.last_count(out)
+    arc = str(tmp_path / "exported.tar")
+    p = migrt_cli(rt, "image", "export", "--compress", compress, image, arc)
+    assert p.returncode == 0, p.stderr
+    show = subprocess.run([CHECKPOINTCTL, "show", arc], capture_output=True, text=True)
+    assert show.returncode == 0, show.stderr
+    assert cid[:12] in show.stdout and "runc" in show.stdout, show.stdout
+    insp = subprocess.run([CHECKPOINTCTL, "inspect", arc, "--ps-tree", "--format", "json"],
+                          capture_output=True, text=True)
+    assert insp.returncode == 0, insp.stderr
+    doc = json.loads(insp.stdout)
+    assert "sh" in json.dumps(doc), insp.stdout[:500]
+    # the rootfs changes travel as podman expects them too
+    with (tarfile.open(arc) if compress == "none" else _zstd_tar(arc)) as t:
+        names = t.getnames()
+        diff = tarfile.open(fileobj=t.extractfile("rootfs-diff.tar"))
+        assert "data/new.txt" in diff.getnames()
+        assert json.loads(t.extractfile("deleted.files").read()) == ["/bin/vi"]
+    assert "checkpoint/inventory.img" in names and "config.dump" in names
+    # and it restores through the marker, verified against its migrt manifest
+    nb = fresh_bundle(make_bundle, cid, arc)
+    rc, out2, err = rt.create(cid + "r", nb, start=True)
+    assert rc == 0, err.text
+    restored_ok(rt, cid + "r", nb, out2, before)
+    assert unpacked_left(rt) == []
+
+
+def _zstd_tar(path):
+    import zstandard
+    data = zstandard.ZstdDecompressor().stream_reader(open(path, "rb")).read()
+    return tarfile.open(fileobj=io.BytesIO(data))
+
+
+def test_inspect_and_verify_read_every_form(rt, make_bundle, tmp_path):
+    cid, bundle, out = start(rt, make_bundle)
+    arc = str(tmp_path / "c.tar.gz")
+    root = engine_archive(rt, cid, bundle, arc, compress="gzip")
+    forms = {"runc": os.path.join(root, "checkpoint"), "archive": arc, "archive-dir": root}
+    for kind, path in forms.items():
+        p = migrt_cli(rt, "image", "inspect", "--json", path)
+        assert p.returncode == 0, (kind, p.stderr)
+        info = json.loads(p.stdout)
+        assert [pr["comm"] for pr in info["processes"]][:1] == ["sh"], info["processes"]
+        if kind != "runc":
+            assert info["container"]["id"] == cid and "podman" in info["format"]
+            assert "data/new.txt" in info["rootfs"]["changed"]
+            assert info["rootfs"]["deleted"] == ["bin/vi"]
+        p = migrt_cli(rt, "image", "inspect", path)
+        assert p.returncode == 0 and "processes" in p.stdout, p.stderr
+        p = migrt_cli(rt, "image", "verify", "--json", path)
+        assert p.returncode == 0, (kind, p.stderr)
+        r = json.loads(p.stdout)
+        assert r["ok"] is True and r["digests"] is False and r["files"] > 5
+    # a damaged one: no pstree.img
+    os.unlink(os.path.join(root, "checkpoint", "pstree.img"))
+    p = migrt_cli(rt, "image", "verify", "--json", root)
+    assert p.returncode == 1
+    r = json.loads(p.stdout)
+    assert r["ok"] is False and "missing pstree.img" in r["error"]
+    p = migrt_cli(rt, "image", "inspect", "/nonexistent/ckpt")
+    assert p.returncode == 1 and "/nonexistent/ckpt does not exist" in p.stderr, p.stderr
