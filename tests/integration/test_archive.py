@@ -213,6 +213,11 @@ def migrt_cli(rt, *args):
 
 
 def need_checkpointctl():
+    """Debian's checkpointctl; fetched (not installed) by tests/tools/get-checkpointctl.sh."""
+    if not os.access(CHECKPOINTCTL, os.X_OK) and "MIGRT_TEST_CHECKPOINTCTL" not in os.environ:
+        tool = os.path.join(os.path.dirname(__file__), "..", "tools", "get-checkpointctl.sh")
+        subprocess.run(["sh", tool, os.path.dirname(CHECKPOINTCTL)], capture_output=True,
+                       timeout=300)
     if not os.access(CHECKPOINTCTL, os.X_OK):
         if os.environ.get("MIGRT_NO_SKIP") == "1":
             pytest.fail(f"checkpointctl not found at {CHECKPOINTCTL} "
