@@ -159,16 +159,19 @@ def resolve_archive(real, value):
         archive.check_rootfs_diff(root, value)
         archive.deleted_files(root, value)
         info = archive.describe(root)
+        from migrt.image import rootfs_of
+        flags, migrt_prep = [], None
         if os.path.exists(os.path.join(image_dir, "migrt", "manifest.json")):
             flags, migrt_prep = manifest_flags(image_dir), manifest_prepare(image_dir)
+            # a migrt image podman or CRI-O packed: their rootfs-diff.tar is the layer
+            from migrt.image import manifest as mf
+            if (mf.load(image_dir).get("rootfs") or {}).get("kind") == "engine":
+                migrt_prep = None
 
-            def prepare(bundle, spec):
+        def prepare(bundle, spec):
+            if migrt_prep:
                 migrt_prep(bundle, spec)
-        else:
-            flags = []
-            from migrt.image import rootfs_of
-
-            def prepare(bundle, spec):
+            else:
                 archive.apply_rootfs(root, rootfs_of(bundle, spec), value)
     except BaseException:
         drop()

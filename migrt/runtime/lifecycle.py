@@ -613,12 +613,35 @@ def checkpoint(call, flags, cid):
     ctx = dict(call=call, cid=cid, bundle=bundle, spec=spec, image_dir=image_dir,
                work_dir=work, mode=mode)
     run_stage("pre-checkpoint", plugins, **ctx)
+    dump_log = os.path.join(work, "pre-dump.log" if mode == "pre-dump" else "dump.log")
+    began = time.time()
+    json_log = call.log if call.log and call.log_format == "json" else None
+    try:
+        offset = os.path.getsize(json_log) if json_log else 0
+    except OSError:
+        offset = 0
     try:
         rc = run_runc(call.argv)
         if rc != 0:
-            dump_log = os.path.join(work, "pre-dump.log" if mode == "pre-dump" else "dump.log")
+            try:
+                criu_ran = os.stat(dump_log).st_mtime >= began - 1
+            except OSError:
+                criu_ran = False
+            if not criu_ran:
+                # runc refused before CRIU ran (a bad flag, a missing container): its own
+                # message, already on stderr and in the log, is the whole story and
+                # must stay the last word the caller reads
+                err = runc_error(json_log, offset) or f"runc checkpoint exited {rc}"
+                try:
+                    run_stage("post-checkpoint", plugins, **dict(ctx, error=err))
+                except Exception:
+                    pass
+                return rc
             errs = criu_errors(dump_log)
-            raise RuncError(f"checkpoint of {cid} failed; CRIU log {dump_log}"
+            why = runc_error(json_log, offset)
+            raise RuncError(f"checkpoint of {cid} failed"
+                            + (f"; runc: {why}" if why else "")
+                            + f"; CRIU log {dump_log}"
                             + (": " + "; ".join(errs) if errs else ""))
     except BaseException as e:
         # plugins undo what pre-checkpoint did (resume CUDA, tell the workload)
