@@ -109,10 +109,15 @@ def inspect(path):
             info["format"] = f"checkpoint archive ({d['engine']})" + \
                 (f", {archive.compression(path)}" if o.kind == "archive" else ", unpacked")
             info["engine"] = d
-            if not o.is_migrt:
-                info["container"] = {"id": d["id"], "name": d["name"], "image": d["image"],
-                                     "namespace": d["namespace"], "pod": d["pod"]}
-                info["created"] = d["created"]
+            for k in ("name", "image", "namespace", "pod"):
+                if d.get(k) and not info["container"].get(k):
+                    info["container"][k] = d[k]
+            kind = (info.get("rootfs") or {}).get("kind")
+            if not o.is_migrt or kind == "engine":
+                if not o.is_migrt:
+                    info["container"] = {"id": d["id"], "name": d["name"], "image": d["image"],
+                                         "namespace": d["namespace"], "pod": d["pod"]}
+                    info["created"] = d["created"]
                 members = archive.check_rootfs_diff(o.root, path)
                 changed = [m.name for m in members]
                 nbytes = sum(m.size for m in members if m.isreg())

@@ -62,6 +62,8 @@ def engine_archive(rt, cid, bundle, dest, compress="none", rootfs_diff=None, del
     if rootfs_diff is None:
         with tarfile.open(os.path.join(work, "rootfs-diff.tar"), "w") as t:
             t.add(os.path.join(rootfs, "data"), "data", recursive=True)
+            if os.path.exists(os.path.join(rootfs, "tmp", "count")):   # may be open
+                t.add(os.path.join(rootfs, "tmp", "count"), "tmp/count")
     else:
         with open(os.path.join(work, "rootfs-diff.tar"), "wb") as f:
             f.write(rootfs_diff)
