@@ -299,3 +299,19 @@ def test_inspect_and_verify_read_every_form(rt, make_bundle, tmp_path):
     assert r["ok"] is False and "missing pstree.img" in r["error"]
     p = migrt_cli(rt, "image", "inspect", "/nonexistent/ckpt")
     assert p.returncode == 1 and "/nonexistent/ckpt does not exist" in p.stderr, p.stderr
+
+
+def test_checkpoint_refused_by_runc_keeps_runcs_message_last(rt, make_bundle, tmp_path):
+    """runc refuses some arguments before CRIU runs; containerd shows the last error line
+    of --log: it must be runc's, not a migrt line naming a dump.log that was never made."""
+    cid, bundle, out = start(rt, make_bundle, script=ocitest.COUNTER)
+    log = str(tmp_path / "log.json")
+    work = str(tmp_path / "work")
+    p = rt.run("--log", log, "--log-format", "json", "checkpoint", "--image-path",
+               str(tmp_path / "img"), "--work-path", work, "--parent-path", "/abs/parent", cid)
+    assert p.returncode != 0
+    errors = [json.loads(l) for l in open(log) if l.strip()]
+    errors = [e for e in errors if e.get("level") == "error"]
+    assert errors and "parent-path" in errors[-1]["msg"], errors
+    assert "dump.log" not in p.stderr and "dump.log" not in json.dumps(errors), p.stderr
+    assert rt.state(cid)["status"] == "running"
