@@ -939,8 +939,20 @@ def migrate(root, cid, opts):
         # (not where they are ignored: under nohup the migration goes on)
         old = {s: signal.signal(s, _interrupt) for s in (signal.SIGTERM, signal.SIGHUP)
                if signal.getsignal(s) is not signal.SIG_IGN}
+    from migrt.agent import metrics
+    mig = None
     try:
-        return Migration(root, cid, opts).run()
+        mig = Migration(root, cid, opts)
+        report = mig.run()
+        metrics.record_sent(report, "ok")
+        return report
+    except BaseException as e:
+        from migrt.errors import EXIT_REFUSED, EXIT_ROLLED_BACK
+        code = getattr(e, "exit_code", None)
+        result = {EXIT_REFUSED: "refused", EXIT_ROLLED_BACK: "rolled_back", 5: "in_doubt",
+                  6: "unfinished"}.get(code, "error")
+        metrics.record_sent(getattr(mig, "report", None), result, mode=opts.mode)
+        raise
     finally:
         for s, h in old.items():
             signal.signal(s, h)
