@@ -221,3 +221,32 @@ def test_podman_failed_marker_restore_says_what_failed(podman, checkpoint_dir, t
     assert p.returncode != 127 and "command that was not found" not in p.stderr, p.stderr
     assert "restore of" in p.stderr and "data-keep.log" in p.stderr, p.stderr
     assert "ENOENT (the file is missing)" in p.stderr, p.stderr
+
+
+def test_migrt_logs_finds_podman_names_and_short_ids(podman, tmp_path):
+    """podman knows names, runtimes only ids: `migrt logs NAME` asks podman (here through
+    a storage.conf naming this test's storage, as a node's own podman needs none)."""
+    run_counter(podman, "named1")
+    wait_for(lambda: len(podman.numbers("named1")) >= 3, what="the counter's log")
+    full = podman("inspect", "-f", "{{.Id}}", "named1").stdout.strip()
+    podman("container", "checkpoint", "--keep", "named1")
+    conf = tmp_path / "storage.conf"
+    conf.write_text(f'[storage]\ndriver = "overlay"\n'
+                    f'graphroot = "{os.path.join(podman.base, "storage")}"\n'
+                    f'runroot = "{os.path.join(podman.base, "run")}"\n')
+    # the record was made by the runtime podman ran, in the node's record dir
+    records = os.environ.get("MIGRT_LOG_DIR", "/var/lib/migrt/containers")
+    env = dict(os.environ, MIGRT_LOG_DIR=records, CONTAINERS_STORAGE_CONF=str(conf))
+    try:
+        for query in ("named1", full[:12]):
+            p = subprocess.run([podman.runtime, "logs", "--json", query], capture_output=True,
+                               text=True, env=env)
+            assert p.returncode == 0, (query, p.stderr)
+            import json
+            assert "checkpoint" in [json.loads(x)["event"] for x in p.stdout.splitlines()]
+        p = subprocess.run([podman.runtime, "logs"], capture_output=True, text=True, env=env)
+        assert full[:12] in p.stdout
+    finally:
+        for n in os.listdir(records):
+            if n.startswith(full):
+                shutil.rmtree(os.path.join(records, n), ignore_errors=True)
