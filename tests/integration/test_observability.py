@@ -74,3 +74,43 @@ def test_agent_metrics_scraped_during_a_real_migration(two_nodes, tmp_path):
     _, v = scrape(maddr)
     sent = {k: x for k, x in v.items() if k.startswith("migrt_migrations_sent_total")}
     assert sum(sent.values()) == 2 and v['migrt_migrations_sent_total{mode="full",result="ok"}'] == 1
+
+
+def test_progress_on_a_terminal_covers_every_phase(two_nodes):
+    """On a terminal, `migrt migrate` shows each phase as it runs: the byte bar ends
+    full, and the phases that move no bytes (restore, memory fill) show too."""
+    import pty
+    n = two_nodes
+    ag = n.agent()
+    n.source()
+    master, slave = pty.openpty()
+    argv = [n.a.binary, "--root", n.a.root, "migrate", "ctr", "--to", ag.address,
+            "--secret-file", n.secret, "--bundle", n.dest_bundle(), "--dest-root", n.b.root]
+    chunks = []
+    reader = threading.Thread(target=lambda: _drain(master, chunks))
+    reader.start()
+    p = subprocess.run(argv, stdout=subprocess.PIPE, stderr=slave, text=True, env=n.env,
+                       timeout=120)
+    os.close(slave)
+    reader.join(10)
+    os.close(master)
+    shown = b"".join(chunks).decode(errors="replace")
+    assert p.returncode == 0, shown + ag.log()
+    assert "[" + "#" * 30 + "]" in shown, shown            # the bar ends full
+    for phase in ("pre-checks", "freeze", "restore on the destination",
+                  "release of the source"):
+        assert phase in shown, (phase, shown)
+    assert "migrated ctr" in p.stdout
+    # full mode here restores all but the memory, then fills it in (userfaultfd)
+    assert "memory fill on the destination" in shown, shown
+
+
+def _drain(fd, chunks):
+    while True:
+        try:
+            b = os.read(fd, 4096)
+        except OSError:
+            return
+        if not b:
+            return
+        chunks.append(b)
