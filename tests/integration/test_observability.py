@@ -114,3 +114,14 @@ def _drain(fd, chunks):
         if not b:
             return
         chunks.append(b)
+
+
+def test_demo_json_prints_json_only(migrt_launcher, tmp_path):
+    env = dict(os.environ, MIGRT_STATE_DIR=str(tmp_path / "state"))
+    p = subprocess.run([migrt_launcher, "demo", "--json"], capture_output=True, text=True,
+                       timeout=300, env=env)
+    assert p.returncode == 0, p.stderr
+    report = json.loads(p.stdout)          # nothing but the report on stdout
+    assert report["counter_after"] > report["counter_before"]
+    assert report["phases"]["downtime"] > 0
+    assert "node A:" in p.stderr           # the narrative went to stderr
