@@ -152,3 +152,94 @@ def decrypt(image_dir, dest):
     except MigrtError as e:
         raise click.ClickException(str(e))
     click.echo(f"{dest}: {len(h['files'])} files decrypted (key {h['key']!r})")
+
+
+def _when(t):
+    import time as _t
+    return _t.strftime("%Y-%m-%d %H:%M:%S", _t.gmtime(t)) if t else "?"
+
+
+@command.command(name="ls")
+@click.option("--json", "as_json", is_flag=True, help="one JSON object per checkpoint")
+@click.option("--staging", default=None, help="the agent's staging dir "
+              "[default: $MIGRT_STAGING or /run/migrt/staged]")
+def ls(as_json, staging):
+    """List the checkpoints in the allowed locations (MIGRT_CHECKPOINT_DIRS) and the
+    migrations staged on this node, oldest first."""
+    from migrt.image import store
+    entries = store.scan() + store.staged(staging)
+    if as_json:
+        for e in entries:
+            click.echo(json.dumps(e, sort_keys=True))
+        return
+    if not entries:
+        from migrt.runtime.checkpoints import allowed_dirs
+        click.echo(f"no checkpoints in {':'.join(allowed_dirs())}, nothing staged")
+        return
+    for e in entries:
+        what = e["kind"] + (f" ({e['state']})" if e.get("state") else "")
+        click.echo(f"{_when(e['created'])}  {_human(e['bytes']):>10}  {what:<20} "
+                   f"{e.get('container') or '?':<30} {e['path']}")
+
+
+@command.command(name="rm")
+@click.argument("checkpoints", nargs=-1, required=True)
+@click.option("--force", is_flag=True, help="also a staged migration the agent is using")
+def rm(checkpoints, force):
+    """Remove checkpoints (paths in the allowed locations, or staged:<id>)."""
+    from migrt.image import store
+    failed = False
+    for c in checkpoints:
+        try:
+            store.remove(c, force=force)
+            click.echo(f"removed {c}")
+        except MigrtError as e:
+            click.echo(f"Error: {e}", err=True)
+            failed = True
+        except OSError as e:
+            click.echo(f"Error: {c}: {e.strerror}", err=True)
+            failed = True
+    if failed:
+        raise click.exceptions.Exit(1)
+
+
+@command.command(name="gc")
+@click.option("--keep", type=click.IntRange(min=0), default=None,
+              help="newest checkpoints kept per container (like the checkpoint-restore-"
+                   "operator's maxCheckpointsPerContainer) [default: "
+                   "$MIGRT_MAX_CHECKPOINTS_PER_CONTAINER or 10]")
+@click.option("--max-age", default=None, help="remove checkpoints older than this "
+              "(90m, 12h, 7d) [default: $MIGRT_MAX_CHECKPOINT_AGE or none]")
+@click.option("--staging", default=None, help="the agent's staging dir")
+@click.option("--dry-run", is_flag=True, help="say what would go, remove nothing")
+@click.option("--json", "as_json", is_flag=True, help="one JSON object per removal")
+def gc(keep, max_age, staging, dry_run, as_json):
+    """Remove old checkpoints by count per container and by age; staged migrations
+    that are over (done, failed) or older than --max-age and not in use."""
+    from migrt.image import store
+    if keep is None:
+        keep = int(os.environ.get("MIGRT_MAX_CHECKPOINTS_PER_CONTAINER", "10"))
+    try:
+        age = store.parse_age(max_age or os.environ.get("MIGRT_MAX_CHECKPOINT_AGE"))
+    except MigrtError as e:
+        raise click.UsageError(str(e))
+    plan = store.plan_gc(store.scan(), keep=keep, max_age=age) + \
+        store.plan_gc_staged(store.staged(staging), max_age=age)
+    freed = 0
+    for e, why in plan:
+        if not dry_run:
+            try:
+                store.remove(e["path"])
+            except (MigrtError, OSError) as err:
+                click.echo(f"Error: {e['path']}: {err}", err=True)
+                continue
+        freed += e["bytes"]
+        if as_json:
+            click.echo(json.dumps({"path": e["path"], "reason": why, "bytes": e["bytes"],
+                                   "removed": not dry_run}, sort_keys=True))
+        else:
+            click.echo(f"{'would remove' if dry_run else 'removed'} {e['path']} ({why}, "
+                       f"{_human(e['bytes'])})")
+    if not as_json:
+        click.echo(f"{len(plan)} checkpoint(s), {_human(freed)} "
+                   f"{'would be freed' if dry_run else 'freed'}")

@@ -315,3 +315,77 @@ def test_checkpoint_refused_by_runc_keeps_runcs_message_last(rt, make_bundle, tm
     assert errors and "parent-path" in errors[-1]["msg"], errors
     assert "dump.log" not in p.stderr and "dump.log" not in json.dumps(errors), p.stderr
     assert rt.state(cid)["status"] == "running"
+
+
+def test_image_ls_rm_gc_keep_per_container_and_age(rt, make_bundle, tmp_path):
+    """Real checkpoints of two containers in an allowed dir: ls lists them, gc keeps the
+    newest N of each container (and drops the ones past --max-age), rm refuses anything
+    that is not a checkpoint or lies outside the allowed dirs."""
+    store = tmp_path / "store"
+    store.mkdir()
+    rt.env["MIGRT_CHECKPOINT_DIRS"] = str(store)
+    rt.env["MIGRT_STAGING"] = str(tmp_path / "staged")
+    made = {}
+    for name in ("web", "db"):
+        cid, bundle, out = start(rt, make_bundle, script=ocitest.COUNTER)
+        made[name] = []
+        first = str(store / name / "ckpt-0")
+        p = rt.run("checkpoint", "--image-path", first, cid)
+        assert p.returncode == 0, p.stderr
+        for i in range(3):              # three generations of one real checkpoint
+            image = str(store / name / f"ckpt-{i}")
+            if i:
+                shutil.copytree(first, image)
+            old = 1_000_000 + i * 1000 + (0 if name == "web" else 10_000_000)
+            _set_created(image, old)
+            made[name].append(image)
+    arc = str(store / "web-export.tar")
+    assert migrt_cli(rt, "image", "export", made["web"][0], arc).returncode == 0
+    outside = tmp_path / "outside"
+    shutil.copytree(made["db"][2], outside)
+    p = migrt_cli(rt, "image", "ls", "--json")
+    assert p.returncode == 0, p.stderr
+    listed = [json.loads(x) for x in p.stdout.splitlines()]
+    assert sorted(e["path"] for e in listed) == sorted(made["web"] + made["db"] + [arc])
+    assert {e["kind"] for e in listed} == {"migrt", "archive"}
+    human = migrt_cli(rt, "image", "ls")
+    assert made["db"][2] in human.stdout
+
+    dry = migrt_cli(rt, "image", "gc", "--keep", "1", "--dry-run")
+    assert dry.returncode == 0 and "would remove" in dry.stdout
+    assert all(os.path.exists(x) for x in made["web"] + made["db"])
+    p = migrt_cli(rt, "image", "gc", "--keep", "1", "--json")
+    assert p.returncode == 0, p.stderr
+    gone = {json.loads(x)["path"] for x in p.stdout.splitlines()}
+    # per container: the newest of each stays (the archive is its own: a file name
+    # that is not the kubelet's says no container)
+    assert made["web"][2] not in gone and made["db"][2] not in gone
+    assert {made["web"][0], made["web"][1], made["db"][0], made["db"][1]} <= gone
+    assert not any(os.path.exists(x) for x in gone)
+    # by age: everything written "long ago" goes, whatever --keep says
+    p = migrt_cli(rt, "image", "gc", "--keep", "10", "--max-age", "1d")
+    assert p.returncode == 0 and not os.path.exists(made["db"][2]), p.stdout
+
+    plain = store / "notes"
+    plain.mkdir()
+    p = migrt_cli(rt, "image", "rm", str(plain))
+    assert p.returncode == 1 and "is not a checkpoint" in p.stderr and plain.exists()
+    p = migrt_cli(rt, "image", "rm", str(tmp_path / "elsewhere"))
+    assert p.returncode == 1 and "does not exist" in p.stderr
+    p = migrt_cli(rt, "image", "rm", str(outside))
+    assert p.returncode == 1 and "outside the allowed" in p.stderr and outside.exists()
+    assert os.path.exists(arc)             # new: no --max-age took it
+    p = migrt_cli(rt, "image", "rm", arc)
+    assert p.returncode == 0 and not os.path.exists(arc)
+
+
+def _set_created(image, when):
+    """Make a migrt image look `when` seconds after the epoch old (its manifest's
+    `created` and its mtime), re-sealing nothing: ls/gc read the manifest only."""
+    import time as _t
+    p = os.path.join(image, "migrt", "manifest.json")
+    m = json.load(open(p))
+    m["created"] = _t.strftime("%Y-%m-%dT%H:%M:%SZ", _t.gmtime(when))
+    with open(p, "w") as f:
+        json.dump(m, f)
+    os.utime(image, (when, when))
