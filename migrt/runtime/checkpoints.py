@@ -53,6 +53,8 @@ class RestoreSource:
     prepare        callable(bundle, spec) run before runc restore (rootfs changes)
     on_restored    callable(cid, pid) after the container runs
     on_failed      callable(cid, message) after a failed restore was cleaned up
+    cleanup        callable() once the restore is over, however it ended (attached `run`
+                   included): what was made only for it goes (an unpacked archive)
     """
 
     def __init__(self, image_dir, restore_flags=(), lazy_address=None, prepare=None,
@@ -69,6 +71,7 @@ class RestoreSource:
         self.on_failed = on_failed
         self.description = description or image_dir
         self.namespace = None       # the pod namespace an engine archive recorded
+        self.cleanup = None
 
 
 def check_namespace(image_dir, spec, marker, theirs=None):
@@ -176,9 +179,9 @@ def resolve_archive(real, value):
     except BaseException:
         drop()
         raise
-    src = RestoreSource(image_dir, restore_flags=flags, prepare=prepare, on_restored=drop,
-                        on_failed=drop, description=value)
+    src = RestoreSource(image_dir, restore_flags=flags, prepare=prepare, description=value)
     src.namespace = info.get("namespace")
+    src.cleanup = drop
     return src
 
 

@@ -355,6 +355,17 @@ def restore_create(call, flags, cid, bundle, spec, marker, plugins):
         raise BundleError(f"bundle {bundle}: config.json has no process")
     source = checkpoints.resolve(marker, bundle)
     try:
+        return _restore_source(call, flags, cid, bundle, spec, marker, plugins, source)
+    finally:
+        if source.cleanup:
+            try:
+                source.cleanup()
+            except Exception:
+                pass
+
+
+def _restore_source(call, flags, cid, bundle, spec, marker, plugins, source):
+    try:
         checkpoints.check_namespace(source.image_dir, spec, marker, source.namespace)
     except BaseException as e:
         if source.on_failed:

@@ -389,3 +389,21 @@ def _set_created(image, when):
     with open(p, "w") as f:
         json.dump(m, f)
     os.utime(image, (when, when))
+
+
+def test_attached_run_from_an_archive_cleans_up_when_it_ends(rt, make_bundle, tmp_path):
+    cid, bundle, out = start(rt, make_bundle)
+    arc = str(tmp_path / "c.tar")
+    engine_archive(rt, cid, bundle, arc)
+    before = ocitest.last_count(out)
+    nb = fresh_bundle(make_bundle, cid, arc)
+    out_r, out_w = os.pipe()
+    proc = subprocess.Popen(rt.cmd("run", "--bundle", nb, cid + "r"), stdin=subprocess.PIPE,
+                            stdout=out_w, stderr=subprocess.PIPE, env=rt.env)
+    os.close(out_w)
+    got = ocitest.Output(out_r)
+    ocitest.wait_for(lambda: ocitest.last_count(got) > before + 2, what="attached counter")
+    assert [int(x) for x in got.lines() if x.isdigit()][0] == before + 1
+    rt.run("kill", cid + "r", "KILL")
+    assert proc.wait(30) == 137
+    assert unpacked_left(rt) == []
