@@ -125,3 +125,51 @@ def test_demo_json_prints_json_only(migrt_launcher, tmp_path):
     assert report["counter_after"] > report["counter_before"]
     assert report["phases"]["downtime"] > 0
     assert "node A:" in p.stderr           # the narrative went to stderr
+
+
+def test_a_staged_migration_exports_as_an_engine_archive(two_nodes, tmp_path):
+    """`migrt image export staged:<id>`: the agent's staged copy (memory on tmpfs, rootfs
+    changes on disk) as one archive; the marker restores that archive on the node."""
+    n = two_nodes
+    ag = n.agent()
+    n.source()
+    argv = [n.a.binary, "--root", n.a.root, "migrate", "ctr", "--to", ag.address,
+            "--secret-file", n.secret, "--json", "--wait", "60"]
+    proc = subprocess.Popen(argv, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
+                            env=n.env)
+    marker = None
+    for line in proc.stderr:
+        if "MIGRT_RESTORE_FROM=" in line:
+            marker = line.split("with ", 1)[1].split(" ")[0].split("=", 1)[1]
+            break
+    assert marker and marker.startswith("staged:m-")
+    env_b = dict(n.env, MIGRT_STAGING=ag.staging, MIGRT_CHECKPOINT_DIRS=str(tmp_path))
+    arc = str(tmp_path / "staged.tar")
+    p = subprocess.run([n.b.binary, "image", "export", marker, arc], capture_output=True,
+                       text=True, env=env_b, timeout=120)
+    assert p.returncode == 0, p.stderr
+    p = subprocess.run([n.b.binary, "image", "verify", "--json", arc], capture_output=True,
+                       text=True, env=env_b, timeout=120)
+    assert p.returncode == 0 and json.loads(p.stdout)["digests"] is True, p.stdout + p.stderr
+    # let the migration finish as usual (its own marker), then restore the export as a
+    # second copy under another root: the archive alone is enough
+    dst = n.dest_bundle()
+    ocitest.bundlekit.set_env(dst, "MIGRT_RESTORE_FROM", marker)
+    rb = ocitest.Runtime(n.b.binary, n.b.root, env=env_b)
+    code, _, derr = rb.create("ctr", dst, start=True)
+    assert code == 0, derr.text
+    assert proc.wait(60) == 0
+    rb.run("kill", "ctr", "KILL")
+    ocitest.wait_for(lambda: (rb.state("ctr") or {}).get("status") in (None, "stopped"),
+                     what="the first copy stopped")
+    rb.run("delete", "--force", "ctr")
+    again = n.make_bundle(["sh", "-c", ocitest.COUNTER], name=ocitest.uid("dst2"))
+    ocitest.bundlekit.set_env(again, "MIGRT_RESTORE_FROM", arc)
+    rc2 = ocitest.Runtime(n.b.binary, str(tmp_path / "root-c"), env=env_b)
+    try:
+        code, out, derr = rc2.create("ctr2", again, start=True)
+        assert code == 0, derr.text
+        ocitest.wait_for(lambda: ocitest.last_count(out) > 0, timeout=20,
+                         what="the counter restored from the exported archive")
+    finally:
+        rc2.cleanup()
