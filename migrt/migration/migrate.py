@@ -1043,7 +1043,8 @@ def migrate(root, cid, opts):
         metrics.record_sent(getattr(mig, "report", None), result, mode=opts.mode)
         raise
     finally:
-        if mig is not None:
-            mig.status.close()
+        status = getattr(mig, "status", None)
+        if status is not None:
+            status.close()
         for s, h in old.items():
             signal.signal(s, h)
