@@ -63,7 +63,7 @@ def rootfs_base(spec):
 
 
 def capture_extra(image_dir, container_id, state, bundle, criu_flags, base=None, extra=None,
-                  dumped=True):
+                  dumped=True, rootfs=True):
     """Add the spec and the writable layer to a CRIU image dir; return the manifest
     without its `files` (the caller digests them, or lets `capture` do it).
 
@@ -80,9 +80,14 @@ def capture_extra(image_dir, container_id, state, bundle, criu_flags, base=None,
         f.write(raw)
     since = parse_rfc3339_ns((state or {}).get("created"))
     base = base or rootfs_base(spec)
-    kind, src, entries, deleted, listings = rfs.diff(rootfs_of(bundle, spec, state), since, base)
-    diff_dir = os.path.join(image_dir, rfs.DIFF_DIR)
-    nbytes = rfs.write_diff(src, entries, diff_dir)
+    if rootfs:
+        kind, src, entries, deleted, listings = rfs.diff(rootfs_of(bundle, spec, state), since,
+                                                         base)
+        diff_dir = os.path.join(image_dir, rfs.DIFF_DIR)
+        nbytes = rfs.write_diff(src, entries, diff_dir)
+    else:
+        # the engine that asked carries the writable layer itself, if its user wants it
+        kind, entries, deleted, listings, nbytes = "engine", [], [], {}, 0
     info = {"kind": kind, "entries": entries, "deleted": deleted, "listings": listings,
             "bytes": nbytes}
     if base:
@@ -115,18 +120,37 @@ def after_dump(image_dir, m):
     return m
 
 
-def capture(image_dir, container_id, state, bundle, criu_flags, base=None, extra=None):
+def capture(image_dir, container_id, state, bundle, criu_flags, base=None, extra=None,
+            rootfs=True):
     """capture_extra, then digest every file and write the manifest. Returns it."""
-    m = capture_extra(image_dir, container_id, state, bundle, criu_flags, base, extra)
+    m = capture_extra(image_dir, container_id, state, bundle, criu_flags, base, extra,
+                      rootfs=rootfs)
     m["files"] = mf.file_entries(image_dir)
     mf.parse(json.dumps(m))
     mf.write(image_dir, m)
     return m
 
 
+ENGINES_WITH_ROOTFS = ("libpod", "cri-o")
+
+
+def engine_carries_rootfs(bundle):
+    """podman and CRI-O put the container's writable layer in their own archive
+    (rootfs-diff.tar), or leave it out when their user says so (`podman container
+    checkpoint --ignore-rootfs`): migrt must not add a copy of it to the images they
+    pack, or those files would leave the node whatever the user asked."""
+    try:
+        with open(os.path.join(bundle, "config.json")) as f:
+            ann = json.load(f).get("annotations") or {}
+    except (OSError, ValueError, AttributeError):
+        return False
+    return ann.get("io.container.manager") in ENGINES_WITH_ROOTFS
+
+
 def finalize_checkpoint(image_dir, container_id, state, bundle, criu_flags):
     """Called by the core after a successful `migrt checkpoint`."""
-    capture(image_dir, container_id, state, bundle, criu_flags)
+    capture(image_dir, container_id, state, bundle, criu_flags,
+            rootfs=not engine_carries_rootfs(bundle))
 
 
 def load_manifest(image_dir):

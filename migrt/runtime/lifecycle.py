@@ -354,7 +354,23 @@ def restore_create(call, flags, cid, bundle, spec, marker, plugins):
     if not isinstance(spec.get("process"), dict):
         raise BundleError(f"bundle {bundle}: config.json has no process")
     source = checkpoints.resolve(marker, bundle)
-    checkpoints.check_namespace(source.image_dir, spec, marker)
+    try:
+        return _restore_source(call, flags, cid, bundle, spec, marker, plugins, source)
+    finally:
+        if source.cleanup:
+            try:
+                source.cleanup()
+            except Exception:
+                pass
+
+
+def _restore_source(call, flags, cid, bundle, spec, marker, plugins, source):
+    try:
+        checkpoints.check_namespace(source.image_dir, spec, marker, source.namespace)
+    except BaseException as e:
+        if source.on_failed:
+            source.on_failed(cid, str(e))
+        raise
     detach = call.command == "create" or flags.get("detach")
     work = work_dir(call, cid)
     os.makedirs(work, mode=0o700, exist_ok=True)
@@ -630,12 +646,35 @@ def checkpoint(call, flags, cid):
                work_dir=work, mode=mode)
     run_stage("pre-checkpoint", plugins, **ctx)
     argv = skip_in_flight_argv(call, flags, work)
+    dump_log = os.path.join(work, "pre-dump.log" if mode == "pre-dump" else "dump.log")
+    began = time.time()
+    json_log = call.log if call.log and call.log_format == "json" else None
+    try:
+        offset = os.path.getsize(json_log) if json_log else 0
+    except OSError:
+        offset = 0
     try:
         rc = run_runc(argv)
         if rc != 0:
-            dump_log = os.path.join(work, "pre-dump.log" if mode == "pre-dump" else "dump.log")
+            try:
+                criu_ran = os.stat(dump_log).st_mtime >= began - 1
+            except OSError:
+                criu_ran = False
+            if not criu_ran:
+                # runc refused before CRIU ran (a bad flag, a missing container): its own
+                # message, already on stderr and in the log, is the whole story and
+                # must stay the last word the caller reads
+                err = runc_error(json_log, offset) or f"runc checkpoint exited {rc}"
+                try:
+                    run_stage("post-checkpoint", plugins, **dict(ctx, error=err))
+                except Exception:
+                    pass
+                return rc
             errs = criu_errors(dump_log)
-            raise RuncError(f"checkpoint of {cid} failed; CRIU log {dump_log}"
+            why = runc_error(json_log, offset)
+            raise RuncError(f"checkpoint of {cid} failed"
+                            + (f"; runc: {why}" if why else "")
+                            + f"; CRIU log {dump_log}"
                             + (": " + "; ".join(errs) if errs else ""))
     except BaseException as e:
         # plugins undo what pre-checkpoint did (resume CUDA, tell the workload)
