@@ -1,3 +1,3 @@
-from migrt.fast import main
+from migrt.front.fast import main
 
 main()

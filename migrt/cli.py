@@ -48,7 +48,7 @@ def main(call):
 
 def top_level(call):
     """`migrt --help` / `migrt --version`: runc's answer, then migrt's own."""
-    from migrt.fast import runc_path
+    from migrt.runc import runc_path
     runc = runc_path()
     flag = "--version" if call.globals.get("version") else "--help"
     out = subprocess.run([runc, flag], capture_output=True, text=True)

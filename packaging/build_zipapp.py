@@ -96,7 +96,7 @@ class _Native:
 
 sys.meta_path.append(_Native)
 sys.path.append("/usr/lib/python3/dist-packages")   # Debian's python3-* as a last resort
-from migrt.fast import main
+from migrt.front.fast import main
 main()
 '''
 

@@ -206,10 +206,10 @@ if [ -z "${MIGRT_NO_REGISTER:-}" ]; then
 fi
 # CRIU's page server (the source of a lazy migration) needs a 4 MiB pipe; root without
 # CAP_SYS_RESOURCE (VMs, sandboxes) may not exceed fs.pipe-max-size (often 1 MiB): see
-# migrt/lazycheck.py. Raise the limit, persistently, only if it is lower.
+# migrt/criu/lazycheck.py. Raise the limit, persistently, only if it is lower.
 if [ "$(cat /proc/sys/fs/pipe-max-size 2>/dev/null || echo 0)" -lt 4194304 ]; then
     mkdir -p /etc/sysctl.d
-    printf '# migrt: CRIU lazy page server (migrt/lazycheck.py)\nfs.pipe-max-size = 4194304\n' \
+    printf '# migrt: CRIU lazy page server (migrt/criu/lazycheck.py)\nfs.pipe-max-size = 4194304\n' \
         > /etc/sysctl.d/90-migrt.conf
     if sysctl -q -p /etc/sysctl.d/90-migrt.conf 2>/dev/null \
             || echo 4194304 > /proc/sys/fs/pipe-max-size 2>/dev/null; then

@@ -135,7 +135,7 @@ class Logs(Plugin):
         base = self._base(ctx)
         kept = None
         try:
-            from migrt import lifecycle
+            from migrt.runtime import lifecycle
             kept = record.keep_criu_log(cid, os.path.join(lifecycle.work_dir(ctx["call"], cid),
                                                           "restore.log"),
                                         "restore", ctx["options"]["keep"], base)

@@ -17,7 +17,7 @@ HERE = os.path.dirname(os.path.abspath(__file__))
 REPO = os.path.dirname(HERE)
 sys.path.insert(0, REPO)
 
-from migrt import bundlekit  # noqa: E402
+from migrt.runtime import bundlekit  # noqa: E402
 
 VENV_PYTHON = os.environ.get("MIGRT_PYTHON", "/opt/migrt/venv/bin/python")
 
@@ -35,7 +35,7 @@ def have_root_tools():
 def build_launcher(dest, front=None):
     """The `migrt` executable as installed: the shell front door before the Python
     launcher (MIGRT_TEST_FRONT=0: the Python launcher alone)."""
-    from migrt import launcher
+    from migrt.front import launcher
     if front is None:
         front = os.environ.get("MIGRT_TEST_FRONT", "1") != "0"
     launcher.write(dest, REPO, VENV_PYTHON, front=front)

@@ -1,4 +1,4 @@
-"""The memory fill after a local lazy restore (migrt.sources.staged.local_lazy).
+"""The memory fill after a local lazy restore (migrt.runtime.sources.staged.local_lazy).
 
 A staged full or pre-copy migration is restored with `criu lazy-pages` reading the
 staged image on this node: the container runs before all of its memory is back, and
@@ -10,7 +10,7 @@ and where its exit status lands), then `restored`, or `failed`.
 `check(staged)` looks once, without waiting, and moves the record on when the daemon
 is done; the agent calls it for the source's `filled` request, for status requests
 and from its janitor (a migrate that died meanwhile is finished by recovery, which
-asks for the status). With `migrt agent --user`, the root side does it (migrt.privsep).
+asks for the status). With `migrt agent --user`, the root side does it (migrt.agent.privsep).
 """
 import subprocess
 
@@ -40,7 +40,7 @@ def _errors(log, limit=3):
 def check(staged, runc=None):
     """(state, error): `filling`, `restored` or `failed` (or the record's own state if
     it is not filling). A failed fill stops the destination copy first (with `runc`,
-    default migrt.fast.runc_path())."""
+    default migrt.runc.runc_path())."""
     rec = staged.read() or {}
     state = rec.get("state")
     if state != FILLING:
@@ -63,7 +63,7 @@ def check(staged, runc=None):
     if cid and root:
         # a copy with part of its memory missing must not run on: the source resumes
         if runc is None:
-            from migrt.fast import runc_path
+            from migrt.runc import runc_path
             runc = runc_path()
         subprocess.run([runc, "--root", root, "delete", "--force", cid],
                        capture_output=True, timeout=60)

@@ -24,9 +24,10 @@ import types
 
 import zstandard
 
-from migrt import failpoints, recovery
-from migrt.fast import runc_path
-from migrt.lifecycle import runc_error, wait_exit
+from migrt.criu import failpoints
+from migrt.migration import recovery
+from migrt.runc import runc_path
+from migrt.runtime.lifecycle import runc_error, wait_exit
 from migrt.agent import fill, staging as stg
 from migrt.image import manifest as mf
 from migrt.transfer import receiver, wire
@@ -73,11 +74,11 @@ class Agent:
         self.log_dir = log_dir
         self.restore_timeout = float(os.environ.get("MIGRT_RESTORE_TIMEOUT", "120"))
         self.sessions = {}
-        self.privileged = None      # migrt.privsep.Client when the network side is not root
+        self.privileged = None      # migrt.agent.privsep.Client when the network side is not root
         self.lock = threading.Lock()
         self.stop = threading.Event()
         self._criu_features = {}
-        self._spare = None          # migrt.spare.Spare, started by warm()
+        self._spare = None          # migrt.front.spare.Spare, started by warm()
         # connections still in their handshake, oldest first (see serve)
         self._pending = collections.OrderedDict()
         self._conns = 0             # authenticated connections being served
@@ -309,8 +310,8 @@ class Agent:
             return
         page_tls = None
         if msg.get("mode") == "lazy":
-            # the lazy-pages daemon's TLS identity, pinned to the source's (migrt.pagetls)
-            from migrt import pagetls
+            # the lazy-pages daemon's TLS identity, pinned to the source's (migrt.criu.pagetls)
+            from migrt.criu import pagetls
             try:
                 page_tls = (*pagetls.identity("migrt lazy pages"),
                             pagetls.peer_cert(msg.get("page_tls_cert")))
@@ -320,7 +321,7 @@ class Agent:
         mid = stg.new_mid()
         staged = stg.Staged(mid, self.staging, self.disk)
         # a staged copy sent for one bundle must not be restored into another
-        # (migrt.sources.staged): another pod must not take this workload's memory
+        # (migrt.runtime.sources.staged): another pod must not take this workload's memory
         for_bundle = msg.get("bundle") if isinstance(msg.get("bundle"), str) else None
         caps = msg.get("caps") if isinstance(msg.get("caps"), list) else []
         staged.create(source=f"{peer[0]}", container=msg.get("container"), mode=msg.get("mode"),
@@ -498,7 +499,7 @@ class Agent:
                 except OSError:
                     pass
                 p.wait()
-                from migrt.lifecycle import unmount_criu_leftovers
+                from migrt.runtime.lifecycle import unmount_criu_leftovers
                 unmount_criu_leftovers(types.SimpleNamespace(root=root), cid)
                 subprocess.run([self.runtime, "--root", root, "delete", "--force", cid],
                                capture_output=True, env=env)
@@ -532,8 +533,8 @@ class Agent:
         return state.get("pid")
 
     def warm(self):
-        """Start a spare restorer (migrt.spare) so the next restore skips its start-up."""
-        from migrt import spare
+        """Start a spare restorer (migrt.front.spare) so the next restore skips its start-up."""
+        from migrt.front import spare
         launcher = spare.launcher_for(self.runtime)
         if launcher is None:
             return
@@ -623,7 +624,7 @@ class Agent:
         rec = staged.read()
         reply = {"ok": True, "state": (rec or {}).get("state", "unknown"),
                  "container": (rec or {}).get("container")}
-        # does the container run here? (migrt.recovery: a staged record is gone once
+        # does the container run here? (migrt.migration.recovery: a staged record is gone once
         # dropped *or* released, so its absence alone cannot say)
         cid, root = hello.get("id"), hello.get("root") or self.root
         if self.privileged and isinstance(cid, str):

@@ -8,7 +8,7 @@ destination bundle. `<staging>/<mid>/migration.json` records its state:
     receiving -> staged -> restoring -> restored
                         \\-> failed
 
-`MIGRT_RESTORE_FROM=staged:<mid>` names a staged migration (migrt.sources.staged).
+`MIGRT_RESTORE_FROM=staged:<mid>` names a staged migration (migrt.runtime.sources.staged).
 """
 import json
 import os

@@ -29,7 +29,7 @@ def _size(s):
 @click.option("--log-dir", default="/var/log/migrt", show_default=True,
               help="where restored containers' stdout/stderr go")
 @click.option("--user", default=None, help="run the network side as this user; only "
-              "restores go through a narrow root helper (see migrt/privsep.py)")
+              "restores go through a narrow root helper (see migrt/agent/privsep.py)")
 @click.option("--peer-timeout", type=float, default=None,
               help="seconds without an answer from a source after which its migration is "
               "dropped [default: $MIGRT_PEER_TIMEOUT or 20]")
@@ -52,6 +52,6 @@ def command(call, listen, secret_file, staging, disk, quota, ttl, restore_root, 
     kw = dict(staging=staging or staging_root(), disk=disk, quota=_size(quota), ttl=ttl,
               root=root, runtime=runtime, log_dir=log_dir)
     if user:
-        from migrt import privsep
+        from migrt.agent import privsep
         sys.exit(privsep.run(listen, secret, user, **kw))
     sys.exit(server.run(listen, secret, **kw))

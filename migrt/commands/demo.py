@@ -76,7 +76,7 @@ def count(me, root, cid):
 @click.option("--keep", is_flag=True, help="keep the demo's directory")
 def command(network, mode, as_json, keep):
     """Migrate a running busybox container between two simulated nodes."""
-    from migrt import bundlekit
+    from migrt.runtime import bundlekit
     from migrt.commands.migrate import print_report
     me = os.path.realpath(sys.argv[0])
     if os.geteuid() != 0:

@@ -194,7 +194,7 @@ def check_userfaultfd(node):
 
 
 def check_page_server(node):
-    from migrt import lazycheck
+    from migrt.criu import lazycheck
     why = lazycheck.problem(read=node.read)
     if why is None:
         return Finding("page server", OK, "CRIU's page server can size its pipe "

@@ -12,7 +12,7 @@ def _base():
     if os.environ.get("MIGRT_LOG_DIR"):
         return record.base_dir()
     try:
-        from migrt import hookgate
+        from migrt.plugins import gate as hookgate
         info = (hookgate.node_cache().get("plugins") or {}).get("logs") or {}
         d = (info.get("options") or {}).get("dir")
         if d:

@@ -38,7 +38,7 @@ def command(call, container, to, secret_file, bundle, dest_root, new_id, precopy
             streams, level, wait, page_server_port, tcp_established, rootfs_base,
             peer_timeout, as_json):
     """Move a running container to another node with the shortest downtime."""
-    from migrt.transfer import migrate as mig
+    from migrt.migration import migrate as mig
     from migrt.transfer import wire
     if peer_timeout is not None:
         os.environ["MIGRT_PEER_TIMEOUT"] = str(peer_timeout)

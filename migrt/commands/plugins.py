@@ -9,7 +9,7 @@ from migrt.errors import MigrtError
 
 
 def _rows(bundle, stage):
-    from migrt import hookgate
+    from migrt.plugins import gate as hookgate
     from migrt.plugins import config, registry, options
     cache = config.build_cache()          # a fresh look, and the hot path's cache refreshed
     if cache.get("error"):
@@ -18,7 +18,7 @@ def _rows(bundle, stage):
     spec = None
     why = {}
     if bundle:
-        from migrt.fast import read_spec
+        from migrt.runc import read_spec
         spec = read_spec(bundle)
         marker = bool(hookgate._env(spec).get(hookgate.MARKER))
         groups = [stage] if stage else \
@@ -70,7 +70,7 @@ def _rows(bundle, stage):
                                  "them: create or restore, checkpoint, migrate)")
 @click.option("--json", "as_json", is_flag=True, help="machine-readable output")
 def command(bundle, stage, as_json):
-    from migrt import hookgate
+    from migrt.plugins import gate as hookgate
     try:
         cache, rows = _rows(bundle, stage)
     except MigrtError as e:

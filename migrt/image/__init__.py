@@ -94,7 +94,7 @@ def capture_extra(image_dir, container_id, state, bundle, criu_flags, base=None,
                        "status": (state or {}).get("status", "")},
          "node": mf.node_info(), "criu_flags": list(criu_flags or []),
          "chunk_size": digest.CHUNK, "files": [], "rootfs": info, "processes": []}
-    from migrt.checkpoints import pod_namespace
+    from migrt.image.manifest import pod_namespace
     ns = pod_namespace(spec)
     if ns:
         m["container"]["namespace"] = ns

@@ -6,7 +6,17 @@ Reading the few fields migrt shows needs no protobuf library.
 import os
 import struct
 
-from migrt.checkpoints import varint
+
+def varint(b, i):
+    """Decode the protobuf varint at b[i]; return (value, next index)."""
+    shift = result = 0
+    while True:
+        c = b[i]
+        i += 1
+        result |= (c & 0x7F) << shift
+        if not c & 0x80:
+            return result, i
+        shift += 7
 
 
 def fields(msg):

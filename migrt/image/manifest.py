@@ -191,3 +191,17 @@ def load(image_dir):
 
 def now():
     return time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime())
+
+
+# the pod namespace, as containerd's CRI plugin and CRI-O annotate a container's bundle
+NAMESPACE_ANNOTATIONS = ("io.kubernetes.cri.sandbox-namespace", "io.kubernetes.pod.namespace")
+
+
+def pod_namespace(spec):
+    """The Kubernetes namespace of the pod a bundle belongs to, None outside Kubernetes."""
+    ann = (spec or {}).get("annotations") or {}
+    for key in NAMESPACE_ANNOTATIONS:
+        v = ann.get(key)
+        if isinstance(v, str) and v:
+            return v
+    return None

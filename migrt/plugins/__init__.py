@@ -6,7 +6,7 @@ migrt.plugins.stages, where each stage is declared and documented). Plugins come
 this project's `plugins/` folder and from installed packages that declare an entry
 point in the `migrt.plugins` group, so a third party adds one without touching migrt.
 
-The runtime core never imports this package on the pass-through path: migrt.hookgate
+The runtime core never imports this package on the pass-through path: migrt.plugins.gate
 answers "which plugins apply to this bundle?" from a JSON cache, and only when the
 answer is not empty does the core call `run_stage`.
 """
@@ -35,7 +35,7 @@ class Plugin:
                    restore:     True: applies when the bundle carries the restore marker
                    groups:      core actions in which the rule-less plugin applies
                                 ("checkpoint", "restore", ...)
-                 The rules are data so that migrt.hookgate evaluates them with the stdlib.
+                 The rules are data so that migrt.plugins.gate evaluates them with the stdlib.
     """
 
     name = None

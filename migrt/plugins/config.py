@@ -3,7 +3,7 @@ with a JSON Schema built from the installed plugins' option schemas.
 
 An unknown key or a wrong type is an error that names the key
 (`plugins.gpu.lock_timeout_ms: 'soon' is not of type 'integer'`). The validated result
-is written as a JSON cache that migrt.hookgate reads on the hot path.
+is written as a JSON cache that migrt.plugins.gate reads on the hot path.
 
 Example:
     plugins:
@@ -16,7 +16,7 @@ Example:
 import json
 import os
 
-from migrt import hookgate
+from migrt.plugins import gate as hookgate
 from migrt.errors import MigrtError
 
 BASE_SCHEMA = {

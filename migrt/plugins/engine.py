@@ -1,7 +1,7 @@
 """The plugin stages of one container, for callers that drive runc themselves.
 
 `migrt migrate` (the migration engine) and the node agent do not go through
-migrt.lifecycle, so they run the stages with this object: one line per stage.
+migrt.runtime.lifecycle, so they run the stages with this object: one line per stage.
 
     hooks = ForContainer(root, cid)
     hooks.pre_migrate({"address": "10.0.0.2:7000", "facts": facts_from_the_agent})
@@ -15,8 +15,8 @@ A container no plugin applies to costs one spec read and the hookgate lookup.
 import json
 import os
 
-from migrt import hookgate
-from migrt.argv import Call
+from migrt.plugins import gate as hookgate
+from migrt.front.argv import Call
 from migrt.errors import MigrtError
 
 
@@ -27,7 +27,7 @@ class ForContainer:
             argv += ["--log", log, "--log-format", log_format]
         self.call = Call(argv)
         self.cid = cid
-        from migrt.lifecycle import container_bundle
+        from migrt.runc import container_bundle
         self.bundle, _ = container_bundle(self.call, cid)
         self.spec = None
         if self.bundle:

@@ -86,7 +86,7 @@ def collect(criu=None, use_cache=True):
         with open(override) as f:
             return json.load(f)
     criu = criu or os.environ.get("MIGRT_CRIU", "criu")
-    from migrt import hookgate
+    from migrt.plugins import gate as hookgate
     cache = os.path.join(hookgate.state_dir(), "plugins", "nodefacts.json")
     key = _cache_key(criu)
     if use_cache:

@@ -56,7 +56,7 @@ def defaults(plugin):
 
 def for_bundle(plugin, spec, node=None):
     """The effective options of `plugin` for the bundle whose spec is `spec`."""
-    from migrt import hookgate
+    from migrt.plugins import gate as hookgate
     opts = defaults(plugin)
     if node is None:
         info = (hookgate.node_cache().get("plugins") or {}).get(plugin.name) or {}

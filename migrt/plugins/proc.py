@@ -112,7 +112,7 @@ def in_container(pid, path):
 
 
 def spec_env(spec):
-    from migrt import hookgate
+    from migrt.plugins import gate as hookgate
     return hookgate._env(spec or {})
 
 
@@ -188,7 +188,7 @@ def add_criu_config(ctx, owner, lines):
 
 
 def hooks_dir():
-    from migrt import hookgate
+    from migrt.plugins import gate as hookgate
     return os.path.join(os.path.dirname(hookgate.plugins_dir()), "hooks")
 
 

@@ -84,7 +84,7 @@ def discover(extra_dirs=()):
     Returns (found, problems): problems are one-line strings (a plugin that does not
     load is reported by `migrt plugins`, not fatal for the others).
     """
-    from migrt import hookgate
+    from migrt.plugins import gate as hookgate
     found, problems = {}, []
     dirs = [hookgate.plugins_dir()] + hookgate.extra_plugin_dirs() + list(extra_dirs)
     for d in dirs:
@@ -127,7 +127,7 @@ def implemented_stages(plugin):
 
 def resolve(names):
     """The named plugins as objects, in run order; a clear refusal for a bad name."""
-    from migrt import hookgate
+    from migrt.plugins import gate as hookgate
     cache = hookgate.node_cache()
     if cache.get("error"):
         raise MigrtError(cache["error"])

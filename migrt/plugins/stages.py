@@ -64,7 +64,7 @@ migrt's record of the container. Clean up per-container state."""
 ALL = (PRE_CREATE, POST_CREATE, PRE_CHECKPOINT, POST_CHECKPOINT, PRE_RESTORE,
        POST_RESTORE, PRE_MIGRATE, DELETE)
 
-# Which stages each core action can reach is migrt.hookgate.STAGE_GROUPS (kept there so
+# Which stages each core action can reach is migrt.plugins.gate.STAGE_GROUPS (kept there so
 # that the hot path imports nothing from this package).
 
 

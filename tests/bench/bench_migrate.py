@@ -27,7 +27,7 @@ import time
 HERE = os.path.dirname(os.path.abspath(__file__))
 sys.path.insert(0, os.path.join(HERE, ".."))
 import ocitest  # noqa: E402
-from migrt import bundlekit  # noqa: E402
+from migrt.runtime import bundlekit  # noqa: E402
 
 
 def build_workload(dest):

@@ -103,9 +103,9 @@ def traced(tmp_path, migrt_launcher):
 
 @pytest.fixture
 def front(tmp_path, migrt_launcher):
-    """migrt/front.sh (the proposed shell front door) in front of migrt's launcher."""
+    """migrt/front/front.sh (the proposed shell front door) in front of migrt's launcher."""
     repo = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
-    with open(os.path.join(repo, "migrt", "front.sh")) as f:
+    with open(os.path.join(repo, "migrt", "front", "front.sh")) as f:
         text = f.read().replace("@PY_LAUNCHER@", migrt_launcher)
     path = tmp_path / "migrt-front"
     path.write_text(text)

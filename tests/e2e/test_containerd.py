@@ -86,7 +86,7 @@ def test_ctr_checkpoint_and_marker_restore(request, start_containerd, migrt_laun
                                            checkpoint_dir, tmp_path):
     """`ctr task checkpoint` through migrt, then a new container created with the marker
     restores it, and its output goes on in the new task's log. Through migrt's launcher,
-    the proposed shell front door (migrt/front.sh) before it, and the single-file
+    the proposed shell front door (migrt/front/front.sh) before it, and the single-file
     zipapp on the system's Python."""
     env = None
     if entry == "front":

@@ -67,7 +67,7 @@ class Podman:
 @pytest.fixture(params=["launcher"])
 def podman(request, images, migrt_launcher):
     """podman with migrt as --runtime: its launcher, or (param "front") the proposed
-    shell front door migrt/front.sh before it."""
+    shell front door migrt/front/front.sh before it."""
     if not shutil.which("podman") or not shutil.which("conmon"):
         pytest.skip("requires podman and conmon")
     runtime = migrt_launcher

@@ -10,7 +10,7 @@ HERE = os.path.dirname(os.path.abspath(__file__))
 sys.path.insert(0, os.path.dirname(HERE))
 
 import ocitest  # noqa: E402
-from migrt import bundlekit  # noqa: E402
+from migrt.runtime import bundlekit  # noqa: E402
 
 FAKE_CUDA = os.path.join(HERE, "cuda-checkpoint")
 

@@ -521,7 +521,7 @@ def test_lazy_page_server_gives_nothing_to_a_peer_without_the_migrations_key(two
     """The lazy page server holds the container's memory until the destination has taken
     it. Someone who connects to it first, asking for pages as CRIU's lazy-pages daemon
     does, must get none of them: it speaks TLS and serves only the certificate swapped in
-    the authenticated precheck (migrt.pagetls). The migration then ends with one copy."""
+    the authenticated precheck (migrt.criu.pagetls). The migration then ends with one copy."""
     n = two_nodes
     fpdir = os.path.join(n.tmp, "fp")
     os.makedirs(fpdir)
@@ -564,7 +564,7 @@ def test_lazy_page_server_gives_nothing_to_a_peer_without_the_migrations_key(two
 def test_lazy_refused_before_freezing_when_the_page_server_cannot_work(two_nodes):
     """Without CAP_SYS_RESOURCE (as here) and with fs.pipe-max-size below 4 MiB, CRIU's
     page server fails on the first page (splice EBADF): --lazy says so before freezing."""
-    from migrt import lazycheck
+    from migrt.criu import lazycheck
     n = two_nodes
     ag = n.agent()
     bundle, out = n.source()

@@ -58,7 +58,7 @@ def cgroups(cgroup_paths):
 
 
 def work_dirs(root, cids):
-    """migrt's CRIU work dirs of these containers (see migrt.lifecycle.work_dir)."""
+    """migrt's CRIU work dirs of these containers (see migrt.runtime.lifecycle.work_dir)."""
     out = []
     for cid in cids:
         key = hashlib.sha1(f"{os.path.realpath(root)}\0{cid}".encode()).hexdigest()[:16]

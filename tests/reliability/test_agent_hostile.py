@@ -29,7 +29,7 @@ IDLE = int(os.environ.get("MIGRT_IDLE_PEERS", "300"))
 
 @pytest.fixture(scope="module", params=["root", "nobody"])
 def setup(request, tmp_path_factory, migrt_launcher):
-    """The agent as root, and with its network side as `nobody` (migrt.privsep)."""
+    """The agent as root, and with its network side as `nobody` (migrt.agent.privsep)."""
     import shutil
     tmp = tmp_path_factory.mktemp("agent-hostile")
     secret_file = migr.write_secret(str(tmp / "secret"))
@@ -145,7 +145,7 @@ def test_migrate_with_wrong_or_missing_secret(setup, tmp_path):
 
 def network_side(setup):
     """The agent process that accepts connections (with --user: the root side's child
-    running as that user; beside it, as root, the spare restorer of migrt.spare)."""
+    running as that user; beside it, as root, the spare restorer of migrt.front.spare)."""
     server = psutil.Process(setup["agent"].proc.pid)
     if setup["uid"]:
         (server,) = [c for c in server.children() if c.uids().effective == setup["uid"]]

@@ -25,7 +25,7 @@ import pytest
 import leaks
 import migr
 import ocitest
-from migrt import recovery
+from migrt.migration import recovery
 
 RESULTS = []
 WORK = os.path.join(os.environ.get("MIGRT_STATE_DIR", "/run/migrt"), "migrate")

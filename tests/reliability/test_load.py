@@ -145,7 +145,7 @@ def test_concurrent_migrations_to_one_agent(tmp_path, migrt_launcher, make_bundl
     """M containers migrate at the same moment to one agent, each over 4 TLS streams."""
     import subprocess
     import migr
-    from migrt import recovery
+    from migrt.migration import recovery
     nodes = migr.Nodes(migrt_launcher, tmp_path, make_bundle)
     try:
         agent = nodes.agent()

@@ -3,7 +3,7 @@
 The process that listens, speaks TLS, parses frames and writes staging runs as
 `nobody`, without capabilities and with no_new_privs; the root parent holds no network
 socket; a migration through it still works end to end; and the narrow root path
-(migrt.privsep.RootHelper) refuses every request outside what a restore needs.
+(migrt.agent.privsep.RootHelper) refuses every request outside what a restore needs.
 """
 import json
 import os
@@ -15,7 +15,7 @@ import pytest
 
 import migr
 import ocitest
-from migrt import privsep
+from migrt.agent import privsep
 
 
 def status_of(pid):

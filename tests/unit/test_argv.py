@@ -1,7 +1,7 @@
 """runc argv handling: the forms containerd, conmon and podman send. No root needed."""
 import pytest
 
-from migrt.argv import ArgvError, Call, parse_flags, COMMAND_FLAGS
+from migrt.front.argv import ArgvError, Call, parse_flags, COMMAND_FLAGS
 
 
 def test_containerd_create():

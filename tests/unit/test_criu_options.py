@@ -1,5 +1,5 @@
-"""What migrate hands CRIU beyond runc's flags (migrt.criuconf) and the certificates of
-lazy mode's page traffic (migrt.pagetls)."""
+"""What migrate hands CRIU beyond runc's flags (migrt.criu.config) and the certificates of
+lazy mode's page traffic (migrt.criu.pagetls)."""
 import os
 import stat
 
@@ -7,7 +7,8 @@ import pytest
 from cryptography import x509
 from cryptography.hazmat.primitives import serialization
 
-from migrt import criuconf, pagetls
+from migrt.criu import config as criuconf
+from migrt.criu import pagetls
 
 
 def test_env_points_criu_at_our_lines_and_keeps_the_callers_config(tmp_path):

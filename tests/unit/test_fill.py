@@ -108,7 +108,7 @@ def test_other_states_pass_through(staged, runc):
 def test_only_a_source_that_waits_for_the_fill_gets_one(monkeypatch):
     """An older `migrt migrate` releases the source, and the staged image, as soon as
     the container runs: its migrations are restored with all their memory first."""
-    from migrt.sources import staged as src
+    from migrt.runtime.sources import staged as src
     monkeypatch.setattr(src, "local_lazy", lambda: True)
     assert src.fill_locally({"fill_ok": True})
     assert not src.fill_locally({})                                   # no caps: older
@@ -118,6 +118,6 @@ def test_only_a_source_that_waits_for_the_fill_gets_one(monkeypatch):
 
 
 def test_eager_restore_setting(monkeypatch):
-    from migrt.sources import staged as src
+    from migrt.runtime.sources import staged as src
     monkeypatch.setenv("MIGRT_EAGER_RESTORE", "1")
     assert src.local_lazy() is False

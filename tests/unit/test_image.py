@@ -161,7 +161,7 @@ def test_namespace_binding(tmp_path, monkeypatch):
     the node), an image without a recorded namespace, or a node that allows it pass."""
     import json
     import pytest
-    from migrt import checkpoints
+    from migrt.runtime import checkpoints
     from migrt.errors import CheckpointError
     (tmp_path / "migrt").mkdir()
     (tmp_path / "migrt" / "manifest.json").write_text(

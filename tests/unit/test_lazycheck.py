@@ -1,5 +1,5 @@
-"""migrt.lazycheck: when CRIU's page server (lazy migration's source) can size its pipe."""
-from migrt import lazycheck
+"""migrt.criu.lazycheck: when CRIU's page server (lazy migration's source) can size its pipe."""
+from migrt.criu import lazycheck
 
 
 def reader(cap_eff, limit):

@@ -1,4 +1,4 @@
-"""migrt.netlock: which network lock a migration's dump asks CRIU for, and clearing a
+"""migrt.criu.netlock: which network lock a migration's dump asks CRIU for, and clearing a
 lock a killed CRIU left in a network namespace (real nftables and iptables, in a
 namespace of the test's own)."""
 import os
@@ -9,7 +9,7 @@ import time
 
 import pytest
 
-from migrt import netlock
+from migrt.criu import netlock
 from migrt.plugins import nodefacts
 
 NFT = {"criu_features": {"network_lock_nftables": True}}

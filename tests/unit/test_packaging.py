@@ -67,19 +67,19 @@ def wheel(tmp_path_factory):
 def test_wheel_has_the_runtime_and_a_command(wheel, tmp_path):
     z = zipfile.ZipFile(wheel)
     names = set(z.namelist())
-    for f in ("migrt/fast.py", "migrt/argv.py", "migrt/lifecycle.py", "migrt/launcher.py",
+    for f in ("migrt/front/fast.py", "migrt/front/argv.py", "migrt/runtime/lifecycle.py", "migrt/front/launcher.py",
               "migrt/cli.py", "migrt/commands/doctor.py"):
         assert f in names, f"{f} missing from the wheel"
     info = [n for n in names if n.endswith(".dist-info/entry_points.txt")]
     assert info, "the wheel installs no command"
     eps = z.read(info[0]).decode()
-    assert "migrt = migrt.fast:main" in eps
+    assert "migrt = migrt.front.fast:main" in eps
     # what was packaged imports and runs (the hot path needs only the standard library)
     z.extractall(tmp_path)
     p = subprocess.run([sys.executable, "-I", "-S", "-c",
                         f"import sys; sys.path.insert(0, {str(tmp_path)!r}); "
                         "sys.argv = ['migrt', 'state', 'no-such-container']; "
-                        "from migrt.fast import main; main()"],
+                        "from migrt.front.fast import main; main()"],
                        capture_output=True, text=True, timeout=60,
                        env=dict(os.environ, MIGRT_RUNC="/bin/false"))
     assert p.returncode == 1 and "Traceback" not in p.stderr, p.stderr
@@ -123,14 +123,14 @@ def test_zipapp_is_one_file_needing_only_system_python(pyz, tmp_path):
     assert p.returncode == 0 and "Usage: migrt doctor" in p.stdout, p.stderr
     # the zip holds byte code for the target Python, so nothing compiles at start
     names = zipfile.ZipFile(pyz).namelist()
-    assert "migrt/fast.pyc" in names and "click/__init__.pyc" in names
+    assert "migrt/front/fast.pyc" in names and "click/__init__.pyc" in names
 
 
 def test_zipapp_unpacks_compiled_dependencies_on_first_use(pyz, tmp_path):
     """xxhash, zstandard, psutil and jsonschema (checkpoint, migrate, agent) come out of
     the zip into a cache dir the first time they are imported, and only then."""
     main = zipfile.ZipFile(pyz).read("__main__.py").decode()
-    probe = main.replace("from migrt.fast import main\nmain()\n",
+    probe = main.replace("from migrt.front.fast import main\nmain()\n",
                          "import xxhash, zstandard, psutil, jsonschema\n"
                          "jsonschema.validate(1, {'type': 'integer'})\n"
                          "print(xxhash.__file__)\n")
@@ -214,10 +214,10 @@ def test_register_creates_a_missing_config(tmp_path):
 
 def test_uninstall_removes_only_migrts_files(tmp_path):
     sys.path.insert(0, REPO)
-    from migrt import launcher
+    from migrt.front import launcher
     prefix, bin_dir = tmp_path / "opt" / "migrt", tmp_path / "bin"
-    (prefix / "lib" / "migrt").mkdir(parents=True)
-    shutil.copy(os.path.join(REPO, "migrt", "front.sh"), prefix / "lib" / "migrt")
+    (prefix / "lib" / "migrt" / "front").mkdir(parents=True)
+    shutil.copy(os.path.join(REPO, "migrt", "front", "front.sh"), prefix / "lib" / "migrt" / "front")
     bin_dir.mkdir()
     launcher.write(str(bin_dir / "migrt"), str(prefix / "lib"), sys.executable)
     assert (bin_dir / "migrt-python").exists()

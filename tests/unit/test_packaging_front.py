@@ -1,4 +1,4 @@
-"""migrt/front.sh (proposed shell front door): which calls go straight to runc and
+"""migrt/front/front.sh (proposed shell front door): which calls go straight to runc and
 which reach migrt's Python, for the argv forms containerd, conmon and podman send.
 
 The rule: runc only when the call is certainly none of migrt's business; Python for
@@ -12,7 +12,7 @@ import subprocess
 import pytest
 
 HERE = os.path.dirname(os.path.abspath(__file__))
-FRONT = os.path.join(HERE, "..", "..", "migrt", "front.sh")
+FRONT = os.path.join(HERE, "..", "..", "migrt", "front", "front.sh")
 
 
 @pytest.fixture

@@ -142,7 +142,7 @@ def test_hot_path_imports_nothing_heavy(tmp_path):
         "import sys, os\n"
         f"sys.path[:0] = [{ocitest.REPO!r}]\n"
         "os.environ['MIGRT_RUNC'] = '/bin/true'\n"
-        "import migrt.fast as f\n"
+        "import migrt.front.fast as f\n"
         "os.execv = lambda *a: (print(sorted(m for m in sys.modules)), sys.exit(0))\n"
         "sys.argv = ['migrt', '--root', '/r', 'state', 'x']\n"
         "f.main()\n")

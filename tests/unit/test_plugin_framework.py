@@ -13,7 +13,7 @@ import pytest
 REPO = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 sys.path.insert(0, REPO)
 
-from migrt import hookgate  # noqa: E402
+from migrt.plugins import gate as hookgate  # noqa: E402
 from migrt.errors import BundleError, MigrtError, RefusedError  # noqa: E402
 
 
@@ -115,7 +115,7 @@ def test_hot_path_reads_only_the_cache(tmp_path):
         import sys, time, json
         sys.path.insert(0, {REPO!r})
         sys.path += {[x for x in sys.path if x.endswith("-packages")]!r}   # as the launcher does
-        from migrt import hookgate
+        from migrt.plugins import gate as hookgate
         s = {json.dumps(spec(devices=["/dev/accel0"]))}
         hookgate.active(s, "/b")
         t = time.perf_counter()

@@ -351,7 +351,7 @@ def test_bundle_chooses_the_interface_by_annotation_or_env():
 
 
 def test_no_ctypes_on_the_hot_path():
-    code = (f"import sys; sys.path.insert(0, {REPO!r}); import migrt.fast, migrt.hookgate; "
+    code = (f"import sys; sys.path.insert(0, {REPO!r}); import migrt.front.fast, migrt.plugins.gate; "
             "print('ctypes' in sys.modules, 'migrt_plugins._cuda_driver' in sys.modules)")
     out = subprocess.run([sys.executable, "-I", "-S", "-c", code], capture_output=True,
                          text=True)

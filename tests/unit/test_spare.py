@@ -1,4 +1,4 @@
-"""The agent's pre-started restorer (migrt.spare) runs a call exactly as a fresh `migrt`.
+"""The agent's pre-started restorer (migrt.front.spare) runs a call exactly as a fresh `migrt`.
 
 A fake runc records what reached it: the argv handed over later, the environment and
 working directory sent with it, and the stdio descriptors passed over the socket.
@@ -9,7 +9,7 @@ import subprocess
 import pytest
 
 import ocitest
-from migrt import spare
+from migrt.front import spare
 
 FAKE = r'''#!/bin/sh
 printf 'argv:%s\n' "$*"

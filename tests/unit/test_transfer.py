@@ -378,11 +378,11 @@ def test_a_stream_failing_early_does_not_leave_send_waiting(tmp_path):
 
 
 def test_migrate_unwinds_on_signals_but_respects_nohup(monkeypatch):
-    """SIGTERM and SIGHUP unwind a migration like Ctrl-C (migrt.transfer.migrate), except
+    """SIGTERM and SIGHUP unwind a migration like Ctrl-C (migrt.migration.migrate), except
     a signal the caller ignores: under nohup a closed terminal must not stop it."""
     import signal
     import types
-    from migrt.transfer import migrate as mig
+    from migrt.migration import migrate as mig
     seen = {}
 
     class Fake:

@@ -2,16 +2,16 @@
 # migrt's front door, installed as the `migrt` executable (see README, "Pass-through
 # cost"): decide in the shell, in about a millisecond, whether a call is migrt's business at all.
 # If it certainly is not, exec runc with the argv untouched; otherwise (and whenever this
-# script is unsure) exec migrt's Python launcher, which decides exactly (migrt.fast).
+# script is unsure) exec migrt's Python launcher, which decides exactly (migrt.front.fast).
 #
 # migrt's business: its own commands; `create`/`run` of a bundle whose config.json
 # mentions MIGRT_RESTORE_FROM or an explicit plugin choice (MIGRT_PLUGINS,
 # io.migrt.plugins), and every `create`/`run` on a node with a plugin config (plugins
-# detect their bundles by devices, mounts, env: only migrt.hookgate can tell); `start`/`delete`
+# detect their bundles by devices, mounts, env: only migrt.plugins.gate can tell); `start`/`delete`
 # of a container migrt restored (runc's state dir holds migrt.json); `checkpoint`;
 # anything this script does not parse with certainty (--help, --, unknown flags).
 #
-# Written by migrt/launcher.py with the Python launcher's path filled in. A malformed
+# Written by migrt/front/launcher.py with the Python launcher's path filled in. A malformed
 # config.json that does not mention migrt is runc's to report, as with plain runc.
 PY_LAUNCHER=@PY_LAUNCHER@
 

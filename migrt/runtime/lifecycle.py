@@ -18,9 +18,9 @@ import subprocess
 import sys
 import time
 
-from migrt import checkpoints
+from migrt.runtime import checkpoints
 from migrt.errors import BundleError, MigrtError, RuncError
-from migrt.fast import MARKER, record_path, runc_path
+from migrt.runc import MARKER, container_bundle, record_path, runc_path
 
 STATE_DIR = os.environ.get("MIGRT_STATE_DIR", "/run/migrt")
 SPEC_BACKUP = "config.json.migrt-orig"
@@ -477,7 +477,7 @@ def start_lazy_pages(source, work):
     image on this node, and the daemon's exit status is written to FILL_STATUS in the
     work dir (a shell waits for it), because the agent that has to know whether every
     page arrived is not its parent."""
-    from migrt import pagetls
+    from migrt.criu import pagetls
     criu = os.environ.get("MIGRT_CRIU", "criu")
     log = os.path.join(work, "lazy-pages.log")
     argv = [criu, "lazy-pages", "--images-dir", source.image_dir, "--work-dir", work,
@@ -530,7 +530,7 @@ def _kill(proc):
 def start(call, cid):
     rec = read_record(call, cid)
     if rec is None or rec.get("started"):
-        from migrt.fast import exec_runc
+        from migrt.runc import exec_runc
         exec_runc(call.argv)
     rec["started"] = True
     write_record(call, cid, rec)
@@ -572,19 +572,6 @@ def _stop_lazy_daemon(pid):
 
 # ---------------------------------------------------------------- checkpoint
 
-def container_bundle(call, cid):
-    """The bundle of a container, from runc's own state.json."""
-    try:
-        with open(os.path.join(call.root, cid, "state.json")) as f:
-            state = json.load(f)
-    except (OSError, ValueError):
-        return None, None
-    for label in (state.get("config") or {}).get("labels") or []:
-        if label.startswith("bundle="):
-            return label[len("bundle="):], state
-    return None, state
-
-
 def checkpoint_flags(flags):
     out = []
     for name in ("leave-running", "tcp-established", "ext-unix-sk", "shell-job",
@@ -601,13 +588,13 @@ def checkpoint(call, flags, cid):
     """`checkpoint`: runc's, then migrt's manifest next to CRIU's images."""
     bundle, state = container_bundle(call, cid)
     if state is None:
-        from migrt.fast import exec_runc
+        from migrt.runc import exec_runc
         exec_runc(call.argv)       # runc says the container does not exist
     plugins = []
     spec = None
     if bundle:
-        from migrt.fast import read_spec
-        from migrt import hookgate
+        from migrt.runc import read_spec
+        from migrt.plugins import gate as hookgate
         try:
             spec = read_spec(bundle)
         except MigrtError:

@@ -12,7 +12,7 @@ kernel support it (`criu check --feature network_lock_nftables`, part of the nod
 facts the agent reports in the precheck); plain `runc checkpoint` through migrt is
 left as runc does it.
 
-runc hands CRIU no lock option: the lines go through migrt.criuconf.
+runc hands CRIU no lock option: the lines go through migrt.criu.config.
 
 MIGRT_NETWORK_LOCK=iptables keeps CRIU's default; =nftables asks for nftables even
 where the checks did not find it.
@@ -57,7 +57,10 @@ def conf_lines(method):
 _CLEAR = r"""
 import ctypes, json, os, subprocess, sys
 fd = os.open(sys.argv[1], os.O_RDONLY | os.O_CLOEXEC)
-os.setns(fd, os.CLONE_NEWNET)
+if hasattr(os, "setns"):
+    os.setns(fd, os.CLONE_NEWNET)
+elif ctypes.CDLL(None, use_errno=True).setns(fd, 0x40000000) != 0:   # Python < 3.12
+    raise OSError(ctypes.get_errno(), "setns")
 try:
     nft = ctypes.CDLL("libnftables.so.1")
 except OSError:

@@ -31,7 +31,8 @@ def sweep():
 
 
 def resolve(rest, bundle):
-    from migrt import checkpoints, crypto
+    from migrt import crypto
+    from migrt.runtime import checkpoints
     value = f"encrypted:{rest}"
     if not os.path.isabs(rest):
         from migrt.errors import CheckpointError

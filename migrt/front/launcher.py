@@ -2,11 +2,11 @@
 
 Every runc call of a node goes through this binary, and even `python -I -S` costs
 7-16 ms a call under a containerd shim (five calls per container: 1.5x runc for a
-whole create/start/exec/stop/remove cycle). So DEST is migrt/front.sh, which decides
+whole create/start/exec/stop/remove cycle). So DEST is migrt/front/front.sh, which decides
 in about a millisecond whether a call can be migrt's business at all and execs runc
 when it certainly is not. Everything else goes to DEST-python: it starts the
 interpreter with -I -S, puts migrt's source and the venv's site-packages on sys.path
-by hand, and hands over to `migrt.fast`, which decides exactly.
+by hand, and hands over to `migrt.front.fast`, which decides exactly.
 
 Usage: python -I -S launcher.py --source DIR --python PYTHON [--no-front] DEST
 """
@@ -14,11 +14,11 @@ import os
 import sys
 
 TEMPLATE = """#!{python} -IS
-# migrt launcher, written by migrt.launcher: do not edit.
+# migrt launcher, written by migrt.front.launcher: do not edit.
 import sys
 sys.path[:0] = [{source!r}]
 sys.path.append({site!r})
-from migrt.fast import main
+from migrt.front.fast import main
 main()
 """
 
@@ -52,7 +52,7 @@ def write(dest, source, python, front=True):
         return dest
     py = dest + "-python"
     _put(py, text)
-    with open(os.path.join(os.path.abspath(source), "migrt", "front.sh")) as f:
+    with open(os.path.join(os.path.abspath(source), "migrt", "front", "front.sh")) as f:
         door = f.read()
     _put(dest, door.replace("@PY_LAUNCHER@", shell_quote(os.path.abspath(py))))
     return dest

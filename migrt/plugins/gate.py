@@ -33,8 +33,8 @@ def state_dir():
 
 def plugins_dir():
     """The project's plugins/ folder: next to the migrt package (as installed too)."""
-    here = os.path.dirname(os.path.abspath(__file__))
-    return os.path.join(os.path.dirname(here), "plugins")
+    package = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))   # migrt/
+    return os.path.join(os.path.dirname(package), "plugins")
 
 
 def extra_plugin_dirs():
@@ -190,7 +190,7 @@ _STAGE_TO_GROUP = {"pre-create": "create", "post-create": "create",
 def _own_command():
     """The runc command this process is running (when the core did not say)."""
     try:
-        from migrt.argv import Call
+        from migrt.front.argv import Call
         cmd = Call(sys.argv[1:]).command
     except Exception:
         return None

@@ -13,7 +13,7 @@ from migrt.errors import CheckpointError
 def resolve(rest, bundle):
     from migrt import image
     from migrt.agent.staging import Staged, valid_mid
-    from migrt.checkpoints import RestoreSource
+    from migrt.runtime.checkpoints import RestoreSource
     if not valid_mid(rest):
         raise CheckpointError(f"staged:{rest}: not a migration id")
     s = Staged(rest)
@@ -58,7 +58,7 @@ def resolve(rest, bundle):
 
     tls = None
     if lazy:
-        from migrt import pagetls
+        from migrt.criu import pagetls
         tls = pagetls.files(s.tls_dir)
         if not all(os.path.isfile(p) for p in tls.values()):
             raise CheckpointError(f"staged:{rest}: lazy migration without its page-traffic "

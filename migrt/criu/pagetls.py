@@ -84,7 +84,7 @@ def files(directory):
 
 
 def conf_lines(paths):
-    """CRIU config-file lines (for the source's page server, via migrt.criuconf)."""
+    """CRIU config-file lines (for the source's page server, via migrt.criu.config)."""
     return ["tls", f"tls-cacert {paths['cacert']}", f"tls-cert {paths['cert']}",
             f"tls-key {paths['key']}", "tls-no-cn-verify"]
 

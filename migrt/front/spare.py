@@ -6,10 +6,10 @@ downtime. So the agent keeps one spare: the Python launcher started with
 MIGRT_SPARE_FD, which imports the restore path and then waits on a unix socket. When a
 restore comes, the agent sends the argv, the environment and the working directory as
 JSON with the three stdio descriptors attached (SCM_RIGHTS); the spare takes them as its
-own and runs the call exactly as a freshly started `migrt` would (migrt.fast.main). If
+own and runs the call exactly as a freshly started `migrt` would (migrt.front.fast.main). If
 the socket closes first, the spare exits without doing anything.
 
-The agent side is `Spare`; the waiting side is `wait()`, called by migrt.fast.main.
+The agent side is `Spare`; the waiting side is `wait()`, called by migrt.front.fast.main.
 """
 import json
 import os
@@ -18,9 +18,9 @@ import subprocess
 import sys
 
 # what a marker restore imports after the launcher's own modules
-PRELOAD = ("migrt.errors", "migrt.lifecycle", "migrt.checkpoints", "migrt.sources.staged",
+PRELOAD = ("migrt.errors", "migrt.runtime.lifecycle", "migrt.runtime.checkpoints", "migrt.runtime.sources.staged",
            "migrt.agent.staging", "migrt.image", "migrt.plugins", "migrt.plugins.registry",
-           "migrt.plugins.config", "migrt.hookgate")
+           "migrt.plugins.config", "migrt.plugins.gate")
 MAX_REQUEST = 1 << 20
 
 
@@ -61,7 +61,7 @@ def launcher_for(runtime):
         except OSError:
             continue
         if head.startswith(b"#!") and b"python" in head.split(b"\n", 1)[0] \
-                and b"from migrt.fast import main" in head:
+                and b"from migrt.front.fast import main" in head:
             return cand
     return None
 

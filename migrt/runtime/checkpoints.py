@@ -5,7 +5,7 @@
 - an absolute path: a checkpoint directory made by `runc checkpoint` or
   `migrt checkpoint` (the latter adds migrt/manifest.json, verified before restore);
 - `scheme:rest` (e.g. `staged:<migration-id>`): resolved by
-  `migrt.sources.<scheme>.resolve(rest, bundle)`, which returns a RestoreSource.
+  `migrt.runtime.sources.<scheme>.resolve(rest, bundle)`, which returns a RestoreSource.
 
 Markers are refused unless they resolve (symlinks and `..` followed) under one of the
 allowed checkpoint locations: MIGRT_CHECKPOINT_DIRS (colon-separated), by default
@@ -46,9 +46,9 @@ class RestoreSource:
     image_dir      CRIU images (runc restore --image-path)
     restore_flags  extra `runc restore` flags the checkpoint needs (--tcp-established...)
     lazy_address   "host:port" of a page server: restore with lazy-pages from it
-    lazy_tls       its TLS files (migrt.pagetls.files), or None for plain TCP
+    lazy_tls       its TLS files (migrt.criu.pagetls.files), or None for plain TCP
     lazy_local     restore with lazy-pages from image_dir itself: the container runs
-                   before its memory is all back (migrt.sources.staged); `fill` then
+                   before its memory is all back (migrt.runtime.sources.staged); `fill` then
                    says where the daemon reports (set by the restore)
     prepare        callable(bundle, spec) run before runc restore (rootfs changes)
     on_restored    callable(cid, pid) after the container runs
@@ -70,24 +70,11 @@ class RestoreSource:
         self.description = description or image_dir
 
 
-# the pod namespace, as containerd's CRI plugin and CRI-O annotate a container's bundle
-NAMESPACE_ANNOTATIONS = ("io.kubernetes.cri.sandbox-namespace", "io.kubernetes.pod.namespace")
-
-
-def pod_namespace(spec):
-    """The Kubernetes namespace of the pod a bundle belongs to, None outside Kubernetes."""
-    ann = (spec or {}).get("annotations") or {}
-    for key in NAMESPACE_ANNOTATIONS:
-        v = ann.get(key)
-        if isinstance(v, str) and v:
-            return v
-    return None
-
-
 def check_namespace(image_dir, spec, marker):
     """Refuse a restore into a pod of another namespace than the checkpointed pod's."""
     if os.environ.get("MIGRT_ALLOW_CROSS_NAMESPACE") == "1":
         return
+    from migrt.image.manifest import pod_namespace
     here = pod_namespace(spec)
     if here is None:            # not a pod: root on this node restoring by hand
         return
@@ -126,7 +113,7 @@ def resolve(value, bundle):
         scheme, rest = m.groups()
         import importlib
         try:
-            mod = importlib.import_module(f"migrt.sources.{scheme.replace('-', '_')}")
+            mod = importlib.import_module(f"migrt.runtime.sources.{scheme.replace('-', '_')}")
         except ImportError:
             raise CheckpointError(f"checkpoint {value}: unknown checkpoint source {scheme!r}")
         return mod.resolve(rest, bundle)
@@ -185,22 +172,11 @@ def core_arch(path, name):
     if head[12] != 0x08:          # field 1 (mtype), wire type varint
         raise CheckpointError(f"checkpoint {name}: {base} has no machine type")
     try:
+        from migrt.image.criuimg import varint
         value, _ = varint(head, 13)
     except IndexError:
         raise CheckpointError(f"checkpoint {name}: {base} is truncated")
     return MARCH.get(value, f"unknown machine type {value}")
-
-
-def varint(b, i):
-    """Decode the protobuf varint at b[i]; return (value, next index)."""
-    shift = result = 0
-    while True:
-        c = b[i]
-        i += 1
-        result |= (c & 0x7F) << shift
-        if not c & 0x80:
-            return result, i
-        shift += 7
 
 
 def manifest_flags(image_dir):

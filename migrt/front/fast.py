@@ -5,7 +5,7 @@ they are handed to runc with os.execv, argv untouched, after parsing a few flags
 the stdlib alone. Only these do more:
 
 - `create` / `run` read the bundle's config.json; when it carries the restore marker
-  (MIGRT_RESTORE_FROM in process.env) they become a CRIU restore (migrt.lifecycle);
+  (MIGRT_RESTORE_FROM in process.env) they become a CRIU restore (migrt.runtime.lifecycle);
 - `start` checks one file to know whether the container was restored (a no-op then);
 - `delete` and `checkpoint` do extra work only for containers migrt restored or when
   a plugin applies;
@@ -16,60 +16,11 @@ Nothing heavy (click, yaml, jsonschema, zstd, the transfer engine) is imported h
 import os
 import sys
 
-from migrt.argv import ArgvError, Call
-
-MARKER = "MIGRT_RESTORE_FROM"
+from migrt.front.argv import ArgvError, Call
+from migrt.runc import MARKER, exec_runc, find_marker, read_spec, record_path, runc_path  # noqa: F401
 
 # migrt's own commands: these load click and the rest (migrt.cli).
 OWN_COMMANDS = frozenset({"migrate", "agent", "image", "plugins", "doctor", "demo", "logs"})
-
-# Where runc usually lives when the caller's PATH lacks sbin (a shim's environment).
-RUNC_FALLBACKS = ("/usr/sbin/runc", "/usr/bin/runc", "/usr/local/sbin/runc",
-                  "/usr/local/bin/runc")
-
-RECORD = "migrt.json"   # migrt's record inside runc's own state dir <root>/<id>/
-
-
-def find_runc():
-    path = os.environ.get("MIGRT_RUNC")
-    if path:
-        return path
-    me = os.path.realpath(sys.argv[0]) if sys.argv and sys.argv[0] else None
-    for d in os.environ.get("PATH", "").split(os.pathsep) + [os.path.dirname(p) for p in RUNC_FALLBACKS]:
-        cand = os.path.join(d or ".", "runc")
-        if os.access(cand, os.X_OK) and not os.path.isdir(cand):
-            if me and os.path.realpath(cand) == me:
-                continue
-            return cand
-    return None
-
-
-def runc_path(call=None):
-    # runc finds CRIU on PATH; a containerd shim's PATH may lack the sbin dirs
-    path = os.environ.get("PATH", "")
-    parts = path.split(os.pathsep) if path else []
-    extra = [d for d in ("/usr/local/sbin", "/usr/sbin", "/sbin") if d not in parts]
-    if extra:
-        os.environ["PATH"] = os.pathsep.join(parts + extra)
-    runc = find_runc()
-    if runc is None:
-        from migrt.errors import MigrtError
-        raise MigrtError("runc not found: set MIGRT_RUNC or put runc on PATH")
-    return runc
-
-
-def exec_runc(argv):
-    """Replace this process with runc, argv untouched."""
-    runc = runc_path()
-    try:
-        os.execv(runc, [runc] + list(argv))
-    except OSError as e:
-        from migrt.errors import MigrtError
-        raise MigrtError(f"cannot run runc {runc}: {e.strerror}")
-
-
-def record_path(call, cid):
-    return os.path.join(call.root, cid, RECORD)
 
 
 def dispatch(argv):
@@ -96,7 +47,7 @@ def dispatch(argv):
         bundle = flags.get("bundle") or os.getcwd()
         spec = read_spec(bundle)
         marker = find_marker(spec, bundle)
-        from migrt import hookgate
+        from migrt.plugins import gate as hookgate
         try:
             plugins = hookgate.active(spec, bundle)
         except Exception:
@@ -107,12 +58,12 @@ def dispatch(argv):
             plugins = []
         if marker is None and not plugins:
             exec_runc(argv)
-        from migrt import lifecycle
+        from migrt.runtime import lifecycle
         return lifecycle.create(call, flags, pos[0], bundle, spec, marker, plugins)
     if cmd == "start":
         if len(call.args) == 1 and not call.args[0].startswith("-"):
             if os.path.exists(record_path(call, call.args[0])):
-                from migrt import lifecycle
+                from migrt.runtime import lifecycle
                 return lifecycle.start(call, call.args[0])
         exec_runc(argv)
     if cmd == "delete":
@@ -121,7 +72,7 @@ def dispatch(argv):
         except ArgvError:
             exec_runc(argv)
         if len(pos) == 1 and not flags.get("help") and os.path.exists(record_path(call, pos[0])):
-            from migrt import lifecycle
+            from migrt.runtime import lifecycle
             return lifecycle.delete(call, flags, pos[0])
         exec_runc(argv)
     if cmd == "checkpoint":
@@ -131,60 +82,16 @@ def dispatch(argv):
             exec_runc(argv)
         if flags.get("help") or len(pos) != 1:
             exec_runc(argv)
-        from migrt import lifecycle
+        from migrt.runtime import lifecycle
         return lifecycle.checkpoint(call, flags, pos[0])
     exec_runc(argv)
-
-
-def read_spec(bundle):
-    """Load <bundle>/config.json, with one clear error for each way it can be bad."""
-    import json
-    from migrt.errors import BundleError
-    path = os.path.join(bundle, "config.json")
-    try:
-        with open(path, "rb") as f:
-            data = f.read()
-    except FileNotFoundError:
-        if not os.path.isdir(bundle):
-            raise BundleError(f"bundle {bundle}: no such directory")
-        raise BundleError(f"bundle {bundle}: config.json not found")
-    except OSError as e:
-        raise BundleError(f"bundle {bundle}: cannot read config.json: {e.strerror}")
-    try:
-        spec = json.loads(data)
-    except ValueError as e:
-        raise BundleError(f"bundle {bundle}: config.json is not valid JSON: {e}")
-    if not isinstance(spec, dict):
-        raise BundleError(f"bundle {bundle}: config.json is not a JSON object")
-    return spec
-
-
-def find_marker(spec, bundle):
-    """Return the value of MIGRT_RESTORE_FROM in process.env, or None."""
-    from migrt.errors import BundleError
-    proc = spec.get("process")
-    if proc is None:
-        return None
-    if not isinstance(proc, dict):
-        raise BundleError(f"bundle {bundle}: config.json: process is not an object")
-    env = proc.get("env") or []
-    if not isinstance(env, list):
-        raise BundleError(f"bundle {bundle}: config.json: process.env is not a list")
-    prefix = MARKER + "="
-    found = None
-    for item in env:
-        if isinstance(item, str) and item.startswith(prefix):
-            found = item[len(prefix):]
-    if found is not None and not found.strip():
-        raise BundleError(f"bundle {bundle}: {MARKER} is set but empty")
-    return found
 
 
 def main():
     argv = sys.argv[1:]
     spare = "MIGRT_SPARE_FD" in os.environ  # a restorer the agent started ahead of time
     if spare:
-        from migrt import spare as sp
+        from migrt.front import spare as sp
         argv = sp.wait(int(os.environ.pop("MIGRT_SPARE_FD")))
     try:
         code = dispatch(argv)

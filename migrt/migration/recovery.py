@@ -24,7 +24,7 @@ became of the migration, and finishes it:
 Never both copies running, never neither: a source is resumed only when the destination
 cannot have started the container. `migrt migrate` runs this before each migration, and
 `migrt agent` at start and on each sweep, so a restarted migrate or agent cleans up
-after a dead one. `python -m migrt.recovery` runs it by hand and prints each outcome.
+after a dead one. `python -m migrt.migration.recovery` runs it by hand and prints each outcome.
 """
 import json
 import os
@@ -111,7 +111,7 @@ def pending():
 
 
 def _runc(rec, *args):
-    from migrt.fast import runc_path
+    from migrt.runc import runc_path
     return subprocess.run([runc_path(), "--root", rec["root"], *args], capture_output=True,
                           text=True, stdin=subprocess.DEVNULL, timeout=120)
 
@@ -216,10 +216,10 @@ def resolve(j, secret):
 
 def _clear_netlock(pid):
     """The dead writer's CRIU may have died with the source's network locked: undo it
-    (migrt.netlock). Returns a note for the outcome ("" if there was nothing)."""
+    (migrt.criu.netlock). Returns a note for the outcome ("" if there was nothing)."""
     if not pid:
         return ""
-    from migrt import netlock
+    from migrt.criu import netlock
     try:
         removed = netlock.clear(pid)
     except (OSError, subprocess.SubprocessError) as e:

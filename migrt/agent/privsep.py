@@ -24,7 +24,7 @@ requests, each checked by the parent before anything is done:
     exists   id               is there a container of that id in --restore-root -> bool
     fill     mid              has the memory of a local lazy restore all come in
                               (migrt.agent.fill; a failed fill stops that copy) -> state
-    recover                   migrt.recovery for this node               -> outcomes
+    recover                   migrt.migration.recovery for this node               -> outcomes
 
 A compromised network side can ask for no more than that: it cannot name a checkpoint
 outside staging, a host path to write, another runc root, or a command to run.
@@ -78,7 +78,7 @@ class RootHelper:
             if op == "fill":
                 return dict(zip(("state", "error"), self.fill(req)), ok=True)
             if op == "recover":
-                from migrt import recovery
+                from migrt.migration import recovery
                 from migrt.agent.server import log
                 return {"ok": True, "outcomes": recovery.resolve_pending(self.agent.secret, log)}
             return {"error": f"unknown request {op!r}"}

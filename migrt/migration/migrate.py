@@ -21,7 +21,10 @@ import sys
 import threading
 import time
 
-from migrt import criuconf, failpoints, netlock, recovery
+from migrt.criu import config as criuconf
+from migrt.criu import failpoints
+from migrt.criu import netlock
+from migrt.migration import recovery
 from migrt.errors import EXIT_ROLLED_BACK, MigrtError, RefusedError
 from migrt.image import manifest as mf
 from migrt.transfer import wire
@@ -161,7 +164,7 @@ class Source:
 
 
 def runc_binary():
-    from migrt.fast import runc_path
+    from migrt.runc import runc_path
     return runc_path()
 
 
@@ -236,7 +239,7 @@ def _full_disk(path, errs):
 
 def _criu_log_errors(path):
     try:
-        from migrt.lifecycle import criu_errors
+        from migrt.runtime.lifecycle import criu_errors
         return criu_errors(path)
     except ImportError:
         return []
@@ -360,7 +363,7 @@ class Migration:
         if shutil.which("criu") is None:
             raise RefusedError("criu is not installed on this node")
         if self.opts.mode == "lazy":
-            from migrt import lazycheck
+            from migrt.criu import lazycheck
             why = lazycheck.problem()
             if why:
                 raise RefusedError(f"cannot migrate {self.cid} with --lazy from this node: "
@@ -376,8 +379,8 @@ class Migration:
                # source go (an older one would release it, and the staged image, at once)
                "caps": ["fill"]}
         if self.opts.mode == "lazy":
-            # the page server's TLS identity, and the agent's in the reply (migrt.pagetls)
-            from migrt import pagetls
+            # the page server's TLS identity, and the agent's in the reply (migrt.criu.pagetls)
+            from migrt.criu import pagetls
             self.page_tls = pagetls.identity(f"migrt page server {self.cid}")
             req["page_tls_cert"] = self.page_tls[1].decode()
         try:
@@ -425,7 +428,7 @@ class Migration:
             self.report["zstd_level"] = self.opts.level
         self.work = os.path.join(_work_base(), self.mid)
         os.makedirs(self.work, mode=0o700)
-        # from here on a dead `migrt migrate` is finished by migrt.recovery
+        # from here on a dead `migrt migrate` is finished by migrt.migration.recovery
         self.journal = recovery.Journal.begin(self.mid, self.cid, self.src.root, self.opts.to,
                                               self.work, dest_id=self.opts.new_id or self.cid,
                                               dest_root=self.opts.dest_root, mode=self.opts.mode)
@@ -642,7 +645,7 @@ class Migration:
             reply = self._request({"op": "wait", "timeout": self.opts.wait})
         self._t("restore", t0)
         # running there, with its memory still streaming in from the staged image
-        # (migrt.sources.staged.local_lazy): the source stays until that is done
+        # (migrt.runtime.sources.staged.local_lazy): the source stays until that is done
         self.filling = bool(reply.get("filling"))
         self.report["destination_pid"] = reply.get("pid")
         self.report["destination_id"] = reply.get("container") or self.opts.new_id or self.cid
@@ -710,7 +713,7 @@ class Migration:
         os.makedirs(work, mode=0o700, exist_ok=True)
         local_ip = self.ctl.sock.getsockname()[0]
         port = self.opts.page_server_port or _free_port(local_ip)
-        from migrt import pagetls
+        from migrt.criu import pagetls
         tls = pagetls.write(os.path.join(self.work, "tls"), *self.page_tls)
         r, w = os.pipe()
         t0 = time.monotonic()

@@ -1,0 +1,117 @@
+"""The runc facts every layer shares: where runc is, how to hand a call over to it, the
+bundle's spec, the restore marker and migrt's record in runc's state dir.
+
+It sits at the bottom so that the front door (migrt.front.fast), the runtime and the
+migration engine all call down to it. Only os and sys are imported here: this module is on
+every runc call's path.
+"""
+import os
+import sys
+
+MARKER = "MIGRT_RESTORE_FROM"
+
+# Where runc usually lives when the caller's PATH lacks sbin (a shim's environment).
+RUNC_FALLBACKS = ("/usr/sbin/runc", "/usr/bin/runc", "/usr/local/sbin/runc",
+                  "/usr/local/bin/runc")
+
+RECORD = "migrt.json"   # migrt's record inside runc's own state dir <root>/<id>/
+
+
+def find_runc():
+    path = os.environ.get("MIGRT_RUNC")
+    if path:
+        return path
+    me = os.path.realpath(sys.argv[0]) if sys.argv and sys.argv[0] else None
+    for d in os.environ.get("PATH", "").split(os.pathsep) + [os.path.dirname(p) for p in RUNC_FALLBACKS]:
+        cand = os.path.join(d or ".", "runc")
+        if os.access(cand, os.X_OK) and not os.path.isdir(cand):
+            if me and os.path.realpath(cand) == me:
+                continue
+            return cand
+    return None
+
+
+def runc_path(call=None):
+    # runc finds CRIU on PATH; a containerd shim's PATH may lack the sbin dirs
+    path = os.environ.get("PATH", "")
+    parts = path.split(os.pathsep) if path else []
+    extra = [d for d in ("/usr/local/sbin", "/usr/sbin", "/sbin") if d not in parts]
+    if extra:
+        os.environ["PATH"] = os.pathsep.join(parts + extra)
+    runc = find_runc()
+    if runc is None:
+        from migrt.errors import MigrtError
+        raise MigrtError("runc not found: set MIGRT_RUNC or put runc on PATH")
+    return runc
+
+
+def exec_runc(argv):
+    """Replace this process with runc, argv untouched."""
+    runc = runc_path()
+    try:
+        os.execv(runc, [runc] + list(argv))
+    except OSError as e:
+        from migrt.errors import MigrtError
+        raise MigrtError(f"cannot run runc {runc}: {e.strerror}")
+
+
+def record_path(call, cid):
+    return os.path.join(call.root, cid, RECORD)
+
+
+def read_spec(bundle):
+    """Load <bundle>/config.json, with one clear error for each way it can be bad."""
+    import json
+    from migrt.errors import BundleError
+    path = os.path.join(bundle, "config.json")
+    try:
+        with open(path, "rb") as f:
+            data = f.read()
+    except FileNotFoundError:
+        if not os.path.isdir(bundle):
+            raise BundleError(f"bundle {bundle}: no such directory")
+        raise BundleError(f"bundle {bundle}: config.json not found")
+    except OSError as e:
+        raise BundleError(f"bundle {bundle}: cannot read config.json: {e.strerror}")
+    try:
+        spec = json.loads(data)
+    except ValueError as e:
+        raise BundleError(f"bundle {bundle}: config.json is not valid JSON: {e}")
+    if not isinstance(spec, dict):
+        raise BundleError(f"bundle {bundle}: config.json is not a JSON object")
+    return spec
+
+
+def find_marker(spec, bundle):
+    """Return the value of MIGRT_RESTORE_FROM in process.env, or None."""
+    from migrt.errors import BundleError
+    proc = spec.get("process")
+    if proc is None:
+        return None
+    if not isinstance(proc, dict):
+        raise BundleError(f"bundle {bundle}: config.json: process is not an object")
+    env = proc.get("env") or []
+    if not isinstance(env, list):
+        raise BundleError(f"bundle {bundle}: config.json: process.env is not a list")
+    prefix = MARKER + "="
+    found = None
+    for item in env:
+        if isinstance(item, str) and item.startswith(prefix):
+            found = item[len(prefix):]
+    if found is not None and not found.strip():
+        raise BundleError(f"bundle {bundle}: {MARKER} is set but empty")
+    return found
+
+
+def container_bundle(call, cid):
+    """The bundle of a container, from runc's own state.json."""
+    import json
+    try:
+        with open(os.path.join(call.root, cid, "state.json")) as f:
+            state = json.load(f)
+    except (OSError, ValueError):
+        return None, None
+    for label in (state.get("config") or {}).get("labels") or []:
+        if label.startswith("bundle="):
+            return label[len("bundle="):], state
+    return None, state

@@ -1,1 +1,0 @@
-"""Restore sources named by `MIGRT_RESTORE_FROM=<scheme>:<rest>` (see migrt.checkpoints)."""
