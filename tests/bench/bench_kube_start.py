@@ -39,6 +39,7 @@ class Api:
     def __init__(self, c):
         host, port = c.server.split("//")[1].split(":")
         self.host, self.port = host, int(port)
+        self.ns = c.namespace
         self.ctx = ssl.create_default_context(cafile=c.pki.ca)
         self.ctx.load_cert_chain(os.path.join(c.pki.dir, "admin.crt"),
                                  os.path.join(c.pki.dir, "admin.key"))
@@ -48,7 +49,7 @@ class Api:
 
     def create_pod(self, manifest):
         h = self.conn()
-        h.request("POST", "/api/v1/namespaces/default/pods", body=json.dumps(manifest),
+        h.request("POST", f"/api/v1/namespaces/{self.ns}/pods", body=json.dumps(manifest),
                   headers={"Content-Type": "application/json"})
         r = h.getresponse()
         body = r.read()
@@ -60,7 +61,7 @@ class Api:
 def watch_running(api, seen, stop):
     """Record the first moment each pod is seen Running (from a watch stream)."""
     h = api.conn(timeout=3600)
-    h.request("GET", "/api/v1/namespaces/default/pods?watch=1")
+    h.request("GET", f"/api/v1/namespaces/{api.ns}/pods?watch=1")
     r = h.getresponse()
     buf = b""
     while not stop.is_set():

@@ -152,7 +152,7 @@ class PKI:
             self.ser.Encoding.PEM, self.ser.PrivateFormat.PKCS8, self.ser.NoEncryption()))
         return crt, k
 
-    def kubeconfig(self, path, server, cn, orgs=()):
+    def kubeconfig(self, path, server, cn, orgs=(), namespace=None):
         crt, key = self.issue(os.path.basename(path).rsplit(".", 1)[0], cn, orgs)
 
         def b64(p):
@@ -164,7 +164,9 @@ class PKI:
                                                    "certificate-authority-data": b64(self.ca)}}],
             "users": [{"name": "u", "user": {"client-certificate-data": b64(crt),
                                              "client-key-data": b64(key)}}],
-            "contexts": [{"name": "c", "context": {"cluster": "c", "user": "u"}}],
+            "contexts": [{"name": "c", "context": dict({"cluster": "c", "user": "u"},
+                                                      **({"namespace": namespace} if namespace
+                                                         else {}))}],
             "current-context": "c",
         }
         with open(os.open(path, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o600), "w") as f:
@@ -393,7 +395,7 @@ class Node:
         d = os.path.join(self.base, "agent")
         os.makedirs(d, exist_ok=True)
         env = dict(os.environ, MIGRT_STATE_DIR=os.path.join(self.base, "migrt-state"))
-        argv = [c.migrt, "--root", self.runc_root, "agent", "--listen", self.agent_address,
+        argv = [c.migrt, "--root", os.path.join(self.runc_root, "k8s.io"), "agent", "--listen", self.agent_address,
                 "--secret-file", c.secret, "--staging", os.path.join(d, "staged"),
                 "--disk", os.path.join(d, "disk"), "--log-dir", os.path.join(d, "logs")]
         err = open(os.path.join(d, "stderr"), "ab")
@@ -440,7 +442,7 @@ def pod_manifest(name, command, runtime_class="migrt", node=None, env=None, **co
         spec["runtimeClassName"] = runtime_class
     if node:
         spec["nodeSelector"] = {"kubernetes.io/hostname": node}
-    return {"apiVersion": "v1", "kind": "Pod", "metadata": {"name": name, "namespace": "default"},
+    return {"apiVersion": "v1", "kind": "Pod", "metadata": {"name": name},
             "spec": spec}
 
 
@@ -515,6 +517,9 @@ class Cluster(PodOps):
         self.images = images
         self.tag = uuid.uuid4().hex[:6]
         self.bridge = f"mkb{self.tag}"
+        # the tests' pods live in a namespace of this cluster's own: the kubelets' pod
+        # logs (/var/log/pods/<namespace>_*) are told apart from any other cluster's
+        self.namespace = f"mk-{self.tag}"
         self.net = self._pick_net()
         self.procs = []
         self.nodes = {}
@@ -625,7 +630,8 @@ class Cluster(PodOps):
             "--kubelet-client-certificate", kc_crt, "--kubelet-client-key", kc_key,
             "--kubelet-preferred-address-types", "InternalIP",
             "--allow-privileged=true", "--v", "1"])
-        self.pki.kubeconfig(self.kubeconfig, self.server, "migrt-kube-admin", ["system:masters"])
+        self.pki.kubeconfig(self.kubeconfig, self.server, "migrt-kube-admin", ["system:masters"],
+                            namespace=self.namespace)
         wait_for(lambda: self.kubectl("get", "--raw", "/readyz", check=False).returncode == 0,
                  90, "kube-apiserver /readyz", procs=[self.etcd, self.apiserver])
         self.timings["apiserver_s"] = round(time.monotonic() - self._t0, 1)
@@ -651,6 +657,7 @@ class Cluster(PodOps):
             "--leader-elect=false", "--v", "1"])
 
         self.kubectl("apply", "-f", RUNTIMECLASS)
+        self.kubectl("create", "namespace", self.namespace)
 
         # nodes: containerds first (the image import is the slow part), then kubelets
         for i, name in enumerate(NODES):
@@ -697,6 +704,19 @@ class Cluster(PodOps):
         for p in reversed(self.procs):
             p.stop()
         harness.unmount_under(self.base)
+        for d in ("/var/log/pods", "/var/log/containers"):
+            try:
+                names = os.listdir(d)
+            except OSError:
+                continue
+            for n in names:
+                # pods: <namespace>_<pod>_<uid>; containers: <pod>_<namespace>_<ctr>-<id>.log
+                if n.startswith(self.namespace + "_") or f"_{self.namespace}_" in n:
+                    p = os.path.join(d, n)
+                    if os.path.islink(p) or not os.path.isdir(p):
+                        os.unlink(p)
+                    else:
+                        shutil.rmtree(p, ignore_errors=True)
         if self.bridge_made:
             subprocess.run(["ip", "link", "del", self.bridge], capture_output=True)
         for name, value in self.saved_sysctls.items():

@@ -5,6 +5,7 @@ drive restarts and readiness, limits reach the container's cgroup, deletion with
 without a grace period ends the container; the usual controllers create such pods; pods
 reach each other across nodes; and a pod without the runtime class never reaches migrt.
 """
+import ipaddress
 import json
 import os
 import socket
@@ -68,7 +69,7 @@ def test_pod_runs_under_migrt_logs_and_exec(kube, migrt_calls_log, node):
     assert "exec" in calls_for(migrt_calls_log, cid)
     # exec sees the pod's network: an address of this node's pod range
     ip = p["status"]["podIP"]
-    assert ip.startswith(kube.pod_subnet(kc.NODES.index(node)).rsplit(".", 2)[0] + ".")
+    assert ipaddress.ip_address(ip) in ipaddress.ip_network(kube.pod_subnet(kc.NODES.index(node)))
     out = kube.exec(pod, "ip", "-4", "addr", "show", "eth0").stdout
     assert ip in out
     kube.delete_pod(pod)
@@ -160,7 +161,7 @@ def test_resource_limits(kube):
 def test_memory_limit_is_enforced(kube):
     """Going past the memory limit gets the container OOM-killed, as under runc."""
     pod = name("oom")
-    m = pod_manifest(pod, "sleep 1; dd if=/dev/zero of=/dev/shm/fill bs=1M count=200; sleep 3600",
+    m = pod_manifest(pod, "sleep 1; exec dd if=/dev/zero of=/dev/null bs=100M count=1",
                      node="node-b", resources={"limits": {"memory": "32Mi"}})
     m["spec"]["restartPolicy"] = "Never"
     kube.apply(m)
@@ -216,7 +217,7 @@ def test_controllers_make_migrt_pods(kube, migrt_calls_log):
     tmpl = pod_manifest("x", COUNTER)["spec"]
     dep, sts, job = name("dep"), name("sts"), name("job")
     kube.apply({"apiVersion": "apps/v1", "kind": "Deployment",
-                "metadata": {"name": dep, "namespace": "default"},
+                "metadata": {"name": dep},
                 "spec": {"replicas": 2, "selector": {"matchLabels": {"app": dep}},
                          "template": {"metadata": {"labels": {"app": dep}},
                                       "spec": dict(tmpl, topologySpreadConstraints=[{
@@ -224,14 +225,14 @@ def test_controllers_make_migrt_pods(kube, migrt_calls_log):
                                           "whenUnsatisfiable": "DoNotSchedule",
                                           "labelSelector": {"matchLabels": {"app": dep}}}])}}})
     kube.apply({"apiVersion": "apps/v1", "kind": "StatefulSet",
-                "metadata": {"name": sts, "namespace": "default"},
+                "metadata": {"name": sts},
                 "spec": {"replicas": 1, "serviceName": sts,
                          "selector": {"matchLabels": {"app": sts}},
                          "template": {"metadata": {"labels": {"app": sts}}, "spec": tmpl}}})
     jtmpl = pod_manifest("x", "echo job-done")["spec"]
     jtmpl["restartPolicy"] = "Never"
     kube.apply({"apiVersion": "batch/v1", "kind": "Job",
-                "metadata": {"name": job, "namespace": "default"},
+                "metadata": {"name": job},
                 "spec": {"backoffLimit": 0, "template": {"spec": jtmpl}}})
 
     def dep_ready():
