@@ -18,6 +18,15 @@ sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 import cluster as kc  # noqa: E402
 
 
+TIMINGS = {}
+
+
+def pytest_terminal_summary(terminalreporter):
+    if TIMINGS:
+        terminalreporter.write_line(
+            "kube cluster: " + ", ".join(f"{k} {v} s" for k, v in TIMINGS.items()))
+
+
 def pytest_collection_modifyitems(config, items):
     for item in items:
         if f"{os.sep}kube{os.sep}" in str(item.fspath):
@@ -57,7 +66,8 @@ def kube(workdir, migrt_launcher, traced_migrt, kube_images):
     c = kc.Cluster(kc.make_base(), bin_dir, migrt_launcher, kube_images,
                    handler_binary=traced_migrt)
     c.start()
-    c.timings["build_s"] = round(build_s, 1)
-    sys.stderr.write(f"\nkube cluster: {c.timings}\n")
+    TIMINGS.update(build=round(build_s, 1), start=c.timings["start_s"])
     yield c
+    t0 = time.monotonic()
     c.stop()
+    TIMINGS["teardown"] = round(time.monotonic() - t0, 1)
