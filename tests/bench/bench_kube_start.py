@@ -133,6 +133,8 @@ def main():
         print(f"ratio migrt/runc: median {ratio:.3f}, mean {mean_ratio:.3f} (target <= 1.1)")
     finally:
         c.stop()
+        import shutil
+        shutil.rmtree(work, ignore_errors=True)
 
 
 if __name__ == "__main__":
