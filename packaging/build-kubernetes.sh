@@ -27,7 +27,7 @@ if complete; then
     exit 0
 fi
 if [ "$(id -u)" != 0 ]; then
-    log "must run as root (it installs Go and fetches Debian packages)"
+    log "must run as root (it installs build tools and fetches Debian packages)"
     exit 1
 fi
 
@@ -42,8 +42,10 @@ if complete; then
     exit 0
 fi
 
+# Go comes privately too (Debian 12's 1.19, unpacked under the build dir): Kubernetes 1.20
+# does not build with the Go of newer releases, and the node keeps the Go it has.
 need=
-for p in golang-go rsync make dpkg-dev; do
+for p in rsync make dpkg-dev gcc libc6-dev; do
     dpkg-query -W -f='${Status}' "$p" 2>/dev/null | grep -q 'ok installed' || need="$need $p"
 done
 if [ -n "$need" ]; then
@@ -75,6 +77,12 @@ log "fetching the source package kubernetes=$SRCVER and etcd, kubectl, CNI packa
 papt update >/dev/null
 (cd "$work" && papt source --download-only "kubernetes=$SRCVER" >/dev/null)
 (cd "$work" && papt download etcd-server etcd-client kubernetes-client containernetworking-plugins >/dev/null)
+mkdir -p "$work/debs-go"
+(cd "$work/debs-go" && papt download golang-1.19-go golang-1.19-src >/dev/null)
+for d in "$work"/debs-go/*.deb; do dpkg-deb -x "$d" "$work/go"; done
+export GOROOT="$work/go/usr/lib/go-1.19"
+export PATH="$GOROOT/bin:$PATH"
+"$GOROOT/bin/go" version >&2
 (cd "$work" && dpkg-source --no-check -x kubernetes_*.dsc src >/dev/null)
 
 new="$KDIR.new"

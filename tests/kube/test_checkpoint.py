@@ -11,8 +11,10 @@ the first one stopped, and `kubectl exec` works in it.
 """
 import json
 import os
+import re
 import shutil
 import subprocess
+import threading
 import uuid
 
 import pytest
@@ -120,3 +122,59 @@ def test_restore_from_a_bad_checkpoint_says_so(kube, ckpt_dir):
                    for s in p["status"].get("containerStatuses", []))
     kube.delete_pod(pod, "--grace-period=0", "--force")
     kube.wait_gone(pod)
+
+
+def test_migrate_a_pod_to_the_other_node(kube):
+    """`migrt migrate` of a pod's container on node-a to node-b's agent; the new pod on
+    node-b carries the marker migrate prints (as a controller would make it): it goes on
+    from the next number, and the source container is gone, not restarted."""
+    src, dst = f"mig-{uuid.uuid4().hex[:6]}", f"moved-{uuid.uuid4().hex[:6]}"
+    a, b = kube.nodes["node-a"], kube.nodes["node-b"]
+    m = pod_manifest(src, COUNTER, node="node-a")
+    m["spec"]["restartPolicy"] = "Never"
+    cid = container_id(kube.run_pod(m))
+    wait_for(lambda: len(numbers(kube.logs(src))) >= 10, 30, "counter running")
+
+    mig = subprocess.Popen(
+        [kube.migrt, "--root", os.path.join(a.runc_root, "k8s.io"), "migrate", cid,
+         "--to", b.agent_address, "--secret-file", kube.secret, "--wait", "90", "--json"],
+        stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, start_new_session=True,
+        env=dict(os.environ, MIGRT_STATE_DIR=a.containerd.migrt_state))
+    err, marker = [], {}
+
+    def read():
+        for line in mig.stderr:
+            err.append(line)
+            found = re.search(r"MIGRT_RESTORE_FROM=(staged:\S+)", line)
+            if found:
+                marker["value"] = found.group(1)
+    t = threading.Thread(target=read, daemon=True)
+    t.start()
+    try:
+        wait_for(lambda: marker.get("value") or mig.poll() is not None, 60,
+                 "migrate staging the container and printing the marker")
+        assert "value" in marker, f"migrate exited {mig.returncode}: {''.join(err)}"
+        m = pod_manifest(dst, COUNTER, node="node-b", env={"MIGRT_RESTORE_FROM": marker["value"]})
+        m["spec"]["restartPolicy"] = "Never"
+        p = kube.run_pod(m, timeout=120)
+        out, _ = mig.communicate(timeout=120)
+    finally:
+        if mig.poll() is None:
+            mig.kill()
+            mig.wait(5)
+    t.join(5)
+    assert mig.returncode == 0, "".join(err)
+    report = json.loads(out)
+    assert report.get("destination_id"), report
+    assert p["spec"]["nodeName"] == "node-b"
+    wait_for(lambda: len(numbers(kube.logs(dst))) >= 5, 30, "the moved counter's log")
+    # the source stopped, and stays stopped
+    s = wait_for(lambda: terminated(kube, src), 30, "the source container terminated")
+    assert restart_count(s) == 0
+    before, after = numbers(kube.logs(src)), numbers(kube.logs(dst))
+    assert after[0] == before[-1] + 1, (before[-3:], after[:3])
+    assert kube.exec(dst, "cat", "/tmp/count").returncode == 0
+    for pod in (src, dst):
+        kube.delete_pod(pod, "--grace-period=0", "--force")
+    for pod in (src, dst):
+        kube.wait_gone(pod)
