@@ -131,9 +131,14 @@ def test_containerd_checkpoint_image_round_trip(start_containerd, migrt_launcher
           "i=0; while :; do i=$((i+1)); echo $i > /tmp/count; sleep 0.1; done")
 
     def count():
-        p = c.ctr("task", "exec", "--exec-id", f"e{time.monotonic_ns()}", "cnt", "cat",
-                  "/tmp/count", check=False)
-        return int(p.stdout) if p.stdout.strip().isdigit() else 0
+        # `echo $i > /tmp/count` truncates before it writes: a read in between is empty
+        for _ in range(10):
+            p = c.ctr("task", "exec", "--exec-id", f"e{time.monotonic_ns()}", "cnt", "cat",
+                      "/tmp/count", check=False)
+            if p.stdout.strip().isdigit():
+                return int(p.stdout)
+            time.sleep(0.02)
+        return 0
     wait_for(lambda: count() >= 30, timeout=20, what="the counter to reach 30")
     c.ctr("containers", "checkpoint", "--task", "--rw", "cnt", "localhost/ckpt/cnt:1")
     after_checkpoint = count()
