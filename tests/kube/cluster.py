@@ -492,7 +492,7 @@ class PodOps:
             desc = self.kubectl("describe", "pod", name, check=False).stdout
             raise AssertionError(f"{e}\n{desc[-3000:]}") from None
 
-    def wait_gone(self, name, timeout=60):
+    def wait_gone(self, name, timeout=120):
         wait_for(lambda: self.kubectl("get", "pod", name, check=False).returncode != 0,
                  timeout, f"pod {name} gone", interval=0.3)
 

@@ -73,7 +73,7 @@ def test_pod_runs_under_migrt_logs_and_exec(kube, migrt_calls_log, node):
     assert ipaddress.ip_address(ip) in ipaddress.ip_network(kube.pod_subnet(kc.NODES.index(node)))
     out = kube.exec(pod, "ip", "-4", "addr", "show", "eth0").stdout
     assert ip in out
-    kube.delete_pod(pod)
+    kube.delete_pod(pod, "--grace-period=0", "--force")
     kube.wait_gone(pod)
 
 
@@ -102,7 +102,7 @@ def test_pod_without_runtime_class_never_calls_migrt(kube, migrt_calls_log):
     for cid in by_pod[ours]:
         assert "create" in calls_for(migrt_calls_log, cid)
     for pod in (plain, ours):
-        kube.delete_pod(pod)
+        kube.delete_pod(pod, "--grace-period=0", "--force")
     for pod in (plain, ours):
         kube.wait_gone(pod)
 
@@ -137,7 +137,7 @@ def test_probes(kube, migrt_calls_log):
     new = container_id(p)
     assert new != cid
     assert "create" in calls_for(migrt_calls_log, new)
-    kube.delete_pod(pod)
+    kube.delete_pod(pod, "--grace-period=0", "--force")
     kube.wait_gone(pod)
 
 
@@ -155,7 +155,7 @@ def test_resource_limits(kube):
     assert int(quota) * 4 == int(period)
     shares = kube.exec(pod, "cat", "/sys/fs/cgroup/cpu/cpu.shares").stdout
     assert int(shares) == 102
-    kube.delete_pod(pod)
+    kube.delete_pod(pod, "--grace-period=0", "--force")
     kube.wait_gone(pod)
 
 
@@ -175,7 +175,7 @@ def test_memory_limit_is_enforced(kube):
                 return t
     t = wait_for(terminated, 60, "the container terminated")
     assert t["reason"] == "OOMKilled", t
-    kube.delete_pod(pod)
+    kube.delete_pod(pod, "--grace-period=0", "--force")
     kube.wait_gone(pod)
 
 
@@ -192,10 +192,13 @@ def test_delete_with_grace(kube):
     p = kube.run_pod(m)
     cid = container_id(p)
     node = kube.node_of(p)
-    kube.kubectl("delete", "pod", pod, "--grace-period=30", timeout=60)
-    with open(os.path.join(host_dir, "term")) as f:
+    kube.delete_pod(pod, "--grace-period=30")
+    term = os.path.join(host_dir, "term")
+    wait_for(lambda: os.path.exists(term), 30, "the container's TERM trap")
+    with open(term) as f:
         assert f.read().strip() == "got-TERM"
-    wait_for(lambda: cid not in runc_list(node), 30, "the container gone from runc's root")
+    wait_for(lambda: cid not in runc_list(node), 60, "the container gone from runc's root")
+    kube.wait_gone(pod)
 
 
 def test_delete_without_grace(kube):
