@@ -113,6 +113,9 @@ def wait_exit(proc, timeout):
 
 
 WATCHDOG_STOPPED = []      # why _criu_watchdog stopped a restore in this process
+# how long restored tasks may wait without a live CRIU before they are stopped: a dead
+# CRIU leaves them waiting forever, so this only decides how soon that failure shows
+STUCK_SECONDS = 5.0
 
 
 def _criu_watchdog(proc, lazy=None):
@@ -165,7 +168,9 @@ def _criu_watchdog(proc, lazy=None):
             seen_tasks = seen_tasks or bool(tasks)
             if direct and (main is None or (not cmd(main) and not seen_tasks)):
                 main = min(direct, key=lambda k: k.create_time())
-            alive = main is not None and cmd(main) != ""
+            # gone means gone: exited or a zombie, not a look at /proc that failed once
+            # on a loaded node (cmd() is "" for any psutil error)
+            alive = main is not None and _running(main)
             lazy_failed = lazy is not None and lazy.poll() not in (None, 0)
             victims = []
             if lazy_failed:
@@ -174,10 +179,10 @@ def _criu_watchdog(proc, lazy=None):
             elif tasks and (zombie or (main is not None and not alive)):
                 now = time.monotonic()
                 stuck_since = stuck_since or now
-                if now - stuck_since > 1.0:
+                if now - stuck_since > STUCK_SECONDS:
                     victims = tasks
                     why = ("CRIU's main process was gone while restored tasks waited for it "
-                           "(over 1 s)")
+                           f"(over {STUCK_SECONDS:g} s)")
             else:
                 stuck_since = None
             if victims and why not in WATCHDOG_STOPPED:
@@ -190,6 +195,16 @@ def _criu_watchdog(proc, lazy=None):
         except psutil.Error:
             pass
         time.sleep(0.1)
+
+
+def _running(p):
+    import psutil
+    try:
+        return p.is_running() and p.status() != psutil.STATUS_ZOMBIE
+    except psutil.NoSuchProcess:
+        return False
+    except psutil.Error:
+        return True
 
 
 def _is_zombie(p):
