@@ -47,7 +47,7 @@ def helper_binary(tmp):
 
 def with_helper(n, tmp, name, args):
     """A bundle whose rootfs has the helper in /bin."""
-    b = n.make_bundle(args, name=name)
+    b = n.make_bundle(args, name=ocitest.uid(name))
     dst = os.path.join(b, "rootfs", "bin", "servers_helper")
     with open(helper_binary(tmp), "rb") as f, open(dst, "wb") as g:
         g.write(f.read())
@@ -220,24 +220,27 @@ def test_source_never_runs_after_its_dump(two_nodes):
     ag = n.agent()
     for i in range(4):
         cid = f"stamp{i}"
-        src = n.make_bundle(["sh", "-c", STAMPER], name=f"src{i}")
+        # unique names: the bundle's name is its cgroup path (/migrt-test/<name>), and
+        # two containers in one cgroup would be paused, dumped and killed together
+        u = ocitest.uid("s")
+        src = n.make_bundle(["sh", "-c", STAMPER], name=f"src{i}-{u}")
         code, out, err = n.a.create(cid, src, start=True)
         assert code == 0, err.text
         stamps = os.path.join(src, "rootfs", "data", "stamps")
         ocitest.wait_for(lambda: os.path.exists(stamps) and os.path.getsize(stamps) > 200,
                          what="stamps on the source")
-        dst = n.make_bundle(["sh", "-c", STAMPER], name=f"dst{i}")
+        dst = n.make_bundle(["sh", "-c", STAMPER], name=f"dst{i}-{u}")
         p, rep = n.migrate(ag, cid, bundle=dst)
         assert p.returncode == 0, p.stderr + ag.log()
         assert n.a.state(cid) is None
         dstamps = os.path.join(dst, "rootfs", "data", "stamps")
-        ocitest.wait_for(lambda: f"/dst{i}" in open(dstamps).read(),
+        ocitest.wait_for(lambda: f"/dst{i}-{u}" in open(dstamps).read(),
                          what="stamps from the destination's copy")
         with open(stamps) as f:
             src_lines = f.read().splitlines()
         with open(dstamps) as f:
             dst_lines = f.read().splitlines()
-        first = next(k for k, line in enumerate(dst_lines) if f"/dst{i}" in line)
+        first = next(k for k, line in enumerate(dst_lines) if f"/dst{i}-{u}" in line)
         frozen = dst_lines[:first]          # what the dump saw
         assert src_lines[:len(frozen)] == frozen, "the destination did not get the source's file"
         assert len(src_lines) == len(frozen), (
@@ -251,9 +254,9 @@ def test_source_never_runs_after_its_dump(two_nodes):
 def _server_nodes(n, podnet, same_ip=True):
     pn = podnet(same_ip=same_ip)
     server = "while :; do nc -l -p 7000 -e cat; done"
-    src = n.make_bundle(["sh", "-c", server], name="srv-src")
+    src = n.make_bundle(["sh", "-c", server], name=ocitest.uid("srv-src"))
     pn.join(src, pn.a)
-    dst = n.make_bundle(["sh", "-c", server], name="srv-dst")
+    dst = n.make_bundle(["sh", "-c", server], name=ocitest.uid("srv-dst"))
     pn.join(dst, pn.b)
     code, out, err = n.a.create("srv", src, start=True)
     assert code == 0, err.text

@@ -91,7 +91,10 @@ def test_checkpoint_skip_in_flight_on_a_runc_without_the_flag(tmp_path, monkeypa
     from migrt.runtime import lifecycle
     has = "--tcp-skip-in-flight" in subprocess.run(
         ["runc", "checkpoint", "--help"], capture_output=True, text=True).stdout.split()
-    monkeypatch.delenv("CRIU_CONFIG_FILE", raising=False)
+    # the function sets CRIU_CONFIG_FILE in this process: a value set for the test is
+    # removed by monkeypatch at the end (delenv of an absent name records nothing)
+    monkeypatch.setenv("CRIU_CONFIG_FILE", "")
+    monkeypatch.delenv("CRIU_CONFIG_FILE")
     argv = ["--root", "/r", "checkpoint", "--tcp-skip-in-flight", "--image-path", "x", "c1"]
     call = Call(argv)
     flags, _ = call.command_flags()
@@ -103,7 +106,11 @@ def test_checkpoint_skip_in_flight_on_a_runc_without_the_flag(tmp_path, monkeypa
     assert out == ["--root", "/r", "checkpoint", "--image-path", "x", "c1"]
     with open(os.environ["CRIU_CONFIG_FILE"]) as f:
         assert f.read().split() == ["skip-in-flight"]
-    monkeypatch.delenv("CRIU_CONFIG_FILE")
+    os.environ.pop("CRIU_CONFIG_FILE")
     call = Call(["checkpoint", "--image-path", "x", "c1"])
     assert lifecycle.skip_in_flight_argv(call, call.command_flags()[0], work) == call.argv
+    assert "CRIU_CONFIG_FILE" not in os.environ
+
+
+def test_no_criu_config_leaks_from_the_test_above():
     assert "CRIU_CONFIG_FILE" not in os.environ
