@@ -555,6 +555,13 @@ class Migration:
             if why:
                 raise RefusedError(f"cannot migrate {self.cid} with --lazy from this node: "
                                    f"{why}; nothing was frozen")
+        bad = posix_locks_on_shared_maps(self.src.pids())
+        if bad and os.environ.get("MIGRT_ALLOW_LOCKED_SHARED_MAPS") != "1":
+            raise RefusedError(
+                f"container {self.cid}: process {bad[0][0]} holds a POSIX lock on {bad[0][1]}, "
+                f"which it also maps shared; CRIU {CRIU_LOCK_BUG} restores such a process "
+                f"without that lock (an SQLite database in WAL mode would be at risk); "
+                f"nothing was frozen")
         est = self.src.memory_estimate()
         self.estimate = int(est * 1.1) + (4 << 20)
         hello = {"op": "control", "container": self.cid}
@@ -1192,6 +1199,57 @@ def held_file_locks(pids):
             except OSError:
                 pass
     return n
+
+
+# CRIU (4.2.1 seen) loses a process's POSIX lock on a file that the process also maps
+# shared: a lock on byte 128 of SQLite's -shm survives a plain dump/restore without the
+# mapping and is gone with it. A POSIX lock belongs to the process and any close() of
+# the file drops it, so the restore's own handling of the mapping is the likely cause.
+CRIU_LOCK_BUG = "4.2.1"
+
+
+def posix_locks_on_shared_maps(pids):
+    """[(pid, path)] for each POSIX lock a process holds on a file it also maps shared."""
+    out = []
+    for pid in pids:
+        locked = {}
+        try:
+            fds = os.listdir(f"/proc/{pid}/fdinfo")
+        except OSError:
+            continue
+        for fd in fds:
+            try:
+                with open(f"/proc/{pid}/fdinfo/{fd}") as f:
+                    lines = [ln.split() for ln in f if ln.startswith("lock:")]
+            except OSError:
+                continue
+            for w in lines:
+                # lock:  1: POSIX  ADVISORY  READ 1234 fd:01:5678 128 128
+                if len(w) >= 7 and w[2] == "POSIX":
+                    try:
+                        major, minor, ino = w[6].split(":")
+                        locked[(int(major, 16), int(minor, 16), int(ino))] = fd
+                    except ValueError:
+                        pass
+        if not locked:
+            continue
+        try:
+            with open(f"/proc/{pid}/maps") as f:
+                maps = [ln.split(None, 5) for ln in f]
+        except OSError:
+            continue
+        for m in maps:
+            if len(m) < 5 or "s" not in m[1]:
+                continue
+            try:
+                major, minor = m[3].split(":")
+                key = (int(major, 16), int(minor, 16), int(m[4]))
+            except ValueError:
+                continue
+            if key in locked:
+                out.append((pid, m[5].strip() if len(m) > 5 else f"inode {key[2]}"))
+                break
+    return out
 
 
 def _kill_group(proc):

@@ -8,6 +8,8 @@ What a program prints on node A comes through its pipe; on node B the agent keep
 import os
 import shutil
 
+import pytest
+
 import ocitest
 import wl
 
@@ -67,7 +69,29 @@ def consecutive(nums):
     return all(b == a + 1 for a, b in zip(nums, nums[1:]))
 
 
-def test_sqlite_wal(cluster, mode):
+def test_sqlite_wal_is_refused_before_the_freeze(cluster):
+    """CRIU 4.2.1 restores a process without its POSIX lock on a file it maps shared (the
+    test below shows it): SQLite in WAL mode holds exactly such locks, so migrate refuses
+    the container with one line, before anything is frozen, and it runs on at node A."""
+    p = Prog(cluster, "sqlite_writer.py")
+    p.wait_src(lambda t: len(lines(t, "W")) >= 30 and lines(t, "R"), "rows committed")
+    mig = cluster.migrate(p.cid, p.addr, p.dst, "full")
+    assert mig.proc.returncode == 3, mig.why()
+    err = mig.proc.stderr.strip().splitlines()
+    assert len(err) == 1 and "POSIX lock" in err[0] and "db.sqlite-shm" in err[0] \
+        and "nothing was frozen" in err[0], err
+    assert cluster.b.state(p.cid) is None
+    n = len(lines(p.src(), "W"))
+    p.wait_src(lambda t: len(lines(t, "W")) >= n + 10, "the writer going on at node A")
+    assert (cluster.a.state(p.cid) or {}).get("status") == "running"
+
+
+@pytest.mark.xfail(strict=True, reason="CRIU 4.2.1 drops a POSIX lock on a file the "
+                   "process maps shared (SQLite's -shm byte 128): strict, so that a CRIU "
+                   "that keeps it turns this into a failure to notice")
+def test_sqlite_wal(cluster, monkeypatch):
+    monkeypatch.setenv("MIGRT_ALLOW_LOCKED_SHARED_MAPS", "1")
+    mode = "full"
     p = Prog(cluster, "sqlite_writer.py")
     p.wait_src(lambda t: len(lines(t, "W")) >= 30 and lines(t, "R"), "rows committed")
     p.migrate(mode)
