@@ -115,13 +115,20 @@ def front(tmp_path, migrt_launcher):
 
 @pytest.fixture(scope="session")
 def pyz(workdir):
-    """migrt as the single-file zipapp of packaging/build_zipapp.py, for /usr/bin/python3;
-    it unpacks its compiled dependencies into a cache dir of its own (MIGRT_PYZ_CACHE)."""
+    """migrt as the single-file zipapp of packaging/build_zipapp.py, for /usr/bin/python3
+    (or, where that is not the venv's version, as on Debian 12 whose 3.11 lacks TLS-PSK,
+    for the Python 3.13 install.sh built); it unpacks its compiled dependencies into a
+    cache dir of its own (MIGRT_PYZ_CACHE)."""
     repo = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
     out = str(workdir / "migrt.pyz")
     import subprocess
+    target = "/usr/bin/python3"
+    ver = subprocess.run([target, "-c", "import sys; print(*sys.version_info[:2])"],
+                         capture_output=True, text=True).stdout.split()
+    if ver != [str(x) for x in sys.version_info[:2]]:
+        target = os.path.realpath(getattr(sys, "_base_executable", sys.executable))
     subprocess.run([sys.executable, os.path.join(repo, "packaging", "build_zipapp.py"),
-                    "-o", out, "--python", "/usr/bin/python3"], check=True,
+                    "-o", out, "--python", target], check=True,
                    capture_output=True, timeout=300)
     cache = str(workdir / "pyz-cache")
     return out, {"MIGRT_PYZ_CACHE": cache}
