@@ -75,6 +75,10 @@ class RootHelper:
             if op == "check":
                 self.check(req)
                 return {"ok": True}
+            if op == "net":
+                self._check_bundle(req.get("bundle"))
+                from migrt.agent.server import bundle_net
+                return {"ok": True, "net": bundle_net(req["bundle"])}
             if op == "fill":
                 return dict(zip(("state", "error"), self.fill(req)), ok=True)
             if op == "recover":
@@ -208,6 +212,11 @@ class Client:
         r = self.call({"op": "check", "bundle": bundle, "id": cid, "root": root})
         return r.get("error")
 
+    def net(self, bundle):
+        """The destination bundle's network namespace and its addresses (root reads it)."""
+        r = self.call({"op": "net", "bundle": bundle})
+        return r.get("net") if r.get("ok") else {"netns": "unknown", "error": r.get("error")}
+
     def fill(self, mid):
         r = self.call({"op": "fill", "mid": mid})
         if r.get("ok"):
@@ -277,6 +286,7 @@ def run(listen, secret, user, **kw):
             if os.getppid() == 1:
                 os._exit(1)
             agent.privileged = Client(child_sock)
+            agent.start_metrics()
             sys.stdout.write(f"migrt agent listening on {host}:{port} "
                              f"(network side as {user}, pid {os.getpid()})\n")
             sys.stdout.flush()

@@ -27,7 +27,19 @@ import click
 @click.option("--wait", default=300.0, show_default=True,
               help="without --bundle: seconds to wait for a create from the marker")
 @click.option("--page-server-port", default=0, help="port of the page server (--lazy)")
-@click.option("--tcp-established", is_flag=True, help="migrate established TCP connections")
+@click.option("--tcp-established/--no-tcp-established", default=None,
+              help="migrate established TCP connections (CRIU's --tcp-established) "
+              "[default: on when the container's IP moves with it: a network namespace of "
+              "its own, or a destination namespace with the same addresses; otherwise "
+              "its connections are restored closed and a line says so before the freeze]")
+@click.option("--tcp-skip-in-flight/--no-tcp-skip-in-flight", "skip_in_flight", default=True,
+              show_default=True,
+              help="skip connections the kernel completed but the container has not "
+              "accepted yet (their clients see a reset); without it such a connection "
+              "fails the dump (`inet: In-flight connection`)")
+@click.option("--file-locks/--no-file-locks", default=None,
+              help="dump the file locks its processes hold (runc's --file-locks) "
+              "[default: on when they hold any, read from their /proc fdinfo once frozen]")
 @click.option("--rootfs-base", help="unchanged image rootfs to diff the container's against")
 @click.option("--peer-timeout", type=float, default=None,
               help="seconds without an answer from the agent after which it counts as gone "
@@ -35,8 +47,8 @@ import click
 @click.option("--json", "as_json", is_flag=True, help="print the report as JSON")
 @click.pass_obj
 def command(call, container, to, secret_file, bundle, dest_root, new_id, precopy, lazy,
-            streams, level, wait, page_server_port, tcp_established, rootfs_base,
-            peer_timeout, as_json):
+            streams, level, wait, page_server_port, tcp_established, skip_in_flight,
+            file_locks, rootfs_base, peer_timeout, as_json):
     """Move a running container to another node with the shortest downtime."""
     from migrt.migration import migrate as mig
     from migrt.transfer import wire
@@ -57,8 +69,8 @@ def command(call, container, to, secret_file, bundle, dest_root, new_id, precopy
     opts = mig.Options(to, secret, streams=streams, level=level, mode=mode, bundle=bundle,
                        dest_root=dest_root, new_id=new_id, wait=wait,
                        progress=not as_json, page_server_port=page_server_port,
-                       criu_flags=["--tcp-established"] if tcp_established else [],
-                       rootfs_base=rootfs_base)
+                       rootfs_base=rootfs_base, tcp_established=tcp_established,
+                       file_locks=file_locks, skip_in_flight=skip_in_flight)
     root = call.root if call is not None else "/run/runc"
     report = mig.migrate(root, container, opts)
     if as_json:
@@ -72,7 +84,7 @@ def print_report(r):
     p, b = r["phases"], r["bytes"]
     click.echo(f"migrated {r['container']} to {r['to']} as {r.get('destination_id')} "
                f"({r['mode']} mode, migration {r.get('migration')})")
-    order = ("precheck", "precopy", "freeze", "dump", "transfer", "transfer_after_dump",
+    order = ("precheck", "precopy", "network_hold", "freeze", "dump", "transfer", "transfer_after_dump",
              "restore", "downtime", "fill_after_restore", "pages_served_after_restore",
              "total")
     for k in order:
@@ -87,6 +99,12 @@ def print_report(r):
     elif "fill_after_restore" in p:
         click.echo("  (the container ran once restored; its memory came in from the "
                    "destination's copy after that, and the source went when it was all there)")
+    tcp = r.get("tcp") or {}
+    if tcp.get("mode"):
+        click.echo(f"  TCP connections: {tcp['mode']} ({tcp.get('established', 0)} established "
+                   f"at the precheck; IP {'moved with it' if tcp.get('ip_moves') else 'changed'})")
+    if r.get("file_locks"):
+        click.echo(f"  file locks dumped: {r['file_locks']}")
     if r.get("network_lock"):
         click.echo(f"  network lock during the dump: {r['network_lock']}")
     if r.get("warning"):

@@ -19,7 +19,8 @@ where the checks did not find it.
 
 A CRIU killed between lock and unlock leaves the lock in place: the container resumes
 with its network cut. `clear(pid)` removes what CRIU adds (an `inet CRIU-*` table, or
-the iptables CRIU chain and its jumps) in the network namespace of process `pid`.
+the iptables CRIU chain and its jumps) in the network namespace of process `pid`, and
+migrate's own hold on it (migrt.migration.handover: `inet migrt-hold`, `MIGRT-HOLD`).
 """
 import os
 import subprocess
@@ -84,7 +85,8 @@ if nft is not None:
         out = nft.nft_ctx_get_output_buffer(ctx) or b"{}"
         for item in json.loads(out).get("nftables", []):
             t = item.get("table")
-            if t and t.get("family") == "inet" and str(t.get("name", "")).startswith("CRIU-"):
+            name = str((t or {}).get("name", ""))
+            if t and t.get("family") == "inet" and (name.startswith("CRIU-") or name == "migrt-hold"):
                 if nft.nft_run_cmd_from_buffer(ctx, f"delete table inet {t['name']}".encode()) == 0:
                     print(t["name"])
     nft.nft_ctx_free(ctx)
@@ -94,14 +96,15 @@ for tool in ("iptables", "ip6tables"):
             return subprocess.run([tool, "-w", *args], capture_output=True).returncode == 0
         except OSError:
             return False
-    if not run("-n", "-L", "CRIU"):
-        continue
-    for chain in ("INPUT", "OUTPUT"):
-        while run("-D", chain, "-j", "CRIU"):
-            pass
-    run("-F", "CRIU")
-    if run("-X", "CRIU"):
-        print(tool + ":CRIU")
+    for own in ("CRIU", "MIGRT-HOLD"):
+        if not run("-n", "-L", own):
+            continue
+        for chain in ("INPUT", "OUTPUT"):
+            while run("-D", chain, "-j", own):
+                pass
+        run("-F", own)
+        if run("-X", own):
+            print(tool + ":" + own)
 """
 
 

@@ -31,6 +31,7 @@ COMMAND_FLAGS = {
                    "shell-job": False, "lazy-pages": False, "status-fd": True,
                    "page-server": True, "file-locks": False, "pre-dump": False,
                    "manage-cgroups-mode": True, "empty-ns": True, "auto-dedup": False,
+                   "tcp-skip-in-flight": False,
                    "help": False, "h": False},
 }
 

@@ -24,7 +24,7 @@ import time
 from migrt.criu import config as criuconf
 from migrt.criu import failpoints
 from migrt.criu import netlock
-from migrt.migration import recovery
+from migrt.migration import handover, recovery
 from migrt.errors import EXIT_ROLLED_BACK, MigrtError, RefusedError
 from migrt.image import manifest as mf
 from migrt.transfer import wire
@@ -74,7 +74,8 @@ RESTORE_FLAGS = ("--tcp-established", "--ext-unix-sk", "--shell-job", "--file-lo
 class Options:
     def __init__(self, to, secret, streams=4, level=1, mode="full", bundle=None,
                  dest_root=None, new_id=None, wait=300.0, progress=False,
-                 page_server_port=0, criu_flags=(), rootfs_base=None, keep_image=False):
+                 page_server_port=0, criu_flags=(), rootfs_base=None, keep_image=False,
+                 tcp_established=None, file_locks=None, skip_in_flight=True):
         self.to = to
         self.secret = secret
         self.streams = streams
@@ -89,36 +90,118 @@ class Options:
         self.criu_flags = list(criu_flags)
         self.rootfs_base = rootfs_base
         self.keep_image = keep_image
+        # None: decided per migration (tcp: whether the container's IP moves with it;
+        # file locks: whether its processes hold any, read once they are frozen)
+        self.tcp_established = tcp_established
+        self.file_locks = file_locks
+        self.skip_in_flight = skip_in_flight
 
 
 class Progress:
-    """A one-line progress bar on stderr (only on a terminal)."""
+    """A one-line progress bar on stderr (only on a terminal) while bytes move.
 
-    def __init__(self, total, enabled):
+    The total is the memory estimate, not the image's size, which is only known at the
+    end: done() draws the bar full with what was really sent, so that it does not stop
+    short (27 of 30 marks at 1 GiB) when the image came out smaller than estimated."""
+
+    def __init__(self, total, enabled, stream=None, status=None):
+        self.stream = stream or sys.stderr
         self.total = max(total, 1)
-        self.enabled = enabled and sys.stderr.isatty()
+        self.enabled = enabled and self.stream.isatty()
         self.t0 = time.monotonic()
         self.last = 0.0
         self.phase = ""
+        self.stats = None
+        self.status = status
+        if status is not None and self.enabled:
+            status.hold(True)
+
+    def _draw(self, stats, frac):
+        now = time.monotonic()
+        bar = "#" * int(frac * 30)
+        rate = stats.raw / max(now - self.t0, 1e-3) / 1e6
+        self.stream.write(f"\r{self.phase:<9} [{bar:<30}] {stats.raw >> 20:>6} MiB "
+                          f"({stats.wire >> 20} MiB on the wire) {rate:7.1f} MB/s ")
+        self.stream.flush()
 
     def __call__(self, stats):
         if not self.enabled:
             return
+        self.stats = stats
         now = time.monotonic()
         if now - self.last < 0.1:
             return
         self.last = now
-        frac = min(1.0, stats.raw / self.total)
-        bar = "#" * int(frac * 30)
-        rate = stats.raw / max(now - self.t0, 1e-3) / 1e6
-        sys.stderr.write(f"\r{self.phase:<9} [{bar:<30}] {stats.raw >> 20:>6} MiB "
-                         f"({stats.wire >> 20} MiB on the wire) {rate:7.1f} MB/s ")
-        sys.stderr.flush()
+        self._draw(stats, min(1.0, stats.raw / self.total))
 
-    def done(self):
+    def done(self, ok=True):
+        if not self.enabled:
+            return
+        if ok and self.stats is not None:
+            self._draw(self.stats, 1.0)
+            self.stream.write(f"{time.monotonic() - self.t0:6.2f}s\n")
+        else:
+            self.stream.write("\r" + " " * 100 + "\r")
+        self.stream.flush()
+        if self.status is not None:
+            self.status.hold(False)
+
+
+class Status:
+    """The phase a migration is in, on one line of a terminal, with its running time:
+    the phases that move no bytes (pre-checks, freeze, verification, restore on the
+    destination, memory fill, release) show too. Each finished phase keeps its line."""
+
+    def __init__(self, enabled, stream=None):
+        self.stream = stream or sys.stderr
+        self.enabled = enabled and self.stream.isatty()
+        self.lock = threading.Lock()
+        self.phase = None
+        self.t0 = 0.0
+        self.held = False
+        self.stopped = threading.Event()
         if self.enabled:
-            sys.stderr.write("\r" + " " * 100 + "\r")
-            sys.stderr.flush()
+            threading.Thread(target=self._tick, daemon=True).start()
+
+    def _line(self, end=""):
+        self.stream.write(f"\r{self.phase:<34} {time.monotonic() - self.t0:6.2f}s{end}")
+        self.stream.flush()
+
+    def set(self, phase):
+        if not self.enabled:
+            return
+        with self.lock:
+            if phase == self.phase:
+                return
+            if self.phase and not self.held:
+                self._line("\n")
+            self.phase, self.t0 = phase, time.monotonic()
+            if not self.held:
+                self._line()
+
+    def hold(self, on):
+        """A byte progress bar owns the line meanwhile."""
+        with self.lock:
+            if on and not self.held and self.phase:
+                self._line("\n")
+            self.held = on
+            if not on:
+                self.phase = None
+
+    def close(self):
+        if not self.enabled:
+            return
+        self.stopped.set()
+        with self.lock:
+            if self.phase and not self.held:
+                self._line("\n")
+            self.phase = None
+
+    def _tick(self):
+        while not self.stopped.wait(0.2):
+            with self.lock:
+                if self.phase and not self.held:
+                    self._line()
 
 
 class Source:
@@ -246,8 +329,20 @@ def _criu_log_errors(path):
 
 
 class Migration:
+    @property
+    def phase(self):
+        return self._phase
+
+    @phase.setter
+    def phase(self, value):
+        self._phase = value
+        status = getattr(self, "status", None)
+        if status is not None:
+            status.set(value)
+
     def __init__(self, root, cid, opts):
         self.opts = opts
+        self.status = Status(opts.progress)
         self.src = Source(runc_binary(), root, cid)
         self.cid = cid
         self.report = {"container": cid, "to": opts.to, "mode": opts.mode,
@@ -265,6 +360,8 @@ class Migration:
         self.dump_started = False
         self.dump_thread = None
         self.filling = False
+        self.hold = None                # migrt's lock on the source's network (handover)
+        self.criu_conf = []             # CRIU options runc has no flag for (criu.config)
 
     # ------------------------------------------------------------ helpers
     def _t(self, name, t0):
@@ -305,6 +402,7 @@ class Migration:
             self.ctl = None
         resumed = False
         self._clear_netlock()
+        self._drop_hold()
         if self.paused:
             p = self.src.run("resume", self.cid)
             st = self.src.run("state", self.cid)
@@ -339,6 +437,94 @@ class Migration:
             return
         if removed:
             self.report["network_unlocked"] = removed
+
+    def _drop_hold(self):
+        """Rollback: the source resumes, so its network opens again."""
+        if self.hold is None:
+            return
+        h, self.hold = self.hold, None
+        try:
+            h.drop()
+        except (OSError, subprocess.SubprocessError) as e:
+            self.report["warning"] = f"could not remove migrt's network lock of the source: {e}"
+
+    def _plan_network(self, dest):
+        """Before anything is frozen: does the container's IP move with it? That decides
+        --tcp-established (unless given), and says ONE line when it does not."""
+        pid = self.state["pid"]
+        try:
+            with open(os.path.join(self.bundle, "config.json")) as f:
+                spec = json.load(f)
+        except (OSError, ValueError):
+            spec = {}
+        try:
+            host = handover.host_netns(pid)
+        except OSError as e:
+            raise RefusedError(f"container {self.cid}: cannot read its network namespace "
+                               f"({e}); nothing was frozen")
+        ext = handover.external_netns(spec)
+        here = [] if host else _try(lambda: handover.addresses(f"/proc/{pid}/ns/net"), [])
+        conns = [] if host else _try(lambda: handover.tcp_connections(pid, ("01",)), [])
+        self.external_netns = ext
+        dest = dest if isinstance(dest, dict) else {}
+        kind = dest.get("netns")
+        there = dest.get("addresses") or []
+        if host:
+            moves, why = False, "it uses this node's own network namespace (host network)"
+        elif kind == "path":
+            moves = bool(here) and set(here) <= set(there)
+            why = (f"it has {', '.join(here) or 'no address'} here and will have "
+                   f"{', '.join(there) or 'no address'} on the destination")
+        elif kind == "host":
+            moves, why = False, "the destination bundle uses its node's network namespace"
+        elif not ext:
+            # a namespace of its own: CRIU dumps it, addresses included, and the restore
+            # makes it again (what the destination bundle says, if no --bundle, only
+            # matters if it joins another namespace: then the restore fails and the
+            # source resumes)
+            moves, why = True, ""
+        elif kind == "new":
+            moves, why = False, ("the destination bundle gives it a new network namespace, "
+                                 "without its addresses")
+        else:
+            moves, why = False, ("it joins a namespace by path here (a pod's), and the "
+                                 "destination's address is not known before its container "
+                                 "is created there (no --bundle)")
+        tcp = self.opts.tcp_established
+        self.report["tcp"] = {"addresses": here, "destination_addresses": there,
+                              "ip_moves": moves, "established": len(conns)}
+        if tcp is None:
+            tcp = moves
+        if tcp:
+            self.opts.criu_flags.append("--tcp-established")
+        elif not host:
+            # connections are not migrated: CRIU restores them closed (the peers see a
+            # reset and reconnect), rather than refusing the dump
+            self.criu_conf.append("tcp-close")
+        self.report["tcp"]["mode"] = "established" if tcp else (
+            "closed" if not host else "not migrated")
+        if not moves:
+            if tcp:
+                fate = ("--tcp-established was asked for: its restore fails if the "
+                        "destination lacks those addresses, and the source then resumes")
+            elif host:
+                fate = ("they are not migrated: the dump fails if it has any "
+                        "(the source then resumes)")
+            else:
+                fate = ("they are restored closed there (its end sees them fail); their peers must "
+                        "reconnect to the new address")
+            line = (f"{self.cid}'s IP does not move with it ({why}); its "
+                    f"{len(conns)} established TCP connection(s): {fate}")
+            self.report["tcp"]["note"] = line
+            sys.stderr.write(f"migrt: {line}\n")
+            sys.stderr.flush()
+        if self.opts.skip_in_flight:
+            # a connection the kernel completed but nobody accepted yet cannot be dumped
+            # (`inet: In-flight connection`); skipped, its client sees a reset
+            if _runc_has_flag(self.src.runc, "--tcp-skip-in-flight"):
+                self.opts.criu_flags.append("--tcp-skip-in-flight")
+            else:
+                self.criu_conf.append("skip-in-flight")
 
     def _abort_precheck(self):
         """Refused after the destination's precheck: it drops what it staged for us."""
@@ -417,6 +603,11 @@ class Migration:
             self._abort_precheck()
             raise RefusedError(f"{e}; nothing was frozen")
         self.report["network_lock"] = self.netlock
+        try:
+            self._plan_network(reply.get("net"))
+        except MigrtError:
+            self._abort_precheck()
+            raise
         if self.opts.level == "auto":
             # compressing for a transfer that never leaves this machine (loopback, or a
             # veth into another network namespace) only takes CPU from CRIU and the agent
@@ -452,6 +643,13 @@ class Migration:
             argv.insert(1, "--leave-running")
         return argv + self.opts.criu_flags + [self.cid]
 
+    def _manifest_flags(self, *more):
+        """The flags the restore needs, as the manifest records them: runc's, and
+        --tcp-close (not runc's: the destination puts it in CRIU's config file, as the
+        dump did; CRIU refuses to restore such an image without it)."""
+        return (self.opts.criu_flags + list(more)
+                + (["--tcp-close"] if "tcp-close" in self.criu_conf else []))
+
     def _capture(self, image, result):
         """The spec and the rootfs changes, taken while CRIU dumps (the container is
         frozen: its files cannot change), so that they travel during the dump rather
@@ -460,7 +658,7 @@ class Migration:
             from migrt import image as img
             result["manifest"] = img.capture_extra(
                 image, self.cid, self.state, self.bundle,
-                self.opts.criu_flags + ["--leave-running"], base=self.opts.rootfs_base,
+                self._manifest_flags("--leave-running"), base=self.opts.rootfs_base,
                 dumped=False)
             result["early"] = ("migrt/",)
         except Exception as e:
@@ -479,7 +677,8 @@ class Migration:
                 p = subprocess.run([self.src.runc, "--root", self.src.root]
                                    + self._checkpoint_argv(image, work),
                                    capture_output=True, text=True, stdin=subprocess.DEVNULL,
-                                   env=criuconf.env(self.work, netlock.conf_lines(self.netlock)))
+                                   env=criuconf.env(self.work, netlock.conf_lines(self.netlock)
+                                                    + self.criu_conf))
                 result["criu_s"] = time.monotonic() - t0
                 if cap is not None:
                     cap.join()
@@ -517,7 +716,7 @@ class Migration:
         when frozen anyway: CRIU then waits for the transfer, and so do the tasks)."""
         os.makedirs(image, mode=0o700, exist_ok=True)   # plugins may have written there
         result = {"done": False}
-        prog = Progress(self.estimate, self.opts.progress)
+        prog = Progress(self.estimate, self.opts.progress, status=self.status)
         prog.phase = label
         # only a pre-copy round's block digests are used again (by the delta round)
         sender = self._sender(prog, want_blocks=label == "pre-copy")
@@ -536,7 +735,7 @@ class Migration:
                                 pipes=pipes, wake=ended, early=lambda: result.get("early", ()))
         except (TransferError, wire.ProtocolError) as e:
             th.join()
-            prog.done()
+            prog.done(ok=False)
             if "error" in result:
                 raise TransferError(result["error"])
             why = self._why()
@@ -588,6 +787,7 @@ class Migration:
     def precopy_round(self):
         self.phase = "pre-copy"
         t0 = time.monotonic()
+        self._detect_file_locks()
         sender, files, result, took = self._send_round(
             os.path.join(self.work, "round1"), os.path.join(self.work, "work1"),
             capture=False, label="pre-copy")
@@ -597,15 +797,39 @@ class Migration:
         self._account(sender, "_precopy")
         return sender.blocks
 
+    def _detect_file_locks(self):
+        """--file-locks when a process holds a lock (unless the user said either way)."""
+        if self.opts.file_locks is None and "--file-locks" not in self.opts.criu_flags:
+            n = held_file_locks(self.src.pids())
+            if n:
+                self.opts.criu_flags.append("--file-locks")
+                self.report["file_locks"] = n
+        elif self.opts.file_locks and "--file-locks" not in self.opts.criu_flags:
+            self.opts.criu_flags.append("--file-locks")
+
     def freeze(self):
         self.phase = "freeze"
         t0 = time.monotonic()
         self.journal.phase("frozen")
+        # cut its network off first: nothing completes into a listen queue meanwhile,
+        # and nothing leaves the source from now until it is gone (or resumed)
+        pid = self.state["pid"]
+        th = time.monotonic()
+        try:
+            self.hold = handover.Hold.take(pid, bool(getattr(self, "external_netns", None)))
+        except (OSError, subprocess.SubprocessError) as e:
+            raise TransferError(f"could not lock the source's network: {e}")
+        if self.hold is not None:
+            self.report["source_network_held"] = self.hold.method
+            # the container's network is cut from here: this comes before the downtime
+            self._t("network_hold", th)
+        t0 = time.monotonic()
         p = self.src.run("pause", self.cid)
         if p.returncode != 0:
             raise TransferError(f"runc pause: {p.stderr.strip()}")
         self.paused = True
         self._t("freeze", t0)
+        self._detect_file_locks()      # frozen: no lock comes or goes any more
         return t0
 
     def dump_and_send(self, base=None):
@@ -690,10 +914,18 @@ class Migration:
 
     def release_source(self):
         self.phase = "release of the source"
-        p = self.src.run("delete", "--force", self.cid)
+        # killed while frozen and still cut off: it never runs again, and its kernel
+        # sends nothing (FIN, RST, data) on the connections the destination now owns
+        warn = handover.release(self.src.run, self.cid)
         self.paused = False
-        if p.returncode != 0:
-            self.report["warning"] = f"source delete failed: {p.stderr.strip()}"
+        if warn:
+            self.report["warning"] = warn
+        if self.hold is not None:
+            h, self.hold = self.hold, None
+            try:
+                h.after_release()
+            except (OSError, subprocess.SubprocessError) as e:
+                self.report["warning"] = f"could not unlock the source's network namespace: {e}"
         try:
             self._request({"op": "release"})
         except (wire.ProtocolError, OSError):
@@ -725,27 +957,29 @@ class Migration:
             stdin=subprocess.DEVNULL, stdout=subprocess.PIPE, stderr=subprocess.PIPE,
             pass_fds=(w,), start_new_session=True,
             env=criuconf.env(self.work, netlock.conf_lines(self.netlock)
-                             + pagetls.conf_lines(tls)))
+                             + self.criu_conf + pagetls.conf_lines(tls)))
         os.close(w)
-        ready = b""
         import select
-        while not ready:
-            rl, _, _ = select.select([r], [], [], 0.05)
-            if rl:
-                ready = os.read(r, 1)
-                break
-            if self.lazy_proc.poll() is not None:
-                os.close(r)
-                errs = _criu_log_errors(os.path.join(work, "dump.log"))
-                err = self.lazy_proc.stderr.read().decode(errors="replace").strip()
-                self.lazy_proc = None
-                raise TransferError(f"lazy checkpoint failed: {err[-300:]}"
-                                    + (f"; {'; '.join(errs)}" if errs else ""))
-        os.close(r)
+        try:
+            while True:
+                rl, _, _ = select.select([r], [], [], 0.05)
+                # CRIU writes one byte once the page server is up; end of file means
+                # runc (and its CRIU) ended without it: the dump failed
+                if rl and os.read(r, 1):
+                    break                     # ready
+                if not rl and self.lazy_proc.poll() is None:
+                    continue                  # still dumping
+                try:
+                    self.lazy_proc.wait(30)
+                except subprocess.TimeoutExpired:
+                    _kill_group(self.lazy_proc)
+                self._lazy_dump_failed(work)
+        finally:
+            os.close(r)
         self.phases["dump"] = round(time.monotonic() - t0, 4)
         from migrt import image as img
         m = img.capture_extra(image, self.cid, self.state, self.bundle,
-                              self.opts.criu_flags + ["--lazy-pages"],
+                              self._manifest_flags("--lazy-pages"),
                               base=self.opts.rootfs_base)
         self.phase = "transfer"
         t1 = time.monotonic()
@@ -755,6 +989,19 @@ class Migration:
         self._t("transfer", t1)
         self._account(sender)
         self.report["page_server"] = f"{local_ip}:{port}"
+
+    def _lazy_dump_failed(self, work):
+        """The lazy dump ended before its page server was up: nothing usable was made
+        (nothing is committed or restored); say so with CRIU's own words."""
+        log = os.path.join(work, "dump.log")
+        errs = _criu_log_errors(log)
+        err = self.lazy_proc.stderr.read().decode(errors="replace").strip()
+        self.lazy_proc = None
+        kept = log if self.opts.keep_image else _kept_log(self.mid, "dump.log")
+        raise TransferError(
+            f"the dump failed on this node (runc checkpoint --lazy-pages exited before "
+            f"CRIU's page server was ready): {err.replace(log, kept)[-300:] or 'no output'}"
+            + (f"; CRIU log {kept}: {'; '.join(errs)}" if errs else ""))
 
     def lazy_finish(self, timeout=600):
         """Wait until the page server has sent every page, then drop the source."""
@@ -909,6 +1156,44 @@ class Migration:
         self.release_source()
 
 
+def _try(f, default):
+    try:
+        return f()
+    except (OSError, ValueError, subprocess.SubprocessError):
+        return default
+
+
+_RUNC_HELP = {}
+
+
+def _runc_has_flag(runc, flag):
+    """Whether this runc's checkpoint knows `flag` (runc 1.2 added --tcp-skip-in-flight;
+    runc 1.1 sends CRIU nothing for it, so CRIU's config file can set it)."""
+    if runc not in _RUNC_HELP:
+        p = subprocess.run([runc, "checkpoint", "--help"], capture_output=True, text=True)
+        _RUNC_HELP[runc] = p.stdout
+    return flag in _RUNC_HELP[runc].split()
+
+
+def held_file_locks(pids):
+    """How many file locks (flock, POSIX, OFD) the processes hold, as their fdinfo
+    shows them (what CRIU itself reads): CRIU refuses to dump a task holding one unless
+    told --file-locks, and runc always sends that option, so runc's flag must say it."""
+    n = 0
+    for pid in pids:
+        try:
+            fds = os.listdir(f"/proc/{pid}/fdinfo")
+        except OSError:
+            continue
+        for fd in fds:
+            try:
+                with open(f"/proc/{pid}/fdinfo/{fd}") as f:
+                    n += sum(1 for line in f if line.startswith("lock:"))
+            except OSError:
+                pass
+    return n
+
+
 def _kill_group(proc):
     """Stop runc checkpoint and the CRIU it runs (its own process group)."""
     import signal
@@ -939,8 +1224,23 @@ def migrate(root, cid, opts):
         # (not where they are ignored: under nohup the migration goes on)
         old = {s: signal.signal(s, _interrupt) for s in (signal.SIGTERM, signal.SIGHUP)
                if signal.getsignal(s) is not signal.SIG_IGN}
+    from migrt.agent import metrics
+    mig = None
     try:
-        return Migration(root, cid, opts).run()
+        mig = Migration(root, cid, opts)
+        report = mig.run()
+        metrics.record_sent(report, "ok")
+        return report
+    except BaseException as e:
+        from migrt.errors import EXIT_REFUSED, EXIT_ROLLED_BACK
+        code = getattr(e, "exit_code", None)
+        result = {EXIT_REFUSED: "refused", EXIT_ROLLED_BACK: "rolled_back", 5: "in_doubt",
+                  6: "unfinished"}.get(code, "error")
+        metrics.record_sent(getattr(mig, "report", None), result, mode=opts.mode)
+        raise
     finally:
+        status = getattr(mig, "status", None)
+        if status is not None:
+            status.close()
         for s, h in old.items():
             signal.signal(s, h)

@@ -188,7 +188,7 @@ def resolve(j, secret):
         if serving and leftovers(rec):
             return f"{where}: the destination runs it; the source still serves its memory"
         if src is not None:
-            _runc(rec, "delete", "--force", cid)
+            _release(rec, cid, srcst.get("pid"))
         outcome = f"{where}: the destination runs it; source deleted"
     elif dest in ("failed", "gone") and (phase != "restoring" or exists is False):
         if serving:
@@ -212,6 +212,24 @@ def resolve(j, secret):
     _drop_work(rec)
     j.done()
     return outcome
+
+
+def _release(rec, cid, pid):
+    """As migrate releases a source (migrt.migration.handover): killed while frozen and
+    its network still held, then its leftover sockets destroyed and the hold removed."""
+    from migrt.migration import handover
+    hold = None
+    if pid:
+        try:
+            hold = handover.Hold.existing(pid)
+        except OSError:
+            hold = None
+    handover.release(lambda *a: _runc(rec, *a), cid)
+    if hold is not None:
+        try:
+            hold.after_release()
+        except (OSError, subprocess.SubprocessError):
+            pass
 
 
 def _clear_netlock(pid):

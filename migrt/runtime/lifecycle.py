@@ -113,6 +113,9 @@ def wait_exit(proc, timeout):
 
 
 WATCHDOG_STOPPED = []      # why _criu_watchdog stopped a restore in this process
+# how long restored tasks may wait without a live CRIU before they are stopped: a dead
+# CRIU leaves them waiting forever, so this only decides how soon that failure shows
+STUCK_SECONDS = 5.0
 
 
 def _criu_watchdog(proc, lazy=None):
@@ -165,7 +168,9 @@ def _criu_watchdog(proc, lazy=None):
             seen_tasks = seen_tasks or bool(tasks)
             if direct and (main is None or (not cmd(main) and not seen_tasks)):
                 main = min(direct, key=lambda k: k.create_time())
-            alive = main is not None and cmd(main) != ""
+            # gone means gone: exited or a zombie, not a look at /proc that failed once
+            # on a loaded node (cmd() is "" for any psutil error)
+            alive = main is not None and _running(main)
             lazy_failed = lazy is not None and lazy.poll() not in (None, 0)
             victims = []
             if lazy_failed:
@@ -174,10 +179,10 @@ def _criu_watchdog(proc, lazy=None):
             elif tasks and (zombie or (main is not None and not alive)):
                 now = time.monotonic()
                 stuck_since = stuck_since or now
-                if now - stuck_since > 1.0:
+                if now - stuck_since > STUCK_SECONDS:
                     victims = tasks
                     why = ("CRIU's main process was gone while restored tasks waited for it "
-                           "(over 1 s)")
+                           f"(over {STUCK_SECONDS:g} s)")
             else:
                 stuck_since = None
             if victims and why not in WATCHDOG_STOPPED:
@@ -190,6 +195,16 @@ def _criu_watchdog(proc, lazy=None):
         except psutil.Error:
             pass
         time.sleep(0.1)
+
+
+def _running(p):
+    import psutil
+    try:
+        return p.is_running() and p.status() != psutil.STATUS_ZOMBIE
+    except psutil.NoSuchProcess:
+        return False
+    except psutil.Error:
+        return True
 
 
 def _is_zombie(p):
@@ -354,7 +369,23 @@ def restore_create(call, flags, cid, bundle, spec, marker, plugins):
     if not isinstance(spec.get("process"), dict):
         raise BundleError(f"bundle {bundle}: config.json has no process")
     source = checkpoints.resolve(marker, bundle)
-    checkpoints.check_namespace(source.image_dir, spec, marker)
+    try:
+        return _restore_source(call, flags, cid, bundle, spec, marker, plugins, source)
+    finally:
+        if source.cleanup:
+            try:
+                source.cleanup()
+            except Exception:
+                pass
+
+
+def _restore_source(call, flags, cid, bundle, spec, marker, plugins, source):
+    try:
+        checkpoints.check_namespace(source.image_dir, spec, marker, source.namespace)
+    except BaseException as e:
+        if source.on_failed:
+            source.on_failed(cid, str(e))
+        raise
     detach = call.command == "create" or flags.get("detach")
     work = work_dir(call, cid)
     os.makedirs(work, mode=0o700, exist_ok=True)
@@ -405,6 +436,9 @@ def restore_create(call, flags, cid, bundle, spec, marker, plugins):
             if flags.get(name):
                 tokens.append(f"--{name}")
         tokens += source.restore_flags
+        if source.criu_conf:
+            from migrt.criu import config as criuconf
+            os.environ.update(criuconf.env(work, source.criu_conf))
         if source.lazy_address or source.lazy_local:
             lazy = start_lazy_pages(source, work)
             tokens.append("--lazy-pages")
@@ -575,13 +609,31 @@ def _stop_lazy_daemon(pid):
 def checkpoint_flags(flags):
     out = []
     for name in ("leave-running", "tcp-established", "ext-unix-sk", "shell-job",
-                 "file-locks", "pre-dump", "lazy-pages", "auto-dedup"):
+                 "file-locks", "pre-dump", "lazy-pages", "auto-dedup", "tcp-skip-in-flight"):
         if flags.get(name):
             out.append(f"--{name}")
     for name in ("manage-cgroups-mode", "page-server", "parent-path", "empty-ns"):
         if flags.get(name):
             out += [f"--{name}", flags[name]]
     return out
+
+
+def skip_in_flight_argv(call, flags, work):
+    """runc 1.2 has --tcp-skip-in-flight; runc 1.1 refuses it but sends CRIU nothing
+    for the option, so there the flag becomes a line of CRIU's config file
+    (migrt.criu.config) and leaves the argv. Returns the argv for runc."""
+    if not flags.get("tcp-skip-in-flight"):
+        return call.argv
+    p = subprocess.run([runc_path(), "checkpoint", "--help"], capture_output=True, text=True)
+    if "--tcp-skip-in-flight" in p.stdout.split():
+        return call.argv
+    from migrt.criu import config as criuconf
+    os.makedirs(work, mode=0o700, exist_ok=True)
+    os.environ.update(criuconf.env(work, ["skip-in-flight"]))
+    n = len(call.argv) - len(call.args)
+    args = [t for t in call.args
+            if t.lstrip("-").split("=", 1)[0] != "tcp-skip-in-flight" or not t.startswith("-")]
+    return call.argv[:n] + args
 
 
 def checkpoint(call, flags, cid):
@@ -666,12 +718,36 @@ def _checkpoint(call, flags, cid, bundle, state, plugins, ctx, final, held):
     mode, work = ctx["mode"], ctx["work_dir"]
     image_dir = ctx["image_dir"]
     run_stage("pre-checkpoint", plugins, **ctx)
+    argv = skip_in_flight_argv(call, flags, work)
+    dump_log = os.path.join(work, "pre-dump.log" if mode == "pre-dump" else "dump.log")
+    began = time.time()
+    json_log = call.log if call.log and call.log_format == "json" else None
     try:
-        rc = run_runc(call.argv)
+        offset = os.path.getsize(json_log) if json_log else 0
+    except OSError:
+        offset = 0
+    try:
+        rc = run_runc(argv)
         if rc != 0:
-            dump_log = os.path.join(work, "pre-dump.log" if mode == "pre-dump" else "dump.log")
+            try:
+                criu_ran = os.stat(dump_log).st_mtime >= began - 1
+            except OSError:
+                criu_ran = False
+            if not criu_ran:
+                # runc refused before CRIU ran (a bad flag, a missing container): its own
+                # message, already on stderr and in the log, is the whole story and
+                # must stay the last word the caller reads
+                err = runc_error(json_log, offset) or f"runc checkpoint exited {rc}"
+                try:
+                    run_stage("post-checkpoint", plugins, **dict(ctx, error=err))
+                except Exception:
+                    pass
+                return rc
             errs = criu_errors(dump_log)
-            raise RuncError(f"checkpoint of {cid} failed; CRIU log {dump_log}"
+            why = runc_error(json_log, offset)
+            raise RuncError(f"checkpoint of {cid} failed"
+                            + (f"; runc: {why}" if why else "")
+                            + f"; CRIU log {dump_log}"
                             + (": " + "; ".join(errs) if errs else ""))
     except BaseException as e:
         # plugins undo what pre-checkpoint did (resume CUDA, tell the workload)
@@ -686,5 +762,5 @@ def _checkpoint(call, flags, cid, bundle, state, plugins, ctx, final, held):
         from migrt import image
         image.finalize_checkpoint(image_dir, cid, state, bundle, checkpoint_flags(flags),
                                   spec_raw=held.spec_raw if held else None,
-                                  rootfs=held.rootfs if held else None)
+                                  rootfs_dir=held.rootfs if held else None)
     return 0

@@ -151,7 +151,7 @@ def two_nodes(tmp_path, node, make_bundle, migrt_launcher):
     n.agent = agent
 
     def source(cid="ctr"):
-        bundle = make_bundle(["sh", "-c", ocitest.COUNTER], name="src")
+        bundle = make_bundle(["sh", "-c", ocitest.COUNTER], name=ocitest.uid("src"))
         code, out, err = a.create(cid, bundle, start=True)
         assert code == 0, err.text
         ocitest.wait_for(lambda: ocitest.last_count(out) >= 5, what="counter on the source")
@@ -159,7 +159,7 @@ def two_nodes(tmp_path, node, make_bundle, migrt_launcher):
     n.source = source
 
     def dest_bundle():
-        return make_bundle(["sh", "-c", ocitest.COUNTER], name="dst")
+        return make_bundle(["sh", "-c", ocitest.COUNTER], name=ocitest.uid("dst"))
     n.dest_bundle = dest_bundle
     n.make_bundle = make_bundle
 
@@ -278,7 +278,7 @@ def test_processes_with_their_own_memory_all_arrive(two_nodes):
               'sleep 0.2; done')
     script = f"for i in 1 2 3 4; do sh -c '{holder}' & done; " + ocitest.COUNTER
     bundle = n.dest_bundle()
-    code, out, err = n.a.create("ctr", n.make_bundle(["sh", "-c", script], name="src"),
+    code, out, err = n.a.create("ctr", n.make_bundle(["sh", "-c", script], name=ocitest.uid("src")),
                                 start=True)
     assert code == 0, err.text
     ocitest.wait_for(lambda: ocitest.last_count(out) >= 10, what="counter on the source")
@@ -528,7 +528,7 @@ def test_lazy_page_server_gives_nothing_to_a_peer_without_the_migrations_key(two
     ag = n.agent({"MIGRT_FAILPOINT_DIR": fpdir, "MIGRT_FAILPOINTS": "agent.before-restore=pause(3)"})
     secret = os.urandom(16).hex()
     prog = f"S={secret}; " + ocitest.COUNTER
-    code, out, err = n.a.create("ctr", n.make_bundle(["sh", "-c", prog], name="src"),
+    code, out, err = n.a.create("ctr", n.make_bundle(["sh", "-c", prog], name=ocitest.uid("src")),
                                 start=True)
     assert code == 0, err.text
     ocitest.wait_for(lambda: ocitest.last_count(out) >= 5, what="counter on the source")

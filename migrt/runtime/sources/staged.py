@@ -30,6 +30,8 @@ def resolve(rest, bundle):
     s.update(state="restoring", bundle=os.path.abspath(bundle))
     keep = ("--tcp-established", "--ext-unix-sk", "--shell-job", "--file-locks")
     flags = [f for f in m.get("criu_flags", []) if f in keep]
+    from migrt.runtime.checkpoints import manifest_criu_conf
+    conf = manifest_criu_conf(m)
     lazy = rec.get("lazy_address")
     if not lazy:
         # restored once, then dropped: CRIU punches each page out of the staged image as
@@ -66,7 +68,7 @@ def resolve(rest, bundle):
     source = RestoreSource(s.image_dir, restore_flags=flags, lazy_address=lazy, lazy_tls=tls,
                            lazy_local=fill_locally(rec), prepare=prepare,
                            on_restored=on_restored, on_failed=on_failed,
-                           description=f"staged:{rest}")
+                           description=f"staged:{rest}", criu_conf=conf)
     return source
 
 

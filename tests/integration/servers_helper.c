@@ -1,0 +1,65 @@
+/* Small workloads for tests/integration/test_migrate_servers.py (static, run in a
+ * busybox container):
+ *   servers_helper lock FILE       hold a flock and a POSIX lock on FILE, then sleep
+ *   servers_helper backlog PORT    listen on PORT and never accept (connections the
+ *                                  kernel completes stay in the listen queue: in flight)
+ *   servers_helper uring           hold an io_uring instance (something CRIU cannot dump)
+ */
+#include <arpa/inet.h>
+#include <fcntl.h>
+#include <netinet/in.h>
+#include <stdio.h>
+#include <stdlib.h>
+#include <string.h>
+#include <sys/file.h>
+#include <sys/socket.h>
+#include <sys/syscall.h>
+#include <unistd.h>
+
+static void forever(void)
+{
+	for (;;)
+		pause();
+}
+
+int main(int argc, char **argv)
+{
+	if (argc == 3 && !strcmp(argv[1], "lock")) {
+		int fd = open(argv[2], O_RDWR | O_CREAT, 0644);
+		struct flock fl = { .l_type = F_WRLCK, .l_whence = SEEK_SET, .l_start = 0, .l_len = 1 };
+		int fd2 = open(argv[2], O_RDWR);
+		if (fd < 0 || fd2 < 0 || fcntl(fd, F_SETLK, &fl) || flock(fd2, LOCK_SH)) {
+			perror("lock");
+			return 1;
+		}
+		printf("locked\n");
+		fflush(stdout);
+		forever();
+	}
+	if (argc == 3 && !strcmp(argv[1], "backlog")) {
+		int s = socket(AF_INET, SOCK_STREAM, 0), one = 1;
+		struct sockaddr_in a = { .sin_family = AF_INET, .sin_port = htons(atoi(argv[2])) };
+		setsockopt(s, SOL_SOCKET, SO_REUSEADDR, &one, sizeof(one));
+		if (bind(s, (struct sockaddr *)&a, sizeof(a)) || listen(s, 16)) {
+			perror("listen");
+			return 1;
+		}
+		printf("listening\n");
+		fflush(stdout);
+		forever();
+	}
+	if (argc == 2 && !strcmp(argv[1], "uring")) {
+		unsigned char params[120];
+		memset(params, 0, sizeof(params));
+		long fd = syscall(425 /* io_uring_setup */, 4, params);
+		if (fd < 0) {
+			perror("io_uring_setup");
+			return 1;
+		}
+		printf("uring\n");
+		fflush(stdout);
+		forever();
+	}
+	fprintf(stderr, "usage: servers_helper lock FILE | backlog PORT | uring\n");
+	return 2;
+}
