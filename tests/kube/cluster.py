@@ -337,6 +337,7 @@ class Node:
         self.containerd.env["MIGRT_STAGING"] = self.staging
         self.kubelet = None
         self.agent = None
+        self.holder = None
 
     @property
     def agent_address(self):
@@ -359,8 +360,35 @@ class Node:
         with open(os.path.join(self.containerd.confd, "10-migrt-kube.conflist"), "w") as f:
             json.dump(conf, f)
 
+    def start_mount_ns(self):
+        """A mount namespace for this node's containerd and kubelet, where /var/log/pods
+        and /var/log/containers are the node's own dirs. The kubelet 1.20 hard-codes
+        them, and its garbage collector removes every pod log dir of a pod it does not
+        know, which on a shared /var/log/pods is every pod of the other node. The rest of
+        the tree is the host's (the cluster's base dir is shared both ways, so the
+        rootfs and volume mounts made inside are seen outside, by migrt and the tests)."""
+        logs = os.path.join(self.base, "varlog")
+        for d in ("pods", "containers"):
+            os.makedirs(os.path.join(logs, d), exist_ok=True)
+        script = (f"mount --bind {logs}/pods /var/log/pods && "
+                  f"mount --bind {logs}/containers /var/log/containers && "
+                  "echo ready && exec sleep 2147483647")
+        self.holder = subprocess.Popen(["unshare", "--mount", "--propagation", "unchanged",
+                                        "sh", "-c", script], stdout=subprocess.PIPE,
+                                       stdin=subprocess.DEVNULL, start_new_session=True)
+        line = self.holder.stdout.readline().decode()
+        if line.strip() != "ready":
+            raise RuntimeError(f"{self.name}: mount namespace not made ({self.holder.wait()})")
+        self.nsenter = ["nsenter", "-t", str(self.holder.pid), "-m", "--"]
+        wrapper = os.path.join(self.base, "containerd-in-ns")
+        with open(wrapper, "w") as f:
+            f.write(f"#!/bin/sh\nexec {' '.join(self.nsenter)} containerd \"$@\"\n")
+        os.chmod(wrapper, 0o755)
+        self.containerd.exe = wrapper
+
     def start_containerd(self, images):
         self.write_cni()
+        self.start_mount_ns()
         self.containerd.start()
         for tar in images:
             self.containerd.import_image(tar, namespace="k8s.io")
@@ -370,7 +398,7 @@ class Node:
         kubeconfig = c.pki.kubeconfig(os.path.join(self.base, "kubelet.kubeconfig"), c.server,
                                       f"system:node:{self.name}", ["system:nodes"])
         os.makedirs(self.kubelet_dir, exist_ok=True)
-        argv = [os.path.join(c.bin, "kubelet"),
+        argv = self.nsenter + [os.path.join(c.bin, "kubelet"),
                 "--kubeconfig", kubeconfig,
                 "--root-dir", self.kubelet_dir,
                 "--cert-dir", os.path.join(self.base, "kubelet-pki"),
@@ -429,6 +457,9 @@ class Node:
             except Exception:       # noqa: BLE001 - teardown goes on
                 pass
         self.containerd.stop()       # tasks, shims, mounts, its dirs
+        if self.holder and self.holder.poll() is None:
+            os.killpg(self.holder.pid, signal.SIGKILL)
+            self.holder.wait(5)
         harness.unmount_under(self.base)
 
 
@@ -592,6 +623,9 @@ class Cluster(PodOps):
             subprocess.run(["ip", "addr", "add", f"{self.node_ip(i)}/32", "dev", self.bridge],
                            check=True)
 
+        # the base dir shared both ways with the nodes' mount namespaces (see Node)
+        subprocess.run(["mount", "--bind", self.base, self.base], check=True)
+        subprocess.run(["mount", "--make-rshared", self.base], check=True)
         self.pki = PKI(os.path.join(self.base, "pki"))
         self.secret = os.path.join(self.base, "agent-secret")
         with open(os.open(self.secret, os.O_WRONLY | os.O_CREAT, 0o600), "w") as f:

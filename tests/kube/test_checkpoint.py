@@ -154,6 +154,8 @@ def test_migrate_a_pod_to_the_other_node(kube):
         wait_for(lambda: marker.get("value") or mig.poll() is not None, 60,
                  "migrate staging the container and printing the marker")
         assert "value" in marker, f"migrate exited {mig.returncode}: {''.join(err)}"
+        # the source is dumped by now (frozen or gone): its log is complete
+        before = numbers(kube.logs(src))
         m = pod_manifest(dst, COUNTER, node="node-b", env={"MIGRT_RESTORE_FROM": marker["value"]})
         m["spec"]["restartPolicy"] = "Never"
         p = kube.run_pod(m, timeout=120)
@@ -171,8 +173,12 @@ def test_migrate_a_pod_to_the_other_node(kube):
     # the source stopped, and stays stopped
     s = wait_for(lambda: terminated(kube, src), 30, "the source container terminated")
     assert restart_count(s) == 0
-    before, after = numbers(kube.logs(src)), numbers(kube.logs(dst))
+    after = numbers(kube.logs(dst))
+    assert before[:3] == [1, 2, 3], before[:3]
     assert after[0] == before[-1] + 1, (before[-3:], after[:3])
+    # nothing more came from the source
+    late = numbers(kube.logs(src))
+    assert late == before, (before[-3:], late[-3:])
     assert kube.exec(dst, "cat", "/tmp/count").returncode == 0
     for pod in (src, dst):
         kube.delete_pod(pod, "--grace-period=0", "--force")
