@@ -16,7 +16,7 @@ from migrt.errors import EXIT_USAGE, MigrtError, report
 COMMANDS = {
     "migrate": ("migrt.commands.migrate", "move a running container to another node"),
     "agent": ("migrt.commands.agent", "run the node agent that receives migrations"),
-    "image": ("migrt.commands.image", "inspect, verify, encrypt and decrypt checkpoint images"),
+    "image": ("migrt.commands.image", "inspect, verify, export, list, remove and clean up checkpoints"),
     "plugins": ("migrt.commands.plugins", "list plugins and why they apply to a bundle"),
     "doctor": ("migrt.commands.doctor", "check this node for what migrt needs"),
     "demo": ("migrt.commands.demo", "migrate a running busybox container and print its downtime"),

@@ -2,12 +2,11 @@
 and keys, so neither the disk nor the wire between nodes may see them in the clear.
 
 In flight: every connection between `migrt migrate` and `migrt agent` is TLS 1.3 keyed
-by the agents' shared secret: both ends derive one Ed25519 certificate from the secret,
-present it and accept nothing else, so a peer without the secret cannot finish the
-handshake, and (EC)DHE gives each connection fresh keys. No certificates to distribute:
-the secret the agents already share is the credential. (TLS 1.3 with an external PSK,
-RFC 8446 section 2.2, does the same, but Python's ssl module has it only from 3.13 and
-Debian 12 has 3.11: MIGRT_WIRE_TLS=psk selects it where every node has 3.13.)
+by the agents' shared secret (an external PSK, RFC 8446 section 2.2, with (EC)DHE: each
+connection gets fresh keys, and a peer without the secret cannot finish the handshake).
+No certificates to distribute: the secret the agents already share is the credential.
+Python's own ssl module does it (3.13: set_psk_*_callback), so the wire needs no
+library beyond the standard one.
 
 At rest: `encrypt_image` turns a checkpoint directory into one whose every file is
 AES-256-GCM (the `cryptography` library), cut into 1 MiB chunks so that a file of any
@@ -65,93 +64,26 @@ def psk(secret):
     return hkdf(secret, b"migrt tls psk salt", b"migrt/1 tls-1.3 external psk")
 
 
-_IDENTITIES = {}
-
-
-def _identity(secret):
-    """The certificate and key that only holders of the secret can make (Pythons < 3.13).
-
-    Python's ssl module has TLS-PSK only from 3.13; Debian 12 has 3.11. There both ends
-    derive the same Ed25519 key from the secret (HKDF) and the same self-signed
-    certificate (Ed25519 signatures are deterministic, every field is fixed), present it,
-    and accept only it: the secret authenticates both ends as the PSK does, and TLS 1.3's
-    (EC)DHE still gives each connection fresh keys. Returns (cert PEM, key PEM).
-    """
-    key = psk(secret)
-    got = _IDENTITIES.get(key)
-    if got:
-        return got
-    import datetime
-    from cryptography import x509
-    from cryptography.hazmat.primitives import serialization
-    from cryptography.hazmat.primitives.asymmetric import ed25519
-    from cryptography.x509.oid import NameOID
-    priv = ed25519.Ed25519PrivateKey.from_private_bytes(
-        hkdf(secret, b"migrt tls identity salt", b"migrt/1 tls-1.3 ed25519 identity"))
-    name = x509.Name([x509.NameAttribute(NameOID.COMMON_NAME, PSK_IDENTITY)])
-    cert = (x509.CertificateBuilder().subject_name(name).issuer_name(name)
-            .public_key(priv.public_key()).serial_number(1)
-            .not_valid_before(datetime.datetime(2000, 1, 1))
-            .not_valid_after(datetime.datetime(9999, 12, 31))
-            .add_extension(x509.BasicConstraints(ca=True, path_length=None), critical=True)
-            .sign(priv, None))
-    pem = cert.public_bytes(serialization.Encoding.PEM)
-    kpem = priv.private_bytes(serialization.Encoding.PEM, serialization.PrivateFormat.PKCS8,
-                              serialization.NoEncryption())
-    _IDENTITIES[key] = (pem, kpem)
-    return pem, kpem
-
-
-def _load_identity(ctx, secret):
-    # ssl loads a certificate chain only from a file: a memfd keeps the key off any disk
-    pem, kpem = _identity(secret)
-    fd = os.memfd_create("migrt-tls", os.MFD_CLOEXEC)
-    try:
-        os.write(fd, pem + kpem)
-        ctx.load_cert_chain(f"/proc/self/fd/{fd}")
-    finally:
-        os.close(fd)
-    ctx.load_verify_locations(cadata=pem.decode())
-    import ssl
-    ctx.verify_mode = ssl.CERT_REQUIRED
-
-
 def _context(server, secret):
     import ssl
+    if not getattr(ssl, "HAS_PSK", False):
+        raise OSError("this Python's ssl module has no TLS-PSK support (Python 3.13+ needed)")
     ctx = ssl.SSLContext(ssl.PROTOCOL_TLS_SERVER if server else ssl.PROTOCOL_TLS_CLIENT)
     ctx.minimum_version = ssl.TLSVersion.TLSv1_3
-    if server:
-        ctx.num_tickets = 0     # no resumption; and nothing pending when data conns leave TLS
-    else:
-        ctx.check_hostname = False
-    if not wire_psk():
-        _load_identity(ctx, secret)
-        return ctx
     key = psk(secret)
     if server:
+        ctx.num_tickets = 0     # no resumption; and nothing pending when data conns leave TLS
         ctx.set_psk_server_callback(lambda identity: key if identity == PSK_IDENTITY else b"",
                                     PSK_IDENTITY)
     else:
+        ctx.check_hostname = False
         ctx.verify_mode = ssl.CERT_NONE      # the PSK authenticates the server
         ctx.set_psk_client_callback(lambda hint: (PSK_IDENTITY, key))
     return ctx
 
 
-def wire_psk():
-    """Whether the wire is TLS-PSK (MIGRT_WIRE_TLS=psk, Python 3.13+ on every node) or,
-    by default, the secret-derived certificate, which every Python here speaks, so that
-    Debian 12 (Python 3.11) and Debian 13 (3.13) nodes talk to each other."""
-    import ssl
-    if os.environ.get("MIGRT_WIRE_TLS", "cert") != "psk":
-        return False
-    if not getattr(ssl, "HAS_PSK", False):
-        raise OSError("MIGRT_WIRE_TLS=psk: this Python's ssl module has no TLS-PSK support "
-                      "(Python 3.13+ needed)")
-    return True
-
-
 def wrap_client(sock, secret):
-    """TLS 1.3 over a connected socket; ssl.SSLError if the agent's secret differs."""
+    """TLS 1.3-PSK over a connected socket; ssl.SSLError if the agent's secret differs."""
     return _context(False, secret).wrap_socket(sock)
 
 

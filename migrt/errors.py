@@ -70,6 +70,13 @@ def log_line(path, fmt, level, msg):
 def report(msg, log=None, log_format="text"):
     """Tell the caller about a failure: stderr always, plus the --log file if any."""
     msg = " ".join(str(msg).split("\n"))
+    # podman reads a runtime error containing "no such file or directory" as "the
+    # runtime could not find an executable" ("OCI runtime attempted to invoke a command
+    # that was not found"), and any "no such file" or "not found" in it as exit 127
+    # (command not found), hiding what really failed: quoted CRIU/OS errors keep their
+    # meaning in words it does not misread
+    import re
+    msg = re.sub(r"(?i)no such file or directory", "ENOENT (the file is missing)", msg)
     if log:
         try:
             log_line(log, log_format, "error", msg)

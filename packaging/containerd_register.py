@@ -127,6 +127,9 @@ def block_for(config_text, drop_in=None, binary=None):
 
 
 def register(config, drop_in=None, binary=None):
+    """Write migrt's block; returns the config version. `register.changed` says whether
+    the file changed (a second run with the same settings changes nothing, and then
+    containerd needs no restart)."""
     text = ""
     if os.path.exists(config):
         with open(config) as f:
@@ -137,8 +140,13 @@ def register(config, drop_in=None, binary=None):
     version, block = block_for(base, drop_in, binary)
     new = base + ("\n" if base.strip() else "") + block
     tomllib.loads(new)      # never write a config containerd cannot read
-    _write(config, new)
+    register.changed = new != text
+    if register.changed:
+        _write(config, new)
     return version
+
+
+register.changed = False
 
 
 def unregister(config):
@@ -175,8 +183,12 @@ def main(argv=None):
     try:
         if a.action == "register":
             v = register(a.config, a.drop_in, a.binary)
-            print(f"migrt registered as runtime handler 'migrt' in {a.config} "
-                  f"(config version {v}); now: systemctl restart containerd")
+            if register.changed:
+                print(f"migrt registered as runtime handler 'migrt' in {a.config} "
+                      f"(config version {v}); now: systemctl restart containerd")
+            else:
+                print(f"migrt is already registered in {a.config} as this would write it "
+                      f"(config version {v}): nothing changed, no restart needed")
         elif a.action == "unregister":
             if unregister(a.config):
                 print(f"migrt removed from {a.config}; now: systemctl restart containerd")

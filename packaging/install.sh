@@ -14,6 +14,9 @@
 # PATH and where migrt always looks first (migrt/fast.py criu_path). The build-only
 # packages it added are purged again; the libraries criu links to stay, marked manually
 # installed. Debian's own criu package, if installed, is left alone and not used.
+# Where the release's python3 is older than 3.13 (Debian 12), CPython 3.13 is built the
+# same way from sid's python3.13 source into $PREFIX/python for migrt's venv (see
+# build_python: the wire needs TLS-PSK).
 #
 # Idempotent: running it again only checks (the CRIU build is keyed on its version).
 # Environment:
@@ -21,6 +24,7 @@
 #   MIGRT_BIN      where the `migrt` launcher goes (default /usr/local/bin)
 #   MIGRT_NO_TEST_DEPS=1  skip containerd/podman/pytest/workloads (node install only)
 #   MIGRT_CRIU_SOURCE     Debian source version of criu to build (default 4.2.1-1)
+#   MIGRT_PYTHON_SOURCE   ... of python3.13, where one is built (default 3.13.15-1)
 #   MIGRT_DEBIAN_MIRROR   where sid's (and trixie's) indexes come from
 #                         (default http://deb.debian.org/debian)
 set -euo pipefail
@@ -65,7 +69,7 @@ trap cleanup EXIT
 # priority 100. Stop that: remove the source file it wrote, and its pin with it unless
 # some other source still names trixie (without the pin that source would take over the
 # node at apt's default priority). Nothing is downgraded: packages that already came from
-# trixie stay as they are (see README, "Upgrading from an install that used trixie").
+# trixie stay as they are (see README, "What the install does to a node").
 if [ -f /etc/apt/sources.list.d/migrt-trixie.sources ]; then
     rm -f /etc/apt/sources.list.d/migrt-trixie.sources
     log "removed /etc/apt/sources.list.d/migrt-trixie.sources (an older install's trixie source)"
@@ -88,109 +92,190 @@ private_apt_init() {    # DIR "deb-src|deb" SUITE
     chown -R _apt "$d/lists/partial" "$d/cache/archives/partial" 2>/dev/null || true
     echo "$2 [signed-by=$KEYRING] $MIRROR $3 main" > "$d/sources.list"
 }
-private_apt() {         # DIR apt-get-args...
+private_apt() {         # DIR apt-get-args...   (private_apt_cache: the same for apt-cache)
     local d=$1; shift
-    apt-get -o Dir::Etc::SourceList="$d/sources.list" -o Dir::Etc::SourceParts="$d/parts" \
-        -o Dir::State::Lists="$d/lists" -o Dir::Cache="$d/cache" \
-        -o Dir::Cache::pkgcache= -o Dir::Cache::srcpkgcache= "$@"
+    ${private_tool:-apt-get} -o Dir::Etc::SourceList="$d/sources.list" \
+        -o Dir::Etc::SourceParts="$d/parts" -o Dir::State::Lists="$d/lists" \
+        -o Dir::Cache="$d/cache" -o Dir::Cache::pkgcache= -o Dir::Cache::srcpkgcache= "$@"
 }
+private_apt_cache() { private_tool=apt-cache private_apt "$@"; }
 
 criu_version() { "${1:-$CRIU}" --version 2>/dev/null | sed -n 's/^Version: *//p'; }
+
+# (set -e does not reach into a function called as `x=$(f) || ...`: sid_source checks
+# each step itself.)
+# sid_source WORKDIR PACKAGE VERSION: fetch the upstream tarball of Debian sid's source
+# package PACKAGE=VERSION (sid's newest PACKAGE if VERSION is gone from sid) into
+# WORKDIR/src, unpack it there and print the directory it made. Only the upstream
+# tarball is used (the builds here need none of Debian's packaging). apt-get source
+# checks the file's size and hashes against sid's Sources index, whose InRelease apt
+# verified with Debian's archive keyring; the SHA-256 is checked once more here against
+# that same index.
+sid_source() {
+    local w=$1 pkg=$2 ver=$3 want= v tarball= sum= dir
+    if [ ! -d "$w/apt" ]; then
+        private_apt_init "$w/apt" deb-src sid
+        chmod 755 "$w"
+        if ! private_apt "$w/apt" update -qq >"$w/update.log" 2>&1 \
+                || ! ls "$w/apt/lists/"*_sid_main_source_Sources* >/dev/null 2>&1; then
+            sed 's/^/  /' "$w/update.log" >&2
+            log "could not read sid's source index from $MIRROR (see above)"
+            return 1
+        fi
+    fi
+    mkdir -p "$w/src/$pkg.dl" "$w/empty" || return 1
+    chmod 755 "$w/src" "$w/src/$pkg.dl"
+    # VERSION first, then the other versions sid's index lists, newest first (sid moves
+    # on; a mirror may lack a file the index still names)
+    for v in $( { echo "$ver"; private_apt_cache "$w/apt" showsrc "$pkg" 2>/dev/null \
+                    | sed -n 's/^Version: *//p' | sort -rV; } | awk '!seen[$0]++'); do
+        # --print-uris leaves out files already in the current directory: ask from an empty one
+        read -r tarball sum < <(cd "$w/empty" && private_apt "$w/apt" -qq --print-uris source --tar-only \
+            "$pkg=$v" 2>/dev/null | awk '$2 ~ /\.orig\.tar\.[a-z0-9]+$/ && $4 ~ /^SHA256:/ \
+            {sub(/^SHA256:/, "", $4); print $2, $4; exit}') || true
+        if [ -z "${tarball:-}" ]; then
+            log "sid's index has no $pkg $v"
+            continue
+        fi
+        if (cd "$w/src/$pkg.dl" && private_apt "$w/apt" source -qq --download-only --tar-only "$pkg=$v" \
+                >"$w/source-$pkg.log" 2>&1); then
+            want=$v
+            break
+        fi
+        sed 's/^/  /' "$w/source-$pkg.log" >&2
+        log "could not fetch $pkg $v's source from $MIRROR; trying another version sid lists"
+        rm -f "$w/src/$pkg.dl/"*
+    done
+    [ -n "$want" ] || { log "no source of $pkg could be fetched from sid ($MIRROR)"; return 1; }
+    [ "$want" = "$ver" ] || log "building $pkg $want (sid's), not $ver"
+    if ! (cd "$w/src/$pkg.dl" && echo "$sum  $tarball" | sha256sum -c --quiet - >&2); then
+        log "$pkg's source tarball $tarball does not match sid's signed index (sha256 $sum)"
+        return 1
+    fi
+    mkdir "$w/src/$pkg" && tar -C "$w/src/$pkg" -xf "$w/src/$pkg.dl/$tarball" || return 1
+    dir=$(find "$w/src/$pkg" -mindepth 1 -maxdepth 1 -type d | head -1)
+    [ -n "$dir" ] || { log "no directory in $tarball"; return 1; }
+    echo "$dir"
+}
+
+# build_deps_install PKGS...: install what a build needs from the node's own release and
+# remember what was new in build_added. build_deps_cleanup FILES...: keep the packages
+# whose libraries FILES load (marked manually installed, so that autoremove leaves them)
+# and purge the rest of build_added, if apt agrees that purging them removes nothing else.
+build_added=
+build_deps_install() {
+    local before
+    apt_update
+    before=$(installed_pkgs)
+    apt-get install -y -qq --no-install-recommends "$@" >/dev/null
+    build_added=$(comm -13 <(echo "$before") <(installed_pkgs))
+}
+build_deps_cleanup() {
+    local keep purge unwanted
+    keep=$(for f in "$@"; do ldd "$f" 2>/dev/null; done | awk '$2 == "=>" && $3 ~ /^\// {print $3}' \
+        | sort -u | while read -r lib; do
+            dpkg -S "*/$(basename "$(readlink -f "$lib")")" 2>/dev/null | cut -d: -f1 | tr ', ' '\n\n'
+        done | grep -v '^$' | sort -u || true)
+    # shellcheck disable=SC2086
+    [ -z "$keep" ] || apt-mark manual $keep >/dev/null
+    purge=$(comm -23 <(echo "$build_added" | grep -v '^$' | sort) <(echo "$keep"))
+    build_added=
+    [ -n "$purge" ] || return 0
+    # shellcheck disable=SC2086
+    unwanted=$(apt-get -s purge $purge 2>/dev/null | awk '$1 == "Purg" {print $2}' \
+        | sort | comm -23 - <(echo "$purge"))
+    if [ -z "$unwanted" ]; then
+        # shellcheck disable=SC2086
+        apt-get purge -y -qq $purge >/dev/null
+        log "purged the $(echo "$purge" | wc -l) build-only packages this build added"
+    else
+        # shellcheck disable=SC2086
+        apt-mark auto $purge >/dev/null
+        log "kept the build-only packages (purging them would also remove: $(echo $unwanted));"\
+            "they are marked automatic"
+    fi
+}
 
 # What the CRIU build needs, all from the node's own release.
 criu_build_deps="gcc libc6-dev make pkgconf xz-utils libbsd-dev libcap-dev libgnutls28-dev
     libnet1-dev libnftables-dev libnl-3-dev libprotobuf-c-dev libprotobuf-dev
-    protobuf-c-compiler protobuf-compiler uuid-dev python3-protobuf"
+    protobuf-c-compiler protobuf-compiler uuid-dev"
 
 build_criu() {
-    local w before added keep purge lib pkg unwanted
+    local w dir got
     w=$(mktemp -d /var/tmp/migrt-criu.XXXXXX); tmpdirs+=("$w")
     log "building CRIU $CRIU_VERSION from Debian sid's source package criu $CRIU_SOURCE"
-    apt_update
-    before=$(installed_pkgs)
-    # shellcheck disable=SC2086
-    apt-get install -y -qq --no-install-recommends $criu_build_deps >/dev/null
-    added=$(comm -13 <(echo "$before") <(installed_pkgs))
-
-    private_apt_init "$w/apt" deb-src sid
-    chmod 755 "$w"
-    private_apt "$w/apt" update -qq
-    mkdir "$w/src"; chmod 755 "$w/src"
-    # The upstream tarball of Debian's source package (its debian/ part only packages
-    # CRIU; `make criu` does not use it). apt-get source checks the file's size and hashes
-    # against sid's Sources index, whose InRelease apt verified with Debian's archive
-    # keyring; the SHA-256 is checked here once more against that same index.
-    (cd "$w/src" && private_apt "$w/apt" source -qq --download-only --tar-only \
-        "criu=$CRIU_SOURCE" >"$w/source.log" 2>&1) || {
-        sed 's/^/  /' "$w/source.log" >&2
-        log "could not fetch criu $CRIU_SOURCE's source from sid ($MIRROR):"\
-            "set MIGRT_CRIU_SOURCE to the version sid has (apt-cache showsrc criu)"
-        exit 1
-    }
-    local tarball sum
-    tarball=$(cd "$w/src" && ls criu_*.orig.tar.* 2>/dev/null | head -1)
-    mkdir "$w/empty"    # --print-uris leaves out files already in the current directory
-    sum=$(cd "$w/empty" && private_apt "$w/apt" -qq --print-uris source --tar-only "criu=$CRIU_SOURCE" 2>/dev/null \
-        | awk -v f="$tarball" '$2 == f && $4 ~ /^SHA256:/ {sub(/^SHA256:/, "", $4); print $4}')
-    if [ -z "$tarball" ] || [ -z "$sum" ] || ! (cd "$w/src" && echo "$sum  $tarball" | sha256sum -c --quiet -); then
-        log "criu's source tarball '$tarball' does not match sid's signed index (sha256 $sum)"
-        exit 1
-    fi
-    tar -C "$w/src" -xf "$w/src/$tarball"
-    local dir; dir=$(find "$w/src" -mindepth 1 -maxdepth 1 -type d -name "criu-*" | head -1)
-    [ -n "$dir" ] || { log "no criu-* directory in $w/src/$tarball"; exit 1; }
+    dir=$(sid_source "$w" criu "$CRIU_SOURCE") || exit 1
     if ! make -C "$dir" -j"$(nproc)" criu >"$w/build.log" 2>&1; then
         tail -30 "$w/build.log" | sed 's/^/  /' >&2
-        log "the CRIU build failed (the whole log was $w/build.log)"
+        log "the CRIU build failed"
         exit 1
     fi
-    local got; got=$(criu_version "$dir/criu/criu")
-    [ "$got" = "$CRIU_VERSION" ] || { log "the built criu says version '$got', not $CRIU_VERSION"; exit 1; }
+    got=$(criu_version "$dir/criu/criu")
+    if ! dpkg --compare-versions "${got:-0}" ge "$CRIU_VERSION"; then
+        log "the built criu says version '$got', not $CRIU_VERSION or later"; exit 1
+    fi
     install -D -m 0755 "$dir/criu/criu" "$CRIU.new"
     mv -f "$CRIU.new" "$CRIU"
+    built+=("$CRIU")
+    log "CRIU $got installed as $CRIU"
+}
 
-    # Keep the packages whose libraries criu loads (marked manual, so that autoremove
-    # leaves them); purge the build-only packages this run added, if apt agrees that
-    # purging them removes nothing else.
-    keep=$(ldd "$CRIU" | awk '$2 == "=>" && $3 ~ /^\// {print $3}' | while read -r lib; do
-        dpkg -S "*/$(basename "$(readlink -f "$lib")")" 2>/dev/null | cut -d: -f1 | tr ', ' '\n\n'
-    done | grep -v '^$' | sort -u)
-    # shellcheck disable=SC2086
-    [ -z "$keep" ] || apt-mark manual $keep >/dev/null
-    purge=$(comm -23 <(echo "$added" | grep -v '^$' | sort) <(echo "$keep"))
-    if [ -n "$purge" ]; then
-        # shellcheck disable=SC2086
-        unwanted=$(apt-get -s purge $purge 2>/dev/null | awk '$1 == "Purg" {print $2}' \
-            | sort | comm -23 - <(echo "$purge"))
-        if [ -z "$unwanted" ]; then
-            # shellcheck disable=SC2086
-            apt-get purge -y -qq $purge >/dev/null
-            log "purged the $(echo "$purge" | wc -l) build-only packages this build added"
-        else
-            # shellcheck disable=SC2086
-            apt-mark auto $purge >/dev/null
-            log "kept the build-only packages (purging them would also remove: $(echo $unwanted));"\
-                "they are marked automatic"
-        fi
+# migrt's wire between nodes is TLS 1.3 with the agents' shared secret as external PSK,
+# which Python's ssl module has from 3.13 on (Debian 13's python3). Where the release's
+# Python lacks it (Debian 12: 3.11), CPython 3.13 is built from sid's python3.13 source
+# into $PREFIX/python (private to migrt: nothing else on the node uses it), with the
+# release's gcc and -dev packages, and the venv is made from it.
+PY_SOURCE=${MIGRT_PYTHON_SOURCE:-3.13.15-1}
+PY_PRIVATE=$PREFIX/python/bin/python3.13
+py_has_psk() { "$1" -I -c 'import ssl, sys; sys.exit(0 if getattr(ssl, "HAS_PSK", False) and sys.version_info >= (3, 13) else 1)' 2>/dev/null; }
+py_build_deps="gcc libc6-dev make pkgconf xz-utils libssl-dev zlib1g-dev libffi-dev libbz2-dev
+    liblzma-dev libsqlite3-dev uuid-dev"
+
+build_python() {
+    local w dir
+    w=$(mktemp -d /var/tmp/migrt-python.XXXXXX); tmpdirs+=("$w")
+    log "building Python 3.13 from Debian sid's source package python3.13 $PY_SOURCE into" \
+        "$PREFIX/python (this release's python3 has no TLS-PSK; a few minutes)"
+    dir=$(sid_source "$w" python3.13 "$PY_SOURCE") || exit 1
+    rm -rf "$PREFIX/python.new"
+    if ! (cd "$dir" && ./configure -q --prefix="$PREFIX/python" --with-ensurepip=no \
+              --disable-test-modules && make -s -j"$(nproc)" && \
+              make -s altinstall DESTDIR="$PREFIX/python.new.d") >"$w/build.log" 2>&1; then
+        tail -30 "$w/build.log" | sed 's/^/  /' >&2
+        log "the Python build failed"
+        exit 1
     fi
-    log "CRIU $CRIU_VERSION installed as $CRIU"
+    rm -rf "$PREFIX/python.old"
+    [ ! -d "$PREFIX/python" ] || mv "$PREFIX/python" "$PREFIX/python.old"
+    mv "$PREFIX/python.new.d$PREFIX/python" "$PREFIX/python"
+    rm -rf "$PREFIX/python.new.d" "$PREFIX/python.old"
+    py_has_psk "$PY_PRIVATE" || { log "the Python built has no ssl.HAS_PSK"; exit 1; }
+    built+=("$PY_PRIVATE" "$PREFIX"/python/lib/python3.13/lib-dynload/*.so)
+    log "Python $("$PY_PRIVATE" -c 'import platform; print(platform.python_version())') installed in $PREFIX/python"
 }
 
 # runc and iptables (CRIU's network lock runs iptables-restore; it saves a network
-# namespace's routes with ip) from the node's own release.
+# namespace's routes with ip) from the node's own release. Without recommends: Debian
+# 13's runc recommends its criu (4.1.1), which migrt does not use.
 base_pkgs="runc iptables iproute2"
 missing=$(missing_pkgs $base_pkgs)
 if [ -n "$missing" ]; then
     apt_update
     log "installing: $missing"
-    apt-get install -y -qq $missing >/dev/null
+    apt-get install -y -qq --no-install-recommends $missing >/dev/null
 fi
-# The venv's Python: the release's own (3.11 on Debian 12, 3.13 on Debian 13).
-missing=$(missing_pkgs python3 python3-venv)
-if [ -n "$missing" ]; then
-    apt_update
-    log "installing: $missing"
-    apt-get install -y -qq $missing >/dev/null
+# The venv's Python: the release's own where it is 3.13 or later (Debian 13), else a
+# private build (see build_python).
+py_candidate() { apt-cache show --no-all-versions python3 2>/dev/null | sed -n 's/^Version: *//p' | head -1; }
+py_candidate=$(py_candidate)
+[ -n "$py_candidate" ] || { apt_update; py_candidate=$(py_candidate); }
+if dpkg --compare-versions "${py_candidate:-0}" ge 3.13; then
+    missing=$(missing_pkgs python3 python3-venv)
+    if [ -n "$missing" ]; then
+        log "installing: $missing"
+        apt-get install -y -qq $missing >/dev/null
+    fi
 fi
 
 # Test packages: the container managers, the compiler for the tests' fake libcuda and
@@ -215,11 +300,23 @@ if [ -z "${MIGRT_NO_TEST_DEPS:-}" ]; then
     fi
 fi
 
-if [ "$(criu_version)" = "$CRIU_VERSION" ]; then
-    :   # built before: nothing to do
-else
-    if [ -x "$CRIU" ]; then log "replacing $CRIU (version $(criu_version))"; fi
-    build_criu
+# The builds (CRIU always, Python where needed) share one install of build packages and
+# one clean-up. Keyed on versions: a second run builds nothing.
+need_criu=; need_python=
+dpkg --compare-versions "$(criu_version)" ge "$CRIU_VERSION" 2>/dev/null || need_criu=1
+if ! py_has_psk /usr/bin/python3 && ! { [ -x "$PY_PRIVATE" ] && py_has_psk "$PY_PRIVATE"; }; then
+    need_python=1
+fi
+built=()
+if [ -n "$need_criu$need_python" ]; then
+    # shellcheck disable=SC2086
+    build_deps_install ${need_criu:+$criu_build_deps} ${need_python:+$py_build_deps}
+    if [ -n "$need_criu" ]; then
+        if [ -x "$CRIU" ]; then log "replacing $CRIU (version $(criu_version))"; fi
+        build_criu
+    fi
+    [ -z "$need_python" ] || build_python
+    build_deps_cleanup "${built[@]}"
 fi
 if [ "$(command -v criu)" != "$CRIU" ]; then
     log "note: 'criu' on this shell's PATH is $(command -v criu || echo none); migrt and the"\
@@ -259,11 +356,20 @@ if ! getent passwd migrt-agent >/dev/null; then
         migrt-agent 2>/dev/null || log "could not create user migrt-agent (agent runs without --user)"
 fi
 
-# The virtualenv uses the system Python: the launcher runs it with -I -S so that the
-# pass-through path starts in milliseconds.
-PY=/usr/bin/python3
+# The virtualenv uses the system Python where it has TLS-PSK (3.13, Debian 13), else the
+# private build above: the launcher runs it with -I -S so that the pass-through path
+# starts in milliseconds. A venv made from a Python without TLS-PSK is made again.
+if py_has_psk /usr/bin/python3; then
+    PY=/usr/bin/python3
+else
+    PY=$PY_PRIVATE
+fi
+if [ -x "$PREFIX/venv/bin/python" ] && ! py_has_psk "$PREFIX/venv/bin/python"; then
+    log "making $PREFIX/venv again: its Python ($("$PREFIX/venv/bin/python" -V 2>&1)) has no TLS-PSK"
+    rm -rf "$PREFIX/venv"
+fi
 if [ ! -x "$PREFIX/venv/bin/python" ]; then
-    log "creating $PREFIX/venv"
+    log "creating $PREFIX/venv ($("$PY" -V))"
     mkdir -p "$PREFIX"
     "$PY" -m venv "$PREFIX/venv"
 fi

@@ -47,12 +47,12 @@ if [ -f "$CTRD_CONF" ] && grep -q '^# BEGIN migrt' "$CTRD_CONF"; then
     py=$(command -v python3 || true)
     [ -x "$PREFIX/venv/bin/python" ] && py="$PREFIX/venv/bin/python"
     if [ -n "$register" ] && [ -n "$py" ] && "$py" -c 'import tomllib' 2>/dev/null; then
+        # it says what it did and that containerd needs a restart
         "$py" -I "$register" unregister --config "$CTRD_CONF" >&2
     else    # no Python 3.11 left: cut the block with sed
         sed -i '/^# BEGIN migrt/,/^# END migrt/d' "$CTRD_CONF"
-        log "removed migrt from $CTRD_CONF"
+        log "removed migrt from $CTRD_CONF; now: systemctl restart containerd"
     fi
-    log "now: systemctl restart containerd"
 fi
 for f in /etc/containerd/conf.d/migrt.toml; do
     [ "$CTRD_CONF" = /etc/containerd/config.toml ] && [ -f "$f" ] && rm -f "$f" && log "removed $f"
@@ -69,8 +69,10 @@ cmd="$BIN/migrt"
 if [ -e "$cmd" ] && ! [ -L "$cmd" ]; then
     if head -c 4096 "$cmd" | grep -aq "migrt launcher\|migrt zipapp\|migrt/fast\|migrt's front door"; then
         busy=
-        for p in /proc/[0-9]*/cmdline; do
-            case "$(tr '\0' ' ' < "$p" 2>/dev/null)" in
+        # a process may exit between the glob and the read: its error goes to /dev/null
+        # (redirections apply left to right, so 2>/dev/null must come first)
+        for p in "${MIGRT_PROC:-/proc}"/[0-9]*/cmdline; do
+            case "$(tr '\0' ' ' 2>/dev/null < "$p")" in
                 *containerd-shim*|*conmon*) busy=1; break;;
             esac
         done

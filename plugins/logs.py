@@ -59,6 +59,10 @@ class Logs(Plugin):
     def _base(self, ctx):
         return ctx["options"].get("dir") or None
 
+    def _root(self, ctx):
+        call = ctx.get("call")
+        return getattr(call, "root", None)
+
     def pre_checkpoint(self, ctx):
         # Everything the checkpoint carries is written now: the core seals the image
         # (migrt's manifest of digests) before post-checkpoint runs.
@@ -72,7 +76,7 @@ class Logs(Plugin):
             return
         d = plugin_dir(ctx, self.name)
         with open(os.path.join(d, CARRIED), "w") as f:
-            for e in record.events(cid, self._base(ctx))[-(record.CARRY_EVENTS - 1):] + [ev]:
+            for e in record.events(cid, self._base(ctx), self._root(ctx))[-(record.CARRY_EVENTS - 1):] + [ev]:
                 f.write(json.dumps(e, sort_keys=True) + "\n")
         src = _log_path(ctx)
         if src and os.path.isfile(src):
@@ -95,12 +99,12 @@ class Logs(Plugin):
                 break
         ev = dict(ev, ok=not ctx.get("error"),
                   criu_log=record.keep_criu_log(cid, dump_log, ctx.get("mode") or "dump",
-                                                ctx["options"]["keep"], base))
+                                                ctx["options"]["keep"], base, self._root(ctx)))
         if t0 is not None:
             ev["seconds"] = round(time.monotonic() - t0, 3)
         if ctx.get("error"):
             ev["error"] = ctx["error"]
-        record.append(cid, ev, base)
+        record.append(cid, ev, base, self._root(ctx))
 
     def pre_restore(self, ctx):
         self._t0[("restore", ctx["cid"])] = time.monotonic()
@@ -112,7 +116,7 @@ class Logs(Plugin):
         except (OSError, ValueError):
             pass
         if carried:
-            record.merge(ctx["cid"], carried, self._base(ctx))
+            record.merge(ctx["cid"], carried, self._base(ctx), self._root(ctx))
         saved = os.path.join(d, OUTPUT)
         dest = _log_path(ctx)
         if dest and os.path.isfile(saved):
@@ -138,14 +142,15 @@ class Logs(Plugin):
             from migrt.runtime import lifecycle
             kept = record.keep_criu_log(cid, os.path.join(lifecycle.work_dir(ctx["call"], cid),
                                                           "restore.log"),
-                                        "restore", ctx["options"]["keep"], base)
+                                        "restore", ctx["options"]["keep"], base,
+                                        self._root(ctx))
         except Exception:
             pass
         ev = {"event": "restore", "image": ctx.get("image_dir"), "pid": ctx.get("pid"),
               "ok": True, "criu_log": kept}
         if t0 is not None:
             ev["seconds"] = round(time.monotonic() - t0, 3)
-        record.append(cid, ev, base)
+        record.append(cid, ev, base, self._root(ctx))
 
 
 plugin = Logs

@@ -286,6 +286,7 @@ def run(listen, secret, user, **kw):
             if os.getppid() == 1:
                 os._exit(1)
             agent.privileged = Client(child_sock)
+            agent.start_metrics()
             sys.stdout.write(f"migrt agent listening on {host}:{port} "
                              f"(network side as {user}, pid {os.getpid()})\n")
             sys.stdout.flush()

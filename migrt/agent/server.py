@@ -66,12 +66,13 @@ class Session:
         self.hello = hello
         self.data_threads = 0
         self.restored = False
+        self.failed = False
         self.lazy = False
 
 
 class Agent:
     def __init__(self, listen, secret, staging, disk, quota=None, ttl=600, root="/run/runc",
-                 runtime=None, log_dir="/var/log/migrt", allow_bundles=None):
+                 runtime=None, log_dir="/var/log/migrt", allow_bundles=None, metrics=None):
         self.listen = listen
         self.secret = secret
         self.staging = os.path.abspath(staging)
@@ -92,6 +93,9 @@ class Agent:
         self._pending = collections.OrderedDict()
         self._conns = 0             # authenticated connections being served
         self._dropped = 0
+        self.metrics_listen = metrics       # HOST:PORT for Prometheus, or None (off)
+        from migrt.agent.metrics import Metrics
+        self.metrics = Metrics(self)
         for d in (self.staging, self.disk):
             os.makedirs(d, mode=0o700, exist_ok=True)
             os.chmod(d, 0o700)
@@ -115,6 +119,17 @@ class Agent:
         signal.signal(signal.SIGTERM, stop)
         signal.signal(signal.SIGINT, stop)
         self.serve()
+
+    def start_metrics(self):
+        """Serve Prometheus metrics (--metrics), from the network side's process."""
+        if self.metrics_listen:
+            from migrt.agent import metrics
+            try:
+                srv = metrics.serve(self.metrics, self.metrics_listen)
+            except (OSError, ValueError) as e:
+                raise SystemExit(f"migrt agent: --metrics {self.metrics_listen}: cannot listen: "
+                                 f"{getattr(e, 'strerror', None) or e}")
+            log("metrics on http://%s:%d/metrics" % srv.server_address[:2])
 
     def serve(self):
         for mid in stg.sweep(self.staging, self.ttl, startup=True, log=log):
@@ -318,6 +333,7 @@ class Agent:
         try:
             net = self.precheck(msg)
         except Refused as e:
+            self.metrics.inc("migrt_migrations_received_total", result="refused")
             conn.send_json({"error": str(e)})
             return
         page_tls = None
@@ -365,6 +381,10 @@ class Agent:
             rec = staged.read() or {}
             if not sess.restored and rec.get("state") != "restored":
                 staged.remove()
+            done = sess.restored or rec.get("state") in ("restored", "done")
+            self.metrics.inc("migrt_migrations_received_total",
+                             result="restored" if done else
+                             "failed" if sess.failed or rec.get("state") == "failed" else "dropped")
 
     def _control_loop(self, conn, sess):
         staged = sess.staged
@@ -395,8 +415,10 @@ class Agent:
                 try:
                     pid = (self.privileged or self).restore(staged, msg)
                 except Refused as e:
+                    sess.failed = True
                     conn.send_json({"error": f"restore failed on the destination: {e}"})
                     return
+                self.metrics.observe("migrt_restore_duration_seconds", time.monotonic() - t0)
                 sess.restored = True
                 reply = {"ok": True, "pid": pid, "restore_seconds": time.monotonic() - t0}
                 if (staged.read() or {}).get("state") == fill.FILLING:
@@ -413,6 +435,7 @@ class Agent:
                     # nobody knows yet, the source must wait
                     if state == "failed":
                         sess.restored = False
+                        sess.failed = True
                         log(f"{staged.mid}: {why}; the container here was stopped")
                     conn.send_json({"error": f"restore failed on the destination: {why}",
                                     "stopped": state == "failed"})
@@ -601,6 +624,7 @@ class Agent:
                 conn.linger = REFUSE_LINGER
                 return
             head, data = payload
+            self.metrics.inc("migrt_received_bytes_total", len(data))
             try:
                 sess.stage.write(head, data, dctx)
             except receiver.StageError as e:
@@ -654,6 +678,7 @@ def run(listen, secret, **kw):
     agent = Agent(listen, secret, **kw)
     host, port = agent.bind()
     agent.warm()
+    agent.start_metrics()
     sys.stdout.write(f"migrt agent listening on {host}:{port}\n")
     sys.stdout.flush()
     agent.serve_until_signalled()

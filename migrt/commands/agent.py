@@ -33,9 +33,11 @@ def _size(s):
 @click.option("--peer-timeout", type=float, default=None,
               help="seconds without an answer from a source after which its migration is "
               "dropped [default: $MIGRT_PEER_TIMEOUT or 20]")
+@click.option("--metrics", "metrics", default=None, metavar="HOST:PORT",
+              help="serve Prometheus metrics on http://HOST:PORT/metrics (off by default)")
 @click.pass_obj
 def command(call, listen, secret_file, staging, disk, quota, ttl, restore_root, log_dir, user,
-            peer_timeout):
+            peer_timeout, metrics):
     """Receive migrations over TCP, stage and verify them, restore them here."""
     if peer_timeout is not None:
         os.environ["MIGRT_PEER_TIMEOUT"] = str(peer_timeout)
@@ -50,7 +52,7 @@ def command(call, listen, secret_file, staging, disk, quota, ttl, restore_root, 
     runtime = os.environ.get("MIGRT_SELF") or (me if os.access(me, os.X_OK) else "migrt")
     root = restore_root or (call.root if call is not None else "/run/runc")
     kw = dict(staging=staging or staging_root(), disk=disk, quota=_size(quota), ttl=ttl,
-              root=root, runtime=runtime, log_dir=log_dir)
+              root=root, runtime=runtime, log_dir=log_dir, metrics=metrics)
     if user:
         from migrt.agent import privsep
         sys.exit(privsep.run(listen, secret, user, **kw))

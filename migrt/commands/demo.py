@@ -75,7 +75,13 @@ def count(me, root, cid):
 @click.option("--json", "as_json", is_flag=True, help="print the migration report as JSON")
 @click.option("--keep", is_flag=True, help="keep the demo's directory")
 def command(network, mode, as_json, keep):
-    """Migrate a running busybox container between two simulated nodes."""
+    """Migrate a running busybox container between two simulated nodes.
+
+    With --json, stdout carries the report alone (the narrative goes to stderr)."""
+
+    def say(msg):
+        click.echo(msg, err=as_json)
+
     from migrt.runtime import bundlekit
     from migrt.commands.migrate import print_report
     me = os.path.realpath(sys.argv[0])
@@ -93,7 +99,7 @@ def command(network, mode, as_json, keep):
     agent = reader = None
     netns_made = False
     try:
-        click.echo(f"node A: runc root {root_a}; node B: runc root {root_b}")
+        say(f"node A: runc root {root_a}; node B: runc root {root_b}")
         rootfs = bundlekit.make_rootfs(os.path.join(work, "busybox-rootfs"))
         src = bundlekit.make_bundle(os.path.join(work, "bundle-a"), ["sh", "-c", COUNTER],
                                     rootfs=rootfs, cgroups_path=f"/migrt-demo/{os.getpid()}-a")
@@ -103,7 +109,7 @@ def command(network, mode, as_json, keep):
             make_netns()
             netns_made = True
             listen, to, ns_a, ns_b = f"{IP_B}:7070", f"{IP_B}:7070", NS_A, NS_B
-            click.echo(f"network: veth pair {NS_A} {IP_A} <-> {NS_B} {IP_B}")
+            say(f"network: veth pair {NS_A} {IP_A} <-> {NS_B} {IP_B}")
         else:
             import socket
             s = socket.socket()
@@ -112,7 +118,7 @@ def command(network, mode, as_json, keep):
             s.close()
             listen = to = f"127.0.0.1:{port}"
             ns_a = ns_b = None
-            click.echo("network: loopback")
+            say("network: loopback")
         agent = subprocess.Popen(
             [me, "--root", root_b, "agent", "--listen", listen, "--secret-file", secret,
              "--staging", os.path.join(state, "staged"), "--disk", os.path.join(work, "disk"),
@@ -122,7 +128,7 @@ def command(network, mode, as_json, keep):
         line = agent.stdout.readline().decode().strip()
         if "listening" not in line:
             raise click.ClickException(f"agent on node B did not start: {line}")
-        click.echo(f"node B: {line}")
+        say(f"node B: {line}")
         # the container's stdio are pipes, as containerd gives them
         out_r, out_w = os.pipe()
         reader = subprocess.Popen(["cat"], stdin=out_r, stdout=subprocess.DEVNULL)
@@ -135,12 +141,12 @@ def command(network, mode, as_json, keep):
         subprocess.run([me, "--root", root_a, "start", "demo"], check=True, env=env)
         time.sleep(1.0)
         before = count(me, root_a, "demo")
-        click.echo(f"node A: container 'demo' is counting: {before}")
+        say(f"node A: container 'demo' is counting: {before}")
         argv = [me, "--root", root_a, "migrate", "demo", "--to", to, "--secret-file", secret,
                 "--bundle", dst, "--dest-root", root_b, "--json"]
         if mode != "full":
             argv.append(f"--{mode}")
-        click.echo(f"$ migrt migrate demo --to {to} --bundle {dst}" + (f" --{mode}" if mode != "full" else ""))
+        say(f"$ migrt migrate demo --to {to} --bundle {dst}" + (f" --{mode}" if mode != "full" else ""))
         m = subprocess.run(argv, capture_output=True, text=True, env=env, preexec_fn=_setns(ns_a))
         if m.returncode != 0:
             raise click.ClickException(m.stderr.strip() or "migration failed")
@@ -154,10 +160,10 @@ def command(network, mode, as_json, keep):
             sys.stdout.write("\n")
         else:
             print_report(report)
-            click.echo(f"node B: container 'demo' goes on counting: {after} "
+            say(f"node B: container 'demo' goes on counting: {after} "
                        f"(was {before} on node A); on node A it "
                        f"{'is gone' if src_state.returncode != 0 else 'still exists'}")
-            click.echo(f"downtime: {report['phases']['downtime'] * 1000:.0f} ms")
+            say(f"downtime: {report['phases']['downtime'] * 1000:.0f} ms")
     finally:
         for root in (root_a, root_b):
             if os.path.isdir(root):
@@ -179,4 +185,4 @@ def command(network, mode, as_json, keep):
         if not keep:
             shutil.rmtree(work, ignore_errors=True)
         else:
-            click.echo(f"kept {work}")
+            say(f"kept {work}")

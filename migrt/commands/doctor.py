@@ -88,6 +88,9 @@ class Node:
             return 127, str(e)
         return p.returncode, p.stdout + p.stderr
 
+    def stat(self, path):
+        return os.stat(path)
+
     def exists(self, path):
         return os.path.exists(path)
 
@@ -354,8 +357,16 @@ def check_containerd(node, config=CONTAINERD_CONFIG, migrt_path=None):
 def check_containerd_running(node, address=CONTAINERD_SOCKET):
     """A running containerd: did its CRI plugin load? (A config it cannot use fails only
     there, and only in containerd's log.)"""
-    if not node.exists(address) or not node.which("ctr"):
-        return None
+    if not node.which("containerd"):
+        return None                 # check_callers says it is not installed
+    if not node.exists(address):
+        return Finding("containerd CRI", WARN, f"containerd is installed but not running "
+                       f"here (no socket at {address}): cannot ask it whether its CRI plugin "
+                       f"loaded", "systemctl start containerd (or --containerd-address)",
+                       required=False)
+    if not node.which("ctr"):
+        return Finding("containerd CRI", WARN, f"cannot ask containerd at {address}: no ctr "
+                       f"binary", "install containerd's ctr", required=False)
     rc, out = node.run(["ctr", "--address", address, "--timeout", "5s", "plugins", "ls"],
                        timeout=15)
     if rc != 0:
@@ -399,6 +410,50 @@ def check_crio(node, config=CRIO_CONFIG, drop_ins=CRIO_DROP_INS):
     return Finding("cri-o", OK, f"runtime handler migrt -> {path}")
 
 
+def check_podman(node):
+    """podman runs migrt with --runtime; can this node's podman be reached at all?"""
+    if not node.which("podman"):
+        return Finding("podman", WARN, "not installed (optional: `podman --runtime "
+                       "/usr/local/bin/migrt` is one way to use migrt)", required=False)
+    rc, out = node.run(["podman", "info", "--format", "{{.Version.Version}}"], timeout=30)
+    if rc != 0:
+        return Finding("podman", WARN, f"podman is installed but `podman info` failed: "
+                       f"{(out.strip().splitlines() or ['?'])[-1][:200]}",
+                       "podman info (as root) says why", required=False)
+    return Finding("podman", OK, f"podman {out.strip()} answers; run it with --runtime "
+                   f"pointing at migrt", required=False)
+
+
+def check_checkpoint_dirs(node):
+    """The places a restore marker may name (MIGRT_CHECKPOINT_DIRS): whoever can write
+    there can make a pod restore any memory image, so only root may."""
+    from migrt.runtime.checkpoints import allowed_dirs
+    out = []
+    for d in allowed_dirs():
+        try:
+            st = node.stat(d)
+        except FileNotFoundError:
+            out.append(Finding("checkpoint dir", WARN, f"{d} does not exist (a marker naming "
+                               f"it says so; `migrt image ls` finds nothing there)",
+                               f"mkdir -p -m 700 {d}", required=False))
+            continue
+        except OSError as e:
+            out.append(Finding("checkpoint dir", WARN, f"{d}: {e.strerror}", required=False))
+            continue
+        import stat as st_
+        if not st_.S_ISDIR(st.st_mode):
+            out.append(Finding("checkpoint dir", MISSING, f"{d} is not a directory",
+                               f"remove it, then mkdir -p -m 700 {d}"))
+        elif st.st_uid != 0 or st.st_mode & 0o022:
+            out.append(Finding("checkpoint dir", MISSING, f"{d} is writable by others than "
+                               f"root (owner uid {st.st_uid}, mode {st.st_mode & 0o7777:o}): "
+                               f"anyone able to write there can make a pod restore their "
+                               f"image", f"chown root {d}; chmod go-w {d}"))
+        else:
+            out.append(Finding("checkpoint dir", OK, f"{d} (root only)", required=False))
+    return out
+
+
 def check_callers(found_containerd, found_crio, node):
     """At least one container manager must register migrt; none installed is a warning."""
     out = [f for f in (found_containerd, found_crio) if f is not None]
@@ -431,7 +486,17 @@ def run_checks(node=None, staging=None, containerd_config=CONTAINERD_CONFIG,
     running = check_containerd_running(node, containerd_address)
     if running is not None:
         found.append(running)
+    found.append(check_podman(node))
+    found += check_checkpoint_dirs(node)
     return found
+
+
+def verdict(findings):
+    """The overall answer: ok, ok with warnings, or cannot work (and what is missing)."""
+    bad = [f.name for f in findings if f.status == MISSING and f.required]
+    warn = [f.name for f in findings if f.status != OK and not (f.status == MISSING and f.required)]
+    return {"verdict": "cannot work" if bad else "ok with warnings" if warn else "ok",
+            "ok": not bad, "missing": bad, "warnings": warn}
 
 
 def render(findings, color=False):
@@ -478,7 +543,8 @@ def command(as_json, staging, containerd_config, containerd_address, crio_config
                           migrt_path=me if me and os.access(me, os.X_OK) else None,
                           containerd_address=containerd_address)
     if as_json:
-        click.echo(json.dumps([f.as_dict() for f in findings], indent=2))
+        click.echo(json.dumps(dict(verdict(findings),
+                                   findings=[f.as_dict() for f in findings]), indent=2))
     else:
         click.echo("migrt doctor: what this node has for migrt\n")
         click.echo(render(findings, color=sys.stdout.isatty()))

@@ -1,5 +1,6 @@
 """`migrt image inspect|verify`: look into a migrt checkpoint image."""
 import json
+import os
 import sys
 
 import click
@@ -16,27 +17,45 @@ def _human(n):
 
 @click.group(name="image")
 def command():
-    """Inspect and verify migrt checkpoint images."""
+    """Inspect, verify, export, encrypt and decrypt checkpoints."""
+
+
+def _fail(msg, as_json):
+    if as_json:
+        json.dump({"ok": False, "error": msg}, sys.stdout)
+        sys.stdout.write("\n")
+        raise click.exceptions.Exit(1)
+    raise click.ClickException(msg)
 
 
 @command.command()
-@click.argument("image_dir", type=click.Path(file_okay=False))
+@click.argument("checkpoint")
 @click.option("--json", "as_json", is_flag=True, help="print the summary as JSON")
-def inspect(image_dir, as_json):
-    """Show what an image holds: processes, sizes, memory, rootfs changes."""
-    from migrt import image
+def inspect(checkpoint, as_json):
+    """Show what a checkpoint holds: processes, sizes, memory, rootfs changes.
+
+    CHECKPOINT: a migrt image, a runc/podman checkpoint dir, a podman/CRI-O/kubelet
+    checkpoint archive (.tar, gzip or zstd) or its unpacked dir, or staged:<id>."""
+    from migrt.image import anyckpt
     try:
-        info = image.inspect(image_dir)
+        info = anyckpt.inspect(checkpoint)
     except MigrtError as e:
-        raise click.ClickException(str(e))
+        _fail(str(e), as_json)
     if as_json:
         json.dump(info, sys.stdout, indent=2)
         sys.stdout.write("\n")
         return
     c, n, s, r = info["container"], info["node"], info["sizes"], info["rootfs"]
-    click.echo(f"container  {c['id']}  (bundle {c.get('bundle', '?')})")
-    click.echo(f"made       {info['created']} on {n.get('hostname', '?')}: {n['arch']}, "
-               f"kernel {n['kernel']}, runc {n.get('runc')}, criu {n.get('criu')}")
+    click.echo(f"format     {info['format']}")
+    name = f" ({c['name']})" if c.get("name") and c.get("name") != c.get("id") else ""
+    click.echo(f"container  {c.get('id') or '?'}{name}"
+               + (f"  (bundle {c['bundle']})" if c.get("bundle") else "")
+               + (f"  pod {c['namespace']}/{c.get('pod') or '?'}" if c.get("namespace") else ""))
+    if "kernel" in n:
+        click.echo(f"made       {info['created']} on {n.get('hostname', '?')}: {n['arch']}, "
+                   f"kernel {n['kernel']}, runc {n.get('runc')}, criu {n.get('criu')}")
+    else:
+        click.echo(f"made       {info['created'] or '?'}: {n['arch']}")
     click.echo(f"flags      {' '.join(info['criu_flags']) or '-'}")
     click.echo(f"size       {_human(s['total'])} in {info['files']} files: CRIU {_human(s['criu'])} "
                f"(memory pages {_human(s['memory'])}), rootfs changes {_human(s['rootfs'])}")
@@ -54,17 +73,53 @@ def inspect(image_dir, as_json):
 
 
 @command.command()
-@click.argument("image_dir", type=click.Path(file_okay=False))
-def verify(image_dir):
-    """Check every file and chunk digest; name the first bad file."""
-    from migrt import image
+@click.argument("checkpoint")
+@click.option("--json", "as_json", is_flag=True, help="print the result as JSON")
+def verify(checkpoint, as_json):
+    """Check a checkpoint as a restore would; for a migrt image every chunk digest too.
+    Names the first bad file."""
+    from migrt.image import anyckpt
     try:
-        m = image.verify_image(image_dir, full=True)
+        r = anyckpt.verify(checkpoint)
+    except MigrtError as e:
+        _fail(str(e), as_json)
+    if as_json:
+        json.dump(r, sys.stdout, indent=2)
+        sys.stdout.write("\n")
+        return
+    if r["digests"]:
+        click.echo(f"{checkpoint}: OK ({r['files']} files, {r['chunks']} chunks, "
+                   f"{_human(r['bytes'])})")
+    else:
+        click.echo(f"{checkpoint}: OK ({r['format']}: {r['files']} files, {_human(r['bytes'])}; "
+                   f"complete and restorable here; no digests to check: only a migrt image "
+                   f"carries them)")
+
+
+@command.command()
+@click.argument("source")
+@click.argument("dest", type=click.Path(dir_okay=False))
+@click.option("--compress", type=click.Choice(["none", "gzip", "zstd"]), default="none",
+              show_default=True)
+def export(source, dest, compress):
+    """Write a migrt image (or staged:<id>) as a podman/CRI-O/kubelet checkpoint archive:
+    checkpointctl reads it, podman can import it, MIGRT_RESTORE_FROM takes it."""
+    from migrt import image
+    from migrt.image import archive
+    from migrt.image import anyckpt
+    try:
+        with anyckpt.opened(source) as o:
+            if not o.is_migrt:
+                raise MigrtError(f"{source}: not a migrt image (no migrt/manifest.json); "
+                                 f"only migrt images and staged migrations are exported")
+            m = image.verify_image(o.image_dir, rootfs_dir=o.rootfs_dir, full=True)
+            archive.export(o.image_dir, dest, m, rootfs_dir=o.rootfs_dir, compress=compress)
     except MigrtError as e:
         raise click.ClickException(str(e))
-    total = sum(e["size"] for e in m["files"])
-    chunks = sum(len(e["chunks"]) for e in m["files"])
-    click.echo(f"{image_dir}: OK ({len(m['files'])} files, {chunks} chunks, {_human(total)})")
+    except OSError as e:
+        raise click.ClickException(f"{e.filename or dest}: {e.strerror or e}")
+    click.echo(f"{dest}: {os.path.getsize(dest)} bytes ({compress}), "
+               f"{len(m['files'])} files of {m['container']['id']}")
 
 
 @command.command()
@@ -97,3 +152,94 @@ def decrypt(image_dir, dest):
     except MigrtError as e:
         raise click.ClickException(str(e))
     click.echo(f"{dest}: {len(h['files'])} files decrypted (key {h['key']!r})")
+
+
+def _when(t):
+    import time as _t
+    return _t.strftime("%Y-%m-%d %H:%M:%S", _t.gmtime(t)) if t else "?"
+
+
+@command.command(name="ls")
+@click.option("--json", "as_json", is_flag=True, help="one JSON object per checkpoint")
+@click.option("--staging", default=None, help="the agent's staging dir "
+              "[default: $MIGRT_STAGING or /run/migrt/staged]")
+def ls(as_json, staging):
+    """List the checkpoints in the allowed locations (MIGRT_CHECKPOINT_DIRS) and the
+    migrations staged on this node, oldest first."""
+    from migrt.image import store
+    entries = store.scan() + store.staged(staging)
+    if as_json:
+        for e in entries:
+            click.echo(json.dumps(e, sort_keys=True))
+        return
+    if not entries:
+        from migrt.runtime.checkpoints import allowed_dirs
+        click.echo(f"no checkpoints in {':'.join(allowed_dirs())}, nothing staged")
+        return
+    for e in entries:
+        what = e["kind"] + (f" ({e['state']})" if e.get("state") else "")
+        click.echo(f"{_when(e['created'])}  {_human(e['bytes']):>10}  {what:<20} "
+                   f"{e.get('container') or '?':<30} {e['path']}")
+
+
+@command.command(name="rm")
+@click.argument("checkpoints", nargs=-1, required=True)
+@click.option("--force", is_flag=True, help="also a staged migration the agent is using")
+def rm(checkpoints, force):
+    """Remove checkpoints (paths in the allowed locations, or staged:<id>)."""
+    from migrt.image import store
+    failed = False
+    for c in checkpoints:
+        try:
+            store.remove(c, force=force)
+            click.echo(f"removed {c}")
+        except MigrtError as e:
+            click.echo(f"Error: {e}", err=True)
+            failed = True
+        except OSError as e:
+            click.echo(f"Error: {c}: {e.strerror}", err=True)
+            failed = True
+    if failed:
+        raise click.exceptions.Exit(1)
+
+
+@command.command(name="gc")
+@click.option("--keep", type=click.IntRange(min=0), default=None,
+              help="newest checkpoints kept per container (like the checkpoint-restore-"
+                   "operator's maxCheckpointsPerContainer) [default: "
+                   "$MIGRT_MAX_CHECKPOINTS_PER_CONTAINER or 10]")
+@click.option("--max-age", default=None, help="remove checkpoints older than this "
+              "(90m, 12h, 7d) [default: $MIGRT_MAX_CHECKPOINT_AGE or none]")
+@click.option("--staging", default=None, help="the agent's staging dir")
+@click.option("--dry-run", is_flag=True, help="say what would go, remove nothing")
+@click.option("--json", "as_json", is_flag=True, help="one JSON object per removal")
+def gc(keep, max_age, staging, dry_run, as_json):
+    """Remove old checkpoints by count per container and by age; staged migrations
+    that are over (done, failed) or older than --max-age and not in use."""
+    from migrt.image import store
+    if keep is None:
+        keep = int(os.environ.get("MIGRT_MAX_CHECKPOINTS_PER_CONTAINER", "10"))
+    try:
+        age = store.parse_age(max_age or os.environ.get("MIGRT_MAX_CHECKPOINT_AGE"))
+    except MigrtError as e:
+        raise click.UsageError(str(e))
+    plan = store.plan_gc(store.scan(), keep=keep, max_age=age) + \
+        store.plan_gc_staged(store.staged(staging), max_age=age)
+    freed = 0
+    for e, why in plan:
+        if not dry_run:
+            try:
+                store.remove(e["path"])
+            except (MigrtError, OSError) as err:
+                click.echo(f"Error: {e['path']}: {err}", err=True)
+                continue
+        freed += e["bytes"]
+        if as_json:
+            click.echo(json.dumps({"path": e["path"], "reason": why, "bytes": e["bytes"],
+                                   "removed": not dry_run}, sort_keys=True))
+        else:
+            click.echo(f"{'would remove' if dry_run else 'removed'} {e['path']} ({why}, "
+                       f"{_human(e['bytes'])})")
+    if not as_json:
+        click.echo(f"{len(plan)} checkpoint(s), {_human(freed)} "
+                   f"{'would be freed' if dry_run else 'freed'}")

@@ -32,6 +32,16 @@ def dispatch(argv):
     if cmd in OWN_COMMANDS:
         from migrt import cli
         return cli.main(call)
+    if cmd in ("help", "h"):
+        # runc's `help` lists runc's commands only: answer as `migrt --help` does, and
+        # `help <migrt command>` as `migrt <command> --help`
+        from migrt import cli
+        if not call.args:
+            return cli.top_level(call)
+        if len(call.args) == 1 and call.args[0] in OWN_COMMANDS:
+            call.command, call.args = call.args[0], ["--help"]
+            return cli.main(call)
+        exec_runc(argv)
     if cmd is None:
         if call.globals.get("help") or call.globals.get("version"):
             from migrt import cli

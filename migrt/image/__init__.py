@@ -63,26 +63,36 @@ def rootfs_base(spec):
 
 
 def capture_extra(image_dir, container_id, state, bundle, criu_flags, base=None, extra=None,
-                  dumped=True):
+                  dumped=True, spec_raw=None, rootfs=True, rootfs_dir=None):
     """Add the spec and the writable layer to a CRIU image dir; return the manifest
     without its `files` (the caller digests them, or lets `capture` do it).
 
     Call while the container's processes cannot change its files (frozen or dumped).
     dumped=False: CRIU is still writing the dir (the container frozen meanwhile); the
     caller then completes the manifest with `after_dump` once CRIU is done.
+    spec_raw / rootfs_dir: the bundle's config.json and a view of its rootfs taken before the
+    dump, for a bundle its owner may have removed since (containerd does, once the
+    dumped task has exited).
     """
     os.makedirs(os.path.join(image_dir, "migrt"), mode=0o700, exist_ok=True)
-    with open(os.path.join(bundle, "config.json"), "rb") as f:
-        raw = f.read()
+    if spec_raw is None:
+        with open(os.path.join(bundle, "config.json"), "rb") as f:
+            spec_raw = f.read()
+    raw = spec_raw
     spec = json.loads(raw)
     fd = os.open(os.path.join(image_dir, SPEC), os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o600)
     with os.fdopen(fd, "wb") as f:
         f.write(raw)
     since = parse_rfc3339_ns((state or {}).get("created"))
     base = base or rootfs_base(spec)
-    kind, src, entries, deleted, listings = rfs.diff(rootfs_of(bundle, spec, state), since, base)
-    diff_dir = os.path.join(image_dir, rfs.DIFF_DIR)
-    nbytes = rfs.write_diff(src, entries, diff_dir)
+    if rootfs:
+        kind, src, entries, deleted, listings = rfs.diff(
+            rootfs_dir or rootfs_of(bundle, spec, state), since, base)
+        diff_dir = os.path.join(image_dir, rfs.DIFF_DIR)
+        nbytes = rfs.write_diff(src, entries, diff_dir)
+    else:
+        # the engine that asked carries the writable layer itself, if its user wants it
+        kind, entries, deleted, listings, nbytes = "engine", [], [], {}, 0
     info = {"kind": kind, "entries": entries, "deleted": deleted, "listings": listings,
             "bytes": nbytes}
     if base:
@@ -115,18 +125,42 @@ def after_dump(image_dir, m):
     return m
 
 
-def capture(image_dir, container_id, state, bundle, criu_flags, base=None, extra=None):
+def capture(image_dir, container_id, state, bundle, criu_flags, base=None, extra=None,
+            spec_raw=None, rootfs=True, rootfs_dir=None):
     """capture_extra, then digest every file and write the manifest. Returns it."""
-    m = capture_extra(image_dir, container_id, state, bundle, criu_flags, base, extra)
+    m = capture_extra(image_dir, container_id, state, bundle, criu_flags, base, extra,
+                      spec_raw=spec_raw, rootfs=rootfs, rootfs_dir=rootfs_dir)
     m["files"] = mf.file_entries(image_dir)
     mf.parse(json.dumps(m))
     mf.write(image_dir, m)
     return m
 
 
-def finalize_checkpoint(image_dir, container_id, state, bundle, criu_flags):
-    """Called by the core after a successful `migrt checkpoint`."""
-    capture(image_dir, container_id, state, bundle, criu_flags)
+ENGINES_WITH_ROOTFS = ("libpod", "cri-o")
+
+
+def engine_carries_rootfs(bundle, spec_raw=None):
+    """podman and CRI-O put the container's writable layer in their own archive
+    (rootfs-diff.tar), or leave it out when their user says so (`podman container
+    checkpoint --ignore-rootfs`): migrt must not add a copy of it to the images they
+    pack, or those files would leave the node whatever the user asked."""
+    try:
+        if spec_raw is None:
+            with open(os.path.join(bundle, "config.json"), "rb") as f:
+                spec_raw = f.read()
+        ann = json.loads(spec_raw).get("annotations") or {}
+    except (OSError, ValueError, AttributeError):
+        return False
+    return ann.get("io.container.manager") in ENGINES_WITH_ROOTFS
+
+
+def finalize_checkpoint(image_dir, container_id, state, bundle, criu_flags, spec_raw=None,
+                        rootfs_dir=None):
+    """Called by the core after a successful `migrt checkpoint`. spec_raw and rootfs_dir:
+    the bundle's config.json and a view of its rootfs taken before the dump (a kubelet's
+    containerd removes the bundle once the checkpointed task exits)."""
+    capture(image_dir, container_id, state, bundle, criu_flags, spec_raw=spec_raw,
+            rootfs=not engine_carries_rootfs(bundle, spec_raw), rootfs_dir=rootfs_dir)
 
 
 def load_manifest(image_dir):

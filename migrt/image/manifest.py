@@ -60,7 +60,7 @@ SCHEMA = {
         "rootfs": {
             "type": "object", "required": ["kind"],
             "properties": {
-                "kind": {"enum": ["overlay", "base", "since-start", "none"]},
+                "kind": {"enum": ["overlay", "base", "since-start", "none", "engine"]},
                 "base": {"type": "string"},
                 "bytes": {"type": "integer"},
                 "entries": {"type": "array", "items": {

@@ -98,33 +98,110 @@ class Options:
 
 
 class Progress:
-    """A one-line progress bar on stderr (only on a terminal)."""
+    """A one-line progress bar on stderr (only on a terminal) while bytes move.
 
-    def __init__(self, total, enabled):
+    The total is the memory estimate, not the image's size, which is only known at the
+    end: done() draws the bar full with what was really sent, so that it does not stop
+    short (27 of 30 marks at 1 GiB) when the image came out smaller than estimated."""
+
+    def __init__(self, total, enabled, stream=None, status=None):
+        self.stream = stream or sys.stderr
         self.total = max(total, 1)
-        self.enabled = enabled and sys.stderr.isatty()
+        self.enabled = enabled and self.stream.isatty()
         self.t0 = time.monotonic()
         self.last = 0.0
         self.phase = ""
+        self.stats = None
+        self.status = status
+        if status is not None and self.enabled:
+            status.hold(True)
+
+    def _draw(self, stats, frac):
+        now = time.monotonic()
+        bar = "#" * int(frac * 30)
+        rate = stats.raw / max(now - self.t0, 1e-3) / 1e6
+        self.stream.write(f"\r{self.phase:<9} [{bar:<30}] {stats.raw >> 20:>6} MiB "
+                          f"({stats.wire >> 20} MiB on the wire) {rate:7.1f} MB/s ")
+        self.stream.flush()
 
     def __call__(self, stats):
         if not self.enabled:
             return
+        self.stats = stats
         now = time.monotonic()
         if now - self.last < 0.1:
             return
         self.last = now
-        frac = min(1.0, stats.raw / self.total)
-        bar = "#" * int(frac * 30)
-        rate = stats.raw / max(now - self.t0, 1e-3) / 1e6
-        sys.stderr.write(f"\r{self.phase:<9} [{bar:<30}] {stats.raw >> 20:>6} MiB "
-                         f"({stats.wire >> 20} MiB on the wire) {rate:7.1f} MB/s ")
-        sys.stderr.flush()
+        self._draw(stats, min(1.0, stats.raw / self.total))
 
-    def done(self):
+    def done(self, ok=True):
+        if not self.enabled:
+            return
+        if ok and self.stats is not None:
+            self._draw(self.stats, 1.0)
+            self.stream.write(f"{time.monotonic() - self.t0:6.2f}s\n")
+        else:
+            self.stream.write("\r" + " " * 100 + "\r")
+        self.stream.flush()
+        if self.status is not None:
+            self.status.hold(False)
+
+
+class Status:
+    """The phase a migration is in, on one line of a terminal, with its running time:
+    the phases that move no bytes (pre-checks, freeze, verification, restore on the
+    destination, memory fill, release) show too. Each finished phase keeps its line."""
+
+    def __init__(self, enabled, stream=None):
+        self.stream = stream or sys.stderr
+        self.enabled = enabled and self.stream.isatty()
+        self.lock = threading.Lock()
+        self.phase = None
+        self.t0 = 0.0
+        self.held = False
+        self.stopped = threading.Event()
         if self.enabled:
-            sys.stderr.write("\r" + " " * 100 + "\r")
-            sys.stderr.flush()
+            threading.Thread(target=self._tick, daemon=True).start()
+
+    def _line(self, end=""):
+        self.stream.write(f"\r{self.phase:<34} {time.monotonic() - self.t0:6.2f}s{end}")
+        self.stream.flush()
+
+    def set(self, phase):
+        if not self.enabled:
+            return
+        with self.lock:
+            if phase == self.phase:
+                return
+            if self.phase and not self.held:
+                self._line("\n")
+            self.phase, self.t0 = phase, time.monotonic()
+            if not self.held:
+                self._line()
+
+    def hold(self, on):
+        """A byte progress bar owns the line meanwhile."""
+        with self.lock:
+            if on and not self.held and self.phase:
+                self._line("\n")
+            self.held = on
+            if not on:
+                self.phase = None
+
+    def close(self):
+        if not self.enabled:
+            return
+        self.stopped.set()
+        with self.lock:
+            if self.phase and not self.held:
+                self._line("\n")
+            self.phase = None
+
+    def _tick(self):
+        while not self.stopped.wait(0.2):
+            with self.lock:
+                if self.phase and not self.held:
+                    self._line()
 
 
 class Source:
@@ -252,8 +329,20 @@ def _criu_log_errors(path):
 
 
 class Migration:
+    @property
+    def phase(self):
+        return self._phase
+
+    @phase.setter
+    def phase(self, value):
+        self._phase = value
+        status = getattr(self, "status", None)
+        if status is not None:
+            status.set(value)
+
     def __init__(self, root, cid, opts):
         self.opts = opts
+        self.status = Status(opts.progress)
         self.src = Source(runc_binary(), root, cid)
         self.cid = cid
         self.report = {"container": cid, "to": opts.to, "mode": opts.mode,
@@ -627,7 +716,7 @@ class Migration:
         when frozen anyway: CRIU then waits for the transfer, and so do the tasks)."""
         os.makedirs(image, mode=0o700, exist_ok=True)   # plugins may have written there
         result = {"done": False}
-        prog = Progress(self.estimate, self.opts.progress)
+        prog = Progress(self.estimate, self.opts.progress, status=self.status)
         prog.phase = label
         # only a pre-copy round's block digests are used again (by the delta round)
         sender = self._sender(prog, want_blocks=label == "pre-copy")
@@ -646,7 +735,7 @@ class Migration:
                                 pipes=pipes, wake=ended, early=lambda: result.get("early", ()))
         except (TransferError, wire.ProtocolError) as e:
             th.join()
-            prog.done()
+            prog.done(ok=False)
             if "error" in result:
                 raise TransferError(result["error"])
             why = self._why()
@@ -1135,8 +1224,23 @@ def migrate(root, cid, opts):
         # (not where they are ignored: under nohup the migration goes on)
         old = {s: signal.signal(s, _interrupt) for s in (signal.SIGTERM, signal.SIGHUP)
                if signal.getsignal(s) is not signal.SIG_IGN}
+    from migrt.agent import metrics
+    mig = None
     try:
-        return Migration(root, cid, opts).run()
+        mig = Migration(root, cid, opts)
+        report = mig.run()
+        metrics.record_sent(report, "ok")
+        return report
+    except BaseException as e:
+        from migrt.errors import EXIT_REFUSED, EXIT_ROLLED_BACK
+        code = getattr(e, "exit_code", None)
+        result = {EXIT_REFUSED: "refused", EXIT_ROLLED_BACK: "rolled_back", 5: "in_doubt",
+                  6: "unfinished"}.get(code, "error")
+        metrics.record_sent(getattr(mig, "report", None), result, mode=opts.mode)
+        raise
     finally:
+        status = getattr(mig, "status", None)
+        if status is not None:
+            status.close()
         for s, h in old.items():
             signal.signal(s, h)

@@ -63,6 +63,6 @@ class ForContainer:
         """Add an event to the container's record (shown by `migrt logs`)."""
         from migrt.plugins import record
         try:
-            return record.append(self.cid, event)
+            return record.append(self.cid, event, root=self.call.root)
         except (OSError, ValueError) as e:
             raise MigrtError(f"logs: cannot record {event.get('event')}: {e}")

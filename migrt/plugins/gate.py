@@ -32,9 +32,60 @@ def state_dir():
 
 
 def plugins_dir():
-    """The project's plugins/ folder: next to the migrt package (as installed too)."""
+    """The bundled plugins: plugins/ next to the migrt package (a checkout, install.sh's
+    /opt/migrt/lib), migrt_plugins/ (the wheel), or, in the zipapp, its plugins/
+    extracted once into a cache dir (a directory inside a zip cannot be listed or run)."""
+    return bundled("plugins")
+
+
+def bundled(name):
+    """The dir of the bundled `name` (plugins, hooks), whatever the artefact."""
     package = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))   # migrt/
-    return os.path.join(os.path.dirname(package), "plugins")
+    top = os.path.dirname(package)
+    for cand in (os.path.join(top, name), os.path.join(top, "migrt_" + name)):
+        if os.path.isdir(cand):
+            return cand
+    if os.path.isfile(top):                 # the zipapp: top is the .pyz file itself
+        got = _from_zip(top, name)
+        if got:
+            return got
+    return os.path.join(top, name)
+
+
+def _from_zip(archive, name):
+    """Extract the zipapp's plugins/ and hooks/ (once per build) into the first usable
+    of $MIGRT_PYZ_CACHE, /var/cache/migrt (root), ~/.cache/migrt."""
+    try:
+        st = os.stat(archive)
+    except OSError:
+        return None
+    build = f"{st.st_size:x}-{st.st_mtime_ns:x}-{st.st_ino:x}"
+    bases = [os.environ["MIGRT_PYZ_CACHE"]] if os.environ.get("MIGRT_PYZ_CACHE") else []
+    bases += ["/var/cache/migrt"] if os.geteuid() == 0 else []
+    bases.append(os.path.join(os.environ.get("XDG_CACHE_HOME")
+                              or os.path.expanduser("~/.cache"), "migrt"))
+    for base in bases:
+        dest = os.path.join(base, "pyz-data-" + build)
+        if not os.path.isdir(dest):
+            tmp = f"{dest}.tmp.{os.getpid()}"
+            try:
+                import shutil
+                import zipfile
+                os.makedirs(base, mode=0o755, exist_ok=True)
+                with zipfile.ZipFile(archive) as z:
+                    for n in z.namelist():
+                        if n.startswith(("plugins/", "hooks/")) and not n.endswith(".pyc"):
+                            z.extract(n, tmp)
+                for sub in ("plugins", "hooks"):
+                    os.makedirs(os.path.join(tmp, sub), exist_ok=True)
+                os.rename(tmp, dest)
+            except FileExistsError:
+                shutil.rmtree(tmp, ignore_errors=True)
+            except (OSError, zipfile.BadZipFile):
+                shutil.rmtree(tmp, ignore_errors=True)
+                continue
+        return os.path.join(dest, name)
+    return None
 
 
 def extra_plugin_dirs():

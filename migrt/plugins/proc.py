@@ -189,7 +189,7 @@ def add_criu_config(ctx, owner, lines):
 
 def hooks_dir():
     from migrt.plugins import gate as hookgate
-    return os.path.join(os.path.dirname(hookgate.plugins_dir()), "hooks")
+    return hookgate.bundled("hooks")
 
 
 def in_root(pid, func, *args):

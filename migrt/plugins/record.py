@@ -1,7 +1,9 @@
 """migrt's record of one container's checkpoints, restores and migrations.
 
-Kept per container id under /var/lib/migrt/containers/<id>/ (MIGRT_LOG_DIR, or the
-logs plugin's `dir` option): events.jsonl (one JSON object per event: time, node,
+Kept per container under /var/lib/migrt/containers/<id>@<root key>/ (MIGRT_LOG_DIR, or
+the logs plugin's `dir` option), keyed by the runtime root as well as the id: containerd's
+`c1` in one namespace, another namespace's `c1` and a runc root's `c1` are different
+containers (meta.json says which: id, root). Inside: events.jsonl (one JSON object per event: time, node,
 event, phases and timings, error) and criu/ (copies of CRIU's dump and restore logs).
 The logs plugin carries the events inside every checkpoint, so the record on the
 destination node continues the source's. `migrt logs <id>` shows it; the migration
@@ -27,13 +29,75 @@ def base_dir(override=None):
     return override or os.environ.get("MIGRT_LOG_DIR") or DEFAULT_DIR
 
 
-def container_dir(cid, base=None, create=True):
-    if not cid or "/" in cid or cid in (".", ".."):
+META = "meta.json"
+
+
+def root_key(root):
+    import hashlib
+    return hashlib.sha1(os.path.realpath(root).encode()).hexdigest()[:10]
+
+
+def key(cid, root=None):
+    """The record's dir name: <id>@<root key>, or <id> alone without a root (records
+    made before roots were told apart, and callers that know none)."""
+    if not cid or "/" in cid or cid in (".", "..") or "@" in cid:
         raise ValueError(f"bad container id {cid!r}")
-    d = os.path.join(base_dir(base), cid)
+    return f"{cid}@{root_key(root)}" if root else cid
+
+
+def container_dir(cid, base=None, create=True, root=None):
+    d = os.path.join(base_dir(base), key(cid, root))
     if create:
         os.makedirs(os.path.join(d, "criu"), mode=0o700, exist_ok=True)
+        meta = os.path.join(d, META)
+        if not os.path.exists(meta):
+            tmp = meta + ".tmp"
+            with open(os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o600), "w") as f:
+                json.dump({"id": cid, "root": os.path.realpath(root) if root else None}, f)
+            os.replace(tmp, meta)
     return d
+
+
+def read_meta(d):
+    try:
+        with open(os.path.join(d, META)) as f:
+            m = json.load(f)
+        if isinstance(m, dict) and isinstance(m.get("id"), str):
+            return m
+    except (OSError, ValueError):
+        pass
+    name = os.path.basename(d)
+    return {"id": name.split("@", 1)[0], "root": None}
+
+
+def records(base=None):
+    """[(dir, meta)] of every container record, by id then root."""
+    top = base_dir(base)
+    try:
+        names = sorted(os.listdir(top))
+    except OSError:
+        return []
+    out = []
+    for n in names:
+        d = os.path.join(top, n)
+        if not n.startswith(".") and os.path.isdir(d):
+            out.append((d, read_meta(d)))
+    return out
+
+
+def find(query, base=None, root=None):
+    """Records whose id is `query`, or starts with it (a short id, at least 4
+    characters), optionally only under runtime root `root`. [(dir, meta)]"""
+    rr = os.path.realpath(root) if root else None
+    hits = []
+    for d, m in records(base):
+        if rr and m.get("root") != rr:
+            continue
+        cid = m["id"]
+        if cid == query or (len(query) >= 4 and cid.startswith(query)):
+            hits.append((d, m))
+    exact = [h for h in hits if h[1]["id"] == query]
+    return exact or hits
 
 
 def keep_days():
@@ -89,12 +153,12 @@ def _stamp(t):
     return time.strftime("%Y-%m-%dT%H:%M:%S", time.gmtime(t)) + ".%03dZ" % int((t % 1) * 1000)
 
 
-def append(cid, event, base=None):
+def append(cid, event, base=None, root=None):
     """Add one event; returns it (with id, time and node filled in)."""
     now = time.time()
     ev = {"id": uuid.uuid4().hex[:16], "time": _stamp(now), "node": socket.gethostname()}
     ev.update({k: v for k, v in event.items() if v is not None})
-    path = os.path.join(container_dir(cid, base), "events.jsonl")
+    path = os.path.join(container_dir(cid, base, root=root), "events.jsonl")
     fd = os.open(path, os.O_WRONLY | os.O_APPEND | os.O_CREAT | os.O_CLOEXEC, 0o600)
     try:
         os.write(fd, (json.dumps(ev, sort_keys=True) + "\n").encode())
@@ -104,7 +168,7 @@ def append(cid, event, base=None):
     if big:
         # an id that is used again and again (a name, not a generated id) must not
         # make every checkpoint carry, and every restore merge, all of its history
-        _rewrite(path, events(cid, base)[-KEEP_EVENTS:])
+        _rewrite(path, events(cid, base, root)[-KEEP_EVENTS:])
     return ev
 
 
@@ -116,8 +180,8 @@ def _rewrite(path, evs):
     os.replace(tmp, path)
 
 
-def events(cid, base=None):
-    path = os.path.join(container_dir(cid, base, create=False), "events.jsonl")
+def events(cid, base=None, root=None, d=None):
+    path = os.path.join(d or container_dir(cid, base, create=False, root=root), "events.jsonl")
     out = []
     try:
         with open(path) as f:
@@ -131,24 +195,24 @@ def events(cid, base=None):
     return out
 
 
-def merge(cid, incoming, base=None):
+def merge(cid, incoming, base=None, root=None):
     """Add events carried by a checkpoint that this node's record does not have yet."""
-    existing = events(cid, base)
+    existing = events(cid, base, root)
     have = {e.get("id") for e in existing}
     new = [e for e in incoming if e.get("id") not in have]
     if not new:
         return 0
-    path = os.path.join(container_dir(cid, base), "events.jsonl")
+    path = os.path.join(container_dir(cid, base, root=root), "events.jsonl")
     allev = sorted(existing + new, key=lambda e: e.get("time", ""))
     _rewrite(path, allev[-KEEP_EVENTS:])
     return len(new)
 
 
-def keep_criu_log(cid, src, kind, keep=20, base=None):
+def keep_criu_log(cid, src, kind, keep=20, base=None, root=None):
     """Copy a CRIU log into the record; returns the copy's path or None."""
     if not src or not os.path.exists(src):
         return None
-    d = os.path.join(container_dir(cid, base), "criu")
+    d = os.path.join(container_dir(cid, base, root=root), "criu")
     dest = os.path.join(d, time.strftime("%Y%m%dT%H%M%S", time.gmtime())
                         + f"-{time.time_ns() % 1000000:06d}-{kind}.log")
     shutil.copyfile(src, dest)
@@ -162,8 +226,8 @@ def keep_criu_log(cid, src, kind, keep=20, base=None):
     return dest
 
 
-def criu_logs(cid, base=None):
-    d = os.path.join(container_dir(cid, base, create=False), "criu")
+def criu_logs(cid, base=None, root=None, d=None):
+    d = os.path.join(d or container_dir(cid, base, create=False, root=root), "criu")
     try:
         return [os.path.join(d, n) for n in sorted(os.listdir(d))]
     except OSError:

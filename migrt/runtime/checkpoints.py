@@ -54,6 +54,8 @@ class RestoreSource:
     on_restored    callable(cid, pid) after the container runs
     on_failed      callable(cid, message) after a failed restore was cleaned up
     criu_conf      CRIU config-file lines the restore needs (runc has no flag for them)
+    cleanup        callable() once the restore is over, however it ended (attached `run`
+                   included): what was made only for it goes (an unpacked archive)
     """
 
     def __init__(self, image_dir, restore_flags=(), lazy_address=None, prepare=None,
@@ -70,10 +72,13 @@ class RestoreSource:
         self.on_restored = on_restored
         self.on_failed = on_failed
         self.description = description or image_dir
+        self.namespace = None       # the pod namespace an engine archive recorded
+        self.cleanup = None
 
 
-def check_namespace(image_dir, spec, marker):
-    """Refuse a restore into a pod of another namespace than the checkpointed pod's."""
+def check_namespace(image_dir, spec, marker, theirs=None):
+    """Refuse a restore into a pod of another namespace than the checkpointed pod's
+    (`theirs`: the namespace an engine archive recorded, if the image has no manifest)."""
     if os.environ.get("MIGRT_ALLOW_CROSS_NAMESPACE") == "1":
         return
     from migrt.image.manifest import pod_namespace
@@ -83,9 +88,9 @@ def check_namespace(image_dir, spec, marker):
     import json
     try:
         with open(os.path.join(image_dir, "migrt", "manifest.json")) as f:
-            theirs = (json.load(f).get("container") or {}).get("namespace")
+            theirs = (json.load(f).get("container") or {}).get("namespace") or theirs
     except (OSError, ValueError, AttributeError):
-        return                  # no manifest: validate() already decided about it
+        pass                    # no manifest: validate() already decided about it
     if theirs and theirs != here:
         raise CheckpointError(
             f"checkpoint {marker} was taken from a pod in namespace {theirs!r}; this pod "
@@ -122,9 +127,64 @@ def resolve(value, bundle):
     if not os.path.isabs(value):
         raise CheckpointError(f"checkpoint {value}: must be an absolute path or scheme:name")
     real = check_allowed(value, value)
+    if os.path.isfile(real) or (os.path.isdir(real) and _archive_dir(real)):
+        return resolve_archive(real, value)
     validate(real, value)
     return RestoreSource(real, restore_flags=manifest_flags(real), prepare=manifest_prepare(real),
                          description=value)
+
+
+def _archive_dir(path):
+    from migrt.image import archive
+    return archive.is_archive_dir(path)
+
+
+def resolve_archive(real, value):
+    """A podman / CRI-O / kubelet checkpoint archive: the .tar (plain, gzip or zstd,
+    unpacked into a private dir that goes when the restore is over) or the directory it
+    was unpacked into. Its rootfs-diff.tar and deleted.files go into the new bundle's
+    rootfs; an archive `migrt image export` wrote carries a migrt image in checkpoint/,
+    verified and applied as any migrt image."""
+    import shutil
+    from migrt.image import archive
+    unpacked = None
+    if os.path.isfile(real):
+        unpacked = archive.unpack_private(real, value)
+        root = unpacked
+    else:
+        root = real
+
+    def drop(*_args):
+        if unpacked:
+            shutil.rmtree(unpacked, ignore_errors=True)
+
+    try:
+        image_dir = os.path.join(root, archive.CHECKPOINT)
+        validate(image_dir, value)
+        archive.check_rootfs_diff(root, value)
+        archive.deleted_files(root, value)
+        info = archive.describe(root)
+        from migrt.image import rootfs_of
+        flags, migrt_prep = [], None
+        if os.path.exists(os.path.join(image_dir, "migrt", "manifest.json")):
+            flags, migrt_prep = manifest_flags(image_dir), manifest_prepare(image_dir)
+            # a migrt image podman or CRI-O packed: their rootfs-diff.tar is the layer
+            from migrt.image import manifest as mf
+            if (mf.load(image_dir).get("rootfs") or {}).get("kind") == "engine":
+                migrt_prep = None
+
+        def prepare(bundle, spec):
+            if migrt_prep:
+                migrt_prep(bundle, spec)
+            else:
+                archive.apply_rootfs(root, rootfs_of(bundle, spec), value)
+    except BaseException:
+        drop()
+        raise
+    src = RestoreSource(image_dir, restore_flags=flags, prepare=prepare, description=value)
+    src.namespace = info.get("namespace")
+    src.cleanup = drop
+    return src
 
 
 def validate(image_dir, name=None):
@@ -133,7 +193,8 @@ def validate(image_dir, name=None):
     if not os.path.exists(image_dir):
         raise CheckpointError(f"checkpoint {name} does not exist")
     if not os.path.isdir(image_dir):
-        raise CheckpointError(f"checkpoint {name} is not a directory")
+        raise CheckpointError(f"checkpoint {name} is not a directory (nor a checkpoint "
+                              f"archive)")
     try:
         entries = os.listdir(image_dir)
     except OSError as e:
@@ -146,7 +207,12 @@ def validate(image_dir, name=None):
     if not cores:
         missing.append("core-*.img")
     if missing:
-        raise CheckpointError(f"checkpoint {name} is incomplete: missing {', '.join(missing)}")
+        hint = ""
+        if "inventory.img" in missing and os.path.isfile(os.path.join(image_dir, "checkpoint",
+                                                                      "inventory.img")):
+            hint = " (its checkpoint/ subdirectory holds CRIU's images)"
+        raise CheckpointError(f"checkpoint {name} is incomplete: missing "
+                              f"{', '.join(missing)}{hint}")
     if os.path.exists(os.path.join(image_dir, "migrt", "manifest.json")):
         from migrt import image
         image.verify_image(image_dir)

@@ -113,6 +113,9 @@ def wait_exit(proc, timeout):
 
 
 WATCHDOG_STOPPED = []      # why _criu_watchdog stopped a restore in this process
+# how long restored tasks may wait without a live CRIU before they are stopped: a dead
+# CRIU leaves them waiting forever, so this only decides how soon that failure shows
+STUCK_SECONDS = 5.0
 
 
 def _criu_watchdog(proc, lazy=None):
@@ -165,7 +168,9 @@ def _criu_watchdog(proc, lazy=None):
             seen_tasks = seen_tasks or bool(tasks)
             if direct and (main is None or (not cmd(main) and not seen_tasks)):
                 main = min(direct, key=lambda k: k.create_time())
-            alive = main is not None and cmd(main) != ""
+            # gone means gone: exited or a zombie, not a look at /proc that failed once
+            # on a loaded node (cmd() is "" for any psutil error)
+            alive = main is not None and _running(main)
             lazy_failed = lazy is not None and lazy.poll() not in (None, 0)
             victims = []
             if lazy_failed:
@@ -174,10 +179,10 @@ def _criu_watchdog(proc, lazy=None):
             elif tasks and (zombie or (main is not None and not alive)):
                 now = time.monotonic()
                 stuck_since = stuck_since or now
-                if now - stuck_since > 1.0:
+                if now - stuck_since > STUCK_SECONDS:
                     victims = tasks
                     why = ("CRIU's main process was gone while restored tasks waited for it "
-                           "(over 1 s)")
+                           f"(over {STUCK_SECONDS:g} s)")
             else:
                 stuck_since = None
             if victims and why not in WATCHDOG_STOPPED:
@@ -190,6 +195,16 @@ def _criu_watchdog(proc, lazy=None):
         except psutil.Error:
             pass
         time.sleep(0.1)
+
+
+def _running(p):
+    import psutil
+    try:
+        return p.is_running() and p.status() != psutil.STATUS_ZOMBIE
+    except psutil.NoSuchProcess:
+        return False
+    except psutil.Error:
+        return True
 
 
 def _is_zombie(p):
@@ -354,7 +369,23 @@ def restore_create(call, flags, cid, bundle, spec, marker, plugins):
     if not isinstance(spec.get("process"), dict):
         raise BundleError(f"bundle {bundle}: config.json has no process")
     source = checkpoints.resolve(marker, bundle)
-    checkpoints.check_namespace(source.image_dir, spec, marker)
+    try:
+        return _restore_source(call, flags, cid, bundle, spec, marker, plugins, source)
+    finally:
+        if source.cleanup:
+            try:
+                source.cleanup()
+            except Exception:
+                pass
+
+
+def _restore_source(call, flags, cid, bundle, spec, marker, plugins, source):
+    try:
+        checkpoints.check_namespace(source.image_dir, spec, marker, source.namespace)
+    except BaseException as e:
+        if source.on_failed:
+            source.on_failed(cid, str(e))
+        raise
     detach = call.command == "create" or flags.get("detach")
     work = work_dir(call, cid)
     os.makedirs(work, mode=0o700, exist_ok=True)
@@ -628,14 +659,95 @@ def checkpoint(call, flags, cid):
             "leave-running" if flags.get("leave-running") else "dump")
     ctx = dict(call=call, cid=cid, bundle=bundle, spec=spec, image_dir=image_dir,
                work_dir=work, mode=mode)
+    final = mode != "pre-dump" and not flags.get("lazy-pages")
+    held = BundleHold(bundle, spec, state) if final and bundle else None
+    try:
+        return _checkpoint(call, flags, cid, bundle, state, plugins, ctx, final, held)
+    finally:
+        if held:
+            held.release()
+
+
+class BundleHold:
+    """What `migrt checkpoint` needs of a bundle after the dump, taken before it.
+
+    Once a dumped container has exited, its owner may tear the bundle down before migrt
+    has written its manifest: containerd's shim reports the exit, containerd deletes the
+    task, unmounts the rootfs and removes the bundle dir (config.json included) within
+    milliseconds. So config.json is read first, and a rootfs that is a mount (containerd's
+    overlay) is bind-mounted into migrt's state dir: that second mount keeps the
+    filesystem, upper dir and all, readable after the owner's unmount. Released (lazily
+    unmounted) when the checkpoint is done.
+    """
+
+    def __init__(self, bundle, spec, state):
+        from migrt import image
+        self.view = None
+        self.rootfs = None
+        try:
+            with open(os.path.join(bundle, "config.json"), "rb") as f:
+                self.spec_raw = f.read()
+        except OSError:
+            self.spec_raw = None
+        if spec is None:
+            return
+        rootfs = image.rootfs_of(bundle, spec, state)
+        if not os.path.ismount(rootfs):
+            return          # a plain directory: it stays where it is
+        import tempfile
+        os.makedirs(STATE_DIR, mode=0o700, exist_ok=True)
+        view = tempfile.mkdtemp(prefix="ckpt-rootfs-", dir=STATE_DIR)
+        p = subprocess.run(["mount", "--bind", rootfs, view], capture_output=True, text=True)
+        if p.returncode != 0:
+            os.rmdir(view)
+            return          # no view: the capture reads the rootfs in place, as before
+        subprocess.run(["mount", "--make-private", view], capture_output=True)
+        self.view = self.rootfs = view
+
+    def release(self):
+        if self.view:
+            subprocess.run(["umount", "-l", self.view], capture_output=True)
+            try:
+                os.rmdir(self.view)
+            except OSError:
+                pass
+            self.view = None
+
+
+def _checkpoint(call, flags, cid, bundle, state, plugins, ctx, final, held):
+    mode, work = ctx["mode"], ctx["work_dir"]
+    image_dir = ctx["image_dir"]
     run_stage("pre-checkpoint", plugins, **ctx)
     argv = skip_in_flight_argv(call, flags, work)
+    dump_log = os.path.join(work, "pre-dump.log" if mode == "pre-dump" else "dump.log")
+    began = time.time()
+    json_log = call.log if call.log and call.log_format == "json" else None
+    try:
+        offset = os.path.getsize(json_log) if json_log else 0
+    except OSError:
+        offset = 0
     try:
         rc = run_runc(argv)
         if rc != 0:
-            dump_log = os.path.join(work, "pre-dump.log" if mode == "pre-dump" else "dump.log")
+            try:
+                criu_ran = os.stat(dump_log).st_mtime >= began - 1
+            except OSError:
+                criu_ran = False
+            if not criu_ran:
+                # runc refused before CRIU ran (a bad flag, a missing container): its own
+                # message, already on stderr and in the log, is the whole story and
+                # must stay the last word the caller reads
+                err = runc_error(json_log, offset) or f"runc checkpoint exited {rc}"
+                try:
+                    run_stage("post-checkpoint", plugins, **dict(ctx, error=err))
+                except Exception:
+                    pass
+                return rc
             errs = criu_errors(dump_log)
-            raise RuncError(f"checkpoint of {cid} failed; CRIU log {dump_log}"
+            why = runc_error(json_log, offset)
+            raise RuncError(f"checkpoint of {cid} failed"
+                            + (f"; runc: {why}" if why else "")
+                            + f"; CRIU log {dump_log}"
                             + (": " + "; ".join(errs) if errs else ""))
     except BaseException as e:
         # plugins undo what pre-checkpoint did (resume CUDA, tell the workload)
@@ -646,7 +758,9 @@ def checkpoint(call, flags, cid):
         raise
     run_stage("post-checkpoint", plugins, **ctx)
     # sealed last, so that what plugins add to the image is covered by its digests
-    if mode != "pre-dump" and not flags.get("lazy-pages"):
+    if final:
         from migrt import image
-        image.finalize_checkpoint(image_dir, cid, state, bundle, checkpoint_flags(flags))
+        image.finalize_checkpoint(image_dir, cid, state, bundle, checkpoint_flags(flags),
+                                  spec_raw=held.spec_raw if held else None,
+                                  rootfs_dir=held.rootfs if held else None)
     return 0

@@ -123,8 +123,8 @@ def test_podman_run_with_marker_restores(podman, checkpoint_dir, tmp_path):
     archive = str(tmp_path / "src.tar")
     podman("container", "checkpoint", "--compress", "none", "--export", archive, "src")
     last = podman.numbers("src")[-1]
-    with tarfile.open(archive) as t:
-        t.extractall(checkpoint_dir, filter="tar")
+    with tarfile.open(archive) as t:      # podman's own archive (Python 3.11.2: no filter=)
+        t.extractall(checkpoint_dir)
     images = os.path.join(checkpoint_dir, "checkpoint")
 
     run_counter(podman, "dst", "--env", f"MIGRT_RESTORE_FROM={images}")
@@ -138,3 +138,115 @@ def test_podman_run_with_marker_restores(podman, checkpoint_dir, tmp_path):
                f"MIGRT_RESTORE_FROM={checkpoint_dir}/missing", IMAGE, "true", check=False)
     assert p.returncode != 0
     assert f"checkpoint {checkpoint_dir}/missing does not exist" in p.stderr, p.stderr
+
+
+# the file's content is not in the command line (which podman's config.dump carries)
+WRITER = ("echo made-$((6*7)) > /data-new.txt; rm -f /bin/vi; " + COUNTER)
+
+
+def _tar_names(path):
+    """Member names of a podman archive (zstd by default, or plain)."""
+    with open(path, "rb") as f:
+        head = f.read(4)
+    if head == b"\x28\xb5\x2f\xfd":
+        import io
+        import zstandard
+        with open(path, "rb") as f:
+            data = zstandard.ZstdDecompressor().stream_reader(f).read()
+        return tarfile.open(fileobj=io.BytesIO(data)).getnames()
+    with tarfile.open(path) as t:
+        return t.getnames()
+
+
+def test_podman_export_archive_restores_through_marker(podman, checkpoint_dir):
+    """podman's own archive (zstd, its default), named by the marker as it is: the .tar
+    itself, unpacked privately; rootfs-diff.tar and deleted.files applied."""
+    podman("run", "-d", "--name", "src", "--network", "none", *LIMITS, IMAGE, "sh", "-c", WRITER)
+    wait_for(lambda: len(podman.numbers("src")) >= 5, what="the counter's log")
+    archive = os.path.join(checkpoint_dir, "src.tar.zst")
+    podman("container", "checkpoint", "--export", archive, "src")
+    last = podman.numbers("src")[-1]
+    names = _tar_names(archive)
+    assert "rootfs-diff.tar" in names and "checkpoint/inventory.img" in names
+    # migrt added no copy of the rootfs to the images podman packed
+    assert not [n for n in names if n.startswith("checkpoint/migrt/rootfs/")], names
+
+    run_counter(podman, "dst", "--env", f"MIGRT_RESTORE_FROM={archive}")
+    wait_for(lambda: len(podman.numbers("dst")) >= 3, what="the restored counter's log")
+    got = podman.numbers("dst")
+    assert got[0] == last + 1, f"checkpointed at {last}, new container starts {got[:3]}"
+    assert podman("exec", "dst", "cat", "/data-new.txt").stdout == "made-42\n"
+    assert podman("exec", "dst", "ls", "/bin/vi", check=False).returncode != 0
+    # and `migrt image inspect` reads podman's archive as it is
+    p = subprocess.run([podman.runtime, "image", "inspect", "--json", archive],
+                       capture_output=True, text=True)
+    assert p.returncode == 0, p.stderr
+    import json
+    info = json.loads(p.stdout)
+    assert info["container"]["name"] == "src" and "podman" in info["format"]
+    assert "data-new.txt" in info["rootfs"]["changed"] and "bin/vi" in info["rootfs"]["deleted"]
+
+
+def test_podman_export_ignore_rootfs_exports_no_files(podman, tmp_path):
+    podman("run", "-d", "--name", "c1", "--network", "none", *LIMITS, IMAGE, "sh", "-c", WRITER)
+    wait_for(lambda: len(podman.numbers("c1")) >= 3, what="the counter's log")
+    archive = str(tmp_path / "c1.tar")
+    podman("container", "checkpoint", "--compress", "none", "--ignore-rootfs", "--export",
+           archive, "c1")
+    names = _tar_names(archive)
+    assert "checkpoint/inventory.img" in names
+    assert "rootfs-diff.tar" not in names
+    leaked = [n for n in names if "data-new" in n or n.startswith("checkpoint/migrt/rootfs/files")]
+    assert leaked == [], leaked
+    with tarfile.open(archive) as t:
+        for m in t.getmembers():
+            if m.isfile():
+                assert b"made-42" not in t.extractfile(m).read(), m.name
+
+
+def test_podman_failed_marker_restore_says_what_failed(podman, checkpoint_dir, tmp_path):
+    """A restore CRIU fails on (a file the checkpoint needs is gone) must reach podman's
+    user as migrt's message, not as "command not found" (podman reads a quoted
+    "No such file or directory" as a missing executable)."""
+    podman("run", "-d", "--name", "src", "--network", "none", *LIMITS, IMAGE, "sh", "-c",
+           "exec 3>>/data-keep.log; " + COUNTER)
+    wait_for(lambda: len(podman.numbers("src")) >= 3, what="the counter's log")
+    archive = os.path.join(checkpoint_dir, "src.tar")
+    podman("container", "checkpoint", "--compress", "none", "--ignore-rootfs", "--export",
+           archive, "src")
+    # the fresh container lacks /data-keep.log, which the checkpointed shell holds open
+    p = podman("run", "-d", "--name", "dst", "--network", "none", *LIMITS, "--env",
+               f"MIGRT_RESTORE_FROM={archive}", IMAGE, "sh", "-c", COUNTER, check=False)
+    assert p.returncode != 0
+    assert p.returncode != 127 and "command that was not found" not in p.stderr, p.stderr
+    assert "restore of" in p.stderr and "data-keep.log" in p.stderr, p.stderr
+    assert "ENOENT (the file is missing)" in p.stderr, p.stderr
+
+
+def test_migrt_logs_finds_podman_names_and_short_ids(podman, tmp_path):
+    """podman knows names, runtimes only ids: `migrt logs NAME` asks podman (here through
+    a storage.conf naming this test's storage, as a node's own podman needs none)."""
+    run_counter(podman, "named1")
+    wait_for(lambda: len(podman.numbers("named1")) >= 3, what="the counter's log")
+    full = podman("inspect", "-f", "{{.Id}}", "named1").stdout.strip()
+    podman("container", "checkpoint", "--keep", "named1")
+    conf = tmp_path / "storage.conf"
+    conf.write_text(f'[storage]\ndriver = "overlay"\n'
+                    f'graphroot = "{os.path.join(podman.base, "storage")}"\n'
+                    f'runroot = "{os.path.join(podman.base, "run")}"\n')
+    # the record was made by the runtime podman ran, in the node's record dir
+    records = os.environ.get("MIGRT_LOG_DIR", "/var/lib/migrt/containers")
+    env = dict(os.environ, MIGRT_LOG_DIR=records, CONTAINERS_STORAGE_CONF=str(conf))
+    try:
+        for query in ("named1", full[:12]):
+            p = subprocess.run([podman.runtime, "logs", "--json", query], capture_output=True,
+                               text=True, env=env)
+            assert p.returncode == 0, (query, p.stderr)
+            import json
+            assert "checkpoint" in [json.loads(x)["event"] for x in p.stdout.splitlines()]
+        p = subprocess.run([podman.runtime, "logs"], capture_output=True, text=True, env=env)
+        assert full[:12] in p.stdout
+    finally:
+        for n in os.listdir(records):
+            if n.startswith(full):
+                shutil.rmtree(os.path.join(records, n), ignore_errors=True)

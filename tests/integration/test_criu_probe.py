@@ -47,7 +47,7 @@ def test_doctor_on_this_node_reports_the_probe_and_cap_sys_resource(tmp_path):
     p = subprocess.run([sys.executable, "-m", "migrt", "doctor", "--json",
                         "--containerd-config", str(cfg)], capture_output=True, text=True,
                        cwd=REPO, timeout=120)
-    found = {f["check"]: f for f in json.loads(p.stdout)}
+    found = {f["check"]: f for f in json.loads(p.stdout)["findings"]}
     assert found["criu probe"]["status"] == "ok", found["criu probe"]
     assert criu_path() in found["criu"]["detail"]
     with open("/proc/self/status") as f:

@@ -50,3 +50,54 @@ def test_output_log_and_record_follow_the_container(nodes, make_bundle, tmp_path
     assert "Restore finished successfully" in criu.stdout
     # on the source, the record has the dump log
     assert "Dumping finished successfully" in a.run("logs", "c1", "--criu").stdout
+
+
+def test_records_keyed_by_runtime_root_listed_and_followed(nodes, make_bundle, tmp_path):
+    """The same id under two runtime roots (two containerd namespaces, say) is two
+    containers: their records do not merge. `migrt logs` lists them, a short id finds
+    one, --root picks one, -f follows one as events arrive."""
+    import os
+    import threading
+    import ocitest
+    a = nodes("a")
+    other = ocitest.Runtime(a.binary, str(tmp_path / "other-root"), env=a.env)
+    nodes.rts.append(other)
+    cid = "c1-" + pt.uniq("x").replace("_", "")
+    images = {}
+    for rt, tag in ((a, "a"), (other, "o")):
+        b = make_bundle(["sh", "-c", LOOP], name=pt.uniq("b" + tag))
+        rc, out, err = rt.create(cid, b, start=True)
+        assert rc == 0, err.text
+        pt.wait_lines(out, lambda x: x.startswith("tick 2"))
+        images[tag] = tmp_path / f"ckpt-{tag}"
+        assert pt.checkpoint(rt, cid, images[tag]).returncode == 0
+    listed = a.run("logs")
+    assert listed.returncode == 0, listed.stderr
+    rows = [x for x in listed.stdout.splitlines() if x.startswith(cid)]
+    assert len(rows) == 2, listed.stdout
+    assert any(os.path.realpath(a.root) in x for x in rows)
+    assert any(os.path.realpath(other.root) in x for x in rows)
+    one = [json.loads(x) for x in a.run("logs", "--root", a.root, "--json", cid).stdout.splitlines()]
+    assert [e["event"] for e in one] == ["checkpoint"]
+    both = a.run("logs", cid)
+    assert both.stdout.count("== ") == 2, both.stdout
+    assert a.run("logs", cid[:6], "--root", other.root).returncode == 0
+    assert a.run("logs", "--json").stdout.count(cid) == 2
+
+    follow = subprocess.Popen(a.cmd("logs", "-f", "--json", "--root", a.root, cid),
+                              stdout=subprocess.PIPE, text=True, env=a.env)
+    lines = []
+    reader = threading.Thread(target=lambda: [lines.append(x) for x in follow.stdout])
+    reader.start()
+    try:
+        ocitest.wait_for(lambda: len(lines) >= 1, timeout=20, what="the record so far")
+        dst = make_bundle(["sh", "-c", LOOP], name=pt.uniq("dst"))
+        rc, out2, err2 = pt.restore(a, cid, dst, images["a"])
+        assert rc == 0, err2.text
+        ocitest.wait_for(lambda: any('"restore"' in x for x in lines), timeout=20,
+                         what="the restore event in the followed record")
+    finally:
+        follow.terminate()
+        follow.wait(10)
+        reader.join(10)
+    assert [json.loads(x)["event"] for x in lines] == ["checkpoint", "restore"]

@@ -42,6 +42,7 @@ class FakeNode(d.Node):
         self.runs = {**GOOD_RUNS, **(runs or {})}
         self.files = dict(files or {})
         self.free, self.kind = free, fstype
+        self.stats = {}
 
     def which(self, name, extra=()):
         return f"/usr/sbin/{name}" if name in self.tools else None
@@ -62,6 +63,14 @@ class FakeNode(d.Node):
 
     def exists(self, path):
         return path in self.files or path in ("/dev/userfaultfd",)
+
+    def stat(self, path):
+        """Every checkpoint dir a fake node has is root's, mode 700, unless faked."""
+        if path in self.stats:
+            if self.stats[path] is None:
+                raise FileNotFoundError(path)
+            return self.stats[path]
+        return os.stat_result((0o40700, 0, 0, 2, 0, 0, 0, 0, 0, 0))
 
     def read(self, path):
         if path not in self.files:
@@ -211,9 +220,14 @@ def test_command_exit_status_and_json(tmp_path):
     cfg.write_text("version = 2\n")
     argv = [sys.executable, "-m", "migrt", "doctor", "--json", "--containerd-config", str(cfg)]
     p = subprocess.run(argv, capture_output=True, text=True, cwd=repo, timeout=120)
-    found = json.loads(p.stdout)
+    doc = json.loads(p.stdout)
+    found = doc["findings"]
     bad = [f for f in found if f["status"] == "MISSING" and f["required"]]
     assert p.returncode == (1 if bad else 0), (p.returncode, bad, p.stderr)
+    # the overall verdict agrees with the findings
+    assert doc["ok"] is (not bad) and doc["missing"] == [f["check"] for f in bad]
+    assert doc["verdict"] == ("cannot work" if bad else "ok with warnings"
+                              if any(f["status"] != "ok" for f in found) else "ok")
     if any(f["check"] == "containerd" for f in found):
         assert bad, "containerd has no migrt handler in this config: must be missing"
 
@@ -322,3 +336,37 @@ def test_staging_default_is_the_agents():
     node = FakeNode(files={d.CONTAINERD_CONFIG: V2_REGISTERED})
     f = by_name(d.run_checks(node))["staging room"]
     assert f.detail.startswith(staging.DEFAULT_STAGING + ":")
+
+
+def test_probe_error_is_the_cause_not_the_harmless_rlimit_line(tmp_path):
+    """CRIU 4.1.1's dump log on this machine: the RLIMIT_NOFILE line comes first on every
+    run without CAP_SYS_RESOURCE and is not why the dump failed."""
+    log = tmp_path / "dump.log"
+    log.write_text(
+        "(00.070370) Error (criu/util.c:1533): rlimit: Can't setup RLIMIT_NOFILE for self: "
+        "Operation not permitted\n(00.1) inet: Collected\n"
+        "(00.117207) Error (criu/sockets.c:628): sockets: Can't get 1:16 opt: Operation not "
+        "supported\n(00.209755) Error (criu/cr-dump.c:2111): Dumping FAILED.\n")
+    assert criuprobe._first_error(str(log)) == \
+        "Error (criu/sockets.c:628): sockets: Can't get 1:16 opt: Operation not supported"
+
+
+def test_checkpoint_dirs_podman_and_an_unreachable_containerd_are_reported(monkeypatch):
+    monkeypatch.setenv("MIGRT_CHECKPOINT_DIRS", "/ck/a:/ck/b:/ck/c")
+    node = FakeNode(tools=("runc", "criu", "iptables-restore", "ip6tables-restore",
+                           "containerd", "ctr", "podman"),
+                    runs={("podman", "info", "--format", "{{.Version.Version}}"):
+                          (125, "Error: cannot open storage\n")},
+                    files={d.CONTAINERD_CONFIG: V2_REGISTERED})
+    node.stats["/ck/a"] = None
+    node.stats["/ck/b"] = os.stat_result((0o40777, 0, 0, 2, 0, 0, 0, 0, 0, 0))
+    found = d.run_checks(node)
+    dirs = [f for f in found if f.name == "checkpoint dir"]
+    assert [f.status for f in dirs] == [d.WARN, d.MISSING, d.OK]
+    assert "/ck/a does not exist" in dirs[0].detail and "writable by others" in dirs[1].detail
+    running = by_name(found)["containerd CRI"]
+    assert running.status == d.WARN and "not running" in running.detail
+    pm = by_name(found)["podman"]
+    assert pm.status == d.WARN and "cannot open storage" in pm.detail
+    v = d.verdict(found)
+    assert v["verdict"] == "cannot work" and v["missing"] == ["checkpoint dir"]

@@ -20,7 +20,24 @@ sys.path.insert(0, PKG)
 
 import containerd_register as reg  # noqa: E402
 
-SYSTEM_PYTHON = "/usr/bin/python3"
+
+
+def _target_python():
+    """The Python the zipapp is built for: the system's when it is the venv's version
+    (Debian 13); on Debian 12 (3.11) the Python 3.13 install.sh built, which the venv is
+    made from (compiled dependencies are built for one Python version)."""
+    system = "/usr/bin/python3"
+    try:
+        out = subprocess.run([system, "-c", "import sys; print(*sys.version_info[:2])"],
+                             capture_output=True, text=True).stdout.split()
+    except OSError:
+        out = []
+    if out == [str(x) for x in sys.version_info[:2]]:
+        return system
+    return os.path.realpath(getattr(sys, "_base_executable", sys.executable))
+
+
+SYSTEM_PYTHON = _target_python()
 
 DEBIAN_STOCK = """version = 2
 
@@ -345,3 +362,49 @@ def test_systemd_unit_runs_the_agent():
     assert "--secret-file" in start
     assert unit["Service"]["KillMode"] == "process"
     assert unit["Install"]["WantedBy"] == "multi-user.target"
+
+
+def test_register_twice_says_nothing_changed_and_asks_no_restart(tmp_path):
+    cfg = tmp_path / "config.toml"
+    cfg.write_text(DEBIAN_STOCK)
+    argv = [sys.executable, os.path.join(PKG, "containerd_register.py"), "register",
+            "--config", str(cfg), "--binary", "/usr/local/bin/migrt"]
+    first = subprocess.run(argv, capture_output=True, text=True, timeout=60)
+    assert first.returncode == 0 and "now: systemctl restart containerd" in first.stdout
+    st = os.stat(cfg)
+    again = subprocess.run(argv, capture_output=True, text=True, timeout=60)
+    assert again.returncode == 0, again.stderr
+    assert "restart containerd" not in again.stdout and "nothing changed" in again.stdout
+    assert os.stat(cfg).st_mtime_ns == st.st_mtime_ns and os.stat(cfg).st_ino == st.st_ino
+
+
+def test_uninstall_scan_quiet_when_a_process_exits_and_restart_advice_once(tmp_path):
+    """A process that exits between uninstall.sh's /proc glob and its read must not
+    print a shell error (a dangling cmdline stands in for it); containerd's restart
+    advice is given once."""
+    sys.path.insert(0, REPO)
+    from migrt.front import launcher
+    prefix, bin_dir = tmp_path / "opt" / "migrt", tmp_path / "bin"
+    (prefix / "lib" / "migrt" / "front").mkdir(parents=True)
+    shutil.copy(os.path.join(REPO, "migrt", "front", "front.sh"), prefix / "lib" / "migrt" / "front")
+    bin_dir.mkdir()
+    launcher.write(str(bin_dir / "migrt"), str(prefix / "lib"), sys.executable)
+    cfg = tmp_path / "config.toml"
+    cfg.write_text(DEBIAN_STOCK)
+    reg.register(str(cfg), binary=str(bin_dir / "migrt"))
+    proc = tmp_path / "proc"
+    (proc / "4242").mkdir(parents=True)
+    os.symlink(str(tmp_path / "gone"), proc / "4242" / "cmdline")     # exited meanwhile
+    (proc / "4243").mkdir()
+    (proc / "4243" / "cmdline").write_bytes(b"/usr/bin/containerd-shim-runc-v2\0-id\0x\0")
+    env = dict(os.environ, MIGRT_PREFIX=str(prefix), MIGRT_BIN=str(bin_dir),
+               MIGRT_CONTAINERD_CONFIG=str(cfg), MIGRT_CRIO_DROP_INS=str(tmp_path / "none.d"),
+               MIGRT_SYSTEMD_DIR=str(tmp_path), MIGRT_DATA_DIRS=str(tmp_path / "nodata"),
+               MIGRT_SYSCTL_DIR=str(tmp_path), MIGRT_PROC=str(proc))
+    p = subprocess.run(["bash", os.path.join(PKG, "uninstall.sh")], env=env,
+                       capture_output=True, text=True, timeout=60)
+    assert p.returncode == 0, p.stderr
+    assert "No such file" not in p.stderr and "uninstall.sh: line" not in p.stderr, p.stderr
+    assert p.stderr.count("restart containerd") == 1, p.stderr
+    # the shim it did see keeps the command usable (a link to runc)
+    assert os.path.islink(bin_dir / "migrt"), p.stderr

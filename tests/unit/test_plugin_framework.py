@@ -255,7 +255,9 @@ def test_engine_runs_stages_for_a_container_it_drives_itself(tmp_path, monkeypat
     hooks.pre_checkpoint(str(tmp_path / "img"), mode="dump")
     hooks.post_checkpoint(str(tmp_path / "img"), mode="dump", error="transfer broke")
     hooks.record({"event": "migrate", "phases": {"freeze": 0.1}, "ok": False})
-    events = record.events("c1")
+    # the record is keyed by the runtime root as well as the id
+    assert record.events("c1") == []
+    events = record.events("c1", root=str(root))
     assert [e["event"] for e in events] == ["checkpoint", "migrate"]
     assert events[0]["error"] == "transfer broke" and events[0]["ok"] is False
 

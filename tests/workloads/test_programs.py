@@ -1,0 +1,159 @@
+"""Programs of Debian's python3 and sqlite, migrated while they work:
+- SQLite in WAL mode, a writer holding the write lock and a reader (file locks, -shm map);
+- a multi-threaded program (8 counting threads, futex waits);
+- two processes sharing a file in /dev/shm and a UNIX socket pair;
+- a process of 1 GiB in 4096 mappings.
+What a program prints on node A comes through its pipe; on node B the agent keeps it.
+"""
+import os
+import shutil
+
+import ocitest
+import wl
+
+PROGS = os.path.join(os.path.dirname(os.path.abspath(__file__)), "progs")
+
+
+def with_prog(name):
+    def build(root):
+        shutil.copy(os.path.join(PROGS, name), os.path.join(root, "data", name))
+    return build
+
+
+def lines(text, tag):
+    return [ln.split()[1:] for ln in text.splitlines() if ln.startswith(tag + " ")]
+
+
+class Prog:
+    def __init__(self, cluster, name, args=(), shm_size=None, ready=None):
+        self.cl = cluster
+        self.cid, self.addr, self.dst = cluster.container(
+            name.split(".")[0].replace("_", "-"), with_prog(name),
+            ["python3", "-u", f"/data/{name}", *args],
+            **({"shm_size": shm_size} if shm_size else {}))
+        self.ready = ready
+
+    def src(self):
+        return self.cl.source_output(self.cid)[0]
+
+    def dst_out(self):
+        return self.cl.dest_output(self.cid)
+
+    def wait_src(self, pred, what, timeout=60):
+        def ok():
+            if "BAD" in self.src() or "ERROR" in self.src():
+                raise AssertionError(f"{self.cid} on node A: {self.src()[-1000:]}")
+            if (self.cl.a.state(self.cid) or {}).get("status") != "running":
+                raise AssertionError(f"{self.cid} stopped: {self.cl.source_output(self.cid)}")
+            return pred(self.src())
+        ocitest.wait_for(ok, timeout=timeout, interval=0.1, what=what)
+
+    def wait_dst(self, pred, what, timeout=60):
+        ocitest.wait_for(lambda: pred(self.dst_out()), timeout=timeout, interval=0.1,
+                         what=f"{what}; node B printed: {self.dst_out()[-1000:]!r}")
+
+    def migrate(self, mode):
+        mig = self.cl.migrate(self.cid, self.addr, self.dst, mode)
+        wl.assert_moved(self.cl, self.cid, mig)
+        return mig
+
+    def exec_b(self, *argv):
+        p = self.cl.b.run("exec", self.cid, *argv)
+        assert p.returncode == 0, p.stderr
+        return p.stdout
+
+
+def consecutive(nums):
+    return all(b == a + 1 for a, b in zip(nums, nums[1:]))
+
+
+def test_sqlite_wal(cluster, mode):
+    p = Prog(cluster, "sqlite_writer.py")
+    p.wait_src(lambda t: len(lines(t, "W")) >= 30 and lines(t, "R"), "rows committed")
+    p.migrate(mode)
+    before = [int(x[0]) for x in lines(p.src(), "W")]
+    p.wait_dst(lambda t: len(lines(t, "W")) >= 30 and len(lines(t, "R")) >= 10,
+               "the writer and the reader going on on node B")
+    out = p.dst_out()
+    assert "ERROR" not in out, out[-2000:]
+    after = [int(x[0]) for x in lines(out, "W")]
+    # one sequence of commits across both nodes: none lost, none twice
+    assert consecutive(before + after), (before[-3:], after[:3])
+    # both processes hold their POSIX locks on node B: every open WAL connection keeps a
+    # read lock on byte 128 of the -shm file (SQLite's "DMS" byte) for as long as it is
+    # open; a connection that finds that byte unlocked takes itself for the first one and
+    # truncates the -shm under the others' mappings
+    pids = set(cluster.dest_pids(p.cid))
+    assert len(pids) == 2, pids
+    shm = os.stat(os.path.join(p.dst, "rootfs", "data", "db.sqlite-shm")).st_ino
+    with open("/proc/locks") as f:           # "N: -> ..." lines are waiters, not holders
+        locks = [ln.split() for ln in f if "->" not in ln.split()[:2]]
+    dms = {int(x[4]) for x in locks if x[1] == "POSIX" and x[3] == "READ"
+           and int(x[5].rsplit(":", 1)[1]) == shm and x[6] == x[7] == "128"}
+    assert pids <= dms, (f"processes without their read lock on the -shm's byte 128 on "
+                         f"node B: {sorted(pids - dms)}; their locks: "
+                         f"{[' '.join(x[1:]) for x in locks if int(x[4]) in pids]}")
+    # the database is whole, and every printed commit is in it
+    check = p.exec_b("python3", "-c",
+                     "import sqlite3; db = sqlite3.connect('/data/db.sqlite', timeout=60);"
+                     "print(db.execute('PRAGMA integrity_check').fetchone()[0]);"
+                     "print(*db.execute('SELECT count(*), max(n) FROM t').fetchone())")
+    status, counts = check.split("\n")[:2]
+    count, hi = map(int, counts.split())
+    assert status == "ok" and count == hi and hi >= after[-1], check
+
+
+def test_threads(cluster, mode):
+    p = Prog(cluster, "threads.py")
+    p.wait_src(lambda t: len(lines(t, "T")) >= 10, "threads counting")
+    p.migrate(mode)
+    last = [int(x) for x in lines(p.src(), "T")[-1]]
+    p.wait_dst(lambda t: len(lines(t, "T")) >= 10, "threads counting on node B")
+    rows = [[int(x) for x in r] for r in lines(p.dst_out(), "T")]
+    for r in rows:
+        assert r[0] == sum(r[1:9]), f"total {r[0]} is not the sum of {r[1:9]}"
+        assert r[9] == 10, f"{r[9]} threads, not 10"
+    # every thread carried on from where it was on node A, and moves on node B
+    first, end = rows[0], rows[-1]
+    assert all(f >= s for f, s in zip(first[1:9], last[1:9])), (last, first)
+    assert all(e > s for e, s in zip(end[1:9], last[1:9])), (last, end)
+    assert end[10] > last[10]
+
+
+def test_shm_socketpair(cluster, mode):
+    p = Prog(cluster, "shm_pair.py")
+    p.wait_src(lambda t: len(lines(t, "S")) >= 5, "rounds through /dev/shm and the socket")
+    p.migrate(mode)
+    before = [int(x[0]) for x in lines(p.src(), "S")]
+    p.wait_dst(lambda t: len(lines(t, "S")) >= 10, "rounds on node B")
+    out = p.dst_out()
+    assert "BAD" not in out, out[-2000:]
+    after = [int(x[0]) for x in lines(out, "S")]
+    nums = before + after
+    assert all(b == a + 10 for a, b in zip(nums, nums[1:])), (before[-3:], after[:3])
+    assert len(cluster.dest_pids(p.cid)) == 2
+    assert p.exec_b("stat", "-c", "%s", "/dev/shm/wl-seg").strip() == str(512 << 10)
+
+
+def test_big_process(cluster, mode):
+    p = Prog(cluster, "bigmem.py", ["4096"], shm_size="1200m")
+    p.wait_src(lambda t: len(lines(t, "P")) >= 1, "1 GiB filled and checked once",
+               timeout=120)
+    maps = int(lines(p.src(), "READY")[0][0])
+    assert maps > 4096
+    p.migrate(mode)
+    last = int(lines(p.src(), "P")[-1][0])
+    # two whole passes over the 1 GiB on node B: every page came back right
+    p.wait_dst(lambda t: len([x for x in lines(t, "P") if int(x[0]) > last + 1]) >= 1
+               or "BAD" in t, "two full passes on node B", timeout=120)
+    out = p.dst_out()
+    assert "BAD" not in out, out[-2000:]
+    passes = [int(x[0]) for x in lines(out, "P")]
+    assert consecutive([last] + passes), (last, passes[:3])
+    pid = cluster.dest_pids(p.cid)[0]
+    with open(f"/proc/{pid}/maps") as f:
+        # all 4096 of the program's own; the loader's and vdso's few may differ
+        assert sum(1 for _ in f) >= 4096
+    with open(f"/proc/{pid}/status") as f:
+        st = dict(ln.split(":", 1) for ln in f)
+    assert int(st["VmRSS"].split()[0]) >= 1 << 20, st["VmRSS"]
