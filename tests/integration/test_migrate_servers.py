@@ -215,7 +215,10 @@ def echo(sock, data, timeout=30):
 
 def test_source_never_runs_after_its_dump(two_nodes):
     """A child stamping a file every 3 ms: after each migration the source's file holds
-    exactly what the destination's copy held when it was dumped, not a stamp more."""
+    what the destination's copy held when it was dumped and not a stamp more (a stamp
+    the source wrote after its dump has a later uptime, which the destination's file
+    never has). Not seen by this check: a source that only finishes the very line the
+    frozen stamper had composed, identical to the one its restored copy writes."""
     n = two_nodes
     ag = n.agent()
     for i in range(4):
@@ -241,11 +244,12 @@ def test_source_never_runs_after_its_dump(two_nodes):
         with open(dstamps) as f:
             dst_lines = f.read().splitlines()
         first = next(k for k, line in enumerate(dst_lines) if f"/dst{i}-{u}" in line)
-        frozen = dst_lines[:first]          # what the dump saw
-        assert src_lines[:len(frozen)] == frozen, "the destination did not get the source's file"
-        assert len(src_lines) == len(frozen), (
-            f"run {i}: the source stamped {len(src_lines) - len(frozen)} line(s) after its "
-            f"dump: {src_lines[len(frozen):][:3]}")
+        # what the dump saw, plus at most the one line the restored stamper had composed
+        # (uptime and cgroup read) before the freeze and writes after its restore
+        frozen = dst_lines[:first]
+        extra = [ln for ln in src_lines[len(frozen) - 1:] if ln not in frozen]
+        assert src_lines == frozen[:len(src_lines)] and len(frozen) - len(src_lines) <= 1, (
+            f"run {i}: the source wrote after its dump: {extra[:3] or src_lines[-2:]}")
         n.b.run("delete", "--force", cid)
 
 
