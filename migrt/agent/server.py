@@ -29,6 +29,7 @@ from migrt.migration import recovery
 from migrt.runc import runc_path
 from migrt.runtime.lifecycle import runc_error, wait_exit
 from migrt.agent import fill, staging as stg
+from migrt.safeio import makedirs_private, read_regular, write_private
 from migrt.image import manifest as mf
 from migrt.transfer import receiver, wire
 
@@ -84,9 +85,16 @@ class Agent:
         self._conns = 0             # authenticated connections being served
         self._dropped = 0
         for d in (self.staging, self.disk):
-            os.makedirs(d, mode=0o700, exist_ok=True)
+            makedirs_private(d)
             os.chmod(d, 0o700)
         os.environ["MIGRT_STAGING"] = self.staging
+        os.environ["MIGRT_STAGING_DISK"] = self.disk
+        # what the root side knows of the restores it did, where only root can write
+        # (the staging dirs belong to the network side, an unprivileged user with --user)
+        self.private = os.path.join(os.environ.get("MIGRT_STATE_DIR", "/run/migrt"), "agent")
+        if os.geteuid() == 0:
+            makedirs_private(self.private)
+            os.chmod(self.private, 0o700)
 
     # ------------------------------------------------------------ serving
     def bind(self):
@@ -110,6 +118,8 @@ class Agent:
     def serve(self):
         for mid in stg.sweep(self.staging, self.ttl, startup=True, log=log):
             pass
+        if not self.privileged:
+            self.sweep_private()
         # migrations this node was the source of, left by a `migrt migrate` that died
         threading.Thread(target=self._recover, daemon=True).start()
         stg.sweep_disk(self.staging, self.disk)
@@ -200,6 +210,56 @@ class Agent:
             self.privileged.recover(log=log)
         else:
             recovery.resolve_pending(self.secret, log)
+            self.sweep_private()
+
+    # ------------------------------------------------------------ root-only records
+    def _private_dir(self, mid):
+        if not stg.valid_mid(mid):
+            raise Refused("not a migration id")
+        return os.path.join(self.private, mid)
+
+    def mine(self, mid):
+        """This agent's own record of the restore it did for migration mid (root-only),
+        or None: the container it restored and the runc root it used."""
+        try:
+            rec = json.loads(read_regular(os.path.join(self._private_dir(mid), "restore.json")))
+            return rec if isinstance(rec, dict) else None
+        except (OSError, ValueError, Refused):
+            return None
+
+    def _put_back_config(self, mid):
+        """The destination bundle's config.json as it was before the agent added its
+        marker (after the restore, whatever its outcome, and after a crash)."""
+        d = self._private_dir(mid)
+        rec = self.mine(mid) or {}
+        bundle = rec.get("bundle")
+        if not bundle:
+            return
+        cfg = os.path.join(bundle, "config.json")
+        try:
+            orig = read_regular(os.path.join(d, "config.json.orig"))
+            now = read_regular(cfg)
+        except OSError:
+            return
+        if now != orig and f"MIGRT_RESTORE_FROM=staged:{mid}".encode() in now:
+            try:
+                write_private(cfg, orig, 0o600)
+                os.chmod(cfg, rec.get("config_mode", 0o600))
+            except OSError as e:
+                log(f"{mid}: could not put back {cfg}: {e}")
+
+    def sweep_private(self):
+        """Root-only records of migrations that are decided (their staged copy gone):
+        the bundle's config put back if a crash left the marker, then removed."""
+        try:
+            names = os.listdir(self.private)
+        except OSError:
+            return
+        for mid in names:
+            if not stg.valid_mid(mid) or os.path.exists(os.path.join(self.staging, mid)):
+                continue
+            self._put_back_config(mid)
+            shutil.rmtree(os.path.join(self.private, mid), ignore_errors=True)
 
     def _handle(self, s, peer):
         try:
@@ -450,24 +510,44 @@ class Agent:
         root = msg.get("root") or self.root
         if not bundle or not cid:
             raise Refused("restore needs a bundle and a container id")
+        priv = self._private_dir(staged.mid)
+        shutil.rmtree(priv, ignore_errors=True)
+        makedirs_private(priv)
         cfg = os.path.join(bundle, "config.json")
         try:
-            with open(cfg) as f:
-                spec = json.load(f)
+            orig = read_regular(cfg)
+            mode = os.stat(cfg).st_mode & 0o7777
+            spec = json.loads(orig)
             env = [e for e in spec["process"].get("env", [])
                    if not e.startswith("MIGRT_RESTORE_FROM=")]
             spec["process"]["env"] = env + [f"MIGRT_RESTORE_FROM=staged:{staged.mid}"]
-            with open(cfg + ".tmp", "w") as f:
-                json.dump(spec, f)
-            os.replace(cfg + ".tmp", cfg)
-        except (OSError, ValueError, KeyError, TypeError) as e:
+            write_private(os.path.join(priv, "config.json.orig"), orig)
+            write_private(os.path.join(priv, "restore.json"), json.dumps(
+                {"mid": staged.mid, "container": cid, "root": root,
+                 "bundle": os.path.abspath(bundle), "config_mode": mode}).encode())
+            write_private(cfg, json.dumps(spec).encode(), mode)
+        except (OSError, ValueError, KeyError, TypeError, AttributeError) as e:
+            shutil.rmtree(priv, ignore_errors=True)
             raise Refused(f"bundle {bundle}: {e}")
+        ok = False
+        try:
+            pid = self._restore(staged, bundle, cid, root, priv)
+            ok = True
+            return pid
+        finally:
+            # runc has read it: the bundle keeps what its owner wrote, marker or not
+            self._put_back_config(staged.mid)
+            if not ok:
+                shutil.rmtree(priv, ignore_errors=True)
+
+    def _restore(self, staged, bundle, cid, root, priv):
         failpoints.hit("agent.before-restore")
-        os.makedirs(self.log_dir, mode=0o700, exist_ok=True)
+        makedirs_private(self.log_dir)
         out_path = os.path.join(self.log_dir, f"{cid}.log")
         r, w = os.pipe()
         in_r, in_w = os.pipe()
-        with open(out_path, "ab") as logf:
+        with os.fdopen(os.open(out_path, os.O_WRONLY | os.O_APPEND | os.O_CREAT | os.O_NOFOLLOW
+                               | os.O_CLOEXEC, 0o600), "ab") as logf:
             # The container's stdout/stderr must be pipes (as containerd gives them); a
             # detached reader outlives the agent so that an agent restart does not
             # break the container's pipes.
@@ -475,7 +555,9 @@ class Agent:
                              start_new_session=True, close_fds=True)
         os.close(r)
         env = dict(os.environ, MIGRT_STAGING=self.staging)
-        errlog = os.path.join(staged.dir, "create.log")
+        # root-only: runc would follow a link planted in the network side's staging dir
+        errlog = os.path.join(priv, "create.log")
+        os.close(os.open(errlog, os.O_WRONLY | os.O_CREAT | os.O_NOFOLLOW, 0o600))
         argv = [self.runtime, "--root", root, "--log", errlog, "--log-format", "json",
                 "run", "--detach", "--bundle", bundle, cid]     # create and start in one call
         # The container inherits runc's stdio: stdout and stderr both go to the log pipe,
@@ -500,9 +582,9 @@ class Agent:
                     pass
                 p.wait()
                 from migrt.runtime.lifecycle import unmount_criu_leftovers
-                unmount_criu_leftovers(types.SimpleNamespace(root=root), cid)
                 subprocess.run([self.runtime, "--root", root, "delete", "--force", cid],
                                capture_output=True, env=env)
+                unmount_criu_leftovers(types.SimpleNamespace(root=root), cid, remove=True)
                 raise Refused(f"restore did not finish in {self.restore_timeout:.0f}s; stopped")
             self.last_timing = {"restore": time.monotonic() - t0}
         finally:
@@ -601,7 +683,7 @@ class Agent:
         """One look at a local lazy restore's memory fill (migrt.agent.fill)."""
         if self.privileged:
             return self.privileged.fill(staged.mid)
-        return fill.check(staged)
+        return fill.check(staged, self.mine(staged.mid))
 
     def fill_wait(self, staged, timeout):
         deadline = time.monotonic() + timeout
@@ -618,7 +700,7 @@ class Agent:
         if not stg.valid_mid(mid):
             conn.send_json({"error": "bad migration id"})
             return
-        staged = stg.Staged(mid, self.staging)
+        staged = stg.Staged(mid, self.staging, self.disk)
         if (staged.read() or {}).get("state") == fill.FILLING:
             self.fill_check(staged)             # moves it on if the daemon is done
         rec = staged.read()

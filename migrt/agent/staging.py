@@ -27,6 +27,10 @@ def staging_root():
     return os.environ.get("MIGRT_STAGING", DEFAULT_STAGING)
 
 
+def disk_root():
+    return os.environ.get("MIGRT_STAGING_DISK", DEFAULT_DISK)
+
+
 def valid_mid(mid):
     return isinstance(mid, str) and bool(MID_RE.match(mid))
 
@@ -51,9 +55,9 @@ class Staged:
         self.image_dir = os.path.join(self.dir, "image")
         self.tls_dir = os.path.join(self.dir, "tls")       # lazy mode's page TLS identity
         self.record_path = os.path.join(self.dir, RECORD)
-        rec = self.read() if disk is None else None
-        self.disk_dir = os.path.join(disk, mid) if disk else (rec or {}).get("disk_dir", "")
-        self.rootfs_dir = os.path.join(self.disk_dir, "rootfs") if self.disk_dir else ""
+        # derived, never read from the record (which the agent's network side writes)
+        self.disk_dir = os.path.join(disk or disk_root(), mid)
+        self.rootfs_dir = os.path.join(self.disk_dir, "rootfs")
 
     def create(self, **fields):
         for d in (os.path.dirname(self.dir), os.path.dirname(self.disk_dir)):
@@ -61,24 +65,21 @@ class Staged:
         os.mkdir(self.dir, 0o700)
         os.makedirs(self.disk_dir, mode=0o700, exist_ok=True)
         os.chmod(self.disk_dir, 0o700)
-        self.write(dict(fields, mid=self.mid, state="receiving", created=time.time(),
-                        disk_dir=self.disk_dir))
+        self.write(dict(fields, mid=self.mid, state="receiving", created=time.time()))
 
     def read(self):
+        """The record (never through a symlink, never blocking on a FIFO)."""
+        from migrt.safeio import read_regular
         try:
-            with open(self.record_path) as f:
-                rec = json.load(f)
+            rec = json.loads(read_regular(self.record_path, 1 << 20))
             return rec if isinstance(rec, dict) else None
         except (OSError, ValueError):
             return None
 
     def write(self, rec):
+        from migrt.safeio import write_private
         rec["updated"] = time.time()
-        tmp = self.record_path + ".tmp"
-        fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o600)
-        with os.fdopen(fd, "w") as f:
-            json.dump(rec, f)
-        os.replace(tmp, self.record_path)
+        write_private(self.record_path, json.dumps(rec).encode())
 
     def update(self, **fields):
         rec = self.read() or {"mid": self.mid}
@@ -105,7 +106,7 @@ def all_staged(staging, disk=None):
     out = []
     for n in sorted(names):
         if valid_mid(n):
-            out.append(Staged(n, staging))
+            out.append(Staged(n, staging, disk))
     return out
 
 

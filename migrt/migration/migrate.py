@@ -168,6 +168,17 @@ def runc_binary():
     return runc_path()
 
 
+def _restore_record(root, cid):
+    """migrt's record of a container it restored (migrt.runtime.lifecycle), or None."""
+    from migrt.runc import RECORD
+    try:
+        with open(os.path.join(root, cid, RECORD)) as f:
+            rec = json.load(f)
+        return rec if isinstance(rec, dict) else None
+    except (OSError, ValueError):
+        return None
+
+
 def _state_dir():
     return os.environ.get("MIGRT_STATE_DIR", "/run/migrt")
 
@@ -689,10 +700,15 @@ class Migration:
 
     def release_source(self):
         self.phase = "release of the source"
+        rec = _restore_record(self.src.root, self.cid)
         p = self.src.run("delete", "--force", self.cid)
         self.paused = False
         if p.returncode != 0:
             self.report["warning"] = f"source delete failed: {p.stderr.strip()}"
+        elif rec:
+            # a container migrt restored here leaves its restore's work dir behind
+            from migrt.runtime.lifecycle import forget
+            forget(rec)
         try:
             self._request({"op": "release"})
         except (wire.ProtocolError, OSError):

@@ -188,7 +188,11 @@ def resolve(j, secret):
         if serving and leftovers(rec):
             return f"{where}: the destination runs it; the source still serves its memory"
         if src is not None:
-            _runc(rec, "delete", "--force", cid)
+            from migrt.migration.migrate import _restore_record
+            from migrt.runtime.lifecycle import forget
+            restored = _restore_record(rec["root"], cid) if rec.get("root") else None
+            if _runc(rec, "delete", "--force", cid).returncode == 0 and restored:
+                forget(restored)
         outcome = f"{where}: the destination runs it; source deleted"
     elif dest in ("failed", "gone") and (phase != "restoring" or exists is False):
         if serving:

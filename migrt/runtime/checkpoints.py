@@ -50,7 +50,8 @@ class RestoreSource:
     lazy_local     restore with lazy-pages from image_dir itself: the container runs
                    before its memory is all back (migrt.runtime.sources.staged); `fill` then
                    says where the daemon reports (set by the restore)
-    prepare        callable(bundle, spec) run before runc restore (rootfs changes)
+    prepare        callable(bundle, spec, journal) run before runc restore (rootfs
+                   changes, noted in the migrt.image.rootfs.Journal to be undone on failure)
     on_restored    callable(cid, pid) after the container runs
     on_failed      callable(cid, message) after a failed restore was cleaned up
     """
@@ -79,9 +80,10 @@ def check_namespace(image_dir, spec, marker):
     if here is None:            # not a pod: root on this node restoring by hand
         return
     import json
+    from migrt.safeio import read_regular
     try:
-        with open(os.path.join(image_dir, "migrt", "manifest.json")) as f:
-            theirs = (json.load(f).get("container") or {}).get("namespace")
+        theirs = (json.loads(read_regular(os.path.join(image_dir, "migrt", "manifest.json")))
+                  .get("container") or {}).get("namespace")
     except (OSError, ValueError, AttributeError):
         return                  # no manifest: validate() already decided about it
     if theirs and theirs != here:
@@ -136,9 +138,17 @@ def validate(image_dir, name=None):
         entries = os.listdir(image_dir)
     except OSError as e:
         raise CheckpointError(f"checkpoint {name}: cannot read: {e.strerror}")
+    import stat
     for e in sorted(entries):
-        if os.path.islink(os.path.join(image_dir, e)):
+        try:
+            st = os.lstat(os.path.join(image_dir, e))
+        except OSError:
+            continue
+        if stat.S_ISLNK(st.st_mode):
             raise CheckpointError(f"checkpoint {name}: {e} is a symlink; refusing to restore")
+        if not (stat.S_ISREG(st.st_mode) or stat.S_ISDIR(st.st_mode)):
+            raise CheckpointError(f"checkpoint {name}: {e} is not a regular file; "
+                                  f"refusing to restore")
     missing = [f for f in REQUIRED if f not in entries]
     cores = sorted(e for e in entries if e.startswith("core-") and e.endswith(".img"))
     if not cores:
@@ -158,9 +168,9 @@ def validate(image_dir, name=None):
 
 def core_arch(path, name):
     """Read CoreEntry.mtype from a CRIU core-<pid>.img."""
+    from migrt.safeio import read_regular
     try:
-        with open(path, "rb") as f:
-            head = f.read(64)
+        head = read_regular(path, 64)
     except OSError as e:
         raise CheckpointError(f"checkpoint {name}: cannot read {os.path.basename(path)}: {e.strerror}")
     base = os.path.basename(path)
@@ -185,8 +195,11 @@ def manifest_flags(image_dir):
     if not os.path.exists(path):
         return []
     import json
-    with open(path) as f:
-        man = json.load(f)
+    from migrt.safeio import read_regular
+    try:
+        man = json.loads(read_regular(path, 64 << 20))
+    except (OSError, ValueError) as e:
+        raise CheckpointError(f"{path}: cannot read: {getattr(e, 'strerror', None) or e}")
     keep = ("--tcp-established", "--ext-unix-sk", "--shell-job", "--file-locks")
     return [f for f in man.get("criu_flags", []) if f in keep]
 
@@ -198,4 +211,4 @@ def manifest_prepare(image_dir):
     prep = getattr(image, "prepare_restore", None)
     if prep is None:
         return None
-    return lambda bundle, spec: prep(image_dir, bundle, spec)
+    return lambda bundle, spec, journal=None: prep(image_dir, bundle, spec, journal=journal)
