@@ -657,7 +657,13 @@ class Agent:
                 # learns it on the control connection ("why"), not from its broken pipe
                 sess.stage.fail(f"data stream damaged on the way: {e}")
                 log(f"{mid}: data stream damaged on the way: {e}")
-                raise
+                # the source stops at once on any message here (migrt.transfer.sender)
+                try:
+                    conn.send_json({"error": f"data stream damaged on the way: {e}"})
+                except (OSError, ValueError):
+                    pass
+                conn.linger = REFUSE_LINGER
+                return
             if kind == b"J":
                 if payload.get("op") == "eof":
                     if sess.stage.error:

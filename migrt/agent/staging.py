@@ -15,6 +15,7 @@ import os
 import re
 import shutil
 import time
+from migrt.safeio import makedirs_private
 
 DEFAULT_STAGING = "/run/migrt/staged"
 DEFAULT_DISK = "/var/lib/migrt/staged"
@@ -61,9 +62,9 @@ class Staged:
 
     def create(self, **fields):
         for d in (os.path.dirname(self.dir), os.path.dirname(self.disk_dir)):
-            os.makedirs(d, mode=0o700, exist_ok=True)
+            makedirs_private(d)
         os.mkdir(self.dir, 0o700)
-        os.makedirs(self.disk_dir, mode=0o700, exist_ok=True)
+        makedirs_private(self.disk_dir)
         os.chmod(self.disk_dir, 0o700)
         self.write(dict(fields, mid=self.mid, state="receiving", created=time.time()))
 

@@ -16,6 +16,7 @@ The diff is written as regular files under <dest>/files/ plus a list of entries.
 import os
 import shutil
 import stat
+from migrt.safeio import makedirs_private
 
 DIFF_DIR = "migrt/rootfs"
 
@@ -135,13 +136,13 @@ def write_diff(source_dir, entries, dest):
     """Copy the regular files of `entries` from source_dir into dest/files/; return bytes."""
     total = 0
     files = os.path.join(dest, "files")
-    os.makedirs(files, mode=0o700, exist_ok=True)
+    makedirs_private(files)
     for e in entries:
         if e["type"] != "file":
             continue
         src = os.path.join(source_dir, e["path"])
         dst = os.path.join(files, e["path"])
-        os.makedirs(os.path.dirname(dst), mode=0o700, exist_ok=True)
+        makedirs_private(os.path.dirname(dst))
         with open(src, "rb") as fi:
             fd = os.open(dst, os.O_WRONLY | os.O_CREAT | os.O_TRUNC | os.O_NOFOLLOW, 0o600)
             with os.fdopen(fd, "wb") as fo:

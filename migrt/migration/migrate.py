@@ -29,6 +29,7 @@ from migrt.errors import EXIT_ROLLED_BACK, MigrtError, RefusedError
 from migrt.image import manifest as mf
 from migrt.transfer import wire
 from migrt.transfer.sender import PagePipes, Sender, TransferError, manifest_files
+from migrt.safeio import makedirs_private
 
 
 class MigrationFailed(MigrtError):
@@ -222,7 +223,7 @@ def _write_kept_logs(mid, logs):
         return
     d = _kept_dir()
     try:
-        os.makedirs(d, mode=0o700, exist_ok=True)
+        makedirs_private(d)
         for name, data in logs.items():
             with open(os.open(_kept_log(mid, name), os.O_WRONLY | os.O_CREAT | os.O_TRUNC,
                               0o600), "wb") as f:
@@ -397,12 +398,15 @@ class Migration:
         try:
             self.ctl, _ = wire.connect(self.opts.to, self.opts.secret, hello)
             reply = self._request(req)
-        except wire.ProtocolError as e:
+            from migrt.agent.staging import valid_mid
+            if not valid_mid(reply.get("mid")):
+                raise wire.ProtocolError("its precheck reply names no migration")
+        except (wire.ProtocolError, OSError) as e:
             if self.ctl is not None:
                 self.ctl.close()
                 self.ctl = None
-            raise RefusedError(f"destination {self.opts.to} cannot take {self.cid}: {e}; "
-                               f"nothing was frozen")
+            raise RefusedError(f"destination {self.opts.to} cannot take {self.cid}: "
+                               f"{wire.explain(e)}; nothing was frozen")
         self.mid = reply["mid"]
         if self.opts.mode == "lazy":
             try:
@@ -525,7 +529,7 @@ class Migration:
     def _send_round(self, image, work, capture, base=None, label="dump", fifos=False):
         """Dump into image while sending it. fifos: the pages go through FIFOs (only
         when frozen anyway: CRIU then waits for the transfer, and so do the tasks)."""
-        os.makedirs(image, mode=0o700, exist_ok=True)   # plugins may have written there
+        makedirs_private(image)   # plugins may have written there
         result = {"done": False}
         prog = Progress(self.estimate, self.opts.progress)
         prog.phase = label
@@ -725,8 +729,8 @@ class Migration:
         self.phase = "dump (lazy)"
         image = os.path.join(self.work, "image")
         work = os.path.join(self.work, "work")
-        os.makedirs(image, mode=0o700, exist_ok=True)
-        os.makedirs(work, mode=0o700, exist_ok=True)
+        makedirs_private(image)
+        makedirs_private(work)
         local_ip = self.ctl.sock.getsockname()[0]
         port = self.opts.page_server_port or _free_port(local_ip)
         from migrt.criu import pagetls

@@ -32,6 +32,7 @@ import shutil
 import signal
 import subprocess
 import time
+from migrt.safeio import makedirs_private
 
 
 def state_dir():
@@ -48,7 +49,7 @@ class Journal:
     @classmethod
     def begin(cls, mid, container, root, to, work, **extra):
         d = state_dir()
-        os.makedirs(d, mode=0o700, exist_ok=True)
+        makedirs_private(d)
         rec = dict(extra, mid=mid, container=container, root=os.path.abspath(root), to=to,
                    work=work, pid=os.getpid(), pid_start=_start_time(os.getpid()),
                    phase="prechecked", started=time.time())

@@ -14,6 +14,7 @@ import shutil
 import socket
 import time
 import uuid
+from migrt.safeio import makedirs_private
 
 DEFAULT_DIR = "/var/lib/migrt/containers"
 KEEP_EVENTS = 1000      # events.jsonl keeps the newest this many events of an id
@@ -32,7 +33,7 @@ def container_dir(cid, base=None, create=True):
         raise ValueError(f"bad container id {cid!r}")
     d = os.path.join(base_dir(base), cid)
     if create:
-        os.makedirs(os.path.join(d, "criu"), mode=0o700, exist_ok=True)
+        makedirs_private(os.path.join(d, "criu"))
     return d
 
 

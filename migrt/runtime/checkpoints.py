@@ -99,30 +99,33 @@ def allowed_dirs():
 
 
 def check_allowed(path, value):
+    from migrt.errors import quote
     real = os.path.realpath(path)
     for d in allowed_dirs():
         if real == d or real.startswith(d.rstrip("/") + "/"):
             return real
     raise CheckpointError(
-        f"checkpoint {value}: {real} is outside the allowed checkpoint locations "
+        f"checkpoint {value}: {quote(real)} is outside the allowed checkpoint locations "
         f"({':'.join(allowed_dirs())}; set MIGRT_CHECKPOINT_DIRS)")
 
 
 def resolve(value, bundle):
     """Turn a marker value into a validated RestoreSource."""
-    m = re.match(r"^([a-z][a-z0-9_-]*):(.+)$", value)
+    from migrt.errors import quote
+    shown = quote(value)
+    m = re.match(r"^([a-z][a-z0-9_-]{0,63}):(.+)$", value, re.S)
     if m and not value.startswith("/"):
         scheme, rest = m.groups()
         import importlib
         try:
             mod = importlib.import_module(f"migrt.runtime.sources.{scheme.replace('-', '_')}")
         except ImportError:
-            raise CheckpointError(f"checkpoint {value}: unknown checkpoint source {scheme!r}")
+            raise CheckpointError(f"checkpoint {shown}: unknown checkpoint source {scheme!r}")
         return mod.resolve(rest, bundle)
-    if not os.path.isabs(value):
-        raise CheckpointError(f"checkpoint {value}: must be an absolute path or scheme:name")
-    real = check_allowed(value, value)
-    validate(real, value)
+    if not os.path.isabs(value) or "\0" in value or len(value) > 4096:
+        raise CheckpointError(f"checkpoint {shown}: must be an absolute path or scheme:name")
+    real = check_allowed(value, shown)
+    validate(real, shown)
     return RestoreSource(real, restore_flags=manifest_flags(real), prepare=manifest_prepare(real),
                          description=value)
 

@@ -21,6 +21,7 @@ import time
 from migrt.runtime import checkpoints
 from migrt.errors import BundleError, MigrtError, RuncError
 from migrt.runc import MARKER, container_bundle, record_path, runc_path
+from migrt.safeio import makedirs_private
 
 STATE_DIR = os.environ.get("MIGRT_STATE_DIR", "/run/migrt")
 SPEC_BACKUP = "config.json.migrt-orig"
@@ -60,7 +61,7 @@ def work_dir(call, cid):
     fill as finished. `<key>-<random>`, key from the runc root and the container id."""
     import tempfile
     top = work_top()
-    os.makedirs(top, mode=0o700, exist_ok=True)
+    makedirs_private(top)
     d = tempfile.mkdtemp(prefix=_work_key(call.root, cid) + "-", dir=top)
     with open(os.open(os.path.join(d, "owner"), os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o600),
               "w") as f:
@@ -152,7 +153,7 @@ def keep_log(path, label):
     except OSError:
         return None
     try:
-        os.makedirs(d, mode=0o700, exist_ok=True)
+        makedirs_private(d)
         dst = os.path.join(d, f"{label}-{os.path.basename(path)}")
         with open(os.open(dst, os.O_WRONLY | os.O_CREAT | os.O_TRUNC | os.O_NOFOLLOW, 0o600),
                   "wb") as f:
@@ -495,7 +496,9 @@ def restore_create(call, flags, cid, bundle, spec, marker, plugins):
 
     def failed(log, offset):
         kept = keep_log(os.path.join(work, "restore.log"), f"restore-{os.path.basename(work)}")
-        return RuncError(failure_message(f"restore of {cid} from {marker} failed", log, offset,
+        from migrt.errors import quote
+        shown = marker if marker.isprintable() and len(marker) <= 200 else quote(marker)
+        return RuncError(failure_message(f"restore of {cid} from {shown} failed", log, offset,
                                          kept or os.path.join(work, "restore.log")))
 
     started = time.monotonic()
@@ -533,6 +536,7 @@ def restore_create(call, flags, cid, bundle, spec, marker, plugins):
             remove_work(work)
             return rc
         rc = run_runc(tokens, watch_criu=True, lazy=lazy)
+        _private_stats(source.image_dir)
         if rc != 0:
             raise failed(log, offset)
     except BaseException as e:
@@ -565,6 +569,18 @@ def restore_create(call, flags, cid, bundle, spec, marker, plugins):
     if source.on_restored:
         source.on_restored(cid, pid)
     return 0
+
+
+def _private_stats(image_dir):
+    """CRIU writes its restore statistics into the image dir readable by all (0644)."""
+    p = os.path.join(image_dir, "stats-restore")
+    try:
+        st = os.lstat(p)
+        if st.st_uid == os.geteuid() and st.st_nlink == 1 and (st.st_mode & 0o077) \
+                and __import__("stat").S_ISREG(st.st_mode):
+            os.chmod(p, 0o600, follow_symlinks=True)
+    except OSError:
+        pass
 
 
 def _was_restored(work):
@@ -611,7 +627,7 @@ def start_lazy_pages(source, work):
         # itself does (--auto-dedup): the node holds one copy of the memory, not two
         argv.append("--auto-dedup")
         status = os.path.join(work, FILL_STATUS)
-        argv = ["sh", "-c", 'criu_bin=$1; shift; "$criu_bin" "$@"; rc=$?; '
+        argv = ["sh", "-c", 'umask 077; criu_bin=$1; shift; "$criu_bin" "$@"; rc=$?; '
                             'echo $rc > "$MIGRT_FILL_STATUS.tmp" && '
                             'mv "$MIGRT_FILL_STATUS.tmp" "$MIGRT_FILL_STATUS"; exit $rc',
                 "lazy-pages"] + argv

@@ -15,7 +15,8 @@ def resolve(rest, bundle):
     from migrt.agent.staging import Staged, valid_mid
     from migrt.runtime.checkpoints import RestoreSource
     if not valid_mid(rest):
-        raise CheckpointError(f"staged:{rest}: not a migration id")
+        from migrt.errors import quote
+        raise CheckpointError(f"{quote('staged:' + rest)}: not a migration id")
     s = Staged(rest)
     rec = s.read()
     if rec is None:
