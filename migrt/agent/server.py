@@ -116,7 +116,7 @@ class Agent:
         self.serve()
 
     def serve(self):
-        for mid in stg.sweep(self.staging, self.ttl, startup=True, log=log):
+        for mid in stg.sweep(self.staging, self.ttl, startup=True, log=log, disk=self.disk):
             pass
         if not self.privileged:
             self.sweep_private()
@@ -191,12 +191,12 @@ class Agent:
         while not self.stop.wait(every):
             with self.lock:
                 active = set(self.sessions)
-            for s in stg.all_staged(self.staging):
+            for s in stg.all_staged(self.staging, self.disk):
                 if (s.read() or {}).get("state") == fill.FILLING:
                     state, why = self.fill_check(s)
                     if state != fill.FILLING:
                         log(f"{s.mid}: memory fill " + ("done" if state == "restored" else why))
-            stg.sweep(self.staging, self.ttl, active=active, log=log)
+            stg.sweep(self.staging, self.ttl, active=active, log=log, disk=self.disk)
             stg.sweep_disk(self.staging, self.disk)
             self._recover()
             try:        # container records with no event for MIGRT_RECORD_DAYS

@@ -111,12 +111,12 @@ def all_staged(staging, disk=None):
     return out
 
 
-def sweep(staging, ttl, active=(), startup=False, log=None):
+def sweep(staging, ttl, active=(), startup=False, log=None, disk=None):
     """Remove staged migrations older than ttl, and (at startup) any left half-received
     by a previous agent. Disk dirs with no tmpfs record (tmpfs lost at reboot) go too."""
     now = time.time()
     removed = []
-    for s in all_staged(staging):
+    for s in all_staged(staging, disk):
         if s.mid in active:
             continue
         rec = s.read() or {}

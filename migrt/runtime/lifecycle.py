@@ -526,6 +526,7 @@ def restore_create(call, flags, cid, bundle, spec, marker, plugins):
         if not detach:
             # `run` stays attached: there is no start to follow and nothing to record.
             rc = run_runc(tokens, forward_signals=True, watch_criu=True, lazy=lazy)
+            _private_stats(source.image_dir)
             if rc != 0 and not _was_restored(work):
                 raise failed(log, offset)
             if journal is not None:
@@ -537,6 +538,7 @@ def restore_create(call, flags, cid, bundle, spec, marker, plugins):
             return rc
         rc = run_runc(tokens, watch_criu=True, lazy=lazy)
         _private_stats(source.image_dir)
+        _private_stats(work)
         if rc != 0:
             raise failed(log, offset)
     except BaseException as e:
