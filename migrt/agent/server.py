@@ -712,6 +712,13 @@ class Agent:
         rec = staged.read()
         reply = {"ok": True, "state": (rec or {}).get("state", "unknown"),
                  "container": (rec or {}).get("container")}
+        with self.lock:
+            active = mid in self.sessions
+        if hello.get("release") and rec and not active \
+                and rec.get("state") in ("restored", "failed", "done"):
+            # the source decided (migrt.migration.recovery): nothing here is needed now
+            staged.remove()
+            log(f"{mid}: released by the source's recovery ({rec.get('state')})")
         # does the container run here? (migrt.migration.recovery: a staged record is gone once
         # dropped *or* released, so its absence alone cannot say)
         cid, root = hello.get("id"), hello.get("root") or self.root

@@ -214,9 +214,28 @@ def resolve(j, secret):
         outcome += f"; stopped {killed} leftover process(es)"
     if unlocked:
         outcome += f"; {unlocked}"
+    if phase in ("frozen", "restoring"):
+        release_destination(rec, secret)
     _drop_work(rec)
     j.done()
     return outcome
+
+
+def release_destination(rec, secret):
+    """The migration is decided: the destination's staged copy is not needed any more
+    (it would otherwise stay until the agent's --ttl)."""
+    from migrt.transfer import wire
+    try:
+        c, _ = wire.connect(rec["to"], secret, {"op": "status", "mid": rec["mid"],
+                                                 "release": True}, timeout=3)
+    except (wire.ProtocolError, OSError):
+        return
+    try:
+        c.read_json()
+    except (wire.ProtocolError, OSError):
+        pass
+    finally:
+        c.close()
 
 
 def _clear_netlock(pid):

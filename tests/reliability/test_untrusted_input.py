@@ -212,3 +212,57 @@ def test_what_a_migration_leaves_is_owner_only(tmp_path, migrt_launcher, make_bu
         assert not os.path.exists(rec["work"])
     finally:
         nodes.cleanup()
+
+
+def restore_work_dirs(root, cid):
+    import glob
+    import hashlib
+    key = hashlib.sha1(f"{os.path.realpath(root)}\0{cid}".encode()).hexdigest()[:16]
+    top = os.path.join(os.environ.get("MIGRT_STATE_DIR", "/run/migrt"), "work")
+    return glob.glob(os.path.join(top, key)) + glob.glob(os.path.join(top, key + "-*"))
+
+
+def test_one_id_migrated_there_back_and_there_again(tmp_path, migrt_launcher, make_bundle):
+    """Issue 12/15: a restore's work dir was keyed by runc root and container id, reused,
+    and never removed once the container left: the next restore of that id on that node
+    found the last one's lazy-pages.socket (and connected to nothing) and its
+    lazy-pages.status of 0 (a killed fill counted as finished). With a lazy-pages daemon
+    that is slow to start, A -> B -> A -> B of one id: every restore gets a fresh work dir,
+    and a node the container left keeps none."""
+    real = shutil.which("criu")
+    slow = tmp_path / "slow-criu"
+    slow.write_text(f'#!/bin/sh\n[ "$1" = lazy-pages ] && sleep 1\nexec {real} "$@"\n')
+    slow.chmod(0o755)
+    nodes = migr.Nodes(migrt_launcher, tmp_path, make_bundle)
+    try:
+        ag_b = nodes.agent(env={"MIGRT_CRIU": str(slow)})
+        ag_a = migr.Agent(migrt_launcher, str(tmp_path), "a", nodes.a.root, nodes.secret_file,
+                          env={"MIGRT_CRIU": str(slow)}).start()
+        nodes.agents.append(ag_a)
+        cid, bundle, dest, out = nodes.counter()
+
+        def migrate(src_root, to, dest_bundle, dest_root):
+            argv = [migrt_launcher, "--root", src_root, "migrate", cid, "--to", to.address,
+                    "--secret-file", nodes.secret_file, "--bundle", dest_bundle,
+                    "--dest-root", dest_root, "--json"]
+            p = subprocess.run(argv, capture_output=True, text=True, timeout=120,
+                               stdin=subprocess.DEVNULL)
+            assert p.returncode == 0, p.stderr + to.log()
+            return json.loads(p.stdout)
+
+        migrate(nodes.a.root, ag_b, dest, nodes.b.root)
+        out.thread.join(15)
+        last = max(migr.wait_dest_counting(ag_b, cid, ocitest.last_count(out)))
+        assert restore_work_dirs(nodes.a.root, cid) == []
+        back = make_bundle(["sh", "-c", ocitest.COUNTER], name=cid + "-back")
+        migrate(nodes.b.root, ag_a, back, nodes.a.root)
+        last = max(migr.wait_dest_counting(ag_a, cid, last))
+        assert restore_work_dirs(nodes.b.root, cid) == []      # it left B: nothing stays
+        again = make_bundle(["sh", "-c", ocitest.COUNTER], name=cid + "-dst2")
+        migrate(nodes.a.root, ag_b, again, nodes.b.root)
+        migr.wait_dest_counting(ag_b, cid, last)
+        assert restore_work_dirs(nodes.a.root, cid) == []
+        assert len(restore_work_dirs(nodes.b.root, cid)) == 1  # the running copy's own
+        assert migr.copies(nodes, cid) == {"a": None, "b": "running"}
+    finally:
+        nodes.cleanup()
