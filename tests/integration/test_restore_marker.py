@@ -131,8 +131,10 @@ def test_failed_restore_leaves_the_bundle_exactly_as_given(migrt_launcher, make_
     (fake / "criu").write_text(                           # runc's CRIU (swrk) fails
         f'#!/bin/sh\ncase "$1" in swrk) exit 1;; esac\nexec {real} "$@"\n')
     (fake / "criu").chmod(0o755)
+    # (a `criu` named by MIGRT_CRIU goes first on the PATH runc gets: migrt.runc.sbin_path)
     rt = ocitest.Runtime(migrt_launcher, str(tmp_path / "root-fail"),
-                         env=dict(os.environ, PATH=f"{fake}:{os.environ['PATH']}"))
+                         env=dict(os.environ, MIGRT_CRIU=str(fake / "criu"),
+                                  PATH=f"{fake}:{os.environ['PATH']}"))
     try:
         cid = ocitest.uid("undo")
         msg, err = failing_create(rt, cid, b, tmp_path)
