@@ -13,6 +13,7 @@ Data connections (`op: data`, mid) carry chunks into that migration's Stage.
 import collections
 import json
 import os
+import shutil
 import signal
 import socket
 import subprocess
