@@ -83,7 +83,15 @@ def test_a_damaged_data_record_rolls_back_at_once(tmp_path, migrt_launcher, make
     try:
         ag = nodes.agent()
         px = migr.Proxy(ag.port)
-        cid, bundle, dest, out = nodes.counter()
+        # 64 MiB of incompressible rootfs changes: far more than the sockets on the way
+        # hold, so the source is still sending when the agent stops reading
+        cmd = ["sh", "-c", "head -c 67108864 /dev/urandom > /big; " + ocitest.COUNTER]
+        cid = ocitest.uid("flip")
+        bundle = make_bundle(cmd, name=cid)
+        dest = make_bundle(cmd, name=cid + "-dst")
+        rc, out, err = nodes.a.create(cid, bundle, start=True)
+        assert rc == 0, err.text
+        ocitest.wait_for(lambda: ocitest.last_count(out) >= 3, timeout=30, what="counter")
         argv = nodes.migrate_argv(cid, dest, ag, "--zstd-level", "0")
         argv[argv.index("--to") + 1] = px.address
         px.flip_at(offset)
