@@ -68,9 +68,17 @@ class Staged:
         os.chmod(self.disk_dir, 0o700)
         self.write(dict(fields, mid=self.mid, state="receiving", created=time.time()))
 
+    def linked(self):
+        """Is any of this migration's own dirs a symlink? (The network side owns them;
+        root must not be sent elsewhere through one.)"""
+        return any(os.path.islink(p) for p in (self.dir, self.image_dir, self.disk_dir,
+                                                self.rootfs_dir, self.tls_dir))
+
     def read(self):
         """The record (never through a symlink, never blocking on a FIFO)."""
         from migrt.safeio import read_regular
+        if os.path.islink(self.dir):
+            return None
         try:
             rec = json.loads(read_regular(self.record_path, 1 << 20))
             return rec if isinstance(rec, dict) else None
@@ -79,6 +87,8 @@ class Staged:
 
     def write(self, rec):
         from migrt.safeio import write_private
+        if os.path.islink(self.dir):
+            raise OSError(40, "a symlink, not the migration's dir", self.dir)
         rec["updated"] = time.time()
         write_private(self.record_path, json.dumps(rec).encode())
 

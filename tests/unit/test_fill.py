@@ -1,6 +1,7 @@
 """migrt.agent.fill: when is the memory of a local lazy restore all back, and what
 happens when the daemon that brings it in fails (no root, no CRIU: a stand-in daemon
 that is a real process named like one, and a stand-in runc that records its call)."""
+import json
 import os
 import subprocess
 import sys
@@ -201,3 +202,30 @@ def test_root_writes_no_record_through_a_planted_link(tmp_path):
     os.unlink(s.record_path)
     os.mkfifo(s.record_path)                      # a FIFO does not hang a reader
     assert s.read() is None
+
+
+def test_a_staged_dir_swapped_for_a_link_is_refused(tmp_path, monkeypatch):
+    """The network side owns the staged dirs: root must not be sent elsewhere (another
+    checkpoint, /etc) through a link it put in their place."""
+    from migrt.errors import CheckpointError
+    from migrt.runtime.sources import staged as src
+    s = stg.Staged(stg.new_mid(), str(tmp_path / "staging"), str(tmp_path / "disk"))
+    s.create()
+    s.update(state="staged")
+    elsewhere = tmp_path / "elsewhere"
+    elsewhere.mkdir()
+    os.rmdir(s.image_dir) if os.path.isdir(s.image_dir) else None
+    os.symlink(elsewhere, s.image_dir)
+    monkeypatch.setenv("MIGRT_STAGING", str(tmp_path / "staging"))
+    monkeypatch.setenv("MIGRT_STAGING_DISK", str(tmp_path / "disk"))
+    with pytest.raises(CheckpointError) as e:
+        src.resolve(s.mid, str(tmp_path / "bundle"))
+    assert "symlink" in str(e.value)
+    os.unlink(s.image_dir)
+    moved = tmp_path / "moved"
+    os.rename(s.dir, moved)
+    os.symlink(moved, s.dir)                  # the whole dir: no record read or written
+    assert s.read() is None
+    with pytest.raises(OSError):
+        s.update(state="failed")
+    assert json.loads((moved / "migration.json").read_text())["state"] == "staged"

@@ -18,6 +18,9 @@ def resolve(rest, bundle):
         from migrt.errors import quote
         raise CheckpointError(f"{quote('staged:' + rest)}: not a migration id")
     s = Staged(rest)
+    if s.linked():
+        raise CheckpointError(f"staged:{rest}: a symlink in the staged migration's dirs; "
+                              f"refusing to restore")
     rec = s.read()
     if rec is None:
         raise CheckpointError(f"staged:{rest}: no such staged migration in {os.path.dirname(s.dir)}")
