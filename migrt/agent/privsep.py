@@ -304,7 +304,7 @@ def run(listen, secret, user, **kw):
     signal.signal(signal.SIGTERM, forward)
     signal.signal(signal.SIGINT, forward)
     agent.warm()                         # restores run on this side
-    agent.sweep_private()                # a crash's leftovers: bundles' configs put back
+    agent.sweep_private(startup=True)    # a crash's leftovers: bundles' configs put back
     RootHelper(agent, pw.pw_uid, pw.pw_gid).serve(parent_sock)
     _, status = os.waitpid(pid, 0)
     return os.waitstatus_to_exitcode(status)

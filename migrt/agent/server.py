@@ -119,7 +119,7 @@ class Agent:
         for mid in stg.sweep(self.staging, self.ttl, startup=True, log=log, disk=self.disk):
             pass
         if not self.privileged:
-            self.sweep_private()
+            self.sweep_private(startup=True)
         # migrations this node was the source of, left by a `migrt migrate` that died
         threading.Thread(target=self._recover, daemon=True).start()
         stg.sweep_disk(self.staging, self.disk)
@@ -248,15 +248,20 @@ class Agent:
             except OSError as e:
                 log(f"{mid}: could not put back {cfg}: {e}")
 
-    def sweep_private(self):
+    def sweep_private(self, startup=False):
         """Root-only records of migrations that are decided (their staged copy gone):
-        the bundle's config put back if a crash left the marker, then removed."""
+        the bundle's config put back if a crash left the marker, then removed. At
+        startup no restore is running: every bundle's config goes back."""
         try:
             names = os.listdir(self.private)
         except OSError:
             return
         for mid in names:
-            if not stg.valid_mid(mid) or os.path.exists(os.path.join(self.staging, mid)):
+            if not stg.valid_mid(mid):
+                continue
+            if os.path.exists(os.path.join(self.staging, mid)):
+                if startup:
+                    self._put_back_config(mid)
                 continue
             self._put_back_config(mid)
             shutil.rmtree(os.path.join(self.private, mid), ignore_errors=True)
