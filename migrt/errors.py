@@ -76,6 +76,16 @@ def quote(value, limit=MAX_ECHO):
     return '"' + _cut(_escape(str(value)), limit) + '"'
 
 
+def shown(value, limit=MAX_ECHO):
+    """A value as echoed in an error line: as it is when it is plain (printable, short,
+    no quote), else quote(value)."""
+    value = str(value)
+    if value.isprintable() and len(value) <= limit and '"' not in value \
+            and value == _escape(value):
+        return value
+    return quote(value, limit)
+
+
 def one_line(msg, limit=MAX_LINE):
     """An error message as one safe line: newlines joined, control characters escaped,
     cut to `limit` characters."""

@@ -157,6 +157,8 @@ def _inside(root, rel):
     if os.path.isabs(rel) or rel.startswith("../") or "/../" in rel or rel == ".." \
             or rel.endswith("/.."):
         raise ValueError(f"path escapes the rootfs: {rel}")
+    if rel == ".":
+        return root
     p = os.path.join(root, rel) if rel != "." else root
     parent = os.path.realpath(os.path.dirname(p))
     if not (parent + "/").startswith(os.path.realpath(root) + "/") and parent != os.path.realpath(root):

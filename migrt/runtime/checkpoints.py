@@ -99,20 +99,20 @@ def allowed_dirs():
 
 
 def check_allowed(path, value):
-    from migrt.errors import quote
+    from migrt.errors import shown
     real = os.path.realpath(path)
     for d in allowed_dirs():
         if real == d or real.startswith(d.rstrip("/") + "/"):
             return real
     raise CheckpointError(
-        f"checkpoint {value}: {quote(real)} is outside the allowed checkpoint locations "
+        f"checkpoint {value}: {shown(real)} is outside the allowed checkpoint locations "
         f"({':'.join(allowed_dirs())}; set MIGRT_CHECKPOINT_DIRS)")
 
 
 def resolve(value, bundle):
     """Turn a marker value into a validated RestoreSource."""
-    from migrt.errors import quote
-    shown = quote(value)
+    from migrt.errors import shown as display
+    shown = display(value)
     m = re.match(r"^([a-z][a-z0-9_-]{0,63}):(.+)$", value, re.S)
     if m and not value.startswith("/"):
         scheme, rest = m.groups()

@@ -496,8 +496,8 @@ def restore_create(call, flags, cid, bundle, spec, marker, plugins):
 
     def failed(log, offset):
         kept = keep_log(os.path.join(work, "restore.log"), f"restore-{os.path.basename(work)}")
-        from migrt.errors import quote
-        shown = marker if marker.isprintable() and len(marker) <= 200 else quote(marker)
+        from migrt.errors import shown as display
+        shown = display(marker)
         return RuncError(failure_message(f"restore of {cid} from {shown} failed", log, offset,
                                          kept or os.path.join(work, "restore.log")))
 

@@ -15,8 +15,8 @@ def resolve(rest, bundle):
     from migrt.agent.staging import Staged, valid_mid
     from migrt.runtime.checkpoints import RestoreSource
     if not valid_mid(rest):
-        from migrt.errors import quote
-        raise CheckpointError(f"{quote('staged:' + rest)}: not a migration id")
+        from migrt.errors import shown
+        raise CheckpointError(f"{shown('staged:' + rest)}: not a migration id")
     s = Staged(rest)
     if s.linked():
         raise CheckpointError(f"staged:{rest}: a symlink in the staged migration's dirs; "
