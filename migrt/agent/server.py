@@ -95,6 +95,7 @@ class Agent:
         if os.geteuid() == 0:
             makedirs_private(self.private)
             os.chmod(self.private, 0o700)
+            stg.note_disk(self.staging, self.disk)
 
     # ------------------------------------------------------------ serving
     def bind(self):

@@ -28,8 +28,41 @@ def staging_root():
     return os.environ.get("MIGRT_STAGING", DEFAULT_STAGING)
 
 
-def disk_root():
-    return os.environ.get("MIGRT_STAGING_DISK", DEFAULT_DISK)
+def _disk_note(staging):
+    import hashlib
+    key = hashlib.sha1(os.path.realpath(staging).encode()).hexdigest()[:16]
+    return os.path.join(os.environ.get("MIGRT_STATE_DIR", "/run/migrt"), "agent",
+                        f"disk-{key}.json")
+
+
+def note_disk(staging, disk):
+    """The agent (as root) notes where its staging dir's rootfs changes go, for the
+    runtime that restores a `staged:` marker without the agent's settings (containerd
+    runs it): in root's own dir, never in the staged record."""
+    from migrt.safeio import makedirs_private, write_private
+    p = _disk_note(staging)
+    makedirs_private(os.path.dirname(p))
+    write_private(p, json.dumps({"staging": os.path.realpath(staging),
+                                 "disk": os.path.abspath(disk)}).encode())
+
+
+def disk_root(staging=None):
+    """Where the rootfs changes of this staging dir's migrations are: $MIGRT_STAGING_DISK,
+    else what its agent noted (note_disk, root-owned only), else the default."""
+    env = os.environ.get("MIGRT_STAGING_DISK")
+    if env:
+        return env
+    from migrt.safeio import open_regular
+    try:
+        fd = open_regular(_disk_note(staging or staging_root()))
+        with os.fdopen(fd, "rb") as f:
+            if os.fstat(f.fileno()).st_uid == 0:
+                disk = json.loads(f.read(1 << 16)).get("disk")
+                if isinstance(disk, str) and os.path.isabs(disk):
+                    return disk
+    except (OSError, ValueError, AttributeError):
+        pass
+    return DEFAULT_DISK
 
 
 def valid_mid(mid):
@@ -57,7 +90,7 @@ class Staged:
         self.tls_dir = os.path.join(self.dir, "tls")       # lazy mode's page TLS identity
         self.record_path = os.path.join(self.dir, RECORD)
         # derived, never read from the record (which the agent's network side writes)
-        self.disk_dir = os.path.join(disk or disk_root(), mid)
+        self.disk_dir = os.path.join(disk or disk_root(staging), mid)
         self.rootfs_dir = os.path.join(self.disk_dir, "rootfs")
 
     def create(self, **fields):

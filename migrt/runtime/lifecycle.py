@@ -457,6 +457,14 @@ def restore_create(call, flags, cid, bundle, spec, marker, plugins):
     checkpoints.check_namespace(source.image_dir, spec, marker)
     detach = call.command == "create" or flags.get("detach")
     sweep_work()
+    # no container of this id exists: work dirs of its earlier restores are leftovers
+    # (those of a restore still starting, this last minute, are left to it)
+    for old in work_dirs_of(call.root, cid):
+        try:
+            if time.time() - os.lstat(old).st_mtime > 60:
+                remove_work(old)
+        except OSError:
+            pass
     work = work_dir(call, cid)
 
     runc_spec = strip_marker(spec)
@@ -748,6 +756,7 @@ def checkpoint(call, flags, cid):
     ctx = dict(call=call, cid=cid, bundle=bundle, spec=spec, image_dir=image_dir,
                work_dir=work, mode=mode)
     run_stage("pre-checkpoint", plugins, **ctx)
+    restored = read_record(call, cid)      # a container migrt restored: its work dir
     try:
         rc = run_runc(call.argv)
         if rc != 0:
@@ -763,6 +772,8 @@ def checkpoint(call, flags, cid):
             pass
         raise
     run_stage("post-checkpoint", plugins, **ctx)
+    if restored and mode == "dump" and not exists(call, cid):
+        forget(restored)                   # the checkpoint ended it, as a delete would
     # sealed last, so that what plugins add to the image is covered by its digests
     if mode != "pre-dump" and not flags.get("lazy-pages"):
         from migrt import image
