@@ -229,3 +229,18 @@ def test_a_staged_dir_swapped_for_a_link_is_refused(tmp_path, monkeypatch):
     with pytest.raises(OSError):
         s.update(state="failed")
     assert json.loads((moved / "migration.json").read_text())["state"] == "staged"
+
+
+def test_the_runtime_finds_the_agents_disk_dir_from_roots_note(tmp_path, monkeypatch):
+    """containerd runs the restore of a `staged:` marker without the agent's settings:
+    the disk dir comes from the agent's root-owned note, not from the staged record."""
+    monkeypatch.setenv("MIGRT_STATE_DIR", str(tmp_path / "state"))
+    monkeypatch.delenv("MIGRT_STAGING_DISK", raising=False)
+    staging = str(tmp_path / "staging")
+    assert stg.disk_root(staging) == stg.DEFAULT_DISK
+    stg.note_disk(staging, str(tmp_path / "disk"))
+    assert stg.disk_root(staging) == str(tmp_path / "disk")
+    assert stg.disk_root(str(tmp_path / "other")) == stg.DEFAULT_DISK
+    note = stg._disk_note(staging)
+    os.chown(note, 65534, 65534)                  # a note root did not write: ignored
+    assert stg.disk_root(staging) == stg.DEFAULT_DISK
