@@ -45,6 +45,53 @@ class RefusedError(MigrtError):
     exit_code = EXIT_REFUSED
 
 
+MAX_LINE = 2000        # characters of one error line
+MAX_ECHO = 200         # characters of a value from the caller echoed in it
+
+
+def _escape(text):
+    """Control characters (C0, C1, DEL) and the ones that reorder or hide text (bidi
+    overrides and isolates, zero-width marks, line separators) as \\xNN / \\uNNNN."""
+    out = []
+    for ch in text:
+        o = ord(ch)
+        if o < 0x20 or 0x7f <= o < 0xa0 or o in (0x200b, 0x200c, 0x200d, 0x200e, 0x200f,
+                                                  0x2028, 0x2029, 0xfeff) \
+                or 0x202a <= o <= 0x202e or 0x2066 <= o <= 0x2069:
+            out.append(f"\\x{o:02x}" if o < 0x100 else f"\\u{o:04x}")
+        else:
+            out.append(ch)
+    return "".join(out)
+
+
+def _cut(text, limit):
+    if len(text) <= limit:
+        return text
+    return text[:limit] + f"...({len(text) - limit} more characters)"
+
+
+def quote(value, limit=MAX_ECHO):
+    """A value from outside (a marker, a name) as it may appear in an error line:
+    quoted, control characters escaped, at most `limit` characters of it."""
+    return '"' + _cut(_escape(str(value)), limit) + '"'
+
+
+def shown(value, limit=MAX_ECHO):
+    """A value as echoed in an error line: as it is when it is plain (printable, short,
+    no quote), else quote(value)."""
+    value = str(value)
+    if value.isprintable() and len(value) <= limit and '"' not in value \
+            and value == _escape(value):
+        return value
+    return quote(value, limit)
+
+
+def one_line(msg, limit=MAX_LINE):
+    """An error message as one safe line: newlines joined, control characters escaped,
+    cut to `limit` characters."""
+    return _cut(_escape(" ".join(str(msg).splitlines())), limit)
+
+
 def _timestamp():
     import time
     t = time.time()
@@ -69,7 +116,7 @@ def log_line(path, fmt, level, msg):
 
 def report(msg, log=None, log_format="text"):
     """Tell the caller about a failure: stderr always, plus the --log file if any."""
-    msg = " ".join(str(msg).split("\n"))
+    msg = one_line(msg)
     # podman reads a runtime error containing "no such file or directory" as "the
     # runtime could not find an executable" ("OCI runtime attempted to invoke a command
     # that was not found"), and any "no such file" or "not found" in it as exit 127

@@ -34,7 +34,8 @@ install)
 agent)
     exec nsenter --target 1 --mount --uts --ipc --net --pid -- /usr/local/bin/migrt \
         --root "${MIGRT_RUNC_ROOT:-/run/containerd/runc/k8s.io}" agent \
-        --listen "${MIGRT_LISTEN:-0.0.0.0:7070}" --secret-file /etc/migrt/secret
+        --listen "${MIGRT_LISTEN:?set MIGRT_LISTEN to the node address:port}" \
+        --secret-file /etc/migrt/secret
     ;;
 uninstall)
     label -

@@ -139,9 +139,7 @@ class Logs(Plugin):
         base = self._base(ctx)
         kept = None
         try:
-            from migrt.runtime import lifecycle
-            kept = record.keep_criu_log(cid, os.path.join(lifecycle.work_dir(ctx["call"], cid),
-                                                          "restore.log"),
+            kept = record.keep_criu_log(cid, os.path.join(ctx["work_dir"], "restore.log"),
                                         "restore", ctx["options"]["keep"], base,
                                         self._root(ctx))
         except Exception:

@@ -12,6 +12,7 @@ is done; the agent calls it for the source's `filled` request, for status reques
 and from its janitor (a migrate that died meanwhile is finished by recovery, which
 asks for the status). With `migrt agent --user`, the root side does it (migrt.agent.privsep).
 """
+import os
 import subprocess
 
 FILLING = "filling"
@@ -31,42 +32,64 @@ def _daemon_alive(pid):
 
 def _errors(log, limit=3):
     try:
-        with open(log, errors="replace") as f:
-            return [ln.strip() for ln in f if "Error" in ln][:limit]
+        from migrt.safeio import open_file
+        with open_file(log, "rb") as f:
+            lines = f.read(4 << 20).decode(errors="replace").splitlines()
+        return [ln.strip() for ln in lines if "Error" in ln][:limit]
     except OSError:
         return []
 
 
-def check(staged, runc=None):
+def check(staged, mine, runc=None):
     """(state, error): `filling`, `restored` or `failed` (or the record's own state if
     it is not filling). A failed fill stops the destination copy first (with `runc`,
-    default migrt.runc.runc_path())."""
+    default migrt.runc.runc_path()).
+
+    The staged record only says *whether* to look (its state). What is looked at and
+    acted on comes from the agent's own root-only record `mine` (the container it
+    restored for this migration and its runc root, migrt.agent.server.Agent.restore)
+    and from migrt's record in that container's runc state dir (the daemon's pid, the
+    restore's work dir): never from the staged record, which the agent's network side
+    writes (with `migrt agent --user`, an unprivileged user)."""
     rec = staged.read() or {}
     state = rec.get("state")
     if state != FILLING:
         return state, rec.get("error")
-    if _daemon_alive(rec.get("fill_pid") or 0):
+    from migrt.runtime import lifecycle
+    cid, root = (mine or {}).get("container"), (mine or {}).get("root")
+    restored = None
+    if cid and root:
+        import types
+        restored = lifecycle.read_record(types.SimpleNamespace(root=root), cid)
+    if not restored:
+        why = ("the memory fill cannot be followed: no container restored here for "
+               f"migration {staged.mid}")
+        staged.update(state="failed", error=why)
+        return "failed", why
+    work = restored.get("work") or ""
+    if os.path.dirname(os.path.normpath(work)) != lifecycle.work_top():
+        work = ""
+    if _daemon_alive(restored.get("lazy_pid") or 0):
         return FILLING, None
     try:
-        with open(rec.get("fill_status") or "") as f:
-            code = f.read().strip()
-    except OSError:
+        from migrt.safeio import read_regular
+        code = read_regular(os.path.join(work, lifecycle.FILL_STATUS), 64).decode().strip() \
+            if work else None
+    except (OSError, UnicodeDecodeError):
         code = None
     if code == "0":
         staged.update(state="restored")
         return "restored", None
-    errs = _errors(rec.get("fill_log") or "")
+    errs = _errors(os.path.join(work, "lazy-pages.log")) if work else []
     why = (f"the memory fill from the staged image failed (criu lazy-pages "
            + (f"exited {code}" if code else "was killed") + ")"
            + (": " + "; ".join(errs) if errs else ""))
-    cid, root = rec.get("container"), rec.get("root")
-    if cid and root:
-        # a copy with part of its memory missing must not run on: the source resumes
-        if runc is None:
-            from migrt.runc import runc_path
-            runc = runc_path()
-        subprocess.run([runc, "--root", root, "delete", "--force", cid],
-                       capture_output=True, timeout=60)
+    # a copy with part of its memory missing must not run on: the source resumes
+    if runc is None:
+        from migrt.runc import runc_path
+        runc = runc_path()
+    subprocess.run([runc, "--root", root, "delete", "--force", cid],
+                   capture_output=True, timeout=60)
+    lifecycle.forget(restored)
     staged.update(state="failed", error=why)
     return "failed", why
-

@@ -84,7 +84,9 @@ class RootHelper:
             if op == "recover":
                 from migrt.migration import recovery
                 from migrt.agent.server import log
-                return {"ok": True, "outcomes": recovery.resolve_pending(self.agent.secret, log)}
+                out = recovery.resolve_pending(self.agent.secret, log)
+                self.agent.sweep_private()
+                return {"ok": True, "outcomes": out}
             return {"error": f"unknown request {op!r}"}
         except Refused as e:
             return {"error": str(e)}
@@ -106,7 +108,7 @@ class RootHelper:
         if not stg.valid_cid(cid):
             raise Refused("not a container id runc accepts")
         root = self._check_root(req)
-        staged = stg.Staged(mid, self.agent.staging)
+        staged = stg.Staged(mid, self.agent.staging, self.agent.disk)
         rec = staged.read()
         if not rec or rec.get("state") != "staged":
             raise Refused(f"migration {mid} is not staged here")
@@ -125,9 +127,10 @@ class RootHelper:
         mid = req.get("mid")
         if not stg.valid_mid(mid):
             raise Refused("not a migration id")
-        staged = stg.Staged(mid, self.agent.staging)
+        staged = stg.Staged(mid, self.agent.staging, self.agent.disk)
         try:
-            return fill.check(staged)
+            # what it acts on is its own record of the restore, never the staged record
+            return fill.check(staged, self.agent.mine(mid))
         finally:
             self._give_back(staged.dir)
 
@@ -148,11 +151,15 @@ class RootHelper:
             raise Refused(f"bundle {bundle}: config.json is not a root-owned regular file")
 
     def _give_back(self, d):
-        """Records the restore wrote as root go back to the network side, which reads them."""
+        """Records the restore wrote as root go back to the network side, which reads them
+        (root's own regular files only, one link each: never a file linked in from
+        elsewhere)."""
+        import stat
         try:
             for n in os.listdir(d):
                 p = os.path.join(d, n)
-                if os.path.isfile(p) and not os.path.islink(p):
+                st = os.lstat(p)
+                if stat.S_ISREG(st.st_mode) and st.st_uid == 0 and st.st_nlink == 1:
                     os.lchown(p, self.uid, self.gid)
         except OSError:
             pass
@@ -307,6 +314,7 @@ def run(listen, secret, user, **kw):
     signal.signal(signal.SIGTERM, forward)
     signal.signal(signal.SIGINT, forward)
     agent.warm()                         # restores run on this side
+    agent.sweep_private(startup=True)    # a crash's leftovers: bundles' configs put back
     RootHelper(agent, pw.pw_uid, pw.pw_gid).serve(parent_sock)
     _, status = os.waitpid(pid, 0)
     return os.waitstatus_to_exitcode(status)

@@ -13,6 +13,7 @@ Data connections (`op: data`, mid) carry chunks into that migration's Stage.
 import collections
 import json
 import os
+import shutil
 import signal
 import socket
 import subprocess
@@ -28,6 +29,7 @@ from migrt.migration import recovery
 from migrt.runc import criu_path, runc_path
 from migrt.runtime.lifecycle import runc_error, wait_exit
 from migrt.agent import fill, staging as stg
+from migrt.safeio import makedirs_private, read_regular, write_private
 from migrt.image import manifest as mf
 from migrt.transfer import receiver, wire
 
@@ -97,9 +99,17 @@ class Agent:
         from migrt.agent.metrics import Metrics
         self.metrics = Metrics(self)
         for d in (self.staging, self.disk):
-            os.makedirs(d, mode=0o700, exist_ok=True)
+            makedirs_private(d)
             os.chmod(d, 0o700)
         os.environ["MIGRT_STAGING"] = self.staging
+        os.environ["MIGRT_STAGING_DISK"] = self.disk
+        # what the root side knows of the restores it did, where only root can write
+        # (the staging dirs belong to the network side, an unprivileged user with --user)
+        self.private = os.path.join(os.environ.get("MIGRT_STATE_DIR", "/run/migrt"), "agent")
+        if os.geteuid() == 0:
+            makedirs_private(self.private)
+            os.chmod(self.private, 0o700)
+            stg.note_disk(self.staging, self.disk)
 
     # ------------------------------------------------------------ serving
     def bind(self):
@@ -132,8 +142,10 @@ class Agent:
             log("metrics on http://%s:%d/metrics" % srv.server_address[:2])
 
     def serve(self):
-        for mid in stg.sweep(self.staging, self.ttl, startup=True, log=log):
+        for mid in stg.sweep(self.staging, self.ttl, startup=True, log=log, disk=self.disk):
             pass
+        if not self.privileged:
+            self.sweep_private(startup=True)
         # migrations this node was the source of, left by a `migrt migrate` that died
         threading.Thread(target=self._recover, daemon=True).start()
         stg.sweep_disk(self.staging, self.disk)
@@ -205,12 +217,12 @@ class Agent:
         while not self.stop.wait(every):
             with self.lock:
                 active = set(self.sessions)
-            for s in stg.all_staged(self.staging):
+            for s in stg.all_staged(self.staging, self.disk):
                 if (s.read() or {}).get("state") == fill.FILLING:
                     state, why = self.fill_check(s)
                     if state != fill.FILLING:
                         log(f"{s.mid}: memory fill " + ("done" if state == "restored" else why))
-            stg.sweep(self.staging, self.ttl, active=active, log=log)
+            stg.sweep(self.staging, self.ttl, active=active, log=log, disk=self.disk)
             stg.sweep_disk(self.staging, self.disk)
             self._recover()
             try:        # container records with no event for MIGRT_RECORD_DAYS
@@ -224,6 +236,61 @@ class Agent:
             self.privileged.recover(log=log)
         else:
             recovery.resolve_pending(self.secret, log)
+            self.sweep_private()
+
+    # ------------------------------------------------------------ root-only records
+    def _private_dir(self, mid):
+        if not stg.valid_mid(mid):
+            raise Refused("not a migration id")
+        return os.path.join(self.private, mid)
+
+    def mine(self, mid):
+        """This agent's own record of the restore it did for migration mid (root-only),
+        or None: the container it restored and the runc root it used."""
+        try:
+            rec = json.loads(read_regular(os.path.join(self._private_dir(mid), "restore.json")))
+            return rec if isinstance(rec, dict) else None
+        except (OSError, ValueError, Refused):
+            return None
+
+    def _put_back_config(self, mid):
+        """The destination bundle's config.json as it was before the agent added its
+        marker (after the restore, whatever its outcome, and after a crash)."""
+        d = self._private_dir(mid)
+        rec = self.mine(mid) or {}
+        bundle = rec.get("bundle")
+        if not bundle:
+            return
+        cfg = os.path.join(bundle, "config.json")
+        try:
+            orig = read_regular(os.path.join(d, "config.json.orig"))
+            now = read_regular(cfg)
+        except OSError:
+            return
+        if now != orig and f"MIGRT_RESTORE_FROM=staged:{mid}".encode() in now:
+            try:
+                write_private(cfg, orig, 0o600)
+                os.chmod(cfg, rec.get("config_mode", 0o600))
+            except OSError as e:
+                log(f"{mid}: could not put back {cfg}: {e}")
+
+    def sweep_private(self, startup=False):
+        """Root-only records of migrations that are decided (their staged copy gone):
+        the bundle's config put back if a crash left the marker, then removed. At
+        startup no restore is running: every bundle's config goes back."""
+        try:
+            names = os.listdir(self.private)
+        except OSError:
+            return
+        for mid in names:
+            if not stg.valid_mid(mid):
+                continue
+            if os.path.exists(os.path.join(self.staging, mid)):
+                if startup:
+                    self._put_back_config(mid)
+                continue
+            self._put_back_config(mid)
+            shutil.rmtree(os.path.join(self.private, mid), ignore_errors=True)
 
     def _handle(self, s, peer):
         try:
@@ -487,24 +554,44 @@ class Agent:
         root = msg.get("root") or self.root
         if not bundle or not cid:
             raise Refused("restore needs a bundle and a container id")
+        priv = self._private_dir(staged.mid)
+        shutil.rmtree(priv, ignore_errors=True)
+        makedirs_private(priv)
         cfg = os.path.join(bundle, "config.json")
         try:
-            with open(cfg) as f:
-                spec = json.load(f)
+            orig = read_regular(cfg)
+            mode = os.stat(cfg).st_mode & 0o7777
+            spec = json.loads(orig)
             env = [e for e in spec["process"].get("env", [])
                    if not e.startswith("MIGRT_RESTORE_FROM=")]
             spec["process"]["env"] = env + [f"MIGRT_RESTORE_FROM=staged:{staged.mid}"]
-            with open(cfg + ".tmp", "w") as f:
-                json.dump(spec, f)
-            os.replace(cfg + ".tmp", cfg)
-        except (OSError, ValueError, KeyError, TypeError) as e:
+            write_private(os.path.join(priv, "config.json.orig"), orig)
+            write_private(os.path.join(priv, "restore.json"), json.dumps(
+                {"mid": staged.mid, "container": cid, "root": root,
+                 "bundle": os.path.abspath(bundle), "config_mode": mode}).encode())
+            write_private(cfg, json.dumps(spec).encode(), mode)
+        except (OSError, ValueError, KeyError, TypeError, AttributeError) as e:
+            shutil.rmtree(priv, ignore_errors=True)
             raise Refused(f"bundle {bundle}: {e}")
+        ok = False
+        try:
+            pid = self._restore(staged, bundle, cid, root, priv)
+            ok = True
+            return pid
+        finally:
+            # runc has read it: the bundle keeps what its owner wrote, marker or not
+            self._put_back_config(staged.mid)
+            if not ok:
+                shutil.rmtree(priv, ignore_errors=True)
+
+    def _restore(self, staged, bundle, cid, root, priv):
         failpoints.hit("agent.before-restore")
-        os.makedirs(self.log_dir, mode=0o700, exist_ok=True)
+        makedirs_private(self.log_dir)
         out_path = os.path.join(self.log_dir, f"{cid}.log")
         r, w = os.pipe()
         in_r, in_w = os.pipe()
-        with open(out_path, "ab") as logf:
+        with os.fdopen(os.open(out_path, os.O_WRONLY | os.O_APPEND | os.O_CREAT | os.O_NOFOLLOW
+                               | os.O_CLOEXEC, 0o600), "ab") as logf:
             # The container's stdout/stderr must be pipes (as containerd gives them); a
             # detached reader outlives the agent so that an agent restart does not
             # break the container's pipes.
@@ -512,7 +599,9 @@ class Agent:
                              start_new_session=True, close_fds=True)
         os.close(r)
         env = dict(os.environ, MIGRT_STAGING=self.staging)
-        errlog = os.path.join(staged.dir, "create.log")
+        # root-only: runc would follow a link planted in the network side's staging dir
+        errlog = os.path.join(priv, "create.log")
+        os.close(os.open(errlog, os.O_WRONLY | os.O_CREAT | os.O_NOFOLLOW, 0o600))
         argv = [self.runtime, "--root", root, "--log", errlog, "--log-format", "json",
                 "run", "--detach", "--bundle", bundle, cid]     # create and start in one call
         # The container inherits runc's stdio: stdout and stderr both go to the log pipe,
@@ -537,9 +626,9 @@ class Agent:
                     pass
                 p.wait()
                 from migrt.runtime.lifecycle import unmount_criu_leftovers
-                unmount_criu_leftovers(types.SimpleNamespace(root=root), cid)
                 subprocess.run([self.runtime, "--root", root, "delete", "--force", cid],
                                capture_output=True, env=env)
+                unmount_criu_leftovers(types.SimpleNamespace(root=root), cid, remove=True)
                 raise Refused(f"restore did not finish in {self.restore_timeout:.0f}s; stopped")
             self.last_timing = {"restore": time.monotonic() - t0}
         finally:
@@ -612,7 +701,13 @@ class Agent:
                 # learns it on the control connection ("why"), not from its broken pipe
                 sess.stage.fail(f"data stream damaged on the way: {e}")
                 log(f"{mid}: data stream damaged on the way: {e}")
-                raise
+                # the source stops at once on any message here (migrt.transfer.sender)
+                try:
+                    conn.send_json({"error": f"data stream damaged on the way: {e}"})
+                except (OSError, ValueError):
+                    pass
+                conn.linger = REFUSE_LINGER
+                return
             if kind == b"J":
                 if payload.get("op") == "eof":
                     if sess.stage.error:
@@ -639,7 +734,7 @@ class Agent:
         """One look at a local lazy restore's memory fill (migrt.agent.fill)."""
         if self.privileged:
             return self.privileged.fill(staged.mid)
-        return fill.check(staged)
+        return fill.check(staged, self.mine(staged.mid))
 
     def fill_wait(self, staged, timeout):
         deadline = time.monotonic() + timeout
@@ -656,12 +751,19 @@ class Agent:
         if not stg.valid_mid(mid):
             conn.send_json({"error": "bad migration id"})
             return
-        staged = stg.Staged(mid, self.staging)
+        staged = stg.Staged(mid, self.staging, self.disk)
         if (staged.read() or {}).get("state") == fill.FILLING:
             self.fill_check(staged)             # moves it on if the daemon is done
         rec = staged.read()
         reply = {"ok": True, "state": (rec or {}).get("state", "unknown"),
                  "container": (rec or {}).get("container")}
+        with self.lock:
+            active = mid in self.sessions
+        if hello.get("release") and rec and not active \
+                and rec.get("state") in ("restored", "failed", "done"):
+            # the source decided (migrt.migration.recovery): nothing here is needed now
+            staged.remove()
+            log(f"{mid}: released by the source's recovery ({rec.get('state')})")
         # does the container run here? (migrt.migration.recovery: a staged record is gone once
         # dropped *or* released, so its absence alone cannot say)
         cid, root = hello.get("id"), hello.get("root") or self.root

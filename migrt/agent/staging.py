@@ -15,6 +15,7 @@ import os
 import re
 import shutil
 import time
+from migrt.safeio import makedirs_private
 
 DEFAULT_STAGING = "/run/migrt/staged"
 DEFAULT_DISK = "/var/lib/migrt/staged"
@@ -25,6 +26,43 @@ RECORD = "migration.json"
 
 def staging_root():
     return os.environ.get("MIGRT_STAGING", DEFAULT_STAGING)
+
+
+def _disk_note(staging):
+    import hashlib
+    key = hashlib.sha1(os.path.realpath(staging).encode()).hexdigest()[:16]
+    return os.path.join(os.environ.get("MIGRT_STATE_DIR", "/run/migrt"), "agent",
+                        f"disk-{key}.json")
+
+
+def note_disk(staging, disk):
+    """The agent (as root) notes where its staging dir's rootfs changes go, for the
+    runtime that restores a `staged:` marker without the agent's settings (containerd
+    runs it): in root's own dir, never in the staged record."""
+    from migrt.safeio import makedirs_private, write_private
+    p = _disk_note(staging)
+    makedirs_private(os.path.dirname(p))
+    write_private(p, json.dumps({"staging": os.path.realpath(staging),
+                                 "disk": os.path.abspath(disk)}).encode())
+
+
+def disk_root(staging=None):
+    """Where the rootfs changes of this staging dir's migrations are: $MIGRT_STAGING_DISK,
+    else what its agent noted (note_disk, root-owned only), else the default."""
+    env = os.environ.get("MIGRT_STAGING_DISK")
+    if env:
+        return env
+    from migrt.safeio import open_regular
+    try:
+        fd = open_regular(_disk_note(staging or staging_root()))
+        with os.fdopen(fd, "rb") as f:
+            if os.fstat(f.fileno()).st_uid == 0:
+                disk = json.loads(f.read(1 << 16)).get("disk")
+                if isinstance(disk, str) and os.path.isabs(disk):
+                    return disk
+    except (OSError, ValueError, AttributeError):
+        pass
+    return DEFAULT_DISK
 
 
 def valid_mid(mid):
@@ -51,34 +89,41 @@ class Staged:
         self.image_dir = os.path.join(self.dir, "image")
         self.tls_dir = os.path.join(self.dir, "tls")       # lazy mode's page TLS identity
         self.record_path = os.path.join(self.dir, RECORD)
-        rec = self.read() if disk is None else None
-        self.disk_dir = os.path.join(disk, mid) if disk else (rec or {}).get("disk_dir", "")
-        self.rootfs_dir = os.path.join(self.disk_dir, "rootfs") if self.disk_dir else ""
+        # derived, never read from the record (which the agent's network side writes)
+        self.disk_dir = os.path.join(disk or disk_root(staging), mid)
+        self.rootfs_dir = os.path.join(self.disk_dir, "rootfs")
 
     def create(self, **fields):
         for d in (os.path.dirname(self.dir), os.path.dirname(self.disk_dir)):
-            os.makedirs(d, mode=0o700, exist_ok=True)
+            makedirs_private(d)
         os.mkdir(self.dir, 0o700)
-        os.makedirs(self.disk_dir, mode=0o700, exist_ok=True)
+        makedirs_private(self.disk_dir)
         os.chmod(self.disk_dir, 0o700)
-        self.write(dict(fields, mid=self.mid, state="receiving", created=time.time(),
-                        disk_dir=self.disk_dir))
+        self.write(dict(fields, mid=self.mid, state="receiving", created=time.time()))
+
+    def linked(self):
+        """Is any of this migration's own dirs a symlink? (The network side owns them;
+        root must not be sent elsewhere through one.)"""
+        return any(os.path.islink(p) for p in (self.dir, self.image_dir, self.disk_dir,
+                                                self.rootfs_dir, self.tls_dir))
 
     def read(self):
+        """The record (never through a symlink, never blocking on a FIFO)."""
+        from migrt.safeio import read_regular
+        if os.path.islink(self.dir):
+            return None
         try:
-            with open(self.record_path) as f:
-                rec = json.load(f)
+            rec = json.loads(read_regular(self.record_path, 1 << 20))
             return rec if isinstance(rec, dict) else None
         except (OSError, ValueError):
             return None
 
     def write(self, rec):
+        from migrt.safeio import write_private
+        if os.path.islink(self.dir):
+            raise OSError(40, "a symlink, not the migration's dir", self.dir)
         rec["updated"] = time.time()
-        tmp = self.record_path + ".tmp"
-        fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o600)
-        with os.fdopen(fd, "w") as f:
-            json.dump(rec, f)
-        os.replace(tmp, self.record_path)
+        write_private(self.record_path, json.dumps(rec).encode())
 
     def update(self, **fields):
         rec = self.read() or {"mid": self.mid}
@@ -105,16 +150,16 @@ def all_staged(staging, disk=None):
     out = []
     for n in sorted(names):
         if valid_mid(n):
-            out.append(Staged(n, staging))
+            out.append(Staged(n, staging, disk))
     return out
 
 
-def sweep(staging, ttl, active=(), startup=False, log=None):
+def sweep(staging, ttl, active=(), startup=False, log=None, disk=None):
     """Remove staged migrations older than ttl, and (at startup) any left half-received
     by a previous agent. Disk dirs with no tmpfs record (tmpfs lost at reboot) go too."""
     now = time.time()
     removed = []
-    for s in all_staged(staging):
+    for s in all_staged(staging, disk):
         if s.mid in active:
             continue
         rec = s.read() or {}

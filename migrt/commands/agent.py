@@ -16,7 +16,9 @@ def _size(s):
 
 
 @click.command(name="agent")
-@click.option("--listen", default="0.0.0.0:7070", show_default=True, help="HOST:PORT to listen on")
+@click.option("--listen", default=None, help="HOST:PORT to listen on, required: the node's "
+              "own address on the network migrations come over (0.0.0.0 only on purpose: "
+              "every interface) [or $MIGRT_LISTEN]")
 @click.option("--secret-file", type=click.Path(dir_okay=False),
               help="shared secret (mode 600); or MIGRT_SECRET_FILE")
 @click.option("--staging", default=None, help="tmpfs dir for memory images "
@@ -39,6 +41,12 @@ def _size(s):
 def command(call, listen, secret_file, staging, disk, quota, ttl, restore_root, log_dir, user,
             peer_timeout, metrics):
     """Receive migrations over TCP, stage and verify them, restore them here."""
+    listen = listen or os.environ.get("MIGRT_LISTEN")
+    if not listen or ":" not in listen or not listen.rpartition(":")[2].isdigit():
+        raise click.UsageError(
+            "--listen HOST:PORT is required: the node's own address on the network "
+            "migrations come over (a node agent does not listen on every interface unless "
+            "told to, e.g. --listen 0.0.0.0:7070)")
     if peer_timeout is not None:
         os.environ["MIGRT_PEER_TIMEOUT"] = str(peer_timeout)
     from migrt.agent import server

@@ -12,6 +12,7 @@ import stat
 
 from migrt.errors import CheckpointError
 from migrt.image import digest, manifest as mf, rootfs as rfs
+from migrt.safeio import open_regular
 
 MANIFEST = mf.MANIFEST
 SPEC = mf.SPEC
@@ -195,9 +196,15 @@ def stamp_verified(image_dir, m, rootfs_dir=None):
 
 
 def _stamp_ok(image_dir, m, rootfs_dir):
+    """Only a stamp written with this process's own privilege counts: one written by
+    anyone else (the agent's unprivileged network side) cannot spare root's checks."""
+    from migrt.safeio import open_regular
     try:
-        with open(os.path.join(image_dir, STAMP)) as f:
-            rec = json.load(f)
+        fd = open_regular(os.path.join(image_dir, STAMP))
+        with os.fdopen(fd, "rb") as f:
+            if os.fstat(f.fileno()).st_uid != os.geteuid():
+                return False
+            rec = json.loads(f.read(16 << 20))
         if rec["manifest"] != _stat_key(os.lstat(os.path.join(image_dir, MANIFEST))):
             return False
         for e in m["files"]:
@@ -236,7 +243,11 @@ def verify_image(image_dir, rootfs_dir=None, full=False, check_arch=True):
         if st.st_size != e["size"]:
             what = "truncated" if st.st_size < e["size"] else "longer than recorded"
             raise CheckpointError(f"{p}: {what} ({st.st_size} bytes, manifest says {e['size']})")
-        with open(p, "rb", buffering=0) as f:
+        try:
+            f = os.fdopen(open_regular(p), "rb", buffering=0)
+        except OSError as err:
+            raise CheckpointError(f"{p}: {err.strerror or err} (refused)")
+        with f:
             for i, want in enumerate(e["chunks"]):
                 b = f.read(chunk)
                 if digest.chunk_digest(b) != want:
@@ -260,7 +271,8 @@ def verify_image(image_dir, rootfs_dir=None, full=False, check_arch=True):
     return m
 
 
-def apply_rootfs(image_dir, bundle, rootfs_dir=None, m=None, spec=None, move=True):
+def apply_rootfs(image_dir, bundle, rootfs_dir=None, m=None, spec=None, move=True,
+                 journal=None):
     """Put the image's writable layer in place in `bundle`'s rootfs.
 
     move=True renames the staged files into place (a staged migration is used once);
@@ -272,14 +284,20 @@ def apply_rootfs(image_dir, bundle, rootfs_dir=None, m=None, spec=None, move=Tru
             spec = json.load(f)
     diff_dir = rootfs_dir or os.path.join(image_dir, rfs.DIFF_DIR)
     try:
-        return rfs.apply(diff_dir, m["rootfs"], rootfs_of(bundle, spec), move=move)
+        return rfs.apply(diff_dir, m["rootfs"], rootfs_of(bundle, spec), move=move,
+                         journal=journal)
     except ValueError as e:
         raise CheckpointError(f"{os.path.join(image_dir, MANIFEST)}: {e}")
 
 
-def prepare_restore(image_dir, bundle, spec):
+def prepare_restore(image_dir, bundle, spec, journal=None):
     """Called by the core before restoring a local migrt image: its rootfs changes, copied."""
-    return apply_rootfs(image_dir, bundle, spec=spec, move=False)
+    return apply_rootfs(image_dir, bundle, spec=spec, move=False, journal=journal)
+
+
+def rootfs_journal(bundle, spec):
+    """A migrt.image.rootfs.Journal for the bundle's rootfs (the core's undo of prepare)."""
+    return rfs.Journal(rootfs_of(bundle, spec))
 
 
 def inspect(image_dir):

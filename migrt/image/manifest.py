@@ -180,9 +180,9 @@ def _validator():
 
 def load(image_dir):
     path = os.path.join(image_dir, MANIFEST)
+    from migrt.safeio import read_regular
     try:
-        with open(path, "rb") as f:
-            data = f.read(64 << 20)
+        data = read_regular(path, 64 << 20)
     except FileNotFoundError:
         raise CheckpointError(f"{path}: missing (not a migrt image)")
     except OSError as e:

@@ -16,6 +16,7 @@ The diff is written as regular files under <dest>/files/ plus a list of entries.
 import os
 import shutil
 import stat
+from migrt.safeio import makedirs_private
 
 DIFF_DIR = "migrt/rootfs"
 
@@ -135,13 +136,13 @@ def write_diff(source_dir, entries, dest):
     """Copy the regular files of `entries` from source_dir into dest/files/; return bytes."""
     total = 0
     files = os.path.join(dest, "files")
-    os.makedirs(files, mode=0o700, exist_ok=True)
+    makedirs_private(files)
     for e in entries:
         if e["type"] != "file":
             continue
         src = os.path.join(source_dir, e["path"])
         dst = os.path.join(files, e["path"])
-        os.makedirs(os.path.dirname(dst), mode=0o700, exist_ok=True)
+        makedirs_private(os.path.dirname(dst))
         with open(src, "rb") as fi:
             fd = os.open(dst, os.O_WRONLY | os.O_CREAT | os.O_TRUNC | os.O_NOFOLLOW, 0o600)
             with os.fdopen(fd, "wb") as fo:
@@ -156,6 +157,8 @@ def _inside(root, rel):
     if os.path.isabs(rel) or rel.startswith("../") or "/../" in rel or rel == ".." \
             or rel.endswith("/.."):
         raise ValueError(f"path escapes the rootfs: {rel}")
+    if rel == ".":
+        return root
     p = os.path.join(root, rel) if rel != "." else root
     parent = os.path.realpath(os.path.dirname(p))
     if not (parent + "/").startswith(os.path.realpath(root) + "/") and parent != os.path.realpath(root):
@@ -170,22 +173,129 @@ def _remove(p):
         os.unlink(p)
 
 
-def apply(diff_dir, info, rootfs, move=True):
+UNDO_PREFIX = ".migrt-undo-"
+
+
+class Journal:
+    """What `apply` changed in a rootfs, so that a failed restore can put it back exactly.
+
+    Whatever apply removes or replaces is first moved aside into one dir inside the
+    rootfs (a rename on the same filesystem; a copy where overlayfs refuses to rename a
+    lower dir); whatever it creates is noted; every dir whose entries or attributes
+    change has its mode, owner and times noted. rollback() puts all of it back,
+    commit() drops the saved copies once the restore succeeded."""
+
+    def __init__(self, rootfs):
+        self.rootfs = rootfs
+        self.dir = None
+        self.saved = []         # (path, where its original is kept)
+        self.created = []
+        self.dirs = {}          # path -> lstat before the first change
+        self.seen = set()
+        self.n = 0
+
+    def _note_dir(self, d):
+        if d not in self.dirs:
+            try:
+                self.dirs[d] = os.lstat(d)
+            except OSError:
+                pass
+
+    def _covered(self, p):
+        q = p
+        while q and q != self.rootfs and q != "/":
+            if q in self.seen:
+                return True
+            q = os.path.dirname(q)
+        return False
+
+    def save(self, p):
+        """Call before p is removed, replaced or created."""
+        if self._covered(p):
+            return
+        self.seen.add(p)
+        self._note_dir(os.path.dirname(p))
+        if not os.path.lexists(p):
+            self.created.append(p)
+            return
+        if self.dir is None:
+            import tempfile
+            self._note_dir(self.rootfs)
+            self.dir = tempfile.mkdtemp(prefix=UNDO_PREFIX, dir=self.rootfs)
+        dst = os.path.join(self.dir, str(self.n))
+        self.n += 1
+        try:
+            os.rename(p, dst)
+        except OSError as e:
+            if e.errno != 18:               # EXDEV: overlayfs, a lower dir
+                raise
+            if os.path.isdir(p) and not os.path.islink(p):
+                shutil.copytree(p, dst, symlinks=True)
+                shutil.rmtree(p)
+            else:
+                shutil.copy2(p, dst, follow_symlinks=False)
+                os.unlink(p)
+            st = os.lstat(dst)
+            os.lchown(dst, st.st_uid, st.st_gid)
+        self.saved.append((p, dst))
+
+    def touch_dir(self, p):
+        """Call before an existing dir's mode, owner or times are set."""
+        self._note_dir(p)
+
+    def rollback(self):
+        for p in reversed(self.created):
+            if os.path.lexists(p):
+                _remove(p)
+        for p, dst in reversed(self.saved):
+            if os.path.lexists(p):
+                _remove(p)
+            os.rename(dst, p)
+        if self.dir:
+            shutil.rmtree(self.dir, ignore_errors=True)
+            self.dir = None
+        for d, st in sorted(self.dirs.items(), key=lambda kv: -len(kv[0])):
+            try:
+                os.lchown(d, st.st_uid, st.st_gid)
+                os.chmod(d, stat.S_IMODE(st.st_mode))
+                os.utime(d, ns=(st.st_atime_ns, st.st_mtime_ns))
+            except OSError:
+                pass
+
+    def commit(self):
+        if self.dir:
+            shutil.rmtree(self.dir, ignore_errors=True)
+            self.dir = None
+            st = self.dirs.get(self.rootfs)
+            if st is not None:      # the undo dir's coming and going is not a change
+                try:
+                    os.utime(self.rootfs, ns=(st.st_atime_ns, st.st_mtime_ns))
+                except OSError:
+                    pass
+
+
+def apply(diff_dir, info, rootfs, move=True, journal=None):
     """Put the writable layer `info` (manifest's rootfs section) in place under rootfs.
 
     Regular files are moved with rename (staging lives on the node's disk beside the
     bundles); across filesystems they are copied. Returns the number of bytes copied.
+    With a Journal, everything changed can be put back (Journal.rollback).
+    The staged files are taken as regular files only (never followed), and attributes
+    are set without following symlinks.
     """
+    j = journal or Journal(rootfs)
     copied = 0
     for rel in info.get("deleted", []):
-        _remove(_inside(rootfs, rel))
+        p = _inside(rootfs, rel)
+        if os.path.lexists(p):
+            j.save(p)
     for rel, names in sorted(info.get("listings", {}).items()):
         d = _inside(rootfs, rel)
         if os.path.isdir(d) and not os.path.islink(d):
             keep = set(names)
             for n in os.listdir(d):
-                if n not in keep:
-                    _remove(os.path.join(d, n))
+                if n not in keep and not (rel == "." and n.startswith(UNDO_PREFIX)):
+                    j.save(os.path.join(d, n))
     files = os.path.join(diff_dir, "files")
     dirs = []
     for e in info.get("entries", []):
@@ -193,19 +303,23 @@ def apply(diff_dir, info, rootfs, move=True):
         t = e["type"]
         if t == "dir":
             if os.path.lexists(p) and not (os.path.isdir(p) and not os.path.islink(p)):
-                _remove(p)
-            os.makedirs(p, exist_ok=True)
+                j.save(p)
+            if not os.path.lexists(p):
+                j.save(p)
+                os.makedirs(p, exist_ok=True)
+            else:
+                j.touch_dir(p)
             dirs.append((p, e))
             continue
-        if os.path.lexists(p) and os.path.isdir(p) and not os.path.islink(p):
-            shutil.rmtree(p)
+        j.save(p)
         if t == "symlink":
-            if os.path.lexists(p):
-                os.unlink(p)
             os.symlink(e["target"], p)
             os.lchown(p, e["uid"], e["gid"])
             continue
         src = os.path.join(files, e["path"])
+        sst = os.lstat(src)
+        if not stat.S_ISREG(sst.st_mode):
+            raise ValueError(f"rootfs change {e['path']}: not a regular file in the image")
         try:
             if not move:
                 raise OSError(18, "copy")
@@ -214,14 +328,29 @@ def apply(diff_dir, info, rootfs, move=True):
             if err.errno != 18:   # EXDEV
                 raise
             tmp = p + ".migrt-tmp"
-            shutil.copyfile(src, tmp)
+            fd = os.open(src, os.O_RDONLY | os.O_NOFOLLOW | os.O_NONBLOCK)
+            with os.fdopen(fd, "rb") as fi:
+                out = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_TRUNC | os.O_NOFOLLOW, 0o600)
+                with os.fdopen(out, "wb") as fo:
+                    shutil.copyfileobj(fi, fo, 1 << 20)
             os.replace(tmp, p)
             copied += e.get("size", 0)
-        os.chown(p, e["uid"], e["gid"])
-        os.chmod(p, e["mode"])
-        os.utime(p, ns=(e["mtime"], e["mtime"]))
+        os.chown(p, e["uid"], e["gid"], follow_symlinks=False)
+        _chmod_nofollow(p, e["mode"])
+        os.utime(p, ns=(e["mtime"], e["mtime"]), follow_symlinks=False)
     for p, e in reversed(dirs):
-        os.chown(p, e["uid"], e["gid"])
-        os.chmod(p, e["mode"])
-        os.utime(p, ns=(e["mtime"], e["mtime"]))
+        os.chown(p, e["uid"], e["gid"], follow_symlinks=False)
+        _chmod_nofollow(p, e["mode"])
+        os.utime(p, ns=(e["mtime"], e["mtime"]), follow_symlinks=False)
     return copied
+
+
+def _chmod_nofollow(p, mode):
+    """chmod of what p itself is (Linux has no lchmod: through an O_PATH descriptor)."""
+    fd = os.open(p, os.O_PATH | os.O_NOFOLLOW)
+    try:
+        if stat.S_ISLNK(os.fstat(fd).st_mode):
+            return
+        os.chmod(f"/proc/self/fd/{fd}", mode)
+    finally:
+        os.close(fd)

@@ -29,6 +29,7 @@ from migrt.errors import EXIT_ROLLED_BACK, MigrtError, RefusedError
 from migrt.image import manifest as mf
 from migrt.transfer import wire
 from migrt.transfer.sender import PagePipes, Sender, TransferError, manifest_files
+from migrt.safeio import makedirs_private
 
 
 class MigrationFailed(MigrtError):
@@ -251,6 +252,17 @@ def runc_binary():
     return runc_path()
 
 
+def _restore_record(root, cid):
+    """migrt's record of a container it restored (migrt.runtime.lifecycle), or None."""
+    from migrt.runc import RECORD
+    try:
+        with open(os.path.join(root, cid, RECORD)) as f:
+            rec = json.load(f)
+        return rec if isinstance(rec, dict) else None
+    except (OSError, ValueError):
+        return None
+
+
 def _state_dir():
     return os.environ.get("MIGRT_STATE_DIR", "/run/migrt")
 
@@ -294,7 +306,7 @@ def _write_kept_logs(mid, logs):
         return
     d = _kept_dir()
     try:
-        os.makedirs(d, mode=0o700, exist_ok=True)
+        makedirs_private(d)
         for name, data in logs.items():
             with open(os.open(_kept_log(mid, name), os.O_WRONLY | os.O_CREAT | os.O_TRUNC,
                               0o600), "wb") as f:
@@ -580,12 +592,15 @@ class Migration:
         try:
             self.ctl, _ = wire.connect(self.opts.to, self.opts.secret, hello)
             reply = self._request(req)
-        except wire.ProtocolError as e:
+            from migrt.agent.staging import valid_mid
+            if not valid_mid(reply.get("mid")):
+                raise wire.ProtocolError("its precheck reply names no migration")
+        except (wire.ProtocolError, OSError) as e:
             if self.ctl is not None:
                 self.ctl.close()
                 self.ctl = None
-            raise RefusedError(f"destination {self.opts.to} cannot take {self.cid}: {e}; "
-                               f"nothing was frozen")
+            raise RefusedError(f"destination {self.opts.to} cannot take {self.cid}: "
+                               f"{wire.explain(e)}; nothing was frozen")
         self.mid = reply["mid"]
         if self.opts.mode == "lazy":
             try:
@@ -721,7 +736,7 @@ class Migration:
     def _send_round(self, image, work, capture, base=None, label="dump", fifos=False):
         """Dump into image while sending it. fifos: the pages go through FIFOs (only
         when frozen anyway: CRIU then waits for the transfer, and so do the tasks)."""
-        os.makedirs(image, mode=0o700, exist_ok=True)   # plugins may have written there
+        makedirs_private(image)   # plugins may have written there
         result = {"done": False}
         prog = Progress(self.estimate, self.opts.progress, status=self.status)
         prog.phase = label
@@ -921,12 +936,17 @@ class Migration:
 
     def release_source(self):
         self.phase = "release of the source"
+        rec = _restore_record(self.src.root, self.cid)
         # killed while frozen and still cut off: it never runs again, and its kernel
         # sends nothing (FIN, RST, data) on the connections the destination now owns
         warn = handover.release(self.src.run, self.cid)
         self.paused = False
         if warn:
             self.report["warning"] = warn
+        elif rec:
+            # a container migrt restored here leaves its restore's work dir behind
+            from migrt.runtime.lifecycle import forget
+            forget(rec)
         if self.hold is not None:
             h, self.hold = self.hold, None
             try:
@@ -949,8 +969,8 @@ class Migration:
         self.phase = "dump (lazy)"
         image = os.path.join(self.work, "image")
         work = os.path.join(self.work, "work")
-        os.makedirs(image, mode=0o700, exist_ok=True)
-        os.makedirs(work, mode=0o700, exist_ok=True)
+        makedirs_private(image)
+        makedirs_private(work)
         local_ip = self.ctl.sock.getsockname()[0]
         port = self.opts.page_server_port or _free_port(local_ip)
         from migrt.criu import pagetls

@@ -32,6 +32,7 @@ import shutil
 import signal
 import subprocess
 import time
+from migrt.safeio import makedirs_private
 
 
 def state_dir():
@@ -48,7 +49,7 @@ class Journal:
     @classmethod
     def begin(cls, mid, container, root, to, work, **extra):
         d = state_dir()
-        os.makedirs(d, mode=0o700, exist_ok=True)
+        makedirs_private(d)
         rec = dict(extra, mid=mid, container=container, root=os.path.abspath(root), to=to,
                    work=work, pid=os.getpid(), pid_start=_start_time(os.getpid()),
                    phase="prechecked", started=time.time())
@@ -188,7 +189,11 @@ def resolve(j, secret):
         if serving and leftovers(rec):
             return f"{where}: the destination runs it; the source still serves its memory"
         if src is not None:
-            _release(rec, cid, srcst.get("pid"))
+            from migrt.migration.migrate import _restore_record
+            from migrt.runtime.lifecycle import forget
+            restored = _restore_record(rec["root"], cid) if rec.get("root") else None
+            if not _release(rec, cid, srcst.get("pid")) and restored:
+                forget(restored)
         outcome = f"{where}: the destination runs it; source deleted"
     elif dest in ("failed", "gone") and (phase != "restoring" or exists is False):
         if serving:
@@ -209,6 +214,8 @@ def resolve(j, secret):
         outcome += f"; stopped {killed} leftover process(es)"
     if unlocked:
         outcome += f"; {unlocked}"
+    if phase in ("frozen", "restoring"):
+        release_destination(rec, secret)
     _drop_work(rec)
     j.done()
     return outcome
@@ -216,7 +223,8 @@ def resolve(j, secret):
 
 def _release(rec, cid, pid):
     """As migrate releases a source (migrt.migration.handover): killed while frozen and
-    its network still held, then its leftover sockets destroyed and the hold removed."""
+    its network still held, then its leftover sockets destroyed and the hold removed.
+    Returns a warning ("" when the source is gone)."""
     from migrt.migration import handover
     hold = None
     if pid:
@@ -224,12 +232,30 @@ def _release(rec, cid, pid):
             hold = handover.Hold.existing(pid)
         except OSError:
             hold = None
-    handover.release(lambda *a: _runc(rec, *a), cid)
+    warn = handover.release(lambda *a: _runc(rec, *a), cid)
     if hold is not None:
         try:
             hold.after_release()
         except (OSError, subprocess.SubprocessError):
             pass
+    return warn
+
+
+def release_destination(rec, secret):
+    """The migration is decided: the destination's staged copy is not needed any more
+    (it would otherwise stay until the agent's --ttl)."""
+    from migrt.transfer import wire
+    try:
+        c, _ = wire.connect(rec["to"], secret, {"op": "status", "mid": rec["mid"],
+                                                 "release": True}, timeout=3)
+    except (wire.ProtocolError, OSError):
+        return
+    try:
+        c.read_json()
+    except (wire.ProtocolError, OSError):
+        pass
+    finally:
+        c.close()
 
 
 def _clear_netlock(pid):

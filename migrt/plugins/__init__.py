@@ -14,6 +14,7 @@ import time
 
 from migrt.errors import MigrtError, RefusedError
 from migrt.plugins import stages as _stages
+from migrt.safeio import makedirs_private
 
 __all__ = ["Plugin", "run_stage", "RefusedError", "plugin_dir"]
 
@@ -53,7 +54,7 @@ def plugin_dir(ctx, name, create=True):
     import os
     d = os.path.join(ctx["image_dir"], "migrt", "plugins", name)
     if create:
-        os.makedirs(d, mode=0o700, exist_ok=True)
+        makedirs_private(d)
     return d
 
 

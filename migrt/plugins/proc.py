@@ -6,6 +6,7 @@ container before deciding to refuse a checkpoint.
 import json
 import os
 import shlex
+from migrt.safeio import makedirs_private
 
 
 def runc_state(ctx):
@@ -154,7 +155,7 @@ def add_criu_config(ctx, owner, lines):
     spec = ctx["spec"]
     bundle = ctx["bundle"]
     d = os.path.join(bundle, ".migrt")
-    os.makedirs(d, mode=0o700, exist_ok=True)
+    makedirs_private(d)
     path = os.path.join(d, "criu.conf")
     existing = []
     ann = (spec.get("annotations") or {}).get(CRIU_ANNOTATION)

@@ -16,6 +16,7 @@ import shutil
 import socket
 import time
 import uuid
+from migrt.safeio import makedirs_private
 
 DEFAULT_DIR = "/var/lib/migrt/containers"
 KEEP_EVENTS = 1000      # events.jsonl keeps the newest this many events of an id
@@ -48,7 +49,7 @@ def key(cid, root=None):
 def container_dir(cid, base=None, create=True, root=None):
     d = os.path.join(base_dir(base), key(cid, root))
     if create:
-        os.makedirs(os.path.join(d, "criu"), mode=0o700, exist_ok=True)
+        makedirs_private(os.path.join(d, "criu"))
         meta = os.path.join(d, META)
         if not os.path.exists(meta):
             tmp = meta + ".tmp"

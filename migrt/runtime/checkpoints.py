@@ -50,7 +50,8 @@ class RestoreSource:
     lazy_local     restore with lazy-pages from image_dir itself: the container runs
                    before its memory is all back (migrt.runtime.sources.staged); `fill` then
                    says where the daemon reports (set by the restore)
-    prepare        callable(bundle, spec) run before runc restore (rootfs changes)
+    prepare        callable(bundle, spec, journal) run before runc restore (rootfs
+                   changes, noted in the migrt.image.rootfs.Journal to be undone on failure)
     on_restored    callable(cid, pid) after the container runs
     on_failed      callable(cid, message) after a failed restore was cleaned up
     criu_conf      CRIU config-file lines the restore needs (runc has no flag for them)
@@ -86,9 +87,10 @@ def check_namespace(image_dir, spec, marker, theirs=None):
     if here is None:            # not a pod: root on this node restoring by hand
         return
     import json
+    from migrt.safeio import read_regular
     try:
-        with open(os.path.join(image_dir, "migrt", "manifest.json")) as f:
-            theirs = (json.load(f).get("container") or {}).get("namespace") or theirs
+        theirs = (json.loads(read_regular(os.path.join(image_dir, "migrt", "manifest.json")))
+                  .get("container") or {}).get("namespace") or theirs
     except (OSError, ValueError, AttributeError):
         pass                    # no manifest: validate() already decided about it
     if theirs and theirs != here:
@@ -104,32 +106,35 @@ def allowed_dirs():
 
 
 def check_allowed(path, value):
+    from migrt.errors import shown
     real = os.path.realpath(path)
     for d in allowed_dirs():
         if real == d or real.startswith(d.rstrip("/") + "/"):
             return real
     raise CheckpointError(
-        f"checkpoint {value}: {real} is outside the allowed checkpoint locations "
+        f"checkpoint {value}: {shown(real)} is outside the allowed checkpoint locations "
         f"({':'.join(allowed_dirs())}; set MIGRT_CHECKPOINT_DIRS)")
 
 
 def resolve(value, bundle):
     """Turn a marker value into a validated RestoreSource."""
-    m = re.match(r"^([a-z][a-z0-9_-]*):(.+)$", value)
+    from migrt.errors import shown as display
+    shown = display(value)
+    m = re.match(r"^([a-z][a-z0-9_-]{0,63}):(.+)$", value, re.S)
     if m and not value.startswith("/"):
         scheme, rest = m.groups()
         import importlib
         try:
             mod = importlib.import_module(f"migrt.runtime.sources.{scheme.replace('-', '_')}")
         except ImportError:
-            raise CheckpointError(f"checkpoint {value}: unknown checkpoint source {scheme!r}")
+            raise CheckpointError(f"checkpoint {shown}: unknown checkpoint source {scheme!r}")
         return mod.resolve(rest, bundle)
-    if not os.path.isabs(value):
-        raise CheckpointError(f"checkpoint {value}: must be an absolute path or scheme:name")
-    real = check_allowed(value, value)
+    if not os.path.isabs(value) or "\0" in value or len(value) > 4096:
+        raise CheckpointError(f"checkpoint {shown}: must be an absolute path or scheme:name")
+    real = check_allowed(value, shown)
     if os.path.isfile(real) or (os.path.isdir(real) and _archive_dir(real)):
-        return resolve_archive(real, value)
-    validate(real, value)
+        return resolve_archive(real, shown)
+    validate(real, shown)
     return RestoreSource(real, restore_flags=manifest_flags(real), prepare=manifest_prepare(real),
                          description=value)
 
@@ -199,9 +204,17 @@ def validate(image_dir, name=None):
         entries = os.listdir(image_dir)
     except OSError as e:
         raise CheckpointError(f"checkpoint {name}: cannot read: {e.strerror}")
+    import stat
     for e in sorted(entries):
-        if os.path.islink(os.path.join(image_dir, e)):
+        try:
+            st = os.lstat(os.path.join(image_dir, e))
+        except OSError:
+            continue
+        if stat.S_ISLNK(st.st_mode):
             raise CheckpointError(f"checkpoint {name}: {e} is a symlink; refusing to restore")
+        if not (stat.S_ISREG(st.st_mode) or stat.S_ISDIR(st.st_mode)):
+            raise CheckpointError(f"checkpoint {name}: {e} is not a regular file; "
+                                  f"refusing to restore")
     missing = [f for f in REQUIRED if f not in entries]
     cores = sorted(e for e in entries if e.startswith("core-") and e.endswith(".img"))
     if not cores:
@@ -226,9 +239,9 @@ def validate(image_dir, name=None):
 
 def core_arch(path, name):
     """Read CoreEntry.mtype from a CRIU core-<pid>.img."""
+    from migrt.safeio import read_regular
     try:
-        with open(path, "rb") as f:
-            head = f.read(64)
+        head = read_regular(path, 64)
     except OSError as e:
         raise CheckpointError(f"checkpoint {name}: cannot read {os.path.basename(path)}: {e.strerror}")
     base = os.path.basename(path)
@@ -253,8 +266,11 @@ def manifest_flags(image_dir):
     if not os.path.exists(path):
         return []
     import json
-    with open(path) as f:
-        man = json.load(f)
+    from migrt.safeio import read_regular
+    try:
+        man = json.loads(read_regular(path, 64 << 20))
+    except (OSError, ValueError) as e:
+        raise CheckpointError(f"{path}: cannot read: {getattr(e, 'strerror', None) or e}")
     keep = ("--tcp-established", "--ext-unix-sk", "--shell-job", "--file-locks")
     return [f for f in man.get("criu_flags", []) if f in keep]
 
@@ -273,4 +289,4 @@ def manifest_prepare(image_dir):
     prep = getattr(image, "prepare_restore", None)
     if prep is None:
         return None
-    return lambda bundle, spec: prep(image_dir, bundle, spec)
+    return lambda bundle, spec, journal=None: prep(image_dir, bundle, spec, journal=journal)

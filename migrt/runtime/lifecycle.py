@@ -21,6 +21,7 @@ import time
 from migrt.runtime import checkpoints
 from migrt.errors import BundleError, MigrtError, RuncError
 from migrt.runc import MARKER, container_bundle, criu_path, record_path, runc_path
+from migrt.safeio import makedirs_private
 
 STATE_DIR = os.environ.get("MIGRT_STATE_DIR", "/run/migrt")
 SPEC_BACKUP = "config.json.migrt-orig"
@@ -44,30 +45,125 @@ def write_record(call, cid, rec):
     os.replace(tmp, path)
 
 
+def _work_key(root, cid):
+    return hashlib.sha1(f"{os.path.realpath(root)}\0{cid}".encode()).hexdigest()[:16]
+
+
+def work_top():
+    return os.path.join(STATE_DIR, "work")
+
+
 def work_dir(call, cid):
-    """CRIU work dir of one restore: short, because it holds the lazy-pages socket."""
-    key = hashlib.sha1(f"{os.path.realpath(call.root)}\0{cid}".encode()).hexdigest()[:16]
-    return os.path.join(STATE_DIR, "work", key)
+    """A FRESH CRIU work dir for one restore (short: it holds the lazy-pages socket).
+
+    Never reused: a lazy-pages.socket or lazy-pages.status left by an earlier restore
+    of the same id would make this one connect to nothing or count a killed memory
+    fill as finished. `<key>-<random>`, key from the runc root and the container id."""
+    import tempfile
+    top = work_top()
+    makedirs_private(top)
+    d = tempfile.mkdtemp(prefix=_work_key(call.root, cid) + "-", dir=top)
+    with open(os.open(os.path.join(d, "owner"), os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o600),
+              "w") as f:
+        json.dump({"root": os.path.realpath(call.root), "id": cid}, f)
+    return d
+
+
+def work_dirs_of(root, cid):
+    """Every work dir of restores of this container id in this runc root."""
+    key = _work_key(root, cid)
+    try:
+        names = os.listdir(work_top())
+    except OSError:
+        return []
+    return [os.path.join(work_top(), n) for n in names if n == key or n.startswith(key + "-")]
+
+
+def _mounts_under(paths):
+    try:
+        with open("/proc/self/mountinfo") as f:
+            points = [line.split()[4] for line in f]
+    except (OSError, IndexError):
+        return []
+    return [m for m in points if any(m.startswith(p.rstrip("/") + "/") for p in paths)]
+
+
+def remove_work(work):
+    """Remove one restore's work dir (nothing mounted in it may be followed)."""
+    if not work or os.path.dirname(os.path.normpath(work)) != work_top():
+        return
+    if _mounts_under([work]):
+        return
+    import shutil
+    shutil.rmtree(work, ignore_errors=True)
 
 
 def exists(call, cid):
     return os.path.exists(os.path.join(call.root, cid, "state.json"))
 
 
-def unmount_criu_leftovers(call, cid):
+def unmount_criu_leftovers(call, cid, remove=False):
     """A CRIU killed mid-restore leaves its cgroup yard (.criu.cgyard.*) mounted in the
     restore's work dir, and runc its criu-root in the container's state dir: a dozen
-    mounts per failed restore that would pile up on the node."""
-    work = work_dir(call, cid)
+    mounts per failed restore that would pile up on the node. remove=True also removes
+    the work dirs of this id (the container does not exist)."""
+    works = work_dirs_of(call.root, cid)
     state = os.path.join(os.path.realpath(call.root), cid)
-    try:
-        with open("/proc/self/mountinfo") as f:
-            points = [line.split()[4] for line in f]
-    except (OSError, IndexError):
-        return
-    for mp in sorted((m for m in points if m.startswith((work + "/", state + "/"))),
-                     reverse=True):
+    for mp in sorted(_mounts_under(works + [state]), reverse=True):
         subprocess.run(["umount", "-l", mp], capture_output=True)
+    if remove:
+        for w in works:
+            remove_work(w)
+
+
+def sweep_work(max_age=900):
+    """Work dirs whose container is gone (deleted by plain runc, a node's restore killed
+    with its caller): removed once older than max_age (no restore takes that long)."""
+    now = time.time()
+    try:
+        names = os.listdir(work_top())
+    except OSError:
+        return
+    for n in names:
+        d = os.path.join(work_top(), n)
+        try:
+            if now - os.lstat(d).st_mtime < max_age:
+                continue
+            with open(os.path.join(d, "owner")) as f:
+                own = json.load(f)
+            gone = not os.path.exists(os.path.join(own["root"], own["id"], "state.json"))
+        except (OSError, ValueError, KeyError, TypeError):
+            gone = True
+        if gone:
+            remove_work(d)
+
+
+KEPT_LOGS = 40
+
+
+def keep_log(path, label):
+    """Copy a failed restore's CRIU log to <state>/failed (the last KEPT_LOGS are kept)
+    before its work dir goes; returns where, or None."""
+    d = os.path.join(STATE_DIR, "failed")
+    try:
+        with open(path, "rb") as f:
+            f.seek(0, os.SEEK_END)
+            f.seek(max(0, f.tell() - (1 << 20)))
+            data = f.read()
+    except OSError:
+        return None
+    try:
+        makedirs_private(d)
+        dst = os.path.join(d, f"{label}-{os.path.basename(path)}")
+        with open(os.open(dst, os.O_WRONLY | os.O_CREAT | os.O_TRUNC | os.O_NOFOLLOW, 0o600),
+                  "wb") as f:
+            f.write(data)
+        old = sorted(os.listdir(d), key=lambda n: os.path.getmtime(os.path.join(d, n)))
+        for n in old[:-KEPT_LOGS]:
+            os.unlink(os.path.join(d, n))
+        return dst
+    except OSError:
+        return None
 
 
 # ---------------------------------------------------------------- runc as a child
@@ -363,7 +459,11 @@ def _read_pid(path):
 
 
 def restore_create(call, flags, cid, bundle, spec, marker, plugins):
-    """`create` (or `run`) of a bundle carrying the marker: restore instead."""
+    """`create` (or `run`) of a bundle carrying the marker: restore instead.
+
+    A failed restore leaves the bundle exactly as the caller gave it: its config.json
+    (the one written now, never an older backup), and its rootfs (the image's rootfs
+    changes are undone); and nothing else behind (no container, no work dir)."""
     if exists(call, cid):
         raise MigrtError(f"container with id exists: {cid}")
     if not isinstance(spec.get("process"), dict):
@@ -387,43 +487,65 @@ def _restore_source(call, flags, cid, bundle, spec, marker, plugins, source):
             source.on_failed(cid, str(e))
         raise
     detach = call.command == "create" or flags.get("detach")
-    work = work_dir(call, cid)
-    os.makedirs(work, mode=0o700, exist_ok=True)
-    for old in ("restore.log", "runc.log"):
+    sweep_work()
+    # no container of this id exists: work dirs of its earlier restores are leftovers
+    # (those of a restore still starting, this last minute, are left to it)
+    for old in work_dirs_of(call.root, cid):
         try:
-            os.unlink(os.path.join(work, old))
-        except FileNotFoundError:
+            if time.time() - os.lstat(old).st_mtime > 60:
+                remove_work(old)
+        except OSError:
             pass
+    work = work_dir(call, cid)
 
     runc_spec = strip_marker(spec)
-    ctx = run_stage("pre-restore", plugins, call=call, cid=cid, bundle=bundle, spec=runc_spec,
-                    image_dir=source.image_dir, work_dir=work)
+    try:
+        ctx = run_stage("pre-restore", plugins, call=call, cid=cid, bundle=bundle,
+                        spec=runc_spec, image_dir=source.image_dir, work_dir=work)
+    except BaseException:
+        remove_work(work)
+        raise
     runc_spec = ctx["spec"]
-    backup = os.path.join(bundle, SPEC_BACKUP)
-    if not os.path.exists(backup):
-        os.replace(os.path.join(bundle, "config.json"), backup)
+    # the caller's config.json as it is now (a backup left by anything earlier is stale)
+    os.replace(os.path.join(bundle, "config.json"), os.path.join(bundle, SPEC_BACKUP))
     write_spec(bundle, runc_spec)
 
     lazy = None
+    journal = None
 
     def undo(err):
-        """Leave nothing of a failed restore: no container, the caller's spec back."""
+        """Leave nothing of a failed restore: no container, the caller's bundle back."""
         if lazy:
             _kill(lazy)
         if exists(call, cid):
             quiet_runc(call.global_tokens() + ["delete", "--force", cid])
         unmount_criu_leftovers(call, cid)
+        if journal is not None:
+            try:
+                journal.rollback()
+            except OSError:
+                pass
         put_back_spec(bundle)
+        remove_work(work)
         if source.on_failed:
             try:
                 source.on_failed(cid, str(err))
             except Exception:
                 pass
 
+    def failed(log, offset):
+        kept = keep_log(os.path.join(work, "restore.log"), f"restore-{os.path.basename(work)}")
+        from migrt.errors import shown as display
+        shown = display(marker)
+        return RuncError(failure_message(f"restore of {cid} from {shown} failed", log, offset,
+                                         kept or os.path.join(work, "restore.log")))
+
     started = time.monotonic()
     try:
         if source.prepare:
-            source.prepare(bundle, runc_spec)
+            from migrt.image import rootfs_journal
+            journal = rootfs_journal(bundle, runc_spec)
+            source.prepare(bundle, runc_spec, journal=journal)
         tokens, log, offset = log_globals(call, work)
         tokens += ["restore", "--image-path", source.image_dir, "--work-path", work,
                    "--bundle", bundle]
@@ -446,14 +568,21 @@ def _restore_source(call, flags, cid, bundle, spec, marker, plugins, source):
         if not detach:
             # `run` stays attached: there is no start to follow and nothing to record.
             rc = run_runc(tokens, forward_signals=True, watch_criu=True, lazy=lazy)
+            _private_stats(source.image_dir)
             if rc != 0 and not _was_restored(work):
-                raise RuncError(failure_message(f"restore of {cid} from {marker} failed",
-                                                log, offset, os.path.join(work, "restore.log")))
+                raise failed(log, offset)
+            if journal is not None:
+                journal.commit()
+            put_back_spec(bundle)
+            if lazy:
+                _kill(lazy)
+            remove_work(work)
             return rc
         rc = run_runc(tokens, watch_criu=True, lazy=lazy)
+        _private_stats(source.image_dir)
+        _private_stats(work)
         if rc != 0:
-            raise RuncError(failure_message(f"restore of {cid} from {marker} failed",
-                                            log, offset, os.path.join(work, "restore.log")))
+            raise failed(log, offset)
     except BaseException as e:
         undo(e)
         raise
@@ -466,6 +595,10 @@ def _restore_source(call, flags, cid, bundle, spec, marker, plugins, source):
         # the caller sees a failed create, so no container may be left running.
         undo(e)
         raise
+    if journal is not None:
+        journal.commit()
+    # runc has read the spec it needed: the bundle keeps what the caller wrote
+    put_back_spec(bundle)
     write_record(call, cid, {
         "restored_from": marker, "image_dir": source.image_dir, "work": work,
         "started": not detach or call.command == "run", "plugins": list(plugins),
@@ -480,6 +613,18 @@ def _restore_source(call, flags, cid, bundle, spec, marker, plugins, source):
     if source.on_restored:
         source.on_restored(cid, pid)
     return 0
+
+
+def _private_stats(image_dir):
+    """CRIU writes its restore statistics into the image dir readable by all (0644)."""
+    p = os.path.join(image_dir, "stats-restore")
+    try:
+        st = os.lstat(p)
+        if st.st_uid == os.geteuid() and st.st_nlink == 1 and (st.st_mode & 0o077) \
+                and __import__("stat").S_ISREG(st.st_mode):
+            os.chmod(p, 0o600, follow_symlinks=True)
+    except OSError:
+        pass
 
 
 def _was_restored(work):
@@ -526,7 +671,7 @@ def start_lazy_pages(source, work):
         # itself does (--auto-dedup): the node holds one copy of the memory, not two
         argv.append("--auto-dedup")
         status = os.path.join(work, FILL_STATUS)
-        argv = ["sh", "-c", 'criu_bin=$1; shift; "$criu_bin" "$@"; rc=$?; '
+        argv = ["sh", "-c", 'umask 077; criu_bin=$1; shift; "$criu_bin" "$@"; rc=$?; '
                             'echo $rc > "$MIGRT_FILL_STATUS.tmp" && '
                             'mv "$MIGRT_FILL_STATUS.tmp" "$MIGRT_FILL_STATUS"; exit $rc',
                 "lazy-pages"] + argv
@@ -584,13 +729,16 @@ def delete(call, flags, cid):
                 events.sweep()
             except Exception:
                 pass
-        if rec.get("lazy_pid"):
-            _stop_lazy_daemon(rec["lazy_pid"])
-        work = rec.get("work")
-        if work and work.startswith(os.path.join(STATE_DIR, "work") + "/"):
-            import shutil
-            shutil.rmtree(work, ignore_errors=True)
+        forget(rec)
     return rc
+
+
+def forget(rec):
+    """What a restored container left on the node once it is deleted: its lazy-pages
+    daemon and its work dir. `rec`: its record (read before the delete)."""
+    if rec.get("lazy_pid"):
+        _stop_lazy_daemon(rec["lazy_pid"])
+    remove_work(rec.get("work"))
 
 
 def _stop_lazy_daemon(pid):
@@ -718,6 +866,7 @@ def _checkpoint(call, flags, cid, bundle, state, plugins, ctx, final, held):
     mode, work = ctx["mode"], ctx["work_dir"]
     image_dir = ctx["image_dir"]
     run_stage("pre-checkpoint", plugins, **ctx)
+    restored = read_record(call, cid)      # a container migrt restored: its work dir
     argv = skip_in_flight_argv(call, flags, work)
     dump_log = os.path.join(work, "pre-dump.log" if mode == "pre-dump" else "dump.log")
     began = time.time()
@@ -757,6 +906,8 @@ def _checkpoint(call, flags, cid, bundle, state, plugins, ctx, final, held):
             pass
         raise
     run_stage("post-checkpoint", plugins, **ctx)
+    if restored and mode == "dump" and not exists(call, cid):
+        forget(restored)                   # the checkpoint ended it, as a delete would
     # sealed last, so that what plugins add to the image is covered by its digests
     if final:
         from migrt import image

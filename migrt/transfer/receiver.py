@@ -13,6 +13,7 @@ import zstandard
 
 from migrt.image import digest, manifest as mf
 from migrt.image.rootfs import DIFF_DIR
+from migrt.safeio import makedirs_private
 
 
 class StageError(Exception):
@@ -64,7 +65,7 @@ class Stage:
         self.written = 0
         self.error = None
         for d in (image_dir, rootfs_dir):
-            os.makedirs(d, mode=0o700, exist_ok=True)
+            makedirs_private(d)
 
     def path(self, rel):
         _check_rel(rel)
@@ -77,7 +78,7 @@ class Stage:
         if fd is None:
             p = self.path(rel)
             parent = os.path.dirname(p)
-            os.makedirs(parent, mode=0o700, exist_ok=True)
+            makedirs_private(parent)
             if os.path.realpath(parent) != parent:
                 raise StageError(f"refusing path {rel!r} (symlink in the way)")
             fd = os.open(p, os.O_RDWR | os.O_CREAT | os.O_NOFOLLOW | os.O_CLOEXEC, 0o600)

@@ -20,6 +20,7 @@ import fnmatch
 import os
 import queue
 import select
+import socket
 import threading
 import time
 
@@ -303,6 +304,7 @@ class Sender:
                 self.stats.add(n, sent_raw, wire_bytes, time.thread_time() - t0)
                 if self.progress:
                     self.progress(self.stats)
+            conn.eof_sent = True        # the agent's next message is the worker's to read
             conn.send_json({"op": "eof"})
             conn.read_json()
         except wire.ProtocolError as e:
@@ -310,6 +312,7 @@ class Sender:
         except (OSError, TransferError) as e:
             self._fail(f"transfer to {self.address}: {self._reason(conn) or wire.explain(e)}")
         finally:
+            conn.eof_sent = True
             conn.close()
             # after a failure the other streams may be gone too: keep taking jobs (until
             # this worker's end marker) so that send() never blocks on a full queue
@@ -322,6 +325,35 @@ class Sender:
         pipes.run(finished, emit, self.buffers, lambda: self.error is not None)
         if pipes.error:
             self._fail(pipes.error)
+
+    def _watch(self, conns, stop):
+        """The agent sends nothing on a data connection before our eof, except its reason
+        for dropping it (a record that failed its check, a damaged chunk, no room), and
+        then closes it. Either ends the whole transfer at once: every stream is shut, so
+        that no send waits out --peer-timeout on a peer that stopped reading."""
+        import select
+        while not stop.is_set() and self.error is None:
+            live = {c.sock.fileno(): c for c in conns if not getattr(c, "eof_sent", False)}
+            live.pop(-1, None)
+            if not live:
+                return
+            try:
+                ready, _, _ = select.select(list(live), [], [], 0.05)
+            except (OSError, ValueError):
+                continue
+            for fd in ready:
+                c = live[fd]
+                if getattr(c, "eof_sent", False):
+                    continue
+                why = self._reason(c)
+                self._fail(why or f"transfer to {self.address}: the destination closed a "
+                                  f"data connection")
+                for k in conns:
+                    try:
+                        k.sock.shutdown(socket.SHUT_RDWR)
+                    except OSError:
+                        pass
+                return
 
     @staticmethod
     def _reason(conn):
@@ -357,6 +389,9 @@ class Sender:
                    for c in conns]
         for t in threads:
             t.start()
+        watching = threading.Event()
+        watcher = threading.Thread(target=self._watch, args=(conns, watching), daemon=True)
+        watcher.start()
         queued = {}
         sizes = {}
         reader = None
@@ -412,6 +447,8 @@ class Sender:
                 jobs.put(None)
             for t in threads:
                 t.join()
+            watching.set()
+            watcher.join()
         if self.error:
             raise TransferError(self.error)
         out = {}

@@ -50,11 +50,18 @@ def load_secret(path=None, value=None):
         return value.encode() if isinstance(value, str) else value
     path = path or os.environ.get("MIGRT_SECRET_FILE")
     if path:
-        st = os.stat(path)
-        if st.st_mode & 0o077:
-            raise ProtocolError(f"secret file {path} is readable by others (chmod 600 it)")
-        with open(path, "rb") as f:
-            s = f.read().strip()
+        import stat
+        fd = os.open(path, os.O_RDONLY | os.O_NONBLOCK | os.O_CLOEXEC)
+        with os.fdopen(fd, "rb") as f:
+            st = os.fstat(fd)
+            if not stat.S_ISREG(st.st_mode):
+                raise ProtocolError(f"secret file {path} is not a regular file")
+            if st.st_uid not in (0, os.geteuid()):
+                raise ProtocolError(f"secret file {path} belongs to uid {st.st_uid}, not to "
+                                    f"this user or root (anyone who owns it can change it)")
+            if st.st_mode & 0o077:
+                raise ProtocolError(f"secret file {path} is readable by others (chmod 600 it)")
+            s = f.read(1 << 16).strip()
         if len(s) < 16:
             raise ProtocolError(f"secret file {path}: the secret must be at least 16 bytes")
         return s
@@ -202,7 +209,10 @@ class Conn:
         self.rfile = self._out = _Sealed(raw, send_key, recv_key)
 
     def _read_exact(self, n):
-        b = self.rfile.read(n)
+        try:
+            b = self.rfile.read(n)
+        except ssl.SSLError as e:
+            raise ProtocolError(_damaged(e))
         if b is None or len(b) != n:
             raise ProtocolError("connection closed by peer")
         return b
@@ -212,11 +222,14 @@ class Conn:
         exactly the chunk is not copied at all). The view may be over a buffer the
         connection reuses: use it before reading the frame after next."""
         view = getattr(self.rfile, "read_view", None)
-        if view is not None:
-            v = view(n)
-        else:
-            buf = bytearray(n)
-            v = memoryview(buf)[:self.rfile.readinto(buf)]
+        try:
+            if view is not None:
+                v = view(n)
+            else:
+                buf = bytearray(n)
+                v = memoryview(buf)[:self.rfile.readinto(buf)]
+        except ssl.SSLError as e:
+            raise ProtocolError(_damaged(e))
         if len(v) != n:
             raise ProtocolError("connection closed by peer")
         return v
@@ -299,6 +312,12 @@ class Conn:
         except OSError:
             pass
         self.sock.close()
+
+
+def _damaged(e):
+    """A TLS record that failed its check: the connection was altered on the way."""
+    return (f"the connection was damaged on the way (a TLS record failed its check: "
+            f"{getattr(e, 'reason', None) or type(e).__name__})")
 
 
 def _mac(secret, label, a, b):

@@ -65,16 +65,86 @@ def test_marker_create_restores_and_state_continues(rt, make_bundle, tmp_path):
     # the file the workload kept open on fd 3 got every number, in order, once
     log_nums = counter_log(bundle)
     assert log_nums == list(range(1, len(log_nums) + 1)) and log_nums[-1] > before
-    # runc got a spec without the marker; the caller's original is kept beside it
-    spec = json.load(open(os.path.join(bundle, "config.json")))
-    assert not any(e.startswith("MIGRT_RESTORE_FROM=") for e in spec["process"]["env"])
-    assert open(os.path.join(bundle, "config.json.migrt-orig")).read() == original
+    # runc got a spec without the marker; once it is read, the bundle keeps the caller's
+    # own config.json and no backup is left (a stale one was put back by a later create)
+    assert open(os.path.join(bundle, "config.json")).read() == original
+    assert not os.path.exists(os.path.join(bundle, "config.json.migrt-orig"))
     environ = rt.exec_out(cid, "cat", "/proc/1/environ")
     assert "MIGRT_RESTORE_FROM" not in environ
     assert rt.run("kill", cid, "KILL").returncode == 0
     ocitest.wait_for(lambda: rt.state(cid)["status"] == "stopped", what="stopped")
+    assert work_dirs(rt.root, cid)                      # its restore's work dir, until...
     assert rt.run("delete", cid).returncode == 0
     assert rt.state(cid) is None
+    assert work_dirs(rt.root, cid) == []                # ...the container is deleted
+
+
+def work_dirs(root, cid):
+    import glob
+    import hashlib
+    key = hashlib.sha1(f"{os.path.realpath(root)}\0{cid}".encode()).hexdigest()[:16]
+    state = os.environ.get("MIGRT_STATE_DIR", "/run/migrt")
+    return glob.glob(os.path.join(state, "work", key)) + glob.glob(
+        os.path.join(state, "work", key + "-*"))
+
+
+def snapshot(top):
+    """Everything a user would compare in a rootfs: each entry's type, mode, owner,
+    size, mtime and content or link target."""
+    out = {}
+    for dirpath, dirnames, names in os.walk(top):
+        for n in dirnames + names:
+            p = os.path.join(dirpath, n)
+            st = os.lstat(p)
+            body = None
+            if os.path.islink(p):
+                body = os.readlink(p)
+            elif os.path.isfile(p):
+                body = open(p, "rb").read()
+            out[os.path.relpath(p, top)] = (st.st_mode, st.st_uid, st.st_gid, st.st_size,
+                                            st.st_mtime_ns if not os.path.isdir(p) else 0, body)
+    return out
+
+
+def test_failed_restore_leaves_the_bundle_exactly_as_given(migrt_launcher, make_bundle,
+                                                           tmp_path, good_image):
+    """Issue 15: the image's rootfs changes were applied before `runc restore` and not
+    undone when it failed (a file of the caller's was gone), and a stale
+    config.json.migrt-orig from an earlier restore was put back instead of what the
+    caller wrote. A failed create leaves the bundle as it was, rootfs included, and no
+    work dir."""
+    img = copy_image(good_image, tmp_path)
+    b = marker_bundle(make_bundle, img)
+    rootfs = os.path.join(b, "rootfs")
+    os.makedirs(os.path.join(rootfs, "data"), exist_ok=True)
+    with open(os.path.join(rootfs, "data", "keep.txt"), "w") as f:   # not in the image's
+        f.write("the caller's own file\n")                            # listing of /data
+    with open(os.path.join(rootfs, "data", "counter.log"), "w") as f:  # the image replaces
+        f.write("mine\n")
+    with open(os.path.join(b, "config.json.migrt-orig"), "w") as f:
+        f.write('{"stale": "from an earlier restore"}')
+    before = open(os.path.join(b, "config.json")).read()
+    snap = snapshot(rootfs)
+    fake = tmp_path / "fakebin"
+    fake.mkdir()
+    real = shutil.which("criu")
+    (fake / "criu").write_text(                           # runc's CRIU (swrk) fails
+        f'#!/bin/sh\ncase "$1" in swrk) exit 1;; esac\nexec {real} "$@"\n')
+    (fake / "criu").chmod(0o755)
+    # (a `criu` named by MIGRT_CRIU goes first on the PATH runc gets: migrt.runc.sbin_path)
+    rt = ocitest.Runtime(migrt_launcher, str(tmp_path / "root-fail"),
+                         env=dict(os.environ, MIGRT_CRIU=str(fake / "criu"),
+                                  PATH=f"{fake}:{os.environ['PATH']}"))
+    try:
+        cid = ocitest.uid("undo")
+        msg, err = failing_create(rt, cid, b, tmp_path)
+        assert msg.startswith(f"restore of {cid} from {img} failed"), msg
+        assert snapshot(rootfs) == snap
+        assert open(os.path.join(b, "config.json")).read() == before
+        assert not os.path.exists(os.path.join(b, "config.json.migrt-orig"))
+        assert work_dirs(rt.root, cid) == []
+    finally:
+        rt.cleanup()
 
 
 def test_marker_run_restores_attached(rt, make_bundle, tmp_path):

@@ -59,12 +59,12 @@ def cgroups(cgroup_paths):
 
 def work_dirs(root, cids):
     """migrt's CRIU work dirs of these containers (see migrt.runtime.lifecycle.work_dir)."""
+    import glob
     out = []
     for cid in cids:
         key = hashlib.sha1(f"{os.path.realpath(root)}\0{cid}".encode()).hexdigest()[:16]
         p = os.path.join(STATE_DIR, "work", key)
-        if os.path.exists(p):
-            out.append(p)
+        out += glob.glob(p) + glob.glob(p + "-*")       # one fresh dir per restore
     return out
 
 

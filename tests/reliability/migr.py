@@ -225,6 +225,8 @@ class Proxy:
         self.cuts = 0
         self.closed = False
         self.captured = None           # bytearray(): keep what the source sends
+        self.flip = None               # upstream offset of one byte to flip (flip_at)
+        self.flipped = False
         threading.Thread(target=self._accept, daemon=True).start()
 
     def _accept(self):
@@ -255,7 +257,13 @@ class Proxy:
                     break
                 if upstream:
                     with self.lock:
+                        start = self.forwarded
                         self.forwarded += len(data)
+                        if self.flip is not None and start <= self.flip < self.forwarded:
+                            data = bytearray(data)
+                            data[self.flip - start] ^= 0x01
+                            data = bytes(data)
+                            self.flip, self.flipped = None, True
                         if self.captured is not None and len(self.captured) < 256 << 20:
                             self.captured += data
                         over = self.limit is not None and self.forwarded >= self.limit
@@ -280,6 +288,12 @@ class Proxy:
     def cut_after(self, nbytes):
         with self.lock:
             self.limit = self.forwarded + nbytes
+
+    def flip_at(self, nbytes):
+        """Flip one bit of the byte nbytes further on in what the source sends (a
+        damaged packet that TCP's checksum let through)."""
+        with self.lock:
+            self.flip = self.forwarded + nbytes
 
     def block(self, on=True):
         self.blocked = on

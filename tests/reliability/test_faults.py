@@ -121,6 +121,14 @@ def settle(nodes, agent, cid, bundle, dest, out_a, expect, resolve=None, timeout
             f"destination did not carry on: source ended at {a_last}, destination {nums[:5]}"
         log = numbers_file(dest)
     assert log == list(range(1, len(log) + 1)) and len(log) > 3, "counter.log damaged"
+    # the destination bundle keeps what its owner wrote (the agent's marker went back out,
+    # also after a rollback in the restore phase), and a node the container is not on
+    # keeps no restore work dir of it
+    ocitest.wait_for(lambda: "MIGRT_RESTORE_FROM=staged:" not in open(
+        os.path.join(dest, "config.json")).read(), timeout=20, what="the agent's marker gone")
+    if where == "a":
+        ocitest.wait_for(lambda: leaks.work_dirs(nodes.b.root, [cid]) == [], timeout=20,
+                         what="no restore work dir on B")
     left = [p for p in migr.leaks_processes(cid) if p != os.getpid()]
     assert left == [], f"processes of the migration left: {left}"
     assert leaks.mounts(nodes.tmp) == [], "mounts left behind"

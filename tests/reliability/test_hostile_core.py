@@ -254,3 +254,45 @@ def test_staged_migration_cannot_be_taken_by_another_bundle(tmp_path, migrt_laun
         assert nums[0] == ocitest.last_count(out) + 1
     finally:
         nodes.cleanup()
+
+
+@pytest.mark.parametrize("where", ["migrt/manifest.json", "migrt/verified.json", "core"])
+def test_a_fifo_in_a_checkpoint_is_refused_not_waited_on(env, tmp_path, where):
+    """Issue 15: a FIFO opened for reading blocks until a writer comes: create hung
+    forever. Every file of a checkpoint is opened O_NOFOLLOW|O_NONBLOCK and must be a
+    regular file."""
+    img = copy_image(env, tmp_path, "fifo")
+    if where == "core":
+        shutil.rmtree(os.path.join(img, "migrt"))         # a plain runc checkpoint
+        where = sorted(n for n in os.listdir(img) if n.startswith("core-"))[0]
+    path = os.path.join(img, where)
+    if os.path.exists(path):
+        os.unlink(path)
+    os.mkfifo(path, 0o600)
+    rt = env["rt"]
+    cid = ocitest.uid("fifo")
+    bundle = str(tmp_path / cid)
+    shutil.copytree(env["bundle"], bundle, symlinks=True)
+    ocitest.bundlekit.set_env(bundle, "MIGRT_RESTORE_FROM", img)
+    before = open(os.path.join(bundle, "config.json")).read()
+    rc, out, err = rt.create(cid, bundle, timeout=60)      # (it hung here)
+    lines = [ln for ln in err.text.splitlines() if ln.strip()]
+    if where.endswith("verified.json"):
+        # the stamp is only a shortcut: a bad one means "check everything", which passes
+        assert rc == 0, err.text
+        rt.run("delete", "--force", cid)
+        return
+    assert rc != 0 and len(lines) == 1 and "not a regular file" in lines[0], lines
+    assert rt.state(cid) is None
+    assert open(os.path.join(bundle, "config.json")).read() == before
+
+
+def test_a_huge_or_hostile_marker_is_quoted_and_cut(env, tmp_path):
+    """Issue 15: a 100 KB marker came back whole in one 100,756-character line, and a
+    right-to-left override raw. What is echoed is quoted, escaped and cut."""
+    value = "/nowhere/\u202e" + "A" * 100_000 + "\x1b[31m"
+    rc, msg, err = attempt(env, value, tmp_path)
+    lines = [ln for ln in err.splitlines() if ln.strip()]
+    assert rc != 0 and len(lines) == 1, lines
+    assert len(lines[0]) < 2500 and len(msg) < 2500
+    assert "\u202e" not in err and "\x1b" not in err and "\\u202e" in err

@@ -84,6 +84,7 @@ def test_network_side_runs_as_nobody(tmp_path, migrt_launcher, make_bundle, shar
 class StubAgent:
     def __init__(self, staging, root):
         self.staging = staging
+        self.disk = os.path.join(os.path.dirname(staging), "disk")
         self.root = root
         self.secret = b"x" * 32
         self.calls = []

@@ -1,6 +1,7 @@
 """migrt.agent.fill: when is the memory of a local lazy restore all back, and what
 happens when the daemon that brings it in fails (no root, no CRIU: a stand-in daemon
 that is a real process named like one, and a stand-in runc that records its call)."""
+import json
 import os
 import subprocess
 import sys
@@ -56,20 +57,50 @@ def daemon(status_path, code, wait_for):
     return p
 
 
+@pytest.fixture(autouse=True)
+def state_dir(tmp_path, monkeypatch):
+    from migrt.runtime import lifecycle
+    monkeypatch.setattr(lifecycle, "STATE_DIR", str(tmp_path / "state"))
+    os.makedirs(lifecycle.work_top())
+    return lifecycle.work_top()
+
+
+MINE = {}
+
+
 def filling(staged, tmp_path, proc):
-    staged.update(state=fill.FILLING, container="web", root=str(tmp_path / "root"),
-                  fill_pid=proc.pid, fill_status=str(tmp_path / "status"),
-                  fill_log=str(tmp_path / "lazy-pages.log"))
+    """A container `web` restored into <tmp>/root for this migration: migrt's record in
+    its runc state dir (the daemon's pid, the restore's work dir) and the agent's own."""
+    from migrt.runtime import lifecycle
+    work = os.path.join(lifecycle.work_top(), "0123456789abcdef-x")
+    os.makedirs(work, exist_ok=True)
+    for name in ("status", "lazy-pages.log"):
+        src = tmp_path / name
+        if src.exists():
+            os.replace(src, os.path.join(work, {"status": lifecycle.FILL_STATUS}.get(name, name)))
+    os.makedirs(tmp_path / "root" / "web", exist_ok=True)
+    (tmp_path / "root" / "web" / "migrt.json").write_text(
+        '{"work": "%s", "lazy_pid": %d}' % (work, proc.pid))
+    staged.update(state=fill.FILLING, container="web")
+    MINE.clear()
+    MINE.update(container="web", root=str(tmp_path / "root"))
+    return work
+
+
+def status_path(tmp_path):
+    from migrt.runtime import lifecycle
+    return os.path.join(lifecycle.work_top(), "0123456789abcdef-x", lifecycle.FILL_STATUS)
 
 
 def test_filling_until_the_daemon_is_done_then_restored(staged, tmp_path, runc):
     go = tmp_path / "go"
-    p = daemon(str(tmp_path / "status"), "0", str(go))
+    os.makedirs(os.path.dirname(status_path(tmp_path)), exist_ok=True)
+    p = daemon(status_path(tmp_path), "0", str(go))
     filling(staged, tmp_path, p)
-    assert fill.check(staged, runc[0]) == (fill.FILLING, None)
+    assert fill.check(staged, MINE, runc[0]) == (fill.FILLING, None)
     go.touch()
     p.wait(10)
-    assert fill.check(staged, runc[0]) == ("restored", None)
+    assert fill.check(staged, MINE, runc[0]) == ("restored", None)
     assert staged.read()["state"] == "restored"
     assert not runc[1].exists()                   # nothing was stopped
 
@@ -79,10 +110,13 @@ def test_a_failed_fill_stops_the_copy_and_says_why(staged, tmp_path, runc):
         "(00.1) Warn: something\n(00.2) Error (criu/uffd.c:1): uffd: no page for 7f00\n")
     go = tmp_path / "go"
     go.touch()
-    p = daemon(str(tmp_path / "status"), "1", str(go))
+    os.makedirs(os.path.dirname(status_path(tmp_path)), exist_ok=True)
+    os.replace(tmp_path / "lazy-pages.log", os.path.join(os.path.dirname(status_path(tmp_path)),
+                                                         "lazy-pages.log"))
+    p = daemon(status_path(tmp_path), "1", str(go))
     filling(staged, tmp_path, p)
     p.wait(10)
-    state, why = fill.check(staged, runc[0])
+    state, why = fill.check(staged, MINE, runc[0])
     assert state == "failed"
     assert "criu lazy-pages exited 1" in why and "no page for 7f00" in why
     assert runc[1].read_text().split() == ["--root", str(tmp_path / "root"), "delete",
@@ -94,7 +128,7 @@ def test_a_daemon_killed_before_it_could_say_counts_as_failed(staged, tmp_path, 
     p = subprocess.Popen(["sleep", "30"])
     filling(staged, tmp_path, p)
     # a live process that is not a lazy-pages daemon (a reused pid) does not count
-    state, why = fill.check(staged, runc[0])
+    state, why = fill.check(staged, MINE, runc[0])
     assert state == "failed" and "was killed" in why
     p.kill()
     p.wait()
@@ -102,7 +136,7 @@ def test_a_daemon_killed_before_it_could_say_counts_as_failed(staged, tmp_path, 
 
 def test_other_states_pass_through(staged, runc):
     staged.update(state="staged")
-    assert fill.check(staged, runc[0]) == ("staged", None)
+    assert fill.check(staged, MINE, runc[0]) == ("staged", None)
 
 
 def test_only_a_source_that_waits_for_the_fill_gets_one(monkeypatch):
@@ -121,3 +155,92 @@ def test_eager_restore_setting(monkeypatch):
     from migrt.runtime.sources import staged as src
     monkeypatch.setenv("MIGRT_EAGER_RESTORE", "1")
     assert src.local_lazy() is False
+
+
+def test_the_staged_record_names_nothing_root_acts_on(staged, tmp_path, runc):
+    """Issue 15: the staged record belongs to the agent's network side (an unprivileged
+    user with --user). Its fill fields once made root delete any container and read any
+    file into the agent's log; now the root side acts only on its own record."""
+    secret = tmp_path / "root-only.txt"
+    secret.write_text("TOP-SECRET-LINE Error (x): y\n")
+    secret.chmod(0o600)
+    staged.update(state=fill.FILLING, fill_pid=1, fill_status="/nonexistent",
+                  fill_log=str(secret), container="victim", root=str(tmp_path / "other-root"))
+    state, why = fill.check(staged, None, runc[0])          # root restored nothing for it
+    assert state == "failed" and "TOP-SECRET" not in why
+    assert not runc[1].exists()                             # no runc call at all
+    # and with a restore of its own, it is that container, in that root, that is looked at
+    staged.update(state=fill.FILLING, container="victim", root="/elsewhere",
+                  fill_log=str(secret))
+    p = subprocess.Popen(["sleep", "30"])
+    STARTED.append(p)
+    filling(staged, tmp_path, p)
+    staged.update(container="victim", root="/elsewhere", fill_log=str(secret))
+    state, why = fill.check(staged, MINE, runc[0])
+    assert state == "failed" and "TOP-SECRET" not in why
+    assert runc[1].read_text().split() == ["--root", str(tmp_path / "root"), "delete",
+                                           "--force", "web"]
+
+
+def test_staged_disk_dir_is_derived_not_read(tmp_path):
+    s = stg.Staged(stg.new_mid(), str(tmp_path / "staging"), str(tmp_path / "disk"))
+    s.create()
+    s.update(disk_dir="/etc")
+    again = stg.Staged(s.mid, str(tmp_path / "staging"), str(tmp_path / "disk"))
+    assert again.disk_dir == str(tmp_path / "disk" / s.mid)
+    assert again.rootfs_dir.startswith(str(tmp_path / "disk") + "/")
+
+
+def test_root_writes_no_record_through_a_planted_link(tmp_path):
+    s = stg.Staged(stg.new_mid(), str(tmp_path / "staging"), str(tmp_path / "disk"))
+    s.create()
+    victim = tmp_path / "victim"
+    victim.write_text("keep")
+    os.symlink(victim, s.record_path + ".tmp")
+    s.update(state="failed")
+    assert victim.read_text() == "keep" and s.read()["state"] == "failed"
+    os.unlink(s.record_path)
+    os.mkfifo(s.record_path)                      # a FIFO does not hang a reader
+    assert s.read() is None
+
+
+def test_a_staged_dir_swapped_for_a_link_is_refused(tmp_path, monkeypatch):
+    """The network side owns the staged dirs: root must not be sent elsewhere (another
+    checkpoint, /etc) through a link it put in their place."""
+    from migrt.errors import CheckpointError
+    from migrt.runtime.sources import staged as src
+    s = stg.Staged(stg.new_mid(), str(tmp_path / "staging"), str(tmp_path / "disk"))
+    s.create()
+    s.update(state="staged")
+    elsewhere = tmp_path / "elsewhere"
+    elsewhere.mkdir()
+    os.rmdir(s.image_dir) if os.path.isdir(s.image_dir) else None
+    os.symlink(elsewhere, s.image_dir)
+    monkeypatch.setenv("MIGRT_STAGING", str(tmp_path / "staging"))
+    monkeypatch.setenv("MIGRT_STAGING_DISK", str(tmp_path / "disk"))
+    with pytest.raises(CheckpointError) as e:
+        src.resolve(s.mid, str(tmp_path / "bundle"))
+    assert "symlink" in str(e.value)
+    os.unlink(s.image_dir)
+    moved = tmp_path / "moved"
+    os.rename(s.dir, moved)
+    os.symlink(moved, s.dir)                  # the whole dir: no record read or written
+    assert s.read() is None
+    with pytest.raises(OSError):
+        s.update(state="failed")
+    assert json.loads((moved / "migration.json").read_text())["state"] == "staged"
+
+
+def test_the_runtime_finds_the_agents_disk_dir_from_roots_note(tmp_path, monkeypatch):
+    """containerd runs the restore of a `staged:` marker without the agent's settings:
+    the disk dir comes from the agent's root-owned note, not from the staged record."""
+    monkeypatch.setenv("MIGRT_STATE_DIR", str(tmp_path / "state"))
+    monkeypatch.delenv("MIGRT_STAGING_DISK", raising=False)
+    staging = str(tmp_path / "staging")
+    assert stg.disk_root(staging) == stg.DEFAULT_DISK
+    stg.note_disk(staging, str(tmp_path / "disk"))
+    assert stg.disk_root(staging) == str(tmp_path / "disk")
+    assert stg.disk_root(str(tmp_path / "other")) == stg.DEFAULT_DISK
+    note = stg._disk_note(staging)
+    os.chown(note, 65534, 65534)                  # a note root did not write: ignored
+    assert stg.disk_root(staging) == stg.DEFAULT_DISK

@@ -28,7 +28,7 @@ def test_sweep_by_age_and_state(tmp_path):
     young = staged(tmp_path, "staged")
     old = staged(tmp_path, "staged", age=1000)
     failed = staged(tmp_path, "failed")
-    gone = stg.sweep(str(tmp_path / "tmpfs"), ttl=600)
+    gone = stg.sweep(str(tmp_path / "tmpfs"), ttl=600, disk=str(tmp_path / "disk"))
     assert old.mid in gone and failed.mid in gone and young.mid not in gone
     assert os.path.exists(young.image_dir)
     assert not os.path.exists(old.dir) and not os.path.exists(old.disk_dir)
@@ -37,7 +37,8 @@ def test_sweep_by_age_and_state(tmp_path):
 def test_startup_removes_half_received(tmp_path):
     half = staged(tmp_path, "receiving")
     active = staged(tmp_path, "receiving")
-    stg.sweep(str(tmp_path / "tmpfs"), ttl=600, active={active.mid}, startup=True)
+    stg.sweep(str(tmp_path / "tmpfs"), ttl=600, active={active.mid}, startup=True,
+              disk=str(tmp_path / "disk"))
     assert not os.path.exists(half.dir)
     assert os.path.exists(active.dir)
 

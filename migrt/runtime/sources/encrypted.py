@@ -9,6 +9,7 @@ lasts as long as the container) is removed by the next encrypted restore.
 """
 import os
 import shutil
+from migrt.safeio import makedirs_private
 
 PLAIN_DIR = "plain"
 
@@ -43,7 +44,7 @@ def resolve(rest, bundle):
         raise CheckpointError(f"checkpoint {value} does not exist")
     sweep()
     top = plain_root()
-    os.makedirs(top, mode=0o700, exist_ok=True)
+    makedirs_private(top)
     os.chmod(top, 0o700)
     plain = os.path.join(top, f"{os.getpid()}-{os.urandom(6).hex()}")
     try:

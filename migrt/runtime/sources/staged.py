@@ -15,8 +15,12 @@ def resolve(rest, bundle):
     from migrt.agent.staging import Staged, valid_mid
     from migrt.runtime.checkpoints import RestoreSource
     if not valid_mid(rest):
-        raise CheckpointError(f"staged:{rest}: not a migration id")
+        from migrt.errors import shown
+        raise CheckpointError(f"{shown('staged:' + rest)}: not a migration id")
     s = Staged(rest)
+    if s.linked():
+        raise CheckpointError(f"staged:{rest}: a symlink in the staged migration's dirs; "
+                              f"refusing to restore")
     rec = s.read()
     if rec is None:
         raise CheckpointError(f"staged:{rest}: no such staged migration in {os.path.dirname(s.dir)}")
@@ -39,8 +43,9 @@ def resolve(rest, bundle):
         # the restore reuses the pages it frees instead of asking for fresh ones)
         flags.append("--auto-dedup")
 
-    def prepare(bundle, spec):
-        image.apply_rootfs(s.image_dir, bundle, rootfs_dir=s.rootfs_dir, m=m, spec=spec, move=True)
+    def prepare(bundle, spec, journal=None):
+        image.apply_rootfs(s.image_dir, bundle, rootfs_dir=s.rootfs_dir, m=m, spec=spec, move=True,
+                           journal=journal)
 
     def on_restored(cid, pid):
         # the agent frees the images when the source releases the migration: freeing
@@ -49,9 +54,9 @@ def resolve(rest, bundle):
         if fill:
             # running, its memory still coming in from the image: the agent says when
             # it is all there (migrt.agent.fill), and only then may the source go
-            s.update(state="filling", container=cid, pid=pid, lazy=False,
-                     fill_pid=fill["pid"], fill_status=fill["status"], fill_log=fill["log"],
-                     root=fill["root"])
+            # (the agent follows the fill through its own root-only record and migrt's
+            # record in the runc state dir, never through this one: migrt.agent.fill)
+            s.update(state="filling", container=cid, pid=pid, lazy=False)
         else:
             s.update(state="restored", container=cid, pid=pid, lazy=bool(lazy))
 
