@@ -11,7 +11,7 @@
 # node's apt sources never mention sid; apt checks the files against sid's signed
 # Sources index), compiled with the release's gcc and -dev packages (about 20 s on two
 # cores), and installed as /usr/local/sbin/criu, ahead of /usr/sbin on every standard
-# PATH and where migrt always looks first (migrt/fast.py criu_path). The build-only
+# PATH and where migrt always looks first (migrt/runc.py criu_path). The build-only
 # packages it added are purged again; the libraries criu links to stay, marked manually
 # installed. Debian's own criu package, if installed, is left alone and not used.
 # Where the release's python3 is older than 3.13 (Debian 12), CPython 3.13 is built the
@@ -387,7 +387,7 @@ find "$PREFIX/lib.new" -name __pycache__ -prune -exec rm -rf {} +
 rm -rf "$PREFIX/lib.old"; [ -d "$PREFIX/lib" ] && mv "$PREFIX/lib" "$PREFIX/lib.old"
 mv "$PREFIX/lib.new" "$PREFIX/lib"; rm -rf "$PREFIX/lib.old"
 "$PREFIX/venv/bin/python" -m compileall -q "$PREFIX/lib" >/dev/null
-"$PREFIX/venv/bin/python" -I -S "$PREFIX/lib/migrt/launcher.py" --source "$PREFIX/lib" \
+"$PREFIX/venv/bin/python" -I -S "$PREFIX/lib/migrt/front/launcher.py" --source "$PREFIX/lib" \
     --python "$PREFIX/venv/bin/python" "$BIN/migrt"
 # Register migrt with the container managers on this node, as runtime handler "migrt"
 # next to runc (which stays the default: nothing changes for pods without
