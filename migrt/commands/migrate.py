@@ -33,10 +33,12 @@ import click
               help="seconds without an answer from the agent after which it counts as gone "
               "(and the source is resumed) [default: $MIGRT_PEER_TIMEOUT or 20]")
 @click.option("--json", "as_json", is_flag=True, help="print the report as JSON")
+@click.option("--mid", default=None, hidden=True,
+              help="the migration id to use (m-<hex>); a pod on the destination waits for it")
 @click.pass_obj
 def command(call, container, to, secret_file, bundle, dest_root, new_id, precopy, lazy,
             streams, level, wait, page_server_port, tcp_established, rootfs_base,
-            peer_timeout, as_json):
+            peer_timeout, as_json, mid):
     """Move a running container to another node with the shortest downtime."""
     from migrt.migration import migrate as mig
     from migrt.transfer import wire
@@ -58,7 +60,7 @@ def command(call, container, to, secret_file, bundle, dest_root, new_id, precopy
                        dest_root=dest_root, new_id=new_id, wait=wait,
                        progress=not as_json, page_server_port=page_server_port,
                        criu_flags=["--tcp-established"] if tcp_established else [],
-                       rootfs_base=rootfs_base)
+                       rootfs_base=rootfs_base, mid=mid)
     root = call.root if call is not None else "/run/runc"
     report = mig.migrate(root, container, opts)
     if as_json:

@@ -74,8 +74,10 @@ RESTORE_FLAGS = ("--tcp-established", "--ext-unix-sk", "--shell-job", "--file-lo
 class Options:
     def __init__(self, to, secret, streams=4, level=1, mode="full", bundle=None,
                  dest_root=None, new_id=None, wait=300.0, progress=False,
-                 page_server_port=0, criu_flags=(), rootfs_base=None, keep_image=False):
+                 page_server_port=0, criu_flags=(), rootfs_base=None, keep_image=False,
+                 mid=None):
         self.to = to
+        self.mid = mid          # chosen by the caller (a pod on the destination waits for it)
         self.secret = secret
         self.streams = streams
         self.level = level
@@ -378,6 +380,8 @@ class Migration:
                # this migrate waits for a lazy restore's memory fill before it lets the
                # source go (an older one would release it, and the staged image, at once)
                "caps": ["fill"]}
+        if self.opts.mid:
+            req["mid"] = self.opts.mid
         if self.opts.mode == "lazy":
             # the page server's TLS identity, and the agent's in the reply (migrt.criu.pagetls)
             from migrt.criu import pagetls
@@ -689,6 +693,7 @@ class Migration:
 
     def release_source(self):
         self.phase = "release of the source"
+        bury(self.bundle, f"migrated to {self.opts.to} (migration {self.mid})")
         p = self.src.run("delete", "--force", self.cid)
         self.paused = False
         if p.returncode != 0:
@@ -906,6 +911,18 @@ class Migration:
         self.phase = "serving pages"
         self.lazy_finish()
         self.release_source()
+
+
+def bury(bundle, why):
+    """A pod's container is about to go from this node: its kubelet must not create it
+    again here (migrt.runtime.podrules). Best effort: a node without the records only
+    risks the restart this prevents, never the migration."""
+    try:
+        from migrt.runc import read_spec
+        from migrt.runtime import podrules
+        podrules.bury(read_spec(bundle), why)
+    except Exception:
+        pass
 
 
 def _kill_group(proc):

@@ -188,6 +188,9 @@ def resolve(j, secret):
         if serving and leftovers(rec):
             return f"{where}: the destination runs it; the source still serves its memory"
         if src is not None:
+            if srcst.get("bundle"):         # its kubelet must not bring it back
+                from migrt.migration.migrate import bury
+                bury(srcst["bundle"], f"migrated to {rec['to']} (migration {rec['mid']})")
             _runc(rec, "delete", "--force", cid)
         outcome = f"{where}: the destination runs it; source deleted"
     elif dest in ("failed", "gone") and (phase != "restoring" or exists is False):

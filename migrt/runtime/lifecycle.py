@@ -353,6 +353,12 @@ def restore_create(call, flags, cid, bundle, spec, marker, plugins):
         raise MigrtError(f"container with id exists: {cid}")
     if not isinstance(spec.get("process"), dict):
         raise BundleError(f"bundle {bundle}: config.json has no process")
+    from migrt.runtime import podrules
+    if podrules.restored_before(spec) is not None:
+        # its kubelet restarts a container this pod sandbox already restored: it starts
+        # from its image like any restart, never from the old checkpoint again
+        write_spec(bundle, strip_marker(spec))
+        return create_with_plugins(call, flags, cid, bundle, strip_marker(spec), plugins)
     source = checkpoints.resolve(marker, bundle)
     checkpoints.check_namespace(source.image_dir, spec, marker)
     detach = call.command == "create" or flags.get("detach")
@@ -438,6 +444,7 @@ def restore_create(call, flags, cid, bundle, spec, marker, plugins):
         "restore_seconds": round(time.monotonic() - started, 3),
         "restored_at": time.time(), "lazy_pid": lazy.pid if lazy else None,
     })
+    podrules.mark_restored(spec, marker)
     if source.lazy_local:
         # the memory still streams in from the local image: done when the daemon is
         source.fill = {"pid": lazy.pid, "status": os.path.join(work, FILL_STATUS),
@@ -608,6 +615,11 @@ def checkpoint(call, flags, cid):
     ctx = dict(call=call, cid=cid, bundle=bundle, spec=spec, image_dir=image_dir,
                work_dir=work, mode=mode)
     run_stage("pre-checkpoint", plugins, **ctx)
+    buried = False
+    if mode == "dump" and spec is not None:
+        # the container stops for good here: its kubelet must not create it again
+        from migrt.runtime import podrules
+        buried = podrules.bury(spec, f"checkpointed to {image_dir}")
     try:
         rc = run_runc(call.argv)
         if rc != 0:
@@ -616,6 +628,8 @@ def checkpoint(call, flags, cid):
             raise RuncError(f"checkpoint of {cid} failed; CRIU log {dump_log}"
                             + (": " + "; ".join(errs) if errs else ""))
     except BaseException as e:
+        if buried:
+            podrules.unbury(spec)
         # plugins undo what pre-checkpoint did (resume CUDA, tell the workload)
         try:
             run_stage("post-checkpoint", plugins, **dict(ctx, error=str(e) or "interrupted"))
