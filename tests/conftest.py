@@ -17,7 +17,7 @@ def pytest_collection_modifyitems(config, items):
     """Tier marks by directory; root tiers skip with a reason when tools are missing."""
     for item in items:
         path = str(item.fspath)
-        if f"{os.sep}integration{os.sep}" in path or f"{os.sep}e2e{os.sep}" in path:
+        if any(f"{os.sep}{tier}{os.sep}" in path for tier in ("integration", "e2e", "kube")):
             item.add_marker(pytest.mark.root)
             if not ocitest.have_root_tools():
                 item.add_marker(pytest.mark.skip(reason="requires root, runc and criu"))

@@ -63,24 +63,30 @@ def rootfs_base(spec):
 
 
 def capture_extra(image_dir, container_id, state, bundle, criu_flags, base=None, extra=None,
-                  dumped=True):
+                  dumped=True, spec_raw=None, rootfs=None):
     """Add the spec and the writable layer to a CRIU image dir; return the manifest
     without its `files` (the caller digests them, or lets `capture` do it).
 
     Call while the container's processes cannot change its files (frozen or dumped).
     dumped=False: CRIU is still writing the dir (the container frozen meanwhile); the
     caller then completes the manifest with `after_dump` once CRIU is done.
+    spec_raw / rootfs: the bundle's config.json and a view of its rootfs taken before the
+    dump, for a bundle its owner may have removed since (containerd does, once the
+    dumped task has exited).
     """
     os.makedirs(os.path.join(image_dir, "migrt"), mode=0o700, exist_ok=True)
-    with open(os.path.join(bundle, "config.json"), "rb") as f:
-        raw = f.read()
+    if spec_raw is None:
+        with open(os.path.join(bundle, "config.json"), "rb") as f:
+            spec_raw = f.read()
+    raw = spec_raw
     spec = json.loads(raw)
     fd = os.open(os.path.join(image_dir, SPEC), os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o600)
     with os.fdopen(fd, "wb") as f:
         f.write(raw)
     since = parse_rfc3339_ns((state or {}).get("created"))
     base = base or rootfs_base(spec)
-    kind, src, entries, deleted, listings = rfs.diff(rootfs_of(bundle, spec, state), since, base)
+    kind, src, entries, deleted, listings = rfs.diff(rootfs or rootfs_of(bundle, spec, state),
+                                                     since, base)
     diff_dir = os.path.join(image_dir, rfs.DIFF_DIR)
     nbytes = rfs.write_diff(src, entries, diff_dir)
     info = {"kind": kind, "entries": entries, "deleted": deleted, "listings": listings,
@@ -115,18 +121,23 @@ def after_dump(image_dir, m):
     return m
 
 
-def capture(image_dir, container_id, state, bundle, criu_flags, base=None, extra=None):
+def capture(image_dir, container_id, state, bundle, criu_flags, base=None, extra=None,
+            spec_raw=None, rootfs=None):
     """capture_extra, then digest every file and write the manifest. Returns it."""
-    m = capture_extra(image_dir, container_id, state, bundle, criu_flags, base, extra)
+    m = capture_extra(image_dir, container_id, state, bundle, criu_flags, base, extra,
+                      spec_raw=spec_raw, rootfs=rootfs)
     m["files"] = mf.file_entries(image_dir)
     mf.parse(json.dumps(m))
     mf.write(image_dir, m)
     return m
 
 
-def finalize_checkpoint(image_dir, container_id, state, bundle, criu_flags):
-    """Called by the core after a successful `migrt checkpoint`."""
-    capture(image_dir, container_id, state, bundle, criu_flags)
+def finalize_checkpoint(image_dir, container_id, state, bundle, criu_flags, spec_raw=None,
+                        rootfs=None):
+    """Called by the core after a successful `migrt checkpoint` (spec_raw and rootfs:
+    see capture_extra)."""
+    capture(image_dir, container_id, state, bundle, criu_flags, spec_raw=spec_raw,
+            rootfs=rootfs)
 
 
 def load_manifest(image_dir):

@@ -614,6 +614,64 @@ def checkpoint(call, flags, cid):
             "leave-running" if flags.get("leave-running") else "dump")
     ctx = dict(call=call, cid=cid, bundle=bundle, spec=spec, image_dir=image_dir,
                work_dir=work, mode=mode)
+    final = mode != "pre-dump" and not flags.get("lazy-pages")
+    held = BundleHold(bundle, spec, state) if final and bundle else None
+    try:
+        return _checkpoint(call, flags, cid, bundle, state, plugins, ctx, final, held)
+    finally:
+        if held:
+            held.release()
+
+
+class BundleHold:
+    """What `migrt checkpoint` needs of a bundle after the dump, taken before it.
+
+    Once a dumped container has exited, its owner may tear the bundle down before migrt
+    has written its manifest: containerd's shim reports the exit, containerd deletes the
+    task, unmounts the rootfs and removes the bundle dir (config.json included) within
+    milliseconds. So config.json is read first, and a rootfs that is a mount (containerd's
+    overlay) is bind-mounted into migrt's state dir: that second mount keeps the
+    filesystem, upper dir and all, readable after the owner's unmount. Released (lazily
+    unmounted) when the checkpoint is done.
+    """
+
+    def __init__(self, bundle, spec, state):
+        from migrt import image
+        self.view = None
+        self.rootfs = None
+        try:
+            with open(os.path.join(bundle, "config.json"), "rb") as f:
+                self.spec_raw = f.read()
+        except OSError:
+            self.spec_raw = None
+        if spec is None:
+            return
+        rootfs = image.rootfs_of(bundle, spec, state)
+        if not os.path.ismount(rootfs):
+            return          # a plain directory: it stays where it is
+        import tempfile
+        os.makedirs(STATE_DIR, mode=0o700, exist_ok=True)
+        view = tempfile.mkdtemp(prefix="ckpt-rootfs-", dir=STATE_DIR)
+        p = subprocess.run(["mount", "--bind", rootfs, view], capture_output=True, text=True)
+        if p.returncode != 0:
+            os.rmdir(view)
+            return          # no view: the capture reads the rootfs in place, as before
+        subprocess.run(["mount", "--make-private", view], capture_output=True)
+        self.view = self.rootfs = view
+
+    def release(self):
+        if self.view:
+            subprocess.run(["umount", "-l", self.view], capture_output=True)
+            try:
+                os.rmdir(self.view)
+            except OSError:
+                pass
+            self.view = None
+
+
+def _checkpoint(call, flags, cid, bundle, state, plugins, ctx, final, held):
+    mode, work = ctx["mode"], ctx["work_dir"]
+    image_dir = ctx["image_dir"]
     run_stage("pre-checkpoint", plugins, **ctx)
     buried = False
     if mode == "dump" and spec is not None:
@@ -638,7 +696,9 @@ def checkpoint(call, flags, cid):
         raise
     run_stage("post-checkpoint", plugins, **ctx)
     # sealed last, so that what plugins add to the image is covered by its digests
-    if mode != "pre-dump" and not flags.get("lazy-pages"):
+    if final:
         from migrt import image
-        image.finalize_checkpoint(image_dir, cid, state, bundle, checkpoint_flags(flags))
+        image.finalize_checkpoint(image_dir, cid, state, bundle, checkpoint_flags(flags),
+                                  spec_raw=held.spec_raw if held else None,
+                                  rootfs=held.rootfs if held else None)
     return 0

@@ -8,6 +8,7 @@ behind.
 import base64
 import json
 import os
+import subprocess
 import time
 
 import pytest
@@ -303,6 +304,48 @@ def test_cri_checkpoint_and_restore_into_new_pod(pod, checkpoint_dir, containerd
     C.wait_state(api2, cid2, "EXITED")
     api2.remove(cid2)
     assert migrt_work_dirs(c) == set()
+
+
+def test_cri_migrt_checkpoint_on_the_node(pod, checkpoint_dir, migrt_launcher):
+    """`migrt checkpoint` run on the node against containerd's runc root, as an operator
+    would under a kubelet: containerd removes the task's bundle once the dumped container
+    has exited, and migrt's image must still be complete (issue 13: it failed with
+    FileNotFoundError .../config.json). The image then restores into a new pod."""
+    api, c, sid, config, logdir = pod("migrt", name="src")
+    cid = api.create(sid, config, "counter", IMAGE, ["sh", "-c", COUNTER])
+    api.start(cid)
+    src_log = os.path.join(logdir, "counter.log")
+    wait_for(lambda: len(C.log_lines(src_log)) >= 5, what="the counter")
+    bundle = os.path.join(c.state, "io.containerd.runtime.v2.task", "k8s.io", cid)
+    assert os.path.exists(os.path.join(bundle, "config.json"))
+    image = os.path.join(checkpoint_dir, "counter")
+    p = subprocess.run([migrt_launcher, "--root", "/run/containerd/runc/k8s.io", "checkpoint",
+                        "--image-path", image, cid], capture_output=True, text=True,
+                       env=dict(os.environ, MIGRT_STATE_DIR=c.migrt_state), timeout=120)
+    assert p.returncode == 0 and p.stderr == "", p.stderr
+    C.wait_state(api, cid, "EXITED")
+    wait_for(lambda: not os.path.exists(bundle), what="containerd removing the bundle")
+    v = subprocess.run([migrt_launcher, "image", "verify", image], capture_output=True, text=True)
+    assert v.returncode == 0, v.stdout + v.stderr
+    with open(os.path.join(image, "migrt", "config.json")) as f:
+        assert json.load(f)["process"]["args"][-1] == COUNTER
+    # migrt's view of the rootfs is gone with the checkpoint
+    with open("/proc/self/mountinfo") as f:
+        assert "ckpt-rootfs-" not in f.read()
+    last = numbers(" ".join(C.log_lines(src_log)))[-1]
+
+    api2, _, sid2, config2, logdir2 = pod("migrt", name="dst", c=c)
+    cid2 = api2.create(sid2, config2, "counter", IMAGE, ["sh", "-c", COUNTER],
+                       env={"MIGRT_RESTORE_FROM": image})
+    api2.start(cid2)
+    C.wait_state(api2, cid2, "RUNNING")
+    dst_log = os.path.join(logdir2, "counter.log")
+    wait_for(lambda: len(C.log_lines(dst_log)) >= 5, what="the restored counter's log")
+    got = numbers(" ".join(C.log_lines(dst_log)))
+    assert got[0] == last + 1, f"old pod ended at {last}, new pod's log starts {got[:5]}"
+    api2.stop(cid2, timeout=0)
+    C.wait_state(api2, cid2, "EXITED")
+    api2.remove(cid2)
 
 
 def test_cri_failed_restore_shows_migrts_message(pod, checkpoint_dir):
