@@ -671,7 +671,7 @@ class BundleHold:
 
 def _checkpoint(call, flags, cid, bundle, state, plugins, ctx, final, held):
     mode, work = ctx["mode"], ctx["work_dir"]
-    image_dir = ctx["image_dir"]
+    image_dir, spec = ctx["image_dir"], ctx["spec"]
     run_stage("pre-checkpoint", plugins, **ctx)
     buried = False
     if mode == "dump" and spec is not None:
