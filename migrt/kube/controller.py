@@ -93,7 +93,7 @@ def check_pod(pod):
     if pod.get("status", {}).get("phase") != "Running" or not spec.get("nodeName"):
         return f"pod {name} is {pod.get('status', {}).get('phase')}, not Running"
     st = (pod["status"].get("containerStatuses") or [{}])[0]
-    if not (st.get("state") or {}).get("running") or not st.get("containerID"):
+    if "running" not in (st.get("state") or {}) or not st.get("containerID"):
         return f"pod {name}: its container is not running"
     ref = controller_ref(pod)
     if ref and ref.get("kind") != "ReplicaSet":
@@ -133,6 +133,8 @@ def _pin_terms(spec, source, target):
     sel = spec.get("nodeSelector") or {}
     if sel.get("kubernetes.io/hostname") == source:
         del sel["kubernetes.io/hostname"]
+        if not sel:
+            spec.pop("nodeSelector")
     exprs = [{"key": "kubernetes.io/hostname", "operator": "NotIn", "values": [source]}]
     if target:
         exprs.append({"key": "kubernetes.io/hostname", "operator": "In", "values": [target]})
@@ -163,6 +165,7 @@ def target_pod(pm, pod, mid, target, rs=None):
     md = pod["metadata"]
     spec = copy.deepcopy(pod["spec"])
     source = spec.pop("nodeName")
+    spec.pop("priority", None)          # the admission plugin sets it again from the class
     _pin_terms(spec, source, target)
     c = spec["containers"][0]
     env = [e for e in c.get("env") or [] if e.get("name") != "MIGRT_RESTORE_FROM"]

@@ -331,6 +331,9 @@ class Node:
         self.agent_port = free_port()
         self.containerd = NodeContainerd(os.path.join(self.base, "ctrd"), cluster.handler_binary,
                                          cluster.cni_bin, self.runc_root)
+        # the node's migrt (under containerd) restores what this node's agent staged
+        self.staging = os.path.join(self.base, "agent", "staged")
+        self.containerd.env["MIGRT_STAGING"] = self.staging
         self.kubelet = None
         self.agent = None
 
@@ -396,7 +399,7 @@ class Node:
         os.makedirs(d, exist_ok=True)
         env = dict(os.environ, MIGRT_STATE_DIR=os.path.join(self.base, "migrt-state"))
         argv = [c.migrt, "--root", os.path.join(self.runc_root, "k8s.io"), "agent", "--listen", self.agent_address,
-                "--secret-file", c.secret, "--staging", os.path.join(d, "staged"),
+                "--secret-file", c.secret, "--staging", self.staging,
                 "--disk", os.path.join(d, "disk"), "--log-dir", os.path.join(d, "logs")]
         err = open(os.path.join(d, "stderr"), "ab")
         p = subprocess.Popen(argv, stdout=subprocess.PIPE, stderr=err, stdin=subprocess.DEVNULL,

@@ -1,0 +1,392 @@
+"""Moving pods on a real two-node Kubernetes: `kubectl migrt` and the PodMigration controller.
+
+The controller runs as a process of this machine with the credentials of the shipped
+ServiceAccount, bound to the shipped ClusterRole (packaging/kube/controller-rbac.yaml),
+not as cluster-admin; it reaches the nodes only through their agents. `kubectl migrt` is
+the shipped plugin script found on PATH by the real kubectl.
+
+What a user checks: the pod's counter goes on in the new pod (its log, and a file the
+workload keeps open, which holds every number once, in order), `kubectl logs` and
+`kubectl exec` work on the new pod, the old pod is gone and was not restarted, a
+Deployment keeps its pod count with no pod added or deleted by its ReplicaSet, and a
+failure leaves the source pod running with no new pod.
+"""
+import json
+import os
+import signal
+import subprocess
+import sys
+import threading
+import time
+import uuid
+
+import pytest
+
+import cluster as kc
+from cluster import pod_manifest, container_id, restart_count, wait_for
+
+REPO = kc.REPO
+CRD = os.path.join(REPO, "packaging", "kube", "podmigration-crd.yaml")
+RBAC = os.path.join(REPO, "packaging", "kube", "controller-rbac.yaml")
+PLUGIN = os.path.join(REPO, "packaging", "kubectl-migrt")
+
+COUNTER = ("exec 3>>/data.log; i=0; while :; do i=$((i+1)); echo $i; echo $i >&3; "
+           "echo $i > /tmp/count; sleep 0.2; done")
+
+
+def name(prefix):
+    return f"{prefix}-{uuid.uuid4().hex[:6]}"
+
+
+def numbers(text):
+    return [int(x) for x in text.split() if x.isdigit()]
+
+
+class Controller:
+    """The controller as a process, with the shipped role's credentials."""
+
+    def __init__(self, kube, kubeconfig, log, env=None):
+        self.kube, self.kubeconfig, self.log = kube, kubeconfig, log
+        self.env = dict(os.environ, PYTHONPATH=REPO, **(env or {}))
+        self.proc = None
+
+    def start(self):
+        f = open(self.log, "ab")
+        self.proc = subprocess.Popen(
+            [sys.executable, "-m", "migrt.kube", "controller", "--kubeconfig", self.kubeconfig,
+             "--secret-file", self.kube.secret], cwd=REPO, stdout=f, stderr=subprocess.STDOUT,
+            stdin=subprocess.DEVNULL, env=self.env, start_new_session=True)
+        f.close()
+
+    def kill(self):
+        if self.proc and self.proc.poll() is None:
+            os.killpg(self.proc.pid, signal.SIGKILL)
+            self.proc.wait(10)
+
+    def tail(self, n=40):
+        with open(self.log, errors="replace") as f:
+            return "".join(f.readlines()[-n:])
+
+
+@pytest.fixture(scope="module")
+def migrt_kube(kube, workdir):
+    kube.kubectl("apply", "-f", CRD)
+    kube.kubectl("create", "namespace", "migrt-system", check=False)
+    kube.kubectl("apply", "-f", RBAC)
+    kube.kubectl("wait", "--for", "condition=established", "--timeout=60s",
+                 "crd/podmigrations.migrt.io")
+    # the ServiceAccount's token (1.20's token controller makes its secret)
+
+    def token():
+        sa = kube.get("serviceaccount", "migrt-controller", "-n", "migrt-system")
+        for s in sa.get("secrets") or []:
+            sec = kube.get("secret", s["name"], "-n", "migrt-system")
+            if sec.get("data", {}).get("token"):
+                import base64
+                return base64.b64decode(sec["data"]["token"]).decode()
+        return None
+    tok = wait_for(token, 60, "the controller's service account token")
+    kc_path = str(workdir / "migrt-controller.kubeconfig")
+    import base64
+    with open(kube.pki.ca, "rb") as f:
+        ca = base64.b64encode(f.read()).decode()
+    with open(os.open(kc_path, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o600), "w") as f:
+        json.dump({"apiVersion": "v1", "kind": "Config",
+                   "clusters": [{"name": "c", "cluster": {"server": kube.server,
+                                                          "certificate-authority-data": ca}}],
+                   "users": [{"name": "sa", "user": {"token": tok}}],
+                   "contexts": [{"name": "c", "context": {"cluster": "c", "user": "sa"}}],
+                   "current-context": "c"}, f)
+    # the role is not cluster-admin: it cannot read secrets, nor delete nodes
+    who = "system:serviceaccount:migrt-system:migrt-controller"
+    assert kube.kubectl("auth", "can-i", "get", "secrets", "--as", who, "-A",
+                        check=False).stdout.strip() == "no"
+    assert kube.kubectl("auth", "can-i", "create", "pods", "--as", who, "-A",
+                        check=False).stdout.strip() == "yes"
+    for n in kube.nodes.values():
+        kube.kubectl("annotate", "node", n.name, f"migrt.io/agent={n.agent_address}",
+                     "--overwrite")
+    # kubectl finds the plugin on PATH
+    bindir = workdir / "kubectl-plugins"
+    bindir.mkdir(exist_ok=True)
+    os.symlink(PLUGIN, bindir / "kubectl-migrt") if not (bindir / "kubectl-migrt").exists() \
+        else None
+    ctl = Controller(kube, kc_path, str(workdir / "migrt-controller.log"),
+                     env={"MIGRT_KUBE_SCHEDULE_TIMEOUT": "15"})
+    ctl.start()
+    ctl.plugin_env = dict(os.environ, KUBECONFIG=kube.kubeconfig, MIGRT_PYTHON=sys.executable,
+                          MIGRT_LIB=REPO, PATH=f"{bindir}:{os.environ['PATH']}")
+    yield ctl
+    ctl.kill()
+
+
+def kubectl_migrt(kube, ctl, *args, timeout=180):
+    return subprocess.run([os.path.join(kube.bin, "kubectl"), "migrt", *args],
+                          capture_output=True, text=True, env=ctl.plugin_env, timeout=timeout)
+
+
+def podmigrations(kube):
+    return kube.get("podmigrations")["items"]
+
+
+def pm_for(kube, pod):
+    items = [p for p in podmigrations(kube) if p["spec"]["pod"] == pod]
+    return items[-1] if items else None
+
+
+def runc_ids(node):
+    p = subprocess.run(["runc", "--root", os.path.join(node.runc_root, "k8s.io"), "list",
+                        "--format", "json"], capture_output=True, text=True)
+    return {c["id"]: c["status"] for c in json.loads(p.stdout or "null") or []}
+
+
+def events_of(kube, pod):
+    ev = kube.get("events", "--field-selector", f"involvedObject.name={pod}")
+    return [(e.get("reason"), e.get("message", "")) for e in ev["items"]]
+
+
+def check_counter_moved(kube, new, before):
+    """The new pod's counter goes on from the old one: its log starts after what the
+    old pod printed, and the file the workload keeps open holds 1..n once each."""
+    wait_for(lambda: len(numbers(kube.logs(new))) >= 5, 30, "the moved counter's log")
+    after = numbers(kube.logs(new))
+    assert after[0] > before[-1], (before[-3:], after[:3])
+    assert after == list(range(after[0], after[0] + len(after))), after[:20]
+    data = numbers(kube.exec(new, "cat", "/data.log").stdout)
+    assert data == list(range(1, len(data) + 1)), data[-20:]
+    assert data[-1] >= after[-1]
+    assert int(kube.exec(new, "cat", "/tmp/count").stdout) >= after[-1]
+    return after
+
+
+def test_bare_pod_moves_with_kubectl_migrt(kube, migrt_kube):
+    pod = name("mv")
+    kube.run_pod(pod_manifest(pod, COUNTER, node="node-a"))       # restartPolicy: Always
+    old = kube.pod(pod)
+    old_cid = container_id(old)
+    wait_for(lambda: len(numbers(kube.logs(pod))) >= 10, 30, "counter running")
+    before = numbers(kube.logs(pod))
+
+    r = kubectl_migrt(kube, migrt_kube, "pod", pod, "--to", "node-b")
+    assert r.returncode == 0, r.stdout + r.stderr + migrt_kube.tail()
+    pm = pm_for(kube, pod)
+    st = pm["status"]
+    assert st["phase"] == "Succeeded", st
+    new = st["targetPod"]
+    assert f"moved {kube.namespace}/{pod} from node-a to node-b as pod {new}" in r.stdout, r.stdout
+    assert "downtime" in r.stdout and "command to done" in r.stdout
+    assert 0 < st["downtimeSeconds"] < 10
+    p = kube.wait_pod(new)
+    assert p["spec"]["nodeName"] == "node-b"
+    assert restart_count(p) == 0
+    check_counter_moved(kube, new, before)
+
+    # the old pod is gone; its container was not started again on node-a
+    kube.wait_gone(pod)
+    assert old_cid not in runc_ids(kube.nodes["node-a"])
+    assert not [c for c, s in runc_ids(kube.nodes["node-a"]).items() if s == "running"
+                and c == old_cid]
+    reasons = [r for r, _ in events_of(kube, new)]
+    assert "Migrated" in reasons, reasons
+
+    # `kubectl migrt list` shows it
+    ls = kubectl_migrt(kube, migrt_kube, "list")
+    assert ls.returncode == 0
+    assert any(pm["metadata"]["name"] in line and "Succeeded" in line and new in line
+               for line in ls.stdout.splitlines()), ls.stdout
+    kube.delete_pod(new)
+    kube.wait_gone(new)
+
+
+def test_checkpointed_pod_is_not_restarted_by_its_kubelet(kube, migrt_kube):
+    """restartPolicy Always: after `migrt checkpoint` the kubelet tries to start the
+    container again in the same pod; migrt refuses with one line, shown by the kubelet."""
+    pod = name("tomb")
+    kube.run_pod(pod_manifest(pod, COUNTER, node="node-a"))
+    cid = container_id(kube.pod(pod))
+    node = kube.nodes["node-a"]
+    d = f"/run/migrt/kube-test-{uuid.uuid4().hex[:8]}"
+    os.makedirs(d)
+    try:
+        r = subprocess.run([kube.migrt, "--root", os.path.join(node.runc_root, "k8s.io"),
+                            "checkpoint", "--image-path", f"{d}/image", "--work-path", f"{d}/work",
+                            cid], capture_output=True, text=True, timeout=120,
+                           env=dict(os.environ, MIGRT_STATE_DIR=node.containerd.migrt_state))
+        assert r.returncode == 0, r.stderr
+
+        def refused():
+            msgs = [m for _, m in events_of(kube, pod) if "migrt does not start it again" in m]
+            return msgs or None
+        msgs = wait_for(refused, 60, "the kubelet's failed restart, with migrt's line")
+        assert "was checkpointed to" in msgs[0] and f"pod {kube.namespace}/{pod}" in msgs[0], msgs
+        p = kube.pod(pod)
+        st = p["status"]["containerStatuses"][0]
+        assert not st["state"].get("running"), st
+        running = [c for c, s in runc_ids(node).items() if s == "running"]
+        ann = {c: subprocess.run(["runc", "--root", os.path.join(node.runc_root, "k8s.io"),
+                                  "state", c], capture_output=True, text=True).stdout
+               for c in running}
+        assert not [c for c, s in ann.items() if f'"io.kubernetes.cri.container-name": "main"'
+                    in s and pod in s], "the checkpointed container runs again"
+    finally:
+        kube.delete_pod(pod, "--grace-period=0", "--force")
+        subprocess.run(["rm", "-rf", d])
+    kube.wait_gone(pod)
+
+
+def watch_pods(kube, selector, stop):
+    """Every pod name seen with this label selector until stop is set."""
+    seen = set()
+
+    def run():
+        while not stop.is_set():
+            try:
+                for p in kube.get("pods", "-l", selector)["items"]:
+                    seen.add(p["metadata"]["name"])
+            except Exception:       # noqa: BLE001 - keep looking
+                pass
+            time.sleep(0.15)
+    t = threading.Thread(target=run, daemon=True)
+    t.start()
+    return seen, t
+
+
+def test_deployment_pod_moves_and_stays_in_its_replicaset(kube, migrt_kube):
+    app = name("dep")
+    dep = {"apiVersion": "apps/v1", "kind": "Deployment",
+           "metadata": {"name": app, "namespace": kube.namespace},
+           "spec": {"replicas": 1, "selector": {"matchLabels": {"app": app}},
+                    "template": {"metadata": {"labels": {"app": app}},
+                                 "spec": pod_manifest("x", COUNTER, node="node-a")["spec"]}}}
+    kube.apply(dep)
+    pods = wait_for(lambda: [p for p in kube.get("pods", "-l", f"app={app}")["items"]
+                             if kc._cond(p, "Ready")] or None, 90, "the Deployment's pod")
+    old = pods[0]["metadata"]["name"]
+    rs_ref = pods[0]["metadata"]["ownerReferences"][0]
+    wait_for(lambda: len(numbers(kube.logs(old))) >= 5, 30, "counter")
+    before = numbers(kube.logs(old))
+    stop = threading.Event()
+    seen, t = watch_pods(kube, f"app={app}", stop)
+    try:
+        r = kubectl_migrt(kube, migrt_kube, "pod", old, "--to", "node-b")
+        assert r.returncode == 0, r.stdout + r.stderr + migrt_kube.tail()
+        new = pm_for(kube, old)["status"]["targetPod"]
+        p = kube.wait_pod(new)
+        assert p["spec"]["nodeName"] == "node-b"
+        kube.wait_gone(old)
+        time.sleep(5)           # would the ReplicaSet add or delete a pod now?
+    finally:
+        stop.set()
+        t.join(5)
+    # the new pod belongs to the same ReplicaSet, with its full label set
+    p = kube.pod(new)
+    refs = p["metadata"]["ownerReferences"]
+    assert [(x["kind"], x["uid"], x.get("controller")) for x in refs] == \
+        [("ReplicaSet", rs_ref["uid"], True)], refs
+    assert p["metadata"]["labels"]["pod-template-hash"] == \
+        kube.pod(new)["metadata"]["labels"]["pod-template-hash"]
+    rs = kube.get("replicaset", rs_ref["name"])
+    assert p["metadata"]["labels"]["pod-template-hash"] == \
+        rs["spec"]["selector"]["matchLabels"]["pod-template-hash"]
+    # no pod added or deleted by the ReplicaSet because of the move: only old and new
+    assert seen == {old, new}, seen
+    live = kube.get("pods", "-l", f"app={app}")["items"]
+    assert [x["metadata"]["name"] for x in live] == [new]
+    assert rs["status"].get("readyReplicas") == 1 and rs["status"]["replicas"] == 1
+    assert restart_count(p) == 0
+    check_counter_moved(kube, new, before)
+    kube.kubectl("delete", "deployment", app, "--wait=false")
+
+
+def test_failed_move_to_an_unschedulable_node_leaves_the_source(kube, migrt_kube):
+    """A PodMigration to a cordoned node: the new pod never schedules; after the
+    controller's bound (15 s here) the move fails, the new pod is deleted, the source
+    runs on untouched."""
+    pod = name("nosched")
+    kube.run_pod(pod_manifest(pod, COUNTER, node="node-a"))
+    cid = container_id(kube.pod(pod))
+    # the CLI refuses at once
+    kube.kubectl("cordon", "node-b")
+    try:
+        r = kubectl_migrt(kube, migrt_kube, "pod", pod, "--to", "node-b")
+        assert r.returncode == 1 and "node node-b is cordoned" in r.stderr, r.stderr
+        # the controller, when asked directly
+        pmn = name("pm")
+        kube.apply({"apiVersion": "migrt.io/v1alpha1", "kind": "PodMigration",
+                    "metadata": {"name": pmn, "namespace": kube.namespace},
+                    "spec": {"pod": pod, "targetNode": "node-b"}})
+        pm = wait_for(lambda: (lambda x: x if x.get("status", {}).get("phase") in
+                               ("Succeeded", "Failed") else None)(
+            kube.get("podmigration", pmn)), 90, "the PodMigration's end")
+    finally:
+        kube.kubectl("uncordon", "node-b")
+    st = pm["status"]
+    assert st["phase"] == "Failed", st
+    assert "not ready to restore within 15s" in st["message"] and "unschedulable" in st["message"], st
+    wait_for(lambda: not kube.get("pods", "-l", f"migrt.io/migration={pmn}")["items"], 30,
+             "the new pod deleted")
+    p = kube.pod(pod)
+    assert container_id(p) == cid and restart_count(p) == 0 and kc._cond(p, "Ready")
+    n0 = numbers(kube.logs(pod))[-1]
+    wait_for(lambda: numbers(kube.logs(pod))[-1] > n0 + 3, 30, "the source still counting")
+    assert "MigrationFailed" in [r for r, _ in events_of(kube, pod)]
+    kube.delete_pod(pod)
+    kube.wait_gone(pod)
+
+
+def test_deleting_the_podmigration_before_the_move_cancels_it(kube, migrt_kube):
+    pod = name("cancel")
+    kube.run_pod(pod_manifest(pod, COUNTER, node="node-a"))
+    cid = container_id(kube.pod(pod))
+    pmn = name("pm")
+    kube.kubectl("cordon", "node-b")       # holds the new pod in scheduling
+    try:
+        kube.apply({"apiVersion": "migrt.io/v1alpha1", "kind": "PodMigration",
+                    "metadata": {"name": pmn, "namespace": kube.namespace},
+                    "spec": {"pod": pod, "targetNode": "node-b"}})
+        wait_for(lambda: kube.get("pods", "-l", f"migrt.io/migration={pmn}")["items"], 30,
+                 "the new pod")
+        kube.kubectl("delete", "podmigration", pmn, "--wait=false")
+        wait_for(lambda: kube.kubectl("get", "podmigration", pmn, check=False).returncode != 0,
+                 30, "the PodMigration gone (its finalizer released)")
+        wait_for(lambda: not kube.get("pods", "-l", f"migrt.io/migration={pmn}")["items"], 30,
+                 "the new pod deleted")
+    finally:
+        kube.kubectl("uncordon", "node-b")
+    p = kube.pod(pod)
+    assert container_id(p) == cid and restart_count(p) == 0 and kc._cond(p, "Ready")
+    kube.delete_pod(pod)
+    kube.wait_gone(pod)
+
+
+def test_controller_killed_midway_finishes_after_restart(kube, migrt_kube):
+    """kill -9 of the controller once the new pod exists; the restarted controller goes
+    on from the PodMigration's recorded step: one copy, counter on."""
+    pod = name("kill")
+    kube.run_pod(pod_manifest(pod, COUNTER, node="node-a"))
+    wait_for(lambda: len(numbers(kube.logs(pod))) >= 5, 30, "counter")
+    before = numbers(kube.logs(pod))
+    cli = subprocess.Popen([os.path.join(kube.bin, "kubectl"), "migrt", "pod", pod, "--to",
+                            "node-b"], stdout=subprocess.PIPE, stderr=subprocess.STDOUT,
+                           text=True, env=migrt_kube.plugin_env)
+    try:
+        wait_for(lambda: (pm_for(kube, pod) or {}).get("status", {}).get("targetPod"), 30,
+                 "the new pod created", interval=0.05)
+        migrt_kube.kill()
+        step = pm_for(kube, pod)["status"]["step"]
+        time.sleep(2)
+        migrt_kube.start()
+        out, _ = cli.communicate(timeout=180)
+    finally:
+        if cli.poll() is None:
+            cli.kill()
+    assert cli.returncode == 0, out + migrt_kube.tail()
+    st = pm_for(kube, pod)["status"]
+    assert st["phase"] == "Succeeded", (step, st)
+    new = st["targetPod"]
+    kube.wait_gone(pod)
+    p = kube.wait_pod(new)
+    assert p["spec"]["nodeName"] == "node-b" and restart_count(p) == 0
+    check_counter_moved(kube, new, before)
+    kube.delete_pod(new)
+    kube.wait_gone(new)
