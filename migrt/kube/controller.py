@@ -478,11 +478,14 @@ class Mover:
         if new is None:
             raise Failed("the new pod is gone after the migration", delete_target=False)
         deadline = time.monotonic() + READY_TIMEOUT
+        # only a ReplicaSet's pod needs the old one seen not ready (see adopt)
+        adopting = (new["metadata"].get("annotations") or {}).get(HELD) is not None
         while True:
             new = self.find_target() or new
             old = self.source_pod()
             new_ok = ready(new)
-            old_down = old is None or not ready(old) or old["metadata"].get("deletionTimestamp")
+            old_down = old is None or not adopting or not ready(old) \
+                or old["metadata"].get("deletionTimestamp")
             if new_ok and old_down:
                 break
             if time.monotonic() > deadline:
@@ -553,6 +556,7 @@ class Controller:
         self.max_parallel = max_parallel
         self.interval = interval
         self.running = {}          # uid -> thread
+        self.drained = set()       # (namespace, pod) a drain taint already tried to move
         self.lock = threading.Lock()
         self.last_drain = 0.0
 
@@ -600,8 +604,10 @@ class Controller:
             name = n["metadata"]["name"]
             for pod in self.kube.list("pods", fieldSelector=f"spec.nodeName={name}"):
                 md = pod["metadata"]
-                if (md["namespace"], md["name"]) in moving or check_pod(pod):
+                key = (md["namespace"], md["name"])
+                if key in moving or key in self.drained or check_pod(pod):
                     continue
+                self.drained.add(key)       # once: a pod that cannot move keeps running
                 pm = new_podmigration(md["name"], md["namespace"], None, "full",
                                       generate=True, reason=f"node {name} tainted {DRAIN_TAINT}")
                 try:
