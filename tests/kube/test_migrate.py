@@ -13,9 +13,7 @@ failure leaves the source pod running with no new pod.
 """
 import json
 import os
-import signal
 import subprocess
-import sys
 import threading
 import time
 import uuid
@@ -23,12 +21,8 @@ import uuid
 import pytest
 
 import cluster as kc
+import kubemigrt
 from cluster import pod_manifest, container_id, restart_count, wait_for
-
-REPO = kc.REPO
-CRD = os.path.join(REPO, "packaging", "kube", "podmigration-crd.yaml")
-RBAC = os.path.join(REPO, "packaging", "kube", "controller-rbac.yaml")
-PLUGIN = os.path.join(REPO, "packaging", "kubectl-migrt")
 
 COUNTER = ("exec 3>>/data.log; i=0; while :; do i=$((i+1)); echo $i; echo $i >&3; "
            "echo $i > /tmp/count; sleep 0.2; done")
@@ -42,87 +36,23 @@ def numbers(text):
     return [int(x) for x in text.split() if x.isdigit()]
 
 
-class Controller:
-    """The controller as a process, with the shipped role's credentials."""
-
-    def __init__(self, kube, kubeconfig, log, env=None):
-        self.kube, self.kubeconfig, self.log = kube, kubeconfig, log
-        self.env = dict(os.environ, PYTHONPATH=REPO, **(env or {}))
-        self.proc = None
-
-    def start(self):
-        f = open(self.log, "ab")
-        self.proc = subprocess.Popen(
-            [sys.executable, "-m", "migrt.kube", "controller", "--kubeconfig", self.kubeconfig,
-             "--secret-file", self.kube.secret], cwd=REPO, stdout=f, stderr=subprocess.STDOUT,
-            stdin=subprocess.DEVNULL, env=self.env, start_new_session=True)
-        f.close()
-
-    def kill(self):
-        if self.proc and self.proc.poll() is None:
-            os.killpg(self.proc.pid, signal.SIGKILL)
-            self.proc.wait(10)
-
-    def tail(self, n=40):
-        with open(self.log, errors="replace") as f:
-            return "".join(f.readlines()[-n:])
-
-
 @pytest.fixture(scope="module")
 def migrt_kube(kube, workdir):
-    kube.kubectl("apply", "-f", CRD)
-    kube.kubectl("create", "namespace", "migrt-system", check=False)
-    kube.kubectl("apply", "-f", RBAC)
-    kube.kubectl("wait", "--for", "condition=established", "--timeout=60s",
-                 "crd/podmigrations.migrt.io")
-    # the ServiceAccount's token (1.20's token controller makes its secret)
-
-    def token():
-        sa = kube.get("serviceaccount", "migrt-controller", "-n", "migrt-system")
-        for s in sa.get("secrets") or []:
-            sec = kube.get("secret", s["name"], "-n", "migrt-system")
-            if sec.get("data", {}).get("token"):
-                import base64
-                return base64.b64decode(sec["data"]["token"]).decode()
-        return None
-    tok = wait_for(token, 60, "the controller's service account token")
-    kc_path = str(workdir / "migrt-controller.kubeconfig")
-    import base64
-    with open(kube.pki.ca, "rb") as f:
-        ca = base64.b64encode(f.read()).decode()
-    with open(os.open(kc_path, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o600), "w") as f:
-        json.dump({"apiVersion": "v1", "kind": "Config",
-                   "clusters": [{"name": "c", "cluster": {"server": kube.server,
-                                                          "certificate-authority-data": ca}}],
-                   "users": [{"name": "sa", "user": {"token": tok}}],
-                   "contexts": [{"name": "c", "context": {"cluster": "c", "user": "sa"}}],
-                   "current-context": "c"}, f)
+    ctl = kubemigrt.setup(kube, workdir, env={"MIGRT_KUBE_SCHEDULE_TIMEOUT": "15"})
     # the role is not cluster-admin: it cannot read secrets, nor delete nodes
     who = "system:serviceaccount:migrt-system:migrt-controller"
     assert kube.kubectl("auth", "can-i", "get", "secrets", "--as", who, "-A",
                         check=False).stdout.strip() == "no"
+    assert kube.kubectl("auth", "can-i", "delete", "nodes", "--as", who,
+                        check=False).stdout.strip() == "no"
     assert kube.kubectl("auth", "can-i", "create", "pods", "--as", who, "-A",
                         check=False).stdout.strip() == "yes"
-    for n in kube.nodes.values():
-        kube.kubectl("annotate", "node", n.name, f"migrt.io/agent={n.agent_address}",
-                     "--overwrite")
-    # kubectl finds the plugin on PATH
-    bindir = workdir / "kubectl-plugins"
-    bindir.mkdir(exist_ok=True)
-    os.symlink(PLUGIN, bindir / "kubectl-migrt") if not (bindir / "kubectl-migrt").exists() \
-        else None
-    ctl = Controller(kube, kc_path, str(workdir / "migrt-controller.log"),
-                     env={"MIGRT_KUBE_SCHEDULE_TIMEOUT": "15"})
-    ctl.start()
-    ctl.plugin_env = dict(os.environ, KUBECONFIG=kube.kubeconfig, MIGRT_PYTHON=sys.executable,
-                          MIGRT_LIB=REPO, PATH=f"{bindir}:{os.environ['PATH']}")
     yield ctl
     ctl.kill()
 
 
 def kubectl_migrt(kube, ctl, *args, timeout=180):
-    return subprocess.run([os.path.join(kube.bin, "kubectl"), "migrt", *args],
-                          capture_output=True, text=True, env=ctl.plugin_env, timeout=timeout)
+    return ctl.kubectl_migrt(*args, timeout=timeout)
 
 
 def podmigrations(kube):
