@@ -43,12 +43,15 @@ def migrate(addr, secret, container, mid, to, mode="full", wait=120, start=True,
     try:
         c.send_json({"op": "migrate", "container": container, "mid": mid, "to": to,
                      "mode": mode, "wait": wait, "start": start})
-        first = c.read_json()
-        if first.get("error"):
-            return {"ok": False, "rc": first.get("rc", 3), "error": first["error"],
-                    "report": None}
+        kind, first = c.read_frame()
+        if kind != b"J" or first.get("error"):
+            return {"ok": False, "rc": first.get("rc", 3) if kind == b"J" else 3,
+                    "error": first.get("error") if kind == b"J" else "bad reply", "report": None}
         if started:
             started(first.get("started"))
-        return c.read_json()
+        kind, res = c.read_frame()
+        if kind != b"J":
+            raise wire.ProtocolError("expected a control message")
+        return res
     finally:
         c.close()

@@ -154,3 +154,114 @@ def test_pod_container_waits_for_its_staged_migration_then_says_so(rt, make_bund
                     env=[f"MIGRT_RESTORE_FROM=staged:{mid}"])
     rc, _, err = rt.create(plain, b)
     assert rc == 1 and "no such staged migration" in err.text, err.text
+
+
+def test_pod_move_between_two_agents_as_the_controller_drives_it(tmp_path, make_bundle,
+                                                                 migrt_launcher):
+    """The node side of a pod move, without a kubelet: the new pod's container is
+    created first and waits for a migration id chosen by the caller (its agent says
+    `awaited`); the source node's agent is asked to migrate the container with that id
+    (agent operation `migrate`, as migrt.kube does it); the waiting create restores it.
+    Then the source's pod container is refused in its sandbox, a second `migrate` with
+    the same id only reports the outcome again, and the restored container, killed and
+    created again in its sandbox, starts from its image."""
+    import threading
+    import time
+    from test_migrate import Agent, secret_file
+    from migrt.kube import agents
+    from migrt.transfer import wire
+
+    state = f"/dev/shm/migrt-it-{ocitest.uid('s')}"
+    kube_state = str(tmp_path / "kube-state")
+    env = dict(os.environ, MIGRT_STATE_DIR=state, MIGRT_KUBE_STATE=kube_state)
+    secret = secret_file(tmp_path / "secret")
+    a = ocitest.Runtime(migrt_launcher, str(tmp_path / "root-a"), env=env)
+    b_root = str(tmp_path / "root-b")
+    ag_a = Agent(migrt_launcher, str(tmp_path / "a"), a.root, secret, env,
+                 staging=str(tmp_path / "staging-a")).start()
+    ag_b = Agent(migrt_launcher, str(tmp_path / "b"), b_root, secret, env,
+                 staging=str(tmp_path / "staging-b")).start()
+    b = ocitest.Runtime(migrt_launcher, b_root, env=dict(env, MIGRT_STAGING=ag_b.staging))
+    try:
+        old_sandbox, new_sandbox = uuid.uuid4().hex, uuid.uuid4().hex
+        cid, _, rc, out, err = counter(a, make_bundle, old_sandbox)
+        assert rc == 0, err.text
+        ocitest.wait_for(lambda: ocitest.last_count(out) >= 10, what="source counter")
+        mid = "m-" + uuid.uuid4().hex[:16]
+        key = wire.load_secret(secret)
+        assert agents.status(ag_b.address, key, mid) == "unknown"
+
+        made = {}
+        bundle = make_bundle(["sh", "-c", ocitest.COUNTER], name="new-pod",
+                             env=[f"MIGRT_RESTORE_FROM=staged:{mid}"],
+                             annotations=pod_annotations(new_sandbox))
+
+        def create():
+            made["rc"], made["out"], made["err"] = b.create("new", bundle, start=True)
+        t = threading.Thread(target=create)
+        t.start()
+        ocitest.wait_for(lambda: agents.status(ag_b.address, key, mid) == "awaited",
+                         timeout=20, what="the new container waiting for its migration")
+        assert a.state(cid)["status"] == "running"        # nothing frozen yet
+
+        t0 = time.monotonic()
+        res = agents.migrate(ag_a.address, key, cid, mid, ag_b.address)
+        t.join(60)
+        assert res["ok"], (res, time.monotonic() - t0, made["err"].text)
+        assert made["rc"] == 0, made["err"].text
+        rep = res["report"]
+        assert rep["migration"] == mid and rep["phases"]["downtime"] > 0
+        assert a.state(cid) is None
+        ocitest.wait_for(lambda: numbers(made["out"]), what="restored counter")
+        before = ocitest.last_count(out)
+        assert numbers(made["out"])[0] == before + 1
+        # asked again: the same outcome, nothing run twice
+        again = agents.migrate(ag_a.address, key, cid, mid, ag_b.address)
+        assert again["ok"] and again["report"]["migration"] == mid
+
+        # the source's pod container is not created again in its sandbox
+        back, _, rc, _, err2 = counter(a, make_bundle, old_sandbox)
+        assert rc == 1 and "was migrated to" in err2.text and mid in err2.text, err2.text
+
+        # the restored container, killed and made again by its kubelet: from its image
+        b.run("kill", "new", "KILL")
+        ocitest.wait_for(lambda: (b.state("new") or {}).get("status") == "stopped",
+                         what="stopped")
+        b.run("delete", "new")
+        r2 = make_bundle(["sh", "-c", ocitest.COUNTER], name="new-pod-2",
+                         env=[f"MIGRT_RESTORE_FROM=staged:{mid}"],
+                         annotations=pod_annotations(new_sandbox))
+        rc, out2, err3 = b.create("new2", r2, start=True)
+        assert rc == 0, err3.text
+        ocitest.wait_for(lambda: ocitest.last_count(out2) >= 2, what="restarted counter")
+        assert numbers(out2)[:2] == [1, 2]
+    finally:
+        for ag in (ag_a, ag_b):
+            ag.kill()
+        a.cleanup()
+        b.cleanup()
+        shutil.rmtree(state, ignore_errors=True)
+
+
+def test_agent_migrate_refuses_bad_requests(tmp_path, migrt_launcher):
+    from test_migrate import Agent, secret_file
+    from migrt.kube import agents
+    from migrt.transfer import wire
+    state = f"/dev/shm/migrt-it-{ocitest.uid('s')}"
+    env = dict(os.environ, MIGRT_STATE_DIR=state)
+    secret = secret_file(tmp_path / "secret")
+    ag = Agent(migrt_launcher, str(tmp_path / "a"), str(tmp_path / "root"), secret, env,
+               staging=str(tmp_path / "staging")).start()
+    key = wire.load_secret(secret)
+    try:
+        r = agents.migrate(ag.address, key, "../etc", "m-0123456789abcdef", "127.0.0.1:1")
+        assert not r["ok"] and "needs a container id" in r["error"]
+        r = agents.migrate(ag.address, key, "nothere", "m-0123456789abcdef", "127.0.0.1:1")
+        assert not r["ok"] and "no container nothere on this node" in r["error"]
+        r = agents.migrate(ag.address, key, "nothere", "m-0123456789abcdef", "127.0.0.1:1",
+                           start=False)
+        assert not r["ok"] and "no migration m-0123456789abcdef was started" in r["error"]
+        assert not os.path.exists(os.path.join(state, "out", "m-0123456789abcdef.pid"))
+    finally:
+        ag.kill()
+        shutil.rmtree(state, ignore_errors=True)

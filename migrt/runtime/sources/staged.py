@@ -19,7 +19,10 @@ def resolve(rest, bundle):
     s = Staged(rest)
     rec = s.read()
     if rec is None or rec.get("state") == "receiving":
-        rec = await_arrival(s, rest, bundle) or rec
+        arrived = await_arrival(s, rest, bundle)
+        if arrived is not None:
+            s = Staged(rest)            # its record names the disk dir of its rootfs
+            rec = s.read()
     if rec is None:
         raise CheckpointError(f"staged:{rest}: no such staged migration in {os.path.dirname(s.dir)}")
     if rec.get("state") != "staged":
