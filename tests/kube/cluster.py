@@ -8,11 +8,11 @@ at the launcher under test, and a `migrt agent`. The binaries are Kubernetes 1.2
 by packaging/build-kubernetes.sh from Debian 12's source package, etcd/kubectl/CNI from
 Debian's packages (all under /opt/migrt/test/kubernetes-1.20.2).
 
-Network: one Linux bridge of our own carries both nodes' pods; each node's CNI config
-gives it its own host-local range (10.N.1.0/24 for node-a, 10.N.2.0/24 for node-b) with
-its own gateway address on that bridge, so pods of one node reach pods of the other
-through the host. The nodes' own addresses (what the kubelets and agents bind to) are
-/32s on the same bridge. Everything is undone by `stop()`: pods and sandboxes (netns),
+Network: each node's CNI config (the bridge plugin, host-local addresses) gives its pods
+a bridge and a range of their own (10.N.1.0/24 on mk<tag>a for node-a, 10.N.2.0/24 on
+mk<tag>b for node-b), the host being the gateway of both, so pods of one node reach pods
+of the other through the host's routes. The nodes' own addresses (what the kubelets and agents bind to) are
+/32s on a third, empty bridge (mk<tag>). Everything is undone by `stop()`: pods and sandboxes (netns),
 processes, mounts, the bridge, sysctls the kubelet changed.
 """
 import base64
@@ -325,6 +325,7 @@ class Node:
         self.ip = cluster.node_ip(index)
         self.subnet = cluster.pod_subnet(index)
         self.runc_root = os.path.join(self.base, "runc")
+        self.bridge = f"{cluster.bridge}{'ab'[index]}"      # made by the CNI bridge plugin
         self.kubelet_dir = os.path.join(self.base, "kubelet")
         self.port = free_port()
         self.healthz = free_port()
@@ -346,7 +347,7 @@ class Node:
         conf = {
             "cniVersion": "0.4.0", "name": f"migrt-kube-{self.name}",
             "plugins": [{
-                "type": "bridge", "bridge": self.cluster.bridge, "isGateway": True,
+                "type": "bridge", "bridge": self.bridge, "isGateway": True,
                 "ipMasq": False, "hairpinMode": True,
                 "ipam": {"type": "host-local",
                          "ranges": [[{"subnet": str(net), "gateway": str(net.network_address + 1)}]],
@@ -519,7 +520,7 @@ class Cluster(PodOps):
         self.handler_binary = handler_binary or migrt       # the migrt handler's BinaryName
         self.images = images
         self.tag = uuid.uuid4().hex[:6]
-        self.bridge = f"mkb{self.tag}"
+        self.bridge = f"mk{self.tag}"     # the nodes' addresses; the pods' bridges: +a, +b
         # the tests' pods live in a namespace of this cluster's own: the kubelets' pod
         # logs (/var/log/pods/<namespace>_*) are told apart from any other cluster's
         self.namespace = f"mk-{self.tag}"
@@ -721,7 +722,8 @@ class Cluster(PodOps):
                     else:
                         shutil.rmtree(p, ignore_errors=True)
         if self.bridge_made:
-            subprocess.run(["ip", "link", "del", self.bridge], capture_output=True)
+            for link in (self.bridge, self.bridge + "a", self.bridge + "b"):
+                subprocess.run(["ip", "link", "del", link], capture_output=True)
         for name, value in self.saved_sysctls.items():
             try:
                 write_sysctl(name, value)
