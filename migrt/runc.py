@@ -31,13 +31,44 @@ def find_runc():
     return None
 
 
-def runc_path(call=None):
-    # runc finds CRIU on PATH; a containerd shim's PATH may lack the sbin dirs
+# Where packaging/install.sh puts the CRIU it builds (4.2; Debian 13's 4.1.1 cannot dump
+# TCP sockets on kernels >= 6.16). runc takes CRIU from PATH, so this dir goes first.
+CRIU_DIR = "/usr/local/sbin"
+
+
+def sbin_path():
+    """Fix this process's PATH (which runc and every CRIU migrt runs inherit): the sbin
+    dirs present (a containerd shim's PATH may lack them), CRIU_DIR ahead of /usr/sbin (so
+    that install.sh's CRIU wins over a distribution's criu package), and the dir of
+    $MIGRT_CRIU first when that names a `criu`."""
     path = os.environ.get("PATH", "")
     parts = path.split(os.pathsep) if path else []
-    extra = [d for d in ("/usr/local/sbin", "/usr/sbin", "/sbin") if d not in parts]
-    if extra:
-        os.environ["PATH"] = os.pathsep.join(parts + extra)
+    want = [CRIU_DIR]
+    forced = os.environ.get("MIGRT_CRIU")
+    if forced and os.path.basename(forced) == "criu" and os.path.dirname(forced):
+        want.insert(0, os.path.dirname(forced))
+    if parts[:len(want)] != want:
+        parts = want + [d for d in parts if d not in want]
+    parts += [d for d in ("/usr/sbin", "/sbin") if d not in parts]
+    new = os.pathsep.join(parts)
+    if new != path:
+        os.environ["PATH"] = new
+
+
+def criu_path():
+    """The CRIU migrt runs, the same one runc finds: $MIGRT_CRIU, else `criu` on the PATH
+    sbin_path() set (install.sh's /usr/local/sbin/criu first). "criu" if none is found."""
+    import shutil
+    sbin_path()
+    forced = os.environ.get("MIGRT_CRIU")
+    if forced:
+        return forced if "/" in forced else (shutil.which(forced) or forced)
+    return shutil.which("criu") or "criu"
+
+
+def runc_path(call=None):
+    # runc finds CRIU on PATH: see sbin_path
+    sbin_path()
     runc = find_runc()
     if runc is None:
         from migrt.errors import MigrtError

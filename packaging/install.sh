@@ -1,21 +1,38 @@
 #!/bin/bash
-# Install migrt and everything it drives (runc, CRIU 4.x, iptables) plus what the
-# test suite uses (containerd, podman, busybox), on a fresh Debian 12 or 13, as root.
+# Install migrt and everything it drives (runc, CRIU 4.2, iptables) plus what the
+# test suite uses (containerd, podman, busybox, real workloads), on a fresh Debian 12 or
+# 13, as root. It never moves the operating system: every package comes from the node's
+# own release, with its own apt sources.
 #
-# Debian 12's criu (3.17) fails `criu check` on current kernels (rt vDSO bounds), so on
-# bookworm criu, runc and iptables come together from trixie, pinned low so that nothing
-# else moves to trixie. They must come in ONE apt command: trixie's criu with bookworm's
-# iptables ends in a libxtables conflict.
+# CRIU: Debian 12's criu (3.17) fails `criu check` on current kernels, and Debian 13's
+# (4.1.1) cannot dump any AF_INET socket on kernels >= 6.16 (fixed in CRIU 4.2). So CRIU
+# is built from Debian sid's own source package (criu 4.2.1-1), fetched with apt-get
+# source through a private sources list and state dir under a temporary directory (the
+# node's apt sources never mention sid; apt checks the files against sid's signed
+# Sources index), compiled with the release's gcc and -dev packages (about 20 s on two
+# cores), and installed as /usr/local/sbin/criu, ahead of /usr/sbin on every standard
+# PATH and where migrt always looks first (migrt/fast.py criu_path). The build-only
+# packages it added are purged again; the libraries criu links to stay, marked manually
+# installed. Debian's own criu package, if installed, is left alone and not used.
 #
-# Idempotent: running it again only checks. Environment:
+# Idempotent: running it again only checks (the CRIU build is keyed on its version).
+# Environment:
 #   MIGRT_PREFIX   where the virtualenv goes (default /opt/migrt)
 #   MIGRT_BIN      where the `migrt` launcher goes (default /usr/local/bin)
-#   MIGRT_NO_TEST_DEPS=1  skip containerd/podman/pytest (node install only)
+#   MIGRT_NO_TEST_DEPS=1  skip containerd/podman/pytest/workloads (node install only)
+#   MIGRT_CRIU_SOURCE     Debian source version of criu to build (default 4.2.1-1)
+#   MIGRT_DEBIAN_MIRROR   where sid's (and trixie's) indexes come from
+#                         (default http://deb.debian.org/debian)
 set -euo pipefail
 
 PREFIX=${MIGRT_PREFIX:-/opt/migrt}
 BIN=${MIGRT_BIN:-/usr/local/bin}
 SRC=$(cd "$(dirname "$0")/.." && pwd)
+CRIU_SOURCE=${MIGRT_CRIU_SOURCE:-4.2.1-1}
+CRIU_VERSION=${CRIU_SOURCE%-*}             # upstream version, as `criu --version` says it
+CRIU=/usr/local/sbin/criu
+MIRROR=${MIGRT_DEBIAN_MIRROR:-http://deb.debian.org/debian}
+KEYRING=/usr/share/keyrings/debian-archive-keyring.gpg
 
 log() { printf 'migrt-install: %s\n' "$*" >&2; }
 
@@ -30,25 +47,6 @@ export DEBIAN_FRONTEND=noninteractive
 apt_updated=
 apt_update() { [ -n "$apt_updated" ] || { apt-get update -qq; apt_updated=1; }; }
 
-have_good_criu() {
-    command -v criu >/dev/null 2>&1 || return 1
-    local v; v=$(criu --version 2>/dev/null | sed -n 's/^Version: *//p')
-    [ "${v%%.*}" -ge 4 ] 2>/dev/null
-}
-
-base_pkgs="runc criu iptables"
-test_pkgs="containerd podman busybox-static iproute2 ca-certificates"
-# The compiler for the tests' fake libcuda and memory workload. On Debian 12 libc6 is
-# trixie's by now (it came with criu), so its -dev package and gcc must be trixie's too.
-build_pkgs="gcc libc6-dev"
-
-# A Debian 12 that got criu from trixie (pinned low, below) reports trixie in
-# /etc/os-release afterwards (base-files came along), but its default release is still
-# bookworm: packages that must match trixie's libc are taken with -t trixie.
-pinned_trixie() {
-    [ -f /etc/apt/preferences.d/migrt-trixie ] && echo yes
-}
-
 missing_pkgs() {
     local p out=
     for p in "$@"; do
@@ -57,89 +55,202 @@ missing_pkgs() {
     echo $out
 }
 
-if ! have_good_criu || ! command -v runc >/dev/null || ! command -v iptables-restore >/dev/null; then
-    case "$VERSION_CODENAME" in
-    bookworm)
-        log "Debian 12: taking criu, runc and iptables from trixie (pinned at priority 100)"
-        if ! grep -rqs 'trixie' /etc/apt/sources.list /etc/apt/sources.list.d/; then
-            cat > /etc/apt/sources.list.d/migrt-trixie.sources <<'SRC'
-Types: deb
-URIs: http://deb.debian.org/debian
-Suites: trixie
-Components: main
-Signed-By: /usr/share/keyrings/debian-archive-keyring.gpg
-SRC
-        fi
-        cat > /etc/apt/preferences.d/migrt-trixie <<'PIN'
-Package: *
-Pin: release n=trixie
-Pin-Priority: 100
-PIN
-        apt_updated=; apt_update
-        # python3-venv and pip's wheel come along: trixie's criu brings python3 3.13,
-        # whose venv needs trixie's pip wheel.
-        apt-get install -y -qq -t trixie $base_pkgs python3 python3-venv python3-pip-whl \
-            python3-setuptools-whl >/dev/null
-        ;;
-    *)
-        apt_update
-        apt-get install -y -qq $base_pkgs >/dev/null
-        ;;
-    esac
-fi
-have_good_criu || { log "CRIU 4.x is required; got: $(criu --version 2>&1 | head -1)"; exit 1; }
+installed_pkgs() { dpkg-query -W -f='${db:Status-Abbrev} ${Package}\n' | awk '$1 == "ii" {print $2}' | sort; }
 
-# The venv's Python. On Debian 12 it is trixie's 3.13 (it came with criu), whose venv
-# needs trixie's pip wheel.
-pip_whl=$(dpkg-query -W -f='${Version}' python3-pip-whl 2>/dev/null || true)
-if [ -n "$(missing_pkgs python3 python3-venv)" ] || ! dpkg --compare-versions "${pip_whl:-0}" ge 24; then
-    apt_update
-    if [ -n "$(pinned_trixie)" ]; then
-        apt-get install -y -qq -t trixie python3 python3-venv python3-pip-whl \
-            python3-setuptools-whl >/dev/null
+tmpdirs=()
+cleanup() { local d; for d in "${tmpdirs[@]}"; do rm -rf "$d"; done; }
+trap cleanup EXIT
+
+# An earlier install.sh added Debian 13 to a Debian 12 node's apt sources, pinned at
+# priority 100. Stop that: remove the source file it wrote, and its pin with it unless
+# some other source still names trixie (without the pin that source would take over the
+# node at apt's default priority). Nothing is downgraded: packages that already came from
+# trixie stay as they are (see README, "Upgrading from an install that used trixie").
+if [ -f /etc/apt/sources.list.d/migrt-trixie.sources ]; then
+    rm -f /etc/apt/sources.list.d/migrt-trixie.sources
+    log "removed /etc/apt/sources.list.d/migrt-trixie.sources (an older install's trixie source)"
+fi
+if [ -f /etc/apt/preferences.d/migrt-trixie ] && [ "$VERSION_CODENAME" != trixie ]; then
+    if grep -rqsw 'trixie' /etc/apt/sources.list /etc/apt/sources.list.d/; then
+        log "kept /etc/apt/preferences.d/migrt-trixie: another apt source names trixie"
     else
-        apt-get install -y -qq python3 python3-venv >/dev/null
+        rm -f /etc/apt/preferences.d/migrt-trixie
+        log "removed /etc/apt/preferences.d/migrt-trixie (an older install's trixie pin)"
     fi
 fi
 
+# apt-get with a private sources list, index dir and cache under DIR: for one suite the
+# node does not use (sid's sources, trixie's containerd). Nothing of it outlives DIR.
+private_apt_init() {    # DIR "deb-src|deb" SUITE
+    local d=$1
+    mkdir -p "$d/lists/partial" "$d/cache/archives/partial" "$d/parts"
+    chmod 755 "$d"
+    chown -R _apt "$d/lists/partial" "$d/cache/archives/partial" 2>/dev/null || true
+    echo "$2 [signed-by=$KEYRING] $MIRROR $3 main" > "$d/sources.list"
+}
+private_apt() {         # DIR apt-get-args...
+    local d=$1; shift
+    apt-get -o Dir::Etc::SourceList="$d/sources.list" -o Dir::Etc::SourceParts="$d/parts" \
+        -o Dir::State::Lists="$d/lists" -o Dir::Cache="$d/cache" \
+        -o Dir::Cache::pkgcache= -o Dir::Cache::srcpkgcache= "$@"
+}
+
+criu_version() { "${1:-$CRIU}" --version 2>/dev/null | sed -n 's/^Version: *//p'; }
+
+# What the CRIU build needs, all from the node's own release.
+criu_build_deps="gcc libc6-dev make pkgconf xz-utils libbsd-dev libcap-dev libgnutls28-dev
+    libnet1-dev libnftables-dev libnl-3-dev libprotobuf-c-dev libprotobuf-dev
+    protobuf-c-compiler protobuf-compiler uuid-dev python3-protobuf"
+
+build_criu() {
+    local w before added keep purge lib pkg unwanted
+    w=$(mktemp -d /var/tmp/migrt-criu.XXXXXX); tmpdirs+=("$w")
+    log "building CRIU $CRIU_VERSION from Debian sid's source package criu $CRIU_SOURCE"
+    apt_update
+    before=$(installed_pkgs)
+    # shellcheck disable=SC2086
+    apt-get install -y -qq --no-install-recommends $criu_build_deps >/dev/null
+    added=$(comm -13 <(echo "$before") <(installed_pkgs))
+
+    private_apt_init "$w/apt" deb-src sid
+    chmod 755 "$w"
+    private_apt "$w/apt" update -qq
+    mkdir "$w/src"; chmod 755 "$w/src"
+    # The upstream tarball of Debian's source package (its debian/ part only packages
+    # CRIU; `make criu` does not use it). apt-get source checks the file's size and hashes
+    # against sid's Sources index, whose InRelease apt verified with Debian's archive
+    # keyring; the SHA-256 is checked here once more against that same index.
+    (cd "$w/src" && private_apt "$w/apt" source -qq --download-only --tar-only \
+        "criu=$CRIU_SOURCE" >"$w/source.log" 2>&1) || {
+        sed 's/^/  /' "$w/source.log" >&2
+        log "could not fetch criu $CRIU_SOURCE's source from sid ($MIRROR):"\
+            "set MIGRT_CRIU_SOURCE to the version sid has (apt-cache showsrc criu)"
+        exit 1
+    }
+    local tarball sum
+    tarball=$(cd "$w/src" && ls criu_*.orig.tar.* 2>/dev/null | head -1)
+    mkdir "$w/empty"    # --print-uris leaves out files already in the current directory
+    sum=$(cd "$w/empty" && private_apt "$w/apt" -qq --print-uris source --tar-only "criu=$CRIU_SOURCE" 2>/dev/null \
+        | awk -v f="$tarball" '$2 == f && $4 ~ /^SHA256:/ {sub(/^SHA256:/, "", $4); print $4}')
+    if [ -z "$tarball" ] || [ -z "$sum" ] || ! (cd "$w/src" && echo "$sum  $tarball" | sha256sum -c --quiet -); then
+        log "criu's source tarball '$tarball' does not match sid's signed index (sha256 $sum)"
+        exit 1
+    fi
+    tar -C "$w/src" -xf "$w/src/$tarball"
+    local dir; dir=$(find "$w/src" -mindepth 1 -maxdepth 1 -type d -name "criu-*" | head -1)
+    [ -n "$dir" ] || { log "no criu-* directory in $w/src/$tarball"; exit 1; }
+    if ! make -C "$dir" -j"$(nproc)" criu >"$w/build.log" 2>&1; then
+        tail -30 "$w/build.log" | sed 's/^/  /' >&2
+        log "the CRIU build failed (the whole log was $w/build.log)"
+        exit 1
+    fi
+    local got; got=$(criu_version "$dir/criu/criu")
+    [ "$got" = "$CRIU_VERSION" ] || { log "the built criu says version '$got', not $CRIU_VERSION"; exit 1; }
+    install -D -m 0755 "$dir/criu/criu" "$CRIU.new"
+    mv -f "$CRIU.new" "$CRIU"
+
+    # Keep the packages whose libraries criu loads (marked manual, so that autoremove
+    # leaves them); purge the build-only packages this run added, if apt agrees that
+    # purging them removes nothing else.
+    keep=$(ldd "$CRIU" | awk '$2 == "=>" && $3 ~ /^\// {print $3}' | while read -r lib; do
+        dpkg -S "*/$(basename "$(readlink -f "$lib")")" 2>/dev/null | cut -d: -f1 | tr ', ' '\n\n'
+    done | grep -v '^$' | sort -u)
+    # shellcheck disable=SC2086
+    [ -z "$keep" ] || apt-mark manual $keep >/dev/null
+    purge=$(comm -23 <(echo "$added" | grep -v '^$' | sort) <(echo "$keep"))
+    if [ -n "$purge" ]; then
+        # shellcheck disable=SC2086
+        unwanted=$(apt-get -s purge $purge 2>/dev/null | awk '$1 == "Purg" {print $2}' \
+            | sort | comm -23 - <(echo "$purge"))
+        if [ -z "$unwanted" ]; then
+            # shellcheck disable=SC2086
+            apt-get purge -y -qq $purge >/dev/null
+            log "purged the $(echo "$purge" | wc -l) build-only packages this build added"
+        else
+            # shellcheck disable=SC2086
+            apt-mark auto $purge >/dev/null
+            log "kept the build-only packages (purging them would also remove: $(echo $unwanted));"\
+                "they are marked automatic"
+        fi
+    fi
+    log "CRIU $CRIU_VERSION installed as $CRIU"
+}
+
+# runc and iptables (CRIU's network lock runs iptables-restore; it saves a network
+# namespace's routes with ip) from the node's own release.
+base_pkgs="runc iptables iproute2"
+missing=$(missing_pkgs $base_pkgs)
+if [ -n "$missing" ]; then
+    apt_update
+    log "installing: $missing"
+    apt-get install -y -qq $missing >/dev/null
+fi
+# The venv's Python: the release's own (3.11 on Debian 12, 3.13 on Debian 13).
+missing=$(missing_pkgs python3 python3-venv)
+if [ -n "$missing" ]; then
+    apt_update
+    log "installing: $missing"
+    apt-get install -y -qq $missing >/dev/null
+fi
+
+# Test packages: the container managers, the compiler for the tests' fake libcuda and
+# memory workload, the real workloads and tcpdump. Their services are not started (the
+# tests start their own instances): a policy-rc.d refuses that while they install.
+test_pkgs="containerd podman busybox-static ca-certificates gcc libc6-dev
+    redis-server nginx postgresql sqlite3 default-jre-headless tcpdump"
 if [ -z "${MIGRT_NO_TEST_DEPS:-}" ]; then
+    # shellcheck disable=SC2086
     missing=$(missing_pkgs $test_pkgs)
     if [ -n "$missing" ]; then
         apt_update
         log "installing: $missing"
-        apt-get install -y -qq $missing >/dev/null
-    fi
-    missing=$(missing_pkgs $build_pkgs)
-    if [ -n "$missing" ]; then
-        apt_update
-        log "installing: $missing"
-        if [ -n "$(pinned_trixie)" ]; then
-            apt-get install -y -qq -t trixie $missing >/dev/null
-        else
-            apt-get install -y -qq $missing >/dev/null
+        policy=
+        if [ ! -e /usr/sbin/policy-rc.d ]; then
+            printf '#!/bin/sh\nexit 101\n' > /usr/sbin/policy-rc.d; chmod 755 /usr/sbin/policy-rc.d
+            policy=1
         fi
+        # shellcheck disable=SC2086
+        apt-get install -y -qq $missing >/dev/null || { [ -z "$policy" ] || rm -f /usr/sbin/policy-rc.d; exit 1; }
+        [ -z "$policy" ] || rm -f /usr/sbin/policy-rc.d
     fi
 fi
 
+if [ "$(criu_version)" = "$CRIU_VERSION" ]; then
+    :   # built before: nothing to do
+else
+    if [ -x "$CRIU" ]; then log "replacing $CRIU (version $(criu_version))"; fi
+    build_criu
+fi
+if [ "$(command -v criu)" != "$CRIU" ]; then
+    log "note: 'criu' on this shell's PATH is $(command -v criu || echo none); migrt and the"\
+        "runc it starts use $CRIU"
+fi
+if ! out=$("$CRIU" check 2>&1); then
+    log "warning: '$CRIU check' failed on this node (last line: $(echo "$out" | tail -1))"
+fi
+
 # The e2e tests prove migrt's containerd drop-in on containerd 1.6 (Debian 12's) and 1.7
-# (Debian 13's). Where the system's containerd is 1.6, 1.7 is unpacked privately under
-# $PREFIX/test (its binaries need only libc, which trixie's criu brought along): the
-# node's own containerd is not touched.
+# (Debian 13's). Where the system's containerd is 1.6, Debian 13's 1.7 is unpacked
+# privately under $PREFIX/test (a Go binary that needs only glibc 2.34, which Debian 12
+# has), downloaded through a private trixie sources list: the node's apt sources and its
+# own containerd are not touched.
 if [ -z "${MIGRT_NO_TEST_DEPS:-}" ] && containerd --version 2>/dev/null | grep -q ' 1\.6\.' \
         && [ ! -x "$PREFIX/test/containerd-1.7/usr/bin/containerd" ]; then
     log "unpacking Debian 13's containerd 1.7 into $PREFIX/test for the e2e tests"
-    apt_update
-    dl=$(mktemp -d); chmod 755 "$dl"
-    if (cd "$dl" && apt-get download -qq containerd/trixie >/dev/null 2>&1); then
+    dl=$(mktemp -d /var/tmp/migrt-ctrd.XXXXXX); tmpdirs+=("$dl"); chmod 755 "$dl"
+    private_apt_init "$dl/apt" deb trixie
+    mkdir "$dl/deb"; chmod 755 "$dl/deb"
+    if private_apt "$dl/apt" update -qq && (cd "$dl/deb" && private_apt "$dl/apt" download -qq containerd >/dev/null 2>&1); then
         mkdir -p "$PREFIX/test"
         rm -rf "$PREFIX/test/containerd-1.7.new"
-        dpkg-deb -x "$dl"/containerd_*.deb "$PREFIX/test/containerd-1.7.new"
+        dpkg-deb -x "$dl"/deb/containerd_*.deb "$PREFIX/test/containerd-1.7.new"
         rm -rf "$PREFIX/test/containerd-1.7"
         mv "$PREFIX/test/containerd-1.7.new" "$PREFIX/test/containerd-1.7"
+        "$PREFIX/test/containerd-1.7/usr/bin/containerd" --version >/dev/null \
+            || log "warning: the unpacked containerd 1.7 does not run on this node"
     else
         log "could not download trixie's containerd: the e2e tests will cover 1.6 only"
     fi
-    rm -rf "$dl"
 fi
 
 # The agent's network side runs as this user (migrt agent --user): no login, no home.
@@ -222,4 +333,4 @@ if [ "$(cat /proc/sys/fs/pipe-max-size 2>/dev/null || echo 0)" -lt 4194304 ]; th
     fi
 fi
 log "migrt installed: $BIN/migrt ($("$BIN/migrt" --version 2>&1 | head -1))"
-log "runc: $(runc --version | head -1); criu: $(criu --version | head -1)"
+log "runc: $(runc --version | head -1); criu: $CRIU $(criu_version)"

@@ -17,6 +17,7 @@ import os
 import subprocess
 
 from migrt.errors import RefusedError
+from migrt.runc import criu_path
 from migrt.plugins import Plugin, nodefacts, plugin_dir, proc
 
 HOST_FILES = ("/etc/hosts", "/etc/resolv.conf", "/etc/hostname")
@@ -65,7 +66,7 @@ class Isolation(Plugin):
         rec = {"hostname": spec.get("hostname"), "files": files,
                "facts": nodefacts.collect()}
         # CRIU's own view of the CPU (CPUID, xsave features), checked on the destination.
-        criu = os.environ.get("MIGRT_CRIU", "criu")
+        criu = criu_path()
         try:
             rec["cpuinfo"] = subprocess.run([criu, "cpuinfo", "dump", "-D", d],
                                             capture_output=True, timeout=30).returncode == 0
@@ -102,7 +103,7 @@ class Isolation(Plugin):
                     rec["facts"].get("cpu_flags") != here.get("cpu_flags"):
                 # Another CPU model: ask CRIU too (skipped when the flags are the same,
                 # since this stage is part of the restore's downtime).
-                criu = os.environ.get("MIGRT_CRIU", "criu")
+                criu = criu_path()
                 p = subprocess.run([criu, "cpuinfo", "check", "-D", d], capture_output=True,
                                    text=True, timeout=30)
                 if p.returncode != 0:

@@ -20,7 +20,6 @@ controller, migrt.kube, reattaches so after a restart).
 import collections
 import json
 import os
-import shutil
 import signal
 import socket
 import subprocess
@@ -33,7 +32,7 @@ import zstandard
 
 from migrt.criu import failpoints
 from migrt.migration import recovery
-from migrt.runc import runc_path
+from migrt.runc import criu_path, runc_path
 from migrt.runtime.lifecycle import runc_error, wait_exit
 from migrt.agent import fill, staging as stg
 from migrt.image import manifest as mf
@@ -255,7 +254,7 @@ class Agent:
     # ------------------------------------------------------------ checks
     def criu_feature(self, name):
         if name not in self._criu_features:
-            p = subprocess.run(["criu", "check", "--feature", name], capture_output=True)
+            p = subprocess.run([criu_path(), "check", "--feature", name], capture_output=True)
             self._criu_features[name] = p.returncode == 0
         return self._criu_features[name]
 
@@ -276,7 +275,7 @@ class Agent:
         missing = sorted(set(src.get("cpu_flags") or []) - set(here["cpu_flags"]))
         if missing:
             raise Refused(f"destination CPU lacks features the source has: {' '.join(missing[:8])}")
-        if shutil.which("criu") is None:
+        if not os.access(criu_path(), os.X_OK):
             raise Refused("criu is not installed on the destination")
         if msg.get("mode") == "lazy" and not self.criu_feature("uffd-noncoop"):
             raise Refused("destination kernel lacks userfaultfd (needed for --lazy)")

@@ -3,7 +3,9 @@
 Each check returns one Finding: ok, warn (migrt works, a feature is missing) or missing
 (migrt cannot do its job here), with the fix in one line. The exit status is 1 when any
 required check is missing, so an install script or a DaemonSet's readiness probe can use
-it. The checks only read: nothing on the node is changed.
+it. The checks only read, with one exception that leaves nothing behind: a real CRIU
+probe (migrt.criu.probe) dumps and restores a tiny helper process holding a TCP connection
+and file locks, in its own network namespace and a temporary dir.
 """
 import glob
 import json
@@ -28,7 +30,9 @@ MIN_STAGING = 256 << 20
 # Debian 12's runc (1.1.5) is the oldest seen working with CRIU 4.
 MIN_RUNC = (1, 1)
 MIN_CRIU = (4, 0)
-INSTALL = "bash packaging/install.sh (it takes criu, runc and iptables from Debian 13 on 12)"
+INSTALL = ("bash packaging/install.sh (it builds CRIU 4.2.1 from Debian's source into "
+           "/usr/local/sbin/criu)")
+CAP_SYS_RESOURCE = 24
 
 
 class Finding:
@@ -43,6 +47,27 @@ class Finding:
 
 class Node:
     """What the checks look at; tests replace it with a fake node."""
+
+    def criu(self):
+        """The CRIU migrt and its runc use (migrt.runc.criu_path), or None."""
+        from migrt.runc import criu_path
+        path = criu_path()
+        return path if os.path.isabs(path) and os.access(path, os.X_OK) else None
+
+    def criu_probe(self, criu):
+        """Dump and restore a helper holding a TCP connection and file locks."""
+        from migrt.criu import probe as criuprobe
+        return criuprobe.run(criu)
+
+    def capabilities(self):
+        """This process's effective capability set, as a number (None if unknown)."""
+        try:
+            for line in self.read("/proc/self/status").splitlines():
+                if line.startswith("CapEff:"):
+                    return int(line.split()[1], 16)
+        except (OSError, ValueError):
+            pass
+        return None
 
     def which(self, name, extra=("/usr/sbin", "/sbin", "/usr/local/sbin")):
         found = shutil.which(name)
@@ -123,7 +148,7 @@ def check_runc(node):
 
 
 def check_criu(node):
-    path = node.which("criu")
+    path = node.criu()
     if not path:
         return [Finding("criu", MISSING, "criu not found: runc needs it on PATH for every "
                         "checkpoint and restore", INSTALL)]
@@ -144,6 +169,7 @@ def check_criu(node):
                              "config, or a newer CRIU)"))
     else:
         found.append(Finding("criu", OK, f"CRIU {show(v)} ({path}): criu check: Looks good"))
+        found.append(check_criu_probe(node, path, v))
     rc, out = node.run([path, "check", "--feature", "uffd-noncoop"])
     if rc == 0:
         found.append(Finding("lazy restore", OK, "uffd-noncoop supported: post-copy "
@@ -175,13 +201,46 @@ def check_criu(node):
     return found
 
 
+def check_criu_probe(node, path, v):
+    """What `criu check` does not tell: can CRIU dump and restore what servers hold?"""
+    r = node.criu_probe(path)
+    if r.ok:
+        return Finding("criu probe", OK, f"CRIU {show(v)} dumped and restored a process "
+                       "holding an established TCP connection (--tcp-established) and file "
+                       "locks (--file-locks)")
+    if r.stage == "setup":
+        return Finding("criu probe", WARN, f"could not run the CRIU probe: {r.error}",
+                       "run `migrt doctor` as root on the node", required=False)
+    hint = ""
+    if re.search(r"sockets\.c.*Can't get \d+:\d+ opt", r.error):
+        hint = (" (CRIU before 4.2 cannot read socket options on kernels 6.16 and later: "
+                "no server can be checkpointed)")
+    return Finding("criu probe", MISSING, f"CRIU {show(v)} ({path}) failed to {r.stage} a "
+                   f"process holding a TCP connection and file locks: {r.error}{hint}",
+                   INSTALL if hint else "see `migrt logs --criu`; a newer CRIU: " + INSTALL)
+
+
+def check_sys_resource(node):
+    caps = node.capabilities()
+    if caps is None:
+        return Finding("CAP_SYS_RESOURCE", WARN, "cannot read this process's capabilities",
+                       required=False)
+    if caps & (1 << CAP_SYS_RESOURCE):
+        return Finding("CAP_SYS_RESOURCE", OK, "root has CAP_SYS_RESOURCE: CRIU can dump "
+                       "processes of any uid", required=False)
+    return Finding("CAP_SYS_RESOURCE", WARN, "root lacks CAP_SYS_RESOURCE here (a sandbox or "
+                   "restricted VM): CRIU cannot dump a process that runs as a non-root uid "
+                   "(\"Can't get rlimit: Operation not permitted\"); containers running as "
+                   "root still migrate", "run the node (or migrt's agent) with "
+                   "CAP_SYS_RESOURCE in its bounding set", required=False)
+
+
 def check_iptables(node):
     missing = [t for t in ("iptables-restore", "ip6tables-restore") if not node.which(t)]
     if missing:
         return Finding("iptables", MISSING, f"{', '.join(missing)} not found: CRIU locks the "
                        "container's network with them and every dump fails without them "
-                       "(\"Locking network failed\")", "apt-get install iptables "
-                       "(on Debian 12 from trixie together with criu: " + INSTALL + ")")
+                       "(\"Locking network failed\")", "apt-get install iptables")
     return Finding("iptables", OK, "iptables-restore and ip6tables-restore found")
 
 
@@ -362,6 +421,7 @@ def run_checks(node=None, staging=None, containerd_config=CONTAINERD_CONFIG,
     staging = staging or os.environ.get("MIGRT_STAGING", "/run/migrt/staged")
     found = [check_runc(node)]
     found += check_criu(node)
+    found.append(check_sys_resource(node))
     found.append(check_iptables(node))
     found.append(check_userfaultfd(node))
     found.append(check_page_server(node))

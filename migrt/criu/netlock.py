@@ -59,8 +59,10 @@ import ctypes, json, os, subprocess, sys
 fd = os.open(sys.argv[1], os.O_RDONLY | os.O_CLOEXEC)
 if hasattr(os, "setns"):
     os.setns(fd, os.CLONE_NEWNET)
-elif ctypes.CDLL(None, use_errno=True).setns(fd, 0x40000000) != 0:   # Python < 3.12
-    raise OSError(ctypes.get_errno(), "setns")
+else:                               # Python 3.11 (Debian 12) has no os.setns
+    libc = ctypes.CDLL(None, use_errno=True)
+    if libc.setns(fd, 0x40000000) != 0:                 # CLONE_NEWNET
+        raise OSError(ctypes.get_errno(), "setns: " + os.strerror(ctypes.get_errno()))
 try:
     nft = ctypes.CDLL("libnftables.so.1")
 except OSError:

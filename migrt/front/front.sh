@@ -34,8 +34,12 @@ find_runc() {                          # sets R; no subshell: this runs on every
 runc() {
     find_runc
     [ -x "$R" ] || python "$@"        # migrt says "runc not found" in its own words
-    # runc looks CRIU up on PATH (restore passes through here): a shim's PATH may lack sbin
-    case ":$PATH:" in *:/usr/sbin:*) ;; *) export PATH="${PATH:+$PATH:}/usr/local/sbin:/usr/sbin:/sbin";; esac
+    # runc looks CRIU up on PATH (restore passes through here): install.sh's CRIU in
+    # /usr/local/sbin goes first, and $MIGRT_CRIU's dir before it (as migrt.runc.sbin_path)
+    case ":$PATH:" in *:/usr/sbin:*) ;; *) PATH="${PATH:+$PATH:}/usr/sbin:/sbin";; esac
+    case $PATH in /usr/local/sbin:*) ;; *) PATH=/usr/local/sbin:$PATH;; esac
+    case ${MIGRT_CRIU:-} in */criu) PATH=${MIGRT_CRIU%/criu}:$PATH;; esac
+    export PATH
     exec "$R" "$@"
 }
 

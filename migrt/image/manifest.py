@@ -14,6 +14,7 @@ import time
 import jsonschema
 
 from migrt.errors import CheckpointError
+from migrt.runc import criu_path
 from migrt.image import digest
 
 FORMAT = "migrt-image/1"
@@ -123,7 +124,7 @@ def node_info():
         u = os.uname()
         _NODE = {"arch": platform.machine(), "kernel": u.release, "hostname": u.nodename,
                  "runc": _version([os.environ.get("MIGRT_RUNC", "runc"), "--version"]),
-                 "criu": _version(["criu", "--version"]), "migrt": __version__,
+                 "criu": _version([criu_path(), "--version"]), "migrt": __version__,
                  "cpu_flags": cpu_flags()}
     return json.loads(json.dumps(_NODE))
 

@@ -362,7 +362,8 @@ class Migration:
             raise RefusedError(f"container {self.cid} is {st.get('status')}, not running")
         self.state = st
         self.bundle = st["bundle"]
-        if shutil.which("criu") is None:
+        from migrt.runc import criu_path
+        if not os.access(criu_path(), os.X_OK):
             raise RefusedError("criu is not installed on this node")
         if self.opts.mode == "lazy":
             from migrt.criu import lazycheck

@@ -85,7 +85,9 @@ def collect(criu=None, use_cache=True):
     if override:
         with open(override) as f:
             return json.load(f)
-    criu = criu or os.environ.get("MIGRT_CRIU", "criu")
+    if not criu:
+        from migrt.runc import criu_path
+        criu = criu_path()
     from migrt.plugins import gate as hookgate
     cache = os.path.join(hookgate.state_dir(), "plugins", "nodefacts.json")
     key = _cache_key(criu)

@@ -20,7 +20,7 @@ import time
 
 from migrt.runtime import checkpoints
 from migrt.errors import BundleError, MigrtError, RuncError
-from migrt.runc import MARKER, container_bundle, record_path, runc_path
+from migrt.runc import MARKER, container_bundle, criu_path, record_path, runc_path
 
 STATE_DIR = os.environ.get("MIGRT_STATE_DIR", "/run/migrt")
 SPEC_BACKUP = "config.json.migrt-orig"
@@ -485,7 +485,7 @@ def start_lazy_pages(source, work):
     work dir (a shell waits for it), because the agent that has to know whether every
     page arrived is not its parent."""
     from migrt.criu import pagetls
-    criu = os.environ.get("MIGRT_CRIU", "criu")
+    criu = criu_path()
     log = os.path.join(work, "lazy-pages.log")
     argv = [criu, "lazy-pages", "--images-dir", source.image_dir, "--work-dir", work,
             "-o", log, "-v2"]

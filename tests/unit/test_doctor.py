@@ -6,6 +6,7 @@ import sys
 
 import pytest
 
+from migrt.criu import probe as criuprobe
 from migrt.commands import doctor as d
 
 GOOD_RUNS = {
@@ -33,14 +34,27 @@ V2_REGISTERED = """version = 2
 class FakeNode(d.Node):
     def __init__(self, tools=("runc", "criu", "iptables-restore", "ip6tables-restore",
                               "containerd"), runs=None, files=None, free=8 << 30,
-                 fstype="tmpfs"):
+                 fstype="tmpfs", probe=None, caps=0x1ffffffffff):
         self.tools = set(tools)
+        self.probe = probe or criuprobe.Result(True)
+        self.caps = caps
+        self.probed = []
         self.runs = {**GOOD_RUNS, **(runs or {})}
         self.files = dict(files or {})
         self.free, self.kind = free, fstype
 
     def which(self, name, extra=()):
         return f"/usr/sbin/{name}" if name in self.tools else None
+
+    def criu(self):
+        return self.which("criu")
+
+    def criu_probe(self, criu):
+        self.probed.append(criu)
+        return self.probe
+
+    def capabilities(self):
+        return self.caps
 
     def run(self, argv, timeout=30):
         key = (os.path.basename(argv[0]),) + tuple(argv[1:])
@@ -228,3 +242,83 @@ def test_page_server_pipe_limit_is_a_warning_with_its_fix():
     ok = FakeNode(files={"/proc/self/status": "CapEff:\t000001fffeffffff\n",
                          "/proc/sys/fs/pipe-max-size": "4194304\n"})
     assert d.check_page_server(ok).status == d.OK
+
+
+# --- the real-workload checks: CRIU probe, CAP_SYS_RESOURCE, staging on tmpfs ----------
+
+def test_healthy_node_probes_criu_for_tcp_and_file_locks():
+    node = FakeNode(files={d.CONTAINERD_CONFIG: V2_REGISTERED})
+    f = by_name(d.run_checks(node))
+    assert node.probed == ["/usr/sbin/criu"], "the probe runs the CRIU that was checked"
+    assert f["criu probe"].status == d.OK
+    assert "TCP" in f["criu probe"].detail and "file locks" in f["criu probe"].detail
+    assert f["CAP_SYS_RESOURCE"].status == d.OK
+
+
+def test_criu_that_cannot_dump_tcp_fails_the_node_and_says_why():
+    """What CRIU 4.1.1 says on kernel 6.18 (seen on this machine)."""
+    err = "Error (criu/sockets.c:628): sockets: Can't get 1:16 opt: Operation not supported"
+    node = FakeNode(files={d.CONTAINERD_CONFIG: V2_REGISTERED},
+                    probe=criuprobe.Result(False, "dump", err))
+    found = d.run_checks(node)
+    assert required_missing(found) == ["criu probe"]
+    f = by_name(found)["criu probe"]
+    assert "failed to dump" in f.detail and "Can't get 1:16 opt" in f.detail
+    assert "4.2" in f.detail and "install.sh" in f.fix
+    assert "migrt cannot work on this node" in d.render(found)
+
+
+def test_criu_that_fails_to_restore_names_the_stage():
+    node = FakeNode(files={d.CONTAINERD_CONFIG: V2_REGISTERED},
+                    probe=criuprobe.Result(False, "restore", "Error (criu/files-reg.c:1): x"))
+    f = by_name(d.run_checks(node))["criu probe"]
+    assert f.status == d.MISSING and f.required and "failed to restore" in f.detail
+
+
+def test_probe_that_could_not_run_is_a_warning_not_a_verdict_on_criu():
+    node = FakeNode(files={d.CONTAINERD_CONFIG: V2_REGISTERED},
+                    probe=criuprobe.Result(False, "setup", "not root: CRIU needs root"))
+    found = d.run_checks(node)
+    assert required_missing(found) == []
+    f = by_name(found)["criu probe"]
+    assert f.status == d.WARN and not f.required and "not root" in f.detail
+
+
+def test_criu_check_failing_skips_the_probe():
+    node = FakeNode(runs={("criu", "check"): (1, "Error (criu/vdso.c:1): bounds\n")},
+                    files={d.CONTAINERD_CONFIG: V2_REGISTERED})
+    found = by_name(d.run_checks(node))
+    assert "criu probe" not in found and node.probed == []
+
+
+def test_root_without_cap_sys_resource_warns_but_the_node_passes():
+    """This machine's root lacks CAP_SYS_RESOURCE: a warning, not a failed node."""
+    node = FakeNode(files={d.CONTAINERD_CONFIG: V2_REGISTERED},
+                    caps=0x1fffeffffff)   # this machine's CapEff
+    found = d.run_checks(node)
+    assert required_missing(found) == []
+    f = by_name(found)["CAP_SYS_RESOURCE"]
+    assert f.status == d.WARN and not f.required and "non-root uid" in f.detail
+
+
+def test_capabilities_are_read_from_proc_status():
+    node = d.Node()
+    node.read = lambda path: "Name:\tx\nCapEff:\t0000000001000000\n"
+    assert node.capabilities() == 1 << 24
+    node.read = lambda path: "Name:\tx\n"
+    assert node.capabilities() is None
+
+
+def test_staging_not_on_tmpfs_warns_with_the_mount_command():
+    f = by_name(d.run_checks(FakeNode(fstype="ext4",
+                                      files={d.CONTAINERD_CONFIG: V2_REGISTERED})))
+    s = f["staging room"]
+    assert s.status == d.WARN and not s.required and "not tmpfs" in s.detail
+    assert "mount -t tmpfs" in s.fix and "/run/migrt/staged" in s.fix
+
+
+def test_staging_default_is_the_agents():
+    from migrt.agent import staging
+    node = FakeNode(files={d.CONTAINERD_CONFIG: V2_REGISTERED})
+    f = by_name(d.run_checks(node))["staging room"]
+    assert f.detail.startswith(staging.DEFAULT_STAGING + ":")
