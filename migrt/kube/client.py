@@ -15,6 +15,7 @@ import json
 import os
 import ssl
 import tempfile
+import time
 import urllib.parse
 
 IN_CLUSTER = "/var/run/secrets/kubernetes.io/serviceaccount"
@@ -166,20 +167,29 @@ class Client:
         if body is not None:
             data = json.dumps(body).encode()
             headers["Content-Type"] = content_type
-        for attempt in (0, 1):
-            if self.conn is None:
+        # A kept-alive connection the server closed, or a server too busy to accept one
+        # (seen on a 2-core test node: resets for a moment): try again, a few times. A
+        # request that was sent but got no answer is sent again only if it is a read,
+        # or if the connection was reused (the server closed it before reading).
+        for attempt in range(6):
+            fresh = self.conn is None
+            if fresh:
                 self.conn = http.client.HTTPSConnection(self.host, self.port, context=self.ssl,
                                                         timeout=timeout or self.timeout)
+            sent = False
             try:
                 self.conn.request(method, url, body=data, headers=headers)
+                sent = True
                 resp = self.conn.getresponse()
                 raw = resp.read()
                 break
             except (http.client.HTTPException, OSError) as e:
                 self.conn.close()
                 self.conn = None
-                if attempt:
+                again = method == "GET" or not sent or not fresh
+                if attempt == 5 or not again:
                     raise KubeError(f"API server {self.cfg.server}: {e}") from None
+                time.sleep(min(0.1 * 2 ** attempt, 1.0))
         try:
             doc = json.loads(raw) if raw else {}
         except ValueError:
