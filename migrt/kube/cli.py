@@ -104,7 +104,10 @@ def follow(kube, ns, pm_name, timeout, quiet=False, prefix="  "):
         except kc.KubeError as e:
             if e.status == 404:
                 raise kc.KubeError(f"PodMigration {ns}/{pm_name} was deleted", 404)
-            raise
+            if e.status or time.monotonic() > deadline:
+                raise
+            time.sleep(0.5)             # the API server is away for a moment: the move goes on
+            continue
         st = pm.get("status") or {}
         step = st.get("step")
         if not quiet:
