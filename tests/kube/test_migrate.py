@@ -320,3 +320,49 @@ def test_controller_killed_midway_finishes_after_restart(kube, migrt_kube):
     check_counter_moved(kube, new, before)
     kube.delete_pod(new)
     kube.wait_gone(new)
+
+
+def test_service_endpoints_follow_the_moved_pod(kube, migrt_kube):
+    """A Deployment's pod behind a Service: after the move the Service's endpoints name
+    the new pod's address, and a client that follows the endpoints (as kube-proxy would;
+    this cluster has none) keeps getting answers from the same server process, whose
+    counter went on."""
+    import urllib.request
+    app = name("svc")
+    cmd = ("mkdir -p /www; i=0; httpd -p 8080 -h /www; "
+           "while :; do i=$((i+1)); echo $i > /www/count; echo $i; sleep 0.2; done")
+    spec = pod_manifest("x", cmd, node="node-a")["spec"]
+    spec["containers"][0]["readinessProbe"] = {"httpGet": {"path": "/count", "port": 8080},
+                                               "periodSeconds": 1}
+    kube.apply({"apiVersion": "apps/v1", "kind": "Deployment",
+                "metadata": {"name": app, "namespace": kube.namespace},
+                "spec": {"replicas": 1, "selector": {"matchLabels": {"app": app}},
+                         "template": {"metadata": {"labels": {"app": app}}, "spec": spec}}})
+    kube.apply({"apiVersion": "v1", "kind": "Service",
+                "metadata": {"name": app, "namespace": kube.namespace},
+                "spec": {"selector": {"app": app}, "ports": [{"port": 80, "targetPort": 8080}]}})
+
+    def endpoints():
+        ep = kube.get("endpoints", app)
+        return [a["ip"] for s in ep.get("subsets") or [] for a in s.get("addresses") or []]
+
+    def ask(ip):
+        with urllib.request.urlopen(f"http://{ip}:8080/count", timeout=2) as r:
+            return int(r.read().decode().strip())
+    ips = wait_for(lambda: endpoints() or None, 90, "the Service's endpoint")
+    old = kube.get("pods", "-l", f"app={app}")["items"][0]
+    assert ips == [old["status"]["podIP"]]
+    first = ask(ips[0])
+    r = kubectl_migrt(kube, migrt_kube, "pod", old["metadata"]["name"], "--to", "node-b")
+    assert r.returncode == 0, r.stdout + r.stderr + migrt_kube.tail()
+    new = kube.pod(pm_for(kube, old["metadata"]["name"])["status"]["targetPod"])
+    new_ip = new["status"]["podIP"]
+    assert new_ip != ips[0]
+    wait_for(lambda: endpoints() == [new_ip], 30, "the endpoints naming the new pod")
+    later = ask(new_ip)
+    # the same process answers: its counter went on, it did not start again from 1
+    assert later > first, (first, later)
+    assert numbers(kube.logs(new["metadata"]["name"]))[0] > first
+    assert restart_count(new) == 0
+    kube.kubectl("delete", "deployment", app, "--wait=false")
+    kube.kubectl("delete", "service", app, "--wait=false")
