@@ -193,6 +193,8 @@ class Agent:
                     if state != fill.FILLING:
                         log(f"{s.mid}: memory fill " + ("done" if state == "restored" else why))
             stg.sweep(self.staging, self.ttl, active=active, log=log)
+            from migrt.runtime.sources import staged as src
+            src.sweep_notes(self.staging, self.ttl)
             stg.sweep_disk(self.staging, self.disk)
             self._recover()
             try:        # container records with no event for MIGRT_RECORD_DAYS
@@ -236,6 +238,8 @@ class Agent:
                 self._status(conn, hello)
             elif op == "migrate":
                 self._migrate_out(conn, hello)
+            elif op == "drop":
+                self._drop(conn, hello)
             else:
                 conn.send_json({"error": f"unknown operation {op!r}"})
         except (wire.ProtocolError, OSError) as e:
@@ -329,7 +333,9 @@ class Agent:
         mid = msg.get("mid")
         if mid is not None:
             # chosen by the source (a pod waits for it already): used once only
-            if not stg.valid_mid(mid) or os.path.exists(os.path.join(self.staging, mid)):
+            from migrt.runtime.sources import staged as src
+            if not stg.valid_mid(mid) or os.path.exists(os.path.join(self.staging, mid)) \
+                    or os.path.exists(src.dropped_path(self.staging, mid)):
                 conn.send_json({"error": f"migration id {mid!r} is not valid or already used"})
                 return
         else:
@@ -366,6 +372,9 @@ class Agent:
             rec = staged.read() or {}
             if not sess.restored and rec.get("state") != "restored":
                 staged.remove()
+                # a pod's create waiting for it (migrt.runtime.sources.staged) stops now
+                from migrt.runtime.sources import staged as src
+                src.note_dropped(self.staging, mid, "its source rolled back")
 
     def _control_loop(self, conn, sess):
         staged = sess.staged
@@ -652,6 +661,22 @@ class Agent:
             reply["container_exists"] = os.path.exists(os.path.join(root, cid, "state.json"))
         conn.send_json(reply)
 
+
+    def _drop(self, conn, hello):
+        """The caller gives up a migration before it started (migrt.kube cancels a move):
+        a create waiting for it fails at once instead of at its time limit."""
+        mid = hello.get("mid")
+        if not stg.valid_mid(mid):
+            conn.send_json({"error": "bad migration id"})
+            return
+        with self.lock:
+            active = mid in self.sessions
+        if active or os.path.exists(os.path.join(self.staging, mid)):
+            conn.send_json({"error": f"migration {mid} has started; it cannot be dropped"})
+            return
+        from migrt.runtime.sources import staged as src
+        src.note_dropped(self.staging, mid, str(hello.get("why") or "cancelled")[:200])
+        conn.send_json({"ok": True})
 
     def _awaited(self, mid):
         from migrt.runtime.sources import staged as src

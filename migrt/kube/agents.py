@@ -55,3 +55,13 @@ def migrate(addr, secret, container, mid, to, mode="full", wait=120, start=True,
         return res
     finally:
         c.close()
+
+
+def drop(addr, secret, mid, why, timeout=5.0):
+    """Tell the target node's agent that migration mid will not come."""
+    c, _ = wire.connect(addr, secret, {"op": "drop", "mid": mid, "why": why}, timeout=timeout)
+    try:
+        kind, reply = c.read_frame()
+    finally:
+        c.close()
+    return kind == b"J" and bool(reply.get("ok"))

@@ -515,6 +515,14 @@ class Mover:
 
     def fail(self, msg, delete_target=True):
         log(f"{self.ns}/{self.name}: failed: {msg}")
+        if delete_target and self.st.get("targetNode") and self.st.get("step") in (
+                "creating target pod", "scheduling target pod"):
+            # the new pod's create may wait for the migration: it stops at once
+            try:
+                agents.drop(agents.address(self.kube.get("nodes", self.st["targetNode"])),
+                            self.ctl.secret, self.st["migrationID"], "the move was cancelled")
+            except Exception as e:      # noqa: BLE001 - it stops at its time limit then
+                log(f"{self.ns}/{self.name}: could not tell {self.st['targetNode']}: {e}")
         if delete_target and self.st.get("migrationID"):
             try:
                 t = self.find_target()

@@ -265,3 +265,44 @@ def test_agent_migrate_refuses_bad_requests(tmp_path, migrt_launcher):
     finally:
         ag.kill()
         shutil.rmtree(state, ignore_errors=True)
+
+
+def test_cancelled_move_stops_the_waiting_create_at_once(tmp_path, make_bundle, migrt_launcher):
+    """The caller gives the move up before the migration started (agent op `drop`): the
+    new pod's waiting create fails at once, saying why, and that id cannot be used after."""
+    import threading
+    import time
+    from test_migrate import Agent, secret_file
+    from migrt.kube import agents
+    from migrt.transfer import wire
+    state = f"/dev/shm/migrt-it-{ocitest.uid('s')}"
+    env = dict(os.environ, MIGRT_STATE_DIR=state, MIGRT_KUBE_STATE=str(tmp_path / "ks"))
+    secret = secret_file(tmp_path / "secret")
+    ag = Agent(migrt_launcher, str(tmp_path / "b"), str(tmp_path / "root"), secret, env,
+               staging=str(tmp_path / "staging")).start()
+    b = ocitest.Runtime(migrt_launcher, str(tmp_path / "root"),
+                        env=dict(env, MIGRT_STAGING=ag.staging, MIGRT_STAGED_WAIT="60"))
+    key = wire.load_secret(secret)
+    try:
+        mid = "m-" + uuid.uuid4().hex[:16]
+        bundle = make_bundle(["sh", "-c", ocitest.COUNTER], name="new-pod",
+                             env=[f"MIGRT_RESTORE_FROM=staged:{mid}"],
+                             annotations=pod_annotations(uuid.uuid4().hex))
+        made = {}
+        t = threading.Thread(target=lambda: made.update(zip(("rc", "out", "err"),
+                                                            b.create("new", bundle))))
+        t.start()
+        ocitest.wait_for(lambda: agents.status(ag.address, key, mid) == "awaited", timeout=20,
+                         what="waiting")
+        t0 = time.monotonic()
+        assert agents.drop(ag.address, key, mid, "the move was cancelled")
+        t.join(30)
+        assert time.monotonic() - t0 < 10
+        assert made["rc"] == 1
+        assert (f"staged:{mid}: the migration was dropped before it arrived "
+                f"(the move was cancelled)") in made["err"].text, made["err"].text
+        assert b.state("new") is None
+    finally:
+        ag.kill()
+        b.cleanup()
+        shutil.rmtree(state, ignore_errors=True)

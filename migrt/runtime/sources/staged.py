@@ -83,6 +83,40 @@ def awaited_path(staging, mid):
     return os.path.join(staging, AWAITED, mid)
 
 
+def dropped_path(staging, mid):
+    """Where the agent notes that migration `mid` will not come (rolled back, or
+    cancelled by the caller before it started): a create waiting for it stops at once."""
+    return os.path.join(staging, AWAITED, mid + ".dropped")
+
+
+def note_dropped(staging, mid, why):
+    path = dropped_path(staging, mid)
+    try:
+        os.makedirs(os.path.dirname(path), mode=0o700, exist_ok=True)
+        with open(os.open(path, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o600), "w") as f:
+            f.write(why)
+    except OSError:
+        pass
+
+
+def sweep_notes(staging, ttl):
+    """Notes of migrations dropped more than ttl seconds ago."""
+    import time
+    d = os.path.join(staging, AWAITED)
+    try:
+        names = os.listdir(d)
+    except OSError:
+        return
+    for n in names:
+        if n.endswith(".dropped"):
+            p = os.path.join(d, n)
+            try:
+                if time.time() - os.stat(p).st_mtime > ttl:
+                    os.unlink(p)
+            except OSError:
+                pass
+
+
 def await_arrival(s, mid, bundle):
     """A pod created for a migration before its source is even frozen (migrt.kube: the
     pod is scheduled and its sandbox made outside the downtime) has its create wait
@@ -114,9 +148,15 @@ def await_arrival(s, mid, bundle):
                 seen = True
                 if rec.get("state") != "receiving":
                     return rec
-            elif seen:
+            elif seen or os.path.exists(dropped_path(staging, mid)):
+                why = ""
+                try:
+                    with open(dropped_path(staging, mid)) as f:
+                        why = f.read().strip()
+                except OSError:
+                    pass
                 raise CheckpointError(f"staged:{mid}: the migration was dropped before it "
-                                      f"arrived (its source rolled back)")
+                                      f"arrived ({why or 'its source rolled back'})")
             if time.monotonic() > deadline:
                 raise CheckpointError(f"staged:{mid}: no such migration arrived in {staging} "
                                       f"within {wait:.0f}s (MIGRT_STAGED_WAIT)")
