@@ -366,3 +366,35 @@ def test_service_endpoints_follow_the_moved_pod(kube, migrt_kube):
     assert restart_count(new) == 0
     kube.kubectl("delete", "deployment", app, "--wait=false")
     kube.kubectl("delete", "service", app, "--wait=false")
+
+
+def test_drain_moves_every_migrt_pod_and_leaves_the_rest(kube, migrt_kube):
+    pods = [name("dr"), name("dr")]
+    plain = name("plain")
+    for p in pods:
+        kube.apply(pod_manifest(p, COUNTER, node="node-a"))
+    kube.apply(pod_manifest(plain, COUNTER, node="node-a", runtime_class=None))
+    for p in pods + [plain]:
+        kube.wait_pod(p)
+    befores = {}
+    for p in pods:
+        wait_for(lambda: len(numbers(kube.logs(p))) >= 3, 30, "counter")
+        befores[p] = numbers(kube.logs(p))
+    try:
+        r = kubectl_migrt(kube, migrt_kube, "drain", "node-a", "--max-parallel", "2",
+                          timeout=300)
+        assert r.returncode == 0, r.stdout + r.stderr + migrt_kube.tail()
+        assert "node node-a cordoned" in r.stdout
+        assert "2 of 2 migrt pod(s) moved" in r.stdout, r.stdout
+        assert f"left alone: {kube.namespace}/{plain}: " in r.stdout, r.stdout
+        assert kube.get("node", "node-a")["spec"].get("unschedulable") is True
+        for p in pods:
+            st = pm_for(kube, p)["status"]
+            assert st["phase"] == "Succeeded" and st["targetNode"] == "node-b", st
+            kube.wait_gone(p)
+            check_counter_moved(kube, st["targetPod"], befores[p])
+            kube.delete_pod(st["targetPod"])
+        assert kc._cond(kube.pod(plain), "Ready")       # not ours: still running on node-a
+    finally:
+        kube.kubectl("uncordon", "node-a")
+        kube.delete_pod(plain)
