@@ -19,7 +19,7 @@ import pytest
 
 from cluster import pod_manifest, container_id, restart_count, wait_for
 
-COUNTER = ("exec 3>>/data.log; i=0; while :; do i=$((i+1)); echo $i; echo $i >&3; "
+COUNTER = ("trap 'exit 0' TERM; exec 3>>/data.log; i=0; while :; do i=$((i+1)); echo $i; echo $i >&3; "
            "echo $i > /tmp/count; sleep 0.2; done")
 
 
