@@ -40,7 +40,7 @@ import ocitest  # noqa: E402
 import cluster as kc  # noqa: E402
 import kubemigrt  # noqa: E402
 
-TICKER = "i=0; while :; do i=$((i+1)); echo $i; usleep 10000; done"
+TICKER = "trap 'exit 0' TERM; i=0; while :; do i=$((i+1)); echo $i; usleep 10000; done"
 
 
 def stamp(line):

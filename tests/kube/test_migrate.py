@@ -24,7 +24,7 @@ import cluster as kc
 import kubemigrt
 from cluster import pod_manifest, container_id, restart_count, wait_for
 
-COUNTER = ("exec 3>>/data.log; i=0; while :; do i=$((i+1)); echo $i; echo $i >&3; "
+COUNTER = ("trap 'exit 0' TERM; exec 3>>/data.log; i=0; while :; do i=$((i+1)); echo $i; echo $i >&3; "
            "echo $i > /tmp/count; sleep 0.2; done")
 
 
@@ -329,7 +329,7 @@ def test_service_endpoints_follow_the_moved_pod(kube, migrt_kube):
     counter went on."""
     import urllib.request
     app = name("svc")
-    cmd = ("mkdir -p /www; i=0; httpd -p 8080 -h /www; "
+    cmd = ("trap 'exit 0' TERM; mkdir -p /www; i=0; httpd -p 8080 -h /www; "
            "while :; do i=$((i+1)); echo $i > /www/count; echo $i; sleep 0.2; done")
     spec = pod_manifest("x", cmd, node="node-a")["spec"]
     spec["containers"][0]["readinessProbe"] = {"httpGet": {"path": "/count", "port": 8080},
