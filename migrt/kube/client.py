@@ -134,6 +134,9 @@ class Client:
         self.prefix = u.path.rstrip("/")
         ctx = ssl.create_default_context(cafile=cfg.ca) if cfg.ca else \
             ssl.create_default_context()
+        # as kubectl (Go's TLS): a cluster CA's certificates without the Authority Key
+        # Identifier extension are accepted (Python 3.13 refuses them by default)
+        ctx.verify_flags &= ~getattr(ssl, "VERIFY_X509_STRICT", 0)
         if cfg.insecure:
             ctx.check_hostname = False
             ctx.verify_mode = ssl.CERT_NONE

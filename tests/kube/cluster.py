@@ -51,7 +51,13 @@ KUBELET_SYSCTLS = ("vm/overcommit_memory", "vm/panic_on_oom", "kernel/panic",
 
 
 def built():
-    return os.path.exists(os.path.join(KUBE_DIR, "COMPLETE"))
+    # a build with the reflect2 fix (packaging/build-kubernetes.sh): without it the API
+    # server dies on custom resources
+    try:
+        with open(os.path.join(KUBE_DIR, "COMPLETE")) as f:
+            return "reflect2 1.0.2" in f.read()
+    except OSError:
+        return False
 
 
 def ensure_built(log):
