@@ -15,6 +15,7 @@ import json
 import os
 import ssl
 import tempfile
+import threading
 import time
 import urllib.parse
 
@@ -122,7 +123,7 @@ def load_config(kubeconfig=None, context=None, namespace=None):
 
 
 class Client:
-    """One HTTPS connection to the API server, reopened when it drops."""
+    """HTTPS to the API server: one connection per thread, reopened when it drops."""
 
     def __init__(self, cfg, timeout=30):
         self.cfg = cfg
@@ -143,7 +144,16 @@ class Client:
         if cfg.cert:
             ctx.load_cert_chain(cfg.cert, cfg.key)
         self.ssl = ctx
-        self.conn = None
+        self._local = threading.local()     # one connection per thread (the controller's
+                                            # movers run in threads of their own)
+
+    @property
+    def conn(self):
+        return getattr(self._local, "conn", None)
+
+    @conn.setter
+    def conn(self, value):
+        self._local.conn = value
 
     @property
     def namespace(self):
