@@ -322,7 +322,7 @@ def test_controller_killed_midway_finishes_after_restart(kube, migrt_kube):
     kube.wait_gone(new)
 
 
-@pytest.mark.xfail(strict=True, reason="seen 2026-12-06: CRIU refuses the dump with 'inet: "
+@pytest.mark.xfail(strict=False, reason="seen once in two runs on 2026-12-06: CRIU refused the dump with 'inet: "
                    "In-flight connection' (the readiness probe's connection waiting in the "
                    "listen queue during the freeze); migrt migrate does not pass "
                    "--tcp-skip-in-flight yet. The move rolls back correctly (source runs on)")
