@@ -19,6 +19,7 @@ log() { printf 'build-kubernetes: %s\n' "$*" >&2; }
 complete() {
     local b
     [ -f "$KDIR/COMPLETE" ] || return 1
+    grep -q "reflect2 1.0.2" "$KDIR/COMPLETE" || return 1       # see the vendor fix below
     for b in $BINS; do [ -x "$KDIR/bin/$b" ] || return 1; done
 }
 
@@ -84,6 +85,23 @@ export GOROOT="$work/go/usr/lib/go-1.19"
 export PATH="$GOROOT/bin:$PATH"
 "$GOROOT/bin/go" version >&2
 (cd "$work" && dpkg-source --no-check -x kubernetes_*.dsc src >/dev/null)
+# Kubernetes 1.20 vendors github.com/modern-go/reflect2 1.0.1, whose map iteration
+# assumes the runtime's hash-iterator layout of Go <= 1.17; built with Debian 12's Go 1.19
+# it corrupts memory: kube-apiserver died ("unexpected fault address", SIGSEGV in
+# reflect2 UnsafeIterate under json-iterator) on the first custom resource it encoded.
+# reflect2 1.0.2 is the upstream fix; Debian 12 packages it. Its source replaces the
+# vendored one (the module's version label is left as is, so that vendor/modules.txt
+# still matches go.mod for -mod=vendor).
+mkdir -p "$work/reflect2"
+(cd "$work/reflect2" && papt download golang-github-modern-go-reflect2-dev >/dev/null \
+    && dpkg-deb -x golang-github-modern-go-reflect2-dev_*.deb x)
+r2src="$work/reflect2/x/usr/share/gocode/src/github.com/modern-go/reflect2"
+r2dst="$work/src/vendor/github.com/modern-go/reflect2"
+[ -d "$r2src" ] && [ -d "$r2dst" ] || { log "reflect2 1.0.2 source not found"; exit 1; }
+rm -f "$r2dst"/*.go "$r2dst"/*.s
+for f in "$r2src"/*.go "$r2src"/*.s; do
+    case $f in *_test.go|*'*'*) ;; *) cp "$f" "$r2dst/";; esac
+done
 
 new="$KDIR.new"
 rm -rf "$new"
@@ -111,7 +129,7 @@ done
 cd /
 "$new/bin/kube-apiserver" --version >/dev/null
 "$new/bin/etcd" --version >/dev/null
-echo "kubernetes $SRCVER built $(date -u +%FT%TZ) in $(( $(date +%s) - start )) s" > "$new/COMPLETE"
+echo "kubernetes $SRCVER (vendored reflect2 1.0.2) built $(date -u +%FT%TZ) in $(( $(date +%s) - start )) s" > "$new/COMPLETE"
 rm -rf "$KDIR"
 mv "$new" "$KDIR"
 log "done in $(( $(date +%s) - start )) s: $KDIR/bin"

@@ -389,6 +389,9 @@ mv "$PREFIX/lib.new" "$PREFIX/lib"; rm -rf "$PREFIX/lib.old"
 "$PREFIX/venv/bin/python" -m compileall -q "$PREFIX/lib" >/dev/null
 "$PREFIX/venv/bin/python" -I -S "$PREFIX/lib/migrt/front/launcher.py" --source "$PREFIX/lib" \
     --python "$PREFIX/venv/bin/python" "$BIN/migrt"
+# `kubectl migrt` (the kubectl plugin of migrt/kube: pod moves, drains, PodMigrations)
+sed -e "s|@PYTHON@|$PREFIX/venv/bin/python|" -e "s|@LIB@|$PREFIX/lib|" \
+    "$SRC/packaging/kubectl-migrt" > "$BIN/kubectl-migrt" && chmod 755 "$BIN/kubectl-migrt"
 # Register migrt with the container managers on this node, as runtime handler "migrt"
 # next to runc (which stays the default: nothing changes for pods without
 # runtimeClassName: migrt). MIGRT_NO_REGISTER=1 skips this; MIGRT_RESTART_MANAGERS=1

@@ -95,6 +95,11 @@ if [ -f "$BIN/migrt-python" ] && head -c 4096 "$BIN/migrt-python" | grep -aq 'mi
     rm -f "$BIN/migrt-python"
     log "removed $BIN/migrt-python"
 fi
+# the kubectl plugin (install.sh)
+if [ -f "$BIN/kubectl-migrt" ] && grep -q 'migrt.kube.cli' "$BIN/kubectl-migrt"; then
+    rm -f "$BIN/kubectl-migrt"
+    log "removed $BIN/kubectl-migrt"
+fi
 
 # the page server's pipe limit (install.sh); the running value stays until reboot
 if [ -f "$SYSCTL_DIR/90-migrt.conf" ] && grep -q '^# migrt:' "$SYSCTL_DIR/90-migrt.conf"; then

@@ -9,6 +9,13 @@ Control connection (from `migrt migrate`), in order:
   abort                        drop the staged copy
 A control connection that drops before `restore` succeeded drops the staged copy too.
 Data connections (`op: data`, mid) carry chunks into that migration's Stage.
+`op: status` (mid) says what this node knows of a migration: its staged state, or
+`awaited` when no byte has come yet but a container create waits for it (a pod made
+for it ahead of time, migrt.runtime.sources.staged).
+`op: migrate` makes this node the source: it runs `migrt migrate` of one of its
+containers to another agent, with a migration id the caller chose, and answers with
+its report; asked again with the same id it waits for that same run (the Kubernetes
+controller, migrt.kube, reattaches so after a restart).
 """
 import collections
 import json
@@ -223,6 +230,8 @@ class Agent:
                     if state != fill.FILLING:
                         log(f"{s.mid}: memory fill " + ("done" if state == "restored" else why))
             stg.sweep(self.staging, self.ttl, active=active, log=log, disk=self.disk)
+            from migrt.runtime.sources import staged as src
+            src.sweep_notes(self.staging, self.ttl)
             stg.sweep_disk(self.staging, self.disk)
             self._recover()
             try:        # container records with no event for MIGRT_RECORD_DAYS
@@ -319,6 +328,10 @@ class Agent:
                 self._data(conn, hello)
             elif op == "status":
                 self._status(conn, hello)
+            elif op == "migrate":
+                self._migrate_out(conn, hello)
+            elif op == "drop":
+                self._drop(conn, hello)
             else:
                 conn.send_json({"error": f"unknown operation {op!r}"})
         except (wire.ProtocolError, OSError) as e:
@@ -413,7 +426,16 @@ class Agent:
             except ValueError as e:
                 conn.send_json({"error": str(e)})
                 return
-        mid = stg.new_mid()
+        mid = msg.get("mid")
+        if mid is not None:
+            # chosen by the source (a pod waits for it already): used once only
+            from migrt.runtime.sources import staged as src
+            if not stg.valid_mid(mid) or os.path.exists(os.path.join(self.staging, mid)) \
+                    or os.path.exists(src.dropped_path(self.staging, mid)):
+                conn.send_json({"error": f"migration id {mid!r} is not valid or already used"})
+                return
+        else:
+            mid = stg.new_mid()
         staged = stg.Staged(mid, self.staging, self.disk)
         # a staged copy sent for one bundle must not be restored into another
         # (migrt.runtime.sources.staged): another pod must not take this workload's memory
@@ -448,6 +470,9 @@ class Agent:
             rec = staged.read() or {}
             if not sess.restored and rec.get("state") != "restored":
                 staged.remove()
+                # a pod's create waiting for it (migrt.runtime.sources.staged) stops now
+                from migrt.runtime.sources import staged as src
+                src.note_dropped(self.staging, mid, "its source rolled back")
             done = sess.restored or rec.get("state") in ("restored", "done")
             self.metrics.inc("migrt_migrations_received_total",
                              result="restored" if done else
@@ -764,6 +789,8 @@ class Agent:
             # the source decided (migrt.migration.recovery): nothing here is needed now
             staged.remove()
             log(f"{mid}: released by the source's recovery ({rec.get('state')})")
+        if rec is None and self._awaited(mid):
+            reply["state"] = "awaited"
         # does the container run here? (migrt.migration.recovery: a staged record is gone once
         # dropped *or* released, so its absence alone cannot say)
         cid, root = hello.get("id"), hello.get("root") or self.root
@@ -773,6 +800,114 @@ class Agent:
                 reply["container_exists"] = exists
         elif isinstance(cid, str) and isinstance(root, str) and stg.valid_cid(cid):
             reply["container_exists"] = os.path.exists(os.path.join(root, cid, "state.json"))
+        conn.send_json(reply)
+
+
+    def _drop(self, conn, hello):
+        """The caller gives up a migration before it started (migrt.kube cancels a move):
+        a create waiting for it fails at once instead of at its time limit."""
+        mid = hello.get("mid")
+        if not stg.valid_mid(mid):
+            conn.send_json({"error": "bad migration id"})
+            return
+        with self.lock:
+            active = mid in self.sessions
+        if active or os.path.exists(os.path.join(self.staging, mid)):
+            conn.send_json({"error": f"migration {mid} has started; it cannot be dropped"})
+            return
+        from migrt.runtime.sources import staged as src
+        src.note_dropped(self.staging, mid, str(hello.get("why") or "cancelled")[:200])
+        conn.send_json({"ok": True})
+
+    def _awaited(self, mid):
+        from migrt.runtime.sources import staged as src
+        try:
+            with open(src.awaited_path(self.staging, mid)) as f:
+                pid = int(json.load(f)["pid"])
+            os.kill(pid, 0)
+            return True
+        except (OSError, ValueError, KeyError, TypeError):
+            return False
+
+    # ------------------------------------------------------------ source side
+    MODES = {"full": [], "precopy": ["--precopy"], "lazy": ["--lazy"]}
+
+    def _migrate_out(self, conn, hello):
+        """Run `migrt migrate` of a container of this node (see the module's doc). The
+        run is a process of its own session with its output in files, so that neither
+        a dropped caller nor an agent restart stops a migration halfway."""
+        msg = conn.read_json()
+        cid, mid, to = msg.get("container"), msg.get("mid"), msg.get("to")
+        mode = msg.get("mode") or "full"
+        if not (stg.valid_cid(cid) and stg.valid_mid(mid) and isinstance(to, str)
+                and to.rpartition(":")[2].isdigit() and mode in self.MODES):
+            conn.send_json({"error": "migrate needs a container id, a migration id, "
+                                     "a destination HOST:PORT and a mode (full, precopy, lazy)"})
+            return
+        if self.privileged:
+            conn.send_json({"error": "this agent runs its network side unprivileged "
+                                     "(--user): it cannot migrate its containers out"})
+            return
+        d = os.path.join(os.environ.get("MIGRT_STATE_DIR", "/run/migrt"), "out")
+        os.makedirs(d, mode=0o700, exist_ok=True)
+        base = os.path.join(d, mid)
+        started = os.path.exists(base + ".pid")
+        if not started:
+            if not msg.get("start", True):
+                conn.send_json({"error": f"no migration {mid} was started on this node"})
+                return
+            root = self.root
+            if not os.path.exists(os.path.join(root, cid, "state.json")):
+                conn.send_json({"error": f"no container {cid} on this node (runc root {root})",
+                                "rc": 3})
+                return
+            secret = os.path.join(d, "secret")
+            if not os.path.exists(secret):
+                with open(os.open(secret + ".tmp", os.O_WRONLY | os.O_CREAT | os.O_TRUNC,
+                                  0o600), "wb") as f:
+                    f.write(self.secret if isinstance(self.secret, bytes)
+                            else str(self.secret).encode())
+                os.replace(secret + ".tmp", secret)
+            argv = [self.runtime, "--root", root, "migrate", cid, "--to", to,
+                    "--secret-file", secret, "--json", "--mid", mid,
+                    "--wait", str(float(msg.get("wait") or 120))] + self.MODES[mode]
+            with open(os.open(base + ".pid", os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o600),
+                      "w") as f:
+                p = subprocess.Popen(
+                    ["sh", "-c", 'out=$1; shift; "$@" >"$out.json" 2>"$out.err"; '
+                                 'echo $? >"$out.rc.tmp"; mv "$out.rc.tmp" "$out.rc"',
+                     "migrate-out", base] + argv,
+                    stdin=subprocess.DEVNULL, stdout=subprocess.DEVNULL,
+                    stderr=subprocess.DEVNULL, start_new_session=True)
+                f.write(str(p.pid))
+            threading.Thread(target=p.wait, daemon=True).start()     # no zombie
+            log(f"{mid}: migrating {cid} out to {to} ({mode})")
+        conn.send_json({"ok": True, "started": not started})
+        deadline = time.monotonic() + float(msg.get("timeout") or 3600)
+        while not os.path.exists(base + ".rc"):
+            if time.monotonic() > deadline:
+                conn.send_json({"error": f"migration {mid} still running", "running": True})
+                return
+            time.sleep(0.02)
+        with open(base + ".rc") as f:
+            rc = int(f.read().strip() or 1)
+        report = None
+        try:
+            with open(base + ".json") as f:
+                report = json.load(f)
+        except (OSError, ValueError):
+            pass
+        err = ""
+        try:
+            with open(base + ".err", errors="replace") as f:
+                lines = [ln.strip() for ln in f if ln.strip().startswith("migrt:")
+                         or "Error" in ln]
+            err = lines[-1] if lines else ""
+        except OSError:
+            pass
+        reply = {"ok": rc == 0, "rc": rc, "report": report}
+        if rc != 0:
+            reply["error"] = err or f"migrt migrate exited {rc}"
         conn.send_json(reply)
 
 

@@ -45,10 +45,12 @@ import click
               help="seconds without an answer from the agent after which it counts as gone "
               "(and the source is resumed) [default: $MIGRT_PEER_TIMEOUT or 20]")
 @click.option("--json", "as_json", is_flag=True, help="print the report as JSON")
+@click.option("--mid", default=None, hidden=True,
+              help="the migration id to use (m-<hex>); a pod on the destination waits for it")
 @click.pass_obj
 def command(call, container, to, secret_file, bundle, dest_root, new_id, precopy, lazy,
             streams, level, wait, page_server_port, tcp_established, skip_in_flight,
-            file_locks, rootfs_base, peer_timeout, as_json):
+            file_locks, rootfs_base, peer_timeout, as_json, mid):
     """Move a running container to another node with the shortest downtime."""
     from migrt.migration import migrate as mig
     from migrt.transfer import wire
@@ -70,7 +72,7 @@ def command(call, container, to, secret_file, bundle, dest_root, new_id, precopy
                        dest_root=dest_root, new_id=new_id, wait=wait,
                        progress=not as_json, page_server_port=page_server_port,
                        rootfs_base=rootfs_base, tcp_established=tcp_established,
-                       file_locks=file_locks, skip_in_flight=skip_in_flight)
+                       file_locks=file_locks, skip_in_flight=skip_in_flight, mid=mid)
     root = call.root if call is not None else "/run/runc"
     report = mig.migrate(root, container, opts)
     if as_json:

@@ -57,6 +57,14 @@ def dispatch(argv):
         bundle = flags.get("bundle") or os.getcwd()
         spec = read_spec(bundle)
         marker = find_marker(spec, bundle)
+        if _pod_records("tomb"):
+            # a pod's container that migrt moved away is not created again in its
+            # sandbox (migrt.runtime.podrules)
+            from migrt.runtime import podrules
+            why = podrules.refusal(spec)
+            if why:
+                from migrt.errors import MigrtError
+                raise MigrtError(why)
         from migrt.plugins import gate as hookgate
         try:
             plugins = hookgate.active(spec, bundle)
@@ -81,6 +89,11 @@ def dispatch(argv):
             flags, pos = call.command_flags()
         except ArgvError:
             exec_runc(argv)
+        if len(pos) == 1 and not flags.get("help") and (
+                _pod_records("tomb", pos[0]) or _pod_records("restored", pos[0])):
+            # a pod sandbox going: what migrt recorded about its containers goes too
+            from migrt.runtime import podrules
+            podrules.forget_sandbox(pos[0])
         if len(pos) == 1 and not flags.get("help") and os.path.exists(record_path(call, pos[0])):
             from migrt.runtime import lifecycle
             return lifecycle.delete(call, flags, pos[0])
@@ -95,6 +108,17 @@ def dispatch(argv):
         from migrt.runtime import lifecycle
         return lifecycle.checkpoint(call, flags, pos[0])
     exec_runc(argv)
+
+
+def _pod_records(kind, sid=None):
+    """Any record of migrt.runtime.podrules (of sandbox `sid`), with os alone."""
+    base = os.path.join(os.environ.get("MIGRT_KUBE_STATE", "/run/migrt/kube"), kind)
+    if sid is None:
+        try:
+            return bool(os.listdir(base))
+        except OSError:
+            return False
+    return "/" not in sid and os.path.exists(os.path.join(base, sid))
 
 
 def main():

@@ -9,6 +9,8 @@
 # io.migrt.plugins), and every `create`/`run` on a node with a plugin config (plugins
 # detect their bundles by devices, mounts, env: only migrt.plugins.gate can tell); `start`/`delete`
 # of a container migrt restored (runc's state dir holds migrt.json); `checkpoint`;
+# on a node where migrt moved a pod's container away, every `create`/`run`, and the
+# `delete` of that pod's sandbox (migrt.runtime.podrules);
 # anything this script does not parse with certainty (--help, --, unknown flags).
 #
 # Written by migrt/front/launcher.py with the Python launcher's path filled in. A malformed
@@ -41,6 +43,7 @@ runc() {
     exec "$R" "$@"
 }
 
+kube=${MIGRT_KUBE_STATE:-/run/migrt/kube}
 root=/run/runc; cmd=; need=; bundle=; id=; n_pos=0; stage=global
 for a in "$@"; do
     if [ -n "$need" ]; then
@@ -95,9 +98,15 @@ create|run)
     if [ -n "${MIGRT_PLUGIN_PATH:-}" ] || [ -e "${MIGRT_CONFIG:-/etc/migrt/config.yaml}" ]; then
         python "$@"
     fi
+    # a pod container migrt moved away may not be created again (migrt.runtime.podrules)
+    for _t in "$kube"/tomb/*; do [ -e "$_t" ] && python "$@"; break; done
     runc "$@";;
-start|delete)
+start)
     [ -e "$root/$id/migrt.json" ] && python "$@"
+    runc "$@";;
+delete)
+    [ -e "$root/$id/migrt.json" ] && python "$@"
+    [ -e "$kube/tomb/$id" ] || [ -e "$kube/restored/$id" ] && python "$@"
     runc "$@";;
 esac
 python "$@"

@@ -76,8 +76,10 @@ class Options:
     def __init__(self, to, secret, streams=4, level=1, mode="full", bundle=None,
                  dest_root=None, new_id=None, wait=300.0, progress=False,
                  page_server_port=0, criu_flags=(), rootfs_base=None, keep_image=False,
-                 tcp_established=None, file_locks=None, skip_in_flight=True):
+                 tcp_established=None, file_locks=None, skip_in_flight=True,
+                 mid=None):
         self.to = to
+        self.mid = mid          # chosen by the caller (a pod on the destination waits for it)
         self.secret = secret
         self.streams = streams
         self.level = level
@@ -584,6 +586,8 @@ class Migration:
                # this migrate waits for a lazy restore's memory fill before it lets the
                # source go (an older one would release it, and the staged image, at once)
                "caps": ["fill"]}
+        if self.opts.mid:
+            req["mid"] = self.opts.mid
         if self.opts.mode == "lazy":
             # the page server's TLS identity, and the agent's in the reply (migrt.criu.pagetls)
             from migrt.criu import pagetls
@@ -936,6 +940,7 @@ class Migration:
 
     def release_source(self):
         self.phase = "release of the source"
+        bury(self.bundle, f"migrated to {self.opts.to} (migration {self.mid})")
         rec = _restore_record(self.src.root, self.cid)
         # killed while frozen and still cut off: it never runs again, and its kernel
         # sends nothing (FIN, RST, data) on the connections the destination now owns
@@ -1270,6 +1275,18 @@ def posix_locks_on_shared_maps(pids):
                 out.append((pid, m[5].strip() if len(m) > 5 else f"inode {key[2]}"))
                 break
     return out
+
+
+def bury(bundle, why):
+    """A pod's container is about to go from this node: its kubelet must not create it
+    again here (migrt.runtime.podrules). Best effort: a node without the records only
+    risks the restart this prevents, never the migration."""
+    try:
+        from migrt.runc import read_spec
+        from migrt.runtime import podrules
+        podrules.bury(read_spec(bundle), why)
+    except Exception:
+        pass
 
 
 def _kill_group(proc):

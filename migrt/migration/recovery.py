@@ -189,6 +189,9 @@ def resolve(j, secret):
         if serving and leftovers(rec):
             return f"{where}: the destination runs it; the source still serves its memory"
         if src is not None:
+            if srcst.get("bundle"):         # its kubelet must not bring it back
+                from migrt.migration.migrate import bury
+                bury(srcst["bundle"], f"migrated to {rec['to']} (migration {rec['mid']})")
             from migrt.migration.migrate import _restore_record
             from migrt.runtime.lifecycle import forget
             restored = _restore_record(rec["root"], cid) if rec.get("root") else None

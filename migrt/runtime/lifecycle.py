@@ -468,6 +468,12 @@ def restore_create(call, flags, cid, bundle, spec, marker, plugins):
         raise MigrtError(f"container with id exists: {cid}")
     if not isinstance(spec.get("process"), dict):
         raise BundleError(f"bundle {bundle}: config.json has no process")
+    from migrt.runtime import podrules
+    if podrules.restored_before(spec) is not None:
+        # its kubelet restarts a container this pod sandbox already restored: it starts
+        # from its image like any restart, never from the old checkpoint again
+        write_spec(bundle, strip_marker(spec))
+        return create_with_plugins(call, flags, cid, bundle, strip_marker(spec), plugins)
     source = checkpoints.resolve(marker, bundle)
     try:
         return _restore_source(call, flags, cid, bundle, spec, marker, plugins, source)
@@ -605,6 +611,8 @@ def _restore_source(call, flags, cid, bundle, spec, marker, plugins, source):
         "restore_seconds": round(time.monotonic() - started, 3),
         "restored_at": time.time(), "lazy_pid": lazy.pid if lazy else None,
     })
+    from migrt.runtime import podrules
+    podrules.mark_restored(spec, marker)
     if source.lazy_local:
         # the memory still streams in from the local image: done when the daemon is
         source.fill = {"pid": lazy.pid, "status": os.path.join(work, FILL_STATUS),
@@ -864,13 +872,18 @@ class BundleHold:
 
 def _checkpoint(call, flags, cid, bundle, state, plugins, ctx, final, held):
     mode, work = ctx["mode"], ctx["work_dir"]
-    image_dir = ctx["image_dir"]
+    image_dir, spec = ctx["image_dir"], ctx["spec"]
     run_stage("pre-checkpoint", plugins, **ctx)
     restored = read_record(call, cid)      # a container migrt restored: its work dir
     argv = skip_in_flight_argv(call, flags, work)
     dump_log = os.path.join(work, "pre-dump.log" if mode == "pre-dump" else "dump.log")
     began = time.time()
     json_log = call.log if call.log and call.log_format == "json" else None
+    buried = False
+    if mode == "dump" and spec is not None:
+        # the container stops for good here: its kubelet must not create it again
+        from migrt.runtime import podrules
+        buried = podrules.bury(spec, f"checkpointed to {image_dir}")
     try:
         offset = os.path.getsize(json_log) if json_log else 0
     except OSError:
@@ -899,6 +912,8 @@ def _checkpoint(call, flags, cid, bundle, state, plugins, ctx, final, held):
                             + f"; CRIU log {dump_log}"
                             + (": " + "; ".join(errs) if errs else ""))
     except BaseException as e:
+        if buried:
+            podrules.unbury(spec)
         # plugins undo what pre-checkpoint did (resume CUDA, tell the workload)
         try:
             run_stage("post-checkpoint", plugins, **dict(ctx, error=str(e) or "interrupted"))

@@ -51,7 +51,13 @@ KUBELET_SYSCTLS = ("vm/overcommit_memory", "vm/panic_on_oom", "kernel/panic",
 
 
 def built():
-    return os.path.exists(os.path.join(KUBE_DIR, "COMPLETE"))
+    # a build with the reflect2 fix (packaging/build-kubernetes.sh): without it the API
+    # server dies on custom resources
+    try:
+        with open(os.path.join(KUBE_DIR, "COMPLETE")) as f:
+            return "reflect2 1.0.2" in f.read()
+    except OSError:
+        return False
 
 
 def ensure_built(log):
@@ -332,7 +338,7 @@ class Node:
         self.agent_port = free_port()
         self.containerd = NodeContainerd(os.path.join(self.base, "ctrd"), cluster.handler_binary,
                                          cluster.cni_bin, self.runc_root)
-        # the node's shims find what its agent staged (MIGRT_RESTORE_FROM=staged:<id>)
+        # the node's migrt (under containerd) restores what this node's agent staged
         self.staging = os.path.join(self.base, "agent", "staged")
         self.containerd.env["MIGRT_STAGING"] = self.staging
         self.kubelet = None

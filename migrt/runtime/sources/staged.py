@@ -22,6 +22,11 @@ def resolve(rest, bundle):
         raise CheckpointError(f"staged:{rest}: a symlink in the staged migration's dirs; "
                               f"refusing to restore")
     rec = s.read()
+    if rec is None or rec.get("state") == "receiving":
+        arrived = await_arrival(s, rest, bundle)
+        if arrived is not None:
+            s = Staged(rest)            # its record names the disk dir of its rootfs
+            rec = s.read()
     if rec is None:
         raise CheckpointError(f"staged:{rest}: no such staged migration in {os.path.dirname(s.dir)}")
     if rec.get("state") != "staged":
@@ -75,6 +80,99 @@ def resolve(rest, bundle):
                            on_restored=on_restored, on_failed=on_failed,
                            description=f"staged:{rest}", criu_conf=conf)
     return source
+
+
+AWAITED = ".awaited"
+
+
+def awaited_path(staging, mid):
+    """Where a create waiting for migration `mid` says so (the agent's `status` reads it)."""
+    return os.path.join(staging, AWAITED, mid)
+
+
+def dropped_path(staging, mid):
+    """Where the agent notes that migration `mid` will not come (rolled back, or
+    cancelled by the caller before it started): a create waiting for it stops at once."""
+    return os.path.join(staging, AWAITED, mid + ".dropped")
+
+
+def note_dropped(staging, mid, why):
+    path = dropped_path(staging, mid)
+    try:
+        os.makedirs(os.path.dirname(path), mode=0o700, exist_ok=True)
+        with open(os.open(path, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o600), "w") as f:
+            f.write(why)
+    except OSError:
+        pass
+
+
+def sweep_notes(staging, ttl):
+    """Notes of migrations dropped more than ttl seconds ago."""
+    import time
+    d = os.path.join(staging, AWAITED)
+    try:
+        names = os.listdir(d)
+    except OSError:
+        return
+    for n in names:
+        if n.endswith(".dropped"):
+            p = os.path.join(d, n)
+            try:
+                if time.time() - os.stat(p).st_mtime > ttl:
+                    os.unlink(p)
+            except OSError:
+                pass
+
+
+def await_arrival(s, mid, bundle):
+    """A pod created for a migration before its source is even frozen (migrt.kube: the
+    pod is scheduled and its sandbox made outside the downtime) has its create wait
+    here, bounded by MIGRT_STAGED_WAIT seconds (default 120), until the migration is
+    staged. Only a Kubernetes pod's container waits; anything else fails at once.
+    Returns the staged record, or None if there is nothing to wait for."""
+    import json
+    import time
+    from migrt.runtime import podrules
+    try:
+        with open(os.path.join(bundle, "config.json")) as f:
+            spec = json.load(f)
+    except (OSError, ValueError):
+        return None
+    wait = float(os.environ.get("MIGRT_STAGED_WAIT", "120"))
+    if podrules.pod_container(spec) is None or wait <= 0:
+        return None
+    staging = os.path.dirname(s.dir)
+    mark = awaited_path(staging, mid)
+    os.makedirs(os.path.dirname(mark), mode=0o700, exist_ok=True)
+    with open(os.open(mark, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o600), "w") as f:
+        json.dump({"pid": os.getpid(), "bundle": os.path.abspath(bundle), "since": time.time()}, f)
+    seen = False
+    deadline = time.monotonic() + wait
+    try:
+        while True:
+            rec = s.read()
+            if rec is not None:
+                seen = True
+                if rec.get("state") != "receiving":
+                    return rec
+            elif seen or os.path.exists(dropped_path(staging, mid)):
+                why = ""
+                try:
+                    with open(dropped_path(staging, mid)) as f:
+                        why = f.read().strip()
+                except OSError:
+                    pass
+                raise CheckpointError(f"staged:{mid}: the migration was dropped before it "
+                                      f"arrived ({why or 'its source rolled back'})")
+            if time.monotonic() > deadline:
+                raise CheckpointError(f"staged:{mid}: no such migration arrived in {staging} "
+                                      f"within {wait:.0f}s (MIGRT_STAGED_WAIT)")
+            time.sleep(0.01)
+    finally:
+        try:
+            os.unlink(mark)
+        except OSError:
+            pass
 
 
 def fill_locally(rec):

@@ -1,0 +1,5 @@
+import sys
+
+from migrt.kube.cli import main
+
+sys.exit(main())

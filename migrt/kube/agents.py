@@ -1,0 +1,67 @@
+"""The controller's only way to a node: its migrt agent, over the agent's protocol."""
+import os
+
+from migrt.transfer import wire
+
+ANNOTATION = "migrt.io/agent"          # on a Node: HOST:PORT of its agent
+DEFAULT_PORT = int(os.environ.get("MIGRT_AGENT_PORT", "7070"))
+
+
+def address(node):
+    """HOST:PORT of a node's agent: its `migrt.io/agent` annotation, else its
+    InternalIP and port 7070 (MIGRT_AGENT_PORT)."""
+    ann = (node.get("metadata", {}).get("annotations") or {}).get(ANNOTATION)
+    if ann:
+        return ann
+    for a in node.get("status", {}).get("addresses") or []:
+        if a.get("type") == "InternalIP":
+            return f"{a['address']}:{DEFAULT_PORT}"
+    raise LookupError(f"node {node['metadata']['name']} has no {ANNOTATION} annotation and "
+                      f"no InternalIP")
+
+
+def status(addr, secret, mid, timeout=5.0):
+    """What the agent at addr knows of migration mid: unknown, awaited, receiving,
+    staged, restoring, filling, restored, failed, done."""
+    c, _ = wire.connect(addr, secret, {"op": "status", "mid": mid}, timeout=timeout)
+    try:
+        reply = c.read_json()
+    finally:
+        c.close()
+    if reply.get("error"):
+        raise wire.ProtocolError(reply["error"])
+    return reply.get("state") or "unknown"
+
+
+def migrate(addr, secret, container, mid, to, mode="full", wait=120, start=True,
+            started=None):
+    """Have the agent at addr (the source node) migrate `container` to the agent `to`
+    with migration id `mid`, and wait for the outcome: {"ok", "rc", "report", "error"}.
+    Asking again with the same mid waits for the same run. `started` is called once
+    the agent has taken the request."""
+    c, _ = wire.connect(addr, secret, {"op": "migrate"}, timeout=10)
+    try:
+        c.send_json({"op": "migrate", "container": container, "mid": mid, "to": to,
+                     "mode": mode, "wait": wait, "start": start})
+        kind, first = c.read_frame()
+        if kind != b"J" or first.get("error"):
+            return {"ok": False, "rc": first.get("rc", 3) if kind == b"J" else 3,
+                    "error": first.get("error") if kind == b"J" else "bad reply", "report": None}
+        if started:
+            started(first.get("started"))
+        kind, res = c.read_frame()
+        if kind != b"J":
+            raise wire.ProtocolError("expected a control message")
+        return res
+    finally:
+        c.close()
+
+
+def drop(addr, secret, mid, why, timeout=5.0):
+    """Tell the target node's agent that migration mid will not come."""
+    c, _ = wire.connect(addr, secret, {"op": "drop", "mid": mid, "why": why}, timeout=timeout)
+    try:
+        kind, reply = c.read_frame()
+    finally:
+        c.close()
+    return kind == b"J" and bool(reply.get("ok"))

@@ -1,0 +1,650 @@
+"""The PodMigration controller: moves one pod per PodMigration (migrt.io/v1alpha1).
+
+The order (as Tencent's mig runtime does it), so that scheduling and pod creation stay
+out of the downtime:
+
+1. checks: the pod runs, with the migrt runtime class, one container, an owner migrt
+   knows how to keep (none, or a ReplicaSet);
+2. the new pod is created and scheduled first: a copy of the old pod's spec, kept off
+   the source node (and on the target node if one was asked for), whose container
+   carries MIGRT_RESTORE_FROM=staged:<mid> with a migration id chosen here. On its node
+   migrt's create waits (bounded) for that migration (migrt.runtime.sources.staged);
+   the controller waits until that node's agent says so (`awaited`);
+3. the source node's agent migrates the container to the target node's agent with that
+   id (`migrt migrate`: freeze, dump, transfer, restore there, source released);
+   the waiting create restores it, so the new pod's container runs on;
+4. the bookkeeping, after the restore: a ReplicaSet's pod is handed to the ReplicaSet
+   (see `adopt`), the old pod is deleted, Events, status.
+
+Failure before step 3 succeeds deletes the new pod: the source runs on. Once the
+migration succeeded, only the bookkeeping is left, and it is retried until done. Every
+step is recorded in the PodMigration's status before it is taken, so a restarted
+controller goes on from there (the agent's `migrate` is idempotent for one id). A
+PodMigration deleted before the migration started deletes its new pod; deleted during
+the migration, it waits for the outcome (finalizer `migrt.io/controller`).
+"""
+import copy
+import datetime
+import json
+import os
+import sys
+import threading
+import time
+
+from migrt.kube import agents
+from migrt.kube.client import KubeError
+
+FINALIZER = "migrt.io/controller"
+LABEL = "migrt.io/migration"              # on the new pod: the PodMigration's name
+HELD = "migrt.io/held-labels"             # labels held back until the ReplicaSet adopts it
+DRAIN_TAINT = "migrt.io/drain"            # a node tainted so is drained by migration
+RUNTIME_CLASS = os.environ.get("MIGRT_RUNTIME_CLASS", "migrt")
+SCHEDULE_TIMEOUT = float(os.environ.get("MIGRT_KUBE_SCHEDULE_TIMEOUT", "60"))
+READY_TIMEOUT = float(os.environ.get("MIGRT_KUBE_READY_TIMEOUT", "60"))
+
+
+def now_iso():
+    return datetime.datetime.now(datetime.timezone.utc).strftime("%Y-%m-%dT%H:%M:%S.%fZ")
+
+
+def log(msg):
+    sys.stderr.write(f"{now_iso()} migrt-controller: {msg}\n")
+    sys.stderr.flush()
+
+
+class Failed(Exception):
+    """The move failed; `target` says whether the new pod must go."""
+
+    def __init__(self, msg, delete_target=True):
+        super().__init__(msg)
+        self.delete_target = delete_target
+
+
+def _cond(pod, kind):
+    for c in pod.get("status", {}).get("conditions") or []:
+        if c.get("type") == kind:
+            return c
+    return {}
+
+
+def ready(pod):
+    return _cond(pod, "Ready").get("status") == "True"
+
+
+def controller_ref(obj):
+    for r in obj.get("metadata", {}).get("ownerReferences") or []:
+        if r.get("controller"):
+            return r
+    return None
+
+
+def check_pod(pod):
+    """Why this pod cannot be moved, or None."""
+    md, spec = pod["metadata"], pod["spec"]
+    name = f"{md['namespace']}/{md['name']}"
+    if md.get("deletionTimestamp"):
+        return f"pod {name} is being deleted"
+    if spec.get("runtimeClassName") != RUNTIME_CLASS:
+        return (f"pod {name} does not run with runtimeClassName {RUNTIME_CLASS} "
+                f"(it has {spec.get('runtimeClassName') or 'the default runtime'})")
+    if len(spec.get("containers") or []) != 1 or spec.get("initContainers") \
+            or spec.get("ephemeralContainers"):
+        return f"pod {name}: only pods with exactly one container can be moved yet"
+    if pod.get("status", {}).get("phase") != "Running" or not spec.get("nodeName"):
+        return f"pod {name} is {pod.get('status', {}).get('phase')}, not Running"
+    st = (pod["status"].get("containerStatuses") or [{}])[0]
+    if "running" not in (st.get("state") or {}) or not st.get("containerID"):
+        return f"pod {name}: its container is not running"
+    ref = controller_ref(pod)
+    if ref and ref.get("kind") != "ReplicaSet":
+        return (f"pod {name} is owned by a {ref.get('kind')} ({ref.get('name')}): only bare "
+                f"pods and ReplicaSet (Deployment) pods can be moved yet")
+    if spec.get("volumes"):
+        for v in spec["volumes"]:
+            if v.get("persistentVolumeClaim") or v.get("hostPath"):
+                return (f"pod {name}: volume {v.get('name')} is a "
+                        f"{'persistentVolumeClaim' if v.get('persistentVolumeClaim') else 'hostPath'}"
+                        f", whose contents do not move with the pod")
+    return None
+
+
+def node_ready(node):
+    for c in node.get("status", {}).get("conditions") or []:
+        if c.get("type") == "Ready":
+            return c.get("status") == "True"
+    return False
+
+
+def _base_name(pod):
+    md = pod["metadata"]
+    if md.get("generateName"):
+        return md["generateName"]
+    name = md["name"]
+    # a pod this controller made already ends in -xxxxx: do not let names grow
+    if (md.get("annotations") or {}).get("migrt.io/migrated-from") and len(name) > 6 \
+            and name[-6] == "-":
+        name = name[:-6]
+    return name[:57] + "-"
+
+
+def _pin_terms(spec, source, target):
+    """Keep the new pod off the source node (and on the target node if given); drop a
+    pin to the source node, which would keep it where it is."""
+    sel = spec.get("nodeSelector") or {}
+    if sel.get("kubernetes.io/hostname") == source:
+        del sel["kubernetes.io/hostname"]
+        if not sel:
+            spec.pop("nodeSelector")
+    exprs = [{"key": "kubernetes.io/hostname", "operator": "NotIn", "values": [source]}]
+    if target:
+        exprs.append({"key": "kubernetes.io/hostname", "operator": "In", "values": [target]})
+    aff = spec.setdefault("affinity", {})
+    na = aff.setdefault("nodeAffinity", {})
+    req = na.setdefault("requiredDuringSchedulingIgnoredDuringExecution", {})
+    terms = req.get("nodeSelectorTerms") or [{}]
+    out = []
+    for t in terms:
+        t = copy.deepcopy(t)
+        kept = [e for e in t.get("matchExpressions") or []
+                if not (e.get("key") == "kubernetes.io/hostname" and source in (e.get("values") or [])
+                        and e.get("operator") == "In")]
+        t["matchExpressions"] = kept + exprs
+        out.append(t)
+    req["nodeSelectorTerms"] = out
+
+
+def selector_labels(rs):
+    sel = rs.get("spec", {}).get("selector") or {}
+    return dict(sel.get("matchLabels") or {}), sel.get("matchExpressions") or []
+
+
+def target_pod(pm, pod, mid, target, rs=None):
+    """The new pod: the old one's spec, kept off the source node, its container carrying
+    the marker; a ReplicaSet's pod without the label that would make the ReplicaSet count
+    it before the move is over."""
+    md = pod["metadata"]
+    spec = copy.deepcopy(pod["spec"])
+    source = spec.pop("nodeName")
+    spec.pop("priority", None)          # the admission plugin sets it again from the class
+    _pin_terms(spec, source, target)
+    c = spec["containers"][0]
+    env = [e for e in c.get("env") or [] if e.get("name") != "MIGRT_RESTORE_FROM"]
+    env.append({"name": "MIGRT_RESTORE_FROM", "value": f"staged:{mid}"})
+    c["env"] = env
+    labels = dict(md.get("labels") or {})
+    ann = {k: v for k, v in (md.get("annotations") or {}).items()
+           if not k.startswith("kubectl.kubernetes.io/last-applied")}
+    held = {}
+    if rs is not None:
+        match, exprs = selector_labels(rs)
+        keys = ["pod-template-hash"] if "pod-template-hash" in match else list(match)
+        if not keys:
+            raise Failed(f"ReplicaSet {rs['metadata']['name']} selects by expressions only; "
+                         f"migrt cannot keep the new pod out of it until the move is done",
+                         delete_target=False)
+        for k in keys:
+            if k in labels:
+                held[k] = labels.pop(k)
+        ann[HELD] = json.dumps(held)
+    labels[LABEL] = pm["metadata"]["name"]
+    ann.update({"migrt.io/migrated-from": md["name"], "migrt.io/migration-id": mid})
+    return {"apiVersion": "v1", "kind": "Pod",
+            "metadata": {"generateName": _base_name(pod), "namespace": md["namespace"],
+                         "labels": labels, "annotations": ann},
+            "spec": spec}
+
+
+class Mover:
+    """Moves the pod of one PodMigration, step by step (status.step)."""
+
+    def __init__(self, ctl, pm):
+        self.ctl = ctl
+        self.kube = ctl.kube
+        self.pm = pm
+        self.ns = pm["metadata"]["namespace"]
+        self.name = pm["metadata"]["name"]
+
+    # -------------------------------------------------------- status
+    @property
+    def st(self):
+        return self.pm.setdefault("status", {})
+
+    def set_status(self, **fields):
+        times = dict(self.st.get("phaseTimes") or {})
+        if "phase" in fields and fields["phase"] not in times:
+            times[fields["phase"]] = now_iso()
+        if "step" in fields:
+            steps = dict(self.st.get("stepTimes") or {})
+            steps.setdefault(fields["step"], now_iso())
+            fields["stepTimes"] = steps
+        fields["phaseTimes"] = times
+        self.st.update(fields)
+        self.pm = self.kube.patch("podmigrations", self.name, {"status": fields},
+                                  namespace=self.ns, sub="status")
+
+    def refresh(self):
+        self.pm = self.kube.get("podmigrations", self.name, self.ns)
+        return self.pm
+
+    def deleted(self):
+        try:
+            return bool(self.refresh()["metadata"].get("deletionTimestamp"))
+        except KubeError as e:
+            if e.status == 404:
+                return True
+            raise
+
+    def event(self, pod, reason, message, warning=False):
+        if not pod:
+            return
+        md = pod["metadata"]
+        t = now_iso()[:19] + "Z"
+        ev = {"apiVersion": "v1", "kind": "Event",
+              "metadata": {"generateName": f"{md['name']}.", "namespace": md["namespace"]},
+              "involvedObject": {"kind": "Pod", "apiVersion": "v1", "name": md["name"],
+                                 "namespace": md["namespace"], "uid": md.get("uid")},
+              "reason": reason, "message": message[:1000],
+              "type": "Warning" if warning else "Normal",
+              "source": {"component": "migrt-controller"}, "reportingComponent": "migrt-controller",
+              "firstTimestamp": t, "lastTimestamp": t, "count": 1}
+        try:
+            self.kube.create("events", ev, namespace=md["namespace"])
+        except KubeError as e:
+            log(f"{self.ns}/{self.name}: event {reason} not recorded: {e}")
+
+    # -------------------------------------------------------- driver
+    def run(self):
+        for attempt in range(20):
+            try:
+                return self._run()
+            except Failed as e:
+                return self.fail(str(e), e.delete_target)
+            except Exception as e:      # noqa: BLE001 - one PodMigration's trouble only
+                step = self.st.get("step")
+                log(f"{self.ns}/{self.name}: {type(e).__name__} during {step}: {e}")
+                if step in ("migrating", "finishing"):
+                    # the container may run on the target already: never undo from here;
+                    # both steps can be taken again (the agent's migrate is idempotent)
+                    time.sleep(1)
+                    try:
+                        self.refresh()
+                    except KubeError:
+                        pass
+                    continue
+                return self.fail(f"controller error: {type(e).__name__}: {e}",
+                                 delete_target=step is not None)
+        self.fail("gave up after 20 attempts; see the controller's log", delete_target=False)
+
+    def _run(self):
+        if not self.st.get("phase") or self.st.get("phase") == "Pending":
+            if self.pm["metadata"].get("deletionTimestamp"):
+                return self.unfinalize()
+            self.start()
+        step = self.st.get("step")
+        if step in ("creating target pod", "scheduling target pod"):
+            if self.deleted():
+                raise Failed("the PodMigration was deleted before the migration started")
+            self.create_target()
+            self.wait_scheduled()
+            self.set_status(step="migrating")
+            step = "migrating"
+        if step == "migrating":
+            self.migrate()
+            self.set_status(step="finishing")
+            step = "finishing"
+        if step == "finishing":
+            self.finish()
+
+    # -------------------------------------------------------- steps
+    def start(self):
+        spec = self.pm.get("spec") or {}
+        fins = self.pm["metadata"].get("finalizers") or []
+        if FINALIZER not in fins:
+            self.pm = self.kube.patch("podmigrations", self.name,
+                                      {"metadata": {"finalizers": fins + [FINALIZER]}},
+                                      namespace=self.ns)
+        pod = self.kube.get_or_none("pods", spec.get("pod") or "-", self.ns)
+        if pod is None:
+            raise Failed(f"pod {self.ns}/{spec.get('pod')} not found", delete_target=False)
+        why = check_pod(pod)
+        if why:
+            raise Failed(why, delete_target=False)
+        target = spec.get("targetNode")
+        source = pod["spec"]["nodeName"]
+        if target:
+            node = self.kube.get_or_none("nodes", target)
+            if node is None:
+                raise Failed(f"target node {target} not found", delete_target=False)
+            if target == source:
+                raise Failed(f"pod {pod['metadata']['name']} already runs on {target}",
+                             delete_target=False)
+        mode = spec.get("mode") or "full"
+        if mode not in ("full", "precopy", "lazy"):
+            raise Failed(f"mode {mode!r}: one of full, precopy, lazy", delete_target=False)
+        mid = "m-" + os.urandom(8).hex()
+        cid = pod["status"]["containerStatuses"][0]["containerID"].split("://", 1)[-1]
+        self.set_status(phase="Running", step="creating target pod", migrationID=mid,
+                        sourceNode=source, sourcePod=pod["metadata"]["name"],
+                        sourcePodUID=pod["metadata"]["uid"], containerID=cid, mode=mode,
+                        message=f"moving pod {pod['metadata']['name']} off {source}")
+        self.event(pod, "Migrating", f"PodMigration {self.name}: moving off {source}"
+                   + (f" to {target}" if target else "") + f" (migration {mid}, {mode} mode)")
+
+    def source_pod(self):
+        pod = self.kube.get_or_none("pods", self.st["sourcePod"], self.ns)
+        if pod is not None and pod["metadata"]["uid"] != self.st.get("sourcePodUID"):
+            return None
+        return pod
+
+    def find_target(self):
+        pods = self.kube.list("pods", self.ns, labelSelector=f"{LABEL}={self.name}")
+        pods = [p for p in pods if (p["metadata"].get("annotations") or {})
+                .get("migrt.io/migration-id") == self.st.get("migrationID")]
+        return pods[0] if pods else None
+
+    def replicaset(self, pod):
+        ref = controller_ref(pod)
+        if not ref:
+            return None
+        rs = self.kube.get_or_none("replicasets", ref["name"], self.ns)
+        if rs is None or rs["metadata"]["uid"] != ref.get("uid"):
+            raise Failed(f"the pod's ReplicaSet {ref['name']} is gone", delete_target=True)
+        return rs
+
+    def create_target(self):
+        if self.find_target() is not None:
+            return
+        pod = self.source_pod()
+        if pod is None:
+            raise Failed(f"pod {self.st['sourcePod']} is gone")
+        why = check_pod(pod)
+        if why:
+            raise Failed(why)
+        rs = self.replicaset(pod)
+        obj = target_pod(self.pm, pod, self.st["migrationID"],
+                         (self.pm.get("spec") or {}).get("targetNode"), rs)
+        new = self.kube.create("pods", obj, namespace=self.ns)
+        self.set_status(step="scheduling target pod", targetPod=new["metadata"]["name"])
+        log(f"{self.ns}/{self.name}: created {new['metadata']['name']} for "
+            f"{self.st['sourcePod']} (migration {self.st['migrationID']})")
+
+    def wait_scheduled(self):
+        """Until the new pod is on a node whose migrt create waits for the migration."""
+        mid = self.st["migrationID"]
+        deadline = time.monotonic() + SCHEDULE_TIMEOUT
+        last = "not scheduled yet"
+        while True:
+            pod = self.find_target()
+            if pod is None:
+                raise Failed("the new pod was deleted before the migration started")
+            node = pod["spec"].get("nodeName")
+            if node:
+                if self.st.get("targetNode") != node:
+                    self.set_status(targetNode=node)
+                n = self.kube.get("nodes", node)
+                addr = agents.address(n)
+                try:
+                    state = agents.status(addr, self.ctl.secret, mid)
+                except Exception as e:      # noqa: BLE001
+                    state = f"agent {addr} unreachable: {e}"
+                if state == "awaited":
+                    self.target_addr = addr
+                    return
+                last = f"on {node}, its container not waiting for the migration yet ({state})"
+                st = (pod.get("status", {}).get("containerStatuses") or [{}])[0]
+                w = (st.get("state") or {}).get("waiting") or {}
+                if w.get("reason") not in (None, "ContainerCreating"):
+                    last += f"; {w.get('reason')}: {w.get('message', '')}"
+                if pod.get("status", {}).get("phase") in ("Failed", "Succeeded"):
+                    raise Failed(f"the new pod {pod['metadata']['name']} is "
+                                 f"{pod['status']['phase']} on {node}")
+            else:
+                c = _cond(pod, "PodScheduled")
+                if c.get("status") == "False":
+                    last = f"unschedulable: {c.get('message') or c.get('reason')}"
+            if time.monotonic() > deadline:
+                raise Failed(f"the new pod {pod['metadata']['name']} was not ready to restore "
+                             f"within {SCHEDULE_TIMEOUT:.0f}s ({last}); the source pod runs on")
+            if self.deleted():
+                raise Failed("the PodMigration was deleted before the migration started")
+            time.sleep(0.1)
+
+    def migrate(self):
+        mid = self.st["migrationID"]
+        src_node = self.kube.get("nodes", self.st["sourceNode"])
+        src = agents.address(src_node)
+        target_addr = getattr(self, "target_addr", None)
+        if target_addr is None:
+            target_addr = agents.address(self.kube.get("nodes", self.st["targetNode"]))
+        t0 = time.monotonic()
+        res = None
+        for attempt in range(30):
+            try:
+                res = agents.migrate(src, self.ctl.secret, self.st["containerID"], mid,
+                                     target_addr, mode=self.st.get("mode") or "full")
+                break
+            except Exception as e:      # noqa: BLE001 - the agent restarts: ask again
+                log(f"{self.ns}/{self.name}: source agent {src}: {e}; asking again")
+                time.sleep(1)
+        if res is None:
+            raise Failed(f"the source node's agent {src} did not answer", delete_target=False)
+        report = res.get("report") or {}
+        rc = res.get("rc")
+        fields = {"migrationSeconds": round(time.monotonic() - t0, 3)}
+        if report:
+            ph = report.get("phases") or {}
+            fields.update(phases=ph, bytes=report.get("bytes") or {},
+                          downtimeSeconds=ph.get("downtime"))
+        if res.get("ok") or rc == 6:
+            self.set_status(**fields, message=f"restored on {self.st.get('targetNode')}")
+            return
+        if rc == 5:
+            self.set_status(**fields)
+            raise Failed(f"migration in doubt: {res.get('error')}; the source container is "
+                         f"left frozen until its node's agent knows the outcome",
+                         delete_target=False)
+        # rolled back (4), refused (3), or anything else: what does the target hold?
+        try:
+            state = agents.status(target_addr, self.ctl.secret, mid)
+        except Exception:       # noqa: BLE001
+            state = "unknown"
+        if state in ("restored", "done", "filling"):
+            self.set_status(**fields, message=f"restored on {self.st.get('targetNode')} "
+                                              f"({res.get('error')})")
+            return
+        self.set_status(**fields)
+        raise Failed(f"migration failed: {res.get('error')}")
+
+    def adopt(self, new, rs):
+        """Hand the new pod to the old pod's ReplicaSet, with no pod added or deleted
+        because of the move. The ReplicaSet counts the active pods it owns (not being
+        deleted) against its replicas. Deleting the old pod first would let it create a
+        replacement; adopting the new one first gives it one pod too many, and it
+        deletes by rank (1.20: unscheduled, pending, not ready before ready; then newer
+        before older), so it is the old pod, not ready since its container left, that
+        it would take. So: wait until the API shows the old pod not ready and the new
+        one ready, adopt, then delete the old pod at once."""
+        held = json.loads((new["metadata"].get("annotations") or {}).get(HELD) or "{}")
+        ref = {"apiVersion": "apps/v1", "kind": "ReplicaSet", "name": rs["metadata"]["name"],
+               "uid": rs["metadata"]["uid"], "controller": True, "blockOwnerDeletion": True}
+        return self.kube.patch("pods", new["metadata"]["name"],
+                               {"metadata": {"labels": held, "ownerReferences": [ref],
+                                             "annotations": {HELD: None}}},
+                               namespace=self.ns)
+
+    def finish(self):
+        new = self.find_target()
+        old = self.source_pod()
+        if new is None:
+            raise Failed("the new pod is gone after the migration", delete_target=False)
+        deadline = time.monotonic() + READY_TIMEOUT
+        # only a ReplicaSet's pod needs the old one seen not ready (see adopt)
+        adopting = (new["metadata"].get("annotations") or {}).get(HELD) is not None
+        while True:
+            new = self.find_target() or new
+            old = self.source_pod()
+            new_ok = ready(new)
+            old_down = old is None or not adopting or not ready(old) \
+                or old["metadata"].get("deletionTimestamp")
+            if new_ok and old_down:
+                break
+            if time.monotonic() > deadline:
+                if not new_ok:
+                    raise Failed(f"the new pod {new['metadata']['name']} did not become ready "
+                                 f"after the restore", delete_target=False)
+                break                   # the old pod's status lags: delete it anyway
+            time.sleep(0.1)
+        if (new["metadata"].get("annotations") or {}).get(HELD) is not None and old is not None:
+            rs = self.replicaset(old)
+            if rs is not None:
+                new = self.adopt(new, rs)
+        if old is not None:
+            self.kube.delete("pods", old["metadata"]["name"], self.ns, grace=1,
+                             uid=old["metadata"]["uid"])
+        node = new["spec"].get("nodeName")
+        msg = (f"moved to {node} as pod {new['metadata']['name']}"
+               + (f", downtime {self.st['downtimeSeconds']:.2f}s"
+                  if isinstance(self.st.get("downtimeSeconds"), (int, float)) else ""))
+        self.set_status(phase="Succeeded", step="done", targetPod=new["metadata"]["name"],
+                        targetNode=node, message=msg)
+        self.event(old, "Migrated", f"PodMigration {self.name}: {msg}")
+        self.event(new, "Migrated", f"PodMigration {self.name}: restored here from "
+                   f"{self.st['sourceNode']} (pod {self.st['sourcePod']})")
+        log(f"{self.ns}/{self.name}: {msg}")
+        self.unfinalize()
+
+    def fail(self, msg, delete_target=True):
+        log(f"{self.ns}/{self.name}: failed: {msg}")
+        if delete_target and self.st.get("targetNode") and self.st.get("step") in (
+                "creating target pod", "scheduling target pod"):
+            # the new pod's create may wait for the migration: it stops at once
+            try:
+                agents.drop(agents.address(self.kube.get("nodes", self.st["targetNode"])),
+                            self.ctl.secret, self.st["migrationID"], "the move was cancelled")
+            except Exception as e:      # noqa: BLE001 - it stops at its time limit then
+                log(f"{self.ns}/{self.name}: could not tell {self.st['targetNode']}: {e}")
+        if delete_target and self.st.get("migrationID"):
+            try:
+                t = self.find_target()
+                if t is not None:
+                    self.kube.delete("pods", t["metadata"]["name"], self.ns, grace=0)
+            except KubeError as e:
+                msg += f" (and the new pod could not be deleted: {e})"
+        try:
+            self.set_status(phase="Failed", step="done", message=msg)
+        except KubeError:
+            pass
+        try:
+            self.event(self.source_pod() if self.st.get("sourcePod") else
+                       self.kube.get_or_none("pods", (self.pm.get("spec") or {}).get("pod") or "-",
+                                             self.ns),
+                       "MigrationFailed", f"PodMigration {self.name}: {msg}", warning=True)
+        except KubeError:
+            pass
+        self.unfinalize()
+
+    def unfinalize(self):
+        try:
+            pm = self.kube.get("podmigrations", self.name, self.ns)
+        except KubeError:
+            return
+        fins = [f for f in pm["metadata"].get("finalizers") or [] if f != FINALIZER]
+        if len(fins) != len(pm["metadata"].get("finalizers") or []):
+            try:
+                self.kube.patch("podmigrations", self.name, {"metadata": {"finalizers": fins}},
+                                namespace=self.ns)
+            except KubeError:
+                pass
+
+
+class Controller:
+    def __init__(self, kube, secret, max_parallel=4, interval=0.2):
+        self.kube = kube
+        self.secret = secret
+        self.max_parallel = max_parallel
+        self.interval = interval
+        self.running = {}          # uid -> thread
+        self.drained = set()       # (namespace, pod) a drain taint already tried to move
+        self.lock = threading.Lock()
+        self.last_drain = 0.0
+
+    def active(self, pm):
+        phase = (pm.get("status") or {}).get("phase")
+        if phase in ("Succeeded", "Failed"):
+            return bool(pm["metadata"].get("deletionTimestamp")) and \
+                FINALIZER in (pm["metadata"].get("finalizers") or [])
+        return True
+
+    def once(self):
+        pms = self.kube.list("podmigrations")
+        with self.lock:
+            for uid in [u for u, t in self.running.items() if not t.is_alive()]:
+                del self.running[uid]
+            busy = len(self.running)
+        for pm in sorted(pms, key=lambda p: p["metadata"].get("creationTimestamp", "")):
+            uid = pm["metadata"]["uid"]
+            if uid in self.running or not self.active(pm):
+                continue
+            phase = (pm.get("status") or {}).get("phase")
+            if phase in ("Succeeded", "Failed"):
+                Mover(self, pm).unfinalize()
+                continue
+            if busy >= self.max_parallel and phase in (None, "Pending"):
+                continue
+            t = threading.Thread(target=Mover(self, pm).run, daemon=True)
+            with self.lock:
+                self.running[uid] = t
+            busy += 1
+            t.start()
+        if time.monotonic() - self.last_drain > 2:
+            self.last_drain = time.monotonic()
+            self.drain_tainted(pms)
+
+    def drain_tainted(self, pms):
+        """Nodes tainted migrt.io/drain: a PodMigration for each migrt pod on them."""
+        nodes = [n for n in self.kube.list("nodes")
+                 if any(t.get("key") == DRAIN_TAINT for t in n["spec"].get("taints") or [])]
+        if not nodes:
+            return
+        moving = {(p["metadata"]["namespace"], (p.get("spec") or {}).get("pod"))
+                  for p in pms if (p.get("status") or {}).get("phase") not in ("Succeeded", "Failed")}
+        for n in nodes:
+            name = n["metadata"]["name"]
+            for pod in self.kube.list("pods", fieldSelector=f"spec.nodeName={name}"):
+                md = pod["metadata"]
+                key = (md["namespace"], md["name"])
+                if key in moving or key in self.drained or check_pod(pod):
+                    continue
+                self.drained.add(key)       # once: a pod that cannot move keeps running
+                pm = new_podmigration(md["name"], md["namespace"], None, "full",
+                                      generate=True, reason=f"node {name} tainted {DRAIN_TAINT}")
+                try:
+                    self.kube.create("podmigrations", pm, namespace=md["namespace"])
+                    log(f"node {name} is tainted {DRAIN_TAINT}: moving {md['namespace']}/{md['name']}")
+                except KubeError as e:
+                    log(f"node {name}: cannot create a PodMigration for {md['name']}: {e}")
+
+    def run(self):
+        log(f"watching PodMigrations (at most {self.max_parallel} at once)")
+        while True:
+            try:
+                self.once()
+            except Exception as e:      # noqa: BLE001 - the API server restarts, etc.
+                log(f"{type(e).__name__}: {e}")
+                time.sleep(1)
+            time.sleep(self.interval)
+
+
+def new_podmigration(pod, namespace, target=None, mode="full", generate=False, reason=None):
+    md = {"namespace": namespace}
+    if generate:
+        md["generateName"] = f"{pod[:50]}-"
+    else:
+        md["name"] = pod
+    if reason:
+        md["annotations"] = {"migrt.io/reason": reason}
+    spec = {"pod": pod, "mode": mode}
+    if target:
+        spec["targetNode"] = target
+    return {"apiVersion": "migrt.io/v1alpha1", "kind": "PodMigration", "metadata": md,
+            "spec": spec}

