@@ -43,13 +43,17 @@ def agent(tmp_path, migrt_launcher):
     secret.write_text(os.urandom(24).hex())
     secret.chmod(0o600)
     staging = tmp_path / "staged"
+    # node B's agent and node B's migrt (under its containerd) share the node's state dir,
+    # as on a real node: a restore containerd runs is followed through the agent's records
+    state = tmp_path / "agent-state"
     port = free_port()
     log = open(tmp_path / "agent.log", "wb")
     proc = subprocess.Popen([migrt_launcher, "agent", "--listen", f"127.0.0.1:{port}",
                              "--secret-file", str(secret), "--staging", str(staging),
                              "--disk", str(tmp_path / "disk"), "--log-dir",
                              str(tmp_path / "logs"), "--ttl", "120"],
-                            stdout=log, stderr=subprocess.STDOUT, start_new_session=True)
+                            stdout=log, stderr=subprocess.STDOUT, start_new_session=True,
+                            env=dict(os.environ, MIGRT_STATE_DIR=str(state)))
     log.close()
 
     def listening():
@@ -62,7 +66,7 @@ def agent(tmp_path, migrt_launcher):
             return False
     wait_for(listening, timeout=20, what="the agent to listen")
     yield {"to": f"127.0.0.1:{port}", "secret": str(secret), "staging": str(staging),
-           "log": tmp_path / "agent.log"}
+           "log": tmp_path / "agent.log", "state": str(state)}
     proc.terminate()
     try:
         proc.wait(10)
@@ -79,7 +83,8 @@ def test_migrate_between_two_containerd_nodes(start_containerd, migrt_launcher, 
     the marker in its env, StartContainer); its output is the pod's log."""
     node_a = start_containerd(namespace="node-a")
     # node B's shims resolve staged:<id> in the agent's staging dir
-    node_b = start_containerd(namespace="node-b", env={"MIGRT_STAGING": agent["staging"]},
+    node_b = start_containerd(namespace="node-b", env={"MIGRT_STAGING": agent["staging"],
+                                                       "MIGRT_STATE_DIR": agent["state"]},
                               cri=dest == "cri")
     a_log, b_log = str(tmp_path / "a.log"), str(tmp_path / "b.log")
     node_a.ctr("run", "-d", "--runc-binary", migrt_launcher, "--log-uri", f"file://{a_log}",

@@ -61,6 +61,7 @@ def resolve(rest, bundle):
             # it is all there (migrt.agent.fill), and only then may the source go
             # (the agent follows the fill through its own root-only record and migrt's
             # record in the runc state dir, never through this one: migrt.agent.fill)
+            _note_restore(rest, fill)
             s.update(state="filling", container=cid, pid=pid, lazy=False)
         else:
             s.update(state="restored", container=cid, pid=pid, lazy=bool(lazy))
@@ -80,6 +81,24 @@ def resolve(rest, bundle):
                            on_restored=on_restored, on_failed=on_failed,
                            description=f"staged:{rest}", criu_conf=conf)
     return source
+
+
+def _note_restore(mid, fill):
+    """The agent follows a memory fill only through its own root-only record of the
+    restore (migrt.agent.fill): when the restore was not the agent's own (containerd ran
+    this create on a `staged:` marker), write that record here, as root, in the agent's
+    dir. An agent-made record is left as it is."""
+    import json
+    from migrt.safeio import makedirs_private, write_private
+    d = os.path.join(os.environ.get("MIGRT_STATE_DIR", "/run/migrt"), "agent", mid)
+    if os.path.exists(os.path.join(d, "restore.json")):
+        return
+    try:
+        makedirs_private(d)
+        write_private(os.path.join(d, "restore.json"), json.dumps(
+            {"mid": mid, "container": fill["container"], "root": fill["root"]}).encode())
+    except OSError:
+        pass        # the fill then cannot be followed: the source resumes (no loss)
 
 
 AWAITED = ".awaited"
