@@ -341,6 +341,8 @@ class Node:
         # the node's migrt (under containerd) restores what this node's agent staged
         self.staging = os.path.join(self.base, "agent", "staged")
         self.containerd.env["MIGRT_STAGING"] = self.staging
+        self.disk = os.path.join(self.base, "agent", "disk")
+        self.containerd.env["MIGRT_STAGING_DISK"] = self.disk
         self.kubelet = None
         self.agent = None
         self.holder = None
@@ -432,10 +434,11 @@ class Node:
         c = self.cluster
         d = os.path.join(self.base, "agent")
         os.makedirs(d, exist_ok=True)
-        env = dict(os.environ, MIGRT_STATE_DIR=os.path.join(self.base, "migrt-state"))
+        # the node's migrt state is one: its shims' and its agent's (restores it made)
+        env = dict(os.environ, MIGRT_STATE_DIR=self.containerd.migrt_state)
         argv = [c.migrt, "--root", os.path.join(self.runc_root, "k8s.io"), "agent", "--listen", self.agent_address,
                 "--secret-file", c.secret, "--staging", self.staging,
-                "--disk", os.path.join(d, "disk"), "--log-dir", os.path.join(d, "logs")]
+                "--disk", self.disk, "--log-dir", os.path.join(d, "logs")]
         err = open(os.path.join(d, "stderr"), "ab")
         p = subprocess.Popen(argv, stdout=subprocess.PIPE, stderr=err, stdin=subprocess.DEVNULL,
                              env=env, start_new_session=True)
