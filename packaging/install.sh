@@ -92,11 +92,15 @@ private_apt_init() {    # DIR "deb-src|deb" SUITE
     chown -R _apt "$d/lists/partial" "$d/cache/archives/partial" 2>/dev/null || true
     echo "$2 [signed-by=$KEYRING] $MIRROR $3 main" > "$d/sources.list"
 }
+# Valid-Until is not checked for these private indexes: a dated mirror (a snapshot)
+# serves a sid or trixie Release whose validity has run out; its signature and the
+# tarballs' hashes are still checked.
 private_apt() {         # DIR apt-get-args...   (private_apt_cache: the same for apt-cache)
     local d=$1; shift
     ${private_tool:-apt-get} -o Dir::Etc::SourceList="$d/sources.list" \
         -o Dir::Etc::SourceParts="$d/parts" -o Dir::State::Lists="$d/lists" \
-        -o Dir::Cache="$d/cache" -o Dir::Cache::pkgcache= -o Dir::Cache::srcpkgcache= "$@"
+        -o Dir::Cache="$d/cache" -o Dir::Cache::pkgcache= -o Dir::Cache::srcpkgcache= \
+        -o Acquire::Check-Valid-Until=false "$@"
 }
 private_apt_cache() { private_tool=apt-cache private_apt "$@"; }
 

@@ -178,10 +178,12 @@ def resolve_archive(real, value):
             if (mf.load(image_dir).get("rootfs") or {}).get("kind") == "engine":
                 migrt_prep = None
 
-        def prepare(bundle, spec):
+        def prepare(bundle, spec, journal=None):
             if migrt_prep:
-                migrt_prep(bundle, spec)
+                migrt_prep(bundle, spec, journal=journal)
             else:
+                # an engine's rootfs-diff.tar: not journalled (a failed restore leaves
+                # what it unpacked in the new container's rootfs)
                 archive.apply_rootfs(root, rootfs_of(bundle, spec), value)
     except BaseException:
         drop()
