@@ -322,10 +322,6 @@ def test_controller_killed_midway_finishes_after_restart(kube, migrt_kube):
     kube.wait_gone(new)
 
 
-@pytest.mark.xfail(strict=False, reason="seen once in two runs on 2026-12-06: CRIU refused the dump with 'inet: "
-                   "In-flight connection' (the readiness probe's connection waiting in the "
-                   "listen queue during the freeze); migrt migrate does not pass "
-                   "--tcp-skip-in-flight yet. The move rolls back correctly (source runs on)")
 def test_service_endpoints_follow_the_moved_pod(kube, migrt_kube):
     """A Deployment's pod behind a Service: after the move the Service's endpoints name
     the new pod's address, and a client that follows the endpoints (as kube-proxy would;
