@@ -182,6 +182,12 @@ build_deps_cleanup() {
         done | grep -v '^$' | sort -u || true)
     # shellcheck disable=SC2086
     [ -z "$keep" ] || apt-mark manual $keep >/dev/null
+    # and what those packages need in turn (bookworm's libnet1 depends on sgml-base,
+    # which came with the build's packages: purging it would take libnet1 along)
+    # shellcheck disable=SC2086
+    [ -z "$keep" ] || keep=$(apt-cache depends --recurse --installed --no-recommends \
+        --no-suggests --no-conflicts --no-breaks --no-replaces --no-enhances $keep 2>/dev/null \
+        | grep -v '^ ' | tr -d '<>' | sort -u)
     purge=$(comm -23 <(echo "$build_added" | grep -v '^$' | sort) <(echo "$keep"))
     build_added=
     [ -n "$purge" ] || return 0
@@ -261,8 +267,9 @@ build_python() {
 
 # runc and iptables (CRIU's network lock runs iptables-restore; it saves a network
 # namespace's routes with ip) from the node's own release. Without recommends: Debian
-# 13's runc recommends its criu (4.1.1), which migrt does not use.
-base_pkgs="runc iptables iproute2"
+# 13's runc recommends its criu (4.1.1), which migrt does not use. ca-certificates:
+# pip takes migrt's libraries from PyPI over TLS (a minimal Debian has no CA bundle).
+base_pkgs="runc iptables iproute2 ca-certificates"
 missing=$(missing_pkgs $base_pkgs)
 if [ -n "$missing" ]; then
     apt_update
