@@ -112,7 +112,7 @@ class Agent:
         os.environ["MIGRT_STAGING_DISK"] = self.disk
         # what the root side knows of the restores it did, where only root can write
         # (the staging dirs belong to the network side, an unprivileged user with --user)
-        self.private = os.path.join(os.environ.get("MIGRT_STATE_DIR", "/run/migrt"), "agent")
+        self.private = stg.private_root(self.staging)
         if os.geteuid() == 0:
             makedirs_private(self.private)
             os.chmod(self.private, 0o700)

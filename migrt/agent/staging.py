@@ -28,11 +28,21 @@ def staging_root():
     return os.environ.get("MIGRT_STAGING", DEFAULT_STAGING)
 
 
-def _disk_note(staging):
+def staging_key(staging):
     import hashlib
-    key = hashlib.sha1(os.path.realpath(staging).encode()).hexdigest()[:16]
+    return hashlib.sha1(os.path.realpath(staging).encode()).hexdigest()[:16]
+
+
+def private_root(staging=None):
+    """Root's own records of the restores for one staging dir (one agent): two agents
+    on a node (other staging dirs) never sweep each other's records."""
     return os.path.join(os.environ.get("MIGRT_STATE_DIR", "/run/migrt"), "agent",
-                        f"disk-{key}.json")
+                        staging_key(staging or staging_root()))
+
+
+def _disk_note(staging):
+    return os.path.join(os.environ.get("MIGRT_STATE_DIR", "/run/migrt"), "agent",
+                        f"disk-{staging_key(staging)}.json")
 
 
 def note_disk(staging, disk):

@@ -90,7 +90,8 @@ def _note_restore(mid, fill):
     dir. An agent-made record is left as it is."""
     import json
     from migrt.safeio import makedirs_private, write_private
-    d = os.path.join(os.environ.get("MIGRT_STATE_DIR", "/run/migrt"), "agent", mid)
+    from migrt.agent.staging import private_root
+    d = os.path.join(private_root(), mid)
     if os.path.exists(os.path.join(d, "restore.json")):
         return
     try:
