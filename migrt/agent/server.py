@@ -466,13 +466,22 @@ class Agent:
         finally:
             with self.lock:
                 self.sessions.pop(mid, None)
-            stage.close()
-            rec = staged.read() or {}
+            try:
+                stage.close()
+            except Exception as e:          # the staged copy must go all the same
+                log(f"{mid}: closing the stage: {e}")
+            try:
+                rec = staged.read() or {}
+            except (OSError, ValueError) as e:
+                log(f"{mid}: staged record unreadable ({e})")
+                rec = {}
             if not sess.restored and rec.get("state") != "restored":
                 staged.remove()
                 # a pod's create waiting for it (migrt.runtime.sources.staged) stops now
+                # (only one that waits: a note per aborted precheck would pile up)
                 from migrt.runtime.sources import staged as src
-                src.note_dropped(self.staging, mid, "its source rolled back")
+                if os.path.exists(src.awaited_path(self.staging, mid)):
+                    src.note_dropped(self.staging, mid, "its source rolled back")
             done = sess.restored or rec.get("state") in ("restored", "done")
             self.metrics.inc("migrt_migrations_received_total",
                              result="restored" if done else

@@ -149,7 +149,17 @@ class Staged:
 
     def remove(self):
         self.drop_images()
-        shutil.rmtree(self.dir, ignore_errors=True)
+        # renamed away first: a record another thread writes meanwhile (a data
+        # connection's failure) then finds no dir, instead of landing in a dir rmtree
+        # has already listed and leaving a lone migration.json behind
+        gone = f"{self.dir}.removing-{os.getpid()}-{time.monotonic_ns()}"
+        try:
+            os.rename(self.dir, gone)
+        except FileNotFoundError:
+            return
+        except OSError:
+            gone = self.dir
+        shutil.rmtree(gone, ignore_errors=True)
 
 
 def all_staged(staging, disk=None):
