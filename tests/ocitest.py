@@ -184,3 +184,18 @@ def net_works(pid):
                        "socket.create_connection(s.getsockname(), timeout=2)\n"
                        "print('connected')")
     return p.stdout.strip() == "connected"
+
+
+def zipapp_python():
+    """The Python the zipapp is built for: the system's when it is the venv's version
+    (Debian 13); on Debian 12 (3.11) the Python 3.13 install.sh built, which the venv is
+    made from (compiled dependencies are built for one Python version)."""
+    system = "/usr/bin/python3"
+    try:
+        out = subprocess.run([system, "-c", "import sys; print(*sys.version_info[:2])"],
+                             capture_output=True, text=True).stdout.split()
+    except OSError:
+        out = []
+    if out == [str(x) for x in sys.version_info[:2]]:
+        return system
+    return os.path.realpath(getattr(sys, "_base_executable", sys.executable))

@@ -23,6 +23,14 @@ from migrt.runc import MARKER, exec_runc, find_marker, read_spec, record_path, r
 OWN_COMMANDS = frozenset({"migrate", "agent", "image", "plugins", "doctor", "demo", "logs"})
 
 
+def _flags_or_runc(call, argv):
+    """The command's flags and operands; runc itself reports what it cannot parse."""
+    try:
+        return call.command_flags()
+    except ArgvError:
+        exec_runc(argv)
+
+
 def dispatch(argv):
     try:
         call = Call(argv)
@@ -48,10 +56,7 @@ def dispatch(argv):
             return cli.top_level(call)
         exec_runc(argv)
     if cmd in ("create", "run"):
-        try:
-            flags, pos = call.command_flags()
-        except ArgvError:
-            exec_runc(argv)
+        flags, pos = _flags_or_runc(call, argv)
         if flags.get("help") or len(pos) != 1:
             exec_runc(argv)
         bundle = flags.get("bundle") or os.getcwd()
@@ -85,10 +90,7 @@ def dispatch(argv):
                 return lifecycle.start(call, call.args[0])
         exec_runc(argv)
     if cmd == "delete":
-        try:
-            flags, pos = call.command_flags()
-        except ArgvError:
-            exec_runc(argv)
+        flags, pos = _flags_or_runc(call, argv)
         if len(pos) == 1 and not flags.get("help") and (
                 _pod_records("tomb", pos[0]) or _pod_records("restored", pos[0])):
             # a pod sandbox going: what migrt recorded about its containers goes too
@@ -99,10 +101,7 @@ def dispatch(argv):
             return lifecycle.delete(call, flags, pos[0])
         exec_runc(argv)
     if cmd == "checkpoint":
-        try:
-            flags, pos = call.command_flags()
-        except ArgvError:
-            exec_runc(argv)
+        flags, pos = _flags_or_runc(call, argv)
         if flags.get("help") or len(pos) != 1:
             exec_runc(argv)
         from migrt.runtime import lifecycle

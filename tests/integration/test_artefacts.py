@@ -15,22 +15,7 @@ import ocitest
 REPO = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
 
-def _target_python():
-    """The zipapp bundles compiled libraries for the venv's Python version: the system
-    python3 where it is that version (Debian 13), else the venv's own interpreter (on
-    Debian 12 install.sh's Python 3.13 build)."""
-    system = "/usr/bin/python3"
-    try:
-        out = subprocess.run([system, "-c", "import sys; print(*sys.version_info[:2])"],
-                             capture_output=True, text=True).stdout.split()
-    except OSError:
-        out = []
-    if out == [str(x) for x in sys.version_info[:2]]:
-        return system
-    return os.path.realpath(getattr(sys, "_base_executable", sys.executable))
-
-
-SYSTEM_PYTHON = _target_python()
+SYSTEM_PYTHON = ocitest.zipapp_python()
 BUNDLED = {"devices", "gpu", "isolation", "logs", "rdma"}
 
 
