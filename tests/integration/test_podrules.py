@@ -3,7 +3,7 @@
 Bundles carry the annotations containerd's CRI gives a pod's container
 (io.kubernetes.cri.container-type/sandbox-id/container-name/...): what a kubelet's
 restart looks like to the runtime is a new container id with the same sandbox id and
-container name. The Kubernetes tier (tests/kube/test_migrate.py) checks the same rules
+container name. The Kubernetes tier (tests/kube/test_kube_migrate.py) checks the same rules
 under real kubelets.
 """
 import os

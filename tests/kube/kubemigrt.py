@@ -1,7 +1,7 @@
 """Set up migrt's Kubernetes side on a tests/kube cluster: the PodMigration CRD, the
 controller's shipped RBAC, a controller process with that ServiceAccount's token (not
 cluster-admin), node annotations naming each node's agent, and the kubectl-migrt plugin
-on a PATH the real kubectl searches. Used by tests/kube/test_migrate.py and
+on a PATH the real kubectl searches. Used by tests/kube/test_kube_migrate.py and
 tests/bench/bench_kube_migrate.py."""
 import base64
 import json

@@ -1,6 +1,6 @@
 """migrt.kube without a cluster: which pods can move, the new pod it makes, the
 kubeconfig it reads, the command line, and the runtime's pod rules' records.
-(The Kubernetes tier, tests/kube/test_migrate.py, runs all of it against real ones.)"""
+(The Kubernetes tier, tests/kube/test_kube_migrate.py, runs all of it against real ones.)"""
 import base64
 import json
 import os
