@@ -159,17 +159,7 @@ def test_shm_socketpair(cluster, mode):
     assert p.exec_b("stat", "-c", "%s", "/dev/shm/wl-seg").strip() == str(512 << 10)
 
 
-def test_big_process(cluster, mode, request):
-    if mode in ("full", "precopy"):
-        # seen in the last run of this session, after the branches were merged: node B's
-        # copy found a mapping near the end (4006, 4042 of 4096) wrong, in full and
-        # pre-copy mode (restored from the staged image with the local memory fill);
-        # lazy mode passed. Not explained yet: the first thing to fix (README, "Known
-        # problems"). Not strict: it did pass before the merges.
-        request_xfail = pytest.mark.xfail(strict=False, reason="node B's copy of a 1 GiB, "
-                                          "4096-mapping process came back wrong in full and "
-                                          "pre-copy mode in the last run (README, Known problems)")
-        request.node.add_marker(request_xfail)
+def test_big_process(cluster, mode):
     p = Prog(cluster, "bigmem.py", ["4096"], shm_size="1200m")
     p.wait_src(lambda t: len(lines(t, "P")) >= 1, "1 GiB filled and checked once",
                timeout=120)

@@ -395,6 +395,8 @@ def assert_moved(cl, cid, mig):
     """The migration succeeded, exactly one copy runs, on node B."""
     assert mig.ok, mig.why()
     st_b = cl.b.state(cid)
+    if not (st_b and st_b["status"] == "running"):
+        cl.keep_logs()      # the restore's and the memory fill's logs, for the report
     assert st_b and st_b["status"] == "running", (st_b, cl.dest_output(cid)[-2000:])
     ocitest.wait_for(lambda: cl.a.state(cid) is None, timeout=30,
                      what="the source gone from node A")

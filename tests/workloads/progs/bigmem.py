@@ -1,7 +1,8 @@
 """In the container: 1 GiB in 4096 separate mappings (shared and private anonymous ones
 alternating, so the kernel cannot merge them), each filled with its own pattern; then
 passes over all of them for ever: check each one's content, bump its round number.
-Prints "P pass" after each full pass, "READY maps" once filled, BAD on a wrong byte."""
+Prints "P pass" after each full pass, "READY maps" once filled, BAD (which pages, and
+whether they are zero) on a wrong byte."""
 import mmap
 import struct
 import sys
@@ -30,7 +31,13 @@ while True:
     for i, m in enumerate(maps):
         if m[:SIZE - 8] != body(i) or \
                 struct.unpack("<Q", m[SIZE - 8:])[0] != rnd - 1:
-            print(f"BAD mapping {i} in pass {rnd}", flush=True)
+            # what a user would want to know: which page went wrong, and was it zeroed
+            # (a page never filled in) or someone else's content
+            want = body(i) + struct.pack("<Q", rnd - 1)
+            bad = [o // 4096 for o in range(0, SIZE, 4096) if m[o:o + 4096] != want[o:o + 4096]]
+            zero = sum(1 for p in bad if m[p * 4096:(p + 1) * 4096] == bytes(4096))
+            print(f"BAD mapping {i} in pass {rnd}: {len(bad)} of {SIZE // 4096} pages wrong "
+                  f"(first {bad[0]}), {zero} of them zero", flush=True)
             sys.exit(1)
         m[SIZE - 8:] = struct.pack("<Q", rnd)
     print(f"P {rnd}", flush=True)
