@@ -847,7 +847,8 @@ class Migration:
             raise TransferError(f"could not lock the source's network: {e}")
         if self.hold is not None:
             self.report["source_network_held"] = self.hold.method
-            # the container's network is cut from here: this comes before the downtime
+            # the container's network is cut from here: its clients wait from now, so
+            # the downtime counts from here too (the hold's own cost is network_hold)
             self._t("network_hold", th)
         t0 = time.monotonic()
         p = self.src.run("pause", self.cid)
@@ -856,7 +857,7 @@ class Migration:
         self.paused = True
         self._t("freeze", t0)
         self._detect_file_locks()      # frozen: no lock comes or goes any more
-        return t0
+        return th if self.hold is not None else t0
 
     def dump_and_send(self, base=None):
         self.phase = "dump and transfer"
