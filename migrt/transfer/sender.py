@@ -355,18 +355,28 @@ class Sender:
                         pass
                 return
 
-    @staticmethod
-    def _reason(conn):
+    _reasons = threading.Lock()
+
+    def _reason(self, conn):
         """The agent says why before it drops a data connection (a damaged chunk, no
-        room): read that instead of reporting our own broken pipe."""
-        try:
-            conn.sock.settimeout(2)
-            conn.read_json()
-        except wire.ProtocolError as e:     # read_json raises the agent's {"error": ...}
-            return f"destination: {e}"
-        except Exception:
-            pass
-        return None
+        room): read that instead of reporting our own broken pipe.
+
+        Read once per connection: the watcher and the connection's worker can both ask
+        at the same moment, and two readers of one sealed stream would each get half a
+        record (a full disk on the destination was then reported as a tampered record)."""
+        with self._reasons:
+            if hasattr(conn, "why_dropped"):
+                return conn.why_dropped
+            why = None
+            try:
+                conn.sock.settimeout(2)
+                conn.read_json()
+            except wire.ProtocolError as e:     # read_json raises the agent's {"error": ...}
+                why = f"destination: {e}"
+            except Exception:
+                pass
+            conn.why_dropped = why
+            return why
 
     def send(self, image_dir, finished, tail=TAIL, base=None, skip=(), rename=None,
              pipes=None, wake=None, early=None):
