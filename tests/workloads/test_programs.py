@@ -86,15 +86,17 @@ def lockdrop_criu():
     return LOCKDROP_CRIU
 
 
-def test_sqlite_wal_is_refused_with_a_criu_that_drops_the_lock(cluster, lockdrop_criu,
-                                                               monkeypatch):
-    """A CRIU that restores a process without its POSIX lock on a file it maps shared
-    (4.2.1 as released): SQLite in WAL mode holds exactly such locks, so migrate, having
-    probed that CRIU, refuses the container with one line, before anything is frozen,
-    and it runs on at node A."""
+def test_sqlite_wal_is_refused_with_a_criu_that_drops_the_lock(cluster, lockdrop_criu):
+    """A destination whose CRIU restores a process without its POSIX lock on a file it
+    maps shared (4.2.1 as released): SQLite in WAL mode holds exactly such locks, so the
+    destination's agent, having probed its CRIU, refuses the container in the precheck,
+    and migrate says so in one line, before anything is frozen; it runs on at node A."""
+    # node B restores: its agent (and, for the source's part, migrate) runs that CRIU
+    cluster.agent.stop()
+    cluster.agent_env["MIGRT_CRIU"] = lockdrop_criu
+    cluster.start_agent()
     p = Prog(cluster, "sqlite_writer.py")
     p.wait_src(lambda t: len(lines(t, "W")) >= 30 and lines(t, "R"), "rows committed")
-    monkeypatch.setenv("MIGRT_CRIU", lockdrop_criu)
     mig = cluster.migrate(p.cid, p.addr, p.dst, "full")
     assert mig.proc.returncode == 3, mig.why()
     err = mig.proc.stderr.strip().splitlines()
