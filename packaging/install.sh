@@ -17,8 +17,13 @@
 # Where the release's python3 is older than 3.13 (Debian 12), CPython 3.13 is built the
 # same way from sid's python3.13 source into $PREFIX/python for migrt's venv (see
 # build_python: the wire needs TLS-PSK).
+# CRIU is built with migrt's patches to it, packaging/criu-patches/*.patch (each says at
+# its top what it fixes; their SHA-256s are checked against SHA256SUMS there first).
 #
-# Idempotent: running it again only checks (the CRIU build is keyed on its version).
+# Idempotent: running it again only checks. The CRIU build is keyed on the source
+# version, the patch set's hash and the binary's own hash, recorded in
+# /usr/local/share/migrt/criu-build: a CRIU built without the current patch set (an
+# older install's), or replaced since, is built again.
 # Environment:
 #   MIGRT_PREFIX   where the virtualenv goes (default /opt/migrt)
 #   MIGRT_BIN      where the `migrt` launcher goes (default /usr/local/bin)
@@ -35,6 +40,8 @@ SRC=$(cd "$(dirname "$0")/.." && pwd)
 CRIU_SOURCE=${MIGRT_CRIU_SOURCE:-4.2.1-1}
 CRIU_VERSION=${CRIU_SOURCE%-*}             # upstream version, as `criu --version` says it
 CRIU=/usr/local/sbin/criu
+CRIU_PATCHES=$SRC/packaging/criu-patches
+CRIU_STAMP=/usr/local/share/migrt/criu-build
 MIRROR=${MIGRT_DEBIAN_MIRROR:-http://deb.debian.org/debian}
 KEYRING=/usr/share/keyrings/debian-archive-keyring.gpg
 
@@ -209,13 +216,48 @@ build_deps_cleanup() {
 # What the CRIU build needs, all from the node's own release.
 criu_build_deps="gcc libc6-dev make pkgconf xz-utils libbsd-dev libcap-dev libgnutls28-dev
     libnet1-dev libnftables-dev libnl-3-dev libprotobuf-c-dev libprotobuf-dev
-    protobuf-c-compiler protobuf-compiler uuid-dev"
+    protobuf-c-compiler protobuf-compiler uuid-dev patch"
+
+# The patch set: every packaging/criu-patches/*.patch, each listed with its SHA-256 in
+# SHA256SUMS there (a patch that is not listed, or whose hash differs, stops the
+# install). criu_patches_id prints one hash of the whole set (names and contents).
+criu_patches_check() {
+    local p
+    for p in "$CRIU_PATCHES"/*.patch; do
+        [ -e "$p" ] || continue
+        grep -q "  $(basename "$p")\$" "$CRIU_PATCHES/SHA256SUMS" \
+            || { log "$p is not listed in $CRIU_PATCHES/SHA256SUMS"; exit 1; }
+    done
+    (cd "$CRIU_PATCHES" && sha256sum -c --quiet --strict SHA256SUMS >&2) \
+        || { log "a CRIU patch does not match $CRIU_PATCHES/SHA256SUMS"; exit 1; }
+}
+criu_patches_id() { (cd "$CRIU_PATCHES" && cat SHA256SUMS) | sha256sum | cut -c1-16; }
+criu_build_key() { echo "source=$CRIU_SOURCE patches=$(criu_patches_id)"; }
+# Is $CRIU the build this install makes (stamp written by build_criu, binary unchanged)?
+criu_is_current() {
+    [ -x "$CRIU" ] && [ -f "$CRIU_STAMP" ] || return 1
+    [ "$(cat "$CRIU_STAMP")" = "$(criu_build_key) criu=$(sha256sum <"$CRIU" | cut -d' ' -f1)" ]
+}
 
 build_criu() {
-    local w dir got
+    local w dir got p out
     w=$(mktemp -d /var/tmp/migrt-criu.XXXXXX); tmpdirs+=("$w")
     log "building CRIU $CRIU_VERSION from Debian sid's source package criu $CRIU_SOURCE"
     dir=$(sid_source "$w" criu "$CRIU_SOURCE") || exit 1
+    # A patch that does not apply cleanly (sid moved on to a CRIU it was not written
+    # for) is left out with a warning, never half applied: what it fixes is then checked
+    # where it matters (the lock patch: migrate's CRIU probe, `migrt doctor`).
+    for p in "$CRIU_PATCHES"/*.patch; do
+        [ -e "$p" ] || continue
+        if ! patch -d "$dir" -p1 --forward --batch --dry-run <"$p" >"$w/patch.log" 2>&1 \
+                || ! patch -d "$dir" -p1 --forward --batch <"$p" >"$w/patch.log" 2>&1; then
+            sed 's/^/  /' "$w/patch.log" >&2
+            log "warning: migrt's CRIU patch $(basename "$p") does not apply to this criu"\
+                "source ($dir); building without it (see the patch's top for what that loses)"
+            continue
+        fi
+        log "applied $(basename "$p")"
+    done
     if ! make -C "$dir" -j"$(nproc)" criu >"$w/build.log" 2>&1; then
         tail -30 "$w/build.log" | sed 's/^/  /' >&2
         log "the CRIU build failed"
@@ -225,8 +267,18 @@ build_criu() {
     if ! dpkg --compare-versions "${got:-0}" ge "$CRIU_VERSION"; then
         log "the built criu says version '$got', not $CRIU_VERSION or later"; exit 1
     fi
+    # the running CRIU (other users of the node may be in the middle of a dump) is
+    # replaced only by a build that passes `criu check`, and in one rename
+    if ! out=$("$dir/criu/criu" check 2>&1) && [ -x "$CRIU" ]; then
+        log "warning: the new CRIU build fails \`criu check\` (last line: $(echo "$out" | tail -1));"\
+            "$CRIU is left as it was (without migrt's patches: see packaging/criu-patches)"
+        return 0
+    fi
     install -D -m 0755 "$dir/criu/criu" "$CRIU.new"
     mv -f "$CRIU.new" "$CRIU"
+    mkdir -p "$(dirname "$CRIU_STAMP")"
+    echo "$(criu_build_key) criu=$(sha256sum <"$CRIU" | cut -d' ' -f1)" >"$CRIU_STAMP.new"
+    mv -f "$CRIU_STAMP.new" "$CRIU_STAMP"
     built+=("$CRIU")
     log "CRIU $got installed as $CRIU"
 }
@@ -312,9 +364,10 @@ if [ -z "${MIGRT_NO_TEST_DEPS:-}" ]; then
 fi
 
 # The builds (CRIU always, Python where needed) share one install of build packages and
-# one clean-up. Keyed on versions: a second run builds nothing.
+# one clean-up. Keyed on versions (and CRIU's patch set): a second run builds nothing.
 need_criu=; need_python=
-dpkg --compare-versions "$(criu_version)" ge "$CRIU_VERSION" 2>/dev/null || need_criu=1
+criu_patches_check
+criu_is_current || need_criu=1
 if ! py_has_psk /usr/bin/python3 && ! { [ -x "$PY_PRIVATE" ] && py_has_psk "$PY_PRIVATE"; }; then
     need_python=1
 fi
@@ -323,7 +376,10 @@ if [ -n "$need_criu$need_python" ]; then
     # shellcheck disable=SC2086
     build_deps_install ${need_criu:+$criu_build_deps} ${need_python:+$py_build_deps}
     if [ -n "$need_criu" ]; then
-        if [ -x "$CRIU" ]; then log "replacing $CRIU (version $(criu_version))"; fi
+        if [ -x "$CRIU" ]; then
+            log "replacing $CRIU (version $(criu_version); not built by this install with"\
+                "the current patch set, $CRIU_PATCHES)"
+        fi
         build_criu
     fi
     [ -z "$need_python" ] || build_python

@@ -11,7 +11,7 @@ cgroups) needs root. `migrt agent --user NAME` splits the two:
     child         drops to NAME (no supplementary groups, no capabilities, no_new_privs)
                   and runs all of the agent's networking, staging and verification
 
-The socketpair is the one narrow path from the network side to root. It carries five
+The socketpair is the one narrow path from the network side to root. It carries six
 requests, each checked by the parent before anything is done:
 
     restore  mid, bundle, id  a staged migration of *this* agent's staging dir, in state
@@ -24,6 +24,8 @@ requests, each checked by the parent before anything is done:
     exists   id               is there a container of that id in --restore-root -> bool
     fill     mid              has the memory of a local lazy restore all come in
                               (migrt.agent.fill; a failed fill stops that copy) -> state
+    map_locks                 does this node's CRIU restore a POSIX lock on a file
+                              the process maps (migrt.criu.probe; no arguments)  -> bool
     recover                   migrt.migration.recovery for this node               -> outcomes
 
 A compromised network side can ask for no more than that: it cannot name a checkpoint
@@ -81,6 +83,11 @@ class RootHelper:
                 return {"ok": True, "net": bundle_net(req["bundle"])}
             if op == "fill":
                 return dict(zip(("state", "error"), self.fill(req)), ok=True)
+            if op == "map_locks":
+                from migrt.criu import probe
+                from migrt.runc import criu_path
+                kept, why = probe.kept_map_locks(criu_path())
+                return {"ok": True, "kept": kept, "why": why}
             if op == "recover":
                 from migrt.migration import recovery
                 from migrt.agent.server import log
@@ -229,6 +236,13 @@ class Client:
         if r.get("ok"):
             return r.get("state"), r.get("error")
         return "filling", r.get("error")     # not known: nothing may be rolled back on it
+
+    def map_locks(self):
+        """(kept, why): the root side's CRIU probe of POSIX locks on mapped files."""
+        r = self.call({"op": "map_locks"})
+        if r.get("ok"):
+            return bool(r.get("kept")), r.get("why") or ""
+        return False, r.get("error") or "no answer from the agent's root side"
 
     def recover(self, secret=None, log=None):
         for line in self.call({"op": "recover"}).get("outcomes") or []:

@@ -354,6 +354,14 @@ class Agent:
             self._criu_features[name] = p.returncode == 0
         return self._criu_features[name]
 
+    def map_locks_kept(self):
+        """(kept, why): does this node's CRIU restore a POSIX lock on a mapped file? The
+        probe needs root: with --user the root side runs it."""
+        if self.privileged:
+            return self.privileged.map_locks()
+        from migrt.criu import probe
+        return probe.kept_map_locks(criu_path())
+
     def node_facts(self):
         """This node's CPU, kernel and CRIU facts, for the source's pre-migrate plugins."""
         try:
@@ -375,6 +383,17 @@ class Agent:
             raise Refused("criu is not installed on the destination")
         if msg.get("mode") == "lazy" and not self.criu_feature("uffd-noncoop"):
             raise Refused("destination kernel lacks userfaultfd (needed for --lazy)")
+        if msg.get("map_locks"):
+            # a process of the container holds a POSIX lock on a file it maps shared
+            # (SQLite in WAL mode): the restore here must keep it (migrt.criu.probe)
+            kept, why = self.map_locks_kept()
+            if not kept:
+                held = msg["map_locks"] if isinstance(msg["map_locks"], dict) else {}
+                raise Refused(f"process {held.get('pid', '?')} holds a POSIX lock on "
+                              f"{held.get('path', 'a file')}, which it also maps shared, and "
+                              f"the destination's CRIU ({criu_path()}) restores such a process "
+                              f"without that lock ({why}; an SQLite database in WAL mode would "
+                              f"be at risk; packaging/install.sh builds a CRIU that keeps it)")
         need = int(msg.get("estimate") or 0)
         st = os.statvfs(self.staging)
         free = st.f_bavail * st.f_frsize
@@ -453,6 +472,8 @@ class Agent:
         log(f"{mid}: receiving {msg.get('container')} from {peer[0]} ({msg.get('mode')})")
         reply = {"ok": True, "mid": mid, "staging": staged.image_dir,
                  "facts": self.node_facts(), "boot_id": mf.boot_id()}
+        if msg.get("map_locks"):
+            reply["map_locks"] = "kept"      # checked above (an older agent says nothing)
         if net is not None:       # the destination container's network namespace and IPs
             reply["net"] = net
         if page_tls:

@@ -207,6 +207,13 @@ def check_criu(node):
 def check_criu_probe(node, path, v):
     """What `criu check` does not tell: can CRIU dump and restore what servers hold?"""
     r = node.criu_probe(path)
+    if r.ok and r.map_locks is False:
+        return Finding("criu probe", WARN, f"CRIU {show(v)} dumped and restored a process "
+                       "holding an established TCP connection and file locks, but it lost "
+                       "its POSIX lock on a file it maps shared: migrate refuses containers "
+                       "that hold such a lock (SQLite in WAL mode does)",
+                       "install.sh's CRIU (packaging/criu-patches keeps that lock): "
+                       + INSTALL, required=False)
     if r.ok:
         return Finding("criu probe", OK, f"CRIU {show(v)} dumped and restored a process "
                        "holding an established TCP connection (--tcp-established) and file "

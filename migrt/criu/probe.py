@@ -6,9 +6,14 @@ kernels 6.16 and later cannot read the options of any AF_INET socket ("Can't get
 opt: Operation not supported", fixed in CRIU 4.2). So the probe does the real thing, on a
 tiny helper: a Python process started in its own network namespace (unshare -n), which
 brings its lo up, connects to itself over 127.0.0.1, takes a flock() and a POSIX lock on
-files in a temporary dir, and waits. CRIU dumps it there with --tcp-established
+files in a temporary dir, maps a third file MAP_SHARED and takes a POSIX read lock on its
+byte 128 (what every SQLite connection in WAL mode holds on its -shm file), and waits. CRIU dumps it there with --tcp-established
 --file-locks and restores it (-d); the restored helper sends a few bytes over its
 connection and reports what arrived; its locks must be held again; then it is killed.
+The lock on the mapped file is reported apart (Result.map_locks): CRIU 4.2.1 as released
+drops it (its restorer closes the descriptor it maps the file with, and any close drops
+the process's POSIX locks on that file; packaging/criu-patches fixes that), and migrate
+refuses a container holding such a lock unless this CRIU keeps it (kept_map_locks).
 CRIU locks the network of the namespace it dumps, which is the helper's own: the host's
 network is never locked. About a second; root only.
 """
@@ -24,7 +29,7 @@ import time
 # The helper. argv[1]: the probe's temporary dir. Writes "ready" (its pid) when it holds
 # everything, and "after" when SIGUSR1 asks it to use its connection.
 HELPER = r"""
-import fcntl, os, signal, socket, struct, sys
+import fcntl, mmap, os, signal, socket, struct, sys
 d = sys.argv[1]
 s = socket.socket(socket.AF_INET, socket.SOCK_DGRAM)
 flags = struct.unpack("16sH22x", fcntl.ioctl(s, 0x8913, struct.pack("16sH22x", b"lo", 0)))[1]
@@ -40,6 +45,11 @@ f = open(os.path.join(d, "flock"), "w")
 fcntl.flock(f, fcntl.LOCK_EX)
 g = open(os.path.join(d, "posix-lock"), "w")
 fcntl.lockf(g, fcntl.LOCK_EX)
+h = os.open(os.path.join(d, "mapped"), os.O_RDWR | os.O_CREAT, 0o600)
+os.ftruncate(h, 4096)
+m = mmap.mmap(h, 4096, mmap.MAP_SHARED)
+m[0:5] = b"migrt"
+fcntl.lockf(h, fcntl.LOCK_SH, 1, 128)
 
 def use(*_):
     a.sendall(b"migrt-probe")
@@ -61,13 +71,17 @@ WAIT = 10.0
 
 class Result:
     """ok, or the stage that failed ("setup": the probe could not run at all, which says
-    nothing about CRIU; "dump", "restore", "after": CRIU's part) and one line why."""
+    nothing about CRIU; "dump", "restore", "after": CRIU's part) and one line why.
+    map_locks: whether the restored helper held its POSIX lock on the file it maps shared
+    (None: the probe did not get that far). It does not count in ok."""
 
-    def __init__(self, ok, stage="", error="", seconds=0.0):
+    def __init__(self, ok, stage="", error="", seconds=0.0, map_locks=None):
         self.ok, self.stage, self.error, self.seconds = ok, stage, error, seconds
+        self.map_locks = map_locks
 
     def __repr__(self):
-        return f"Result(ok={self.ok}, stage={self.stage!r}, error={self.error!r})"
+        return (f"Result(ok={self.ok}, stage={self.stage!r}, error={self.error!r}, "
+                f"map_locks={self.map_locks!r})")
 
 
 def _first_error(log):
@@ -103,6 +117,24 @@ def _held_locks(pid):
     except OSError:
         pass
     return kinds
+
+
+def _holds_byte_128(pid, path):
+    """Does pid hold a POSIX read lock on exactly byte 128 of path?"""
+    try:
+        st = os.stat(path)
+        with open("/proc/locks") as f:
+            for line in f:
+                c = line.split()
+                if "->" in c[:2] or len(c) < 8:      # "N: -> ...": a waiter, not a holder
+                    continue
+                dev_ino = c[5].rsplit(":", 1)
+                if (c[1] == "POSIX" and c[3] == "READ" and c[4] == str(pid)
+                        and int(dev_ino[-1]) == st.st_ino and c[6] == c[7] == "128"):
+                    return True
+    except (OSError, ValueError, IndexError):
+        pass
+    return False
 
 
 def _is_helper(pid, d):
@@ -165,20 +197,21 @@ def run(criu, python=None, keep=None):
             return Result(False, "restore", _first_error(os.path.join(images, "restore.log")),
                           time.monotonic() - t0)
         locks = _held_locks(restored)
+        map_locks = _holds_byte_128(restored, os.path.join(d, "mapped"))
         os.kill(restored, signal.SIGUSR1)
         if not _wait_for(os.path.join(d, "after"), time.monotonic() + WAIT):
             return Result(False, "after", "the restored helper did not answer",
-                          time.monotonic() - t0)
+                          time.monotonic() - t0, map_locks)
         with open(os.path.join(d, "after")) as f:
             said = f.read().strip()
         if said != "tcp ok":
             return Result(False, "after", f"the restored TCP connection: {said}",
-                          time.monotonic() - t0)
+                          time.monotonic() - t0, map_locks)
         if not {"FLOCK", "POSIX"} <= locks:
             return Result(False, "after", "the restored helper does not hold its file locks "
                           f"(held: {', '.join(sorted(locks)) or 'none'})",
-                          time.monotonic() - t0)
-        return Result(True, seconds=time.monotonic() - t0)
+                          time.monotonic() - t0, map_locks)
+        return Result(True, seconds=time.monotonic() - t0, map_locks=map_locks)
     except subprocess.TimeoutExpired as e:
         return Result(False, "dump" if "dump" in e.cmd else "restore",
                       f"CRIU did not finish in {e.timeout:.0f} s", time.monotonic() - t0)
@@ -197,3 +230,45 @@ def run(criu, python=None, keep=None):
                 if os.path.exists(os.path.join(images, name)):
                     shutil.copy(os.path.join(images, name), os.path.join(keep, name))
         shutil.rmtree(d, ignore_errors=True)
+
+
+# migrate asks kept_map_locks() only for a container holding a POSIX lock on a file it
+# maps shared; the answer is kept per CRIU binary (path, inode, size, mtime) in CACHE.
+CACHE = "/run/migrt/criu-map-locks.json"
+
+
+def kept_map_locks(criu):
+    """(True, "") if `criu` restores a POSIX lock on a file the process maps shared,
+    (False, why) if it does not or the probe could not tell. Probes once per binary."""
+    import json
+    try:
+        st = os.stat(criu)
+    except OSError as e:
+        return False, f"cannot stat {criu}: {e.strerror}"
+    key = f"{os.path.realpath(criu)}:{st.st_ino}:{st.st_size}:{st.st_mtime_ns}"
+    try:
+        with open(CACHE) as f:
+            known = json.load(f)
+        if key in known:
+            return tuple(known[key])
+    except (OSError, ValueError):
+        known = {}
+    r = run(criu)
+    if r.map_locks:
+        answer = (True, "")
+    elif r.map_locks is False:
+        answer = (False, "the CRIU probe's restored process lost its POSIX lock on a file "
+                         "it maps shared")
+    else:
+        answer = (False, f"the CRIU probe could not tell ({r.stage}: {r.error})")
+    if r.stage != "setup":             # a setup failure says nothing about this CRIU
+        known[key] = list(answer)
+        try:
+            os.makedirs(os.path.dirname(CACHE), exist_ok=True)
+            tmp = f"{CACHE}.{os.getpid()}"
+            with open(tmp, "w") as f:
+                json.dump(known, f)
+            os.replace(tmp, CACHE)
+        except OSError:
+            pass
+    return answer

@@ -569,13 +569,12 @@ class Migration:
             if why:
                 raise RefusedError(f"cannot migrate {self.cid} with --lazy from this node: "
                                    f"{why}; nothing was frozen")
+        # a POSIX lock on a file the process maps shared (SQLite in WAL mode) is lost by
+        # a CRIU without packaging/criu-patches: the destination, whose CRIU restores,
+        # checks its own (and says so in its reply); see map_locks_checked below
         bad = posix_locks_on_shared_maps(self.src.pids())
-        if bad and os.environ.get("MIGRT_ALLOW_LOCKED_SHARED_MAPS") != "1":
-            raise RefusedError(
-                f"container {self.cid}: process {bad[0][0]} holds a POSIX lock on {bad[0][1]}, "
-                f"which it also maps shared; CRIU {CRIU_LOCK_BUG} restores such a process "
-                f"without that lock (an SQLite database in WAL mode would be at risk); "
-                f"nothing was frozen")
+        if os.environ.get("MIGRT_ALLOW_LOCKED_SHARED_MAPS") == "1":
+            bad = []
         est = self.src.memory_estimate()
         self.estimate = int(est * 1.1) + (4 << 20)
         hello = {"op": "control", "container": self.cid}
@@ -588,6 +587,8 @@ class Migration:
                "caps": ["fill"]}
         if self.opts.mid:
             req["mid"] = self.opts.mid
+        if bad:
+            req["map_locks"] = {"pid": bad[0][0], "path": bad[0][1]}
         if self.opts.mode == "lazy":
             # the page server's TLS identity, and the agent's in the reply (migrt.criu.pagetls)
             from migrt.criu import pagetls
@@ -606,6 +607,18 @@ class Migration:
             raise RefusedError(f"destination {self.opts.to} cannot take {self.cid}: "
                                f"{wire.explain(e)}; nothing was frozen")
         self.mid = reply["mid"]
+        if bad and reply.get("map_locks") != "kept":
+            # an agent from before the check: this node's CRIU is the best guess
+            from migrt.criu import probe
+            kept, why = probe.kept_map_locks(criu_path())
+            if not kept:
+                self._abort_precheck()
+                raise RefusedError(
+                    f"container {self.cid}: process {bad[0][0]} holds a POSIX lock on "
+                    f"{bad[0][1]}, which it also maps shared, and this node's CRIU "
+                    f"({criu_path()}) restores such a process without that lock ({why}; "
+                    f"an SQLite database in WAL mode would be at risk; packaging/install.sh "
+                    f"builds a CRIU that keeps it); nothing was frozen")
         if self.opts.mode == "lazy":
             try:
                 self.page_tls += (pagetls.peer_cert(reply.get("page_tls_cert")),)
@@ -1227,11 +1240,12 @@ def held_file_locks(pids):
     return n
 
 
-# CRIU (4.2.1 seen) loses a process's POSIX lock on a file that the process also maps
-# shared: a lock on byte 128 of SQLite's -shm survives a plain dump/restore without the
-# mapping and is gone with it. A POSIX lock belongs to the process and any close() of
-# the file drops it, so the restore's own handling of the mapping is the likely cause.
-CRIU_LOCK_BUG = "4.2.1"
+# CRIU 4.2.1 as released loses a process's POSIX lock on a file that the process also
+# maps: it takes the locks, then opens the file once more to map it and closes that
+# descriptor, and any close() drops the process's POSIX locks on the file (SQLite's
+# read lock on byte 128 of its -shm in WAL mode). install.sh's CRIU carries a patch
+# (packaging/criu-patches); migrate asks the CRIU probe (migrt.criu.probe.kept_map_locks)
+# before it moves a process holding such a lock.
 
 
 def posix_locks_on_shared_maps(pids):

@@ -20,6 +20,8 @@ def test_probe_dumps_and_restores_tcp_and_file_locks(tmp_path):
     assert "Version: 4.2" in out, f"{criu}: {out!r} (packaging/install.sh installs 4.2.1)"
     r = criuprobe.run(criu, keep=str(tmp_path / "logs"))
     assert r.ok, r
+    # packaging/criu-patches: the POSIX lock on the file the helper maps survives
+    assert r.map_locks is True, r
     # CRIU really did what the finding claims, and on the helper's own namespace
     dump = (tmp_path / "logs" / "dump.log").read_text()
     restore = (tmp_path / "logs" / "restore.log").read_text()
@@ -55,3 +57,14 @@ def test_doctor_on_this_node_reports_the_probe_and_cap_sys_resource(tmp_path):
     has = bool(caps & (1 << 24))
     cap = found["CAP_SYS_RESOURCE"]
     assert cap["status"] == ("ok" if has else "warn") and not cap["required"]
+
+
+def test_probe_finds_a_criu_that_drops_the_lock_on_a_mapped_file():
+    """CRIU 4.2.1 as Debian ships it (no packaging/criu-patches), built once by
+    tests/workloads/build_lockdrop_criu.sh: all else works, the mapped file's lock is gone."""
+    criu = os.environ.get("MIGRT_TEST_LOCKDROP_CRIU", "/var/tmp/migrt-test/criu-4.2.1-unpatched")
+    if not os.access(criu, os.X_OK):
+        subprocess.run([os.path.join(REPO, "tests", "workloads", "build_lockdrop_criu.sh"), criu],
+                       check=True, timeout=900)
+    r = criuprobe.run(criu)
+    assert r.ok and r.map_locks is False, r

@@ -136,3 +136,17 @@ def test_root_helper_refuses_everything_else(tmp_path):
     assert helper.handle({"op": "exists", "id": "c1"}) == {"ok": True, "exists": False}
     assert helper.handle({"op": "check", "bundle": str(bundle), "id": "c1"}) == {"ok": True}
     assert "error" in helper.handle({"op": "check", "bundle": str(link), "id": "c1"})
+
+
+def test_root_helper_answers_the_map_locks_question_with_its_own_criu(tmp_path):
+    """The sixth request: does this node's CRIU keep a POSIX lock on a mapped file (the
+    real probe, migrt.criu.probe)? It takes no arguments: a CRIU named in the request is
+    not the one asked."""
+    agent = StubAgent(str(tmp_path), str(tmp_path / "runc-root"))
+    helper = privsep.RootHelper(agent, 65534, 65534)
+    r = helper.handle({"op": "map_locks"})
+    assert r == {"ok": True, "kept": True, "why": ""}, r      # install.sh's patched CRIU
+    fake = tmp_path / "criu"
+    fake.write_text("#!/bin/sh\nexit 1\n")
+    fake.chmod(0o755)
+    assert helper.handle({"op": "map_locks", "criu": str(fake)}) == r

@@ -370,3 +370,14 @@ def test_checkpoint_dirs_podman_and_an_unreachable_containerd_are_reported(monke
     assert pm.status == d.WARN and "cannot open storage" in pm.detail
     v = d.verdict(found)
     assert v["verdict"] == "cannot work" and v["missing"] == ["checkpoint dir"]
+
+
+def test_criu_that_drops_a_lock_on_a_mapped_file_is_a_warning_naming_sqlite():
+    """What CRIU 4.2.1 without packaging/criu-patches does: everything else works."""
+    node = FakeNode(files={d.CONTAINERD_CONFIG: V2_REGISTERED},
+                    probe=criuprobe.Result(True, map_locks=False))
+    found = d.run_checks(node)
+    assert required_missing(found) == []
+    f = by_name(found)["criu probe"]
+    assert f.status == d.WARN and "maps shared" in f.detail and "SQLite" in f.detail
+    assert "criu-patches" in f.fix
