@@ -426,6 +426,9 @@ def test_controller_killed_while_migrating_keeps_one_copy(kube, migrt_kube):
     kube.run_pod(pod_manifest(pod, COUNTER, node="node-a"))
     wait_for(lambda: len(numbers(kube.logs(pod))) >= 5, 30, "counter")
     before = numbers(kube.logs(pod))
+    # the old container's whole output, as `kubectl logs -f` streams it until it ends
+    # (once its restart is refused, plain `kubectl logs` shows the refused attempt's)
+    follow, old_lines = kube.follow_logs(pod)
     pmn = name("pm")
     kube.apply({"apiVersion": "migrt.io/v1alpha1", "kind": "PodMigration",
                 "metadata": {"name": pmn, "namespace": kube.namespace},
@@ -454,7 +457,9 @@ def test_controller_killed_while_migrating_keeps_one_copy(kube, migrt_kube):
         assert "running" not in samples[-1][0].values(), samples[-3:]
         pm = kube.get("podmigration", pmn)
         assert pm["status"]["phase"] == "Running" and pm["status"]["step"] == "migrating"
-        old_log = numbers(kube.logs(pod))      # the old pod object is still there
+        follow.wait(30)         # it ended with the source container
+        old_log = numbers("\n".join(old_lines))
+        assert old_log[:len(before)] == before, (before[-3:], old_log[:5])
         migrt_kube.start()
         restarted = True
         pm = wait_for(lambda: (lambda x: x if x.get("status", {}).get("phase") in
@@ -463,6 +468,8 @@ def test_controller_killed_while_migrating_keeps_one_copy(kube, migrt_kube):
     finally:
         if not restarted:
             migrt_kube.start()
+        if follow.poll() is None:
+            follow.kill()
     st = pm["status"]
     assert st["phase"] == "Succeeded", (st, migrt_kube.tail())
     assert st["targetPod"] == new and st["targetNode"] == "node-b"
