@@ -121,6 +121,25 @@ def check_pod(pod):
     return None
 
 
+def job_room(job, pods, pod):
+    """Why moving this Job pod could fail its Job, or None. With restartPolicy OnFailure
+    the Job controller (1.20) fails the Job once the restarts of its Running and Pending
+    pods add up to backoffLimit (any restart, if 0); the old pod's refused restart
+    (its container left for the new pod) counts one until the old pod is gone."""
+    limit = (job.get("spec") or {}).get("backoffLimit")
+    limit = 6 if limit is None else limit
+    used = sum(c.get("restartCount") or 0
+               for p in pods if (p.get("status") or {}).get("phase") in ("Running", "Pending")
+               for c in (p["status"].get("containerStatuses") or [])
+               + (p["status"].get("initContainerStatuses") or []))
+    if used + 1 >= max(limit, 1):
+        md = pod["metadata"]
+        return (f"pod {md['namespace']}/{md['name']}: its Job {job['metadata']['name']} has "
+                f"backoffLimit {limit} and its pods restarted {used} time(s); the old pod's "
+                f"refused restart after the move would count one more and fail the Job")
+    return None
+
+
 def node_ready(node):
     for c in node.get("status", {}).get("conditions") or []:
         if c.get("type") == "Ready":
@@ -323,6 +342,13 @@ class Mover:
         why = check_pod(pod)
         if why:
             raise Failed(why, delete_target=False)
+        owner = self.owner(pod)
+        if owner is not None and owner.get("kind") == "Job":
+            why = job_room(owner, self.kube.list(
+                "pods", self.ns, labelSelector=",".join(
+                    f"{k}={v}" for k, v in selector_labels(owner)[0].items())), pod)
+            if why:
+                raise Failed(why, delete_target=False)
         target = spec.get("targetNode")
         source = pod["spec"]["nodeName"]
         if target:

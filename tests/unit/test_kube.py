@@ -123,6 +123,19 @@ def test_job_pod_is_held_out_of_its_job_by_its_selector_label():
     assert new["spec"]["restartPolicy"] == "OnFailure"
 
 
+def test_job_pod_moves_only_with_room_in_its_backoff_limit():
+    job = {"metadata": {"name": "batch"}, "spec": {"backoffLimit": 2}}
+    p = pod(status={"phase": "Running", "containerStatuses": [{"restartCount": 0}]})
+    assert ctl.job_room(job, [p], p) is None
+    p["status"]["containerStatuses"][0]["restartCount"] = 1
+    assert "backoffLimit 2 and its pods restarted 1 time(s)" in ctl.job_room(job, [p], p)
+    job["spec"]["backoffLimit"] = 0
+    p["status"]["containerStatuses"][0]["restartCount"] = 0
+    assert "fail the Job" in ctl.job_room(job, [p], p)
+    del job["spec"]["backoffLimit"]             # the default, 6
+    assert ctl.job_room(job, [p], p) is None
+
+
 def test_bare_pod_names_do_not_grow():
     p = pod()
     p["metadata"].pop("generateName")
