@@ -220,7 +220,7 @@ class Client:
         groups = {"pods": "/api/v1", "nodes": "/api/v1", "events": "/api/v1",
                   "services": "/api/v1", "endpoints": "/api/v1",
                   "replicasets": "/apis/apps/v1", "deployments": "/apis/apps/v1",
-                  "statefulsets": "/apis/apps/v1",
+                  "statefulsets": "/apis/apps/v1", "jobs": "/apis/batch/v1",
                   "podmigrations": "/apis/migrt.io/v1alpha1"}
         p = groups[kind]
         if namespace is not None:

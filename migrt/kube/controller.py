@@ -4,7 +4,7 @@ The order (as Tencent's mig runtime does it), so that scheduling and pod creatio
 out of the downtime:
 
 1. checks: the pod runs, with the migrt runtime class, one container, an owner migrt
-   knows how to keep (none, or a ReplicaSet);
+   knows how to keep (none, a ReplicaSet, or a Job whose pods restart OnFailure);
 2. the new pod is created and scheduled first: a copy of the old pod's spec, kept off
    the source node (and on the target node if one was asked for), whose container
    carries MIGRT_RESTORE_FROM=staged:<mid> with a migration id chosen here. On its node
@@ -13,7 +13,7 @@ out of the downtime:
 3. the source node's agent migrates the container to the target node's agent with that
    id (`migrt migrate`: freeze, dump, transfer, restore there, source released);
    the waiting create restores it, so the new pod's container runs on;
-4. the bookkeeping, after the restore: a ReplicaSet's pod is handed to the ReplicaSet
+4. the bookkeeping, after the restore: a ReplicaSet's (or Job's) pod is handed to it
    (see `adopt`), the old pod is deleted, Events, status.
 
 Failure before step 3 succeeds deletes the new pod: the source runs on. Once the
@@ -38,6 +38,8 @@ FINALIZER = "migrt.io/controller"
 LABEL = "migrt.io/migration"              # on the new pod: the PodMigration's name
 HELD = "migrt.io/held-labels"             # labels held back until the ReplicaSet adopts it
 DRAIN_TAINT = "migrt.io/drain"            # a node tainted so is drained by migration
+# the owners whose pods migrt hands over to them (kind: API group/version, resource)
+OWNERS = {"ReplicaSet": ("apps/v1", "replicasets"), "Job": ("batch/v1", "jobs")}
 RUNTIME_CLASS = os.environ.get("MIGRT_RUNTIME_CLASS", "migrt")
 SCHEDULE_TIMEOUT = float(os.environ.get("MIGRT_KUBE_SCHEDULE_TIMEOUT", "60"))
 READY_TIMEOUT = float(os.environ.get("MIGRT_KUBE_READY_TIMEOUT", "60"))
@@ -96,15 +98,45 @@ def check_pod(pod):
     if "running" not in (st.get("state") or {}) or not st.get("containerID"):
         return f"pod {name}: its container is not running"
     ref = controller_ref(pod)
-    if ref and ref.get("kind") != "ReplicaSet":
+    if ref and ref.get("kind") == "StatefulSet":
+        return (f"pod {name} is owned by a StatefulSet ({ref.get('name')}): StatefulSet pods "
+                f"cannot be moved yet (the pod must keep its name, so the new pod can only be "
+                f"created after the old one is deleted, and the StatefulSet controller "
+                f"recreates it first, from its template, without the restore marker)")
+    if ref and ref.get("kind") == "Job" and spec.get("restartPolicy") != "OnFailure":
+        return (f"pod {name} is owned by a Job ({ref.get('name')}) with restartPolicy "
+                f"{spec.get('restartPolicy') or 'Always'}: only Job pods with restartPolicy "
+                f"OnFailure can be moved (with Never, the old pod turns Failed when its "
+                f"process leaves, and the Job controller counts a failure and starts a "
+                f"replacement)")
+    if ref and ref.get("kind") not in OWNERS:
         return (f"pod {name} is owned by a {ref.get('kind')} ({ref.get('name')}): only bare "
-                f"pods and ReplicaSet (Deployment) pods can be moved yet")
+                f"pods, ReplicaSet (Deployment) pods and Job pods can be moved yet")
     if spec.get("volumes"):
         for v in spec["volumes"]:
             if v.get("persistentVolumeClaim") or v.get("hostPath"):
                 return (f"pod {name}: volume {v.get('name')} is a "
                         f"{'persistentVolumeClaim' if v.get('persistentVolumeClaim') else 'hostPath'}"
                         f", whose contents do not move with the pod")
+    return None
+
+
+def job_room(job, pods, pod):
+    """Why moving this Job pod could fail its Job, or None. With restartPolicy OnFailure
+    the Job controller (1.20) fails the Job once the restarts of its Running and Pending
+    pods add up to backoffLimit (any restart, if 0); the old pod's refused restart
+    (its container left for the new pod) counts one until the old pod is gone."""
+    limit = (job.get("spec") or {}).get("backoffLimit")
+    limit = 6 if limit is None else limit
+    used = sum(c.get("restartCount") or 0
+               for p in pods if (p.get("status") or {}).get("phase") in ("Running", "Pending")
+               for c in (p["status"].get("containerStatuses") or [])
+               + (p["status"].get("initContainerStatuses") or []))
+    if used + 1 >= max(limit, 1):
+        md = pod["metadata"]
+        return (f"pod {md['namespace']}/{md['name']}: its Job {job['metadata']['name']} has "
+                f"backoffLimit {limit} and its pods restarted {used} time(s); the old pod's "
+                f"refused restart after the move would count one more and fail the Job")
     return None
 
 
@@ -179,7 +211,8 @@ def target_pod(pm, pod, mid, target, rs=None):
         match, exprs = selector_labels(rs)
         keys = ["pod-template-hash"] if "pod-template-hash" in match else list(match)
         if not keys:
-            raise Failed(f"ReplicaSet {rs['metadata']['name']} selects by expressions only; "
+            raise Failed(f"{rs.get('kind') or 'ReplicaSet'} {rs['metadata']['name']} selects by "
+                         f"expressions only; "
                          f"migrt cannot keep the new pod out of it until the move is done",
                          delete_target=False)
         for k in keys:
@@ -309,6 +342,13 @@ class Mover:
         why = check_pod(pod)
         if why:
             raise Failed(why, delete_target=False)
+        owner = self.owner(pod)
+        if owner is not None and owner.get("kind") == "Job":
+            why = job_room(owner, self.kube.list(
+                "pods", self.ns, labelSelector=",".join(
+                    f"{k}={v}" for k, v in selector_labels(owner)[0].items())), pod)
+            if why:
+                raise Failed(why, delete_target=False)
         target = spec.get("targetNode")
         source = pod["spec"]["nodeName"]
         if target:
@@ -342,14 +382,18 @@ class Mover:
                 .get("migrt.io/migration-id") == self.st.get("migrationID")]
         return pods[0] if pods else None
 
-    def replicaset(self, pod):
+    def owner(self, pod):
+        """The pod's ReplicaSet or Job (the object), or None for a bare pod."""
         ref = controller_ref(pod)
         if not ref:
             return None
-        rs = self.kube.get_or_none("replicasets", ref["name"], self.ns)
-        if rs is None or rs["metadata"]["uid"] != ref.get("uid"):
-            raise Failed(f"the pod's ReplicaSet {ref['name']} is gone", delete_target=True)
-        return rs
+        kind = ref.get("kind")
+        obj = self.kube.get_or_none(OWNERS[kind][1], ref["name"], self.ns) \
+            if kind in OWNERS else None
+        if obj is None or obj["metadata"]["uid"] != ref.get("uid"):
+            raise Failed(f"the pod's {kind} {ref['name']} is gone", delete_target=True)
+        obj.setdefault("kind", kind)
+        return obj
 
     def create_target(self):
         if self.find_target() is not None:
@@ -360,7 +404,7 @@ class Mover:
         why = check_pod(pod)
         if why:
             raise Failed(why)
-        rs = self.replicaset(pod)
+        rs = self.owner(pod)
         obj = target_pod(self.pm, pod, self.st["migrationID"],
                          (self.pm.get("spec") or {}).get("targetNode"), rs)
         new = self.kube.create("pods", obj, namespace=self.ns)
@@ -463,9 +507,18 @@ class Mover:
         deletes by rank (1.20: unscheduled, pending, not ready before ready; then newer
         before older), so it is the old pod, not ready since its container left, that
         it would take. So: wait until the API shows the old pod not ready and the new
-        one ready, adopt, then delete the old pod at once."""
+        one ready, adopt, then delete the old pod at once.
+
+        A Job (1.20) does the same with the pods that match its selector: active ones
+        (not Succeeded, Failed, nor being deleted) against its parallelism, deleting the
+        extra ones by the same rank, creating one when too few; it counts a failure only
+        for a pod in phase Failed. With restartPolicy OnFailure the old pod stays in phase
+        Running (its container's restart is refused: not ready), so the same order holds
+        and no failure is counted; with Never it would turn Failed (refused in check_pod).
+        """
         held = json.loads((new["metadata"].get("annotations") or {}).get(HELD) or "{}")
-        ref = {"apiVersion": "apps/v1", "kind": "ReplicaSet", "name": rs["metadata"]["name"],
+        kind = rs.get("kind") or "ReplicaSet"
+        ref = {"apiVersion": OWNERS[kind][0], "kind": kind, "name": rs["metadata"]["name"],
                "uid": rs["metadata"]["uid"], "controller": True, "blockOwnerDeletion": True}
         return self.kube.patch("pods", new["metadata"]["name"],
                                {"metadata": {"labels": held, "ownerReferences": [ref],
@@ -495,7 +548,7 @@ class Mover:
                 break                   # the old pod's status lags: delete it anyway
             time.sleep(0.1)
         if (new["metadata"].get("annotations") or {}).get(HELD) is not None and old is not None:
-            rs = self.replicaset(old)
+            rs = self.owner(old)
             if rs is not None:
                 new = self.adopt(new, rs)
         if old is not None:

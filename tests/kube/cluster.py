@@ -27,6 +27,7 @@ import socket
 import subprocess
 import sys
 import tempfile
+import threading
 import time
 import uuid
 
@@ -547,6 +548,18 @@ class PodOps:
 
     def node_of(self, pod):
         return self.nodes[pod["spec"]["nodeName"]]
+
+    def follow_logs(self, name, *extra):
+        """`kubectl logs -f` in the background: (its process, the lines read so far)."""
+        proc = subprocess.Popen(self.kubectl_argv("logs", "-f", name, *extra),
+                                stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
+        lines = []
+
+        def read():
+            for line in proc.stdout:
+                lines.append(line.rstrip("\n"))
+        threading.Thread(target=read, daemon=True).start()
+        return proc, lines
 
 
 class Cluster(PodOps):

@@ -59,6 +59,8 @@ def test_checkpoint_then_restore_in_a_new_pod(kube, ckpt_dir, migrt_calls_log):
     cid = container_id(p)
     node = kube.nodes["node-a"]
     wait_for(lambda: len(numbers(kube.logs(src))) >= 10, 30, "counter running")
+    # `kubectl logs -f` of the source, following while it is checkpointed
+    src_follow, src_lines = kube.follow_logs(src)
 
     image = os.path.join(ckpt_dir, "image")
     r = migrt(kube, node, "checkpoint", "--image-path", image, "--work-path",
@@ -76,12 +78,35 @@ def test_checkpoint_then_restore_in_a_new_pod(kube, ckpt_dir, migrt_calls_log):
     assert restart_count(p) == 0
     before = numbers(kube.logs(src))
     assert before[:3] == [1, 2, 3]
+    # the source's `logs -f` ended by itself with the container, at its last line
+    try:
+        src_follow.wait(30)
+    finally:
+        if src_follow.poll() is None:
+            src_follow.kill()
+    assert numbers("\n".join(src_lines)) == before, (src_lines[-3:], before[-3:])
 
-    # restore on the other node, in a new pod with the marker
+    # a pod of another namespace naming this checkpoint is refused (the namespace comes
+    # from the kubelet's sandbox annotations): one line in its events, nothing runs
+    check_other_namespace_refused(kube, image)
+
+    # restore on the other node, in a new pod with the marker (the same namespace)
     m = pod_manifest(dst, COUNTER, node="node-b", env={"MIGRT_RESTORE_FROM": image})
     m["spec"]["restartPolicy"] = "Never"
     p = kube.run_pod(m, timeout=120)
     rcid = container_id(p)
+    # `kubectl logs -f` of the restored pod goes on from the checkpointed number
+    dst_follow, dst_lines = kube.follow_logs(dst)
+    try:
+        wait_for(lambda: len(numbers("\n".join(dst_lines))) >= 10, 30,
+                 "kubectl logs -f of the restored pod following")
+        assert dst_follow.poll() is None
+    finally:
+        dst_follow.kill()
+        dst_follow.wait(5)
+    followed = numbers("\n".join(dst_lines))
+    assert followed[0] == before[-1] + 1, (before[-3:], followed[:3])
+    assert followed == list(range(followed[0], followed[0] + len(followed))), followed[:20]
     wait_for(lambda: len(numbers(kube.logs(dst))) >= 5, 30, "the restored counter's log")
     after = numbers(kube.logs(dst))
     # the counter goes on from where it was checkpointed: not from 1
@@ -99,6 +124,52 @@ def test_checkpoint_then_restore_in_a_new_pod(kube, ckpt_dir, migrt_calls_log):
         kube.delete_pod(pod, "--grace-period=0", "--force")
     for pod in (src, dst):
         kube.wait_gone(pod)
+
+
+def check_other_namespace_refused(kube, image):
+    ns = f"{kube.namespace}-other"
+    pod = f"otherns-{uuid.uuid4().hex[:6]}"
+    kube.kubectl("create", "namespace", ns)
+    try:
+        # the ServiceAccount admission wants the namespace's default account first
+        wait_for(lambda: kube.kubectl("get", "serviceaccount", "default", "-n", ns,
+                                      check=False).returncode == 0, 60,
+                 "the new namespace's default ServiceAccount")
+        m = pod_manifest(pod, COUNTER, node="node-b", env={"MIGRT_RESTORE_FROM": image})
+        m["metadata"]["namespace"] = ns
+        m["spec"]["restartPolicy"] = "Never"
+        kube.apply(m)
+
+        def refused():
+            ev = kube.get("events", "-n", ns, "--field-selector", f"involvedObject.name={pod}")
+            return [e["message"] for e in ev["items"]
+                    if "was taken from a pod in namespace" in e.get("message", "")] or None
+        msgs = wait_for(refused, 60, "the refusal in the pod's events")
+        assert f"namespace '{kube.namespace}'" in msgs[0] and f"is in '{ns}'" in msgs[0], msgs
+        assert "migrt" in msgs[0], msgs
+        # `kubectl describe pod` shows it too, and the pod does not run
+        desc = kube.kubectl("describe", "pod", pod, "-n", ns).stdout
+        assert "was taken from a pod in namespace" in desc, desc[-2000:]
+        p = kube.get("pod", pod, "-n", ns)
+        assert p["status"].get("phase") != "Running", p["status"]
+        assert not any(s.get("state", {}).get("running")
+                       for s in p["status"].get("containerStatuses", []))
+        assert not kc_running_in(kube.nodes["node-b"], pod)
+    finally:
+        kube.kubectl("delete", "namespace", ns, "--wait=false", check=False)
+
+
+def kc_running_in(node, pod):
+    """Running runc containers of this pod (by the CRI's sandbox-name annotation)."""
+    p = subprocess.run(["runc", "--root", os.path.join(node.runc_root, "k8s.io"), "list",
+                        "--format", "json"], capture_output=True, text=True)
+    out = []
+    for c in json.loads(p.stdout or "null") or []:
+        ann = c.get("annotations") or {}
+        if ann.get("io.kubernetes.cri.sandbox-name") == pod and c["status"] == "running" \
+                and ann.get("io.kubernetes.cri.container-type") == "container":
+            out.append(c["id"])
+    return out
 
 
 def test_restore_from_a_bad_checkpoint_says_so(kube, ckpt_dir):

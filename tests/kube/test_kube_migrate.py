@@ -399,3 +399,194 @@ def test_drain_moves_every_migrt_pod_and_leaves_the_rest(kube, migrt_kube):
     finally:
         kube.kubectl("uncordon", "node-a")
         kube.delete_pod(plain)
+
+
+def running_of(node, pod):
+    """{container id: runc status} of a pod's app containers on a node (by the CRI's
+    sandbox-name annotation), as the node's runc sees them."""
+    p = subprocess.run(["runc", "--root", os.path.join(node.runc_root, "k8s.io"), "list",
+                        "--format", "json"], capture_output=True, text=True)
+    out = {}
+    for c in json.loads(p.stdout or "null") or []:
+        ann = c.get("annotations") or {}
+        if ann.get("io.kubernetes.cri.sandbox-name") == pod and \
+                ann.get("io.kubernetes.cri.container-type") == "container":
+            out[c["id"]] = c["status"]
+    return out
+
+
+def test_controller_killed_while_migrating_keeps_one_copy(kube, migrt_kube):
+    """kill -9 of the controller while its PodMigration is in the migration itself (step
+    `migrating`, the source agent freezing and dumping): the agents carry the move through
+    on their own, and at no moment do both copies run; the old pod object stays (nobody
+    deletes it) with its container gone. The restarted controller asks the source agent
+    again for the same migration id, gets the outcome, and finishes: Succeeded, the old
+    pod deleted, the counter going on from exactly the old pod's last line."""
+    pod = name("killmig")
+    kube.run_pod(pod_manifest(pod, COUNTER, node="node-a"))
+    wait_for(lambda: len(numbers(kube.logs(pod))) >= 5, 30, "counter")
+    before = numbers(kube.logs(pod))
+    # the old container's whole output, as `kubectl logs -f` streams it until it ends
+    # (once its restart is refused, plain `kubectl logs` shows the refused attempt's)
+    follow, old_lines = kube.follow_logs(pod)
+    pmn = name("pm")
+    kube.apply({"apiVersion": "migrt.io/v1alpha1", "kind": "PodMigration",
+                "metadata": {"name": pmn, "namespace": kube.namespace},
+                "spec": {"pod": pod, "targetNode": "node-b"}})
+    restarted = False
+    try:
+        def migrating():
+            st = kube.get("podmigration", pmn).get("status") or {}
+            return st if st.get("step") in ("migrating", "finishing", "done") else None
+        st = wait_for(migrating, 60, "the migration step", interval=0.02)
+        migrt_kube.kill()
+        assert st["step"] == "migrating", st       # killed in the migration itself
+        new = st["targetPod"]
+        a, b = kube.nodes["node-a"], kube.nodes["node-b"]
+        samples = []
+        end = time.monotonic() + 12
+        while time.monotonic() < end:
+            sa, sb = running_of(a, pod), running_of(b, new)
+            ra = [c for c, s in sa.items() if s == "running"]
+            rb = [c for c, s in sb.items() if s == "running"]
+            samples.append((sa, sb))
+            assert not (ra and rb), f"both copies running: {sa} {sb}"
+            time.sleep(0.1)
+        # the node side finished without the controller: the copy runs on node-b only
+        assert "running" in samples[-1][1].values(), samples[-3:]
+        assert "running" not in samples[-1][0].values(), samples[-3:]
+        pm = kube.get("podmigration", pmn)
+        assert pm["status"]["phase"] == "Running" and pm["status"]["step"] == "migrating"
+        follow.wait(30)         # it ended with the source container
+        old_log = numbers("\n".join(old_lines))
+        assert old_log[:len(before)] == before, (before[-3:], old_log[:5])
+        migrt_kube.start()
+        restarted = True
+        pm = wait_for(lambda: (lambda x: x if x.get("status", {}).get("phase") in
+                               ("Succeeded", "Failed") else None)(
+            kube.get("podmigration", pmn)), 120, "the PodMigration's end")
+    finally:
+        if not restarted:
+            migrt_kube.start()
+        if follow.poll() is None:
+            follow.kill()
+    st = pm["status"]
+    assert st["phase"] == "Succeeded", (st, migrt_kube.tail())
+    assert st["targetPod"] == new and st["targetNode"] == "node-b"
+    assert f"moved to node-b as pod {new}" in st["message"], st
+    kube.wait_gone(pod)
+    p = kube.wait_pod(new)
+    assert restart_count(p) == 0
+    after = check_counter_moved(kube, new, before)
+    # neither a gap nor a second copy: the new pod goes on from the old one's last line
+    assert after[0] == old_log[-1] + 1, (old_log[-3:], after[:3])
+    assert "Migrated" in [r for r, _ in events_of(kube, new)]
+    kube.delete_pod(new)
+    kube.wait_gone(new)
+
+
+JOB_COUNTER = ("trap 'exit 0' TERM; exec 3>>/data.log; i=0; while [ $i -lt 150 ]; do "
+               "i=$((i+1)); echo $i; echo $i >&3; echo $i > /tmp/count; sleep 0.2; done; "
+               "echo job-done")
+
+
+def test_job_pod_moves_without_a_failure_or_a_replacement(kube, migrt_kube):
+    """A Job's pod (restartPolicy OnFailure) moved midway: the Job counts no failure and
+    creates no replacement, the new pod is the Job's (owner reference, selector label),
+    the work goes on from where it was and the Job completes from the new pod."""
+    job = name("job")
+    tmpl = pod_manifest("x", JOB_COUNTER, node="node-a")["spec"]
+    tmpl["restartPolicy"] = "OnFailure"
+    kube.apply({"apiVersion": "batch/v1", "kind": "Job",
+                "metadata": {"name": job, "namespace": kube.namespace},
+                "spec": {"backoffLimit": 6, "template": {"spec": tmpl}}})
+    sel = f"job-name={job}"
+    pods = wait_for(lambda: [p for p in kube.get("pods", "-l", sel)["items"]
+                             if kc._cond(p, "Ready")] or None, 90, "the Job's pod")
+    old = pods[0]["metadata"]["name"]
+    uid = kube.get("job", job)["metadata"]["uid"]
+    assert pods[0]["metadata"]["ownerReferences"][0]["uid"] == uid
+    wait_for(lambda: len(numbers(kube.logs(old))) >= 5, 30, "counter")
+    before = numbers(kube.logs(old))
+    stop = threading.Event()
+    seen, t = watch_pods(kube, sel, stop)
+    try:
+        r = kubectl_migrt(kube, migrt_kube, "pod", old, "--to", "node-b")
+        assert r.returncode == 0, r.stdout + r.stderr + migrt_kube.tail()
+        new = pm_for(kube, old)["status"]["targetPod"]
+        p = kube.wait_pod(new)
+        assert p["spec"]["nodeName"] == "node-b"
+        kube.wait_gone(old)
+        time.sleep(3)           # would the Job add a pod now?
+        js = kube.get("job", job)["status"]
+        assert js.get("active") == 1 and not js.get("failed"), js
+        p = kube.pod(new)
+        refs = p["metadata"]["ownerReferences"]
+        assert [(x["kind"], x["uid"], x.get("controller")) for x in refs] == \
+            [("Job", uid, True)], refs
+        assert p["metadata"]["labels"]["controller-uid"] == uid
+        assert restart_count(p) == 0
+        check_counter_moved(kube, new, before)
+        # the work finishes in the new pod, and the Job completes from it
+        done = wait_for(lambda: (lambda s: s if s.get("succeeded") == 1 else None)(
+            kube.get("job", job)["status"]), 90, "the Job complete")
+    finally:
+        stop.set()
+        t.join(5)
+    assert not done.get("failed"), done
+    assert [c["type"] for c in done.get("conditions") or []] == ["Complete"], done
+    # no pod added by the Job because of the move: only the old and the new pod
+    assert seen == {old, new}, seen
+    out = kube.logs(new)
+    assert out.split()[-1] == "job-done" and numbers(out)[-1] == 150, out[-40:]
+    kube.kubectl("delete", "job", job, "--wait=false")
+
+
+def test_statefulset_and_never_job_pods_are_refused_and_run_on(kube, migrt_kube):
+    """What cannot move yet says why in one line and the pod runs on untouched: a
+    StatefulSet's pod (it must keep its name), a Job's pod with restartPolicy Never (its
+    old pod would turn Failed and count as the Job's failure)."""
+    sts, job = name("sts"), name("jobnever")
+    tmpl = pod_manifest("x", COUNTER, node="node-a")["spec"]
+    kube.apply({"apiVersion": "apps/v1", "kind": "StatefulSet",
+                "metadata": {"name": sts, "namespace": kube.namespace},
+                "spec": {"replicas": 1, "serviceName": sts,
+                         "selector": {"matchLabels": {"app": sts}},
+                         "template": {"metadata": {"labels": {"app": sts}}, "spec": tmpl}}})
+    jtmpl = dict(tmpl, restartPolicy="Never")
+    kube.apply({"apiVersion": "batch/v1", "kind": "Job",
+                "metadata": {"name": job, "namespace": kube.namespace},
+                "spec": {"backoffLimit": 0, "template": {"spec": jtmpl}}})
+    spod = kube.wait_pod(f"{sts}-0")
+    jpod = wait_for(lambda: [p for p in kube.get("pods", "-l", f"job-name={job}")["items"]
+                             if kc._cond(p, "Ready")] or None, 90, "the Job's pod")[0]
+    try:
+        r = kubectl_migrt(kube, migrt_kube, "pod", f"{sts}-0", "--to", "node-b")
+        assert r.returncode == 1, r.stdout + r.stderr
+        assert f"is owned by a StatefulSet ({sts}): StatefulSet pods cannot be moved yet" \
+            in r.stderr, r.stderr
+        assert len(r.stderr.strip().splitlines()) == 1, r.stderr
+        jname = jpod["metadata"]["name"]
+        r = kubectl_migrt(kube, migrt_kube, "pod", jname, "--to", "node-b")
+        assert r.returncode == 1, r.stdout + r.stderr
+        assert f"is owned by a Job ({job}) with restartPolicy Never: only Job pods with " \
+               f"restartPolicy OnFailure can be moved" in r.stderr, r.stderr
+        # a PodMigration made directly: Failed with the same reason, no new pod
+        pmn = name("pm")
+        kube.apply({"apiVersion": "migrt.io/v1alpha1", "kind": "PodMigration",
+                    "metadata": {"name": pmn, "namespace": kube.namespace},
+                    "spec": {"pod": f"{sts}-0", "targetNode": "node-b"}})
+        pm = wait_for(lambda: (lambda x: x if x.get("status", {}).get("phase") in
+                               ("Succeeded", "Failed") else None)(
+            kube.get("podmigration", pmn)), 60, "the PodMigration's end")
+        assert pm["status"]["phase"] == "Failed" and "owned by a StatefulSet" in \
+            pm["status"]["message"], pm["status"]
+        assert not kube.get("pods", "-l", f"migrt.io/migration={pmn}")["items"]
+        for before in (spod, jpod):
+            p = kube.pod(before["metadata"]["name"])
+            assert container_id(p) == container_id(before) and restart_count(p) == 0
+            assert kc._cond(p, "Ready") and p["spec"]["nodeName"] == "node-a"
+        assert not kube.get("job", job)["status"].get("failed")
+    finally:
+        kube.kubectl("delete", "statefulset", sts, "--wait=false")
+        kube.kubectl("delete", "job", job, "--wait=false")

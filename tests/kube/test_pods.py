@@ -77,6 +77,40 @@ def test_pod_runs_under_migrt_logs_and_exec(kube, migrt_calls_log, node):
     kube.wait_gone(pod)
 
 
+def test_logs_follow(kube):
+    """`kubectl logs -f` of a migrt pod: it follows the lines written after it started,
+    every one once and in order, and ends by itself, with the container's last line, when
+    the container ends."""
+    pod = name("follow")
+    m = pod_manifest(pod, "i=0; while [ ! -e /tmp/stop ]; do i=$((i+1)); echo $i; "
+                          "sleep 0.2; done; echo bye", node="node-b")
+    m["spec"]["restartPolicy"] = "Never"
+    kube.run_pod(m)
+    wait_for(lambda: len(numbers(kube.logs(pod))) >= 3, 30, "counter lines")
+    proc, lines = kube.follow_logs(pod)
+    try:
+        wait_for(lambda: len(lines) >= 3, 30, "kubectl logs -f printing")
+        n0 = numbers(kube.logs(pod))[-1]
+        # lines written after `logs -f` started come through it
+        wait_for(lambda: numbers("\n".join(lines)) and numbers("\n".join(lines))[-1] >= n0 + 10,
+                 30, "kubectl logs -f following new lines")
+        assert proc.poll() is None, lines[-5:]
+        # the container ends: so does the stream, with its last line, nothing lost
+        kube.exec(pod, "touch", "/tmp/stop")
+        proc.wait(60)
+    finally:
+        if proc.poll() is None:
+            proc.kill()
+            proc.wait(5)
+    got = numbers("\n".join(lines))
+    assert got == list(range(1, len(got) + 1)), got[-10:]
+    assert got[-1] >= n0 + 10
+    assert lines[-1] == "bye", lines[-3:]
+    assert proc.returncode == 0, lines[-3:]
+    kube.delete_pod(pod, "--grace-period=0", "--force")
+    kube.wait_gone(pod)
+
+
 def test_pod_without_runtime_class_never_calls_migrt(kube, migrt_calls_log):
     plain, ours = name("plain"), name("ours")
     kube.apply(pod_manifest(plain, COUNTER, runtime_class=None, node="node-a"))

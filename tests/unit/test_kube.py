@@ -46,6 +46,17 @@ def test_which_pods_can_move():
     sts = pod()
     sts["metadata"]["ownerReferences"][0]["kind"] = "StatefulSet"
     assert "owned by a StatefulSet" in ctl.check_pod(sts)
+    assert "recreates it first" in ctl.check_pod(sts)
+    job = pod()
+    job["metadata"]["ownerReferences"][0]["kind"] = "Job"
+    assert "restartPolicy Always: only Job pods with restartPolicy OnFailure" in ctl.check_pod(job)
+    job["spec"]["restartPolicy"] = "Never"
+    assert "counts a failure" in ctl.check_pod(job)
+    job["spec"]["restartPolicy"] = "OnFailure"
+    assert ctl.check_pod(job) is None
+    ds = pod()
+    ds["metadata"]["ownerReferences"][0]["kind"] = "DaemonSet"
+    assert "owned by a DaemonSet" in ctl.check_pod(ds)
     assert "not running" in ctl.check_pod(pod(status={"containerStatuses": [
         {"name": "main", "containerID": "containerd://c1", "state": {"waiting": {}}}]}))
     pvc = pod(spec={"volumes": [{"name": "d", "persistentVolumeClaim": {"claimName": "x"}}]})
@@ -94,6 +105,35 @@ def test_new_pod_keeps_the_pods_own_affinity_terms():
             {"key": "zone", "operator": "In", "values": [zone]},
             {"key": "kubernetes.io/hostname", "operator": "NotIn", "values": ["node-a"]}]
     assert ctl.HELD not in new["metadata"]["annotations"]
+
+
+def test_job_pod_is_held_out_of_its_job_by_its_selector_label():
+    job = {"kind": "Job", "metadata": {"name": "batch", "uid": "j1"},
+           "spec": {"selector": {"matchLabels": {"controller-uid": "j1"}}}}
+    p = pod(metadata={"generateName": "batch-", "labels": {"controller-uid": "j1",
+                                                            "job-name": "batch"},
+                      "ownerReferences": [{"kind": "Job", "name": "batch", "uid": "j1",
+                                           "controller": True}]},
+            spec={"restartPolicy": "OnFailure"})
+    new = ctl.target_pod({"metadata": {"name": "pm-2"}}, p, "m-0123456789abcdef", None, job)
+    md = new["metadata"]
+    assert "controller-uid" not in md["labels"] and md["labels"]["job-name"] == "batch"
+    assert json.loads(md["annotations"][ctl.HELD]) == {"controller-uid": "j1"}
+    assert "ownerReferences" not in md and md["generateName"] == "batch-"
+    assert new["spec"]["restartPolicy"] == "OnFailure"
+
+
+def test_job_pod_moves_only_with_room_in_its_backoff_limit():
+    job = {"metadata": {"name": "batch"}, "spec": {"backoffLimit": 2}}
+    p = pod(status={"phase": "Running", "containerStatuses": [{"restartCount": 0}]})
+    assert ctl.job_room(job, [p], p) is None
+    p["status"]["containerStatuses"][0]["restartCount"] = 1
+    assert "backoffLimit 2 and its pods restarted 1 time(s)" in ctl.job_room(job, [p], p)
+    job["spec"]["backoffLimit"] = 0
+    p["status"]["containerStatuses"][0]["restartCount"] = 0
+    assert "fail the Job" in ctl.job_room(job, [p], p)
+    del job["spec"]["backoffLimit"]             # the default, 6
+    assert ctl.job_room(job, [p], p) is None
 
 
 def test_bare_pod_names_do_not_grow():
