@@ -272,7 +272,7 @@ def run(listen, secret, user, **kw):
         raise SystemExit(f"migrt agent: no user {user!r}")
     if os.geteuid() != 0:
         raise SystemExit("migrt agent --user: start it as root (it drops to that user)")
-    agent = server.Agent(listen, secret, **kw)
+    agent = server.make(listen, secret, **kw)
     for d in (agent.staging, agent.disk):
         _chown_tree(d, pw.pw_uid, pw.pw_gid)
     host, port = agent.bind()
@@ -315,6 +315,9 @@ def run(listen, secret, user, **kw):
     signal.signal(signal.SIGINT, forward)
     agent.warm()                         # restores run on this side
     agent.sweep_private(startup=True)    # a crash's leftovers: bundles' configs put back
-    RootHelper(agent, pw.pw_uid, pw.pw_gid).serve(parent_sock)
-    _, status = os.waitpid(pid, 0)
+    try:
+        RootHelper(agent, pw.pw_uid, pw.pw_gid).serve(parent_sock)
+        _, status = os.waitpid(pid, 0)
+    finally:
+        agent.close_staging()
     return os.waitstatus_to_exitcode(status)

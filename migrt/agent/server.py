@@ -81,7 +81,8 @@ class Session:
 
 class Agent:
     def __init__(self, listen, secret, staging, disk, quota=None, ttl=600, root="/run/runc",
-                 runtime=None, log_dir="/var/log/migrt", allow_bundles=None, metrics=None):
+                 runtime=None, log_dir="/var/log/migrt", allow_bundles=None, metrics=None,
+                 staging_size=None):
         self.listen = listen
         self.secret = secret
         self.staging = os.path.abspath(staging)
@@ -107,6 +108,10 @@ class Agent:
         self.metrics = Metrics(self)
         for d in (self.staging, self.disk):
             makedirs_private(d)
+        # memory images on a tmpfs, always (migrt.agent.stagefs): StageFsError if not possible
+        from migrt.agent import stagefs
+        self.stagefs = stagefs.ensure(self.staging, staging_size, log=log)
+        for d in (self.staging, self.disk):
             os.chmod(d, 0o700)
         os.environ["MIGRT_STAGING"] = self.staging
         os.environ["MIGRT_STAGING_DISK"] = self.disk
@@ -117,6 +122,12 @@ class Agent:
             makedirs_private(self.private)
             os.chmod(self.private, 0o700)
             stg.note_disk(self.staging, self.disk)
+
+    def close_staging(self):
+        """On exit: unmount the staging tmpfs this agent mounted (migrt.agent.stagefs)."""
+        if self.stagefs.get("mounted"):
+            from migrt.agent import stagefs
+            stagefs.release(self.staging, log=log)
 
     # ------------------------------------------------------------ serving
     def bind(self):
@@ -378,9 +389,19 @@ class Agent:
         need = int(msg.get("estimate") or 0)
         st = os.statvfs(self.staging)
         free = st.f_bavail * st.f_frsize
+        if need + RESERVE > free and self.stagefs.get("mounted") and not self.privileged:
+            from migrt.agent import stagefs           # our own tmpfs: sized to this migration
+            free = stagefs.grow(self.staging, need + RESERVE, log=log) or free
         if need + RESERVE > free:
             raise Refused(f"no room on the destination: staging {self.staging} has "
                           f"{free >> 20} MiB free, the image needs about {need >> 20} MiB")
+        if self.stagefs.get("fstype") == "tmpfs":
+            from migrt.agent import stagefs           # a tmpfs's size is no promise of memory
+            avail = stagefs.mem_available()
+            if need + RESERVE > avail:
+                raise Refused(f"no room on the destination: staging {self.staging} is a tmpfs "
+                              f"and the node has {avail >> 20} MiB of memory available, the "
+                              f"image needs about {need >> 20} MiB")
         if self.quota is not None and need > self.quota:
             raise Refused(f"no room on the destination: the image needs about {need >> 20} MiB, "
                           f"the staging quota is {self.quota >> 20} MiB")
@@ -920,12 +941,24 @@ class Agent:
         conn.send_json(reply)
 
 
+def make(listen, secret, **kw):
+    """An Agent, or SystemExit with one line when its staging dir cannot be a tmpfs."""
+    from migrt.agent import stagefs
+    try:
+        return Agent(listen, secret, **kw)
+    except stagefs.StageFsError as e:
+        raise SystemExit(f"migrt agent: {e}")
+
+
 def run(listen, secret, **kw):
-    agent = Agent(listen, secret, **kw)
-    host, port = agent.bind()
-    agent.warm()
-    agent.start_metrics()
-    sys.stdout.write(f"migrt agent listening on {host}:{port}\n")
-    sys.stdout.flush()
-    agent.serve_until_signalled()
+    agent = make(listen, secret, **kw)
+    try:
+        host, port = agent.bind()
+        agent.warm()
+        agent.start_metrics()
+        sys.stdout.write(f"migrt agent listening on {host}:{port}\n")
+        sys.stdout.flush()
+        agent.serve_until_signalled()
+    finally:
+        agent.close_staging()
     return 0

@@ -87,6 +87,7 @@ class Agent:
         self.kill(signal.SIGTERM)
         if self.proc and self.proc.poll() is None:
             self.kill()
+        ocitest.unmount_staging(self.staging)     # what a SIGKILL left (migrt.agent.stagefs)
 
     def restart(self, env=None):
         """Start again on the same port and dirs (after a kill)."""
