@@ -69,7 +69,9 @@ class RootHelper:
         op = req.get("op") if isinstance(req, dict) else None
         try:
             if op == "restore":
-                return {"ok": True, "pid": self.restore(req)}
+                pid = self.restore(req)
+                return {"ok": True, "pid": pid,
+                        "timing": self.agent.timings.pop(req.get("mid"), None)}
             if op == "exists":
                 return {"ok": True, "exists": self.exists(req)}
             if op == "check":
@@ -196,6 +198,7 @@ class Client:
     def __init__(self, sock):
         self.sock = sock
         self.lock = threading.Lock()
+        self.timings = {}           # mid -> the root side's figures of its restore
 
     def call(self, req):
         with self.lock:
@@ -208,6 +211,8 @@ class Client:
                        "id": msg.get("id"), "root": msg.get("root")})
         if r.get("error"):
             raise AgentRefused(r["error"])
+        if isinstance(r.get("timing"), dict):
+            self.timings[staged.mid] = r["timing"]
         return r.get("pid")
 
     def exists(self, cid, root=None):

@@ -67,6 +67,42 @@ class Refused(Exception):
     pass
 
 
+def restore_figures(root, cid, timing):
+    """Where a restore's time went: the agent's own (`migrt run --detach` in a spare,
+    the check that it runs), the restoring runtime's (migrt.runtime.lifecycle's record:
+    rootfs, runc restore) and CRIU's (its stats-restore image and its log's span)."""
+    from migrt.criu import stats as criustats
+    from migrt.runc import RECORD
+    out = {"migrt_run_s": round(timing.get("restore", 0), 4),
+           "check_running_s": round(timing.get("total", 0) - timing.get("restore", 0), 4)}
+    try:
+        rec = json.loads(read_regular(os.path.join(root, cid, RECORD), 1 << 20))
+    except (OSError, ValueError):
+        return out
+    if not isinstance(rec, dict):
+        return out
+    if isinstance(rec.get("restore_seconds"), (int, float)):
+        out["lifecycle_s"] = rec["restore_seconds"]
+    t = rec.get("timing") if isinstance(rec.get("timing"), dict) else {}
+    for k in ("prepare_s", "runc_s"):
+        if isinstance(t.get(k), (int, float)):
+            out[k] = t[k]
+    work = rec.get("work") if isinstance(rec.get("work"), str) else None
+    if work:
+        ran = criustats.log_span(os.path.join(work, "restore.log"))
+        st = criustats.read((work, rec.get("image_dir")), "restore")
+        if ran is not None:
+            out["criu_s"] = round(ran, 4)
+            if "runc_s" in out:
+                out["runc_s"] = round(max(0.0, out["runc_s"] - ran), 4)   # runc's own
+        if st:
+            out["criu"] = {k: (round(v, 4) if isinstance(v, float) else v)
+                           for k, v in st.items()}
+            if ran is not None:
+                out["criu"]["other_s"] = round(max(0.0, ran - st.get("restore_s", 0)), 4)
+    return out
+
+
 class Session:
     def __init__(self, agent, staged, stage, hello):
         self.agent = agent
@@ -94,6 +130,7 @@ class Agent:
         self.log_dir = log_dir
         self.restore_timeout = float(os.environ.get("MIGRT_RESTORE_TIMEOUT", "120"))
         self.sessions = {}
+        self.timings = {}           # mid -> where its restore's time went (restore_figures)
         self.privileged = None      # migrt.agent.privsep.Client when the network side is not root
         self.lock = threading.Lock()
         self.stop = threading.Event()
@@ -540,9 +577,13 @@ class Agent:
                     sess.failed = True
                     conn.send_json({"error": f"restore failed on the destination: {e}"})
                     return
-                self.metrics.observe("migrt_restore_duration_seconds", time.monotonic() - t0)
+                took = time.monotonic() - t0
+                self.metrics.observe("migrt_restore_duration_seconds", took)
                 sess.restored = True
-                reply = {"ok": True, "pid": pid, "restore_seconds": time.monotonic() - t0}
+                reply = {"ok": True, "pid": pid, "restore_seconds": took}
+                timing = (self.privileged or self).timings.pop(staged.mid, None)
+                if isinstance(timing, dict):
+                    reply["timing"] = dict(timing, agent_s=round(took, 4))
                 if (staged.read() or {}).get("state") == fill.FILLING:
                     reply["filling"] = True       # running; its memory still coming in
                 conn.send_json(reply)
@@ -708,6 +749,7 @@ class Agent:
                            capture_output=True, env=env)
             raise Refused(f"container {cid} is {state.get('status', 'gone')} after restore")
         self.last_timing["total"] = time.monotonic() - t0
+        self.timings[staged.mid] = restore_figures(root, cid, self.last_timing)
         log(f"{staged.mid}: restored as {cid} (pid {state.get('pid')}) in {root} "
             f"(restore {self.last_timing['restore']:.3f}s in {how}, checked running "
             f"{self.last_timing['total']:.3f}s)")

@@ -706,6 +706,10 @@ class Migration:
                                    env=criuconf.env(self.work, netlock.conf_lines(self.netlock)
                                                     + self.criu_conf))
                 result["criu_s"] = time.monotonic() - t0
+                # CRIU's own figures (its stats image and its log's last time stamp)
+                from migrt.criu import stats as criustats
+                result["criu_stats"] = criustats.read((work, image), "dump")
+                result["criu_ran_s"] = criustats.log_span(os.path.join(work, "dump.log"))
                 if cap is not None:
                     cap.join()
                 if p.returncode != 0:
@@ -865,6 +869,7 @@ class Migration:
             capture=True, base=base, fifos=True)
         self.phases["dump"] = round(result["dump_s"], 4)
         self.phases["dump_criu"] = round(result.get("criu_s", 0), 4)
+        self.dump_figures = result
         t0 = time.monotonic()
         self.phase = "verification on the destination"
         self._commit(files, result["manifest"])
@@ -895,6 +900,8 @@ class Migration:
             sys.stderr.flush()
             reply = self._request({"op": "wait", "timeout": self.opts.wait})
         self._t("restore", t0)
+        self.restore_figures = reply.get("timing") if isinstance(reply.get("timing"), dict) \
+            else None
         # running there, with its memory still streaming in from the staged image
         # (migrt.runtime.sources.staged.local_lazy): the source stays until that is done
         self.filling = bool(reply.get("filling"))
@@ -1148,6 +1155,12 @@ class Migration:
 
     def _finish(self, t_start, t_freeze):
         self.phases["downtime"] = round(time.monotonic() - t_freeze, 4)
+        try:
+            self.report["downtime"] = downtime_breakdown(
+                self.phases, getattr(self, "dump_figures", None),
+                getattr(self, "restore_figures", None), self.opts.mode)
+        except Exception as e:        # figures are for reading: never fail a migration
+            self.report["downtime"] = {"error": f"{type(e).__name__}: {e}"}
         if self.filling:
             try:
                 self._await_fill()
@@ -1186,6 +1199,67 @@ class Migration:
         self.phase = "serving pages"
         self.lazy_finish()
         self.release_source()
+
+
+def _r(x):
+    return round(x, 4) if isinstance(x, (int, float)) else x
+
+
+def downtime_breakdown(phases, dump, restore, mode):
+    """Where the downtime went, for `--json` (report["downtime"]):
+    `phases`: what the source saw, in order, adding up to `total_s` (what none of them
+    covers is `migrt_between_s`); `checkpoint` and `restore`: inside those two, down to
+    CRIU's own figures (its stats images, microseconds in CRIU, given here in seconds) and
+    the time around them (runc's, migrt's, the network's)."""
+    total = phases.get("downtime") or 0.0
+    top = {"freeze_s": phases.get("freeze")}
+    if mode == "lazy":
+        top["checkpoint_s"] = phases.get("dump")
+        top["transfer_and_commit_s"] = phases.get("transfer")
+    else:
+        top["checkpoint_s"] = phases.get("dump")
+        top["transfer_after_checkpoint_s"] = (phases.get("transfer_after_dump") or 0.0) \
+            - (phases.get("commit") or 0.0)
+        top["commit_s"] = phases.get("commit")
+    top["restore_s"] = phases.get("restore")
+    top = {k: _r(v) for k, v in top.items() if v is not None}
+    top["migrt_between_s"] = _r(max(0.0, total - sum(top.values())))
+    out = {"total_s": _r(total), "phases": top}
+    if dump:
+        ck = {"total_s": _r(dump.get("dump_s") or phases.get("dump"))}
+        ran = dump.get("criu_ran_s")
+        runc = dump.get("criu_s")      # `runc checkpoint` (with its CRIU), end to end
+        if ran is not None and runc is not None:
+            ck["runc_s"] = _r(max(0.0, runc - ran))
+            ck["criu_s"] = _r(ran)
+        if ck.get("total_s") is not None and runc is not None:
+            ck["migrt_s"] = _r(max(0.0, ck["total_s"] - runc))   # manifest, after_dump
+        st = dump.get("criu_stats") or {}
+        if st:
+            ck["criu"] = {k: _r(v) for k, v in st.items()}
+            if ran is not None:
+                ck["criu"]["other_s"] = _r(max(0.0, ran - st.get("freezing_s", 0)
+                                               - st.get("frozen_s", 0)))
+        out["checkpoint"] = ck
+    if restore:
+        rs = {"total_s": top.get("restore_s")}
+        agent = restore.get("agent_s")
+        if agent is not None and rs["total_s"] is not None:
+            rs["request_s"] = _r(max(0.0, rs["total_s"] - agent))  # network, the agent's loop
+        for k in ("agent_s", "migrt_run_s", "lifecycle_s", "prepare_s", "runc_s", "criu_s",
+                  "check_running_s"):
+            if restore.get(k) is not None:
+                rs[k] = _r(restore[k])
+        run, life = rs.get("migrt_run_s"), rs.get("lifecycle_s")
+        if run is not None and life is not None:
+            # `migrt run` up to the restore proper: start-up, the staged source, plugins
+            rs["migrt_start_s"] = _r(max(0.0, run - life))
+            inner = sum(rs.get(k) or 0.0 for k in ("prepare_s", "runc_s", "criu_s"))
+            rs["migrt_after_s"] = _r(max(0.0, life - inner))   # post-restore, the record
+        if isinstance(restore.get("criu"), dict):
+            rs["criu"] = {k: _r(v) for k, v in restore["criu"].items()}
+        out["restore"] = rs
+    return out
 
 
 def _try(f, default):
