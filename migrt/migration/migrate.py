@@ -1016,6 +1016,7 @@ class Migration:
         finally:
             os.close(r)
         self.phases["dump"] = round(time.monotonic() - t0, 4)
+        self.dump_figures = {"dump_s": self.phases["dump"], "lazy": True}
         from migrt import image as img
         m = img.capture_extra(image, self.cid, self.state, self.bundle,
                               self._manifest_flags("--lazy-pages"),
@@ -1227,6 +1228,11 @@ def downtime_breakdown(phases, dump, restore, mode):
     out = {"total_s": _r(total), "phases": top}
     if dump:
         ck = {"total_s": _r(dump.get("dump_s") or phases.get("dump"))}
+        if dump.get("lazy"):
+            # CRIU 4.2.1 writes its dump figures only when the page server ends, and they
+            # are not usable (seen: freezing 0, frozen "1843 s", pages_lazy 0)
+            ck["note"] = ("runc checkpoint --lazy-pages until CRIU's page server is up; "
+                          "CRIU has no usable figures of a lazy dump")
         ran = dump.get("criu_ran_s")
         runc = dump.get("criu_s")      # `runc checkpoint` (with its CRIU), end to end
         if ran is not None and runc is not None:
