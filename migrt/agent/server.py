@@ -84,7 +84,7 @@ def restore_figures(root, cid, timing):
     if isinstance(rec.get("restore_seconds"), (int, float)):
         out["lifecycle_s"] = rec["restore_seconds"]
     t = rec.get("timing") if isinstance(rec.get("timing"), dict) else {}
-    for k in ("prepare_s", "runc_s"):
+    for k in ("prepare_s", "before_runc_s", "runc_s", "after_runc_s"):
         if isinstance(t.get(k), (int, float)):
             out[k] = t[k]
     work = rec.get("work") if isinstance(rec.get("work"), str) else None

@@ -1252,16 +1252,14 @@ def downtime_breakdown(phases, dump, restore, mode):
         agent = restore.get("agent_s")
         if agent is not None and rs["total_s"] is not None:
             rs["request_s"] = _r(max(0.0, rs["total_s"] - agent))  # network, the agent's loop
-        for k in ("agent_s", "migrt_run_s", "lifecycle_s", "prepare_s", "runc_s", "criu_s",
-                  "check_running_s"):
+        for k in ("agent_s", "migrt_run_s", "lifecycle_s", "prepare_s", "before_runc_s",
+                  "runc_s", "criu_s", "after_runc_s", "check_running_s"):
             if restore.get(k) is not None:
                 rs[k] = _r(restore[k])
         run, life = rs.get("migrt_run_s"), rs.get("lifecycle_s")
         if run is not None and life is not None:
             # `migrt run` up to the restore proper: start-up, the staged source, plugins
             rs["migrt_start_s"] = _r(max(0.0, run - life))
-            inner = sum(rs.get(k) or 0.0 for k in ("prepare_s", "runc_s", "criu_s"))
-            rs["migrt_after_s"] = _r(max(0.0, life - inner))   # post-restore, the record
         if isinstance(restore.get("criu"), dict):
             rs["criu"] = {k: _r(v) for k, v in restore["criu"].items()}
         out["restore"] = rs

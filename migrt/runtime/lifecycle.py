@@ -587,8 +587,10 @@ def _restore_source(call, flags, cid, bundle, spec, marker, plugins, source):
             remove_work(work)
             return rc
         t_runc = time.monotonic()
+        timing["before_runc_s"] = round(t_runc - started - timing["prepare_s"], 4)
         rc = run_runc(tokens, watch_criu=True, lazy=lazy)
-        timing["runc_s"] = round(time.monotonic() - t_runc, 4)     # runc restore and CRIU
+        t_ran = time.monotonic()
+        timing["runc_s"] = round(t_ran - t_runc, 4)     # runc restore and CRIU
         _private_stats(source.image_dir)
         _private_stats(work)
         if rc != 0:
@@ -609,6 +611,8 @@ def _restore_source(call, flags, cid, bundle, spec, marker, plugins, source):
         journal.commit()
     # runc has read the spec it needed: the bundle keeps what the caller wrote
     put_back_spec(bundle)
+    if "runc_s" in timing:
+        timing["after_runc_s"] = round(time.monotonic() - t_ran, 4)
     write_record(call, cid, {
         "restored_from": marker, "image_dir": source.image_dir, "work": work,
         "started": not detach or call.command == "run", "plugins": list(plugins),
