@@ -3,7 +3,7 @@
 Memory images belong in memory: staged on a disk they go through the page cache and the
 disk twice (written by the transfer, read by CRIU's restore), which is where a full-mode
 migration of a GiB or more lost seconds. So when the agent (as root) starts on a staging
-dir that is not on a tmpfs, it mounts a private tmpfs there, sized by --staging-size
+dir that is not on a tmpfs, it mounts its own tmpfs there, sized by --staging-size
 (default: half of the node's memory, tmpfs's own default), never more than the memory
 available at that moment, and says so in its log. It notes that mount in root's own dir,
 so that it unmounts it when it exits (if no restored container still reads from it) and
@@ -22,7 +22,7 @@ from migrt.agent import staging as stg
 
 TMPFS = "tmpfs"
 RESERVE = 256 << 20          # memory left to everything else when sizing the tmpfs
-MS_NOSUID, MS_NODEV, MS_REMOUNT, MS_PRIVATE = 2, 4, 32, 1 << 18
+MS_NOSUID, MS_NODEV, MS_REMOUNT = 2, 4, 32
 
 
 class StageFsError(Exception):
@@ -145,10 +145,8 @@ def ensure(staging, size=None, log=None):
                            f"mounting one there failed: {e.strerror}; mount a tmpfs there "
                            "yourself, or set MIGRT_STAGING_ON_DISK=1 to stage memory images on "
                            "that disk on purpose")
-    try:        # no copy of it in other mount namespaces (containers started meanwhile)
-        _mount(None, staging, None, MS_PRIVATE, None)
-    except OSError:
-        pass
+    # its propagation stays the parent's: a runtime that a containerd or CRI-O in a
+    # slave mount namespace runs for a `staged:` marker must see the staged images too
     from migrt.safeio import makedirs_private, write_private
     makedirs_private(os.path.dirname(_note_path(staging)))
     write_private(_note_path(staging), json.dumps({"staging": staging, "size": nbytes,

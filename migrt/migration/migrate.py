@@ -405,8 +405,9 @@ class Migration:
                 pass
         if self.lazy_proc is not None:
             _kill_group(self.lazy_proc)
-        for c in (getattr(self, "lazy_sender", None) and self.lazy_sender.conns) or ():
-            c.close()
+        for snd in (getattr(self, "lazy_sender", None), getattr(self, "final_sender", None)):
+            for c in (snd and snd.conns) or ():
+                c.close()
         if self.ctl is not None:
             try:
                 self.ctl.send_json({"op": "abort"})
@@ -741,7 +742,8 @@ class Migration:
         t.start()
         return t
 
-    def _send_round(self, image, work, capture, base=None, label="dump", fifos=False):
+    def _send_round(self, image, work, capture, base=None, label="dump", fifos=False,
+                    sender=None):
         """Dump into image while sending it. fifos: the pages go through FIFOs (only
         when frozen anyway: CRIU then waits for the transfer, and so do the tasks)."""
         makedirs_private(image)   # plugins may have written there
@@ -749,7 +751,10 @@ class Migration:
         prog = Progress(self.estimate, self.opts.progress, status=self.status)
         prog.phase = label
         # only a pre-copy round's block digests are used again (by the delta round)
-        sender = self._sender(prog, want_blocks=label == "pre-copy")
+        if sender is None:
+            sender = self._sender(prog, want_blocks=label == "pre-copy")
+        else:                   # connected before the freeze
+            sender.progress = prog
         pipes = None
         if fifos and not self.opts.keep_image:
             # one page file per process (and per shared memory segment): enough FIFOs
@@ -866,7 +871,7 @@ class Migration:
         self.phase = "dump and transfer"
         sender, files, result, took = self._send_round(
             os.path.join(self.work, "image"), os.path.join(self.work, "work"),
-            capture=True, base=base, fifos=True)
+            capture=True, base=base, fifos=True, sender=getattr(self, "final_sender", None))
         self.phases["dump"] = round(result["dump_s"], 4)
         self.phases["dump_criu"] = round(result.get("criu_s", 0), 4)
         self.dump_figures = result
@@ -1072,6 +1077,11 @@ class Migration:
                 # lazy mode sends a few hundred KiB while frozen: one stream, connected now
                 self.lazy_sender = self._sender(streams=1)
                 self.lazy_sender.connect()
+            elif os.environ.get("MIGRT_CONNECT_AFTER_FREEZE") != "1":
+                # the dump's data connections too, authenticated now rather than while
+                # frozen (MIGRT_CONNECT_AFTER_FREEZE=1: as before, for comparison)
+                self.final_sender = self._sender()
+                self.final_sender.connect()
             t_freeze = self.freeze()
             if self.opts.mode == "lazy":
                 self.lazy_dump_and_send()
