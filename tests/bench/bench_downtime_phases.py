@@ -3,7 +3,12 @@ two simulated nodes on this machine) run N times, the medians of its "downtime"
 breakdown printed as a table (phase, seconds).
 
     /opt/migrt/venv/bin/python tests/bench/bench_downtime_phases.py [--rounds 7]
-        [--mode full|lazy] [--network veth|loopback] [--markdown]
+        [--mode full|lazy] [--network veth|loopback] [--markdown] [--compare 'VAR=V ...']
+
+The issue 17 before/after (the settings that bring back what was changed):
+
+    ... --compare 'MIGRT_STAGING_ON_DISK=1 MIGRT_LOCAL_FILL_MIN=0 MIGRT_CONNECT_AFTER_FREEZE=1'
+
 
 Each figure is the median over the rounds of that figure alone (so the rows need not add
 up exactly); the raw reports go to stderr as JSON.
@@ -88,9 +93,10 @@ def main():
     ap.add_argument("--mode", default="full", choices=("full", "lazy"))
     ap.add_argument("--network", default="veth", choices=("veth", "loopback"))
     ap.add_argument("--markdown", action="store_true")
-    ap.add_argument("--compare", default=None, metavar="VAR=VALUE",
-                    help="also run every round with this in the environment (node B's agent "
-                    "inherits it), alternating, and show both columns: before/after a change")
+    ap.add_argument("--compare", default=None, metavar="'VAR=VALUE ...'",
+                    help="also run every round with these in the environment (both nodes' "
+                    "migrt and node B's agent inherit them), alternating, and show both "
+                    "columns: before/after a change")
     ap.add_argument("--migrt", default=None, help="migrt launcher [default: this checkout's]")
     a = ap.parse_args()
     migrt = a.migrt
@@ -98,9 +104,9 @@ def main():
         migrt = ocitest.build_launcher(os.path.join(tempfile.mkdtemp(prefix="migrt-bench-"),
                                                     "migrt"))
     variants = [("default", {})]
-    if a.compare:
-        k, _, v = a.compare.partition("=")
-        variants.insert(0, (a.compare, {k: v}))
+    if a.compare:           # "A=1 B=2": several settings at once
+        env = dict(kv.partition("=")[::2] for kv in a.compare.split())
+        variants.insert(0, (a.compare, env))
     reports = {name: [] for name, _ in variants}
     for _ in range(a.rounds):
         for name, env in variants:
