@@ -385,7 +385,7 @@ def kill_tree_of(path):
 def umount_under(path):
     """Unmount what is mounted under path (deepest first); returns what was."""
     import leaks
-    found = sorted(leaks.mounts(path), key=len, reverse=True)
+    found = sorted(leaks.mounts(path, staging=True), key=len, reverse=True)
     for mp in found:
         subprocess.run(["umount", "-l", mp], capture_output=True)
     return found
