@@ -555,7 +555,34 @@ class Migration:
                 _write_kept_logs(self.mid, logs)
 
     # ------------------------------------------------------------ phases
+    def _hold_container(self):
+        """One `migrt migrate` of a container at a time on this node: an flock on a
+        file of its own (runc root and id) until this process ends or is done with it.
+        Two at once (two schedulers deciding together) both saw it running, and `runc
+        pause` twice at the same moment let both freeze, dump and restore it: two
+        copies. The second one is refused here, before anything is frozen."""
+        import fcntl
+        import hashlib
+        d = os.path.join(recovery.state_dir(), "locks")
+        makedirs_private(d)
+        key = hashlib.sha1(f"{os.path.realpath(self.src.root)}\0{self.cid}".encode()).hexdigest()
+        fd = os.open(os.path.join(d, key[:24]), os.O_RDWR | os.O_CREAT | os.O_CLOEXEC
+                     | os.O_NOFOLLOW, 0o600)
+        try:
+            fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except BlockingIOError:
+            os.close(fd)
+            raise RefusedError(f"container {self.cid} is being migrated by another `migrt "
+                               f"migrate` on this node; nothing was frozen")
+        self.lock_fd = fd
+
+    def release_hold(self):
+        fd, self.lock_fd = getattr(self, "lock_fd", None), None
+        if fd is not None:
+            os.close(fd)
+
     def prechecks(self):
+        self._hold_container()
         st = self.src.state()
         if st.get("status") != "running":
             raise RefusedError(f"container {self.cid} is {st.get('status')}, not running")
@@ -1422,6 +1449,8 @@ def migrate(root, cid, opts):
         metrics.record_sent(getattr(mig, "report", None), result, mode=opts.mode)
         raise
     finally:
+        if mig is not None:
+            mig.release_hold()
         status = getattr(mig, "status", None)
         if status is not None:
             status.close()
