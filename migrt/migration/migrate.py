@@ -574,12 +574,7 @@ class Migration:
             os.close(fd)
             raise RefusedError(f"container {self.cid} is being migrated by another `migrt "
                                f"migrate` on this node; nothing was frozen")
-        self.lock_fd = fd
-
-    def release_hold(self):
-        fd, self.lock_fd = getattr(self, "lock_fd", None), None
-        if fd is not None:
-            os.close(fd)
+        self.lock_fd = fd           # closed by migrate() when this migration is over
 
     def prechecks(self):
         self._hold_container()
@@ -1449,8 +1444,9 @@ def migrate(root, cid, opts):
         metrics.record_sent(getattr(mig, "report", None), result, mode=opts.mode)
         raise
     finally:
-        if mig is not None:
-            mig.release_hold()
+        fd = getattr(mig, "lock_fd", None)      # Migration._hold_container
+        if fd is not None:
+            os.close(fd)
         status = getattr(mig, "status", None)
         if status is not None:
             status.close()
