@@ -566,15 +566,25 @@ class Migration:
         d = os.path.join(recovery.state_dir(), "locks")
         makedirs_private(d)
         key = hashlib.sha1(f"{os.path.realpath(self.src.root)}\0{self.cid}".encode()).hexdigest()
-        fd = os.open(os.path.join(d, key[:24]), os.O_RDWR | os.O_CREAT | os.O_CLOEXEC
-                     | os.O_NOFOLLOW, 0o600)
-        try:
-            fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
-        except BlockingIOError:
+        path = os.path.join(d, key[:24])
+        while True:
+            fd = os.open(path, os.O_RDWR | os.O_CREAT | os.O_CLOEXEC | os.O_NOFOLLOW, 0o600)
+            try:
+                fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+            except BlockingIOError:
+                os.close(fd)
+                raise RefusedError(f"container {self.cid} is being migrated by another `migrt "
+                                   f"migrate` on this node; nothing was frozen")
+            # its holder removes the file when done (release_lock): a lock taken on a
+            # file already removed is no lock, so take the one at the path now
+            try:
+                same = os.stat(path, follow_symlinks=False).st_ino == os.fstat(fd).st_ino
+            except FileNotFoundError:
+                same = False
+            if same:
+                break
             os.close(fd)
-            raise RefusedError(f"container {self.cid} is being migrated by another `migrt "
-                               f"migrate` on this node; nothing was frozen")
-        self.lock_fd = fd           # closed by migrate() when this migration is over
+        self.lock_fd, self.lock_path = fd, path     # release_lock() when this one is over
 
     def prechecks(self):
         self._hold_container()
@@ -1420,6 +1430,20 @@ def _free_port(host):
     return port
 
 
+def release_lock(mig):
+    """End a migration's hold of its container (Migration._hold_container): the file
+    goes while still locked, so that none is left per container ever migrated."""
+    fd = getattr(mig, "lock_fd", None)
+    if fd is None:
+        return
+    mig.lock_fd = None
+    try:
+        os.unlink(mig.lock_path)
+    except OSError:
+        pass
+    os.close(fd)
+
+
 def migrate(root, cid, opts):
     # first finish any migration a dead `migrt migrate` left on this node
     recovery.resolve_pending(opts.secret, lambda m: sys.stderr.write(f"migrt: {m}\n"))
@@ -1444,9 +1468,7 @@ def migrate(root, cid, opts):
         metrics.record_sent(getattr(mig, "report", None), result, mode=opts.mode)
         raise
     finally:
-        fd = getattr(mig, "lock_fd", None)      # Migration._hold_container
-        if fd is not None:
-            os.close(fd)
+        release_lock(mig)
         status = getattr(mig, "status", None)
         if status is not None:
             status.close()
