@@ -38,6 +38,14 @@ def workdir(tmp_path_factory):
     return tmp_path_factory.mktemp("migrt")
 
 
+@pytest.fixture(scope="session", autouse=True)
+def _staging_mounts_cleaned(tmp_path_factory):
+    """Agents mount a tmpfs on a staging dir that is on a disk (migrt.agent.stagefs); one
+    killed with SIGKILL leaves it: detached at the end, so temp dirs can go."""
+    yield
+    ocitest.unmount_staging(str(tmp_path_factory.getbasetemp()))
+
+
 @pytest.fixture(scope="session")
 def migrt_bin(workdir):
     """The runtime under test: MIGRT_TEST_RUNTIME, or a launcher for this checkout."""

@@ -199,3 +199,26 @@ def zipapp_python():
     if out == [str(x) for x in sys.version_info[:2]]:
         return system
     return os.path.realpath(getattr(sys, "_base_executable", sys.executable))
+
+
+def staging_mounts(under):
+    """Mount points of staging tmpfs's an agent mounted (source "migrt-staging") at or
+    below a dir."""
+    under = os.path.realpath(under).rstrip("/")
+    out = []
+    with open("/proc/self/mountinfo") as f:
+        for line in f:
+            parts = line.split()
+            i = parts.index("-")
+            point = parts[4].replace("\\040", " ")
+            if parts[i + 2] == "migrt-staging" and (point == under
+                                                    or point.startswith(under + "/")):
+                out.append(point)
+    return out
+
+
+def unmount_staging(under):
+    """Detach what an agent killed with SIGKILL left mounted (an agent that exits
+    normally unmounts its own)."""
+    for point in reversed(staging_mounts(under)):
+        subprocess.run(["umount", "-l", point], capture_output=True)

@@ -71,7 +71,12 @@ class RootHelper:
         op = req.get("op") if isinstance(req, dict) else None
         try:
             if op == "restore":
-                return {"ok": True, "pid": self.restore(req)}
+                pid = self.restore(req)
+                out = {"ok": True, "pid": pid}
+                timing = getattr(self.agent, "timings", {}).pop(req.get("mid"), None)
+                if timing is not None:      # where its time went (server.restore_figures)
+                    out["timing"] = timing
+                return out
             if op == "exists":
                 return {"ok": True, "exists": self.exists(req)}
             if op == "check":
@@ -203,6 +208,7 @@ class Client:
     def __init__(self, sock):
         self.sock = sock
         self.lock = threading.Lock()
+        self.timings = {}           # mid -> the root side's figures of its restore
 
     def call(self, req):
         with self.lock:
@@ -215,6 +221,8 @@ class Client:
                        "id": msg.get("id"), "root": msg.get("root")})
         if r.get("error"):
             raise AgentRefused(r["error"])
+        if isinstance(r.get("timing"), dict):
+            self.timings[staged.mid] = r["timing"]
         return r.get("pid")
 
     def exists(self, cid, root=None):
@@ -286,7 +294,7 @@ def run(listen, secret, user, **kw):
         raise SystemExit(f"migrt agent: no user {user!r}")
     if os.geteuid() != 0:
         raise SystemExit("migrt agent --user: start it as root (it drops to that user)")
-    agent = server.Agent(listen, secret, **kw)
+    agent = server.make(listen, secret, **kw)
     for d in (agent.staging, agent.disk):
         _chown_tree(d, pw.pw_uid, pw.pw_gid)
     host, port = agent.bind()
@@ -329,6 +337,9 @@ def run(listen, secret, user, **kw):
     signal.signal(signal.SIGINT, forward)
     agent.warm()                         # restores run on this side
     agent.sweep_private(startup=True)    # a crash's leftovers: bundles' configs put back
-    RootHelper(agent, pw.pw_uid, pw.pw_gid).serve(parent_sock)
-    _, status = os.waitpid(pid, 0)
+    try:
+        RootHelper(agent, pw.pw_uid, pw.pw_gid).serve(parent_sock)
+        _, status = os.waitpid(pid, 0)
+    finally:
+        agent.close_staging()
     return os.waitstatus_to_exitcode(status)

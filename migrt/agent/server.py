@@ -67,6 +67,42 @@ class Refused(Exception):
     pass
 
 
+def restore_figures(root, cid, timing):
+    """Where a restore's time went: the agent's own (`migrt run --detach` in a spare,
+    the check that it runs), the restoring runtime's (migrt.runtime.lifecycle's record:
+    rootfs, runc restore) and CRIU's (its stats-restore image and its log's span)."""
+    from migrt.criu import stats as criustats
+    from migrt.runc import RECORD
+    out = {"migrt_run_s": round(timing.get("restore", 0), 4),
+           "check_running_s": round(timing.get("total", 0) - timing.get("restore", 0), 4)}
+    try:
+        rec = json.loads(read_regular(os.path.join(root, cid, RECORD), 1 << 20))
+    except (OSError, ValueError):
+        return out
+    if not isinstance(rec, dict):
+        return out
+    if isinstance(rec.get("restore_seconds"), (int, float)):
+        out["lifecycle_s"] = rec["restore_seconds"]
+    t = rec.get("timing") if isinstance(rec.get("timing"), dict) else {}
+    for k in ("prepare_s", "before_runc_s", "runc_s", "after_runc_s"):
+        if isinstance(t.get(k), (int, float)):
+            out[k] = t[k]
+    work = rec.get("work") if isinstance(rec.get("work"), str) else None
+    if work:
+        ran = criustats.log_span(os.path.join(work, "restore.log"))
+        st = criustats.read((work, rec.get("image_dir")), "restore")
+        if ran is not None:
+            out["criu_s"] = round(ran, 4)
+            if "runc_s" in out:
+                out["runc_s"] = round(max(0.0, out["runc_s"] - ran), 4)   # runc's own
+        if st:
+            out["criu"] = {k: (round(v, 4) if isinstance(v, float) else v)
+                           for k, v in st.items()}
+            if ran is not None:
+                out["criu"]["other_s"] = round(max(0.0, ran - st.get("restore_s", 0)), 4)
+    return out
+
+
 class Session:
     def __init__(self, agent, staged, stage, hello):
         self.agent = agent
@@ -81,7 +117,8 @@ class Session:
 
 class Agent:
     def __init__(self, listen, secret, staging, disk, quota=None, ttl=600, root="/run/runc",
-                 runtime=None, log_dir="/var/log/migrt", allow_bundles=None, metrics=None):
+                 runtime=None, log_dir="/var/log/migrt", allow_bundles=None, metrics=None,
+                 staging_size=None):
         self.listen = listen
         self.secret = secret
         self.staging = os.path.abspath(staging)
@@ -93,6 +130,7 @@ class Agent:
         self.log_dir = log_dir
         self.restore_timeout = float(os.environ.get("MIGRT_RESTORE_TIMEOUT", "120"))
         self.sessions = {}
+        self.timings = {}           # mid -> where its restore's time went (restore_figures)
         self.privileged = None      # migrt.agent.privsep.Client when the network side is not root
         self.lock = threading.Lock()
         self.stop = threading.Event()
@@ -107,6 +145,10 @@ class Agent:
         self.metrics = Metrics(self)
         for d in (self.staging, self.disk):
             makedirs_private(d)
+        # memory images on a tmpfs, always (migrt.agent.stagefs): StageFsError if not possible
+        from migrt.agent import stagefs
+        self.stagefs = stagefs.ensure(self.staging, staging_size, log=log)
+        for d in (self.staging, self.disk):
             os.chmod(d, 0o700)
         os.environ["MIGRT_STAGING"] = self.staging
         os.environ["MIGRT_STAGING_DISK"] = self.disk
@@ -117,6 +159,12 @@ class Agent:
             makedirs_private(self.private)
             os.chmod(self.private, 0o700)
             stg.note_disk(self.staging, self.disk)
+
+    def close_staging(self):
+        """On exit: unmount the staging tmpfs this agent mounted (migrt.agent.stagefs)."""
+        if self.stagefs.get("mounted"):
+            from migrt.agent import stagefs
+            stagefs.release(self.staging, log=log)
 
     # ------------------------------------------------------------ serving
     def bind(self):
@@ -397,9 +445,19 @@ class Agent:
         need = int(msg.get("estimate") or 0)
         st = os.statvfs(self.staging)
         free = st.f_bavail * st.f_frsize
+        if need + RESERVE > free and self.stagefs.get("mounted") and not self.privileged:
+            from migrt.agent import stagefs           # our own tmpfs: sized to this migration
+            free = stagefs.grow(self.staging, need + RESERVE, log=log) or free
         if need + RESERVE > free:
             raise Refused(f"no room on the destination: staging {self.staging} has "
                           f"{free >> 20} MiB free, the image needs about {need >> 20} MiB")
+        if self.stagefs.get("fstype") == "tmpfs":
+            from migrt.agent import stagefs           # a tmpfs's size is no promise of memory
+            avail = stagefs.mem_available()
+            if need + RESERVE > avail:
+                raise Refused(f"no room on the destination: staging {self.staging} is a tmpfs "
+                              f"and the node has {avail >> 20} MiB of memory available, the "
+                              f"image needs about {need >> 20} MiB")
         if self.quota is not None and need > self.quota:
             raise Refused(f"no room on the destination: the image needs about {need >> 20} MiB, "
                           f"the staging quota is {self.quota >> 20} MiB")
@@ -540,9 +598,13 @@ class Agent:
                     sess.failed = True
                     conn.send_json({"error": f"restore failed on the destination: {e}"})
                     return
-                self.metrics.observe("migrt_restore_duration_seconds", time.monotonic() - t0)
+                took = time.monotonic() - t0
+                self.metrics.observe("migrt_restore_duration_seconds", took)
                 sess.restored = True
-                reply = {"ok": True, "pid": pid, "restore_seconds": time.monotonic() - t0}
+                reply = {"ok": True, "pid": pid, "restore_seconds": took}
+                timing = (self.privileged or self).timings.pop(staged.mid, None)
+                if isinstance(timing, dict):
+                    reply["timing"] = dict(timing, agent_s=round(took, 4))
                 if (staged.read() or {}).get("state") == fill.FILLING:
                     reply["filling"] = True       # running; its memory still coming in
                 conn.send_json(reply)
@@ -708,6 +770,7 @@ class Agent:
                            capture_output=True, env=env)
             raise Refused(f"container {cid} is {state.get('status', 'gone')} after restore")
         self.last_timing["total"] = time.monotonic() - t0
+        self.timings[staged.mid] = restore_figures(root, cid, self.last_timing)
         log(f"{staged.mid}: restored as {cid} (pid {state.get('pid')}) in {root} "
             f"(restore {self.last_timing['restore']:.3f}s in {how}, checked running "
             f"{self.last_timing['total']:.3f}s)")
@@ -941,12 +1004,24 @@ class Agent:
         conn.send_json(reply)
 
 
+def make(listen, secret, **kw):
+    """An Agent, or SystemExit with one line when its staging dir cannot be a tmpfs."""
+    from migrt.agent import stagefs
+    try:
+        return Agent(listen, secret, **kw)
+    except stagefs.StageFsError as e:
+        raise SystemExit(f"migrt agent: {e}")
+
+
 def run(listen, secret, **kw):
-    agent = Agent(listen, secret, **kw)
-    host, port = agent.bind()
-    agent.warm()
-    agent.start_metrics()
-    sys.stdout.write(f"migrt agent listening on {host}:{port}\n")
-    sys.stdout.flush()
-    agent.serve_until_signalled()
+    agent = make(listen, secret, **kw)
+    try:
+        host, port = agent.bind()
+        agent.warm()
+        agent.start_metrics()
+        sys.stdout.write(f"migrt agent listening on {host}:{port}\n")
+        sys.stdout.flush()
+        agent.serve_until_signalled()
+    finally:
+        agent.close_staging()
     return 0

@@ -21,8 +21,12 @@ def _size(s):
               "every interface) [or $MIGRT_LISTEN]")
 @click.option("--secret-file", type=click.Path(dir_okay=False),
               help="shared secret (mode 600); or MIGRT_SECRET_FILE")
-@click.option("--staging", default=None, help="tmpfs dir for memory images "
+@click.option("--staging", default=None, help="dir for memory images, always a tmpfs: "
+              "the agent mounts a private one there if it is not one "
               "[default: $MIGRT_STAGING or /run/migrt/staged]")
+@click.option("--staging-size", default=None, help="size of the tmpfs the agent mounts on "
+              "--staging (e.g. 8G); grown per migration as memory allows "
+              "[default: $MIGRT_STAGING_SIZE or half of memory, at most what is available]")
 @click.option("--disk", default="/var/lib/migrt/staged", show_default=True,
               help="disk dir for rootfs changes (same filesystem as the bundles: rename, not copy)")
 @click.option("--quota", default=None, help="most bytes one migration may stage (e.g. 2G)")
@@ -39,7 +43,7 @@ def _size(s):
               help="serve Prometheus metrics on http://HOST:PORT/metrics (off by default)")
 @click.pass_obj
 def command(call, listen, secret_file, staging, disk, quota, ttl, restore_root, log_dir, user,
-            peer_timeout, metrics):
+            peer_timeout, metrics, staging_size):
     """Receive migrations over TCP, stage and verify them, restore them here."""
     listen = listen or os.environ.get("MIGRT_LISTEN")
     if not listen or ":" not in listen or not listen.rpartition(":")[2].isdigit():
@@ -60,7 +64,8 @@ def command(call, listen, secret_file, staging, disk, quota, ttl, restore_root, 
     runtime = os.environ.get("MIGRT_SELF") or (me if os.access(me, os.X_OK) else "migrt")
     root = restore_root or (call.root if call is not None else "/run/runc")
     kw = dict(staging=staging or staging_root(), disk=disk, quota=_size(quota), ttl=ttl,
-              root=root, runtime=runtime, log_dir=log_dir, metrics=metrics)
+              root=root, runtime=runtime, log_dir=log_dir, metrics=metrics,
+              staging_size=_size(staging_size or os.environ.get("MIGRT_STAGING_SIZE")))
     if user:
         from migrt.agent import privsep
         sys.exit(privsep.run(listen, secret, user, **kw))

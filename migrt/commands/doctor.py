@@ -108,19 +108,23 @@ class Node:
         return st.f_bavail * st.f_frsize
 
     def fstype(self, path):
-        path = os.path.realpath(path)
-        while not os.path.exists(path):
-            path = os.path.dirname(path)
-        best, kind = "", "?"
-        with open("/proc/self/mountinfo") as f:
-            for line in f:
-                parts = line.split()
-                point = parts[4]
-                fs = parts[parts.index("-") + 1]
-                if (path == point or path.startswith(point.rstrip("/") + "/")) and \
-                        len(point) >= len(best):
-                    best, kind = point, fs
-        return kind
+        from migrt.agent import stagefs
+        return stagefs.mount_of(path)[1]
+
+    def staging_mounted_by_agent(self, path):
+        from migrt.agent import stagefs
+        return bool(stagefs.mounted_by_us(path))
+
+    def staging_tmpfs_size(self):
+        from migrt.agent import stagefs
+        size = os.environ.get("MIGRT_STAGING_SIZE")
+        if size:
+            from migrt.commands.agent import _size
+            size = _size(size)
+        return stagefs.default_size(size)
+
+    def env(self, name):
+        return os.environ.get(name)
 
 
 def version_of(text):
@@ -273,20 +277,43 @@ def check_page_server(node):
                    "packaging/install.sh in /etc/sysctl.d/90-migrt.conf)", required=False)
 
 
+CAP_SYS_ADMIN = 21
+
+
 def check_staging(node, staging, need=MIN_STAGING):
-    free = node.statvfs(staging)
+    """The agent keeps memory images on a tmpfs: the one there, or one it mounts itself
+    when it starts (migrt.agent.stagefs)."""
     kind = node.fstype(staging)
-    detail = f"{staging}: {free >> 20} MiB free on {kind}"
-    if free < need:
-        return Finding("staging room", MISSING, detail + f"; migrations stage memory images "
-                       f"there and need at least {need >> 20} MiB (as much as the largest "
-                       "container's memory)", f"free space on {staging}'s filesystem, or "
-                       "point MIGRT_STAGING at a bigger tmpfs")
-    if kind != "tmpfs":
-        return Finding("staging room", WARN, detail + "; not tmpfs, so staged images go "
-                       "through the disk (slower restores)",
-                       f"mount a tmpfs there: mount -t tmpfs -o size=4G tmpfs {staging}",
-                       required=False)
+    if kind == "tmpfs":
+        free = node.statvfs(staging)
+        who = "a tmpfs the migrt agent mounted" if node.staging_mounted_by_agent(staging) \
+            else "tmpfs"
+        detail = f"{staging}: {free >> 20} MiB free on {who}"
+        if free < need:
+            return Finding("staging room", MISSING, detail + f"; migrations stage memory "
+                           f"images there and need at least {need >> 20} MiB (as much as the "
+                           "largest container's memory)", f"a bigger tmpfs on {staging} "
+                           "(mount -o remount,size=...), or point MIGRT_STAGING elsewhere")
+        return Finding("staging room", OK, detail)
+    if node.env("MIGRT_STAGING_ON_DISK") == "1":
+        free = node.statvfs(staging)
+        return Finding("staging room", WARN, f"{staging}: {free >> 20} MiB free on {kind}; "
+                       "MIGRT_STAGING_ON_DISK=1 keeps staged memory images on that disk "
+                       "(slower restores)", f"unset MIGRT_STAGING_ON_DISK: the agent then mounts "
+                       f"a tmpfs on {staging}", required=False)
+    size = node.staging_tmpfs_size()
+    caps = node.capabilities()
+    if caps is not None and not caps & (1 << CAP_SYS_ADMIN):
+        return Finding("staging room", MISSING, f"{staging} is on {kind}, not a tmpfs, and "
+                       "without CAP_SYS_ADMIN the agent cannot mount one there: it refuses "
+                       "to start", f"run the agent as root, or mount a tmpfs there: mount -t "
+                       f"tmpfs -o size=4G tmpfs {staging}")
+    detail = (f"{staging} is on {kind}, not a tmpfs: `migrt agent` mounts a private tmpfs "
+              f"there when it starts ({size >> 20} MiB: $MIGRT_STAGING_SIZE or half of "
+              "memory, at most what is available) and unmounts it when it exits")
+    if size < need:
+        return Finding("staging room", MISSING, detail + f"; migrations need at least "
+                       f"{need >> 20} MiB", "more free memory on this node", )
     return Finding("staging room", OK, detail)
 
 

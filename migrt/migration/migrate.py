@@ -405,8 +405,9 @@ class Migration:
                 pass
         if self.lazy_proc is not None:
             _kill_group(self.lazy_proc)
-        for c in (getattr(self, "lazy_sender", None) and self.lazy_sender.conns) or ():
-            c.close()
+        for snd in (getattr(self, "lazy_sender", None), getattr(self, "final_sender", None)):
+            for c in (snd and snd.conns) or ():
+                c.close()
         if self.ctl is not None:
             try:
                 self.ctl.send_json({"op": "abort"})
@@ -554,7 +555,39 @@ class Migration:
                 _write_kept_logs(self.mid, logs)
 
     # ------------------------------------------------------------ phases
+    def _hold_container(self):
+        """One `migrt migrate` of a container at a time on this node: an flock on a
+        file of its own (runc root and id) until this process ends or is done with it.
+        Two at once (two schedulers deciding together) both saw it running, and `runc
+        pause` twice at the same moment let both freeze, dump and restore it: two
+        copies. The second one is refused here, before anything is frozen."""
+        import fcntl
+        import hashlib
+        d = os.path.join(recovery.state_dir(), "locks")
+        makedirs_private(d)
+        key = hashlib.sha1(f"{os.path.realpath(self.src.root)}\0{self.cid}".encode()).hexdigest()
+        path = os.path.join(d, key[:24])
+        while True:
+            fd = os.open(path, os.O_RDWR | os.O_CREAT | os.O_CLOEXEC | os.O_NOFOLLOW, 0o600)
+            try:
+                fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+            except BlockingIOError:
+                os.close(fd)
+                raise RefusedError(f"container {self.cid} is being migrated by another `migrt "
+                                   f"migrate` on this node; nothing was frozen")
+            # its holder removes the file when done (release_lock): a lock taken on a
+            # file already removed is no lock, so take the one at the path now
+            try:
+                same = os.stat(path, follow_symlinks=False).st_ino == os.fstat(fd).st_ino
+            except FileNotFoundError:
+                same = False
+            if same:
+                break
+            os.close(fd)
+        self.lock_fd, self.lock_path = fd, path     # release_lock() when this one is over
+
     def prechecks(self):
+        self._hold_container()
         st = self.src.state()
         if st.get("status") != "running":
             raise RefusedError(f"container {self.cid} is {st.get('status')}, not running")
@@ -719,6 +752,10 @@ class Migration:
                                    env=criuconf.env(self.work, netlock.conf_lines(self.netlock)
                                                     + self.criu_conf))
                 result["criu_s"] = time.monotonic() - t0
+                # CRIU's own figures (its stats image and its log's last time stamp)
+                from migrt.criu import stats as criustats
+                result["criu_stats"] = criustats.read((work, image), "dump")
+                result["criu_ran_s"] = criustats.log_span(os.path.join(work, "dump.log"))
                 if cap is not None:
                     cap.join()
                 if p.returncode != 0:
@@ -750,7 +787,8 @@ class Migration:
         t.start()
         return t
 
-    def _send_round(self, image, work, capture, base=None, label="dump", fifos=False):
+    def _send_round(self, image, work, capture, base=None, label="dump", fifos=False,
+                    sender=None):
         """Dump into image while sending it. fifos: the pages go through FIFOs (only
         when frozen anyway: CRIU then waits for the transfer, and so do the tasks)."""
         makedirs_private(image)   # plugins may have written there
@@ -758,7 +796,10 @@ class Migration:
         prog = Progress(self.estimate, self.opts.progress, status=self.status)
         prog.phase = label
         # only a pre-copy round's block digests are used again (by the delta round)
-        sender = self._sender(prog, want_blocks=label == "pre-copy")
+        if sender is None:
+            sender = self._sender(prog, want_blocks=label == "pre-copy")
+        else:                   # connected before the freeze
+            sender.progress = prog
         pipes = None
         if fifos and not self.opts.keep_image:
             # one page file per process (and per shared memory segment): enough FIFOs
@@ -876,9 +917,10 @@ class Migration:
         self.phase = "dump and transfer"
         sender, files, result, took = self._send_round(
             os.path.join(self.work, "image"), os.path.join(self.work, "work"),
-            capture=True, base=base, fifos=True)
+            capture=True, base=base, fifos=True, sender=getattr(self, "final_sender", None))
         self.phases["dump"] = round(result["dump_s"], 4)
         self.phases["dump_criu"] = round(result.get("criu_s", 0), 4)
+        self.dump_figures = result
         t0 = time.monotonic()
         self.phase = "verification on the destination"
         self._commit(files, result["manifest"])
@@ -909,6 +951,8 @@ class Migration:
             sys.stderr.flush()
             reply = self._request({"op": "wait", "timeout": self.opts.wait})
         self._t("restore", t0)
+        self.restore_figures = reply.get("timing") if isinstance(reply.get("timing"), dict) \
+            else None
         # running there, with its memory still streaming in from the staged image
         # (migrt.runtime.sources.staged.local_lazy): the source stays until that is done
         self.filling = bool(reply.get("filling"))
@@ -1023,6 +1067,7 @@ class Migration:
         finally:
             os.close(r)
         self.phases["dump"] = round(time.monotonic() - t0, 4)
+        self.dump_figures = {"dump_s": self.phases["dump"], "lazy": True}
         from migrt import image as img
         m = img.capture_extra(image, self.cid, self.state, self.bundle,
                               self._manifest_flags("--lazy-pages"),
@@ -1078,6 +1123,11 @@ class Migration:
                 # lazy mode sends a few hundred KiB while frozen: one stream, connected now
                 self.lazy_sender = self._sender(streams=1)
                 self.lazy_sender.connect()
+            elif os.environ.get("MIGRT_CONNECT_AFTER_FREEZE") != "1":
+                # the dump's data connections too, authenticated now rather than while
+                # frozen (MIGRT_CONNECT_AFTER_FREEZE=1: as before, for comparison)
+                self.final_sender = self._sender()
+                self.final_sender.connect()
             t_freeze = self.freeze()
             if self.opts.mode == "lazy":
                 self.lazy_dump_and_send()
@@ -1162,6 +1212,12 @@ class Migration:
 
     def _finish(self, t_start, t_freeze):
         self.phases["downtime"] = round(time.monotonic() - t_freeze, 4)
+        try:
+            self.report["downtime"] = downtime_breakdown(
+                self.phases, getattr(self, "dump_figures", None),
+                getattr(self, "restore_figures", None), self.opts.mode)
+        except Exception as e:        # figures are for reading: never fail a migration
+            self.report["downtime"] = {"error": f"{type(e).__name__}: {e}"}
         if self.filling:
             try:
                 self._await_fill()
@@ -1200,6 +1256,70 @@ class Migration:
         self.phase = "serving pages"
         self.lazy_finish()
         self.release_source()
+
+
+def _r(x):
+    return round(x, 4) if isinstance(x, (int, float)) else x
+
+
+def downtime_breakdown(phases, dump, restore, mode):
+    """Where the downtime went, for `--json` (report["downtime"]):
+    `phases`: what the source saw, in order, adding up to `total_s` (what none of them
+    covers is `migrt_between_s`); `checkpoint` and `restore`: inside those two, down to
+    CRIU's own figures (its stats images, microseconds in CRIU, given here in seconds) and
+    the time around them (runc's, migrt's, the network's)."""
+    total = phases.get("downtime") or 0.0
+    top = {"freeze_s": phases.get("freeze")}
+    if mode == "lazy":
+        top["checkpoint_s"] = phases.get("dump")
+        top["transfer_and_commit_s"] = phases.get("transfer")
+    else:
+        top["checkpoint_s"] = phases.get("dump")
+        top["transfer_after_checkpoint_s"] = (phases.get("transfer_after_dump") or 0.0) \
+            - (phases.get("commit") or 0.0)
+        top["commit_s"] = phases.get("commit")
+    top["restore_s"] = phases.get("restore")
+    top = {k: _r(v) for k, v in top.items() if v is not None}
+    top["migrt_between_s"] = _r(max(0.0, total - sum(top.values())))
+    out = {"total_s": _r(total), "phases": top}
+    if dump:
+        ck = {"total_s": _r(dump.get("dump_s") or phases.get("dump"))}
+        if dump.get("lazy"):
+            # CRIU 4.2.1 writes its dump figures only when the page server ends, and they
+            # are not usable (seen: freezing 0, frozen "1843 s", pages_lazy 0)
+            ck["note"] = ("runc checkpoint --lazy-pages until CRIU's page server is up; "
+                          "CRIU has no usable figures of a lazy dump")
+        ran = dump.get("criu_ran_s")
+        runc = dump.get("criu_s")      # `runc checkpoint` (with its CRIU), end to end
+        if ran is not None and runc is not None:
+            ck["runc_s"] = _r(max(0.0, runc - ran))
+            ck["criu_s"] = _r(ran)
+        if ck.get("total_s") is not None and runc is not None:
+            ck["migrt_s"] = _r(max(0.0, ck["total_s"] - runc))   # manifest, after_dump
+        st = dump.get("criu_stats") or {}
+        if st:
+            ck["criu"] = {k: _r(v) for k, v in st.items()}
+            if ran is not None:
+                ck["criu"]["other_s"] = _r(max(0.0, ran - st.get("freezing_s", 0)
+                                               - st.get("frozen_s", 0)))
+        out["checkpoint"] = ck
+    if restore:
+        rs = {"total_s": top.get("restore_s")}
+        agent = restore.get("agent_s")
+        if agent is not None and rs["total_s"] is not None:
+            rs["request_s"] = _r(max(0.0, rs["total_s"] - agent))  # network, the agent's loop
+        for k in ("agent_s", "migrt_run_s", "lifecycle_s", "prepare_s", "before_runc_s",
+                  "runc_s", "criu_s", "after_runc_s", "check_running_s"):
+            if restore.get(k) is not None:
+                rs[k] = _r(restore[k])
+        run, life = rs.get("migrt_run_s"), rs.get("lifecycle_s")
+        if run is not None and life is not None:
+            # `migrt run` up to the restore proper: start-up, the staged source, plugins
+            rs["migrt_start_s"] = _r(max(0.0, run - life))
+        if isinstance(restore.get("criu"), dict):
+            rs["criu"] = {k: _r(v) for k, v in restore["criu"].items()}
+        out["restore"] = rs
+    return out
 
 
 def _try(f, default):
@@ -1325,6 +1445,20 @@ def _free_port(host):
     return port
 
 
+def release_lock(mig):
+    """End a migration's hold of its container (Migration._hold_container): the file
+    goes while still locked, so that none is left per container ever migrated."""
+    fd = getattr(mig, "lock_fd", None)
+    if fd is None:
+        return
+    mig.lock_fd = None
+    try:
+        os.unlink(mig.lock_path)
+    except OSError:
+        pass
+    os.close(fd)
+
+
 def migrate(root, cid, opts):
     # first finish any migration a dead `migrt migrate` left on this node
     recovery.resolve_pending(opts.secret, lambda m: sys.stderr.write(f"migrt: {m}\n"))
@@ -1349,6 +1483,7 @@ def migrate(root, cid, opts):
         metrics.record_sent(getattr(mig, "report", None), result, mode=opts.mode)
         raise
     finally:
+        release_lock(mig)
         status = getattr(mig, "status", None)
         if status is not None:
             status.close()

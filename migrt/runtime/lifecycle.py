@@ -547,11 +547,13 @@ def _restore_source(call, flags, cid, bundle, spec, marker, plugins, source):
                                          kept or os.path.join(work, "restore.log")))
 
     started = time.monotonic()
+    timing = {}
     try:
         if source.prepare:
             from migrt.image import rootfs_journal
             journal = rootfs_journal(bundle, runc_spec)
             source.prepare(bundle, runc_spec, journal=journal)
+        timing["prepare_s"] = round(time.monotonic() - started, 4)
         tokens, log, offset = log_globals(call, work)
         tokens += ["restore", "--image-path", source.image_dir, "--work-path", work,
                    "--bundle", bundle]
@@ -584,7 +586,11 @@ def _restore_source(call, flags, cid, bundle, spec, marker, plugins, source):
                 _kill(lazy)
             remove_work(work)
             return rc
+        t_runc = time.monotonic()
+        timing["before_runc_s"] = round(t_runc - started - timing["prepare_s"], 4)
         rc = run_runc(tokens, watch_criu=True, lazy=lazy)
+        t_ran = time.monotonic()
+        timing["runc_s"] = round(t_ran - t_runc, 4)     # runc restore and CRIU
         _private_stats(source.image_dir)
         _private_stats(work)
         if rc != 0:
@@ -605,10 +611,12 @@ def _restore_source(call, flags, cid, bundle, spec, marker, plugins, source):
         journal.commit()
     # runc has read the spec it needed: the bundle keeps what the caller wrote
     put_back_spec(bundle)
+    if "runc_s" in timing:
+        timing["after_runc_s"] = round(time.monotonic() - t_ran, 4)
     write_record(call, cid, {
         "restored_from": marker, "image_dir": source.image_dir, "work": work,
         "started": not detach or call.command == "run", "plugins": list(plugins),
-        "restore_seconds": round(time.monotonic() - started, 3),
+        "restore_seconds": round(time.monotonic() - started, 3), "timing": timing,
         "restored_at": time.time(), "lazy_pid": lazy.pid if lazy else None,
     })
     from migrt.runtime import podrules

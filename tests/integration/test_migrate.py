@@ -233,6 +233,45 @@ def test_migrate_counter_continues(two_nodes, mode):
     assert assert_destination_staging_empty, ag.staged()
 
 
+@pytest.mark.parametrize("mode", ["full", "lazy"])
+def test_report_says_where_the_downtime_went(two_nodes, mode):
+    """--json's "downtime": the source's phases add up to the downtime (what none covers
+    is small), and inside the checkpoint and the restore CRIU's own figures (its stats
+    images) fit in the time runc and migrt measured around them."""
+    n = two_nodes
+    ag = n.agent()
+    bundle, out = n.source()
+    p, rep = n.migrate(ag, "ctr", *(["--lazy"] if mode == "lazy" else []),
+                       bundle=n.dest_bundle())
+    assert p.returncode == 0, p.stderr + ag.log()
+    dt = rep["downtime"]
+    total = dt["total_s"]
+    assert total == rep["phases"]["downtime"] > 0
+    ph = dt["phases"]
+    assert set(ph) >= {"freeze_s", "checkpoint_s", "restore_s", "migrt_between_s"}, ph
+    assert all(v >= 0 for v in ph.values()), ph
+    assert sum(ph.values()) == pytest.approx(total, abs=0.002)
+    # measured phases cover the downtime: what falls between them is small
+    assert ph["migrt_between_s"] <= max(0.05, 0.15 * total), dt
+    ck, rs = dt["checkpoint"], dt["restore"]
+    tol = 0.002
+    if mode == "full":       # the lazy dump's runc goes on as the page server
+        assert ck["runc_s"] + ck["criu_s"] + ck["migrt_s"] == pytest.approx(ck["total_s"], abs=tol)
+        c = ck["criu"]
+        assert c["freezing_s"] + c["frozen_s"] <= ck["criu_s"] + tol, ck
+        assert 0 < c["memdump_s"] <= c["frozen_s"], ck
+        assert c["pages_written"] > 0 and c["pages_scanned"] >= c["pages_written"], ck
+    assert rs["agent_s"] <= rs["total_s"] + tol and rs["migrt_run_s"] <= rs["agent_s"] + tol, rs
+    assert rs["lifecycle_s"] <= rs["migrt_run_s"] + tol, rs
+    assert rs["prepare_s"] + rs["runc_s"] + rs["criu_s"] <= rs["lifecycle_s"] + tol, rs
+    r = rs["criu"]
+    assert 0 < r["forking_s"] <= r["restore_s"] <= rs["criu_s"] + tol, rs
+    if mode == "full":
+        assert r["pages_restored"] > 0, rs
+    else:
+        assert "criu" not in ck and "no usable figures" in ck["note"], ck
+
+
 @pytest.mark.parametrize("lock", ["auto", "iptables"])
 def test_network_lock_and_the_network_after(two_nodes, lock):
     """Where both nodes' CRIU can, a migration's dump locks the network with nftables
@@ -439,9 +478,10 @@ def test_full_mode_runs_before_its_memory_is_back_and_the_source_waits_for_it(tw
     downtime ends when the container runs, its memory comes in from the destination's
     tmpfs after that, and the source goes only once all of it is there (the report
     says how long that took). MIGRT_EAGER_RESTORE=1 on the destination restores all of
-    it first."""
+    it first. (A busybox's memory is below MIGRT_LOCAL_FILL_MIN, under which the
+    destination restores it whole: 0 here, to fill even this one in.)"""
     n = two_nodes
-    ag = n.agent({"MIGRT_EAGER_RESTORE": "1"} if eager else None)
+    ag = n.agent({"MIGRT_EAGER_RESTORE": "1"} if eager else {"MIGRT_LOCAL_FILL_MIN": "0"})
     bundle, out = n.source()
     p, rep = n.migrate(ag, "ctr", bundle=n.dest_bundle())
     assert p.returncode == 0, p.stderr + ag.log()
@@ -463,7 +503,7 @@ def test_failed_memory_fill_stops_the_destination_and_resumes_the_source(two_nod
     wrapper.write_text('#!/bin/sh\nif [ "$1" = lazy-pages ]; then criu "$@"; exit 7; fi\n'
                        'exec criu "$@"\n')
     wrapper.chmod(0o755)
-    ag = n.agent({"MIGRT_CRIU": str(wrapper)})
+    ag = n.agent({"MIGRT_CRIU": str(wrapper), "MIGRT_LOCAL_FILL_MIN": "0"})
     bundle, out = n.source()
     p, _ = n.migrate(ag, "ctr", bundle=n.dest_bundle())
     assert p.returncode == 4, p.stderr + ag.log()

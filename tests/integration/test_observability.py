@@ -81,7 +81,7 @@ def test_progress_on_a_terminal_covers_every_phase(two_nodes):
     full, and the phases that move no bytes (restore, memory fill) show too."""
     import pty
     n = two_nodes
-    ag = n.agent()
+    ag = n.agent({"MIGRT_LOCAL_FILL_MIN": "0"})     # the fill, even of a busybox's memory
     n.source()
     master, slave = pty.openpty()
     argv = [n.a.binary, "--root", n.a.root, "migrate", "ctr", "--to", ag.address,

@@ -11,7 +11,7 @@ import pytest
 import ocitest
 
 NEEDS_ROOT = ("test_load.py", "test_hostile_core.py", "test_secrets.py", "test_agent_hostile.py",
-              "test_faults.py", "test_privilege.py")
+              "test_faults.py", "test_privilege.py", "test_staging_tmpfs.py")
 
 
 def pytest_configure(config):

@@ -87,6 +87,7 @@ class Agent:
         self.kill(signal.SIGTERM)
         if self.proc and self.proc.poll() is None:
             self.kill()
+        ocitest.unmount_staging(self.staging)     # what a SIGKILL left (migrt.agent.stagefs)
 
     def restart(self, env=None):
         """Start again on the same port and dirs (after a kill)."""
@@ -384,7 +385,7 @@ def kill_tree_of(path):
 def umount_under(path):
     """Unmount what is mounted under path (deepest first); returns what was."""
     import leaks
-    found = sorted(leaks.mounts(path), key=len, reverse=True)
+    found = sorted(leaks.mounts(path, staging=True), key=len, reverse=True)
     for mp in found:
         subprocess.run(["umount", "-l", mp], capture_output=True)
     return found

@@ -449,3 +449,23 @@ def test_two_migrations_of_one_container_at_once(nodes, tmp_path, make_bundle):
         assert not ag1.staged_data() and not ag2.staged_data()
     finally:
         c.run("delete", "--force", cid)
+
+
+def test_second_migrate_of_a_container_being_migrated_is_refused(nodes, tmp_path):
+    """While one `migrt migrate` of a container is under way (here held just before its
+    freeze), another of the same container is refused at once, before freezing anything
+    (exit 3, one line); the first then completes: one copy."""
+    ag = nodes.agent()
+    cid, bundle, dest, out = nodes.counter()
+    fp = tmp_path / "fp-hold"
+    fp.mkdir()
+    first = nodes.spawn_migrate(cid, dest, ag, env={
+        "MIGRT_FAILPOINTS": "migrate.before-freeze=pause(4)", "MIGRT_FAILPOINT_DIR": str(fp)})
+    ocitest.wait_for(lambda: os.listdir(fp), timeout=30, what="the first migrate held")
+    p, _ = nodes.migrate(cid, dest, ag)
+    assert p.returncode == 3, p.stderr
+    lines = p.stderr.strip().splitlines()
+    assert len(lines) == 1 and "being migrated by another" in lines[0], p.stderr
+    assert first.wait(120) == 0, first.stderr.read().decode()[-500:]
+    assert migr.copies(nodes, cid) == {"a": None, "b": "running"}
+    migr.wait_dest_counting(ag, cid, 0)

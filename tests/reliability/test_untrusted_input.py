@@ -243,9 +243,10 @@ def test_one_id_migrated_there_back_and_there_again(tmp_path, migrt_launcher, ma
     slow.chmod(0o755)
     nodes = migr.Nodes(migrt_launcher, tmp_path, make_bundle)
     try:
-        ag_b = nodes.agent(env={"MIGRT_CRIU": str(slow)})
+        slow_fill = {"MIGRT_CRIU": str(slow), "MIGRT_LOCAL_FILL_MIN": "0"}
+        ag_b = nodes.agent(env=slow_fill)
         ag_a = migr.Agent(migrt_launcher, str(tmp_path), "a", nodes.a.root, nodes.secret_file,
-                          env={"MIGRT_CRIU": str(slow)}).start()
+                          env=slow_fill).start()
         nodes.agents.append(ag_a)
         cid, bundle, dest, out = nodes.counter()
 

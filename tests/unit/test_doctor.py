@@ -44,6 +44,15 @@ class FakeNode(d.Node):
         self.free, self.kind = free, fstype
         self.stats = {}
 
+    def staging_mounted_by_agent(self, path):
+        return False
+
+    def staging_tmpfs_size(self):
+        return 12 << 30
+
+    def env(self, name):
+        return None
+
     def which(self, name, extra=()):
         return f"/usr/sbin/{name}" if name in self.tools else None
 
@@ -150,13 +159,14 @@ def test_no_runc_no_iptables():
     assert "apt-get install iptables" in by_name(found)["iptables"].fix
 
 
-def test_small_staging_is_missing_and_disk_staging_warns():
+def test_small_staging_is_missing_and_disk_staging_gets_a_tmpfs():
     found = by_name(d.run_checks(FakeNode(free=10 << 20,
                                           files={d.CONTAINERD_CONFIG: V2_REGISTERED})))
     assert found["staging room"].status == d.MISSING
     found = by_name(d.run_checks(FakeNode(fstype="ext4",
                                           files={d.CONTAINERD_CONFIG: V2_REGISTERED})))
-    assert found["staging room"].status == d.WARN and "tmpfs" in found["staging room"].fix
+    s = found["staging room"]
+    assert s.status == d.OK and "mounts a private tmpfs there" in s.detail, s.detail
 
 
 def test_containerd_without_migrt_handler_names_the_register_command():
@@ -323,12 +333,19 @@ def test_capabilities_are_read_from_proc_status():
     assert node.capabilities() is None
 
 
-def test_staging_not_on_tmpfs_warns_with_the_mount_command():
-    f = by_name(d.run_checks(FakeNode(fstype="ext4",
+def test_staging_not_on_tmpfs_and_no_mount_allowed_is_missing_with_the_mount_command():
+    f = by_name(d.run_checks(FakeNode(fstype="ext4", caps=0x1ffffffffff & ~(1 << 21),
                                       files={d.CONTAINERD_CONFIG: V2_REGISTERED})))
     s = f["staging room"]
-    assert s.status == d.WARN and not s.required and "not tmpfs" in s.detail
+    assert s.status == d.MISSING and "not a tmpfs" in s.detail and "CAP_SYS_ADMIN" in s.detail
     assert "mount -t tmpfs" in s.fix and "/run/migrt/staged" in s.fix
+
+
+def test_staging_on_disk_on_purpose_warns():
+    node = FakeNode(fstype="ext4", files={d.CONTAINERD_CONFIG: V2_REGISTERED})
+    node.env = lambda name: "1" if name == "MIGRT_STAGING_ON_DISK" else None
+    s = by_name(d.run_checks(node))["staging room"]
+    assert s.status == d.WARN and not s.required and "MIGRT_STAGING_ON_DISK" in s.detail
 
 
 def test_staging_default_is_the_agents():

@@ -244,3 +244,19 @@ def test_the_runtime_finds_the_agents_disk_dir_from_roots_note(tmp_path, monkeyp
     note = stg._disk_note(staging)
     os.chown(note, 65534, 65534)                  # a note root did not write: ignored
     assert stg.disk_root(staging) == stg.DEFAULT_DISK
+
+
+def test_small_memory_is_restored_whole(monkeypatch):
+    """Starting a lazy-pages daemon costs the downtime more than restoring a few MiB of
+    pages: below MIGRT_LOCAL_FILL_MIN (32 MiB) the memory is restored with the rest."""
+    from migrt.runtime.sources import staged as src
+    monkeypatch.setattr(src, "local_lazy", lambda: True)
+    monkeypatch.delenv("MIGRT_LOCAL_FILL_MIN", raising=False)
+    m = {"files": [{"path": "pages-1.img", "size": 150 << 10},
+                   {"path": "migrt/rootfs/files/big", "size": 1 << 30},
+                   {"path": "core-1.img", "size": 4096}]}
+    assert src.memory_bytes(m) == 150 << 10
+    assert not src.fill_locally({"fill_ok": True}, src.memory_bytes(m))
+    assert src.fill_locally({"fill_ok": True}, 64 << 20)
+    monkeypatch.setenv("MIGRT_LOCAL_FILL_MIN", "0")
+    assert src.fill_locally({"fill_ok": True}, src.memory_bytes(m))

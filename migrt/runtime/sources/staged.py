@@ -77,7 +77,7 @@ def resolve(rest, bundle):
             raise CheckpointError(f"staged:{rest}: lazy migration without its page-traffic "
                                   f"TLS identity ({s.tls_dir})")
     source = RestoreSource(s.image_dir, restore_flags=flags, lazy_address=lazy, lazy_tls=tls,
-                           lazy_local=fill_locally(rec), prepare=prepare,
+                           lazy_local=fill_locally(rec, memory_bytes(m)), prepare=prepare,
                            on_restored=on_restored, on_failed=on_failed,
                            description=f"staged:{rest}", criu_conf=conf)
     return source
@@ -195,8 +195,31 @@ def await_arrival(s, mid, bundle):
             pass
 
 
-def fill_locally(rec):
-    """Should this staged migration's memory be filled in after the container runs?"""
+# Below this much memory a staged migration is restored whole: starting `criu lazy-pages`
+# and waiting for its socket costs about 0.03-0.06 s here, and CRIU reads a few MiB of
+# pages from tmpfs in less (busybox: 0.15 MB of pages). $MIGRT_LOCAL_FILL_MIN (bytes).
+LOCAL_FILL_MIN = 32 << 20
+
+
+def memory_bytes(m):
+    """The bytes of memory pages in an image (its manifest's pages-*.img files)."""
+    try:
+        return sum(int(e.get("size") or 0) for e in m.get("files") or ()
+                   if os.path.basename(str(e.get("path", ""))).startswith("pages-"))
+    except (TypeError, ValueError, AttributeError):
+        return None
+
+
+def fill_locally(rec, memory=None):
+    """Should this staged migration's memory be filled in after the container runs?
+    Not when it is small (LOCAL_FILL_MIN): then the lazy-pages daemon costs the
+    downtime more than restoring the pages does."""
+    try:
+        least = int(os.environ.get("MIGRT_LOCAL_FILL_MIN", LOCAL_FILL_MIN))
+    except ValueError:
+        least = LOCAL_FILL_MIN
+    if memory is not None and memory < least:
+        return False
     return not rec.get("lazy_address") and bool(rec.get("fill_ok")) and local_lazy()
 
 
