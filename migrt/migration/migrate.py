@@ -1269,7 +1269,8 @@ def downtime_breakdown(phases, dump, restore, mode):
     CRIU's own figures (its stats images, microseconds in CRIU, given here in seconds) and
     the time around them (runc's, migrt's, the network's)."""
     total = phases.get("downtime") or 0.0
-    top = {"freeze_s": phases.get("freeze")}
+    # the network hold comes first: the downtime counts from it (Migration.freeze)
+    top = {"network_hold_s": phases.get("network_hold"), "freeze_s": phases.get("freeze")}
     if mode == "lazy":
         top["checkpoint_s"] = phases.get("dump")
         top["transfer_and_commit_s"] = phases.get("transfer")

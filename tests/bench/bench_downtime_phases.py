@@ -26,7 +26,8 @@ sys.path.insert(0, os.path.join(HERE, ".."))
 import ocitest  # noqa: E402
 
 ROWS = [
-    ("downtime (freeze until running on the destination)", ("total_s",)),
+    ("downtime (network hold or freeze until running on the destination)", ("total_s",)),
+    ("  network hold: the source's network cut", ("phases", "network_hold_s")),
     ("  freeze: runc pause", ("phases", "freeze_s")),
     ("  checkpoint: runc checkpoint", ("phases", "checkpoint_s")),
     ("    runc's own (start-up, its RPC, cgroups)", ("checkpoint", "runc_s")),
