@@ -161,6 +161,7 @@ class Poller:
 
     def __init__(self, ip):
         self.ip, self.answers, self.stop = ip, [], threading.Event()
+        self.failed = []            # wall times of polls that got no answer
         self.t = threading.Thread(target=self._run, daemon=True)
         self.t.start()
 
@@ -170,6 +171,8 @@ class Poller:
             n = ask(self.ip)
             if n is not None:
                 self.answers.append((time.time(), n))
+            else:
+                self.failed.append(time.time())
             time.sleep(max(0.0, POLL - (time.time() - t0)))
 
     def close(self):
@@ -241,6 +244,15 @@ def one_move(c, ctl, i, mode, mib):
         c.kubectl("delete", "service", f"bench-{tag}", "--wait=false", check=False)
     c.delete_pod(new, "--grace-period=0", "--force")
     c.wait_gone(new)
+    # how long the Endpoints listed more than one address (the frozen source's too:
+    # kube-proxy then sends part of the new connections to a pod that cannot answer)
+    both, since = 0.0, None
+    for tw, ips in proxy.changes + [(w1, [])]:
+        if since is not None:
+            both += max(0.0, min(tw, w1) - since)
+            since = None
+        if len(ips) > 1 and tw < w1:
+            since = max(tw, w0)
     return {"size_mib": mib, "mode": mode, "command_to_done": took,
             "migrt_downtime": st.get("downtimeSeconds"), "svc_downtime": gap,
             "log_downtime": log_gap, "cli_reported": rep["commandToDoneSeconds"],
@@ -248,6 +260,9 @@ def one_move(c, ctl, i, mode, mib):
             "steps": st.get("stepTimes") or {},
             "endpoint_changes": [(round(t - w0, 3), ips) for t, ips in proxy.changes
                                  if t >= w0],
+            "failed_polls": sum(1 for x in poller.failed if w0 <= x <= w1),
+            "answers": sum(1 for x in poller.answers if w0 <= x[0] <= w1),
+            "two_endpoints_s": round(both, 3),
             "gap_from": round(around[0][0] - w0, 3), "gap_to": round(around[1][0] - w0, 3),
             "load": os.getloadavg()}
 
@@ -308,7 +323,9 @@ def main():
                           f"{r['command_to_done']:.2f} s, migrt downtime "
                           f"{r['migrt_downtime']:.3f} s, by Service {r['svc_downtime']:.3f} s "
                           f"(from +{r['gap_from']} to +{r['gap_to']} s), by log "
-                          f"{r['log_downtime']:.3f} s; endpoints {r['endpoint_changes']}; "
+                          f"{r['log_downtime']:.3f} s; {r['failed_polls']} failed polls of "
+                          f"{r['failed_polls'] + r['answers']}, two endpoints for "
+                          f"{r['two_endpoints_s']} s; endpoints {r['endpoint_changes']}; "
                           f"phases: {ph}; load {r['load'][0]:.2f}"
                           + (" (warm-up)" if k == 0 else ""), flush=True)
                     results.append(r)
