@@ -186,6 +186,12 @@ class Poller:
         i = max(range(1, len(a)), key=lambda k: a[k][0] - a[k - 1][0])
         return a[i][0] - a[i - 1][0], (a[i - 1], a[i])
 
+    def gaps(self, since, until, longer=0.3):
+        """Every pause between answers longer than `longer`: (start - since, length)."""
+        a = [x for x in self.answers if since <= x[0] <= until]
+        return [(round(a[k - 1][0] - since, 3), round(a[k][0] - a[k - 1][0], 3))
+                for k in range(1, len(a)) if a[k][0] - a[k - 1][0] > longer]
+
 
 def one_move(c, ctl, i, mode, mib):
     src, dst = kc.NODES[i % 2], kc.NODES[(i + 1) % 2]
@@ -230,12 +236,17 @@ def one_move(c, ctl, i, mode, mib):
         w1 = time.time()
         poller.close()
         gap, around = poller.longest_gap(w0, w1)
+        pauses = poller.gaps(w0, w1)
         assert around[1][1] > around[0][1], ("counter did not carry on", around)
         t.join(30)
         kc.wait_for(lambda: len(c.logs(new).split()) > 5, 60, "new pod's log")
         new_lines = [s for s in (stamp(x) for x in c.kubectl("logs", "--timestamps", new)
                                  .stdout.splitlines()) if s]
         log_gap = new_lines[0][0] - old_lines[-1][0]
+        # pauses in the old pod's own log during the move (pre-copy's pre-dump freezes it)
+        old_w = [x for x in old_lines if x[0] >= w0]
+        old_pauses = [(round(old_w[k - 1][0] - w0, 3), round(old_w[k][0] - old_w[k - 1][0], 3))
+                      for k in range(1, len(old_w)) if old_w[k][0] - old_w[k - 1][0] > 0.3]
         assert new_lines[0][1] == old_lines[-1][1] + 1, (old_lines[-1], new_lines[0])
     finally:
         if poller:
@@ -262,7 +273,8 @@ def one_move(c, ctl, i, mode, mib):
                                  if t >= w0],
             "failed_polls": sum(1 for x in poller.failed if w0 <= x <= w1),
             "answers": sum(1 for x in poller.answers if w0 <= x[0] <= w1),
-            "two_endpoints_s": round(both, 3),
+            "two_endpoints_s": round(both, 3), "service_pauses": pauses,
+            "old_log_pauses": old_pauses,
             "gap_from": round(around[0][0] - w0, 3), "gap_to": round(around[1][0] - w0, 3),
             "load": os.getloadavg()}
 
@@ -325,7 +337,8 @@ def main():
                           f"(from +{r['gap_from']} to +{r['gap_to']} s), by log "
                           f"{r['log_downtime']:.3f} s; {r['failed_polls']} failed polls of "
                           f"{r['failed_polls'] + r['answers']}, two endpoints for "
-                          f"{r['two_endpoints_s']} s; endpoints {r['endpoint_changes']}; "
+                          f"{r['two_endpoints_s']} s; Service pauses {r['service_pauses']}, "
+                          f"old pod's log pauses {r['old_log_pauses']}; endpoints {r['endpoint_changes']}; "
                           f"phases: {ph}; load {r['load'][0]:.2f}"
                           + (" (warm-up)" if k == 0 else ""), flush=True)
                     results.append(r)
