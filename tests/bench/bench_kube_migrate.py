@@ -349,6 +349,7 @@ def main():
         if ctl:
             ctl.kill()
         c.stop()
+        shutil.rmtree(work, ignore_errors=True)
     res = [r for r in results if not r["warmup"]]
     print("\n| size | mode | moves | command to done (s) | pod-level downtime by Service "
           "(s) | by log (s) | migrt downtime (s) |")
