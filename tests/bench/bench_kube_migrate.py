@@ -38,7 +38,7 @@ downtime 0.7 s at 1 GiB. Targets here: command to done <= 5 s for a small pod;
 pod-level downtime <= 1 s at 1 GiB in lazy mode.
 
     /opt/migrt/venv/bin/python tests/bench/bench_kube_migrate.py [-n 3] \
-        [--mode full,precopy,lazy] [--size-mib 0,1024] [--json-out FILE]
+        [--mode full,precopy,lazy] [--size-mib 0,1024] [--json-out FILE] [--readiness-probe]
 
 Needs root, containerd, runc, CRIU, iptables, gcc (static libc) for --size-mib > 0 (no
 network).
@@ -193,7 +193,7 @@ class Poller:
                 for k in range(1, len(a)) if a[k][0] - a[k - 1][0] > longer]
 
 
-def one_move(c, ctl, i, mode, mib):
+def one_move(c, ctl, i, mode, mib, probe=False):
     src, dst = kc.NODES[i % 2], kc.NODES[(i + 1) % 2]
     tag = os.urandom(3).hex()
     pod = f"bench-{mib}m-{mode}-{i}-{tag}"
@@ -203,6 +203,12 @@ def one_move(c, ctl, i, mode, mib):
     else:
         m = kc.pod_manifest(pod, TICKER, node=src)
     m["metadata"]["labels"] = {"bench": tag}
+    if probe:
+        # what an operator would add: the kubelet takes a pod that stops answering out
+        # of the Endpoints (here: the frozen source, after one failed probe)
+        m["spec"]["containers"][0]["readinessProbe"] = {
+            "httpGet": {"path": "/count", "port": 8080}, "periodSeconds": 1,
+            "timeoutSeconds": 1, "failureThreshold": 1}
     c.run_pod(m, timeout=180)
     kc.wait_for(lambda: len(c.logs(pod).split()) > (50 if not mib else 10), 120,
                 "counter running")
@@ -299,6 +305,8 @@ def main():
     ap.add_argument("--size-mib", default="0",
                     help="comma-separated pod sizes in MiB; 0 = the small busybox pod")
     ap.add_argument("--json-out", help="write every move's record here")
+    ap.add_argument("--readiness-probe", action="store_true",
+                    help="give the pod an HTTP readinessProbe (1 s period, 1 failure)")
     args = ap.parse_args()
     modes = args.mode.split(",")
     for m in modes:
@@ -326,7 +334,7 @@ def main():
         for mib in sizes:
             for mode in modes:
                 for k in range(args.n + 1):         # the first is a warm-up
-                    r = one_move(c, ctl, i, mode, mib)
+                    r = one_move(c, ctl, i, mode, mib, args.readiness_probe)
                     i += 1
                     r["warmup"] = k == 0
                     ph = ", ".join(f"{a} {b:.2f}" for a, b in r["phases"].items()
