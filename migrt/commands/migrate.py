@@ -86,7 +86,7 @@ def print_report(r):
     p, b = r["phases"], r["bytes"]
     click.echo(f"migrated {r['container']} to {r['to']} as {r.get('destination_id')} "
                f"({r['mode']} mode, migration {r.get('migration')})")
-    order = ("precheck", "precopy", "network_hold", "freeze", "dump", "transfer", "transfer_after_dump",
+    order = ("precheck", "precopy", "precopy_frozen", "network_hold", "freeze", "dump", "transfer", "transfer_after_dump",
              "restore", "downtime", "fill_after_restore", "pages_served_after_restore",
              "total")
     for k in order:
@@ -96,6 +96,9 @@ def print_report(r):
         click.echo(f"  image {b.get('image', 0) / 1e6:.1f} MB, sent {b.get('sent_raw', 0) / 1e6:.1f} MB, "
                    f"on the wire {b.get('wire', 0) / 1e6:.1f} MB"
                    + (f" (ratio {b['ratio']})" if "ratio" in b else ""))
+    if "precopy_frozen" in p:
+        click.echo("  (precopy_frozen: the container was frozen that long during the pre-copy "
+                   "round too, outside the downtime)")
     if r.get("mode") == "lazy":
         click.echo("  (lazy mode: once restored, a failure could not have been rolled back)")
     elif "fill_after_restore" in p:

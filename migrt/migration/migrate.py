@@ -874,6 +874,11 @@ class Migration:
         self._commit(files, self._bare_manifest(), final=False)
         self._t("precopy", t0)
         self.phases["precopy_dump_freeze"] = round(result.get("criu_s", 0), 4)
+        # the pre-dump freezes the container too (CRIU's freezing + frozen time): its
+        # clients wait then as in the downtime, although the copy is not switched yet
+        st = result.get("criu_stats") or {}
+        if st.get("frozen_s") is not None:
+            self.phases["precopy_frozen"] = round(st.get("freezing_s", 0) + st["frozen_s"], 4)
         self._account(sender, "_precopy")
         return sender.blocks
 
@@ -1283,6 +1288,9 @@ def downtime_breakdown(phases, dump, restore, mode):
     top = {k: _r(v) for k, v in top.items() if v is not None}
     top["migrt_between_s"] = _r(max(0.0, total - sum(top.values())))
     out = {"total_s": _r(total), "phases": top}
+    if phases.get("precopy_frozen") is not None:
+        # not in total_s (the container ran between the two), but its clients waited
+        out["precopy_frozen_s"] = _r(phases["precopy_frozen"])
     if dump:
         ck = {"total_s": _r(dump.get("dump_s") or phases.get("dump"))}
         if dump.get("lazy"):

@@ -222,6 +222,10 @@ def test_migrate_counter_continues(two_nodes, mode):
         assert ph[k] >= 0
     assert rep["bytes"]["image"] > 0 and rep["bytes"]["wire"] > 0
     assert rep["mode"] == mode
+    if mode == "precopy":
+        # the pre-dump froze the counter too, briefly: shown apart from the downtime
+        assert 0 < ph["precopy_frozen"] <= ph["precopy"], ph
+        assert rep["downtime"]["precopy_frozen_s"] == ph["precopy_frozen"]
     # --zstd-level auto: no compression for an agent on this very machine
     assert rep["zstd_level"] == 0
     # the restore ran in the restorer the agent had started ahead of time
