@@ -1350,23 +1350,27 @@ def _runc_has_flag(runc, flag):
     return flag in _RUNC_HELP[runc].split()
 
 
+def _lock_lines(pid):
+    """(fd, fields) for each `lock:` line of pid's /proc fdinfo (what CRIU itself reads)."""
+    try:
+        fds = os.listdir(f"/proc/{pid}/fdinfo")
+    except OSError:
+        return
+    for fd in fds:
+        try:
+            with open(f"/proc/{pid}/fdinfo/{fd}") as f:
+                lines = [ln.split() for ln in f if ln.startswith("lock:")]
+        except OSError:
+            continue
+        for w in lines:
+            yield fd, w
+
+
 def held_file_locks(pids):
     """How many file locks (flock, POSIX, OFD) the processes hold, as their fdinfo
     shows them (what CRIU itself reads): CRIU refuses to dump a task holding one unless
     told --file-locks, and runc always sends that option, so runc's flag must say it."""
-    n = 0
-    for pid in pids:
-        try:
-            fds = os.listdir(f"/proc/{pid}/fdinfo")
-        except OSError:
-            continue
-        for fd in fds:
-            try:
-                with open(f"/proc/{pid}/fdinfo/{fd}") as f:
-                    n += sum(1 for line in f if line.startswith("lock:"))
-            except OSError:
-                pass
-    return n
+    return sum(1 for pid in pids for _ in _lock_lines(pid))
 
 
 # CRIU 4.2.1 as released loses a process's POSIX lock on a file that the process also
@@ -1382,24 +1386,14 @@ def posix_locks_on_shared_maps(pids):
     out = []
     for pid in pids:
         locked = {}
-        try:
-            fds = os.listdir(f"/proc/{pid}/fdinfo")
-        except OSError:
-            continue
-        for fd in fds:
-            try:
-                with open(f"/proc/{pid}/fdinfo/{fd}") as f:
-                    lines = [ln.split() for ln in f if ln.startswith("lock:")]
-            except OSError:
-                continue
-            for w in lines:
-                # lock:  1: POSIX  ADVISORY  READ 1234 fd:01:5678 128 128
-                if len(w) >= 7 and w[2] == "POSIX":
-                    try:
-                        major, minor, ino = w[6].split(":")
-                        locked[(int(major, 16), int(minor, 16), int(ino))] = fd
-                    except ValueError:
-                        pass
+        for fd, w in _lock_lines(pid):
+            # lock:  1: POSIX  ADVISORY  READ 1234 fd:01:5678 128 128
+            if len(w) >= 7 and w[2] == "POSIX":
+                try:
+                    major, minor, ino = w[6].split(":")
+                    locked[(int(major, 16), int(minor, 16), int(ino))] = fd
+                except ValueError:
+                    pass
         if not locked:
             continue
         try:
