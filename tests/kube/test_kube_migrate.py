@@ -485,7 +485,7 @@ def test_controller_killed_while_migrating_keeps_one_copy(kube, migrt_kube):
     kube.wait_gone(new)
 
 
-JOB_COUNTER = ("trap 'exit 0' TERM; exec 3>>/data.log; i=0; while [ $i -lt 150 ]; do "
+JOB_COUNTER = ("trap 'exit 0' TERM; exec 3>>/data.log; i=0; while [ $i -lt 300 ]; do "
                "i=$((i+1)); echo $i; echo $i >&3; echo $i > /tmp/count; sleep 0.2; done; "
                "echo job-done")
 
@@ -538,7 +538,7 @@ def test_job_pod_moves_without_a_failure_or_a_replacement(kube, migrt_kube):
     # no pod added by the Job because of the move: only the old and the new pod
     assert seen == {old, new}, seen
     out = kube.logs(new)
-    assert out.split()[-1] == "job-done" and numbers(out)[-1] == 150, out[-40:]
+    assert out.split()[-1] == "job-done" and numbers(out)[-1] == 300, out[-40:]
     kube.kubectl("delete", "job", job, "--wait=false")
 
 
