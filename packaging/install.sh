@@ -42,6 +42,9 @@ CRIU_VERSION=${CRIU_SOURCE%-*}             # upstream version, as `criu --versio
 CRIU=/usr/local/sbin/criu
 CRIU_PATCHES=$SRC/packaging/criu-patches
 CRIU_STAMP=/usr/local/share/migrt/criu-build
+# where that CRIU keeps its kernel-feature cache (only on a tmpfs, which migrt makes sure
+# of: migrt/criu/kdat.py), instead of /run, which is not a tmpfs on every node
+CRIU_RUNDIR=/run/migrt/criu
 MIRROR=${MIGRT_DEBIAN_MIRROR:-http://deb.debian.org/debian}
 KEYRING=/usr/share/keyrings/debian-archive-keyring.gpg
 
@@ -232,7 +235,7 @@ criu_patches_check() {
         || { log "a CRIU patch does not match $CRIU_PATCHES/SHA256SUMS"; exit 1; }
 }
 criu_patches_id() { (cd "$CRIU_PATCHES" && cat SHA256SUMS) | sha256sum | cut -c1-16; }
-criu_build_key() { echo "source=$CRIU_SOURCE patches=$(criu_patches_id)"; }
+criu_build_key() { echo "source=$CRIU_SOURCE patches=$(criu_patches_id) rundir=$CRIU_RUNDIR"; }
 # Is $CRIU the build this install makes (stamp written by build_criu, binary unchanged)?
 criu_is_current() {
     [ -x "$CRIU" ] && [ -f "$CRIU_STAMP" ] || return 1
@@ -258,7 +261,7 @@ build_criu() {
         fi
         log "applied $(basename "$p")"
     done
-    if ! make -C "$dir" -j"$(nproc)" criu >"$w/build.log" 2>&1; then
+    if ! make -C "$dir" -j"$(nproc)" RUNDIR="$CRIU_RUNDIR" criu >"$w/build.log" 2>&1; then
         tail -30 "$w/build.log" | sed 's/^/  /' >&2
         log "the CRIU build failed"
         exit 1

@@ -148,6 +148,9 @@ class Agent:
         # memory images on a tmpfs, always (migrt.agent.stagefs): StageFsError if not possible
         from migrt.agent import stagefs
         self.stagefs = stagefs.ensure(self.staging, staging_size, log=log)
+        if os.geteuid() == 0:
+            from migrt.criu import kdat       # CRIU's kernel probes cached, not redone
+            kdat.ensure(log=log)
         for d in (self.staging, self.disk):
             os.chmod(d, 0o700)
         os.environ["MIGRT_STAGING"] = self.staging

@@ -14,44 +14,18 @@ only ever happens because someone mounted a disk there on purpose
 
 The rootfs changes (`--disk`) stay on the disk: they are renamed into the bundle.
 """
-import ctypes
 import json
 import os
 
 from migrt.agent import staging as stg
+from migrt.mounts import (MS_NODEV, MS_NOSUID, MS_REMOUNT, TMPFS, _libc,
+                          mount as _mount, mount_of)  # noqa: F401 - mount_of: doctor
 
-TMPFS = "tmpfs"
 RESERVE = 256 << 20          # memory left to everything else when sizing the tmpfs
-MS_NOSUID, MS_NODEV, MS_REMOUNT = 2, 4, 32
 
 
 class StageFsError(Exception):
     pass
-
-
-def _unescape(s):
-    return s.replace("\\040", " ").replace("\\011", "\t").replace("\\012", "\n") \
-        .replace("\\134", "\\")
-
-
-def mount_of(path):
-    """(mount point, fs type) of the filesystem that holds path (its nearest existing dir)."""
-    path = os.path.realpath(path)
-    while not os.path.exists(path):
-        path = os.path.dirname(path)
-    best, kind = "", "?"
-    with open("/proc/self/mountinfo") as f:
-        for line in f:
-            parts = line.split()
-            try:
-                point = _unescape(parts[4])
-                fs = parts[parts.index("-") + 1]
-            except (IndexError, ValueError):
-                continue
-            if (path == point or path.startswith(point.rstrip("/") + "/")) and \
-                    len(point) >= len(best):
-                best, kind = point, fs          # the last of equal points is on top
-    return best, kind
 
 
 def meminfo():
@@ -94,21 +68,6 @@ def mounted_by_us(staging):
         return None
     point, kind = mount_of(staging)
     return note if kind == TMPFS and point == os.path.realpath(staging) else None
-
-
-def _libc():
-    libc = ctypes.CDLL(None, use_errno=True)
-    libc.mount.argtypes = [ctypes.c_char_p] * 3 + [ctypes.c_ulong, ctypes.c_char_p]
-    libc.umount2.argtypes = [ctypes.c_char_p, ctypes.c_int]
-    return libc
-
-
-def _mount(src, target, fstype, flags, data):
-    libc = _libc()
-    enc = (lambda s: s.encode() if isinstance(s, str) else s)
-    if libc.mount(enc(src), enc(target), enc(fstype), flags, enc(data)) != 0:
-        e = ctypes.get_errno()
-        raise OSError(e, os.strerror(e), target)
 
 
 def ensure(staging, size=None, log=None):

@@ -342,6 +342,25 @@ def containerd_effective(node, config):
     return doc, files
 
 
+def check_kdat(stamp="/usr/local/share/migrt/criu-build"):
+    """CRIU's kernel-feature cache (migrt.criu.kdat): on a tmpfs, or every dump and
+    restore probes the kernel again (0.04 to 0.05 s each, in the downtime)."""
+    from migrt.criu import kdat
+    try:
+        with open(stamp) as f:
+            ours = f"rundir={kdat.DIR}" in f.read()
+    except OSError:
+        ours = False
+    if not ours:
+        return Finding("CRIU kernel cache", OK, "CRIU is not install.sh's build: it keeps "
+                       "its cache where it was built to (on a tmpfs /run, as usual)",
+                       required=False)
+    ok, line = kdat.state()
+    return Finding("CRIU kernel cache", OK if ok else WARN, line,
+                   None if ok else f"start the agent (it mounts a tmpfs on {kdat.DIR}), or "
+                   f"mount one there", required=False)
+
+
 def check_containerd(node, config=CONTAINERD_CONFIG, migrt_path=None):
     if not node.which("containerd"):
         return None
@@ -515,6 +534,7 @@ def run_checks(node=None, staging=None, containerd_config=CONTAINERD_CONFIG,
     found.append(check_userfaultfd(node))
     found.append(check_page_server(node))
     found.append(check_staging(node, staging))
+    found.append(check_kdat())
     found += check_callers(check_containerd(node, containerd_config, migrt_path),
                            check_crio(node, crio_config, crio_drop_ins), node)
     running = check_containerd_running(node, containerd_address)

@@ -596,6 +596,8 @@ class Migration:
         from migrt.runc import criu_path
         if not os.access(criu_path(), os.X_OK):
             raise RefusedError("criu is not installed on this node")
+        from migrt.criu import kdat             # CRIU's kernel probes cached, not redone
+        kdat.ensure()
         if self.opts.mode == "lazy":
             from migrt.criu import lazycheck
             why = lazycheck.problem()

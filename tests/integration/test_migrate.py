@@ -10,6 +10,7 @@ import shutil
 import signal
 import socket
 import subprocess
+import sys
 import threading
 import time
 
@@ -713,3 +714,66 @@ def test_full_disk_on_the_source_rolls_back(two_nodes, size):
         assert os.path.isfile(kept) and "No space left" in open(kept).read(), kept
     assert_source_running(n, out)
     assert_destination_clean(n, ag)
+
+
+TMPFS_MOUNTS = [
+    # empty, its root as its options make it: CRIU (packaging/criu-patches) saves it
+    # without tar
+    {"destination": "/scratch", "type": "tmpfs", "source": "tmpfs",
+     "options": ["nosuid", "nodev", "mode=0710", "uid=12", "gid=34", "size=1m"]},
+    # empty, but its root chmod-ed after the mount: through tar, its mode must come back
+    {"destination": "/chmodded", "type": "tmpfs", "source": "tmpfs",
+     "options": ["nosuid", "nodev", "mode=0755", "size=1m"]},
+]
+# runc's /dev and /dev/shm, the read-only tmpfs masking /proc/acpi and /sys/firmware,
+# the bundle's two: the mount's options, its root's mode and owner, its entries
+TMPFS_LOOK = ("for m in /dev /dev/shm /proc/acpi /sys/firmware /scratch /chmodded; do "
+              "echo \"== $m $(stat -c '%a %u %g' $m) "
+              "$(awk -v m=$m '$5 == m {print $6, $(NF-2), $NF}' /proc/self/mountinfo)\"; "
+              "ls -lan $m | sed 1d | awk '{print $1, $3, $4, $5, $NF}'; done; "
+              "cat /dev/shm/kept/note")
+
+
+@pytest.mark.parametrize("mode", ["full", "lazy"])
+def test_tmpfs_mounts_arrive_as_they_were(two_nodes, mode):
+    """Every tmpfs of the container, empty or not (runc's /dev, /dev/shm, the read-only
+    ones masking /proc and /sys paths, the bundle's own), is on the destination with the
+    same options, the same root mode and owner and the same entries; masked paths stay
+    masked; /dev/shm's file arrives."""
+    n = two_nodes
+    ag = n.agent()
+    args = ["sh", "-c", ocitest.COUNTER]
+    src = n.make_bundle(args, name=ocitest.uid("src"), mounts=TMPFS_MOUNTS)
+    code, out, err = n.a.create("ctr", src, start=True)
+    assert code == 0, err.text
+    ocitest.wait_for(lambda: ocitest.last_count(out) >= 3, what="counter on the source")
+    n.a.exec_out("ctr", "sh", "-c", "chmod 0701 /chmodded && mkdir /dev/shm/kept && "
+                 "echo from-the-source > /dev/shm/kept/note")
+    before = n.a.exec_out("ctr", "sh", "-c", TMPFS_LOOK)
+    assert "== /scratch 710 12 34" in before and "== /chmodded 701 0 0" in before, before
+    assert "== /sys/firmware 1777 0 0 ro" in before, before   # runc's mask: an empty tmpfs
+    extra = ["--lazy"] if mode == "lazy" else []
+    p, rep = n.migrate(ag, "ctr", *extra,
+                       bundle=n.make_bundle(args, name=ocitest.uid("dst"), mounts=TMPFS_MOUNTS))
+    assert p.returncode == 0, p.stderr + ag.log()
+    assert n.b.state("ctr")["status"] == "running"
+    after = n.b.exec_out("ctr", "sh", "-c", TMPFS_LOOK)
+    import difflib
+    assert after == before, "\n".join(difflib.unified_diff(before.splitlines(),
+                                                           after.splitlines(), lineterm=""))
+    assert after.rstrip().endswith("from-the-source")
+    # still masked: read-only, nothing of the host's /sys/firmware shows
+    r = n.b.exec_out("ctr", "sh", "-c", "touch /sys/firmware/x 2>&1; ls -A /sys/firmware | wc -l;"
+                     "wc -c < /proc/keys")
+    assert r.split()[-2:] == ["0", "0"] and "Read-only" in r, r
+    # and the empty ones are usable
+    n.b.exec_out("ctr", "sh", "-c", "echo ok > /chmodded/f && echo ok > /dev/shm/f && "
+                 "test -s /chmodded/f && test -s /dev/shm/f")
+    # both CRIUs (dump and restore) kept their kernel probes on migrt's tmpfs instead of
+    # probing again next time (install.sh builds CRIU with RUNDIR=/run/migrt/criu)
+    repo = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+    d = subprocess.run([sys.executable, "-m", "migrt", "doctor", "--json"],
+                       capture_output=True, text=True, cwd=repo, timeout=120)
+    found = {f["check"]: f for f in json.loads(d.stdout)["findings"]}
+    kd = found["CRIU kernel cache"]
+    assert kd["status"] == "ok" and "on a tmpfs, cache present" in kd["detail"], kd
