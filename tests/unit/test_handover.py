@@ -54,11 +54,19 @@ def test_file_locks_are_counted(tmp_path):
 
 
 @needs_tools
-def test_hold_cuts_the_namespace_off_until_dropped(netns):
+@pytest.mark.parametrize("where", ["thread", "child"])
+def test_hold_cuts_the_namespace_off_until_dropped(netns, where, monkeypatch):
+    """The hold is added from a thread that joins the namespace (no interpreter started
+    in the downtime), or by a child (MIGRT_HOLD_IN_CHILD=1, and where the thread cannot);
+    either way this process itself stays in its own namespace."""
+    monkeypatch.setenv("MIGRT_HOLD_IN_CHILD", "1" if where == "child" else "0")
+    mine = os.stat("/proc/thread-self/ns/net").st_ino
     assert reachable(netns)
     h = handover.Hold.take(netns, external=False)
     assert h.method == "nftables"
     assert not reachable(netns)
+    assert os.stat("/proc/thread-self/ns/net").st_ino == mine
+    assert os.stat("/proc/self/ns/net").st_ino == mine
     assert h.drop() == ["nftables:migrt-hold"]
     assert reachable(netns)
 
