@@ -74,6 +74,9 @@ WORKLOADS = {
     "shm-socketpair": program("shm_pair.py", ready_tag="S", ready_n=5),
     "1gib-4096-maps": program("bigmem.py", ["4096"], ready_tag="P", ready_n=1,
                               shm_size="1200m"),
+    "jvm-1gib": program("Heap.java", ["1024"], ready_tag="J", ready_n=3,
+                        argv=["java", "-Xms1200m", "-Xmx1200m", "-XX:+UseSerialGC",
+                              "-XX:-UsePerfData"]),
 }
 
 

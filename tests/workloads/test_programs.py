@@ -28,11 +28,11 @@ def lines(text, tag):
 
 
 class Prog:
-    def __init__(self, cluster, name, args=(), shm_size=None, ready=None):
+    def __init__(self, cluster, name, args=(), shm_size=None, ready=None, argv=None):
         self.cl = cluster
         self.cid, self.addr, self.dst = cluster.container(
-            name.split(".")[0].replace("_", "-"), with_prog(name),
-            ["python3", "-u", f"/data/{name}", *args],
+            name.split(".")[0].replace("_", "-").lower(), with_prog(name),
+            (argv or ["python3", "-u"]) + [f"/data/{name}", *args],
             **({"shm_size": shm_size} if shm_size else {}))
         self.ready = ready
 
@@ -200,3 +200,33 @@ def test_big_process(cluster, mode):
     with open(f"/proc/{pid}/status") as f:
         st = dict(ln.split(":", 1) for ln in f)
     assert int(st["VmRSS"].split()[0]) >= 1 << 20, st["VmRSS"]
+
+
+# A JVM (Debian's OpenJDK 17, the source file run by the launcher): its heap in the
+# container's anonymous memory, its compiler, collector and own threads, class data
+# mapped from /usr.
+JVM = ["java", "-Xms400m", "-Xmx400m", "-XX:+UseSerialGC", "-XX:-UsePerfData"]
+
+
+def test_jvm(cluster, mode):
+    """A JVM holding 256 MiB in long[] chunks it rewrites and checks every round: after
+    the move every value is right, the rounds go on from where they were, and every
+    thread of the JVM is there."""
+    p = Prog(cluster, "Heap.java", ["256"], argv=JVM)
+    p.wait_src(lambda t: len(lines(t, "J")) >= 3, "the JVM's heap filled and checked",
+               timeout=180)
+    p.migrate(mode)
+    last = int(lines(p.src(), "J")[-1][0])
+    p.wait_dst(lambda t: len([x for x in lines(t, "J") if int(x[0]) > last + 2]) >= 1
+               or "BAD" in t, "three more checked rounds on node B", timeout=120)
+    out = p.dst_out()
+    assert "BAD" not in out, out[-2000:]
+    rounds = [int(x[0]) for x in lines(out, "J")]
+    assert consecutive([last] + rounds), (last, rounds[:3])
+    pid = cluster.b.state(p.cid)["pid"]
+    names = set()
+    for t in os.listdir(f"/proc/{pid}/task"):
+        with open(f"/proc/{pid}/task/{t}/comm") as f:
+            names.add(f.read().strip())
+    assert {"VM Thread", "Finalizer", "Signal Dispatch"} <= names, names
+    assert sum(1 for n in names if n.startswith("Thread-")) == 4, names
