@@ -237,6 +237,8 @@ def main():
     ap.add_argument("--no-podman", action="store_true")
     ap.add_argument("--no-kept", action="store_true",
                     help="skip the runc floor with the source kept (pause, --leave-running)")
+    ap.add_argument("--no-floor", action="store_true",
+                    help="skip the runc floor (at 8 GiB it needs twice the memory on tmpfs)")
     ap.add_argument("--markdown", action="store_true")
     ap.add_argument("--criu", default="",
                     help="LABEL=PATH,...: run each migrt mode with each of these CRIU builds")
@@ -261,24 +263,28 @@ def main():
             # rounds interleave the methods, so that a noisy minute hits all of them alike
             floors, kept, reps = [], [], {m[0]: [] for m in modes}
             for r in range(args.repeat):
-                floors.append(b.runc_floor(mib))
+                if not args.no_floor:
+                    floors.append(b.runc_floor(mib))
                 if not args.no_kept:
                     kept.append(b.runc_floor(mib, keep_source=True))
                 for name, mode, criu in modes:
                     reps[name].append(b.migrt_run(mib, extra[mode], criu))
-            raw[f"{mib}-runc"] = floors
-            fd = [x["downtime"] for x in floors]
-            floor = _median(fd)
-            rows.append((mib, "runc checkpoint + restore (tmpfs, no transfer)", floor,
-                         None, floors[0]["image_bytes"], None, None,
-                         f"checkpoint {_median([x['checkpoint'] for x in floors]):.2f}s, "
-                         f"restore {_median([x['restore'] for x in floors]):.2f}s" + _spread(fd)))
+            floor = None
+            if floors:
+                raw[f"{mib}-runc"] = floors
+                fd = [x["downtime"] for x in floors]
+                floor = _median(fd)
+                rows.append((mib, "runc checkpoint + restore (tmpfs, no transfer)", floor,
+                             None, floors[0]["image_bytes"], None, None,
+                             f"checkpoint {_median([x['checkpoint'] for x in floors]):.2f}s, "
+                             f"restore {_median([x['restore'] for x in floors]):.2f}s"
+                             + _spread(fd)))
             if kept:
                 raw[f"{mib}-runc-kept"] = kept
                 kd = [x["downtime"] for x in kept]
                 rows.append((mib, "runc, source kept (pause, checkpoint --leave-running, "
                              "restore --auto-dedup; no transfer)", _median(kd),
-                             _median(kd) / floor, kept[0]["image_bytes"], None, None,
+                             _median(kd) / floor if floor else None, kept[0]["image_bytes"], None, None,
                              f"checkpoint {_median([x['checkpoint'] for x in kept]):.2f}s, "
                              f"restore {_median([x['restore'] for x in kept]):.2f}s; the least "
                              f"a migration that keeps the source until the copy runs can "
@@ -323,7 +329,7 @@ def main():
                     # staged copy after that, before the source went
                     note += (f"; memory filled in {ph['fill_after_restore']:.2f}s after the "
                              f"restore")
-                rows.append((mib, f"migrt migrate ({name})", med, med / floor, by.get("image"),
+                rows.append((mib, f"migrt migrate ({name})", med, med / floor if floor else None, by.get("image"),
                              by.get("wire"), rep.get("throughput_MBps"), note + _spread(dts)))
             if not args.no_podman:
                 pod = b.podman(mib)
@@ -333,7 +339,7 @@ def main():
                                  None, None, None, "FAILED: " + pod["error"][:120]))
                 else:
                     rows.append((mib, "podman checkpoint --export + restore --import",
-                                 pod["downtime"], pod["downtime"] / floor,
+                                 pod["downtime"], pod["downtime"] / floor if floor else None,
                                  pod["image_bytes"], None, None,
                                  f"checkpoint {pod['checkpoint']:.2f}s, restore {pod['restore']:.2f}s"))
     finally:
