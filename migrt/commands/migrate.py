@@ -88,6 +88,7 @@ def print_report(r):
                f"({r['mode']} mode, migration {r.get('migration')})")
     order = ("precheck", "precopy", "precopy_frozen", "network_hold", "freeze", "dump", "transfer", "transfer_after_dump",
              "restore", "downtime", "fill_after_restore", "pages_served_after_restore",
+             "source_released_after_restore",
              "total")
     for k in order:
         if k in p:

@@ -148,7 +148,8 @@ def report_lines(pm, took):
     else:
         lines.append(f"  command to done {took:.2f} s")
     order = ("precheck", "precopy", "freeze", "dump", "transfer", "transfer_after_dump",
-             "restore", "downtime", "fill_after_restore", "pages_served_after_restore", "total")
+             "restore", "downtime", "fill_after_restore", "pages_served_after_restore",
+             "source_released_after_restore", "total")
     if ph:
         lines.append("  migration phases: " + ", ".join(
             f"{k} {ph[k] * 1000:.0f} ms" for k in order if isinstance(ph.get(k), (int, float))))

@@ -1218,7 +1218,8 @@ class Migration:
         self.report["memory_fill"] = "from the destination's staged image, after the restore"
 
     def _finish(self, t_start, t_freeze):
-        self.phases["downtime"] = round(time.monotonic() - t_freeze, 4)
+        t_running = time.monotonic()        # the destination runs the container
+        self.phases["downtime"] = round(t_running - t_freeze, 4)
         try:
             self.report["downtime"] = downtime_breakdown(
                 self.phases, getattr(self, "dump_figures", None),
@@ -1250,6 +1251,9 @@ class Migration:
                 self.release_source()
         except (KeyboardInterrupt, Interrupted) as e:
             raise self._unfinished(_interruption(e))
+        # how long the source node still held the container (lazy: its memory until
+        # every page was served) after the destination ran it
+        self._t("source_released_after_restore", t_running)
         self._t("total", t_start)
         b = self.report["bytes"]
         if b.get("wire"):

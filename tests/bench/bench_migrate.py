@@ -13,6 +13,15 @@ busybox container; then, one after the other:
   loopback (two runc roots), downtime = freeze until the destination runs the container;
 - podman: `podman container checkpoint --export` + `podman container restore --import`.
 
+--criu LABEL=PATH[,LABEL=PATH...] runs every migrt mode once per CRIU build given (migrate,
+its agent and the runc they start use that `criu`, see MIGRT_CRIU), in the same rounds:
+before/after figures of a CRIU change on the same machine at the same time. For lazy
+mode the notes give when the last page was served and the source released (seconds
+after the restore), the page arrival rate (the workload's memory over that time) and
+the workload's rounds per second from the migrate command's start to the source's
+release, against the same figure measured just before it (memtouch does 10 a second
+when nothing slows it).
+
 Prints one table (markdown with --markdown) and the raw reports as JSON on stderr.
 """
 import argparse
@@ -111,9 +120,15 @@ class Bench:
         return p.returncode, None, o.text
 
     # ------------------------------------------------------------ migrt
-    def migrt_run(self, mib, extra):
-        ra = ocitest.Runtime(self.migrt, os.path.join(self.work, f"m-a-{self.n}"), env=self.env)
-        rb = ocitest.Runtime(self.migrt, os.path.join(self.work, f"m-b-{self.n}"), env=self.env)
+    def count(self, rt):
+        """memtouch's round counter in the container (None if unreadable just now)."""
+        c = rt.exec_out("w", "cat", "/tmp/count").strip()
+        return int(c) if c.isdigit() else None
+
+    def migrt_run(self, mib, extra, criu=None):
+        env = dict(self.env, MIGRT_CRIU=criu) if criu else self.env
+        ra = ocitest.Runtime(self.migrt, os.path.join(self.work, f"m-a-{self.n}"), env=env)
+        rb = ocitest.Runtime(self.migrt, os.path.join(self.work, f"m-b-{self.n}"), env=env)
         secret = os.path.join(self.work, "secret")
         if not os.path.exists(secret):
             with open(os.open(secret, os.O_WRONLY | os.O_CREAT, 0o600), "w") as f:
@@ -122,20 +137,30 @@ class Bench:
             [self.migrt, "--root", rb.root, "agent", "--listen", "127.0.0.1:0", "--secret-file",
              secret, "--staging", os.path.join(self.env["MIGRT_STATE_DIR"], "staged"),
              "--disk", os.path.join(self.work, "disk"), "--log-dir", os.path.join(self.work, "logs")],
-            stdout=subprocess.PIPE, stderr=subprocess.DEVNULL, env=self.env)
+            stdout=subprocess.PIPE, stderr=subprocess.DEVNULL, env=env)
         try:
             addr = agent.stdout.readline().decode().split()[-1]
             b, out = self.start(ra, "w", mib)
             dst = self.bundle(mib, "dst")
+            # the workload's pace undisturbed, then during the migration (until the
+            # source is released), from its counter
+            c0, t0 = self.count(ra), time.monotonic()
+            time.sleep(2)
+            c1, t1 = self.count(ra), time.monotonic()
             before = os.times()
             p = subprocess.run([self.migrt, "--root", ra.root, "migrate", "w", "--to", addr,
                                 "--secret-file", secret, "--bundle", dst, "--dest-root", rb.root,
-                                "--json"] + extra, capture_output=True, text=True, env=self.env,
+                                "--json"] + extra, capture_output=True, text=True, env=env,
                                timeout=600)
             after = os.times()
+            t2 = time.monotonic()
             if p.returncode != 0:
                 return {"error": p.stderr.strip()[-300:]}
             rep = json.loads(p.stdout)
+            c2 = self.count(rb)
+            if None not in (c0, c1, c2):
+                rep["workload_rounds_per_s"] = {"before": round((c1 - c0) / (t1 - t0), 1),
+                                                "during": round((c2 - c1) / (t2 - t1), 1)}
             rep["cpu_migrate_s"] = round((after.children_user - before.children_user)
                                          + (after.children_system - before.children_system), 2)
             # the workload rewrites the file (truncate, then write): a read may catch it
@@ -212,8 +237,16 @@ def main():
     ap.add_argument("--no-podman", action="store_true")
     ap.add_argument("--no-kept", action="store_true",
                     help="skip the runc floor with the source kept (pause, --leave-running)")
+    ap.add_argument("--no-floor", action="store_true",
+                    help="skip the runc floor (at 8 GiB it needs twice the memory on tmpfs)")
     ap.add_argument("--markdown", action="store_true")
+    ap.add_argument("--criu", default="",
+                    help="LABEL=PATH,...: run each migrt mode with each of these CRIU builds")
     args = ap.parse_args()
+    variants = [tuple(v.split("=", 1)) for v in args.criu.split(",") if v]
+    for label, path in variants:
+        if os.path.basename(path) != "criu" or not os.access(path, os.X_OK):
+            ap.error(f"--criu {label}={path}: must be an executable file named criu")
     work = tempfile.mkdtemp(prefix="migrt-bench-", dir="/var/tmp")
     migrt = ocitest.build_launcher(os.path.join(work, "migrt"))
     b = Bench(work, migrt)
@@ -221,42 +254,48 @@ def main():
     extra = {"full": [], "full-z1": ["--zstd-level", "1"], "full-z0": ["--zstd-level", "0"],
              "full-z3": ["--zstd-level", "3"], "full-zfast": ["--zstd-level", "-5"],
              "precopy": ["--precopy"], "lazy": ["--lazy"]}
-    modes = args.modes.split(",")
+    # (row name, mode, CRIU path or None)
+    modes = [(m if not variants else f"{m}, criu {label}", m, path)
+             for m in args.modes.split(",") for label, path in (variants or [(None, None)])]
     rows, raw = [], {}
     try:
         for mib in [int(s) for s in args.sizes.split(",")]:
             # rounds interleave the methods, so that a noisy minute hits all of them alike
-            floors, kept, reps = [], [], {m: [] for m in modes}
+            floors, kept, reps = [], [], {m[0]: [] for m in modes}
             for r in range(args.repeat):
-                floors.append(b.runc_floor(mib))
+                if not args.no_floor:
+                    floors.append(b.runc_floor(mib))
                 if not args.no_kept:
                     kept.append(b.runc_floor(mib, keep_source=True))
-                for mode in modes:
-                    reps[mode].append(b.migrt_run(mib, extra[mode]))
-            raw[f"{mib}-runc"] = floors
-            fd = [x["downtime"] for x in floors]
-            floor = _median(fd)
-            rows.append((mib, "runc checkpoint + restore (tmpfs, no transfer)", floor,
-                         None, floors[0]["image_bytes"], None, None,
-                         f"checkpoint {_median([x['checkpoint'] for x in floors]):.2f}s, "
-                         f"restore {_median([x['restore'] for x in floors]):.2f}s" + _spread(fd)))
+                for name, mode, criu in modes:
+                    reps[name].append(b.migrt_run(mib, extra[mode], criu))
+            floor = None
+            if floors:
+                raw[f"{mib}-runc"] = floors
+                fd = [x["downtime"] for x in floors]
+                floor = _median(fd)
+                rows.append((mib, "runc checkpoint + restore (tmpfs, no transfer)", floor,
+                             None, floors[0]["image_bytes"], None, None,
+                             f"checkpoint {_median([x['checkpoint'] for x in floors]):.2f}s, "
+                             f"restore {_median([x['restore'] for x in floors]):.2f}s"
+                             + _spread(fd)))
             if kept:
                 raw[f"{mib}-runc-kept"] = kept
                 kd = [x["downtime"] for x in kept]
                 rows.append((mib, "runc, source kept (pause, checkpoint --leave-running, "
                              "restore --auto-dedup; no transfer)", _median(kd),
-                             _median(kd) / floor, kept[0]["image_bytes"], None, None,
+                             _median(kd) / floor if floor else None, kept[0]["image_bytes"], None, None,
                              f"checkpoint {_median([x['checkpoint'] for x in kept]):.2f}s, "
                              f"restore {_median([x['restore'] for x in kept]):.2f}s; the least "
                              f"a migration that keeps the source until the copy runs can "
                              f"do" + _spread(kd)))
-            for mode in modes:
-                raw[f"{mib}-{mode}"] = reps[mode]
-                bad = [x["error"] for x in reps[mode] if "error" in x]
-                good = [x for x in reps[mode] if "error" not in x]
+            for name, mode, _ in modes:
+                raw[f"{mib}-{name}"] = reps[name]
+                bad = [x["error"] for x in reps[name] if "error" in x]
+                good = [x for x in reps[name] if "error" not in x]
                 if bad:
-                    rows.append((mib, f"migrt migrate ({mode})", None, None, None, None, None,
-                                 f"FAILED {len(bad)} of {len(reps[mode])}: " + bad[0][:120]))
+                    rows.append((mib, f"migrt migrate ({name})", None, None, None, None, None,
+                                 f"FAILED {len(bad)} of {len(reps[name])}: " + bad[0][:120]))
                     if not good:
                         continue
                 dts = [x["phases"]["downtime"] for x in good]
@@ -272,14 +311,25 @@ def main():
                     note += (f"; round 1: {by.get('image_precopy', 0) / 1e6:.0f} MB, "
                              f"frozen {ph.get('precopy_dump_freeze', 0):.2f}s while dumped")
                 if mode == "lazy":
-                    note += (f"; pages served {ph.get('pages_served_after_restore', 0):.2f}s "
-                             f"after the restore")
+                    served = [x["phases"].get("pages_served_after_restore") for x in good]
+                    served = _median([x for x in served if x is not None] or [0])
+                    rel = _median([x["phases"].get("source_released_after_restore", 0)
+                                   for x in good])
+                    note += (f"; pages served {served:.2f}s after the restore (median; "
+                             f"{(mib << 20) / 1e6 / max(served, 1e-3):.0f} MB/s), source "
+                             f"released {rel:.2f}s after it")
+                    rates = [x["workload_rounds_per_s"] for x in good
+                             if "workload_rounds_per_s" in x]
+                    if rates:
+                        note += (f"; workload {_median([r['during'] for r in rates]):.1f} "
+                                 f"rounds/s from the migrate's start to the release "
+                                 f"({_median([r['before'] for r in rates]):.1f} before)")
                 elif "fill_after_restore" in ph:
                     # running once restored; the memory came in from the destination's
                     # staged copy after that, before the source went
                     note += (f"; memory filled in {ph['fill_after_restore']:.2f}s after the "
                              f"restore")
-                rows.append((mib, f"migrt migrate ({mode})", med, med / floor, by.get("image"),
+                rows.append((mib, f"migrt migrate ({name})", med, med / floor if floor else None, by.get("image"),
                              by.get("wire"), rep.get("throughput_MBps"), note + _spread(dts)))
             if not args.no_podman:
                 pod = b.podman(mib)
@@ -289,7 +339,7 @@ def main():
                                  None, None, None, "FAILED: " + pod["error"][:120]))
                 else:
                     rows.append((mib, "podman checkpoint --export + restore --import",
-                                 pod["downtime"], pod["downtime"] / floor,
+                                 pod["downtime"], pod["downtime"] / floor if floor else None,
                                  pod["image_bytes"], None, None,
                                  f"checkpoint {pod['checkpoint']:.2f}s, restore {pod['restore']:.2f}s"))
     finally:

@@ -9,6 +9,10 @@ full and pre-copy: filled from node B's staged image).
 
     /opt/migrt/venv/bin/python tests/bench/bench_workloads.py --repeat 3 --markdown
 
+--criu LABEL=PATH[,LABEL=PATH...] runs each workload and mode once per CRIU build given
+(MIGRT_CRIU for the nodes, the agent and migrate), the builds taking turns in each
+round: before/after figures of a CRIU change side by side.
+
 Needs root, runc, CRIU 4.2+ and the workload packages (packaging/install.sh).
 """
 import argparse
@@ -109,20 +113,30 @@ def main():
     ap.add_argument("--modes", default=",".join(wl.MODES))
     ap.add_argument("--repeat", type=int, default=3)
     ap.add_argument("--markdown", action="store_true")
+    ap.add_argument("--criu", default="",
+                    help="LABEL=PATH,...: run each workload and mode with each CRIU build")
     args = ap.parse_args()
+    variants = [tuple(v.split("=", 1)) for v in args.criu.split(",") if v] or [(None, None)]
+    for label, path in variants:
+        if label and (os.path.basename(path) != "criu" or not os.access(path, os.X_OK)):
+            ap.error(f"--criu {label}={path}: must be an executable file named criu")
     work = tempfile.mkdtemp(prefix="migrt-bench-wl-")
     launcher = wl.ocitest.build_launcher(os.path.join(work, "migrt"))
     rows = []
     for name in args.workloads.split(","):
         for mode in args.modes.split(","):
-            runs = []
+            runs = {label: [] for label, _ in variants}
             for i in range(args.repeat):
-                t = time.monotonic()
-                r = one(launcher, work, name, mode)
-                runs.append(r)
-                print(f"# {name} {mode} run {i + 1}: {r} ({time.monotonic() - t:.0f}s)",
-                      file=sys.stderr, flush=True)
-            rows.append((name, mode, runs))
+                for label, path in variants:
+                    if path:
+                        os.environ["MIGRT_CRIU"] = path
+                    t = time.monotonic()
+                    r = one(launcher, work, name, mode)
+                    runs[label].append(r)
+                    print(f"# {name} {mode}{f' criu {label}' if label else ''} run {i + 1}: "
+                          f"{r} ({time.monotonic() - t:.0f}s)", file=sys.stderr, flush=True)
+            for label, _ in variants:
+                rows.append((name, f"{mode}, criu {label}" if label else mode, runs[label]))
     shutil.rmtree(work, ignore_errors=True)
     print("| workload | mode | downtime (s), median | runs | client: longest gap (s), max | "
           "client: failed requests, total | memory all back after the restore (s), median "

@@ -534,6 +534,9 @@ def test_lazy_restores_at_once_and_pages_follow(two_nodes):
     last_src = ocitest.last_count(out)
     assert n.a.state("ctr") is None, "the source must be gone once every page was served"
     assert "pages_served_after_restore" in rep["phases"]
+    # the source was released after its last page was served, and the report says when
+    ph = rep["phases"]
+    assert ph["source_released_after_restore"] >= ph["pages_served_after_restore"], ph
     # the memory did not move during the freeze: only CRIU's small images went
     assert rep["bytes"]["image"] < 4 << 20, rep["bytes"]
     c1 = dest_count(n)

@@ -178,6 +178,33 @@ def test_shm_socketpair(cluster, mode):
     assert p.exec_b("stat", "-c", "%s", "/dev/shm/wl-seg").strip() == str(512 << 10)
 
 
+def test_lazy_memory_freed_and_forked_while_it_streams(cluster):
+    """--lazy, while CRIU's lazy-pages daemon still streams the memory in (several
+    requests in flight, packaging/criu-patches/lazy-pages-stream.patch): the program
+    frees a window in every 4 MiB of a 256 MiB mapping (MADV_DONTNEED, which splits
+    requests in flight), writes it again, checks all of it and 1024 small mappings, and
+    forks children that read it. Every byte is right on node B, the children are too,
+    and the migration ends: the source is released once every page was served (a
+    request split in flight used to stay pending for ever with CRIU 4.2.1: the
+    daemon never finished and the process hung on the first page of its tail)."""
+    p = Prog(cluster, "churn.py")
+    p.wait_src(lambda t: len(lines(t, "C")) >= 2, "churn passes", timeout=120)
+    mig = p.migrate("lazy")
+    assert "pages_served_after_restore" in mig.report["phases"], mig.report["phases"]
+    assert cluster.a.state(p.cid) is None, "the source must be gone once every page was served"
+    last = int(lines(p.src(), "C")[-1][0])
+    # three whole passes on node B, one with a child: every page came back right
+    p.wait_dst(lambda t: len([x for x in lines(t, "C") if int(x[0]) > last + 2]) >= 1
+               or "BAD" in t, "three full passes on node B", timeout=120)
+    out = p.dst_out()
+    assert "BAD" not in out, out[-2000:]
+    passes = [int(x[0]) for x in lines(out, "C")]
+    assert consecutive([last] + passes), (last, passes[:3])
+    pid = cluster.dest_pids(p.cid)[0]
+    with open(f"/proc/{pid}/maps") as f:
+        assert sum(1 for _ in f) >= 2048          # the small mappings and their neighbours
+
+
 def test_big_process(cluster, mode):
     p = Prog(cluster, "bigmem.py", ["4096"], shm_size="1200m")
     p.wait_src(lambda t: len(lines(t, "P")) >= 1, "1 GiB filled and checked once",
