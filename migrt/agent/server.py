@@ -875,6 +875,15 @@ class Agent:
         rec = staged.read()
         reply = {"ok": True, "state": (rec or {}).get("state", "unknown"),
                  "container": (rec or {}).get("container")}
+        if hello.get("net") and not self.privileged and rec \
+                and rec.get("state") in ("restored", fill.FILLING) and rec.get("pid"):
+            # the addresses the restored container has here (migrt.kube publishes them
+            # as its pod's IP before the kubelet notices the container)
+            from migrt.migration import handover
+            try:
+                reply["addresses"] = handover.addresses(f"/proc/{int(rec['pid'])}/ns/net")
+            except (OSError, ValueError, TypeError, subprocess.SubprocessError):
+                pass
         with self.lock:
             active = mid in self.sessions
         if hello.get("release") and rec and not active \
@@ -963,6 +972,7 @@ class Agent:
                 os.replace(secret + ".tmp", secret)
             argv = [self.runtime, "--root", root, "migrate", cid, "--to", to,
                     "--secret-file", secret, "--json", "--mid", mid,
+                    "--restored-file", base + ".restored",
                     "--wait", str(float(msg.get("wait") or 120))] + self.MODES[mode]
             with open(os.open(base + ".pid", os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o600),
                       "w") as f:
@@ -977,7 +987,19 @@ class Agent:
             log(f"{mid}: migrating {cid} out to {to} ({mode})")
         conn.send_json({"ok": True, "started": not started})
         deadline = time.monotonic() + float(msg.get("timeout") or 3600)
+        # asked for (`events`), one frame {"event": "restored", ...} before the outcome
+        # once the copy runs on the destination (a caller that does not ask gets none)
+        events = "restored" in (msg.get("events") or ())
         while not os.path.exists(base + ".rc"):
+            if events and os.path.exists(base + ".restored"):
+                events = False
+                try:
+                    with open(base + ".restored") as f:
+                        note = json.load(f)
+                except (OSError, ValueError):
+                    note = {}
+                note = note if isinstance(note, dict) else {}
+                conn.send_json(dict(note, event="restored"))
             if time.monotonic() > deadline:
                 conn.send_json({"error": f"migration {mid} still running", "running": True})
                 return
