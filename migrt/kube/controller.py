@@ -756,7 +756,7 @@ class Mover:
 
     def fail(self, msg, delete_target=True):
         log(f"{self.ns}/{self.name}: failed: {msg}")
-        self.end_hand_over(undo=delete_target)
+        self.end_hand_over()        # (a rolled-back migration was undone in migrate)
         if delete_target and self.st.get("targetNode") and self.st.get("step") in (
                 "creating target pod", "scheduling target pod"):
             # the new pod's create may wait for the migration: it stops at once
