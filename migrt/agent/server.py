@@ -875,15 +875,12 @@ class Agent:
         rec = staged.read()
         reply = {"ok": True, "state": (rec or {}).get("state", "unknown"),
                  "container": (rec or {}).get("container")}
-        if hello.get("net") and not self.privileged and rec \
-                and rec.get("state") in ("restored", fill.FILLING) and rec.get("pid"):
-            # the addresses the restored container has here (migrt.kube publishes them
-            # as its pod's IP before the kubelet notices the container)
-            from migrt.migration import handover
-            try:
-                reply["addresses"] = handover.addresses(f"/proc/{int(rec['pid'])}/ns/net")
-            except (OSError, ValueError, TypeError, subprocess.SubprocessError):
-                pass
+        if rec is None and self._awaited(mid):
+            reply["state"] = "awaited"
+        if hello.get("net") and not self.privileged:
+            addrs = self._addresses(rec, mid, reply["state"])
+            if addrs is not None:
+                reply["addresses"] = addrs
         with self.lock:
             active = mid in self.sessions
         if hello.get("release") and rec and not active \
@@ -891,8 +888,6 @@ class Agent:
             # the source decided (migrt.migration.recovery): nothing here is needed now
             staged.remove()
             log(f"{mid}: released by the source's recovery ({rec.get('state')})")
-        if rec is None and self._awaited(mid):
-            reply["state"] = "awaited"
         # does the container run here? (migrt.migration.recovery: a staged record is gone once
         # dropped *or* released, so its absence alone cannot say)
         cid, root = hello.get("id"), hello.get("root") or self.root
@@ -920,6 +915,24 @@ class Agent:
         from migrt.runtime.sources import staged as src
         src.note_dropped(self.staging, mid, str(hello.get("why") or "cancelled")[:200])
         conn.send_json({"ok": True})
+
+    def _addresses(self, rec, mid, state):
+        """The IP addresses of migration mid's container here (migrt.kube publishes them
+        as its pod's IP before the kubelet does): those of the restored container's
+        network namespace, or, while a create waits for it (`awaited`), of the namespace
+        its bundle joins (a pod's, made before the migration). None if unknown."""
+        from migrt.migration import handover
+        try:
+            if rec and rec.get("state") in ("restored", fill.FILLING) and rec.get("pid"):
+                return handover.addresses(f"/proc/{int(rec['pid'])}/ns/net")
+            if state == "awaited":
+                from migrt.runtime.sources import staged as src
+                with open(src.awaited_path(self.staging, mid)) as f:
+                    net = handover.bundle_net(json.load(f)["bundle"])
+                return net.get("addresses")
+        except (OSError, ValueError, TypeError, KeyError, subprocess.SubprocessError):
+            pass
+        return None
 
     def _awaited(self, mid):
         from migrt.runtime.sources import staged as src

@@ -556,7 +556,8 @@ class Mover:
                 n = self.kube.get("nodes", node)
                 addr = agents.address(n)
                 try:
-                    state = agents.status(addr, self.ctl.secret, mid)
+                    # (with the address the new pod's sandbox has: see hand_over)
+                    state, self.target_ips = agents.addresses(addr, self.ctl.secret, mid)
                 except Exception as e:      # noqa: BLE001
                     state = f"agent {addr} unreachable: {e}"
                 if state == "awaited":
@@ -649,9 +650,13 @@ class Mover:
         if why is None:
             ips = None
             if not probed(new) and not container_running(new):
+                # the new pod's address: known since its create waited (its sandbox's),
+                # else asked now (a controller restarted since)
+                state, addrs = "awaited", getattr(self, "target_ips", None) or []
                 try:
-                    state, addrs = agents.addresses(target_addr, self.ctl.secret,
-                                                    self.st["migrationID"])
+                    if not addrs:
+                        state, addrs = agents.addresses(target_addr, self.ctl.secret,
+                                                        self.st["migrationID"])
                 except Exception as e:      # noqa: BLE001 - then its kubelet says it
                     state, addrs = f"unknown ({e})", []
                 ips = addrs if len(addrs) == 1 else None

@@ -203,6 +203,7 @@ def test_pod_move_between_two_agents_as_the_controller_drives_it(tmp_path, make_
         ocitest.wait_for(lambda: agents.status(ag_b.address, key, mid) == "awaited",
                          timeout=20, what="the new container waiting for its migration")
         assert a.state(cid)["status"] == "running"        # nothing frozen yet
+        assert agents.addresses(ag_b.address, key, mid)[0] == "awaited"
 
         t0 = time.monotonic()
         seen = []
@@ -220,7 +221,9 @@ def test_pod_move_between_two_agents_as_the_controller_drives_it(tmp_path, make_
         note, there, (state, ips) = seen[0]
         assert note["event"] == "restored" and note["mode"] == "full"
         assert 0 < note["downtime"] <= rep["phases"]["downtime"]
-        assert there == "running" and state in ("restored", "filling"), seen
+        # the copy ran when the event came (the migration goes on meanwhile: by the time
+        # the target is asked, it may have been released already)
+        assert there == "running" and state not in ("awaited", "failed"), seen
         assert isinstance(ips, list)
         assert a.state(cid) is None
         ocitest.wait_for(lambda: numbers(made["out"]), what="restored counter")
