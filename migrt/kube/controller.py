@@ -12,7 +12,8 @@ out of the downtime:
    the controller waits until that node's agent says so (`awaited`);
 3. the source node's agent migrates the container to the target node's agent with that
    id (`migrt migrate`: freeze, dump, transfer, restore there, source released);
-   the waiting create restores it, so the new pod's container runs on;
+   the waiting create restores it, so the new pod's container runs on; the agent says
+   so before the outcome, and the Services' endpoints are handed over then (HandOver);
 4. the bookkeeping, after the restore: a ReplicaSet's (or Job's) pod is handed to it
    (see `adopt`), the old pod is deleted, Events, status.
 
