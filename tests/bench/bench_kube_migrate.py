@@ -244,7 +244,7 @@ def one_move(c, ctl, i, mode, mib, probe=False):
         gap, around = poller.longest_gap(w0, w1)
         pauses = poller.gaps(w0, w1)
         # (>=: the Service may answer from the restored copy before its next tick)
-    assert around[1][1] >= around[0][1] > 0, ("counter did not carry on", around)
+        assert around[1][1] >= around[0][1] > 0, ("counter did not carry on", around)
         t.join(30)
         kc.wait_for(lambda: len(c.logs(new).split()) > 5, 60, "new pod's log")
         new_lines = [s for s in (stamp(x) for x in c.kubectl("logs", "--timestamps", new)
