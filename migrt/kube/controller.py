@@ -732,6 +732,14 @@ class Mover:
             new_ok = ready(new)
             old_down = old is None or not adopting or not ready(old) \
                 or old["metadata"].get("deletionTimestamp")
+            if adopting:
+                # the ReplicaSet ranks by what the kubelets say (phase, then readiness),
+                # not by the hand-over's earlier view, which a kubelet may put back: the
+                # new pod Running by its kubelet, the old one's container seen gone
+                new_ok = new_ok and container_running(new) \
+                    and new["status"].get("phase") == "Running"
+                if old is not None and not old["metadata"].get("deletionTimestamp"):
+                    old_down = old_down and not container_running(old)
             if new_ok and old_down:
                 break
             if time.monotonic() > deadline:

@@ -47,6 +47,9 @@ def migrt_kube(kube, workdir):
                         check=False).stdout.strip() == "no"
     assert kube.kubectl("auth", "can-i", "create", "pods", "--as", who, "-A",
                         check=False).stdout.strip() == "yes"
+    # (pods/status: the Service hand-over; nothing else of a pod's status)
+    assert kube.kubectl("auth", "can-i", "patch", "pods", "--subresource=status", "--as", who,
+                        "-A", check=False).stdout.strip() == "yes"
     yield ctl
     ctl.kill()
 
