@@ -15,7 +15,10 @@ for it ahead of time, migrt.runtime.sources.staged).
 `op: migrate` makes this node the source: it runs `migrt migrate` of one of its
 containers to another agent, with a migration id the caller chose, and answers with
 its report; asked again with the same id it waits for that same run (the Kubernetes
-controller, migrt.kube, reattaches so after a restart).
+controller, migrt.kube, reattaches so after a restart). Asked with `events:
+["restored"]`, it first sends `{"event": "restored", ...}` once the copy runs on the
+destination (before the source is released); `status` with `net` adds the addresses of
+the migration's container there (restored, or the pod sandbox a waiting create joins).
 """
 import collections
 import json
@@ -1002,7 +1005,7 @@ class Agent:
         deadline = time.monotonic() + float(msg.get("timeout") or 3600)
         # asked for (`events`), one frame {"event": "restored", ...} before the outcome
         # once the copy runs on the destination (a caller that does not ask gets none)
-        events = "restored" in (msg.get("events") or ())
+        events = isinstance(msg.get("events"), list) and "restored" in msg["events"]
         while not os.path.exists(base + ".rc"):
             if events and os.path.exists(base + ".restored"):
                 events = False

@@ -34,8 +34,9 @@ def status(addr, secret, mid, timeout=5.0):
 
 
 def addresses(addr, secret, mid, timeout=5.0):
-    """(state, [IP addresses]) of migration mid's restored container at the agent at
-    addr; no addresses from an agent that does not tell them (older, or --user)."""
+    """(state, [IP addresses]) of migration mid's container at the agent at addr: the
+    restored container's, or while a create waits for it (`awaited`) those of the pod
+    sandbox it joins; none from an agent that does not tell them (older, or --user)."""
     c, _ = wire.connect(addr, secret, {"op": "status", "mid": mid, "net": True},
                         timeout=timeout)
     try:
