@@ -15,7 +15,10 @@ for it ahead of time, migrt.runtime.sources.staged).
 `op: migrate` makes this node the source: it runs `migrt migrate` of one of its
 containers to another agent, with a migration id the caller chose, and answers with
 its report; asked again with the same id it waits for that same run (the Kubernetes
-controller, migrt.kube, reattaches so after a restart).
+controller, migrt.kube, reattaches so after a restart). Asked with `events:
+["restored"]`, it first sends `{"event": "restored", ...}` once the copy runs on the
+destination (before the source is released); `status` with `net` adds the addresses of
+the migration's container there (restored, or the pod sandbox a waiting create joins).
 """
 import collections
 import json
@@ -878,6 +881,12 @@ class Agent:
         rec = staged.read()
         reply = {"ok": True, "state": (rec or {}).get("state", "unknown"),
                  "container": (rec or {}).get("container")}
+        if rec is None and self._awaited(mid):
+            reply["state"] = "awaited"
+        if hello.get("net") and not self.privileged:
+            addrs = self._addresses(rec, mid, reply["state"])
+            if addrs is not None:
+                reply["addresses"] = addrs
         with self.lock:
             active = mid in self.sessions
         if hello.get("release") and rec and not active \
@@ -885,8 +894,6 @@ class Agent:
             # the source decided (migrt.migration.recovery): nothing here is needed now
             staged.remove()
             log(f"{mid}: released by the source's recovery ({rec.get('state')})")
-        if rec is None and self._awaited(mid):
-            reply["state"] = "awaited"
         # does the container run here? (migrt.migration.recovery: a staged record is gone once
         # dropped *or* released, so its absence alone cannot say)
         cid, root = hello.get("id"), hello.get("root") or self.root
@@ -914,6 +921,24 @@ class Agent:
         from migrt.runtime.sources import staged as src
         src.note_dropped(self.staging, mid, str(hello.get("why") or "cancelled")[:200])
         conn.send_json({"ok": True})
+
+    def _addresses(self, rec, mid, state):
+        """The IP addresses of migration mid's container here (migrt.kube publishes them
+        as its pod's IP before the kubelet does): those of the restored container's
+        network namespace, or, while a create waits for it (`awaited`), of the namespace
+        its bundle joins (a pod's, made before the migration). None if unknown."""
+        from migrt.migration import handover
+        try:
+            if rec and rec.get("state") in ("restored", fill.FILLING) and rec.get("pid"):
+                return handover.addresses(f"/proc/{int(rec['pid'])}/ns/net")
+            if state == "awaited":
+                from migrt.runtime.sources import staged as src
+                with open(src.awaited_path(self.staging, mid)) as f:
+                    net = handover.bundle_net(json.load(f)["bundle"])
+                return net.get("addresses")
+        except (OSError, ValueError, TypeError, KeyError, subprocess.SubprocessError):
+            pass
+        return None
 
     def _awaited(self, mid):
         from migrt.runtime.sources import staged as src
@@ -966,6 +991,7 @@ class Agent:
                 os.replace(secret + ".tmp", secret)
             argv = [self.runtime, "--root", root, "migrate", cid, "--to", to,
                     "--secret-file", secret, "--json", "--mid", mid,
+                    "--restored-file", base + ".restored",
                     "--wait", str(float(msg.get("wait") or 120))] + self.MODES[mode]
             with open(os.open(base + ".pid", os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o600),
                       "w") as f:
@@ -980,7 +1006,19 @@ class Agent:
             log(f"{mid}: migrating {cid} out to {to} ({mode})")
         conn.send_json({"ok": True, "started": not started})
         deadline = time.monotonic() + float(msg.get("timeout") or 3600)
+        # asked for (`events`), one frame {"event": "restored", ...} before the outcome
+        # once the copy runs on the destination (a caller that does not ask gets none)
+        events = isinstance(msg.get("events"), list) and "restored" in msg["events"]
         while not os.path.exists(base + ".rc"):
+            if events and os.path.exists(base + ".restored"):
+                events = False
+                try:
+                    with open(base + ".restored") as f:
+                        note = json.load(f)
+                except (OSError, ValueError):
+                    note = {}
+                note = note if isinstance(note, dict) else {}
+                conn.send_json(dict(note, event="restored"))
             if time.monotonic() > deadline:
                 conn.send_json({"error": f"migration {mid} still running", "running": True})
                 return

@@ -47,10 +47,13 @@ import click
 @click.option("--json", "as_json", is_flag=True, help="print the report as JSON")
 @click.option("--mid", default=None, hidden=True,
               help="the migration id to use (m-<hex>); a pod on the destination waits for it")
+@click.option("--restored-file", default=None, hidden=True,
+              help="write a JSON note to this file once the container runs on the "
+              "destination (before the source is released; lazy: before its memory is sent)")
 @click.pass_obj
 def command(call, container, to, secret_file, bundle, dest_root, new_id, precopy, lazy,
             streams, level, wait, page_server_port, tcp_established, skip_in_flight,
-            file_locks, rootfs_base, peer_timeout, as_json, mid):
+            file_locks, rootfs_base, peer_timeout, as_json, mid, restored_file):
     """Move a running container to another node with the shortest downtime."""
     from migrt.migration import migrate as mig
     from migrt.transfer import wire
@@ -72,7 +75,8 @@ def command(call, container, to, secret_file, bundle, dest_root, new_id, precopy
                        dest_root=dest_root, new_id=new_id, wait=wait,
                        progress=not as_json, page_server_port=page_server_port,
                        rootfs_base=rootfs_base, tcp_established=tcp_established,
-                       file_locks=file_locks, skip_in_flight=skip_in_flight, mid=mid)
+                       file_locks=file_locks, skip_in_flight=skip_in_flight, mid=mid,
+                       restored_file=restored_file)
     root = call.root if call is not None else "/run/runc"
     report = mig.migrate(root, container, opts)
     if as_json:

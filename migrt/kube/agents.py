@@ -33,26 +33,51 @@ def status(addr, secret, mid, timeout=5.0):
     return reply.get("state") or "unknown"
 
 
+def addresses(addr, secret, mid, timeout=5.0):
+    """(state, [IP addresses]) of migration mid's container at the agent at addr: the
+    restored container's, or while a create waits for it (`awaited`) those of the pod
+    sandbox it joins; none from an agent that does not tell them (older, or --user)."""
+    c, _ = wire.connect(addr, secret, {"op": "status", "mid": mid, "net": True},
+                        timeout=timeout)
+    try:
+        reply = c.read_json()
+    finally:
+        c.close()
+    if reply.get("error"):
+        raise wire.ProtocolError(reply["error"])
+    ips = reply.get("addresses")
+    return reply.get("state") or "unknown", [a for a in ips if isinstance(a, str)] \
+        if isinstance(ips, list) else []
+
+
 def migrate(addr, secret, container, mid, to, mode="full", wait=120, start=True,
-            started=None):
+            started=None, restored=None):
     """Have the agent at addr (the source node) migrate `container` to the agent `to`
     with migration id `mid`, and wait for the outcome: {"ok", "rc", "report", "error"}.
     Asking again with the same mid waits for the same run. `started` is called once
-    the agent has taken the request."""
+    the agent has taken the request; `restored` (with the agent's note: downtime,
+    phases, mode) once the copy runs on the target, before the outcome (lazy mode:
+    before the source has sent its memory). An agent older than that event never
+    calls it: the outcome alone comes."""
     c, _ = wire.connect(addr, secret, {"op": "migrate"}, timeout=10)
     try:
         c.send_json({"op": "migrate", "container": container, "mid": mid, "to": to,
-                     "mode": mode, "wait": wait, "start": start})
+                     "mode": mode, "wait": wait, "start": start,
+                     "events": ["restored"] if restored else []})
         kind, first = c.read_frame()
         if kind != b"J" or first.get("error"):
             return {"ok": False, "rc": first.get("rc", 3) if kind == b"J" else 3,
                     "error": first.get("error") if kind == b"J" else "bad reply", "report": None}
         if started:
             started(first.get("started"))
-        kind, res = c.read_frame()
-        if kind != b"J":
-            raise wire.ProtocolError("expected a control message")
-        return res
+        while True:
+            kind, res = c.read_frame()
+            if kind != b"J":
+                raise wire.ProtocolError("expected a control message")
+            if res.get("event") != "restored":
+                return res
+            if restored:
+                restored(res)
     finally:
         c.close()
 

@@ -250,8 +250,9 @@ class Client:
         return self.request("POST", self.path(kind, namespace), obj,
                             query={"dryRun": "All"} if dry_run else None)
 
-    def patch(self, kind, name, patch, namespace=None, sub=None, merge=True):
-        ct = "application/merge-patch+json" if merge else "application/json-patch+json"
+    def patch(self, kind, name, patch, namespace=None, sub=None, merge=True, strategic=False):
+        ct = "application/strategic-merge-patch+json" if strategic else \
+            "application/merge-patch+json" if merge else "application/json-patch+json"
         return self.request("PATCH", self.path(kind, namespace, name, sub), patch,
                             content_type=ct)
 

@@ -12,7 +12,8 @@ out of the downtime:
    the controller waits until that node's agent says so (`awaited`);
 3. the source node's agent migrates the container to the target node's agent with that
    id (`migrt migrate`: freeze, dump, transfer, restore there, source released);
-   the waiting create restores it, so the new pod's container runs on;
+   the waiting create restores it, so the new pod's container runs on; the agent says
+   so before the outcome, and the Services' endpoints are handed over then (HandOver);
 4. the bookkeeping, after the restore: a ReplicaSet's (or Job's) pod is handed to it
    (see `adopt`), the old pod is deleted, Events, status.
 
@@ -43,6 +44,12 @@ OWNERS = {"ReplicaSet": ("apps/v1", "replicasets"), "Job": ("batch/v1", "jobs")}
 RUNTIME_CLASS = os.environ.get("MIGRT_RUNTIME_CLASS", "migrt")
 SCHEDULE_TIMEOUT = float(os.environ.get("MIGRT_KUBE_SCHEDULE_TIMEOUT", "60"))
 READY_TIMEOUT = float(os.environ.get("MIGRT_KUBE_READY_TIMEOUT", "60"))
+# the Service hand-over once the copy runs (HandOver); 0 turns it off (as before: the
+# kubelets' own view only, about 1 s later, and the frozen old pod kept in lazy mode)
+HAND_OVER = os.environ.get("MIGRT_KUBE_HAND_OVER", "1") != "0"
+HAND_OVER_PERIOD = 0.1
+# labels held back from the new pod (HELD) that a Service is not expected to select by
+HELD_UNSELECTED = {"pod-template-hash", "controller-uid"}
 
 
 def now_iso():
@@ -227,6 +234,122 @@ def target_pod(pm, pod, mid, target, rs=None):
             "spec": spec}
 
 
+def probed(pod):
+    """Does the kubelet decide this pod's readiness by more than its container running
+    (a readiness or startup probe, readiness gates)? Then only the kubelet marks it
+    ready."""
+    c = (pod["spec"].get("containers") or [{}])[0]
+    return bool(c.get("readinessProbe") or c.get("startupProbe")
+                or pod["spec"].get("readinessGates"))
+
+
+def container_running(pod):
+    """Has the pod's kubelet seen its container run?"""
+    st = (pod.get("status", {}).get("containerStatuses") or [{}])[0]
+    return "running" in (st.get("state") or {})
+
+
+def _ready_conditions(status, types, reason=None, message=None):
+    t = now_iso()[:19] + "Z"
+    return [{"type": k, "status": status, "reason": reason, "message": message,
+             "lastTransitionTime": t, "lastProbeTime": None} for k in types]
+
+
+class HandOver:
+    """The Services' endpoints follow the container when its copy starts running on the
+    target, not when the migration ends (lazy mode: the frozen source serves its
+    memory for seconds more; full mode at 1 GiB: the target fills it in) nor when the
+    kubelets notice (their relist, about 1 s). Through pods/status, as the kubelet
+    itself writes them: the old pod's Ready condition False (frozen, it answers
+    nothing), the new pod's Ready and ContainersReady True with its IP (as its kubelet
+    will say once it has seen the container run; only for a pod whose readiness is
+    just that: no probe, no readiness gate). A kubelet puts its own view back when it
+    notices the difference (status manager: every 10 s, and on each change it sees),
+    so a thread holds both until the old pod is deleted (the old pod's Ready) and
+    until the new pod's kubelet has seen its container run (the new pod's). The
+    ReplicaSet counts pods, not readiness: nothing is adopted or deleted before the
+    outcome. On a rollback, `undo` puts the old pod back and the new one out."""
+
+    def __init__(self, mover, old, new, ips, message):
+        self.kube, self.ns = mover.kube, mover.ns
+        self.old = (old["metadata"]["name"], old["metadata"]["uid"])
+        self.new = (new["metadata"]["name"], new["metadata"]["uid"])
+        self.ips = ips                  # None: the new pod is left to its kubelet
+        self.message = message
+        self.new_held = ips is not None and not container_running(new)
+        self.stopped = threading.Event()
+        self.thread = None
+        self.flips = 0                  # times a kubelet put its view back meanwhile
+
+    def _patch(self, pod, status):
+        name, uid = pod
+        return self.kube.patch("pods", name, {"metadata": {"uid": uid}, "status": status},
+                               namespace=self.ns, sub="status", strategic=True)
+
+    def old_out(self):
+        self._patch(self.old, {"conditions": _ready_conditions(
+            "False", ["Ready"], "Migrated", self.message)})
+
+    def new_in(self):
+        self._patch(self.new, {"podIP": self.ips[0], "podIPs": [{"ip": a} for a in self.ips],
+                               "conditions": _ready_conditions(
+                                   "True", ["ContainersReady", "Ready"])})
+
+    def start(self):
+        self.old_out()                  # if this fails, nothing was changed
+        if self.new_held:
+            try:
+                self.new_in()
+            except Exception as e:      # noqa: BLE001 - then its kubelet publishes it
+                self.new_held = False
+                log(f"{self.ns}: {self.new[0]}: not marked ready: {type(e).__name__}: {e}")
+        self.thread = threading.Thread(target=self._hold, daemon=True)
+        self.thread.start()
+
+    def _hold(self):
+        while not self.stopped.wait(HAND_OVER_PERIOD):
+            try:
+                old = self.kube.get_or_none("pods", self.old[0], self.ns)
+                if old is not None and old["metadata"]["uid"] == self.old[1] \
+                        and not old["metadata"].get("deletionTimestamp") and ready(old) \
+                        and not self.stopped.is_set():
+                    self.flips += 1
+                    self.old_out()
+                if self.new_held:
+                    new = self.kube.get_or_none("pods", self.new[0], self.ns)
+                    if new is None or new["metadata"].get("deletionTimestamp"):
+                        self.new_held = False
+                    elif container_running(new):
+                        self.new_held = False       # its kubelet has it now
+                    elif (not ready(new) or not new["status"].get("podIP")) \
+                            and not self.stopped.is_set():
+                        self.flips += 1
+                        self.new_in()
+            except Exception as e:      # noqa: BLE001 - the API server restarts, etc.
+                log(f"{self.ns}: hand-over of {self.old[0]}: {type(e).__name__}: {e}")
+
+    def stop(self):
+        self.stopped.set()
+        if self.thread is not None:
+            self.thread.join(10)
+
+    def undo(self):
+        """The migration rolled back: the source runs again, the target's copy was
+        stopped. The new pod out first (never both), then the old pod back in."""
+        self.stop()
+        try:
+            if self.ips is not None:
+                self._patch(self.new, {"conditions": _ready_conditions(
+                    "False", ["ContainersReady", "Ready"], "MigrationFailed",
+                    "migrt: the migration rolled back")})
+        except Exception as e:          # noqa: BLE001 - it is deleted next anyway
+            log(f"{self.ns}: {self.new[0]}: {type(e).__name__}: {e}")
+        try:
+            self._patch(self.old, {"conditions": _ready_conditions("True", ["Ready"])})
+        except Exception as e:          # noqa: BLE001 - its kubelet puts it back (10 s)
+            log(f"{self.ns}: {self.old[0]}: {type(e).__name__}: {e}")
+
+
 class Mover:
     """Moves the pod of one PodMigration, step by step (status.step)."""
 
@@ -287,6 +410,12 @@ class Mover:
 
     # -------------------------------------------------------- driver
     def run(self):
+        try:
+            self._attempts()
+        finally:
+            self.end_hand_over()
+
+    def _attempts(self):
         for attempt in range(20):
             try:
                 return self._run()
@@ -428,7 +557,8 @@ class Mover:
                 n = self.kube.get("nodes", node)
                 addr = agents.address(n)
                 try:
-                    state = agents.status(addr, self.ctl.secret, mid)
+                    # (with the address the new pod's sandbox has: see hand_over)
+                    state, self.target_ips = agents.addresses(addr, self.ctl.secret, mid)
                 except Exception as e:      # noqa: BLE001
                     state = f"agent {addr} unreachable: {e}"
                 if state == "awaited":
@@ -465,7 +595,8 @@ class Mover:
         for attempt in range(30):
             try:
                 res = agents.migrate(src, self.ctl.secret, self.st["containerID"], mid,
-                                     target_addr, mode=self.st.get("mode") or "full")
+                                     target_addr, mode=self.st.get("mode") or "full",
+                                     restored=lambda note: self.hand_over(note, target_addr))
                 break
             except Exception as e:      # noqa: BLE001 - the agent restarts: ask again
                 log(f"{self.ns}/{self.name}: source agent {src}: {e}; asking again")
@@ -483,6 +614,7 @@ class Mover:
             self.set_status(**fields, message=f"restored on {self.st.get('targetNode')}")
             return
         if rc == 5:
+            self.end_hand_over()            # neither copy known: the kubelets' view again
             self.set_status(**fields)
             raise Failed(f"migration in doubt: {res.get('error')}; the source container is "
                          f"left frozen until its node's agent knows the outcome",
@@ -496,8 +628,69 @@ class Mover:
             self.set_status(**fields, message=f"restored on {self.st.get('targetNode')} "
                                               f"({res.get('error')})")
             return
+        self.end_hand_over(undo=True)
         self.set_status(**fields)
         raise Failed(f"migration failed: {res.get('error')}")
+
+    def hand_over(self, note, target_addr):
+        """The source's agent says the copy runs on the target (`note`: its downtime so
+        far, mode): the Services' endpoints go to it now (HandOver); the outcome comes
+        later (lazy mode: once the source has sent its memory)."""
+        if not HAND_OVER or getattr(self, "handover", None) is not None:
+            return
+        why = None
+        old, new = self.source_pod(), self.find_target()
+        if old is None or new is None:
+            why = "the old or the new pod is gone"
+        else:
+            held = json.loads((new["metadata"].get("annotations") or {}).get(HELD) or "{}")
+            if set(held) - HELD_UNSELECTED:
+                # a Service may select by them: the new pod could not take the old one's place
+                why = (f"the new pod lacks the labels {', '.join(sorted(held))} until it is "
+                       f"adopted; endpoints left to the kubelets")
+        if why is None:
+            ips = None
+            if not probed(new) and not container_running(new):
+                # the new pod's address: known since its create waited (its sandbox's),
+                # else asked now (a controller restarted since)
+                state, addrs = "awaited", getattr(self, "target_ips", None) or []
+                try:
+                    if not addrs:
+                        state, addrs = agents.addresses(target_addr, self.ctl.secret,
+                                                        self.st["migrationID"])
+                except Exception as e:      # noqa: BLE001 - then its kubelet says it
+                    state, addrs = f"unknown ({e})", []
+                ips = addrs if len(addrs) == 1 else None
+                if ips is None:
+                    log(f"{self.ns}/{self.name}: target agent gave {addrs or 'no'} address(es) "
+                        f"({state}): the new pod's kubelet will publish its IP")
+            node = self.st.get("targetNode")
+            h = HandOver(self, old, new, ips,
+                         f"migrt: its container runs on {node} now, in pod "
+                         f"{new['metadata']['name']} (PodMigration {self.name}); this copy "
+                         f"is frozen until the migration ends")
+            try:
+                h.start()
+                self.handover = h
+                why = ("old pod not ready" + (f"; new pod ready at {ips[0]}" if ips else
+                                             "; new pod left to its kubelet"))
+            except Exception as e:      # noqa: BLE001 - the kubelets' view then, as before
+                h.stop()
+                why = f"not done: {type(e).__name__}: {e}"
+        log(f"{self.ns}/{self.name}: the copy runs on {self.st.get('targetNode')} "
+            f"(downtime {note.get('downtime')}s); hand-over: {why}")
+        try:
+            self.set_status(restoredTime=now_iso(), serviceHandOver=why)
+        except KubeError:
+            pass
+
+    def end_hand_over(self, undo=False):
+        h, self.handover = getattr(self, "handover", None), None
+        if h is not None:
+            h.undo() if undo else h.stop()
+            if h.flips:
+                log(f"{self.ns}/{self.name}: the kubelets put their view back {h.flips} "
+                    f"time(s) during the hand-over; set again each time")
 
     def adopt(self, new, rs):
         """Hand the new pod to the old pod's ReplicaSet, with no pod added or deleted
@@ -539,6 +732,14 @@ class Mover:
             new_ok = ready(new)
             old_down = old is None or not adopting or not ready(old) \
                 or old["metadata"].get("deletionTimestamp")
+            if adopting:
+                # the ReplicaSet ranks by what the kubelets say (phase, then readiness),
+                # not by the hand-over's earlier view, which a kubelet may put back: the
+                # new pod Running by its kubelet, the old one's container seen gone
+                new_ok = new_ok and container_running(new) \
+                    and new["status"].get("phase") == "Running"
+                if old is not None and not old["metadata"].get("deletionTimestamp"):
+                    old_down = old_down and not container_running(old)
             if new_ok and old_down:
                 break
             if time.monotonic() > deadline:
@@ -554,6 +755,7 @@ class Mover:
         if old is not None:
             self.kube.delete("pods", old["metadata"]["name"], self.ns, grace=1,
                              uid=old["metadata"]["uid"])
+        self.end_hand_over()
         node = new["spec"].get("nodeName")
         msg = (f"moved to {node} as pod {new['metadata']['name']}"
                + (f", downtime {self.st['downtimeSeconds']:.2f}s"
@@ -568,6 +770,7 @@ class Mover:
 
     def fail(self, msg, delete_target=True):
         log(f"{self.ns}/{self.name}: failed: {msg}")
+        self.end_hand_over()        # (a rolled-back migration was undone in migrate)
         if delete_target and self.st.get("targetNode") and self.st.get("step") in (
                 "creating target pod", "scheduling target pod"):
             # the new pod's create may wait for the migration: it stops at once

@@ -77,9 +77,13 @@ class Options:
                  dest_root=None, new_id=None, wait=300.0, progress=False,
                  page_server_port=0, criu_flags=(), rootfs_base=None, keep_image=False,
                  tcp_established=None, file_locks=None, skip_in_flight=True,
-                 mid=None):
+                 mid=None, restored_file=None):
         self.to = to
         self.mid = mid          # chosen by the caller (a pod on the destination waits for it)
+        # written once the copy runs on the destination, before the source is released
+        # (lazy mode: before its page server has sent the memory); the agent passes it
+        # on to its caller (migrt.kube switches a Service's endpoints on it)
+        self.restored_file = restored_file
         self.secret = secret
         self.streams = streams
         self.level = level
@@ -1217,9 +1221,27 @@ class Migration:
         self._t("fill_after_restore", t0)
         self.report["memory_fill"] = "from the destination's staged image, after the restore"
 
+    def _note_restored(self):
+        """The container runs on the destination: say so in opts.restored_file (JSON,
+        written whole), for whoever waits on this migration (the source node's agent)."""
+        path = self.opts.restored_file
+        if not path:
+            return
+        note = {"downtime": self.phases.get("downtime"), "phases": dict(self.phases),
+                "mode": self.opts.mode, "filling": bool(self.filling),
+                "destination_pid": self.report.get("destination_pid")}
+        try:
+            with open(os.open(path + ".tmp", os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o600),
+                      "w") as f:
+                json.dump(note, f)
+            os.replace(path + ".tmp", path)
+        except OSError as e:      # a note for others: never fail the migration for it
+            sys.stderr.write(f"migrt: could not write {path}: {e}\n")
+
     def _finish(self, t_start, t_freeze):
         t_running = time.monotonic()        # the destination runs the container
         self.phases["downtime"] = round(t_running - t_freeze, 4)
+        self._note_restored()
         try:
             self.report["downtime"] = downtime_breakdown(
                 self.phases, getattr(self, "dump_figures", None),

@@ -203,14 +203,28 @@ def test_pod_move_between_two_agents_as_the_controller_drives_it(tmp_path, make_
         ocitest.wait_for(lambda: agents.status(ag_b.address, key, mid) == "awaited",
                          timeout=20, what="the new container waiting for its migration")
         assert a.state(cid)["status"] == "running"        # nothing frozen yet
+        assert agents.addresses(ag_b.address, key, mid)[0] == "awaited"
 
         t0 = time.monotonic()
-        res = agents.migrate(ag_a.address, key, cid, mid, ag_b.address)
+        seen = []
+
+        def restored(note):        # the agent's frame once the copy runs, before the outcome
+            seen.append((note, (b.state("new") or {}).get("status"),
+                         agents.addresses(ag_b.address, key, mid)))
+        res = agents.migrate(ag_a.address, key, cid, mid, ag_b.address, restored=restored)
         t.join(60)
         assert res["ok"], (res, time.monotonic() - t0, made["err"].text)
         assert made["rc"] == 0, made["err"].text
         rep = res["report"]
         assert rep["migration"] == mid and rep["phases"]["downtime"] > 0
+        assert len(seen) == 1, seen
+        note, there, (state, ips) = seen[0]
+        assert note["event"] == "restored" and note["mode"] == "full"
+        assert 0 < note["downtime"] <= rep["phases"]["downtime"]
+        # the copy ran when the event came (the migration goes on meanwhile: by the time
+        # the target is asked, it may have been released already)
+        assert there == "running" and state not in ("awaited", "failed"), seen
+        assert isinstance(ips, list)
         assert a.state(cid) is None
         ocitest.wait_for(lambda: numbers(made["out"]), what="restored counter")
         before = ocitest.last_count(out)
@@ -218,6 +232,10 @@ def test_pod_move_between_two_agents_as_the_controller_drives_it(tmp_path, make_
         # asked again: the same outcome, nothing run twice
         again = agents.migrate(ag_a.address, key, cid, mid, ag_b.address)
         assert again["ok"] and again["report"]["migration"] == mid
+        # a caller asking for the event once the outcome is known gets the outcome only
+        again = agents.migrate(ag_a.address, key, cid, mid, ag_b.address,
+                               restored=lambda n: seen.append(n))
+        assert again["ok"] and len(seen) == 1
 
         # the source's pod container is not created again in its sandbox
         back, _, rc, _, err2 = counter(a, make_bundle, old_sandbox)

@@ -47,6 +47,9 @@ def migrt_kube(kube, workdir):
                         check=False).stdout.strip() == "no"
     assert kube.kubectl("auth", "can-i", "create", "pods", "--as", who, "-A",
                         check=False).stdout.strip() == "yes"
+    # (pods/status: the Service hand-over; nothing else of a pod's status)
+    assert kube.kubectl("auth", "can-i", "patch", "pods", "--subresource=status", "--as", who,
+                        "-A", check=False).stdout.strip() == "yes"
     yield ctl
     ctl.kill()
 
@@ -590,3 +593,119 @@ def test_statefulset_and_never_job_pods_are_refused_and_run_on(kube, migrt_kube)
     finally:
         kube.kubectl("delete", "statefulset", sts, "--wait=false")
         kube.kubectl("delete", "job", job, "--wait=false")
+
+
+def watch_endpoints(kube, svc, changes):
+    """(wall time, [ready addresses]) of every change of a Service's Endpoints, as a
+    proxy (kube-proxy) would follow them; the watch process is returned to kill."""
+    p = subprocess.Popen(kube.kubectl_argv("get", "endpoints", svc, "--watch", "-o",
+                                           'jsonpath={.subsets[*].addresses[*].ip}{"\\n"}'),
+                         stdout=subprocess.PIPE, stderr=subprocess.DEVNULL, text=True)
+
+    def run():
+        for line in p.stdout:
+            ips = sorted(line.split())
+            if not changes or changes[-1][1] != ips:
+                changes.append((time.time(), ips))
+    threading.Thread(target=run, daemon=True).start()
+    return p
+
+
+def iso_time(s):
+    import datetime
+    day, _, frac = s.rstrip("Z").partition(".")
+    return datetime.datetime.strptime(day, "%Y-%m-%dT%H:%M:%S").replace(
+        tzinfo=datetime.timezone.utc).timestamp() + float("0." + (frac or "0"))
+
+
+def test_lazy_move_hands_the_service_over_when_the_copy_runs(kube, migrt_kube):
+    """Lazy mode: the restored copy runs on node-b while the frozen source still serves
+    its memory (~50 MB here: about a second). The controller hears it from the source
+    agent before the outcome and hands the Service over then: from that moment on the
+    Endpoints never name the frozen old pod again (a client following them sends it
+    nothing) and name the new pod, at the address its kubelet later reports, before
+    the migration has ended; the ReplicaSet adds and deletes no pod; the counter goes
+    on in the same process."""
+    import urllib.request
+    app = name("lazy")
+    cmd = ("trap 'exit 0' TERM; x=$(head -c 50000000 /dev/zero | tr '\\0' a); mkdir -p /www; "
+           "httpd -p 8080 -h /www; i=0; "
+           "while :; do i=$((i+1)); echo $i > /www/count; echo $i; sleep 0.1; done")
+    spec = pod_manifest("x", cmd, node="node-a")["spec"]       # no readinessProbe
+    kube.apply({"apiVersion": "apps/v1", "kind": "Deployment",
+                "metadata": {"name": app, "namespace": kube.namespace},
+                "spec": {"replicas": 1, "selector": {"matchLabels": {"app": app}},
+                         "template": {"metadata": {"labels": {"app": app}}, "spec": spec}}})
+    kube.apply({"apiVersion": "v1", "kind": "Service",
+                "metadata": {"name": app, "namespace": kube.namespace},
+                "spec": {"selector": {"app": app}, "ports": [{"port": 80, "targetPort": 8080}]}})
+    pods = wait_for(lambda: [p for p in kube.get("pods", "-l", f"app={app}")["items"]
+                             if kc._cond(p, "Ready")] or None, 90, "the Deployment's pod")
+    old = pods[0]["metadata"]["name"]
+    old_ip = pods[0]["status"]["podIP"]
+    changes = []
+    watch = watch_endpoints(kube, app, changes)
+    stop = threading.Event()
+    seen, t = watch_pods(kube, f"app={app}", stop)
+    answers = []        # (wall time, ip asked, counter) through the Endpoints, as a proxy does
+
+    def client():
+        k = 0
+        while not stop.is_set():
+            ips = changes[-1][1] if changes else []
+            if ips:
+                ip = ips[k % len(ips)]
+                k += 1
+                t0 = time.time()
+                try:
+                    with urllib.request.urlopen(f"http://{ip}:8080/count", timeout=0.3) as r:
+                        answers.append((t0, ip, int(r.read().decode().strip())))
+                except Exception:       # noqa: BLE001 - refused, reset, cut short
+                    answers.append((t0, ip, None))
+            time.sleep(0.02)
+    c = threading.Thread(target=client, daemon=True)
+    try:
+        wait_for(lambda: changes and changes[-1][1] == [old_ip] or None, 60,
+                 "the Endpoints naming the pod")
+        wait_for(lambda: len(numbers(kube.logs(old))) >= 5, 60, "counter")
+        c.start()
+        time.sleep(1)
+        r = kubectl_migrt(kube, migrt_kube, "pod", old, "--to", "node-b", "--mode", "lazy")
+        assert r.returncode == 0, r.stdout + r.stderr + migrt_kube.tail()
+        st = pm_for(kube, old)["status"]
+        new = kube.wait_pod(st["targetPod"])
+        new_ip = new["status"]["podIP"]
+        wait_for(lambda: changes[-1][1] == [new_ip] or None, 30, "the Endpoints naming the new pod")
+        kube.wait_gone(old)
+        time.sleep(3)           # would the ReplicaSet add or delete a pod now?
+    finally:
+        stop.set()
+        t.join(5)
+        c.join(5)
+        watch.kill()
+    # the controller heard of the copy before the outcome, and handed over: the new pod
+    # got the address its kubelet reports
+    assert st["phase"] == "Succeeded" and st.get("restoredTime"), st
+    assert st["serviceHandOver"] == f"old pod not ready; new pod ready at {new_ip}", st
+    handed = iso_time(st["restoredTime"])
+    ended = iso_time(st["stepTimes"]["finishing"])      # the migration's outcome came
+    assert handed < ended and st["phases"]["pages_served_after_restore"] > 0, st
+    # the Endpoints dropped the frozen old pod for good, and named the new pod, before
+    # the migration ended (while the old pod still served the copy's memory)
+    last_old = max(k for k, (_, ips) in enumerate(changes) if old_ip in ips)
+    assert last_old + 1 < len(changes), changes
+    out = changes[last_old + 1][0]
+    assert out < ended, (handed, ended, changes)
+    assert any(new_ip in ips and tw < ended for tw, ips in changes), (ended, changes)
+    # ... so a client following them asked the old pod nothing after that
+    assert not [a for a in answers if a[0] > out + 0.05 and a[1] == old_ip], answers[-20:]
+    got = [a for a in answers if a[2] is not None]
+    assert got[-1][1] == new_ip and got[-1][2] > got[0][2]
+    counts = [a[2] for a in got]
+    assert counts == sorted(counts), counts     # one process: the counter never went back
+    # the ReplicaSet added and deleted no pod; the new pod is its own
+    assert seen == {old, new["metadata"]["name"]}, seen
+    assert kube.pod(new["metadata"]["name"])["metadata"]["ownerReferences"][0]["kind"] == \
+        "ReplicaSet"
+    kube.kubectl("delete", "deployment", app, "--wait=false")
+    kube.kubectl("delete", "service", app, "--wait=false")
