@@ -290,7 +290,7 @@ class StsMover(ctl.Mover):
                 raise ctl.Failed(f"pod {pname} already runs on {target}")
             why = node_refusal(node, pod["spec"])
             if why:
-                raise ctl.Failed(f"pod {self.ns}/{pname} cannot go to {why}")
+                raise ctl.Failed(f"pod {self.ns}/{pname} cannot be moved to {target}: {why}")
         else:
             fits = []
             for node in self.kube.list("nodes"):
@@ -414,6 +414,21 @@ class StsMover(ctl.Mover):
                     ho["createdAt"] = time.time()
                     ho["createdUID"] = pod["metadata"]["uid"]
                     self.set_status(step="restoring", handoff=ho)
+                rev = (pod["metadata"].get("labels") or {}).get("controller-revision-hash")
+                if ann.get("migrt.io/migration-id") != mid and st.get("revision") \
+                        and rev != st["revision"]:
+                    # the StatefulSet rolled out a new revision meanwhile: its pod is a
+                    # new one by the user's choice (a rollout replaces pods), started
+                    # afresh; the old revision's copy is not restored into it
+                    why = (f"StatefulSet {st.get('statefulSet')} recreated {pname} from a new "
+                           f"revision ({rev}, not {st['revision']}) during the move: it "
+                           f"started afresh, as a rollout does; the kept copy was dropped")
+                    try:
+                        _drop_kept(tgt, self.ctl.secret, mid, why)
+                    except Exception as e:      # noqa: BLE001
+                        why += f" (not dropped: {e})"
+                    self.set_status(handoff=ho)
+                    raise ctl.Failed(why)
                 if ann.get("migrt.io/migration-id") != mid:
                     # made without the webhook (its configuration removed by hand): it
                     # would start afresh; it goes, gracefully, and comes back through it

@@ -249,7 +249,7 @@ def test_statefulset_pod_not_moved_where_it_cannot_run(kube, sts_kube):
                                ("Succeeded", "Failed") else None)(
             kube.get("podmigration", pmn)), 60, "the PodMigration's end")
         assert pm["status"]["phase"] == "Failed", pm["status"]
-        assert f"cannot go to node {target} is cordoned" in pm["status"]["message"], pm["status"]
+        assert f"cannot be moved to {target}: node {target} is cordoned" in pm["status"]["message"], pm["status"]
         p = kube.pod(pod)
         assert p["metadata"]["uid"] == old["metadata"]["uid"]
         assert container_id(p) == container_id(old) and restart_count(p) == 0
