@@ -175,6 +175,21 @@ class Webhook:
         threading.Thread(target=self.server.serve_forever, daemon=True).start()
         log(f"serving on {self.listen[0]}:{self.server.server_address[1]} "
             f"({self.client_config})")
+        # a restarted controller: the moves under way keep their pods selected (a
+        # selector narrowed to none, even for a moment, would let the StatefulSet start
+        # such a pod afresh)
+        from migrt.kube import statefulset
+        try:
+            for pm in self.kube.list("podmigrations"):
+                w = statefulset.expectation(pm)
+                if w is not None:
+                    with self.lock:
+                        self.expected[(pm["metadata"]["namespace"],
+                                       (pm.get("status") or {}).get("sourcePod"))] = w
+        except Exception as e:      # noqa: BLE001 - then the written selector is kept
+            self.error = f"PodMigrations unreadable at start ({e})"
+            log(f"{self.error}; the configuration is written at the next move's step")
+            return
         self.sync()
 
     def review(self, review):

@@ -62,6 +62,9 @@ def setup(kube, workdir, env=None):
     kube.kubectl("apply", "-f", CRD)
     kube.kubectl("create", "namespace", "migrt-system", check=False)
     kube.kubectl("apply", "-f", RBAC)
+    # made again: a controller before this one wrote a url into it, which a plain apply
+    # of the shipped service-based one cannot merge with (both would be set)
+    kube.kubectl("delete", "--ignore-not-found", "-f", WEBHOOK)
     kube.kubectl("apply", "-f", WEBHOOK)
     kube.kubectl("wait", "--for", "condition=established", "--timeout=60s",
                  "crd/podmigrations.migrt.io")

@@ -232,6 +232,61 @@ def test_statefulset_move_waits_for_a_killed_controller(kube, sts_kube):
         kube.kubectl("delete", "statefulset", sts, "--wait=false")
 
 
+def test_statefulset_failed_restore_is_tried_again_from_the_kept_copy(kube, sts_kube,
+                                                                      tmp_path):
+    """After the handoff the kept copy is the only one: a restore that fails on the
+    target (here: the copy's image dir moved away for a moment, as a failing disk
+    would) is said in the PodMigration, leaves no copy running anywhere, keeps the copy,
+    and the kubelet's next try restores from it: the counter goes on."""
+    sts = uname("webr")
+    pod = f"{sts}-0"
+    old = statefulset(kube, sts)
+    source = old["spec"]["nodeName"]
+    target = other(source)
+    before = numbers(kube.logs(pod))
+    fpdir = tmp_path / "failpoints"
+    fpdir.mkdir()
+    sts_kube.kill()
+    sts_kube.env.update(MIGRT_FAILPOINTS="kube.sts-before-delete=pause(4)",
+                        MIGRT_FAILPOINT_DIR=str(fpdir))
+    sts_kube.start()
+    image = away = None
+    try:
+        pmn = uname("pm")
+        kube.apply({"apiVersion": "migrt.io/v1alpha1", "kind": "PodMigration",
+                    "metadata": {"name": pmn, "namespace": kube.namespace},
+                    "spec": {"pod": pod, "targetNode": target}})
+        wait_for(lambda: os.listdir(fpdir), 90, "the handoff done", interval=0.05)
+        mid = kube.get("podmigration", pmn)["status"]["migrationID"]
+        image = os.path.join(kube.nodes[target].staging, mid, "image")
+        away = image + ".away"
+        os.rename(image, away)
+        st = wait_for(lambda: (lambda x: x if "restore attempt 1 on" in x.get("message", "")
+                               else None)(kube.get("podmigration", pmn)["status"]), 90,
+                      "the failed restore said")
+        assert st["phase"] == "Running", st
+        for n, node in kube.nodes.items():
+            assert "running" not in running_of(node, pod).values(), n
+        os.rename(away, image)
+        image = None
+        pm = wait_for(lambda: (lambda x: x if x.get("status", {}).get("phase") in
+                               ("Succeeded", "Failed") else None)(
+            kube.get("podmigration", pmn)), 180, "the PodMigration's end")
+        assert pm["status"]["phase"] == "Succeeded", (pm["status"], sts_kube.tail())
+        assert pm["status"]["handoff"]["attempts"] >= 2, pm["status"]
+        check_moved(kube, pod, old, before, target)
+        ev = kube.get("events", "--field-selector", f"involvedObject.name={pod}")["items"]
+        assert "MigrationRestoreFailed" in [e.get("reason") for e in ev]
+    finally:
+        if image and away and os.path.exists(away):
+            os.rename(away, image)
+        for k in ("MIGRT_FAILPOINTS", "MIGRT_FAILPOINT_DIR"):
+            sts_kube.env.pop(k, None)
+        sts_kube.kill()
+        sts_kube.start()
+        kube.kubectl("delete", "statefulset", sts, "--wait=false")
+
+
 def test_statefulset_pod_not_moved_where_it_cannot_run(kube, sts_kube):
     """A cordoned target (the webhook would bypass the scheduler, so the controller
     checks first): Failed with one line before anything is frozen; the pod runs on."""

@@ -51,6 +51,14 @@ def resolve(rest, bundle):
                      attempts=int(rec.get("attempts") or 0) + 1)
         else:
             s.update(state="restoring", bundle=os.path.abspath(bundle))
+    except CheckpointError as e:
+        if retain and (s.read() or {}).get("state") == "staged":
+            # a kept copy's failed attempt is told to whoever waits for it (migrt.kube)
+            try:
+                s.update(attempts=int(rec.get("attempts") or 0) + 1, last_error=str(e)[:2000])
+            except OSError:
+                pass
+        raise
     finally:
         if lock is not None:
             os.close(lock)
