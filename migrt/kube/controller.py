@@ -106,7 +106,7 @@ def check_pod(pod):
                 f"replacement)")
     if ref and ref.get("kind") not in OWNERS and ref.get("kind") != "StatefulSet":
         return (f"pod {name} is owned by a {ref.get('kind')} ({ref.get('name')}): only bare "
-                f"pods, ReplicaSet (Deployment) pods and Job pods can be moved yet")
+                f"pods, ReplicaSet (Deployment), StatefulSet and Job pods can be moved yet")
     if spec.get("volumes"):
         for v in spec["volumes"]:
             if v.get("persistentVolumeClaim") or v.get("hostPath"):

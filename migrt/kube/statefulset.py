@@ -197,9 +197,11 @@ class StsMover(ctl.Mover):
                         pass
                     continue
                 return self.fail(f"controller error: {type(e).__name__}: {e}")
-        if self.st.get("step") in AFTER_HANDOFF:
-            self.set_status(message="the controller gives up for now (see its log); the "
-                                    "kept copy waits on " + str(self.st.get("targetNode")))
+        if self.st.get("step") in ("migrating",) + AFTER_HANDOFF:
+            # never failed from here (the outcome may be a kept copy and no source): the
+            # controller's next round takes it up again
+            self.set_status(message="the controller is retrying (see its log); a kept "
+                                    "copy waits on " + str(self.st.get("targetNode")))
             return None
         return self.fail("gave up after 60 attempts; see the controller's log")
 
@@ -406,7 +408,21 @@ class StsMover(ctl.Mover):
         tgt = self.addr(target)
         ho = dict(st.get("handoff") or {})
         said = None
+        checked = 0.0
         while True:
+            if time.monotonic() - checked > 2:
+                checked = time.monotonic()
+                owner = self.kube.get_or_none("statefulsets", st.get("statefulSet") or "-",
+                                              self.ns)
+                if owner is None or owner["metadata"].get("deletionTimestamp"):
+                    # nobody will create the pod again: the workload was deleted
+                    why = (f"StatefulSet {st.get('statefulSet')} was deleted during the move; "
+                           f"its kept copy was dropped")
+                    try:
+                        _drop_kept(tgt, self.ctl.secret, mid, why)
+                    except Exception as e:      # noqa: BLE001
+                        why += f" (not dropped: {e})"
+                    raise ctl.Failed(why)
             pod = self.kube.get_or_none("pods", pname, self.ns)
             if pod is not None and pod["metadata"]["uid"] != st["sourcePodUID"]:
                 ann = pod["metadata"].get("annotations") or {}
