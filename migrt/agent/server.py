@@ -116,6 +116,7 @@ class Session:
         self.restored = False
         self.failed = False
         self.lazy = False
+        self.kept = False       # handed off: the staged copy outlives this session
 
 
 class Agent:
@@ -560,7 +561,7 @@ class Agent:
             except (OSError, ValueError) as e:
                 log(f"{mid}: staged record unreadable ({e})")
                 rec = {}
-            if not sess.restored and rec.get("state") != "restored":
+            if not sess.restored and not sess.kept and rec.get("state") != "restored":
                 staged.remove()
                 # a pod's create waiting for it (migrt.runtime.sources.staged) stops now
                 # (only one that waits: a note per aborted precheck would pile up)
@@ -660,6 +661,21 @@ class Agent:
                 staged.update(state="done")
                 staged.remove()
                 conn.send_json({"ok": True})
+                return
+            elif op == "keep":
+                # handoff (a StatefulSet pod, migrt.kube.statefulset): the source lets its
+                # container go once this is answered, so the staged copy is the workload
+                # now; it stays until its restore is released, and a failed restore can
+                # be tried again from it (migrt.runtime.sources.staged)
+                rec = staged.read() or {}
+                if rec.get("state") != "staged":
+                    conn.send_json({"error": f"migration {staged.mid} is "
+                                             f"{rec.get('state')}, not staged"})
+                    return
+                staged.update(retain=True, kept_at=time.time())
+                sess.kept = True
+                log(f"{staged.mid}: kept for a later restore (the source lets go)")
+                conn.send_json({"ok": True, "marker": f"staged:{staged.mid}"})
                 return
             elif op == "why":
                 conn.send_json({"ok": True, "reason": sess.stage.error})
@@ -887,6 +903,9 @@ class Agent:
             addrs = self._addresses(rec, mid, reply["state"])
             if addrs is not None:
                 reply["addresses"] = addrs
+        if (rec or {}).get("retain"):
+            reply.update(retain=True, attempts=rec.get("attempts", 0),
+                         last_error=rec.get("last_error"))
         with self.lock:
             active = mid in self.sessions
         if hello.get("release") and rec and not active \
@@ -915,6 +934,16 @@ class Agent:
             return
         with self.lock:
             active = mid in self.sessions
+        staged = stg.Staged(mid, self.staging, self.disk)
+        rec = staged.read() or {}
+        if not active and rec.get("retain") and rec.get("state") == "staged" \
+                and hello.get("kept"):
+            # a handed-off copy nobody will restore (migrt.kube: the handoff failed and
+            # the source runs on, or the pod was made fresh): the caller knows
+            staged.remove()
+            log(f"{mid}: kept copy dropped ({str(hello.get('why'))[:200]})")
+            conn.send_json({"ok": True})
+            return
         if active or os.path.exists(os.path.join(self.staging, mid)):
             conn.send_json({"error": f"migration {mid} has started; it cannot be dropped"})
             return
@@ -992,7 +1021,8 @@ class Agent:
             argv = [self.runtime, "--root", root, "migrate", cid, "--to", to,
                     "--secret-file", secret, "--json", "--mid", mid,
                     "--restored-file", base + ".restored",
-                    "--wait", str(float(msg.get("wait") or 120))] + self.MODES[mode]
+                    "--wait", str(float(msg.get("wait") or 120))] + self.MODES[mode] \
+                + (["--handoff"] if msg.get("handoff") else [])
             with open(os.open(base + ".pid", os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o600),
                       "w") as f:
                 p = subprocess.Popen(

@@ -14,6 +14,7 @@ only ever happens because someone mounted a disk there on purpose
 
 The rootfs changes (`--disk`) stay on the disk: they are renamed into the bundle.
 """
+import ctypes
 import json
 import os
 

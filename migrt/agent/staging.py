@@ -187,6 +187,10 @@ def sweep(staging, ttl, active=(), startup=False, log=None, disk=None):
         age = now - rec.get("updated", rec.get("created", 0))
         lazy_busy = (state == "restored" and rec.get("lazy") and age < ttl) \
             or state == "filling"       # its image still feeds a running container
+        if rec.get("retain") and state in ("staged", "restoring"):
+            # handed off (the `keep` op): its source is gone, this is the workload; it
+            # goes when its restore is released or the caller drops it, never by age
+            continue
         # at startup a staged copy has lost its control session (the source rolls back
         # or asks for status, which then says "unknown"): nobody will restore it
         if (startup and state in ("receiving", "staged", None)) or (age > ttl and not lazy_busy) \

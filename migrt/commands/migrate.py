@@ -50,10 +50,13 @@ import click
 @click.option("--restored-file", default=None, hidden=True,
               help="write a JSON note to this file once the container runs on the "
               "destination (before the source is released; lazy: before its memory is sent)")
+@click.option("--handoff", is_flag=True, hidden=True,
+              help="stage only: the destination keeps the copy for a later create with the "
+              "marker, and the source goes once it does (a StatefulSet pod's move)")
 @click.pass_obj
 def command(call, container, to, secret_file, bundle, dest_root, new_id, precopy, lazy,
             streams, level, wait, page_server_port, tcp_established, skip_in_flight,
-            file_locks, rootfs_base, peer_timeout, as_json, mid, restored_file):
+            file_locks, rootfs_base, peer_timeout, as_json, mid, restored_file, handoff):
     """Move a running container to another node with the shortest downtime."""
     from migrt.migration import migrate as mig
     from migrt.transfer import wire
@@ -61,6 +64,9 @@ def command(call, container, to, secret_file, bundle, dest_root, new_id, precopy
         os.environ["MIGRT_PEER_TIMEOUT"] = str(peer_timeout)
     if precopy and lazy:
         raise click.UsageError("--precopy and --lazy exclude each other")
+    if handoff and (lazy or bundle):
+        raise click.UsageError("--handoff stages the copy for a later create: not with "
+                               "--lazy (its memory would stay on this node) nor --bundle")
     try:
         secret = wire.load_secret(secret_file)
     except (wire.ProtocolError, OSError) as e:
@@ -76,7 +82,7 @@ def command(call, container, to, secret_file, bundle, dest_root, new_id, precopy
                        progress=not as_json, page_server_port=page_server_port,
                        rootfs_base=rootfs_base, tcp_established=tcp_established,
                        file_locks=file_locks, skip_in_flight=skip_in_flight, mid=mid,
-                       restored_file=restored_file)
+                       restored_file=restored_file, handoff=handoff)
     root = call.root if call is not None else "/run/runc"
     report = mig.migrate(root, container, opts)
     if as_json:

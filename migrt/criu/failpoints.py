@@ -25,6 +25,7 @@ POINTS = (
     "migrate.before-release",     # destination runs the container; source still frozen
     "agent.before-restore",       # agent got `restore`, has not run `migrt create`
     "agent.after-create",         # container restored on the destination, not started
+    "kube.sts-before-delete",     # controller: StatefulSet pod handed off, old pod not deleted
 )
 
 

@@ -52,6 +52,12 @@ def parser():
     _common(c)
     c.add_argument("--secret-file", help="the agents' shared secret [$MIGRT_SECRET_FILE]")
     c.add_argument("--max-parallel", type=int, default=4)
+    c.add_argument("--webhook-listen", metavar="HOST:PORT",
+                   help="serve the admission webhook that StatefulSet moves need here")
+    c.add_argument("--webhook-url", help="the webhook's address as the API server reaches it "
+                   "(https://HOST:PORT/mutate-pods; HOST in its certificate)")
+    c.add_argument("--webhook-service", metavar="NAMESPACE/NAME[:PORT]",
+                   help="or the Service in front of the controller (port 443 by default)")
     return top
 
 
@@ -118,7 +124,15 @@ def follow(kube, ns, pm_name, timeout, quiet=False, prefix="  "):
                                       "for it to be scheduled and ready to restore",
                                       "migrating": "migrating (freeze, dump, transfer, "
                                       "restore)", "finishing": "restored; handing over and "
-                                      "deleting the old pod"}.get(step))):
+                                      "deleting the old pod",
+                                      "arming webhook": "StatefulSet pod: arming the "
+                                      "admission webhook for its re-creation",
+                                      "deleting source pod": "staged on the target, source "
+                                      "released; deleting the old pod",
+                                      "awaiting replacement": "waiting for the StatefulSet "
+                                      "to create the pod again",
+                                      "restoring": "recreated on the target node, restoring"}
+                                     .get(step))):
                 if key and text and key not in seen:
                     seen.add(key)
                     out(prefix + text)
@@ -282,7 +296,16 @@ def cmd_list(args, kube):
 def cmd_controller(args, kube):
     from migrt.transfer import wire
     secret = wire.load_secret(args.secret_file)
-    ctl.Controller(kube, secret, max_parallel=args.max_parallel).run()
+    c = ctl.Controller(kube, secret, max_parallel=args.max_parallel)
+    if args.webhook_listen:
+        from migrt.kube import webhook
+        c.webhook = webhook.Webhook(kube, args.webhook_listen, url=args.webhook_url,
+                                    service=args.webhook_service)
+        try:
+            c.webhook.start()
+        except kc.KubeError:
+            pass        # said once; StatefulSet moves are refused with that line
+    c.run()
     return EXIT_OK
 
 

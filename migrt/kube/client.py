@@ -221,7 +221,8 @@ class Client:
                   "services": "/api/v1", "endpoints": "/api/v1",
                   "replicasets": "/apis/apps/v1", "deployments": "/apis/apps/v1",
                   "statefulsets": "/apis/apps/v1", "jobs": "/apis/batch/v1",
-                  "podmigrations": "/apis/migrt.io/v1alpha1"}
+                  "podmigrations": "/apis/migrt.io/v1alpha1",
+                  "mutatingwebhookconfigurations": "/apis/admissionregistration.k8s.io/v1"}
         p = groups[kind]
         if namespace is not None:
             p += f"/namespaces/{namespace}"

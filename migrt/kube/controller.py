@@ -105,20 +105,15 @@ def check_pod(pod):
     if "running" not in (st.get("state") or {}) or not st.get("containerID"):
         return f"pod {name}: its container is not running"
     ref = controller_ref(pod)
-    if ref and ref.get("kind") == "StatefulSet":
-        return (f"pod {name} is owned by a StatefulSet ({ref.get('name')}): StatefulSet pods "
-                f"cannot be moved yet (the pod must keep its name, so the new pod can only be "
-                f"created after the old one is deleted, and the StatefulSet controller "
-                f"recreates it first, from its template, without the restore marker)")
     if ref and ref.get("kind") == "Job" and spec.get("restartPolicy") != "OnFailure":
         return (f"pod {name} is owned by a Job ({ref.get('name')}) with restartPolicy "
                 f"{spec.get('restartPolicy') or 'Always'}: only Job pods with restartPolicy "
                 f"OnFailure can be moved (with Never, the old pod turns Failed when its "
                 f"process leaves, and the Job controller counts a failure and starts a "
                 f"replacement)")
-    if ref and ref.get("kind") not in OWNERS:
+    if ref and ref.get("kind") not in OWNERS and ref.get("kind") != "StatefulSet":
         return (f"pod {name} is owned by a {ref.get('kind')} ({ref.get('name')}): only bare "
-                f"pods, ReplicaSet (Deployment) pods and Job pods can be moved yet")
+                f"pods, ReplicaSet (Deployment), StatefulSet and Job pods can be moved yet")
     if spec.get("volumes"):
         for v in spec["volumes"]:
             if v.get("persistentVolumeClaim") or v.get("hostPath"):
@@ -847,7 +842,7 @@ class Controller:
                 continue
             if busy >= self.max_parallel and phase in (None, "Pending"):
                 continue
-            t = threading.Thread(target=Mover(self, pm).run, daemon=True)
+            t = threading.Thread(target=mover_for(self, pm).run, daemon=True)
             with self.lock:
                 self.running[uid] = t
             busy += 1
@@ -889,6 +884,12 @@ class Controller:
                 log(f"{type(e).__name__}: {e}")
                 time.sleep(1)
             time.sleep(self.interval)
+
+
+def mover_for(controller, pm):
+    """A StatefulSet's pod is moved by handoff (migrt.kube.statefulset), others here."""
+    from migrt.kube import statefulset
+    return statefulset.mover(controller, pm) or Mover(controller, pm)
 
 
 def new_podmigration(pod, namespace, target=None, mode="full", generate=False, reason=None):

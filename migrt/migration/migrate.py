@@ -77,8 +77,12 @@ class Options:
                  dest_root=None, new_id=None, wait=300.0, progress=False,
                  page_server_port=0, criu_flags=(), rootfs_base=None, keep_image=False,
                  tcp_established=None, file_locks=None, skip_in_flight=True,
-                 mid=None, restored_file=None):
+                 mid=None, restored_file=None, handoff=False):
         self.to = to
+        # stage only: once the destination keeps the staged copy, the source goes; the
+        # restore comes later, from a create with the marker (a StatefulSet pod's
+        # replacement, migrt.kube.statefulset), and a failed one can be tried again
+        self.handoff = handoff
         self.mid = mid          # chosen by the caller (a pod on the destination waits for it)
         # written once the copy runs on the destination, before the source is released
         # (lazy mode: before its page server has sent the memory); the agent passes it
@@ -948,6 +952,10 @@ class Migration:
         self.restore_sent = True
         if self.lazy_proc is not None:
             threading.Thread(target=self._watch_page_server, daemon=True).start()
+        if self.opts.handoff:
+            self.restore_sent = False     # nothing can restore it before the source goes
+            self._handoff()
+            return
         if self.opts.bundle:
             reply = self._request({"op": "restore", "bundle": self.opts.bundle,
                                    "root": self.opts.dest_root,
@@ -969,6 +977,20 @@ class Migration:
         self.filling = bool(reply.get("filling"))
         self.report["destination_pid"] = reply.get("pid")
         self.report["destination_id"] = reply.get("container") or self.opts.new_id or self.cid
+
+    def _handoff(self):
+        """The destination keeps the staged copy for a later restore; the source is
+        then let go (release_source). Until the answer the source can resume: the caller
+        (migrt.kube.statefulset) lets no container be created from the marker before
+        this migration has ended, and drops the kept copy if it failed."""
+        self.phase = "handoff to the destination"
+        reply = self._request({"op": "keep"})
+        if reply.get("error"):
+            raise TransferError(reply["error"])
+        marker = f"MIGRT_RESTORE_FROM=staged:{self.mid}"
+        self.report["marker"] = marker
+        self.report["handoff"] = True
+        self.report["destination_id"] = None
 
     def _watch_page_server(self):
         """Lazy mode: if CRIU's page server dies before the destination confirms, the
@@ -1028,7 +1050,8 @@ class Migration:
             except (OSError, subprocess.SubprocessError) as e:
                 self.report["warning"] = f"could not unlock the source's network namespace: {e}"
         try:
-            self._request({"op": "release"})
+            if not self.opts.handoff:       # a kept copy stays for its restore
+                self._request({"op": "release"})
         except (wire.ProtocolError, OSError):
             pass
         if self.ctl:

@@ -39,6 +39,12 @@ pod-level downtime <= 1 s at 1 GiB in lazy mode.
 
     /opt/migrt/venv/bin/python tests/bench/bench_kube_migrate.py [-n 3] \
         [--mode full,precopy,lazy] [--size-mib 0,1024] [--json-out FILE] [--readiness-probe]
+        [--statefulset]
+
+With --statefulset the pod is a StatefulSet's (NAME-0, placed by the scheduler, moved to
+the other node; it keeps its name), and each move also prints where its downtime went:
+frozen until the copy was kept on the target, the old pod's deletion, its re-creation by
+the StatefulSet controller, the sandbox and restore on the target.
 
 Needs root, containerd, runc, CRIU, iptables, gcc (static libc) for --size-mib > 0 (no
 network).
@@ -193,15 +199,15 @@ class Poller:
                 for k in range(1, len(a)) if a[k][0] - a[k - 1][0] > longer]
 
 
-def one_move(c, ctl, i, mode, mib, probe=False):
+def one_move(c, ctl, i, mode, mib, probe=False, sts=False):
     src, dst = kc.NODES[i % 2], kc.NODES[(i + 1) % 2]
     tag = os.urandom(3).hex()
     pod = f"bench-{mib}m-{mode}-{i}-{tag}"
     if mib:
-        m = kc.pod_manifest(pod, MEMTOUCH.format(mib=mib), node=src,
+        m = kc.pod_manifest(pod, MEMTOUCH.format(mib=mib), node=None if sts else src,
                             resources={"limits": {"memory": f"{mib + 256}Mi"}})
     else:
-        m = kc.pod_manifest(pod, TICKER, node=src)
+        m = kc.pod_manifest(pod, TICKER, node=None if sts else src)
     m["metadata"]["labels"] = {"bench": tag}
     if probe:
         # what an operator would add: the kubelet takes a pod that stops answering out
@@ -209,7 +215,20 @@ def one_move(c, ctl, i, mode, mib, probe=False):
         m["spec"]["containers"][0]["readinessProbe"] = {
             "httpGet": {"path": "/count", "port": 8080}, "periodSeconds": 1,
             "timeoutSeconds": 1, "failureThreshold": 1}
-    c.run_pod(m, timeout=180)
+    if sts:
+        # a StatefulSet of one (`--statefulset`): its pod NAME-0 keeps its name
+        name = f"bsts-{i}-{tag}"
+        c.apply({"apiVersion": "apps/v1", "kind": "StatefulSet",
+                 "metadata": {"name": name, "namespace": c.namespace},
+                 "spec": {"replicas": 1, "serviceName": name,
+                          "selector": {"matchLabels": {"bench": tag}},
+                          "template": {"metadata": {"labels": {"bench": tag}},
+                                       "spec": m["spec"]}}})
+        pod = f"{name}-0"
+        src = c.wait_pod(pod, timeout=180)["spec"]["nodeName"]
+        dst = kc.NODES[1 - kc.NODES.index(src)]
+    else:
+        c.run_pod(m, timeout=180)
     kc.wait_for(lambda: len(c.logs(pod).split()) > (50 if not mib else 10), 120,
                 "counter running")
     c.apply({"apiVersion": "v1", "kind": "Service",
@@ -260,8 +279,21 @@ def one_move(c, ctl, i, mode, mib, probe=False):
             poller.close()
         proxy.close()
         c.kubectl("delete", "service", f"bench-{tag}", "--wait=false", check=False)
+    if sts:
+        c.kubectl("delete", "statefulset", name, "--wait=false")
     c.delete_pod(new, "--grace-period=0", "--force")
     c.wait_gone(new)
+    ho = st.get("handoff") or {}
+    handoff = {}
+    if sts and ho.get("restoredAt"):
+        # the StatefulSet's downtime: frozen until the copy was kept on the target and
+        # the source released; the old pod's deletion; its re-creation by the StatefulSet
+        # controller (through the webhook); sandbox and restore on the target
+        handoff = {"frozen_to_handoff": ho.get("frozenSeconds"),
+                   "handoff_to_deleted": round(ho["deletedAt"] - ho["at"], 3),
+                   "delete_call": ho.get("deleteSeconds"),
+                   "deleted_to_recreated": round(ho["createdAt"] - ho["deletedAt"], 3),
+                   "recreated_to_restored": round(ho["restoredAt"] - ho["createdAt"], 3)}
     # how long the Endpoints listed more than one address (the frozen source's too:
     # kube-proxy then sends part of the new connections to a pod that cannot answer)
     both, since = 0.0, None
@@ -275,6 +307,7 @@ def one_move(c, ctl, i, mode, mib, probe=False):
             "migrt_downtime": st.get("downtimeSeconds"), "svc_downtime": gap,
             "log_downtime": log_gap, "cli_reported": rep["commandToDoneSeconds"],
             "phases": st.get("phases") or {}, "bytes": st.get("bytes") or {},
+            "statefulset": sts, "handoff": handoff,
             "steps": st.get("stepTimes") or {},
             "endpoint_changes": [(round(t - w0, 3), ips) for t, ips in proxy.changes
                                  if t >= w0],
@@ -312,11 +345,16 @@ def main():
                     help="the controller's Service hand-over when the copy runs "
                     "(MIGRT_KUBE_HAND_OVER); both: each size and mode with it off, then on "
                     "(the controller restarted between)")
+    ap.add_argument("--statefulset", action="store_true",
+                    help="move the pod of a StatefulSet of one (it keeps its name: deleted, "
+                    "then recreated on the target); full and precopy modes only")
     args = ap.parse_args()
     modes = args.mode.split(",")
     for m in modes:
         if m not in ("full", "precopy", "lazy"):
             ap.error(f"--mode {m}: one of full, precopy, lazy")
+        if args.statefulset and m == "lazy":
+            ap.error("--statefulset: full or precopy mode (a StatefulSet pod is not moved lazily)")
     sizes = [int(s) for s in args.size_mib.split(",")]
     work = tempfile.mkdtemp(prefix="bench-kube-mig-")
     migrt = ocitest.build_launcher(os.path.join(work, "migrt"))
@@ -343,7 +381,7 @@ def main():
                 ctl.env["MIGRT_KUBE_HAND_OVER"] = "1" if ho == "on" else "0"
                 ctl.start()
             for k in range(args.n + 1):         # the first is a warm-up
-                r = one_move(c, ctl, i, mode, mib, args.readiness_probe)
+                r = one_move(c, ctl, i, mode, mib, args.readiness_probe, args.statefulset)
                 i += 1
                 r["warmup"] = k == 0
                 r["hand_over"] = ho
@@ -358,6 +396,7 @@ def main():
                       f"{r['two_endpoints_s']} s; Service pauses {r['service_pauses']}, "
                       f"old pod's log pauses {r['old_log_pauses']}; endpoints {r['endpoint_changes']}; "
                       f"phases: {ph}; load {r['load'][0]:.2f}"
+                      + (f"; StatefulSet handoff {r['handoff']}" if r["handoff"] else "")
                       + (" (warm-up)" if k == 0 else ""), flush=True)
                 results.append(r)
                 if args.json_out:

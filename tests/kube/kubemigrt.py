@@ -1,5 +1,5 @@
 """Set up migrt's Kubernetes side on a tests/kube cluster: the PodMigration CRD, the
-controller's shipped RBAC, a controller process with that ServiceAccount's token (not
+controller's shipped RBAC and webhook configuration, a controller process with that ServiceAccount's token (not
 cluster-admin), node annotations naming each node's agent, and the kubectl-migrt plugin
 on a PATH the real kubectl searches. Used by tests/kube/test_kube_migrate.py and
 tests/bench/bench_kube_migrate.py."""
@@ -17,6 +17,7 @@ REPO = kc.REPO
 CRD = os.path.join(REPO, "packaging", "kube", "podmigration-crd.yaml")
 RBAC = os.path.join(REPO, "packaging", "kube", "controller-rbac.yaml")
 PLUGIN = os.path.join(REPO, "packaging", "kubectl-migrt")
+WEBHOOK = os.path.join(REPO, "packaging", "kube", "controller-webhook.yaml")
 
 
 class Controller:
@@ -27,12 +28,17 @@ class Controller:
         self.env = dict(os.environ, PYTHONPATH=REPO, **(env or {}))
         self.proc = None
         self.plugin_env = None
+        # its admission webhook (StatefulSet moves), on an address of this host the API
+        # server reaches (it runs on this host; there is no kube-proxy for a Service)
+        self.webhook_port = kc.free_port()
 
     def start(self):
         f = open(self.log, "ab")
         self.proc = subprocess.Popen(
             [sys.executable, "-m", "migrt.kube", "controller", "--kubeconfig", self.kubeconfig,
-             "--secret-file", self.kube.secret], cwd=REPO, stdout=f, stderr=subprocess.STDOUT,
+             "--secret-file", self.kube.secret,
+             "--webhook-listen", f"127.0.0.1:{self.webhook_port}",
+             "--webhook-url", f"https://127.0.0.1:{self.webhook_port}/mutate-pods"], cwd=REPO, stdout=f, stderr=subprocess.STDOUT,
             stdin=subprocess.DEVNULL, env=self.env, start_new_session=True)
         f.close()
 
@@ -56,6 +62,10 @@ def setup(kube, workdir, env=None):
     kube.kubectl("apply", "-f", CRD)
     kube.kubectl("create", "namespace", "migrt-system", check=False)
     kube.kubectl("apply", "-f", RBAC)
+    # made again: a controller before this one wrote a url into it, which a plain apply
+    # of the shipped service-based one cannot merge with (both would be set)
+    kube.kubectl("delete", "--ignore-not-found", "-f", WEBHOOK)
+    kube.kubectl("apply", "-f", WEBHOOK)
     kube.kubectl("wait", "--for", "condition=established", "--timeout=60s",
                  "crd/podmigrations.migrt.io")
 

@@ -545,10 +545,12 @@ def test_job_pod_moves_without_a_failure_or_a_replacement(kube, migrt_kube):
     kube.kubectl("delete", "job", job, "--wait=false")
 
 
-def test_statefulset_and_never_job_pods_are_refused_and_run_on(kube, migrt_kube):
-    """What cannot move yet says why in one line and the pod runs on untouched: a
-    StatefulSet's pod (it must keep its name), a Job's pod with restartPolicy Never (its
-    old pod would turn Failed and count as the Job's failure)."""
+def test_pinned_statefulset_and_never_job_pods_are_refused_and_run_on(kube, migrt_kube):
+    """What cannot move says why in one line and the pod runs on untouched: a
+    StatefulSet's pod whose template pins it to its node (its re-created pod could not
+    run on the target; StatefulSet moves: tests/kube/test_kube_statefulset.py), a Job's
+    pod with restartPolicy Never (its old pod would turn Failed and count as the Job's
+    failure)."""
     sts, job = name("sts"), name("jobnever")
     tmpl = pod_manifest("x", COUNTER, node="node-a")["spec"]
     kube.apply({"apiVersion": "apps/v1", "kind": "StatefulSet",
@@ -564,11 +566,11 @@ def test_statefulset_and_never_job_pods_are_refused_and_run_on(kube, migrt_kube)
     jpod = wait_for(lambda: [p for p in kube.get("pods", "-l", f"job-name={job}")["items"]
                              if kc._cond(p, "Ready")] or None, 90, "the Job's pod")[0]
     try:
+        pinned = (f"pod {kube.namespace}/{sts}-0 cannot be moved to node-b: node node-b "
+                  f"does not match the pod's nodeSelector kubernetes.io/hostname=node-a")
         r = kubectl_migrt(kube, migrt_kube, "pod", f"{sts}-0", "--to", "node-b")
         assert r.returncode == 1, r.stdout + r.stderr
-        assert f"is owned by a StatefulSet ({sts}): StatefulSet pods cannot be moved yet" \
-            in r.stderr, r.stderr
-        assert len(r.stderr.strip().splitlines()) == 1, r.stderr
+        assert f"{kube.namespace}/{sts}-0: Failed: {pinned}" in r.stdout, r.stdout
         jname = jpod["metadata"]["name"]
         r = kubectl_migrt(kube, migrt_kube, "pod", jname, "--to", "node-b")
         assert r.returncode == 1, r.stdout + r.stderr
@@ -582,8 +584,8 @@ def test_statefulset_and_never_job_pods_are_refused_and_run_on(kube, migrt_kube)
         pm = wait_for(lambda: (lambda x: x if x.get("status", {}).get("phase") in
                                ("Succeeded", "Failed") else None)(
             kube.get("podmigration", pmn)), 60, "the PodMigration's end")
-        assert pm["status"]["phase"] == "Failed" and "owned by a StatefulSet" in \
-            pm["status"]["message"], pm["status"]
+        assert pm["status"]["phase"] == "Failed" and pm["status"]["message"] == pinned, \
+            pm["status"]
         assert not kube.get("pods", "-l", f"migrt.io/migration={pmn}")["items"]
         for before in (spod, jpod):
             p = kube.pod(before["metadata"]["name"])

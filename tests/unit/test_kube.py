@@ -45,8 +45,7 @@ def test_which_pods_can_move():
     assert "exactly one container" in ctl.check_pod(two)
     sts = pod()
     sts["metadata"]["ownerReferences"][0]["kind"] = "StatefulSet"
-    assert "owned by a StatefulSet" in ctl.check_pod(sts)
-    assert "recreates it first" in ctl.check_pod(sts)
+    assert ctl.check_pod(sts) is None        # moved by handoff (migrt.kube.statefulset)
     job = pod()
     job["metadata"]["ownerReferences"][0]["kind"] = "Job"
     assert "restartPolicy Always: only Job pods with restartPolicy OnFailure" in ctl.check_pod(job)
@@ -239,3 +238,50 @@ def test_pod_rules_records(tmp_path, monkeypatch):
     os.utime(old, (1, 1))
     podrules.sweep()
     assert not os.path.exists(old)
+
+
+def test_statefulset_target_node_checks():
+    from migrt.kube import statefulset as sts
+    node = {"metadata": {"name": "node-b", "labels": {"kubernetes.io/hostname": "node-b",
+                                                      "disk": "ssd"}},
+            "spec": {}, "status": {"conditions": [{"type": "Ready", "status": "True"}]}}
+    spec = {"nodeSelector": {"disk": "ssd"}}
+    assert sts.node_refusal(node, spec) is None
+    assert "nodeSelector kubernetes.io/hostname=node-a" in sts.node_refusal(
+        node, {"nodeSelector": {"kubernetes.io/hostname": "node-a"}})
+    aff = {"affinity": {"nodeAffinity": {"requiredDuringSchedulingIgnoredDuringExecution": {
+        "nodeSelectorTerms": [{"matchExpressions": [
+            {"key": "kubernetes.io/hostname", "operator": "NotIn", "values": ["node-b"]}]}]}}}}
+    assert "required node affinity" in sts.node_refusal(node, aff)
+    cordoned = dict(node, spec={"unschedulable": True})
+    assert "cordoned" in sts.node_refusal(cordoned, spec)
+    tainted = dict(node, spec={"taints": [{"key": "gpu", "effect": "NoSchedule"}]})
+    assert "taint gpu:NoSchedule" in sts.node_refusal(tainted, spec)
+    assert sts.node_refusal(tainted, {"tolerations": [{"key": "gpu", "operator": "Exists"}]}) \
+        is None
+    down = dict(node, status={"conditions": [{"type": "Ready", "status": "False"}]})
+    assert "not Ready" in sts.node_refusal(down, spec)
+
+
+def test_statefulset_webhook_patch_and_selector():
+    from migrt.kube import webhook as wh
+    p = {"metadata": {"name": "web-0", "annotations": {"a": "1"}},
+         "spec": {"containers": [{"name": "main", "env": [
+             {"name": "A", "value": "1"}, {"name": "MIGRT_RESTORE_FROM", "value": "/x"}]}]}}
+    ops = {o["path"]: o["value"] for o in wh.restore_patch(p, "node-b", "m-0123456789abcdef",
+                                                           "pm-1")}
+    assert ops["/spec/nodeName"] == "node-b"
+    assert ops["/spec/containers/0/env"] == [{"name": "A", "value": "1"}, {
+        "name": "MIGRT_RESTORE_FROM", "value": "staged:m-0123456789abcdef"}]
+    assert ops["/metadata/annotations"] == {"a": "1", "migrt.io/migration-id":
+                                            "m-0123456789abcdef", "migrt.io/podmigration": "pm-1"}
+    hook = wh.Webhook.__new__(wh.Webhook)
+    import threading
+    hook.lock, hook.expected = threading.Lock(), {}
+    assert hook.selector() == wh.IDLE
+    hook.expected[("ns", "web-0")] = {"mid": "m-1", "target": "b", "pm": "p", "revision": "r1"}
+    assert hook.selector() == {"matchExpressions": [
+        {"key": wh.POD_NAME, "operator": "In", "values": ["web-0"]},
+        {"key": wh.REVISION, "operator": "In", "values": ["r1"]}]}
+    ca, cert, key = wh.serving_identity(["127.0.0.1", "migrt-controller.migrt-system.svc"])
+    assert ca.startswith(b"-----BEGIN CERTIFICATE-----") and b"PRIVATE KEY" in key

@@ -29,28 +29,53 @@ def resolve(rest, bundle):
             rec = s.read()
     if rec is None:
         raise CheckpointError(f"staged:{rest}: no such staged migration in {os.path.dirname(s.dir)}")
-    if rec.get("state") != "staged":
-        raise CheckpointError(f"staged:{rest}: migration is {rec.get('state')}, not ready to restore")
-    want = rec.get("for_bundle")
-    if want and os.path.realpath(want) != os.path.realpath(bundle):
-        raise CheckpointError(f"staged:{rest}: was sent for bundle {want}, not "
-                              f"{os.path.abspath(bundle)}")
-    m = image.verify_image(s.image_dir, rootfs_dir=s.rootfs_dir)
-    s.update(state="restoring", bundle=os.path.abspath(bundle))
+    retain = bool(rec.get("retain"))
+    lock = _lock(s) if retain else None
+    try:
+        if retain:
+            rec = s.read() or rec           # under the lock: one restore of a kept copy at once
+            if rec.get("state") == "restoring" and not _alive(rec.get("restorer")):
+                rec["state"] = "staged"     # its restorer died midway: try again
+        if rec.get("state") != "staged":
+            raise CheckpointError(f"staged:{rest}: migration is {rec.get('state')}, not ready to restore")
+        want = rec.get("for_bundle")
+        if want and os.path.realpath(want) != os.path.realpath(bundle):
+            raise CheckpointError(f"staged:{rest}: was sent for bundle {want}, not "
+                                  f"{os.path.abspath(bundle)}")
+        m = image.verify_image(s.image_dir, rootfs_dir=s.rootfs_dir)
+        if retain:
+            # a kept copy (its source is gone: the `keep` op) must survive a failed restore,
+            # so that it can be tried again: its pages are read, never punched out, and its
+            # rootfs changes are copied, not moved
+            s.update(state="restoring", bundle=os.path.abspath(bundle), restorer=os.getpid(),
+                     attempts=int(rec.get("attempts") or 0) + 1)
+        else:
+            s.update(state="restoring", bundle=os.path.abspath(bundle))
+    except CheckpointError as e:
+        if retain and (s.read() or {}).get("state") == "staged":
+            # a kept copy's failed attempt is told to whoever waits for it (migrt.kube)
+            try:
+                s.update(attempts=int(rec.get("attempts") or 0) + 1, last_error=str(e)[:2000])
+            except OSError:
+                pass
+        raise
+    finally:
+        if lock is not None:
+            os.close(lock)
     keep = ("--tcp-established", "--ext-unix-sk", "--shell-job", "--file-locks")
     flags = [f for f in m.get("criu_flags", []) if f in keep]
     from migrt.runtime.checkpoints import manifest_criu_conf
     conf = manifest_criu_conf(m)
     lazy = rec.get("lazy_address")
-    if not lazy:
+    if not lazy and not retain:
         # restored once, then dropped: CRIU punches each page out of the staged image as
         # it restores it, so the destination holds one copy of the memory, not two (and
         # the restore reuses the pages it frees instead of asking for fresh ones)
         flags.append("--auto-dedup")
 
     def prepare(bundle, spec, journal=None):
-        image.apply_rootfs(s.image_dir, bundle, rootfs_dir=s.rootfs_dir, m=m, spec=spec, move=True,
-                           journal=journal)
+        image.apply_rootfs(s.image_dir, bundle, rootfs_dir=s.rootfs_dir, m=m, spec=spec,
+                           move=not retain, journal=journal)
 
     def on_restored(cid, pid):
         # the agent frees the images when the source releases the migration: freeing
@@ -67,7 +92,12 @@ def resolve(rest, bundle):
             s.update(state="restored", container=cid, pid=pid, lazy=bool(lazy))
 
     def on_failed(cid, msg):
-        s.update(state="failed", error=msg)
+        if retain:
+            # the only copy of the workload: ready for the next attempt (the kubelet
+            # creates the container again), the error kept for the caller to read
+            s.update(state="staged", last_error=str(msg)[:2000], restorer=None)
+        else:
+            s.update(state="failed", error=msg)
 
     tls = None
     if lazy:
@@ -77,10 +107,27 @@ def resolve(rest, bundle):
             raise CheckpointError(f"staged:{rest}: lazy migration without its page-traffic "
                                   f"TLS identity ({s.tls_dir})")
     source = RestoreSource(s.image_dir, restore_flags=flags, lazy_address=lazy, lazy_tls=tls,
-                           lazy_local=fill_locally(rec, memory_bytes(m)), prepare=prepare,
+                           lazy_local=not retain and fill_locally(rec, memory_bytes(m)),
+                           prepare=prepare,
                            on_restored=on_restored, on_failed=on_failed,
                            description=f"staged:{rest}", criu_conf=conf)
     return source
+
+
+def _lock(s):
+    """An exclusive lock on a staged migration's dir (an fd; closing it unlocks)."""
+    import fcntl
+    fd = os.open(s.dir, os.O_RDONLY | os.O_DIRECTORY | os.O_NOFOLLOW | os.O_CLOEXEC)
+    fcntl.flock(fd, fcntl.LOCK_EX)
+    return fd
+
+
+def _alive(pid):
+    try:
+        os.kill(int(pid), 0)
+        return True
+    except (TypeError, ValueError, OSError):
+        return False
 
 
 def _note_restore(mid, fill):
