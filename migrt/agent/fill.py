@@ -85,11 +85,36 @@ def check(staged, mine, runc=None):
            + (f"exited {code}" if code else "was killed") + ")"
            + (": " + "; ".join(errs) if errs else ""))
     # a copy with part of its memory missing must not run on: the source resumes
+    _delete(runc, root, cid)
+    lifecycle.forget(restored)
+    staged.update(state="failed", error=why)
+    return "failed", why
+
+
+def _delete(runc, root, cid):
     if runc is None:
         from migrt.runc import runc_path
         runc = runc_path()
     subprocess.run([runc, "--root", root, "delete", "--force", cid],
                    capture_output=True, timeout=60)
-    lifecycle.forget(restored)
-    staged.update(state="failed", error=why)
-    return "failed", why
+    st = subprocess.run([runc, "--root", root, "state", cid], capture_output=True, timeout=60)
+    return st.returncode != 0          # gone
+
+
+def stop(staged, mine, why, runc=None):
+    """Stop the copy this agent restored for migration `staged` (lazy mode: the source's
+    page server failed before every page was served, so the copy here lacks part of its
+    memory and must not run on; the source resumes). What is stopped comes from the
+    agent's own record `mine`, as in check(). True once no such container runs here."""
+    from migrt.runtime import lifecycle
+    cid, root = (mine or {}).get("container"), (mine or {}).get("root")
+    if not cid or not root:
+        return False
+    import types
+    restored = lifecycle.read_record(types.SimpleNamespace(root=root), cid)
+    gone = _delete(runc, root, cid)
+    if gone:
+        if restored:
+            lifecycle.forget(restored)
+        staged.update(state="failed", error=why)
+    return gone

@@ -88,6 +88,8 @@ class RootHelper:
                 return {"ok": True, "net": bundle_net(req["bundle"])}
             if op == "fill":
                 return dict(zip(("state", "error"), self.fill(req)), ok=True)
+            if op == "stop":
+                return {"ok": True, "stopped": self.stop(req)}
             if op == "map_locks":
                 from migrt.criu import probe
                 from migrt.runc import criu_path
@@ -143,6 +145,20 @@ class RootHelper:
         try:
             # what it acts on is its own record of the restore, never the staged record
             return fill.check(staged, self.agent.mine(mid))
+        finally:
+            self._give_back(staged.dir)
+
+    def stop(self, req):
+        """Stop the copy restored here for a migration whose source could not serve
+        every page (migrt.agent.fill.stop): only root can."""
+        from migrt.agent import fill, staging as stg
+        mid = req.get("mid")
+        if not stg.valid_mid(mid):
+            raise Refused("not a migration id")
+        why = str(req.get("why") or "stopped by the source")[:500]
+        staged = stg.Staged(mid, self.agent.staging, self.agent.disk)
+        try:
+            return fill.stop(staged, self.agent.mine(mid), why)
         finally:
             self._give_back(staged.dir)
 
@@ -244,6 +260,10 @@ class Client:
         if r.get("ok"):
             return r.get("state"), r.get("error")
         return "filling", r.get("error")     # not known: nothing may be rolled back on it
+
+    def stop(self, mid, why):
+        r = self.call({"op": "stop", "mid": mid, "why": why})
+        return bool(r.get("ok") and r.get("stopped"))
 
     def map_locks(self):
         """(kept, why): the root side's CRIU probe of POSIX locks on mapped files."""

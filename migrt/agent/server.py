@@ -677,6 +677,20 @@ class Agent:
                 log(f"{staged.mid}: kept for a later restore (the source lets go)")
                 conn.send_json({"ok": True, "marker": f"staged:{staged.mid}"})
                 return
+            elif op == "stop":
+                # lazy mode: the source's page server failed before every page was
+                # served; the copy here lacks part of its memory and must not run on
+                why = str(msg.get("why") or "stopped by the source")[:500]
+                stopped = sess.restored and self.stop_copy(staged, why)
+                if stopped:
+                    sess.restored = False
+                    sess.failed = True
+                    log(f"{staged.mid}: {why}; the container here was stopped")
+                conn.send_json({"ok": bool(stopped), "stopped": bool(stopped)}
+                               if stopped else
+                               {"error": "the restored container here could not be stopped",
+                                "stopped": False})
+                return
             elif op == "why":
                 conn.send_json({"ok": True, "reason": sess.stage.error})
             elif op == "abort":
@@ -875,6 +889,12 @@ class Agent:
         if self.privileged:
             return self.privileged.fill(staged.mid)
         return fill.check(staged, self.mine(staged.mid))
+
+    def stop_copy(self, staged, why):
+        """Stop the copy restored here for `staged` (migrt.agent.fill.stop)."""
+        if self.privileged:
+            return self.privileged.stop(staged.mid, why)
+        return fill.stop(staged, self.mine(staged.mid), why)
 
     def fill_wait(self, staged, timeout):
         deadline = time.monotonic() + timeout

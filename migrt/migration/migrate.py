@@ -377,6 +377,7 @@ class Migration:
         self.work = None
         self.phase = "pre-checks"
         self.restore_sent = False
+        self.restore_confirmed = False
         self.lazy_proc = None
         self.netlock = None             # CRIU's default until the precheck chooses
         self.dump_started = False
@@ -970,6 +971,9 @@ class Migration:
             sys.stderr.flush()
             reply = self._request({"op": "wait", "timeout": self.opts.wait})
         self._t("restore", t0)
+        # from here a failed page server is lazy_finish's (the copy runs, the control
+        # connection stays: the destination is asked to stop its copy)
+        self.restore_confirmed = not reply.get("error")
         self.restore_figures = reply.get("timing") if isinstance(reply.get("timing"), dict) \
             else None
         # running there, with its memory still streaming in from the staged image
@@ -997,7 +1001,8 @@ class Migration:
         destination cannot get its memory; stop waiting for it (CRIU has already thawed
         the source's tasks on the failed transfer)."""
         proc = self.lazy_proc
-        while proc is not None and self.lazy_proc is proc and self.ctl is not None:
+        while proc is not None and self.lazy_proc is proc and self.ctl is not None \
+                and not self.restore_confirmed:
             if proc.poll() is not None:
                 if proc.returncode != 0:
                     errs = _criu_log_errors(os.path.join(self.work, "work", "dump.log"))
@@ -1129,15 +1134,46 @@ class Migration:
             + (f"; CRIU log {kept}: {'; '.join(errs)}" if errs else ""))
 
     def lazy_finish(self, timeout=600):
-        """Wait until the page server has sent every page, then drop the source."""
+        """Wait until the page server has sent every page, then drop the source. A page
+        server that failed (its connection cut, the destination's lazy-pages daemon
+        gone, killed) may have left the destination's copy without part of its memory:
+        that copy is stopped and the source, which still has all of it, resumes, as
+        after a failed memory fill. If the destination cannot say it stopped its copy,
+        the source stays frozen (in doubt) rather than risk two copies."""
         t0 = time.monotonic()
+        failed = None
         try:
-            self.lazy_proc.wait(timeout)
+            rc = self.lazy_proc.wait(timeout)
+            if rc != 0:
+                err = (self.lazy_proc.stderr.read() or b"").decode(errors="replace").strip()
+                failed = (f"the page server (runc checkpoint --lazy-pages) exited {rc} "
+                          f"before it had served every page"
+                          + (f": {err.splitlines()[-1][:200]}" if err else ""))
         except subprocess.TimeoutExpired:
             _kill_group(self.lazy_proc)
-            self.report["warning"] = "page server did not finish in time"
+            failed = f"the page server had not served every page after {timeout:.0f}s"
         self._t("pages_served_after_restore", t0)
         self.lazy_proc = None
+        if failed:
+            self._lazy_failed_after_restore(failed)
+
+    def _lazy_failed_after_restore(self, why):
+        stopped, answer = False, "no answer"
+        try:
+            self.ctl.send_json({"op": "stop", "why": why})
+            kind, msg = self.ctl.read_frame()
+            stopped = kind == b"J" and bool(msg.get("stopped"))
+            answer = (msg.get("error") if isinstance(msg, dict) else None) or "not stopped"
+        except (wire.ProtocolError, OSError, AttributeError) as e:
+            answer = f"no answer ({e})"
+        if stopped:
+            self._fail(f"{why}; the destination's copy, missing part of its memory, was "
+                       f"stopped there")
+        raise MigrationInDoubt(
+            f"migration of {self.cid} to {self.opts.to}: {why}, and the destination did "
+            f"not confirm that it stopped its copy ({answer}); the source is left frozen "
+            f"(runc pause): "
+            f"resume it only if the destination has no copy")
 
     # ------------------------------------------------------------ driver
     def run(self):

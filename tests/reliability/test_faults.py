@@ -16,6 +16,7 @@ migrate` being run again. Then, as a user would check it:
 """
 import json
 import os
+import shutil
 import signal
 import subprocess
 import time
@@ -275,6 +276,27 @@ def cut(ctx):
     ctx["proxy"].cut()
 
 
+def _lazy_page_server(cid):
+    """The source's CRIU serving a lazy migration's pages: `criu swrk` under the
+    `runc checkpoint --lazy-pages` of container cid."""
+    runcs, kids = set(), {}
+    for p in os.listdir("/proc"):
+        if not p.isdigit():
+            continue
+        try:
+            with open(f"/proc/{p}/cmdline", "rb") as f:
+                cmd = f.read().split(b"\0")
+            with open(f"/proc/{p}/stat") as f:
+                ppid = int(f.read().rsplit(")", 1)[1].split()[1])
+        except (OSError, ValueError, IndexError):
+            continue
+        if b"checkpoint" in cmd and b"--lazy-pages" in cmd and cid.encode() in cmd:
+            runcs.add(int(p))
+        if cmd and (os.path.basename(cmd[0]) == b"criu" or cmd[0].startswith(b"criu:")):
+            kids[int(p)] = ppid
+    return [pid for pid, ppid in kids.items() if ppid in runcs]
+
+
 def blackhole(seconds=None):
     """Drop every packet to and from the agent's port, without a reset: the peer is as
     good as a host powered off (or, with seconds, a partition that heals)."""
@@ -469,3 +491,54 @@ def test_second_migrate_of_a_container_being_migrated_is_refused(nodes, tmp_path
     assert first.wait(120) == 0, first.stderr.read().decode()[-500:]
     assert migr.copies(nodes, cid) == {"a": None, "b": "running"}
     migr.wait_dest_counting(ag, cid, 0)
+
+
+def test_lazy_page_server_dies_before_every_page_is_served(nodes, tmp_path):
+    """Lazy mode: the source's page server dies (kill -9 of its CRIU) while the
+    destination's copy, already running, still lacks part of its memory. That copy is
+    stopped there and the source, which has all of it, resumes: one line says so, exit
+    4. Before, the source was released anyway and the copy died at its first missing
+    page: no copy left at all."""
+    memtouch = str(tmp_path / "memtouch")
+    subprocess.run(["gcc", "-O2", "-static", "-o", memtouch, os.path.join(
+        os.path.dirname(__file__), "..", "bench", "memtouch.c")], check=True)
+    cid = ocitest.uid("lz")
+    args = ["/bin/memtouch", "768", "20"]        # 768 MiB, 2% of it rewritten every 0.1 s
+    bundles = []
+    for name in (cid, cid + "-dst"):
+        b = nodes.make_bundle(args, name=name)
+        shutil.copy(memtouch, os.path.join(b, "rootfs", "bin", "memtouch"))
+        bundles.append(b)
+    src, dest = bundles
+    agent = nodes.agent()
+    rc, out, err = nodes.a.create(cid, src, start=True)
+    assert rc == 0, err.text
+    ocitest.wait_for(lambda: "ready" in out.text, timeout=120, what="memtouch filled")
+    fpdir = str(tmp_path / "fp")
+    os.makedirs(fpdir)
+    mig = nodes.spawn_migrate(cid, dest, agent, "--lazy", env={
+        "MIGRT_FAILPOINT_DIR": fpdir, "MIGRT_FAILPOINTS": "migrate.before-release=pause(1)"})
+    wait_file(fpdir, proc=mig)
+    while not any(f.startswith("migrate.before-release") for f in os.listdir(fpdir)):
+        assert mig.poll() is None, mig.stderr.read().decode()[-800:]
+        time.sleep(0.02)
+    # the destination runs; 768 MiB take seconds to serve under memtouch's faults
+    assert (nodes.b.state(cid) or {}).get("status") == "running"
+    pids = _lazy_page_server(cid)
+    assert pids, "the page server had already served every page"
+    for pid in pids:
+        kill_pid(pid)
+    mig.wait(120)
+    msg = mig.stderr.read().decode(errors="replace")
+    assert mig.returncode == 4, msg[-800:] + agent.log()[-6000:]
+    assert "missing part of its memory, was stopped there" in msg, msg[-800:]
+    assert "the source was resumed" in msg, msg[-800:]
+    assert len(msg.strip().splitlines()) == 1, msg
+    # one copy: the source, running again (not paused) and going on
+    assert nodes.b.state(cid) is None, nodes.b.state(cid)
+    assert nodes.a.state(cid)["status"] == "running"
+    rounds = len(out.lines())
+    ocitest.wait_for(lambda: len(out.lines()) > rounds + 5, timeout=20,
+                     what="memtouch going on at the source")
+    ocitest.wait_for(lambda: not agent.staged_data(), timeout=20, what="staging emptied")
+    assert not journals_of(cid)
