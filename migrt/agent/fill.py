@@ -91,14 +91,16 @@ def check(staged, mine, runc=None):
     return "failed", why
 
 
-def _delete(runc, root, cid):
+def _runc(runc):
     if runc is None:
         from migrt.runc import runc_path
         runc = runc_path()
-    subprocess.run([runc, "--root", root, "delete", "--force", cid],
+    return runc
+
+
+def _delete(runc, root, cid):
+    subprocess.run([_runc(runc), "--root", root, "delete", "--force", cid],
                    capture_output=True, timeout=60)
-    st = subprocess.run([runc, "--root", root, "state", cid], capture_output=True, timeout=60)
-    return st.returncode != 0          # gone
 
 
 def stop(staged, mine, why, runc=None):
@@ -112,7 +114,9 @@ def stop(staged, mine, why, runc=None):
         return False
     import types
     restored = lifecycle.read_record(types.SimpleNamespace(root=root), cid)
-    gone = _delete(runc, root, cid)
+    _delete(runc, root, cid)
+    gone = subprocess.run([_runc(runc), "--root", root, "state", cid], capture_output=True,
+                          timeout=60).returncode != 0
     if gone:
         if restored:
             lifecycle.forget(restored)
