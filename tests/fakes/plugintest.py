@@ -86,7 +86,12 @@ def fake_tool(dirpath, driver_root, log):
 
 
 def calls(log):
-    """The fake's calls, as short strings: 'lock', 'checkpoint', 'get-state', ..."""
+    """The fake's calls, as short strings: 'lock', 'checkpoint', 'get-state', ...
+
+    A get-state that found no such process is left out: the workloads' shells fork a
+    `sleep` that holds the device files for an instant before its redirections close
+    them, and the plugin may list it and ask about it after it exited (the plugin then
+    leaves it alone, as it should)."""
     out = []
     try:
         with open(log) as f:
@@ -96,6 +101,8 @@ def calls(log):
                 op = a[a.index("--action") + 1] if "--action" in a else a[0].lstrip("-")
                 if "--device-map" in a:
                     op += " " + a[a.index("--device-map") + 1]
+                if op == "get-state" and e.get("error") == "no such process":
+                    continue
                 out.append(op + (" !" + e["error"] if e.get("error") else ""))
     except FileNotFoundError:
         pass
