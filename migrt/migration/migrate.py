@@ -607,6 +607,10 @@ class Migration:
             raise RefusedError("criu is not installed on this node")
         from migrt.criu import kdat             # CRIU's kernel probes cached, not redone
         kdat.ensure()
+        from migrt.criu import cgyard           # the cgroup hierarchies mounted once
+        yard = cgyard.ensure(st["pid"])
+        self.criu_conf += cgyard.conf_lines(yard)
+        self.report["criu_cgroup_yard"] = yard
         if self.opts.mode == "lazy":
             from migrt.criu import lazycheck
             why = lazycheck.problem()

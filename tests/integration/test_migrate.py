@@ -275,6 +275,20 @@ def test_report_says_where_the_downtime_went(two_nodes, mode):
         assert r["pages_restored"] > 0, rs
     else:
         assert "criu" not in ck and "no usable figures" in ck["note"], ck
+    # the dump read the cgroups through migrt's yard (no hierarchy mounted in the
+    # downtime): a bind mount of each of the node's hierarchies, named as CRIU names them
+    yard = rep["criu_cgroup_yard"]
+    assert yard == "/run/migrt/criu/cgyard", rep
+    with open("/proc/self/cgroup") as f:
+        ours = [ln.split(":", 2)[1] for ln in f.read().splitlines()]
+    for ctrls in ours:
+        name = "unified" if not ctrls else ctrls.replace("name=", "")
+        d = os.path.join(yard, name)
+        assert os.path.ismount(d), (d, os.listdir(yard))
+        node = "/sys/fs/cgroup" if not ctrls and not os.path.isdir("/sys/fs/cgroup/unified") \
+            else os.path.join("/sys/fs/cgroup", name)
+        if os.path.isdir(node):
+            assert os.stat(d).st_dev == os.stat(node).st_dev, (d, node)
 
 
 @pytest.mark.parametrize("lock", ["auto", "iptables"])
