@@ -36,7 +36,7 @@ import zstandard
 
 from migrt.criu import failpoints
 from migrt.migration import recovery
-from migrt.runc import criu_path, runc_path
+from migrt.runc import criu_path, quick_status, runc_path
 from migrt.runtime.lifecycle import runc_error, wait_exit
 from migrt.agent import fill, staging as stg
 from migrt.safeio import makedirs_private, read_regular, write_private
@@ -794,13 +794,18 @@ class Agent:
         if p.returncode != 0:
             raise Refused(runc_error(errlog, 0) or f"migrt run --detach exited {p.returncode}")
         failpoints.hit("agent.after-create")
-        # runc itself: `state` through migrt is the same call, after an interpreter start
-        st = subprocess.run([runc_path(), "--root", root, "state", cid], capture_output=True,
-                            text=True, env=env)
-        try:
-            state = json.loads(st.stdout)
-        except ValueError:
-            state = {}
+        # what `runc state` would say, read from runc's state dir (runc itself when that
+        # cannot tell: `state` through migrt is the same call, after an interpreter start)
+        quick = quick_status(root, cid)
+        if quick is not None:
+            state = {"status": quick[0], "pid": quick[1]}
+        else:
+            st = subprocess.run([runc_path(), "--root", root, "state", cid],
+                                capture_output=True, text=True, env=env)
+            try:
+                state = json.loads(st.stdout)
+            except ValueError:
+                state = {}
         if state.get("status") != "running":
             subprocess.run([self.runtime, "--root", root, "delete", "--force", cid],
                            capture_output=True, env=env)

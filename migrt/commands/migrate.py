@@ -122,6 +122,9 @@ def print_report(r):
     if r.get("file_locks"):
         click.echo(f"  file locks dumped: {r['file_locks']}")
     if r.get("network_lock"):
-        click.echo(f"  network lock during the dump: {r['network_lock']}")
+        lock = r["network_lock"]
+        if lock == "skip":
+            lock = f"migrt's hold ({r.get('source_network_held')}), CRIU's own skipped"
+        click.echo(f"  network lock during the dump: {lock}")
     if r.get("warning"):
         click.echo(f"  warning: {r['warning']}")

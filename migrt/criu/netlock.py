@@ -15,7 +15,10 @@ left as runc does it.
 runc hands CRIU no lock option: the lines go through migrt.criu.config.
 
 MIGRT_NETWORK_LOCK=iptables keeps CRIU's default; =nftables asks for nftables even
-where the checks did not find it.
+where the checks did not find it. Left to itself (auto), migrate tells CRIU to skip its
+lock when migrt holds the source's network itself (migrt.migration.handover), which is
+the case for every container with a network namespace of its own or a pod's; the
+report's `network_lock` then says "skip".
 
 A CRIU killed between lock and unlock leaves the lock in place: the container resumes
 with its network cut. `clear(pid)` removes what CRIU adds (an `inet CRIU-*` table, or
@@ -29,6 +32,11 @@ import sys
 FEATURE = "network_lock_nftables"
 ENV = "MIGRT_NETWORK_LOCK"
 METHODS = ("iptables", "nftables")
+
+
+def automatic():
+    """True when MIGRT_NETWORK_LOCK leaves the choice to migrt."""
+    return (os.environ.get(ENV, "auto").strip().lower() or "auto") == "auto"
 
 
 def choose(local_facts, dest_facts):

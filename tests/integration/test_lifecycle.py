@@ -109,3 +109,29 @@ def test_log_file_json_error_from_runc(node, tmp_path):
     assert p.returncode == 1
     last = json.loads(log.read_text().splitlines()[-1])
     assert last["level"] == "error" and "does not exist" in last["msg"]
+
+
+def test_quick_status_says_what_runc_state_says(node, make_bundle):
+    """migrt.runc.quick_status (the agent's check after a restore, without starting
+    runc) gives runc's own answer in every state a container goes through."""
+    from migrt.runc import quick_status
+    rt = node("runc", binary="runc")
+    cid = ocitest.uid("qs")
+    bundle = make_bundle(["sh", "-c", "exec sleep 600"])
+    assert rt.create(cid, bundle)[0] == 0
+
+    def both():
+        st = rt.state(cid)
+        return (st["status"], st["pid"]), quick_status(rt.root, cid)
+    seen = []
+    for step in (None, ("start",), ("pause",), ("resume",), ("kill", "KILL")):
+        if step:
+            assert rt.run(step[0], cid, *step[1:]).returncode == 0
+        if step == ("kill", "KILL"):
+            ocitest.wait_for(lambda: rt.state(cid)["status"] == "stopped", what="stopped")
+        theirs, ours = both()
+        seen.append(theirs[0])
+        assert ours == theirs, (step, ours, theirs)
+    assert seen == ["created", "running", "paused", "running", "stopped"]
+    rt.run("delete", cid)
+    assert quick_status(rt.root, cid) is None
