@@ -1098,9 +1098,23 @@ class Migration:
         port = self.opts.page_server_port or _free_port(local_ip)
         from migrt.criu import pagetls
         tls = pagetls.write(os.path.join(self.work, "tls"), *self.page_tls)
+        # the spec and the rootfs changes are taken while CRIU dumps (the container is
+        # frozen: its files cannot change), not after it, in the downtime
+        from migrt import image as img
+        cap = {}
+
+        def capture():
+            try:
+                cap["m"] = img.capture_extra(image, self.cid, self.state, self.bundle,
+                                             self._manifest_flags("--lazy-pages"),
+                                             base=self.opts.rootfs_base, dumped=False)
+            except Exception as e:          # noqa: BLE001 - raised below, in this thread
+                cap["error"] = e
+        capturing = threading.Thread(target=capture, name="migrt-capture", daemon=True)
         r, w = os.pipe()
         t0 = time.monotonic()
         self.dump_started = True
+        capturing.start()
         self.lazy_proc = subprocess.Popen(
             [self.src.runc, "--root", self.src.root]
             + self._checkpoint_argv(image, work, f"{local_ip}:{port}", w),
@@ -1126,12 +1140,12 @@ class Migration:
                 self._lazy_dump_failed(work)
         finally:
             os.close(r)
+            capturing.join()
         self.phases["dump"] = round(time.monotonic() - t0, 4)
         self.dump_figures = {"dump_s": self.phases["dump"], "lazy": True}
-        from migrt import image as img
-        m = img.capture_extra(image, self.cid, self.state, self.bundle,
-                              self._manifest_flags("--lazy-pages"),
-                              base=self.opts.rootfs_base)
+        if "error" in cap:
+            raise cap["error"]
+        m = img.after_dump(image, cap["m"])
         self.phase = "transfer"
         t1 = time.monotonic()
         sender = self.lazy_sender
