@@ -743,8 +743,14 @@ class Mover:
                                  f"after the restore", delete_target=False)
                 break                   # the old pod's status lags: delete it anyway
             time.sleep(0.1)
+        orphan = None
         if (new["metadata"].get("annotations") or {}).get(HELD) is not None and old is not None:
-            rs = self.owner(old)
+            try:
+                rs = self.owner(old)
+            except Failed as e:
+                # its ReplicaSet or Job was deleted during the move: the new pod is the
+                # only copy running, so it stays (a bare pod), and the status says so
+                rs, orphan = None, f"{e}, so the new pod was left without an owner"
             if rs is not None:
                 new = self.adopt(new, rs)
         if old is not None:
@@ -754,7 +760,8 @@ class Mover:
         node = new["spec"].get("nodeName")
         msg = (f"moved to {node} as pod {new['metadata']['name']}"
                + (f", downtime {self.st['downtimeSeconds']:.2f}s"
-                  if isinstance(self.st.get("downtimeSeconds"), (int, float)) else ""))
+                  if isinstance(self.st.get("downtimeSeconds"), (int, float)) else "")
+               + (f"; {orphan}" if orphan else ""))
         self.set_status(phase="Succeeded", step="done", targetPod=new["metadata"]["name"],
                         targetNode=node, message=msg)
         self.event(old, "Migrated", f"PodMigration {self.name}: {msg}")
