@@ -20,24 +20,10 @@ def address(node):
                       f"no InternalIP")
 
 
-def status(addr, secret, mid, timeout=5.0):
-    """What the agent at addr knows of migration mid: unknown, awaited, receiving,
-    staged, restoring, filling, restored, failed, done."""
-    c, _ = wire.connect(addr, secret, {"op": "status", "mid": mid}, timeout=timeout)
-    try:
-        reply = c.read_json()
-    finally:
-        c.close()
-    if reply.get("error"):
-        raise wire.ProtocolError(reply["error"])
-    return reply.get("state") or "unknown"
-
-
-def addresses(addr, secret, mid, timeout=5.0):
-    """(state, [IP addresses]) of migration mid's container at the agent at addr: the
-    restored container's, or while a create waits for it (`awaited`) those of the pod
-    sandbox it joins; none from an agent that does not tell them (older, or --user)."""
-    c, _ = wire.connect(addr, secret, {"op": "status", "mid": mid, "net": True},
+def status_reply(addr, secret, mid, timeout=5.0, **extra):
+    """The agent's whole `status` reply for migration mid (`extra`: the request's
+    options, e.g. net=True for the addresses, id=... on a source, release=True)."""
+    c, _ = wire.connect(addr, secret, dict({"op": "status", "mid": mid}, **extra),
                         timeout=timeout)
     try:
         reply = c.read_json()
@@ -45,25 +31,43 @@ def addresses(addr, secret, mid, timeout=5.0):
         c.close()
     if reply.get("error"):
         raise wire.ProtocolError(reply["error"])
+    return reply
+
+
+def status(addr, secret, mid, timeout=5.0):
+    """What the agent at addr knows of migration mid: unknown, awaited, receiving,
+    staged, restoring, filling, restored, failed, done."""
+    return status_reply(addr, secret, mid, timeout).get("state") or "unknown"
+
+
+def addresses(addr, secret, mid, timeout=5.0):
+    """(state, [IP addresses]) of migration mid's container at the agent at addr: the
+    restored container's, or while a create waits for it (`awaited`) those of the pod
+    sandbox it joins; none from an agent that does not tell them (older, or --user)."""
+    reply = status_reply(addr, secret, mid, timeout, net=True)
     ips = reply.get("addresses")
     return reply.get("state") or "unknown", [a for a in ips if isinstance(a, str)] \
         if isinstance(ips, list) else []
 
 
 def migrate(addr, secret, container, mid, to, mode="full", wait=120, start=True,
-            started=None, restored=None):
+            started=None, restored=None, handoff=False):
     """Have the agent at addr (the source node) migrate `container` to the agent `to`
     with migration id `mid`, and wait for the outcome: {"ok", "rc", "report", "error"}.
     Asking again with the same mid waits for the same run. `started` is called once
     the agent has taken the request; `restored` (with the agent's note: downtime,
     phases, mode) once the copy runs on the target, before the outcome (lazy mode:
     before the source has sent its memory). An agent older than that event never
-    calls it: the outcome alone comes."""
+    calls it: the outcome alone comes. handoff=True: the StatefulSet move (`migrt
+    migrate --handoff`: the target keeps the staged copy until the new pod is made)."""
     c, _ = wire.connect(addr, secret, {"op": "migrate"}, timeout=10)
     try:
-        c.send_json({"op": "migrate", "container": container, "mid": mid, "to": to,
-                     "mode": mode, "wait": wait, "start": start,
-                     "events": ["restored"] if restored else []})
+        req = {"op": "migrate", "container": container, "mid": mid, "to": to,
+               "mode": mode, "wait": wait, "start": start,
+               "events": ["restored"] if restored else []}
+        if handoff:
+            req["handoff"] = True
+        c.send_json(req)
         kind, first = c.read_frame()
         if kind != b"J" or first.get("error"):
             return {"ok": False, "rc": first.get("rc", 3) if kind == b"J" else 3,
@@ -82,9 +86,13 @@ def migrate(addr, secret, container, mid, to, mode="full", wait=120, start=True,
         c.close()
 
 
-def drop(addr, secret, mid, why, timeout=5.0):
-    """Tell the target node's agent that migration mid will not come."""
-    c, _ = wire.connect(addr, secret, {"op": "drop", "mid": mid, "why": why}, timeout=timeout)
+def drop(addr, secret, mid, why, timeout=5.0, kept=False):
+    """Tell the target node's agent that migration mid will not come (kept=True: nor
+    be restored from the copy it kept for a handoff, which it deletes)."""
+    req = {"op": "drop", "mid": mid, "why": why}
+    if kept:
+        req["kept"] = True
+    c, _ = wire.connect(addr, secret, req, timeout=timeout)
     try:
         kind, reply = c.read_frame()
     finally:

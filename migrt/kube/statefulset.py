@@ -32,7 +32,6 @@ import time
 from migrt.kube import agents
 from migrt.kube import controller as ctl
 from migrt.kube.client import KubeError
-from migrt.transfer import wire
 
 KIND = "StatefulSet"
 STEPS_EXPECTING = ("arming webhook", "migrating", "deleting source pod",
@@ -127,47 +126,6 @@ def node_refusal(node, spec):
 
 
 # ------------------------------------------------------------------ agents
-def _status(addr, secret, mid, **extra):
-    c, _ = wire.connect(addr, secret, dict({"op": "status", "mid": mid}, **extra), timeout=5)
-    try:
-        reply = c.read_json()
-    finally:
-        c.close()
-    if reply.get("error"):
-        raise wire.ProtocolError(reply["error"])
-    return reply
-
-
-def _drop_kept(addr, secret, mid, why):
-    c, _ = wire.connect(addr, secret, {"op": "drop", "mid": mid, "why": why, "kept": True},
-                        timeout=5)
-    try:
-        kind, reply = c.read_frame()
-    finally:
-        c.close()
-    return kind == b"J" and bool(reply.get("ok"))
-
-
-def _migrate_handoff(addr, secret, container, mid, to, mode, wait=120):
-    """The source agent's `migrate` with handoff: as agents.migrate (asking again with
-    the same mid waits for the same run)."""
-    c, _ = wire.connect(addr, secret, {"op": "migrate"}, timeout=10)
-    try:
-        c.send_json({"op": "migrate", "container": container, "mid": mid, "to": to,
-                     "mode": mode, "wait": wait, "start": True, "handoff": True})
-        kind, first = c.read_frame()
-        if kind != b"J" or first.get("error"):
-            return {"ok": False, "rc": first.get("rc", 3) if kind == b"J" else 3,
-                    "error": first.get("error") if kind == b"J" else "bad reply",
-                    "report": None}
-        kind, res = c.read_frame()
-        if kind != b"J":
-            raise wire.ProtocolError("expected a control message")
-        return res
-    finally:
-        c.close()
-
-
 class StsMover(ctl.Mover):
     """Moves one StatefulSet pod (the module's doc), step by step (status.step)."""
 
@@ -356,7 +314,8 @@ class StsMover(ctl.Mover):
         res = None
         for attempt in range(30):
             try:
-                res = _migrate_handoff(src, self.ctl.secret, cid, mid, tgt, st.get("mode") or "full")
+                res = agents.migrate(src, self.ctl.secret, cid, mid, tgt,
+                                     st.get("mode") or "full", handoff=True)
                 break
             except Exception as e:      # noqa: BLE001 - the agent restarts: ask again
                 log(f"{self.ns}/{self.name}: source agent {src}: {e}; asking again")
@@ -377,11 +336,11 @@ class StsMover(ctl.Mover):
         # handoff happened (the report was lost); otherwise the source runs (or is
         # resumed by its agent's recovery) and a kept copy must go
         try:
-            q = _status(tgt, self.ctl.secret, mid)
+            q = agents.status_reply(tgt, self.ctl.secret, mid)
         except Exception as e:      # noqa: BLE001
             q = {"state": f"unknown ({e})"}
         try:
-            s = _status(src, self.ctl.secret, mid, id=cid)
+            s = agents.status_reply(src, self.ctl.secret, mid, id=cid)
             src_exists = s.get("container_exists")
         except Exception:       # noqa: BLE001
             src_exists = None
@@ -395,7 +354,8 @@ class StsMover(ctl.Mover):
             raise RuntimeError(f"handoff outcome unknown ({err}); asking again")
         if q.get("retain"):
             try:
-                _drop_kept(tgt, self.ctl.secret, mid, "the handoff failed; the source runs on")
+                agents.drop(tgt, self.ctl.secret, mid, "the handoff failed; the source runs on",
+                            kept=True)
             except Exception as e:      # noqa: BLE001 - never restored: the webhook goes
                 log(f"{self.ns}/{self.name}: could not drop the kept copy: {e}")
         self.set_status(**fields)
@@ -419,7 +379,7 @@ class StsMover(ctl.Mover):
                     why = (f"StatefulSet {st.get('statefulSet')} was deleted during the move; "
                            f"its kept copy was dropped")
                     try:
-                        _drop_kept(tgt, self.ctl.secret, mid, why)
+                        agents.drop(tgt, self.ctl.secret, mid, why, kept=True)
                     except Exception as e:      # noqa: BLE001
                         why += f" (not dropped: {e})"
                     raise ctl.Failed(why)
@@ -440,7 +400,7 @@ class StsMover(ctl.Mover):
                            f"revision ({rev}, not {st['revision']}) during the move: it "
                            f"started afresh, as a rollout does; the kept copy was dropped")
                     try:
-                        _drop_kept(tgt, self.ctl.secret, mid, why)
+                        agents.drop(tgt, self.ctl.secret, mid, why, kept=True)
                     except Exception as e:      # noqa: BLE001
                         why += f" (not dropped: {e})"
                     self.set_status(handoff=ho)
@@ -457,7 +417,7 @@ class StsMover(ctl.Mover):
                     time.sleep(0.2)
                     continue
             try:
-                q = _status(tgt, self.ctl.secret, mid)
+                q = agents.status_reply(tgt, self.ctl.secret, mid)
             except Exception as e:      # noqa: BLE001 - the agent restarts: ask again
                 q = {"state": f"unreachable ({e})"}
             if q.get("state") in ("restored", "done"):
@@ -493,7 +453,7 @@ class StsMover(ctl.Mover):
     def finish(self):
         st = self.st
         try:        # the copy runs: the kept image is no longer needed
-            _status(self.addr(st["targetNode"]), self.ctl.secret, st["migrationID"],
+            agents.status_reply(self.addr(st["targetNode"]), self.ctl.secret, st["migrationID"],
                     release=True)
         except Exception as e:      # noqa: BLE001 - its agent sweeps it by age then
             log(f"{self.ns}/{self.name}: release of the kept copy: {e}")

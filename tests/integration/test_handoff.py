@@ -17,7 +17,7 @@ from test_podrules import counter, numbers, pod_annotations
 def test_handoff_keeps_the_copy_until_a_create_restores_it(tmp_path, make_bundle,
                                                            migrt_launcher):
     from test_migrate import Agent, secret_file
-    from migrt.kube import statefulset as sts
+    from migrt.kube import agents
     from migrt.transfer import wire
 
     state = f"/dev/shm/migrt-it-{ocitest.uid('s')}"
@@ -40,11 +40,11 @@ def test_handoff_keeps_the_copy_until_a_create_restores_it(tmp_path, make_bundle
         mid = "m-" + uuid.uuid4().hex[:16]
         key = wire.load_secret(secret)
 
-        res = sts._migrate_handoff(ag_a.address, key, cid, mid, ag_b.address, "full")
+        res = agents.migrate(ag_a.address, key, cid, mid, ag_b.address, "full", handoff=True)
         assert res["ok"] and res["report"]["handoff"], res
         assert a.state(cid) is None                     # the source went
         before = ocitest.last_count(out)
-        q = sts._status(ag_b.address, key, mid)
+        q = agents.status_reply(ag_b.address, key, mid)
         assert q["state"] == "staged" and q["retain"] and q["attempts"] == 0, q
         pages = [os.path.join(dp, f) for dp, _, fs in os.walk(os.path.join(ag_b.staging, mid))
                  for f in fs if f.startswith("pages-")]
@@ -62,7 +62,7 @@ def test_handoff_keeps_the_copy_until_a_create_restores_it(tmp_path, make_bundle
         assert rc != 0, err1.text
         os.rename(away, image)
         image = None
-        q = sts._status(ag_b.address, key, mid)
+        q = agents.status_reply(ag_b.address, key, mid)
         assert q["state"] == "staged" and q["attempts"] == 1 and "missing" in q["last_error"], q
         assert b.state("new1") is None
 
@@ -74,7 +74,7 @@ def test_handoff_keeps_the_copy_until_a_create_restores_it(tmp_path, make_bundle
         assert rc == 0, err2.text
         ocitest.wait_for(lambda: numbers(out2), what="restored counter")
         assert numbers(out2)[0] == before + 1, (before, numbers(out2)[:3])
-        q = sts._status(ag_b.address, key, mid)
+        q = agents.status_reply(ag_b.address, key, mid)
         assert q["state"] == "restored" and q["attempts"] == 2, q
         # read, not consumed: every page still there
         assert {p: os.stat(p).st_blocks for p in pages} == blocks
@@ -84,7 +84,7 @@ def test_handoff_keeps_the_copy_until_a_create_restores_it(tmp_path, make_bundle
         assert rc == 1 and "was migrated to" in err3.text, err3.text
 
         # released: the kept copy goes
-        sts._status(ag_b.address, key, mid, release=True)
+        agents.status_reply(ag_b.address, key, mid, release=True)
         assert not os.path.exists(os.path.join(ag_b.staging, mid))
     finally:
         if image and away and os.path.exists(away):
