@@ -186,3 +186,27 @@ def quick_status(root, cid):
     except OSError:
         return None
     return ("paused" if frozen else "running"), pid
+
+
+def quick_pids(root, cid):
+    """The container's processes as `runc ps --format json` lists them (every pid in its
+    cgroup, sub-cgroups included), read from the cgroup runc's state dir names, without
+    starting runc; None when this cannot tell (the caller asks runc)."""
+    import json
+    try:
+        with open(os.path.join(root, cid, "state.json")) as f:
+            paths = json.load(f).get("cgroup_paths") or {}
+    except (OSError, ValueError, AttributeError):
+        return None
+    # the freezer's (what runc pause froze) or the unified hierarchy's
+    top = paths.get("freezer") or paths.get("") if isinstance(paths, dict) else None
+    if not top or not os.path.isdir(top):
+        return None
+    pids = []
+    try:
+        for d, _, _ in os.walk(top):
+            with open(os.path.join(d, "cgroup.procs")) as f:
+                pids.extend(int(x) for x in f.read().split())
+    except (OSError, ValueError):
+        return None
+    return sorted(set(pids))

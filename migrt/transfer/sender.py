@@ -326,11 +326,13 @@ class Sender:
         if pipes.error:
             self._fail(pipes.error)
 
-    def _watch(self, conns, stop):
+    def _watch(self, conns, stop, woken=None):
         """The agent sends nothing on a data connection before our eof, except its reason
         for dropping it (a record that failed its check, a damaged chunk, no room), and
         then closes it. Either ends the whole transfer at once: every stream is shut, so
-        that no send waits out --peer-timeout on a peer that stopped reading."""
+        that no send waits out --peer-timeout on a peer that stopped reading. `woken`:
+        a pipe's read end that becomes readable when the transfer is over (its end is
+        then seen at once, not at the next poll: the end of a dump is in the downtime)."""
         import select
         while not stop.is_set() and self.error is None:
             live = {c.sock.fileno(): c for c in conns if not getattr(c, "eof_sent", False)}
@@ -338,10 +340,13 @@ class Sender:
             if not live:
                 return
             try:
-                ready, _, _ = select.select(list(live), [], [], 0.05)
+                ready, _, _ = select.select(list(live) + ([woken] if woken is not None else []),
+                                            [], [], 0.05)
             except (OSError, ValueError):
                 continue
             for fd in ready:
+                if fd == woken:
+                    return
                 c = live[fd]
                 if getattr(c, "eof_sent", False):
                     continue
@@ -400,7 +405,9 @@ class Sender:
         for t in threads:
             t.start()
         watching = threading.Event()
-        watcher = threading.Thread(target=self._watch, args=(conns, watching), daemon=True)
+        woken_r, woken_w = os.pipe2(os.O_CLOEXEC)
+        watcher = threading.Thread(target=self._watch, args=(conns, watching, woken_r),
+                                   daemon=True)
         watcher.start()
         queued = {}
         sizes = {}
@@ -458,7 +465,10 @@ class Sender:
             for t in threads:
                 t.join()
             watching.set()
+            os.write(woken_w, b"x")
             watcher.join()
+            os.close(woken_r)
+            os.close(woken_w)
         if self.error:
             raise TransferError(self.error)
         out = {}

@@ -113,11 +113,12 @@ def test_log_file_json_error_from_runc(node, tmp_path):
 
 def test_quick_status_says_what_runc_state_says(node, make_bundle):
     """migrt.runc.quick_status (the agent's check after a restore, without starting
-    runc) gives runc's own answer in every state a container goes through."""
-    from migrt.runc import quick_status
+    runc) gives runc's own answer in every state a container goes through, and
+    quick_pids (migrate's, frozen) the processes `runc ps` lists."""
+    from migrt.runc import quick_pids, quick_status
     rt = node("runc", binary="runc")
     cid = ocitest.uid("qs")
-    bundle = make_bundle(["sh", "-c", "exec sleep 600"])
+    bundle = make_bundle(["sh", "-c", "sleep 600 & sleep 601 & wait"])
     assert rt.create(cid, bundle)[0] == 0
 
     def both():
@@ -132,6 +133,11 @@ def test_quick_status_says_what_runc_state_says(node, make_bundle):
         theirs, ours = both()
         seen.append(theirs[0])
         assert ours == theirs, (step, ours, theirs)
+        if theirs[0] in ("running", "paused"):
+            # and its processes, as `runc ps` lists them (the shell and its two sleeps)
+            ocitest.wait_for(lambda: len(quick_pids(rt.root, cid)) == 3, what="3 processes")
+            ps = json.loads(rt.run("ps", "--format", "json", cid).stdout)
+            assert quick_pids(rt.root, cid) == sorted(ps) and len(ps) == 3, ps
     assert seen == ["created", "running", "paused", "running", "stopped"]
     rt.run("delete", cid)
     assert quick_status(rt.root, cid) is None
