@@ -51,19 +51,21 @@ def addresses(addr, secret, mid, timeout=5.0):
 
 
 def migrate(addr, secret, container, mid, to, mode="full", wait=120, start=True,
-            started=None, restored=None):
+            started=None, restored=None, hold=None):
     """Have the agent at addr (the source node) migrate `container` to the agent `to`
     with migration id `mid`, and wait for the outcome: {"ok", "rc", "report", "error"}.
     Asking again with the same mid waits for the same run. `started` is called once
     the agent has taken the request; `restored` (with the agent's note: downtime,
     phases, mode) once the copy runs on the target, before the outcome (lazy mode:
     before the source has sent its memory). An agent older than that event never
-    calls it: the outcome alone comes."""
+    calls it: the outcome alone comes. `hold` (seconds): once the copy runs there, the
+    source stays frozen until `go` (or that long), and the outcome comes after."""
     c, _ = wire.connect(addr, secret, {"op": "migrate"}, timeout=10)
     try:
         c.send_json({"op": "migrate", "container": container, "mid": mid, "to": to,
                      "mode": mode, "wait": wait, "start": start,
-                     "events": ["restored"] if restored else []})
+                     "events": ["restored"] if restored else []}
+                    | ({"hold": float(hold)} if hold else {}))
         kind, first = c.read_frame()
         if kind != b"J" or first.get("error"):
             return {"ok": False, "rc": first.get("rc", 3) if kind == b"J" else 3,
@@ -90,3 +92,18 @@ def drop(addr, secret, mid, why, timeout=5.0):
     finally:
         c.close()
     return kind == b"J" and bool(reply.get("ok"))
+
+
+def go(addr, secret, container, mid, to, mode="full", timeout=5.0):
+    """Let the source of migration mid (started with `hold`) go: the agent at addr (the
+    source node) releases its frozen container. True if it was told."""
+    c, _ = wire.connect(addr, secret, {"op": "migrate"}, timeout=timeout)
+    try:
+        c.send_json({"op": "migrate", "container": container, "mid": mid, "to": to,
+                     "mode": mode, "start": False, "go": True})
+        reply = c.read_json()
+    finally:
+        c.close()
+    if reply.get("error"):
+        raise wire.ProtocolError(reply["error"])
+    return bool(reply.get("ok"))
