@@ -4,7 +4,7 @@ The order (as Tencent's mig runtime does it), so that scheduling and pod creatio
 out of the downtime:
 
 1. checks: the pod runs, with the migrt runtime class, one container, an owner migrt
-   knows how to keep (none, a ReplicaSet, or a Job whose pods restart OnFailure);
+   knows how to keep (none, a ReplicaSet, or a Job: restartPolicy OnFailure or Never);
 2. the new pod is created and scheduled first: a copy of the old pod's spec, kept off
    the source node (and on the target node if one was asked for), whose container
    carries MIGRT_RESTORE_FROM=staged:<mid> with a migration id chosen here. On its node
@@ -14,6 +14,10 @@ out of the downtime:
    id (`migrt migrate`: freeze, dump, transfer, restore there, source released);
    the waiting create restores it, so the new pod's container runs on; the agent says
    so before the outcome, and the Services' endpoints are handed over then (HandOver);
+   a Job's pod with restartPolicy Never has its source held frozen from then on, while
+   the new pod joins the Job and the old one leaves it, and released after
+   (Mover.swap_job_pods: the old pod turns Failed once its container goes, which the Job
+   would count as a failure while the pod is still its own);
 4. the bookkeeping, after the restore: a ReplicaSet's (or Job's) pod is handed to it
    (see `adopt`), the old pod is deleted, Events, status.
 
@@ -132,7 +136,7 @@ def job_room(job, pods, pod):
     (its container left for the new pod) counts one until the old pod is gone. With
     Never nothing is counted: the old pod leaves the Job before its container goes
     (Mover.swap_job_pods)."""
-    if pod["spec"].get("restartPolicy") != "OnFailure":
+    if pod["spec"].get("restartPolicy") == "Never":
         return None
     limit = (job.get("spec") or {}).get("backoffLimit")
     limit = 6 if limit is None else limit
