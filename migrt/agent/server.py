@@ -19,6 +19,10 @@ controller, migrt.kube, reattaches so after a restart). Asked with `events:
 ["restored"]`, it first sends `{"event": "restored", ...}` once the copy runs on the
 destination (before the source is released); `status` with `net` adds the addresses of
 the migration's container there (restored, or the pod sandbox a waiting create joins).
+Asked with `hold` (seconds), the run keeps its source frozen once the copy runs there
+(`migrt migrate --hold-source`) until a later `migrate` of the same id with `go` (or
+the hold's end): migrt.kube takes a Never-restarting Job's old pod out of its Job
+meanwhile.
 """
 import collections
 import json

@@ -130,6 +130,10 @@ def test_never_job_pod_moves_without_a_failure_a_replacement_or_a_completion(kub
         new = st["targetPod"]
         assert st.get("jobHandOver", "").startswith(f"pod {new} joined Job {job}"), \
             (st, migrt_kube.tail())
+        # the source was held frozen (its copy running) until the old pod left the Job
+        assert isinstance(st["phases"].get("source_held"), (int, float)), st["phases"]
+        print(f"downtime {st['phases'].get('downtime')} s, source held "
+              f"{st['phases']['source_held']} s after the restore")
         kube.wait_gone(old)
         moved_at = time.time()
         time.sleep(3)           # would the Job add a pod now?
