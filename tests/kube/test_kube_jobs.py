@@ -26,7 +26,9 @@ import cluster as kc
 import kubemigrt
 from cluster import pod_manifest, restart_count, wait_for
 
-N = 200         # the workload counts to N (0.2 s apart), says job-done and exits 0
+# the workload counts to N (0.2 s apart: 80 s at least, so that on a loaded machine the
+# move is long over before it ends), says job-done and exits 0
+N = 400
 JOB_COUNTER = (f"trap 'exit 0' TERM; exec 3>>/data.log; i=0; while [ $i -lt {N} ]; do "
                "i=$((i+1)); echo $i; echo $i >&3; echo $i > /tmp/count; sleep 0.2; done; "
                "echo job-done")
@@ -138,6 +140,7 @@ def test_never_job_pod_moves_without_a_failure_a_replacement_or_a_completion(kub
         moved_at = time.time()
         time.sleep(3)           # would the Job add a pod now?
         mid = kube.get("job", job)["status"]
+        assert numbers(kube.logs(new))[-1] < N, "the work ended before the move was checked"
         assert mid.get("active") == 1 and not mid.get("failed") \
             and not mid.get("succeeded") and not mid.get("conditions"), mid
         p = kube.pod(new)
