@@ -19,6 +19,10 @@ controller, migrt.kube, reattaches so after a restart). Asked with `events:
 ["restored"]`, it first sends `{"event": "restored", ...}` once the copy runs on the
 destination (before the source is released); `status` with `net` adds the addresses of
 the migration's container there (restored, or the pod sandbox a waiting create joins).
+Asked with `hold` (seconds), the run keeps its source frozen once the copy runs there
+(`migrt migrate --hold-source`) until a later `migrate` of the same id with `go` (or
+the hold's end): migrt.kube takes a Never-restarting Job's old pod out of its Job
+meanwhile.
 """
 import collections
 import json
@@ -1027,6 +1031,16 @@ class Agent:
         os.makedirs(d, mode=0o700, exist_ok=True)
         base = os.path.join(d, mid)
         started = os.path.exists(base + ".pid")
+        if msg.get("go"):
+            # a run started with `hold`: its source, kept frozen since the copy runs on
+            # the destination, may go now (migrt.kube: the old pod has left its Job)
+            if not started:
+                conn.send_json({"error": f"no migration {mid} was started on this node"})
+                return
+            with open(os.open(base + ".go", os.O_WRONLY | os.O_CREAT, 0o600), "w"):
+                pass
+            conn.send_json({"ok": True, "done": os.path.exists(base + ".rc")})
+            return
         if not started:
             if not msg.get("start", True):
                 conn.send_json({"error": f"no migration {mid} was started on this node"})
@@ -1047,7 +1061,10 @@ class Agent:
                     "--secret-file", secret, "--json", "--mid", mid,
                     "--restored-file", base + ".restored",
                     "--wait", str(float(msg.get("wait") or 120))] + self.MODES[mode] \
-                + (["--handoff"] if msg.get("handoff") else [])
+                + (["--handoff"] if msg.get("handoff") else []) \
+                + (["--hold-source", base + ".go", "--hold-timeout",
+                    str(float(msg["hold"]))] if isinstance(msg.get("hold"), (int, float))
+                   and not isinstance(msg.get("hold"), bool) and msg["hold"] > 0 else [])
             with open(os.open(base + ".pid", os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o600),
                       "w") as f:
                 p = subprocess.Popen(

@@ -53,10 +53,17 @@ import click
 @click.option("--handoff", is_flag=True, hidden=True,
               help="stage only: the destination keeps the copy for a later create with the "
               "marker, and the source goes once it does (a StatefulSet pod's move)")
+@click.option("--hold-source", "hold_source", default=None, hidden=True,
+              help="once the copy runs on the destination, keep the source frozen until "
+              "this file exists (or --hold-timeout passed), then release it (a Job pod "
+              "with restartPolicy Never: it leaves its Job first)")
+@click.option("--hold-timeout", "hold_timeout", type=float, default=120.0, hidden=True,
+              help="with --hold-source: the longest the source is kept, in seconds")
 @click.pass_obj
 def command(call, container, to, secret_file, bundle, dest_root, new_id, precopy, lazy,
             streams, level, wait, page_server_port, tcp_established, skip_in_flight,
-            file_locks, rootfs_base, peer_timeout, as_json, mid, restored_file, handoff):
+            file_locks, rootfs_base, peer_timeout, as_json, mid, restored_file, handoff,
+            hold_source, hold_timeout):
     """Move a running container to another node with the shortest downtime."""
     from migrt.migration import migrate as mig
     from migrt.transfer import wire
@@ -67,6 +74,9 @@ def command(call, container, to, secret_file, bundle, dest_root, new_id, precopy
     if handoff and (lazy or bundle):
         raise click.UsageError("--handoff stages the copy for a later create: not with "
                                "--lazy (its memory would stay on this node) nor --bundle")
+    if hold_source and handoff:
+        raise click.UsageError("--hold-source keeps the source until its copy runs: not with "
+                               "--handoff, which lets it go before the restore")
     try:
         secret = wire.load_secret(secret_file)
     except (wire.ProtocolError, OSError) as e:
@@ -82,7 +92,8 @@ def command(call, container, to, secret_file, bundle, dest_root, new_id, precopy
                        progress=not as_json, page_server_port=page_server_port,
                        rootfs_base=rootfs_base, tcp_established=tcp_established,
                        file_locks=file_locks, skip_in_flight=skip_in_flight, mid=mid,
-                       restored_file=restored_file, handoff=handoff)
+                       restored_file=restored_file, handoff=handoff,
+                       hold_source=hold_source, hold_timeout=hold_timeout)
     root = call.root if call is not None else "/run/runc"
     report = mig.migrate(root, container, opts)
     if as_json:

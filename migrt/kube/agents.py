@@ -51,7 +51,7 @@ def addresses(addr, secret, mid, timeout=5.0):
 
 
 def migrate(addr, secret, container, mid, to, mode="full", wait=120, start=True,
-            started=None, restored=None, handoff=False):
+            started=None, restored=None, handoff=False, hold=None):
     """Have the agent at addr (the source node) migrate `container` to the agent `to`
     with migration id `mid`, and wait for the outcome: {"ok", "rc", "report", "error"}.
     Asking again with the same mid waits for the same run. `started` is called once
@@ -59,7 +59,9 @@ def migrate(addr, secret, container, mid, to, mode="full", wait=120, start=True,
     phases, mode) once the copy runs on the target, before the outcome (lazy mode:
     before the source has sent its memory). An agent older than that event never
     calls it: the outcome alone comes. handoff=True: the StatefulSet move (`migrt
-    migrate --handoff`: the target keeps the staged copy until the new pod is made)."""
+    migrate --handoff`: the target keeps the staged copy until the new pod is made).
+    `hold` (seconds): once the copy runs there, the source stays frozen until `go` (or
+    that long), and the outcome comes after."""
     c, _ = wire.connect(addr, secret, {"op": "migrate"}, timeout=10)
     try:
         req = {"op": "migrate", "container": container, "mid": mid, "to": to,
@@ -67,6 +69,8 @@ def migrate(addr, secret, container, mid, to, mode="full", wait=120, start=True,
                "events": ["restored"] if restored else []}
         if handoff:
             req["handoff"] = True
+        if hold:
+            req["hold"] = float(hold)
         c.send_json(req)
         kind, first = c.read_frame()
         if kind != b"J" or first.get("error"):
@@ -98,3 +102,18 @@ def drop(addr, secret, mid, why, timeout=5.0, kept=False):
     finally:
         c.close()
     return kind == b"J" and bool(reply.get("ok"))
+
+
+def go(addr, secret, container, mid, to, mode="full", timeout=5.0):
+    """Let the source of migration mid (started with `hold`) go: the agent at addr (the
+    source node) releases its frozen container. True if it was told."""
+    c, _ = wire.connect(addr, secret, {"op": "migrate"}, timeout=timeout)
+    try:
+        c.send_json({"op": "migrate", "container": container, "mid": mid, "to": to,
+                     "mode": mode, "start": False, "go": True})
+        reply = c.read_json()
+    finally:
+        c.close()
+    if reply.get("error"):
+        raise wire.ProtocolError(reply["error"])
+    return bool(reply.get("ok"))

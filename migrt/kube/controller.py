@@ -4,7 +4,7 @@ The order (as Tencent's mig runtime does it), so that scheduling and pod creatio
 out of the downtime:
 
 1. checks: the pod runs, with the migrt runtime class, one container, an owner migrt
-   knows how to keep (none, a ReplicaSet, or a Job whose pods restart OnFailure);
+   knows how to keep (none, a ReplicaSet, or a Job: restartPolicy OnFailure or Never);
 2. the new pod is created and scheduled first: a copy of the old pod's spec, kept off
    the source node (and on the target node if one was asked for), whose container
    carries MIGRT_RESTORE_FROM=staged:<mid> with a migration id chosen here. On its node
@@ -14,6 +14,10 @@ out of the downtime:
    id (`migrt migrate`: freeze, dump, transfer, restore there, source released);
    the waiting create restores it, so the new pod's container runs on; the agent says
    so before the outcome, and the Services' endpoints are handed over then (HandOver);
+   a Job's pod with restartPolicy Never has its source held frozen from then on, while
+   the new pod joins the Job and the old one leaves it, and released after
+   (Mover.swap_job_pods: the old pod turns Failed once its container goes, which the Job
+   would count as a failure while the pod is still its own);
 4. the bookkeeping, after the restore: a ReplicaSet's (or Job's) pod is handed to it
    (see `adopt`), the old pod is deleted, Events, status.
 
@@ -44,6 +48,9 @@ OWNERS = {"ReplicaSet": ("apps/v1", "replicasets"), "Job": ("batch/v1", "jobs")}
 RUNTIME_CLASS = os.environ.get("MIGRT_RUNTIME_CLASS", "migrt")
 SCHEDULE_TIMEOUT = float(os.environ.get("MIGRT_KUBE_SCHEDULE_TIMEOUT", "60"))
 READY_TIMEOUT = float(os.environ.get("MIGRT_KUBE_READY_TIMEOUT", "60"))
+# a Job pod with restartPolicy Never: how long its source may stay frozen (its copy
+# running on the target) while the old pod leaves the Job (Mover.swap_job_pods)
+HOLD_TIMEOUT = float(os.environ.get("MIGRT_KUBE_HOLD_TIMEOUT", "120"))
 # the Service hand-over once the copy runs (HandOver); 0 turns it off (as before: the
 # kubelets' own view only, about 1 s later, and the frozen old pod kept in lazy mode)
 HAND_OVER = os.environ.get("MIGRT_KUBE_HAND_OVER", "1") != "0"
@@ -105,12 +112,11 @@ def check_pod(pod):
     if "running" not in (st.get("state") or {}) or not st.get("containerID"):
         return f"pod {name}: its container is not running"
     ref = controller_ref(pod)
-    if ref and ref.get("kind") == "Job" and spec.get("restartPolicy") != "OnFailure":
+    if ref and ref.get("kind") == "Job" and spec.get("restartPolicy") not in ("OnFailure",
+                                                                             "Never"):
         return (f"pod {name} is owned by a Job ({ref.get('name')}) with restartPolicy "
                 f"{spec.get('restartPolicy') or 'Always'}: only Job pods with restartPolicy "
-                f"OnFailure can be moved (with Never, the old pod turns Failed when its "
-                f"process leaves, and the Job controller counts a failure and starts a "
-                f"replacement)")
+                f"OnFailure or Never can be moved")
     if ref and ref.get("kind") not in OWNERS and ref.get("kind") != "StatefulSet":
         return (f"pod {name} is owned by a {ref.get('kind')} ({ref.get('name')}): only bare "
                 f"pods, ReplicaSet (Deployment), StatefulSet and Job pods can be moved yet")
@@ -127,7 +133,11 @@ def job_room(job, pods, pod):
     """Why moving this Job pod could fail its Job, or None. With restartPolicy OnFailure
     the Job controller (1.20) fails the Job once the restarts of its Running and Pending
     pods add up to backoffLimit (any restart, if 0); the old pod's refused restart
-    (its container left for the new pod) counts one until the old pod is gone."""
+    (its container left for the new pod) counts one until the old pod is gone. With
+    Never nothing is counted: the old pod leaves the Job before its container goes
+    (Mover.swap_job_pods)."""
+    if pod["spec"].get("restartPolicy") == "Never":
+        return None
     limit = (job.get("spec") or {}).get("backoffLimit")
     limit = 6 if limit is None else limit
     used = sum(c.get("restartCount") or 0
@@ -587,11 +597,20 @@ class Mover:
             target_addr = agents.address(self.kube.get("nodes", self.st["targetNode"]))
         t0 = time.monotonic()
         res = None
+        # a Job pod with restartPolicy Never: its source stays frozen once the copy runs,
+        # until the old pod has left the Job (swap_job_pods), then goes
+        held = self.never_job()
+        hold = dict(hold=HOLD_TIMEOUT) if held else {}
+
+        def restored(note):
+            self.hand_over(note, target_addr)
+            if held:
+                self.swap_and_go(src, target_addr)
         for attempt in range(30):
             try:
                 res = agents.migrate(src, self.ctl.secret, self.st["containerID"], mid,
                                      target_addr, mode=self.st.get("mode") or "full",
-                                     restored=lambda note: self.hand_over(note, target_addr))
+                                     restored=restored, **hold)
                 break
             except Exception as e:      # noqa: BLE001 - the agent restarts: ask again
                 log(f"{self.ns}/{self.name}: source agent {src}: {e}; asking again")
@@ -687,6 +706,127 @@ class Mover:
                 log(f"{self.ns}/{self.name}: the kubelets put their view back {h.flips} "
                     f"time(s) during the hand-over; set again each time")
 
+    def never_job(self):
+        """Is the pod moved a Job's pod with restartPolicy Never?"""
+        old = self.source_pod()
+        if old is None or old["spec"].get("restartPolicy") != "Never":
+            return False
+        ref = controller_ref(old)
+        # (or one that left its Job already: a controller restarted midway)
+        return bool(ref and ref.get("kind") == "Job") or \
+            "migrt.io/left-job" in (old["metadata"].get("annotations") or {})
+
+    def swap_and_go(self, src, target_addr):
+        """(a Job pod with restartPolicy Never, once its copy runs on the target and its
+        source is held frozen) The old pod out of the Job, the new one in; then the
+        source node's agent lets the source go. If that cannot be done, the source goes
+        anyway (at the latest when its hold times out), and the Job counts the old pod's
+        end as a failure: the move itself stands."""
+        why = None
+        for attempt in range(3):
+            try:
+                why = self.swap_job_pods()
+                break
+            except Failed as e:
+                why = f"not done: {e}"
+                break
+            except Exception as e:      # noqa: BLE001 - the API server restarts, etc.
+                why = f"not done: {type(e).__name__}: {e}"
+                time.sleep(1)
+        log(f"{self.ns}/{self.name}: Job hand-over: {why}")
+        try:
+            self.set_status(jobHandOver=why)
+        except KubeError:
+            pass
+        for attempt in range(10):
+            try:
+                agents.go(src, self.ctl.secret, self.st["containerID"], self.st["migrationID"],
+                          target_addr, mode=self.st.get("mode") or "full")
+                return
+            except Exception as e:      # noqa: BLE001 - it lets go at its hold's end
+                log(f"{self.ns}/{self.name}: source agent {src}: go: {e}")
+                time.sleep(0.5)
+
+    def swap_job_pods(self):
+        """A Job pod with restartPolicy Never: the new pod joins the Job and the old one
+        leaves it while the old container is still there (frozen), so the old pod is no
+        longer the Job's when its container goes and the kubelet sets its phase Failed.
+
+        The Job controller (1.20) counts as failed every pod in phase Failed that it
+        claims (its selector matches and it owns it, or adopts it), being deleted or not;
+        it counts as active its claimed pods neither Succeeded, Failed nor being deleted,
+        creates pods while fewer than parallelism are active, and deletes the extra ones
+        by rank (ActivePods: unscheduled, Pending, not ready, ready for less time, more
+        restarts, newer, first). Two pods change, in two writes, so the Job may see one
+        state in between: the old pod out first would leave it too few active pods, and
+        it would create a replacement; so the new pod goes in first, and the old one
+        leaves in the next call. If the Job looks in between it sees one pod too many
+        and deletes the lowest-ranked: with both Running, the old one, not ready (the
+        hand-over's view, patched again just before), which is harmless: its container
+        is frozen and gone with the hold anyway, and it leaves the Job the next moment.
+        What is left: the old pod's kubelet, which sees a frozen container as running
+        and ready, can put Ready back (its status sync, at most every 10 s) in the few
+        milliseconds between the check and the second write; then the Job would delete
+        the newer pod, the new one (ready for less time)."""
+        old, new = self.source_pod(), self.find_target()
+        if old is None or new is None:
+            raise Failed("the old or the new pod is gone")
+        held = (new["metadata"].get("annotations") or {}).get(HELD)
+        ref = controller_ref(old)
+        if held is None and not (ref and ref.get("kind") == "Job"):
+            return "done before"                    # a restarted controller: done already
+        if old["status"].get("phase") in ("Failed", "Succeeded"):
+            raise Failed(f"the old pod is {old['status']['phase']} already")
+        job = self.owner(old)
+        if job is None:
+            raise Failed("the old pod has no Job")
+        match, exprs = selector_labels(job)
+        if exprs or not match:
+            raise Failed(f"Job {job['metadata']['name']} selects by expressions")
+        # the new pod Running and ready in its kubelet's eyes (Pending ranks first)
+        deadline = time.monotonic() + READY_TIMEOUT
+        while True:
+            new = self.find_target() or new
+            if new["status"].get("phase") == "Running" and container_running(new) \
+                    and ready(new):
+                break
+            if new["metadata"].get("deletionTimestamp") or time.monotonic() > deadline:
+                raise Failed(f"the new pod {new['metadata']['name']} is not Running and "
+                             f"ready (phase {new['status'].get('phase')})")
+            time.sleep(0.05)
+        # the old pod not ready (the hand-over holds that; without it, done here)
+        for attempt in range(20):
+            old = self.source_pod()
+            if old is None or old["metadata"].get("deletionTimestamp") or not ready(old):
+                break
+            self.kube.patch("pods", old["metadata"]["name"],
+                            {"metadata": {"uid": old["metadata"]["uid"]},
+                             "status": {"conditions": _ready_conditions(
+                                 "False", ["Ready"], "Migrated",
+                                 f"migrt: its container runs in pod {new['metadata']['name']} "
+                                 f"now (PodMigration {self.name})")}},
+                            namespace=self.ns, sub="status", strategic=True)
+        else:
+            raise Failed("the old pod's kubelet keeps it ready")
+        if old is not None and old["status"].get("phase") in ("Failed", "Succeeded"):
+            raise Failed(f"the old pod is {old['status']['phase']} already")
+        if (new["metadata"].get("annotations") or {}).get(HELD) is not None:
+            new = self.adopt(new, job)
+        if old is not None:
+            refs = [r for r in old["metadata"].get("ownerReferences") or []
+                    if r.get("uid") != job["metadata"]["uid"]]
+            labels = {k: None for k in match}
+            if (old["metadata"].get("labels") or {}).get("job-name") == job["metadata"]["name"]:
+                labels["job-name"] = None
+            self.kube.patch("pods", old["metadata"]["name"],
+                            {"metadata": {"uid": old["metadata"]["uid"], "labels": labels,
+                                          "ownerReferences": refs,
+                                          "annotations": {"migrt.io/left-job":
+                                                          job["metadata"]["name"]}}},
+                            namespace=self.ns)
+        return (f"pod {new['metadata']['name']} joined Job {job['metadata']['name']}, "
+                f"then {self.st['sourcePod']} left it; its source goes now")
+
     def adopt(self, new, rs):
         """Hand the new pod to the old pod's ReplicaSet, with no pod added or deleted
         because of the move. The ReplicaSet counts the active pods it owns (not being
@@ -702,7 +842,8 @@ class Mover:
         extra ones by the same rank, creating one when too few; it counts a failure only
         for a pod in phase Failed. With restartPolicy OnFailure the old pod stays in phase
         Running (its container's restart is refused: not ready), so the same order holds
-        and no failure is counted; with Never it would turn Failed (refused in check_pod).
+        and no failure is counted. With Never it would turn Failed while still the Job's:
+        such a pod is handed over earlier, while its source is held (swap_job_pods).
         """
         held = json.loads((new["metadata"].get("annotations") or {}).get(HELD) or "{}")
         kind = rs.get("kind") or "ReplicaSet"

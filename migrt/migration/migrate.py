@@ -78,8 +78,14 @@ class Options:
                  dest_root=None, new_id=None, wait=300.0, progress=False,
                  page_server_port=0, criu_flags=(), rootfs_base=None, keep_image=False,
                  tcp_established=None, file_locks=None, skip_in_flight=True,
-                 mid=None, restored_file=None, handoff=False):
+                 mid=None, restored_file=None, handoff=False, hold_source=None,
+                 hold_timeout=120.0):
         self.to = to
+        # once the copy runs on the destination, the source stays frozen until this file
+        # exists (at most hold_timeout seconds), then goes: the caller (migrt.kube, a Job
+        # pod with restartPolicy Never) takes the old pod out of its Job meanwhile
+        self.hold_source = hold_source
+        self.hold_timeout = hold_timeout
         # stage only: once the destination keeps the staged copy, the source goes; the
         # restore comes later, from a create with the marker (a StatefulSet pod's
         # replacement, migrt.kube.statefulset), and a failed one can be tried again
@@ -1378,6 +1384,7 @@ class Migration:
             if self.opts.mode == "lazy":
                 self.release_source_lazy()
             else:
+                self.await_go()
                 self.release_source()
         except (KeyboardInterrupt, Interrupted) as e:
             raise self._unfinished(_interruption(e))
@@ -1396,7 +1403,23 @@ class Migration:
     def release_source_lazy(self):
         self.phase = "serving pages"
         self.lazy_finish()
+        self.await_go()
         self.release_source()
+
+    def await_go(self):
+        """--hold-source: the copy runs on the destination; the source, frozen (and cut
+        off), stays until the caller creates the file, or hold_timeout passed. One copy
+        runs meanwhile: the destination's."""
+        path = self.opts.hold_source
+        if not path:
+            return
+        self.phase = "source held until released"
+        t0 = time.monotonic()
+        deadline = t0 + max(0.0, float(self.opts.hold_timeout))
+        while not os.path.exists(path) and time.monotonic() < deadline:
+            time.sleep(0.02)
+        self.report["source_held"] = "released" if os.path.exists(path) else "timeout"
+        self._t("source_held", t0)
 
 
 def _r(x):

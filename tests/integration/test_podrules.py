@@ -324,3 +324,80 @@ def test_cancelled_move_stops_the_waiting_create_at_once(tmp_path, make_bundle, 
         ag.kill()
         b.cleanup()
         shutil.rmtree(state, ignore_errors=True)
+
+
+def test_held_source_stays_frozen_until_go_or_its_hold_ends(tmp_path, make_bundle,
+                                                            migrt_launcher):
+    """`migrate` with `hold` (a Job pod with restartPolicy Never, migrt.kube): once the
+    copy runs on the target, the source stays frozen (runc: paused, its counter still)
+    and the outcome waits, until the caller says `go`; then the source goes. Without a
+    `go`, it goes when the hold ends. One copy runs at a time all along."""
+    import threading
+    import time
+    from test_migrate import Agent, secret_file
+    from migrt.kube import agents
+    from migrt.transfer import wire
+
+    state = f"/dev/shm/migrt-it-{ocitest.uid('s')}"
+    env = dict(os.environ, MIGRT_STATE_DIR=state, MIGRT_KUBE_STATE=str(tmp_path / "ks"))
+    secret = secret_file(tmp_path / "secret")
+    a = ocitest.Runtime(migrt_launcher, str(tmp_path / "root-a"), env=env)
+    b_root = str(tmp_path / "root-b")
+    ag_a = Agent(migrt_launcher, str(tmp_path / "a"), a.root, secret, env,
+                 staging=str(tmp_path / "staging-a")).start()
+    ag_b = Agent(migrt_launcher, str(tmp_path / "b"), b_root, secret, env,
+                 staging=str(tmp_path / "staging-b")).start()
+    b = ocitest.Runtime(migrt_launcher, b_root, env=dict(env, MIGRT_STAGING=ag_b.staging))
+    key = wire.load_secret(secret)
+
+    def move(new, hold, say_go):
+        cid, _, rc, out, err = counter(a, make_bundle, uuid.uuid4().hex)
+        assert rc == 0, err.text
+        ocitest.wait_for(lambda: ocitest.last_count(out) >= 5, what="source counter")
+        mid = "m-" + uuid.uuid4().hex[:16]
+        made = {}
+        bundle = make_bundle(["sh", "-c", ocitest.COUNTER], name=f"{new}-pod",
+                             env=[f"MIGRT_RESTORE_FROM=staged:{mid}"],
+                             annotations=pod_annotations(uuid.uuid4().hex))
+
+        def create():
+            made["rc"], made["out"], made["err"] = b.create(new, bundle, start=True)
+        t = threading.Thread(target=create)
+        t.start()
+        ocitest.wait_for(lambda: agents.status(ag_b.address, key, mid) == "awaited",
+                         timeout=20, what="the new container waiting for its migration")
+        held = []
+
+        def restored(note):
+            # the copy runs there; the source is frozen here and stays so
+            for _ in range(10):
+                sa, sb = (a.state(cid) or {}).get("status"), (b.state(new) or {}).get("status")
+                held.append((sa, sb, ocitest.last_count(out)))
+                time.sleep(0.1)
+            if say_go:
+                assert agents.go(ag_a.address, key, cid, mid, ag_b.address)
+        t0 = time.monotonic()
+        res = agents.migrate(ag_a.address, key, cid, mid, ag_b.address, restored=restored,
+                             hold=hold)
+        took = time.monotonic() - t0
+        t.join(60)
+        assert res["ok"], (res, made.get("err") and made["err"].text)
+        assert made["rc"] == 0, made["err"].text
+        assert len(held) == 10 and all(h[:2] == ("paused", "running") for h in held), held
+        assert len({h[2] for h in held}) == 1, held          # the source's counter stood
+        assert a.state(cid) is None                          # gone once let go
+        ocitest.wait_for(lambda: numbers(made["out"]), what="restored counter")
+        assert numbers(made["out"])[0] == held[0][2] + 1
+        return res["report"], took
+
+    try:
+        rep, _ = move("new-go", 60, True)
+        assert rep["source_held"] == "released" and rep["phases"]["source_held"] < 30, rep
+        rep, took = move("new-timeout", 5, False)
+        assert rep["source_held"] == "timeout" and rep["phases"]["source_held"] >= 4.9, rep
+    finally:
+        for ag in (ag_a, ag_b):
+            ag.kill()
+        a.cleanup()
+        b.cleanup()
+        shutil.rmtree(state, ignore_errors=True)

@@ -545,37 +545,25 @@ def test_job_pod_moves_without_a_failure_or_a_replacement(kube, migrt_kube):
     kube.kubectl("delete", "job", job, "--wait=false")
 
 
-def test_pinned_statefulset_and_never_job_pods_are_refused_and_run_on(kube, migrt_kube):
+def test_pinned_statefulset_pod_is_refused_and_runs_on(kube, migrt_kube):
     """What cannot move says why in one line and the pod runs on untouched: a
     StatefulSet's pod whose template pins it to its node (its re-created pod could not
-    run on the target; StatefulSet moves: tests/kube/test_kube_statefulset.py), a Job's
-    pod with restartPolicy Never (its old pod would turn Failed and count as the Job's
-    failure)."""
-    sts, job = name("sts"), name("jobnever")
+    run on the target; StatefulSet moves: tests/kube/test_kube_statefulset.py). (A Job's
+    pod with restartPolicy Never moves: tests/kube/test_kube_jobs.py.)"""
+    sts = name("sts")
     tmpl = pod_manifest("x", COUNTER, node="node-a")["spec"]
     kube.apply({"apiVersion": "apps/v1", "kind": "StatefulSet",
                 "metadata": {"name": sts, "namespace": kube.namespace},
                 "spec": {"replicas": 1, "serviceName": sts,
                          "selector": {"matchLabels": {"app": sts}},
                          "template": {"metadata": {"labels": {"app": sts}}, "spec": tmpl}}})
-    jtmpl = dict(tmpl, restartPolicy="Never")
-    kube.apply({"apiVersion": "batch/v1", "kind": "Job",
-                "metadata": {"name": job, "namespace": kube.namespace},
-                "spec": {"backoffLimit": 0, "template": {"spec": jtmpl}}})
     spod = kube.wait_pod(f"{sts}-0")
-    jpod = wait_for(lambda: [p for p in kube.get("pods", "-l", f"job-name={job}")["items"]
-                             if kc._cond(p, "Ready")] or None, 90, "the Job's pod")[0]
     try:
         pinned = (f"pod {kube.namespace}/{sts}-0 cannot be moved to node-b: node node-b "
                   f"does not match the pod's nodeSelector kubernetes.io/hostname=node-a")
         r = kubectl_migrt(kube, migrt_kube, "pod", f"{sts}-0", "--to", "node-b")
         assert r.returncode == 1, r.stdout + r.stderr
         assert f"{kube.namespace}/{sts}-0: Failed: {pinned}" in r.stdout, r.stdout
-        jname = jpod["metadata"]["name"]
-        r = kubectl_migrt(kube, migrt_kube, "pod", jname, "--to", "node-b")
-        assert r.returncode == 1, r.stdout + r.stderr
-        assert f"is owned by a Job ({job}) with restartPolicy Never: only Job pods with " \
-               f"restartPolicy OnFailure can be moved" in r.stderr, r.stderr
         # a PodMigration made directly: Failed with the same reason, no new pod
         pmn = name("pm")
         kube.apply({"apiVersion": "migrt.io/v1alpha1", "kind": "PodMigration",
@@ -587,14 +575,11 @@ def test_pinned_statefulset_and_never_job_pods_are_refused_and_run_on(kube, migr
         assert pm["status"]["phase"] == "Failed" and pm["status"]["message"] == pinned, \
             pm["status"]
         assert not kube.get("pods", "-l", f"migrt.io/migration={pmn}")["items"]
-        for before in (spod, jpod):
-            p = kube.pod(before["metadata"]["name"])
-            assert container_id(p) == container_id(before) and restart_count(p) == 0
-            assert kc._cond(p, "Ready") and p["spec"]["nodeName"] == "node-a"
-        assert not kube.get("job", job)["status"].get("failed")
+        p = kube.pod(spod["metadata"]["name"])
+        assert container_id(p) == container_id(spod) and restart_count(p) == 0
+        assert kc._cond(p, "Ready") and p["spec"]["nodeName"] == "node-a"
     finally:
         kube.kubectl("delete", "statefulset", sts, "--wait=false")
-        kube.kubectl("delete", "job", job, "--wait=false")
 
 
 def watch_endpoints(kube, svc, changes):

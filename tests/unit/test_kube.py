@@ -48,9 +48,10 @@ def test_which_pods_can_move():
     assert ctl.check_pod(sts) is None        # moved by handoff (migrt.kube.statefulset)
     job = pod()
     job["metadata"]["ownerReferences"][0]["kind"] = "Job"
-    assert "restartPolicy Always: only Job pods with restartPolicy OnFailure" in ctl.check_pod(job)
-    job["spec"]["restartPolicy"] = "Never"
-    assert "counts a failure" in ctl.check_pod(job)
+    assert "restartPolicy Always: only Job pods with restartPolicy OnFailure or Never" \
+        in ctl.check_pod(job)
+    job["spec"]["restartPolicy"] = "Never"      # moved with its source held (swap_job_pods)
+    assert ctl.check_pod(job) is None
     job["spec"]["restartPolicy"] = "OnFailure"
     assert ctl.check_pod(job) is None
     ds = pod()
@@ -132,6 +133,10 @@ def test_job_pod_moves_only_with_room_in_its_backoff_limit():
     p["status"]["containerStatuses"][0]["restartCount"] = 0
     assert "fail the Job" in ctl.job_room(job, [p], p)
     del job["spec"]["backoffLimit"]             # the default, 6
+    assert ctl.job_room(job, [p], p) is None
+    # with Never no restart is counted: the old pod leaves the Job before its container goes
+    job["spec"]["backoffLimit"] = 0
+    p["spec"]["restartPolicy"] = "Never"
     assert ctl.job_room(job, [p], p) is None
 
 
