@@ -346,6 +346,11 @@ class Sender:
                 if getattr(c, "eof_sent", False):
                     continue
                 why = self._reason(c)
+                broken = getattr(c, "broken", None)
+                if why is None and getattr(broken, "errno", None) == errno.ETIMEDOUT:
+                    # not closed: nothing came back for the peer timeout (a cut network,
+                    # a host gone), which ends the socket as readable all the same
+                    why = f"transfer to {self.address}: {wire.explain(broken)}"
                 self._fail(why or f"transfer to {self.address}: the destination closed a "
                                   f"data connection")
                 for k in conns:
@@ -373,6 +378,8 @@ class Sender:
                 conn.read_json()
             except wire.ProtocolError as e:     # read_json raises the agent's {"error": ...}
                 why = f"destination: {e}"
+            except OSError as e:                # reset, or timed out (see _watch)
+                conn.broken = e
             except Exception:
                 pass
             conn.why_dropped = why
