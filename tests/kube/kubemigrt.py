@@ -149,9 +149,27 @@ def runc_ids(node):
     return {c["id"]: c["status"] for c in json.loads(p.stdout or "null") or []}
 
 
+def dying(pid):
+    """Is this process being killed (SIGKILL pending, exiting, or a zombie)? It runs no
+    more code of its own. runc says `running` for a moment of a frozen container's
+    kill (migrt's release of a migrated source: its cgroup v1 freezer reads FREEZING
+    once its tasks wake up to die), which is no second copy."""
+    try:
+        with open(f"/proc/{pid}/stat") as f:
+            fields = f.read().rsplit(")", 1)[1].split()
+        with open(f"/proc/{pid}/status") as f:
+            st = dict(line.split(":", 1) for line in f if ":" in line)
+    except (OSError, IndexError, ValueError):
+        return True
+    if fields[0] in ("Z", "X") or int(fields[6]) & 0x4:      # PF_EXITING
+        return True
+    return any(int(st.get(k, "0").strip(), 16) & (1 << 8) for k in ("SigPnd", "ShdPnd"))
+
+
 def running_of(node, pod):
     """{container id: runc status} of a pod's app containers on a node (by the CRI's
-    sandbox-name annotation), as the node's runc sees them."""
+    sandbox-name annotation), as the node's runc sees them; `dying` instead of
+    `running` for one whose init is being killed (see dying)."""
     p = subprocess.run(["runc", "--root", os.path.join(node.runc_root, "k8s.io"), "list",
                         "--format", "json"], capture_output=True, text=True)
     out = {}
@@ -159,7 +177,8 @@ def running_of(node, pod):
         ann = c.get("annotations") or {}
         if ann.get("io.kubernetes.cri.sandbox-name") == pod and \
                 ann.get("io.kubernetes.cri.container-type") == "container":
-            out[c["id"]] = c["status"]
+            out[c["id"]] = "dying" if c["status"] == "running" and dying(c["pid"]) \
+                else c["status"]
     return out
 
 
