@@ -303,3 +303,38 @@ def test_target_kubelet_stopped_mid_transfer_the_source_runs_on(kube, fault_kube
     check_source_runs_on(kube, pod, old, pmn, copies)
     kube.delete_pod(pod)
     kube.wait_gone(pod)
+
+
+def test_target_kubelet_back_before_the_bound_the_move_completes(kube, fault_kube,
+                                                                 paused_source):
+    """As above, but the kubelet is started again once the image is committed on
+    node-b (the source frozen, waiting for a create from the marker): it syncs the
+    new pod, whose container was never started, creates it again, and that create
+    restores the staged image: the move completes. The new pod's restart count says
+    the kubelet's first attempt failed; its counter goes on from the old pod's."""
+    pod, pmn = name("kback"), name("pm")
+    old, before = big_pod(kube, pod)
+    st, copies = start_move(kube, pod, pmn)
+    at = wait_transfer(kube, st, paused_source)
+    b = kube.nodes["node-b"]
+    b.stop_kubelet()
+    record = os.path.join(b.staging, st["migrationID"], "migration.json")
+    try:
+        wait_for(lambda: '"staged"' in open(record).read(), 120,
+                 "the image committed on node-b")
+    finally:
+        b.restart_kubelet()
+    pm = wait_pm_end(kube, pmn, 240)
+    s = pm["status"]
+    assert s["phase"] == "Succeeded", (at, s, fault_kube.tail())
+    new = s["targetPod"]
+    kube.wait_gone(pod)
+    p = kube.wait_pod(new)
+    assert p["spec"]["nodeName"] == "node-b", p["spec"]
+    check_counter_moved(kube, new, before)
+    copies.end()
+    a, bb = copies.now()
+    assert not a and list(bb.values()) == ["running"], (a, bb)
+    print("new pod restart count:", restart_count(p))
+    kube.delete_pod(new)
+    kube.wait_gone(new)
