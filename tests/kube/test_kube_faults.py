@@ -126,8 +126,10 @@ def wait_transfer(kube, st, fp):
                     size += os.lstat(os.path.join(d, f)).st_size
                 except OSError:
                     pass
-        return f"{size} bytes" if size > 16 << 20 else None
-    return wait_for(arrived, 120, "the image arriving on node-b", interval=0.01)
+        return f"{size} bytes arrived" if size > 16 << 20 else None
+    at = wait_for(arrived, 120, "the image arriving on node-b", interval=0.01)
+    print(f"\nFAULT {st['targetPod']}: the damage comes with {at}")
+    return at
 
 
 def big_pod(kube, pod):
