@@ -64,9 +64,16 @@ def paused_source(kube, tmp_path):
     a.start_agent(env={"MIGRT_FAILPOINTS": f"migrate.after-dump=pause({PAUSE})",
                        "MIGRT_FAILPOINT_DIR": str(fp)})
     yield str(fp)
+    while SAMPLERS:             # (a failed test's: its runc list would outlive the cluster)
+        c = SAMPLERS.pop()
+        c.stop.set()
+        c.t.join(10)
     for n in kube.nodes.values():
         n.kill_agent(signal.SIGTERM)
         n.start_agent()
+
+
+SAMPLERS = []
 
 
 class Copies:
@@ -79,6 +86,7 @@ class Copies:
         self.stop = threading.Event()
         self.t = threading.Thread(target=self.run, daemon=True)
         self.t.start()
+        SAMPLERS.append(self)
 
     def now(self):
         a = running_of(self.kube.nodes["node-a"], self.old)
