@@ -205,6 +205,7 @@ class Sender:
         self.progress = progress
         self.stats = Stats()
         self.error = None
+        self._timed_out = False
         self.hello_extra = hello_extra or {}
         self.digests = {}      # rel -> {chunk index: digest}
         self.blocks = {}       # rel -> {block index: int digest} (for a later delta round)
@@ -229,10 +230,14 @@ class Sender:
         self.conns = conns
         return conns
 
-    def _fail(self, msg):
+    def _fail(self, msg, timed_out=False):
+        """The transfer's error: the first one, except that a peer that timed out (a cut
+        network, a host gone) is said as such even when a closed stream came first:
+        the sockets a timeout ends also read as closed."""
         with self.lock:
-            if self.error is None:
+            if self.error is None or (timed_out and not self._timed_out):
                 self.error = msg
+                self._timed_out = timed_out
 
     def _worker(self, conn, jobs, base):
         comp = zstandard.ZstdCompressor(level=self.level) if self.level > 0 else None
@@ -310,7 +315,12 @@ class Sender:
         except wire.ProtocolError as e:
             self._fail(f"destination: {e}")
         except (OSError, TransferError) as e:
-            self._fail(f"transfer to {self.address}: {self._reason(conn) or wire.explain(e)}")
+            if getattr(e, "errno", None) == errno.ETIMEDOUT:
+                conn.broken = e         # nothing came back: there is no reason to read
+                self._fail(f"transfer to {self.address}: {wire.explain(e)}", timed_out=True)
+            else:
+                self._fail(f"transfer to {self.address}: "
+                           f"{self._reason(conn) or wire.explain(e)}")
         finally:
             conn.eof_sent = True
             conn.close()
@@ -351,6 +361,12 @@ class Sender:
                 if getattr(c, "eof_sent", False):
                     continue
                 why = self._reason(c)
+                broken = getattr(c, "broken", None)
+                if why is None and getattr(broken, "errno", None) == errno.ETIMEDOUT:
+                    # not closed: nothing came back for the peer timeout (a cut network,
+                    # a host gone), which ends the socket as readable all the same
+                    self._fail(f"transfer to {self.address}: {wire.explain(broken)}",
+                               timed_out=True)
                 self._fail(why or f"transfer to {self.address}: the destination closed a "
                                   f"data connection")
                 for k in conns:
@@ -378,6 +394,8 @@ class Sender:
                 conn.read_json()
             except wire.ProtocolError as e:     # read_json raises the agent's {"error": ...}
                 why = f"destination: {e}"
+            except OSError as e:                # reset, or timed out (see _watch)
+                conn.broken = e
             except Exception:
                 pass
             conn.why_dropped = why

@@ -431,12 +431,14 @@ class Node:
                 "--v", "2"]
         self.kubelet = Proc(f"kubelet {self.name}", argv, os.path.join(self.base, "kubelet.log"))
 
-    def start_agent(self):
+    def start_agent(self, env=None):
+        """Start the node's `migrt agent` (again, as its supervisor would after a crash);
+        `env` adds to its environment (and so to the `migrt migrate` runs it starts)."""
         c = self.cluster
         d = os.path.join(self.base, "agent")
         os.makedirs(d, exist_ok=True)
         # the node's migrt state is one: its shims' and its agent's (restores it made)
-        env = dict(os.environ, MIGRT_STATE_DIR=self.containerd.migrt_state)
+        env = dict(os.environ, MIGRT_STATE_DIR=self.containerd.migrt_state, **(env or {}))
         argv = [c.migrt, "--root", os.path.join(self.runc_root, "k8s.io"), "agent", "--listen", self.agent_address,
                 "--secret-file", c.secret, "--staging", self.staging,
                 "--disk", self.disk, "--log-dir", os.path.join(d, "logs")]
@@ -450,6 +452,26 @@ class Node:
             with open(os.path.join(d, "stderr"), errors="replace") as f:
                 raise RuntimeError(f"migrt agent on {self.name} did not start: {line} {f.read()}")
         self.agent = p
+
+    def kill_agent(self, sig=signal.SIGKILL):
+        """Signal the agent process alone (systemd's KillMode=process: what it started
+        in sessions of their own, `migrt migrate` runs, lives on)."""
+        if self.agent and self.agent.poll() is None:
+            os.kill(self.agent.pid, sig)
+            self.agent.wait(30)
+
+    def stop_kubelet(self):
+        """Stop the node's kubelet (SIGTERM, as `systemctl stop kubelet`): its pods'
+        containers run on under containerd."""
+        self.kubelet.stop()
+        if self.kubelet in self.cluster.procs:
+            self.cluster.procs.remove(self.kubelet)
+
+    def restart_kubelet(self):
+        if self.kubelet is not None and self.kubelet.alive():
+            self.stop_kubelet()
+        self.start_kubelet()
+        self.cluster.procs.append(self.kubelet)
 
     def stop(self):
         if self.agent and self.agent.poll() is None:

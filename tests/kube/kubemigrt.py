@@ -1,7 +1,9 @@
 """Set up migrt's Kubernetes side on a tests/kube cluster: the PodMigration CRD, the
 controller's shipped RBAC and webhook configuration, a controller process with that ServiceAccount's token (not
 cluster-admin), node annotations naming each node's agent, and the kubectl-migrt plugin
-on a PATH the real kubectl searches. Used by tests/kube/test_kube_migrate.py and
+on a PATH the real kubectl searches; and what the tests of a pod move check (the
+PodMigration, the pods, the containers each node's runc runs, the moved counter). Used by
+tests/kube/test_kube_migrate.py, tests/kube/test_kube_faults.py and
 tests/bench/bench_kube_migrate.py."""
 import base64
 import json
@@ -9,6 +11,7 @@ import os
 import signal
 import subprocess
 import sys
+import uuid
 
 import cluster as kc
 from cluster import wait_for
@@ -99,3 +102,100 @@ def setup(kube, workdir, env=None):
                           MIGRT_LIB=REPO, PATH=f"{bindir}:{os.environ['PATH']}")
     ctl.start()
     return ctl
+
+
+# --- what the tests of a move check ----------------------------------------------------
+# a counter that prints each number, keeps it in a file it holds open, and in /tmp/count
+COUNTER = ("trap 'exit 0' TERM; exec 3>>/data.log; i=0; while :; do i=$((i+1)); echo $i; echo $i >&3; "
+           "echo $i > /tmp/count; sleep 0.2; done")
+
+
+def name(prefix):
+    return f"{prefix}-{uuid.uuid4().hex[:6]}"
+
+
+def numbers(text):
+    return [int(x) for x in text.split() if x.isdigit()]
+
+
+def podmigrations(kube):
+    return kube.get("podmigrations")["items"]
+
+
+def pm_for(kube, pod):
+    items = [p for p in podmigrations(kube) if p["spec"]["pod"] == pod]
+    return items[-1] if items else None
+
+
+def new_podmigration(kube, pmn, pod, target="node-b", mode=None):
+    spec = {"pod": pod, "targetNode": target}
+    if mode:
+        spec["mode"] = mode
+    kube.apply({"apiVersion": "migrt.io/v1alpha1", "kind": "PodMigration",
+                "metadata": {"name": pmn, "namespace": kube.namespace}, "spec": spec})
+
+
+def wait_pm_end(kube, pmn, timeout=120):
+    """The PodMigration once its phase is Succeeded or Failed."""
+    return wait_for(lambda: (lambda x: x if x.get("status", {}).get("phase") in
+                             ("Succeeded", "Failed") else None)(
+        kube.get("podmigration", pmn)), timeout, f"the end of PodMigration {pmn}")
+
+
+def runc_ids(node):
+    """{container id: runc status} of every container of a node's CRI namespace."""
+    p = subprocess.run(["runc", "--root", os.path.join(node.runc_root, "k8s.io"), "list",
+                        "--format", "json"], capture_output=True, text=True)
+    return {c["id"]: c["status"] for c in json.loads(p.stdout or "null") or []}
+
+
+def dying(pid):
+    """Is this process being killed (SIGKILL pending, exiting, or a zombie)? It runs no
+    more code of its own. runc says `running` for a moment of a frozen container's
+    kill (migrt's release of a migrated source: its cgroup v1 freezer reads FREEZING
+    once its tasks wake up to die), which is no second copy."""
+    try:
+        with open(f"/proc/{pid}/stat") as f:
+            fields = f.read().rsplit(")", 1)[1].split()
+        with open(f"/proc/{pid}/status") as f:
+            st = dict(line.split(":", 1) for line in f if ":" in line)
+    except (OSError, IndexError, ValueError):
+        return True
+    if fields[0] in ("Z", "X") or int(fields[6]) & 0x4:      # PF_EXITING
+        return True
+    return any(int(st.get(k, "0").strip(), 16) & (1 << 8) for k in ("SigPnd", "ShdPnd"))
+
+
+def running_of(node, pod):
+    """{container id: runc status} of a pod's app containers on a node (by the CRI's
+    sandbox-name annotation), as the node's runc sees them; `dying` instead of
+    `running` for one whose init is being killed (see dying)."""
+    p = subprocess.run(["runc", "--root", os.path.join(node.runc_root, "k8s.io"), "list",
+                        "--format", "json"], capture_output=True, text=True)
+    out = {}
+    for c in json.loads(p.stdout or "null") or []:
+        ann = c.get("annotations") or {}
+        if ann.get("io.kubernetes.cri.sandbox-name") == pod and \
+                ann.get("io.kubernetes.cri.container-type") == "container":
+            out[c["id"]] = "dying" if c["status"] == "running" and dying(c["pid"]) \
+                else c["status"]
+    return out
+
+
+def events_of(kube, pod):
+    ev = kube.get("events", "--field-selector", f"involvedObject.name={pod}")
+    return [(e.get("reason"), e.get("message", "")) for e in ev["items"]]
+
+
+def check_counter_moved(kube, new, before):
+    """The new pod's counter goes on from the old one: its log starts after what the
+    old pod printed, and the file the workload keeps open holds 1..n once each."""
+    wait_for(lambda: len(numbers(kube.logs(new))) >= 5, 30, "the moved counter's log")
+    after = numbers(kube.logs(new))
+    assert after[0] > before[-1], (before[-3:], after[:3])
+    assert after == list(range(after[0], after[0] + len(after))), after[:20]
+    data = numbers(kube.exec(new, "cat", "/data.log").stdout)
+    assert data == list(range(1, len(data) + 1)), data[-20:]
+    assert data[-1] >= after[-1]
+    assert int(kube.exec(new, "cat", "/tmp/count").stdout) >= after[-1]
+    return after

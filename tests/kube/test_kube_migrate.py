@@ -11,7 +11,6 @@ workload keeps open, which holds every number once, in order), `kubectl logs` an
 Deployment keeps its pod count with no pod added or deleted by its ReplicaSet, and a
 failure leaves the source pod running with no new pod.
 """
-import json
 import os
 import subprocess
 import threading
@@ -23,17 +22,8 @@ import pytest
 import cluster as kc
 import kubemigrt
 from cluster import pod_manifest, container_id, restart_count, wait_for
-
-COUNTER = ("trap 'exit 0' TERM; exec 3>>/data.log; i=0; while :; do i=$((i+1)); echo $i; echo $i >&3; "
-           "echo $i > /tmp/count; sleep 0.2; done")
-
-
-def name(prefix):
-    return f"{prefix}-{uuid.uuid4().hex[:6]}"
-
-
-def numbers(text):
-    return [int(x) for x in text.split() if x.isdigit()]
+from kubemigrt import (COUNTER, name, numbers, pm_for, runc_ids, running_of, events_of,
+                       check_counter_moved)
 
 
 @pytest.fixture(scope="module")
@@ -56,40 +46,6 @@ def migrt_kube(kube, workdir):
 
 def kubectl_migrt(kube, ctl, *args, timeout=180):
     return ctl.kubectl_migrt(*args, timeout=timeout)
-
-
-def podmigrations(kube):
-    return kube.get("podmigrations")["items"]
-
-
-def pm_for(kube, pod):
-    items = [p for p in podmigrations(kube) if p["spec"]["pod"] == pod]
-    return items[-1] if items else None
-
-
-def runc_ids(node):
-    p = subprocess.run(["runc", "--root", os.path.join(node.runc_root, "k8s.io"), "list",
-                        "--format", "json"], capture_output=True, text=True)
-    return {c["id"]: c["status"] for c in json.loads(p.stdout or "null") or []}
-
-
-def events_of(kube, pod):
-    ev = kube.get("events", "--field-selector", f"involvedObject.name={pod}")
-    return [(e.get("reason"), e.get("message", "")) for e in ev["items"]]
-
-
-def check_counter_moved(kube, new, before):
-    """The new pod's counter goes on from the old one: its log starts after what the
-    old pod printed, and the file the workload keeps open holds 1..n once each."""
-    wait_for(lambda: len(numbers(kube.logs(new))) >= 5, 30, "the moved counter's log")
-    after = numbers(kube.logs(new))
-    assert after[0] > before[-1], (before[-3:], after[:3])
-    assert after == list(range(after[0], after[0] + len(after))), after[:20]
-    data = numbers(kube.exec(new, "cat", "/data.log").stdout)
-    assert data == list(range(1, len(data) + 1)), data[-20:]
-    assert data[-1] >= after[-1]
-    assert int(kube.exec(new, "cat", "/tmp/count").stdout) >= after[-1]
-    return after
 
 
 def test_bare_pod_moves_with_kubectl_migrt(kube, migrt_kube):
@@ -402,20 +358,6 @@ def test_drain_moves_every_migrt_pod_and_leaves_the_rest(kube, migrt_kube):
     finally:
         kube.kubectl("uncordon", "node-a")
         kube.delete_pod(plain)
-
-
-def running_of(node, pod):
-    """{container id: runc status} of a pod's app containers on a node (by the CRI's
-    sandbox-name annotation), as the node's runc sees them."""
-    p = subprocess.run(["runc", "--root", os.path.join(node.runc_root, "k8s.io"), "list",
-                        "--format", "json"], capture_output=True, text=True)
-    out = {}
-    for c in json.loads(p.stdout or "null") or []:
-        ann = c.get("annotations") or {}
-        if ann.get("io.kubernetes.cri.sandbox-name") == pod and \
-                ann.get("io.kubernetes.cri.container-type") == "container":
-            out[c["id"]] = c["status"]
-    return out
 
 
 def test_controller_killed_while_migrating_keeps_one_copy(kube, migrt_kube):

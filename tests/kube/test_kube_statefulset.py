@@ -9,28 +9,16 @@ goes on (its log, and a file it keeps open holding every number once, in order),
 started afresh, and at no moment did two copies run. With the controller down when the
 old pod is deleted, no copy starts afresh: the re-creation waits for it.
 """
-import json
 import os
 import threading
 import time
-import uuid
 
 import pytest
 
 import cluster as kc
 import kubemigrt
 from cluster import container_id, restart_count, wait_for
-
-COUNTER = ("trap 'exit 0' TERM; exec 3>>/data.log; i=0; while :; do i=$((i+1)); echo $i; "
-           "echo $i >&3; echo $i > /tmp/count; sleep 0.2; done")
-
-
-def uname(prefix):
-    return f"{prefix}-{uuid.uuid4().hex[:6]}"
-
-
-def numbers(text):
-    return [int(x) for x in text.split() if x.isdigit()]
+from kubemigrt import COUNTER, numbers, running_of, name as uname
 
 
 @pytest.fixture(scope="module")
@@ -38,20 +26,6 @@ def sts_kube(kube, workdir):
     ctl = kubemigrt.setup(kube, workdir)
     yield ctl
     ctl.kill()
-
-
-def running_of(node, pod):
-    """{container id: runc status} of a pod's app containers on a node (CRI annotations)."""
-    import subprocess
-    p = subprocess.run(["runc", "--root", os.path.join(node.runc_root, "k8s.io"), "list",
-                        "--format", "json"], capture_output=True, text=True)
-    out = {}
-    for c in json.loads(p.stdout or "null") or []:
-        ann = c.get("annotations") or {}
-        if ann.get("io.kubernetes.cri.sandbox-name") == pod and \
-                ann.get("io.kubernetes.cri.container-type") == "container":
-            out[c["id"]] = c["status"]
-    return out
 
 
 class Watch:
