@@ -5,6 +5,8 @@ breakdown printed as a table (phase, seconds).
     /opt/migrt/venv/bin/python tests/bench/bench_downtime_phases.py [--rounds 7]
         [--mode full|lazy] [--network veth|loopback] [--markdown] [--compare 'VAR=V ...']
 
+Before/after a release: --compare-migrt OTHER_LAUNCHER (that checkout's, built with
+`python3 -c 'import ocitest; ocitest.build_launcher("/tmp/old/migrt")'` from its tests/).
 The issue 17 before/after (the settings that bring back what was changed):
 
     ... --compare 'MIGRT_STAGING_ON_DISK=1 MIGRT_LOCAL_FILL_MIN=0 MIGRT_CONNECT_AFTER_FREEZE=1'
@@ -99,21 +101,28 @@ def main():
                     "migrt and node B's agent inherit them), alternating, and show both "
                     "columns: before/after a change")
     ap.add_argument("--migrt", default=None, help="migrt launcher [default: this checkout's]")
+    ap.add_argument("--compare-migrt", default=None, metavar="LAUNCHER",
+                    help="also run every round with this other migrt launcher (another "
+                    "checkout's: python3 -c 'import ocitest; ocitest.build_launcher(DEST)' "
+                    "from its tests/), alternating: before/after a release")
     a = ap.parse_args()
     migrt = a.migrt
     if migrt is None:
         migrt = ocitest.build_launcher(os.path.join(tempfile.mkdtemp(prefix="migrt-bench-"),
                                                     "migrt"))
-    variants = [("default", {})]
+    variants = [("default", {}, migrt)]
     if a.compare:           # "A=1 B=2": several settings at once
         env = dict(kv.partition("=")[::2] for kv in a.compare.split())
-        variants.insert(0, (a.compare, env))
-    reports = {name: [] for name, _ in variants}
+        variants.insert(0, (a.compare, env, migrt))
+    if a.compare_migrt:
+        variants.insert(0, (a.compare_migrt, {}, a.compare_migrt))
+    reports = {name: [] for name, _, _ in variants}
     for _ in range(a.rounds):
-        for name, env in variants:
-            rep = demo(migrt, a, env)
+        for name, env, launcher in variants:
+            rep = demo(launcher, a, env)
             if rep:
                 reports[name].append(rep)
+    variants = [(name, env) for name, env, _ in variants]
     if not all(reports.values()):
         sys.exit("no round succeeded")
     cols = [(name, medians(reports[name])) for name, _ in variants]
