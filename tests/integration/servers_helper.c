@@ -4,6 +4,9 @@
  *   servers_helper backlog PORT    listen on PORT and never accept (connections the
  *                                  kernel completes stay in the listen queue: in flight)
  *   servers_helper uring           hold an io_uring instance (something CRIU cannot dump)
+ *   servers_helper mlocked MIB     fill MIB of memory locked in RAM (MAP_LOCKED: CRIU
+ *                                  cannot leave it lazy), then check it every 0.1 s
+ *                                  (the rounds in /tmp/round; a wrong byte ends it)
  */
 #include <arpa/inet.h>
 #include <fcntl.h>
@@ -12,6 +15,7 @@
 #include <stdlib.h>
 #include <string.h>
 #include <sys/file.h>
+#include <sys/mman.h>
 #include <sys/socket.h>
 #include <sys/syscall.h>
 #include <unistd.h>
@@ -60,6 +64,36 @@ int main(int argc, char **argv)
 		fflush(stdout);
 		forever();
 	}
-	fprintf(stderr, "usage: servers_helper lock FILE | backlog PORT | uring\n");
+	if (argc == 3 && !strcmp(argv[1], "mlocked")) {
+		size_t len = (size_t)atoi(argv[2]) << 20, i;
+		unsigned long round;
+		unsigned char *p = mmap(NULL, len, PROT_READ | PROT_WRITE,
+					MAP_PRIVATE | MAP_ANONYMOUS | MAP_LOCKED, -1, 0);
+		if (p == MAP_FAILED) {
+			perror("mmap");
+			return 1;
+		}
+		for (i = 0; i < len; i++)
+			p[i] = (unsigned char)(i * 7 + i / 4096);
+		printf("mlocked\n");
+		fflush(stdout);
+		for (round = 1;; round++) {
+			for (i = 0; i < len; i++)
+				if (p[i] != (unsigned char)(i * 7 + i / 4096)) {
+					printf("wrong byte at %zu\n", i);
+					fflush(stdout);
+					return 1;
+				}
+			printf("round %lu\n", round);
+			fflush(stdout);
+			FILE *f = fopen("/tmp/round", "w");
+			if (f) {
+				fprintf(f, "%lu\n", round);
+				fclose(f);
+			}
+			usleep(100000);
+		}
+	}
+	fprintf(stderr, "usage: servers_helper lock FILE | backlog PORT | uring | mlocked MIB\n");
 	return 2;
 }

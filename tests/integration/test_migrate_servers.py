@@ -450,3 +450,32 @@ def test_checkpoint_passes_tcp_skip_in_flight_through(two_nodes, podnet, tmp_pat
     assert p.returncode == 0, p.stderr
     assert n.a.state("ck")["status"] == "running"
     c.close()
+
+
+def test_lazy_memory_locked_in_ram_goes_with_the_dump_and_says_so(two_nodes, tmp_path):
+    """Memory locked in RAM (MAP_LOCKED) cannot be left lazy: CRIU writes it into the
+    image, and it travels in the downtime. The lazy migration still works (the helper
+    checks every byte each round on node B), and says how much went with the dump,
+    keeping CRIU's log of it."""
+    n = two_nodes
+    ag = n.agent()
+    args = ["/bin/servers_helper", "mlocked", "4"]
+    src = with_helper(n, str(tmp_path), "ml-src", args)
+    dst = with_helper(n, str(tmp_path), "ml-dst", args)
+    code, out, err = n.a.create("ml", src, start=True)
+    assert code == 0, err.text
+    ocitest.wait_for(lambda: "round 2" in out.text, what="helper checking its memory")
+    p, rep = n.migrate(ag, "ml", "--lazy", bundle=dst)
+    assert p.returncode == 0, p.stderr + ag.log()
+    assert rep["mode"] == "lazy" and rep["lazy_pages_in_image"] >= 4 << 20, rep
+    assert "4 MiB of the memory could not be left lazy" in p.stderr, p.stderr
+    kept = rep["warning"].rsplit("CRIU log ", 1)[1]
+    with open(kept, errors="replace") as f:
+        assert "Pagemap generated" in f.read(), kept      # CRIU's own account of it
+
+    def rounds():
+        r = n.b.exec_out("ml", "cat", "/tmp/round").strip()
+        return int(r) if r.isdigit() else 0
+    r0 = rounds()
+    ocitest.wait_for(lambda: rounds() >= r0 + 3, what="the memory checked on node B")
+    assert n.b.state("ml")["status"] == "running"
