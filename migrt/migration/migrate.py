@@ -392,7 +392,6 @@ class Migration:
         self.restore_confirmed = False
         self.lazy_proc = None
         self.netlock = None             # CRIU's default until the precheck chooses
-        self.netlock_auto = False       # ... by itself (no MIGRT_NETWORK_LOCK given)
         self.dump_started = False
         self.dump_thread = None
         self.filling = False
@@ -699,7 +698,6 @@ class Migration:
         try:
             from migrt.plugins import nodefacts
             self.netlock = netlock.choose(nodefacts.collect(), reply.get("facts"))
-            self.netlock_auto = netlock.automatic()
         except ValueError as e:
             self._abort_precheck()
             raise RefusedError(f"{e}; nothing was frozen")
@@ -754,7 +752,7 @@ class Migration:
         the destination's CRIU skips its lock too, which is safe as long as no packet
         for the container reaches the destination before its restore ends (migrt moves
         no address; a pod's new copy has an address of its own)."""
-        if self.hold is not None and self.netlock_auto:
+        if self.hold is not None and netlock.automatic():
             self.report["network_lock"] = "skip"
             return ["network-lock skip"]
         return netlock.conf_lines(self.netlock)

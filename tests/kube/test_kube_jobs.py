@@ -14,7 +14,6 @@ the old pod goes; and when the moved process exits 0 later, the Job is Complete 
 success, from the new pod.
 """
 import json
-import os
 import subprocess
 import threading
 import time
@@ -80,19 +79,6 @@ class Watch:
         self.thread.join(5)
 
 
-def runc_states(node, pod):
-    """{container id: runc status} of a pod's app containers on a node."""
-    p = subprocess.run(["runc", "--root", os.path.join(node.runc_root, "k8s.io"), "list",
-                        "--format", "json"], capture_output=True, text=True)
-    out = {}
-    for c in json.loads(p.stdout or "null") or []:
-        ann = c.get("annotations") or {}
-        if ann.get("io.kubernetes.cri.sandbox-name") == pod and \
-                ann.get("io.kubernetes.cri.container-type") == "container":
-            out[c["id"]] = c["status"]
-    return out
-
-
 def test_never_job_pod_moves_without_a_failure_a_replacement_or_a_completion(kube, migrt_kube):
     job = name("never")
     tmpl = pod_manifest("x", JOB_COUNTER, node="node-a")["spec"]
@@ -118,7 +104,8 @@ def test_never_job_pod_moves_without_a_failure_a_replacement_or_a_completion(kub
             new = [p["metadata"]["name"] for _, e in list(pods_w.events)
                    for p in [e.get("object") or {}]
                    if p.get("metadata", {}).get("name", old) != old]
-            samples.append((runc_states(a, old), runc_states(b, new[-1]) if new else {}))
+            samples.append((kubemigrt.running_of(a, old),
+                            kubemigrt.running_of(b, new[-1]) if new else {}))
             time.sleep(0.05)
     t = threading.Thread(target=sample, daemon=True)
     t.start()
