@@ -7,6 +7,11 @@
  *   servers_helper mlocked MIB     fill MIB of memory locked in RAM (MAP_LOCKED: CRIU
  *                                  cannot leave it lazy), then check it every 0.1 s
  *                                  (the rounds in /tmp/round; a wrong byte ends it)
+ *   servers_helper protnone MIB    fill MIB of private memory, then make it PROT_NONE (no
+ *                                  one can read it with process_vm_readv); counts rounds
+ *                                  in /tmp/round, and whenever /tmp/check appears makes
+ *                                  it readable, checks every byte and writes the verdict
+ *                                  to /tmp/verdict ("ok ROUND" or the wrong byte)
  */
 #include <arpa/inet.h>
 #include <fcntl.h>
@@ -94,6 +99,54 @@ int main(int argc, char **argv)
 			usleep(100000);
 		}
 	}
-	fprintf(stderr, "usage: servers_helper lock FILE | backlog PORT | uring | mlocked MIB\n");
+	if (argc == 3 && !strcmp(argv[1], "protnone")) {
+		size_t len = (size_t)atoi(argv[2]) << 20, i;
+		unsigned long round;
+		unsigned char *p = mmap(NULL, len, PROT_READ | PROT_WRITE,
+					MAP_PRIVATE | MAP_ANONYMOUS, -1, 0);
+		if (p == MAP_FAILED) {
+			perror("mmap");
+			return 1;
+		}
+		for (i = 0; i < len; i++)
+			p[i] = (unsigned char)(i * 13 + i / 4096);
+		if (mprotect(p, len, PROT_NONE)) {
+			perror("mprotect");
+			return 1;
+		}
+		printf("protnone\n");
+		fflush(stdout);
+		for (round = 1;; round++) {
+			FILE *f = fopen("/tmp/round", "w");
+			if (f) {
+				fprintf(f, "%lu\n", round);
+				fclose(f);
+			}
+			if (access("/tmp/check", F_OK) == 0) {
+				size_t bad = len;
+				if (mprotect(p, len, PROT_READ)) {
+					perror("mprotect");
+					return 1;
+				}
+				for (i = 0; i < len && bad == len; i++)
+					if (p[i] != (unsigned char)(i * 13 + i / 4096))
+						bad = i;
+				mprotect(p, len, PROT_NONE);
+				f = fopen("/tmp/verdict.new", "w");
+				if (f) {
+					if (bad == len)
+						fprintf(f, "ok %lu\n", round);
+					else
+						fprintf(f, "wrong byte at %zu\n", bad);
+					fclose(f);
+					rename("/tmp/verdict.new", "/tmp/verdict");
+				}
+				unlink("/tmp/check");
+			}
+			usleep(100000);
+		}
+	}
+	fprintf(stderr, "usage: servers_helper lock FILE | backlog PORT | uring | mlocked MIB | "
+		"protnone MIB\n");
 	return 2;
 }

@@ -479,3 +479,29 @@ def test_lazy_memory_locked_in_ram_goes_with_the_dump_and_says_so(two_nodes, tmp
     r0 = rounds()
     ocitest.wait_for(lambda: rounds() >= r0 + 3, what="the memory checked on node B")
     assert n.b.state("ml")["status"] == "running"
+
+
+def test_lazy_memory_the_process_cannot_read_arrives_intact(two_nodes, tmp_path):
+    """8 MiB of private memory the process made PROT_NONE stays lazy: the page server
+    serves it from the frozen source after the restore, where process_vm_readv cannot
+    read it (install.sh's CRIU falls back to /proc/PID/mem for such pages). On node B
+    the process makes it readable and finds every byte right."""
+    n = two_nodes
+    ag = n.agent()
+    args = ["/bin/servers_helper", "protnone", "8"]
+    src = with_helper(n, str(tmp_path), "pn-src", args)
+    dst = with_helper(n, str(tmp_path), "pn-dst", args)
+    code, out, err = n.a.create("pn", src, start=True)
+    assert code == 0, err.text
+    ocitest.wait_for(lambda: "protnone" in out.text, what="helper filled its memory")
+    p, rep = n.migrate(ag, "pn", "--lazy", bundle=dst)
+    assert p.returncode == 0, p.stderr + ag.log()
+    assert rep["mode"] == "lazy", rep
+    assert rep["lazy_pages_in_image"] < 1 << 20, rep      # it went lazily, not in the dump
+    n.b.exec_out("pn", "touch", "/tmp/check")
+
+    def verdict():
+        return n.b.exec_out("pn", "sh", "-c", "cat /tmp/verdict 2>/dev/null; true").strip()
+    ocitest.wait_for(lambda: verdict() != "", what="the helper's check on node B")
+    assert verdict().startswith("ok "), verdict()
+    assert n.b.state("pn")["status"] == "running"
