@@ -222,3 +222,30 @@ def unmount_staging(under):
     normally unmounts its own)."""
     for point in reversed(staging_mounts(under)):
         subprocess.run(["umount", "-l", point], capture_output=True)
+
+
+def remove_state(state, timeout=10.0):
+    """Remove a test's MIGRT_STATE_DIR once nothing writes to it any more: the agent
+    starts each restore as a child that outlives it (its pid in out/*.pid) and writes
+    its exit status there when the container ends, which a teardown's delete makes
+    happen just before this runs."""
+    out = os.path.join(state, "out")
+    pids = []
+    for name in os.listdir(out) if os.path.isdir(out) else []:
+        if name.endswith(".pid"):
+            try:
+                with open(os.path.join(out, name)) as f:
+                    pids.append(int(f.read().strip()))
+            except (OSError, ValueError):
+                pass
+    deadline = time.monotonic() + timeout
+    for pid in pids:
+        while os.path.exists(f"/proc/{pid}") and time.monotonic() < deadline:
+            try:
+                with open(f"/proc/{pid}/stat") as f:
+                    if f.read().rsplit(")", 1)[1].split()[0] == "Z":
+                        break           # exited, its parent has not reaped it yet
+            except OSError:
+                break
+            time.sleep(0.05)
+    shutil.rmtree(state, ignore_errors=True)

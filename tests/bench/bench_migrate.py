@@ -20,7 +20,9 @@ mode the notes give when the last page was served and the source released (secon
 after the restore), the page arrival rate (the workload's memory over that time) and
 the workload's rounds per second from the migrate command's start to the source's
 release, against the same figure measured just before it (memtouch does 10 a second
-when nothing slows it).
+when nothing slows it), and the CPU each end of the page stream used per GiB (the
+source's CRIU, which dumps and then serves the pages, and the destination's lazy-pages
+daemon): with each end on a core of its own, the slower end bounds the rate.
 
 Prints one table (markdown with --markdown) and the raw reports as JSON on stderr.
 """
@@ -44,6 +46,53 @@ def build_workload(dest):
     subprocess.run(["gcc", "-O2", "-static", "-o", out, os.path.join(HERE, "memtouch.c")],
                    check=True)
     return out
+
+
+class CriuCpu:
+    """CPU seconds of the two ends of a lazy migration's page stream: the source's CRIU
+    (its page server, under the title "criu: dump") and the destination's `criu
+    lazy-pages`, read from /proc every 50 ms while they run (so up to 50 ms of each
+    end's last moments is not counted)."""
+
+    ROLES = ((b"criu: dump", "page_server"), (b"lazy-pages", "lazy_pages_daemon"))
+
+    def __init__(self):
+        import threading
+        self.last = {}
+        self.stop = threading.Event()
+        self.thread = threading.Thread(target=self.run, daemon=True)
+        self.hz = os.sysconf("SC_CLK_TCK")
+
+    def run(self):
+        while not self.stop.wait(0.05):
+            for pid in os.listdir("/proc"):
+                if not pid.isdigit():
+                    continue
+                try:
+                    with open(f"/proc/{pid}/cmdline", "rb") as f:
+                        cmd = f.read(200)
+                    role = next((r for k, r in self.ROLES if k in cmd), None)
+                    if role is None:
+                        continue
+                    with open(f"/proc/{pid}/stat") as f:
+                        st = f.read().rsplit(")", 1)[1].split()
+                    self.last[pid] = (role, (int(st[11]) + int(st[12])) / self.hz)
+                except OSError:
+                    pass
+
+    def __enter__(self):
+        self.thread.start()
+        return self
+
+    def __exit__(self, *exc):
+        self.stop.set()
+        self.thread.join()
+
+    def seconds(self):
+        out = {}
+        for role, t in self.last.values():
+            out[role] = round(out.get(role, 0) + t, 2)
+        return out
 
 
 class Bench:
@@ -148,10 +197,11 @@ class Bench:
             time.sleep(2)
             c1, t1 = self.count(ra), time.monotonic()
             before = os.times()
-            p = subprocess.run([self.migrt, "--root", ra.root, "migrate", "w", "--to", addr,
-                                "--secret-file", secret, "--bundle", dst, "--dest-root", rb.root,
-                                "--json"] + extra, capture_output=True, text=True, env=env,
-                               timeout=600)
+            with CriuCpu() as ends:
+                p = subprocess.run([self.migrt, "--root", ra.root, "migrate", "w", "--to", addr,
+                                    "--secret-file", secret, "--bundle", dst, "--dest-root",
+                                    rb.root, "--json"] + extra, capture_output=True, text=True,
+                                   env=env, timeout=600)
             after = os.times()
             t2 = time.monotonic()
             if p.returncode != 0:
@@ -161,6 +211,8 @@ class Bench:
             if None not in (c0, c1, c2):
                 rep["workload_rounds_per_s"] = {"before": round((c1 - c0) / (t1 - t0), 1),
                                                 "during": round((c2 - c1) / (t2 - t1), 1)}
+            if "--lazy" in extra:
+                rep["cpu_stream_ends_s"] = ends.seconds()
             rep["cpu_migrate_s"] = round((after.children_user - before.children_user)
                                          + (after.children_system - before.children_system), 2)
             # the workload rewrites the file (truncate, then write): a read may catch it
@@ -242,6 +294,11 @@ def main():
     ap.add_argument("--markdown", action="store_true")
     ap.add_argument("--criu", default="",
                     help="LABEL=PATH,...: run each migrt mode with each of these CRIU builds")
+    ap.add_argument("--warm-mib", type=int, default=0,
+                    help="before every case, fill and free this much memory (uffdfill.c): "
+                    "on a VM that hands free memory back to its host, new memory costs a "
+                    "host fault per page until it was used again lately; this takes that "
+                    "cost out of every case alike (see bench_memfloor.py)")
     args = ap.parse_args()
     variants = [tuple(v.split("=", 1)) for v in args.criu.split(",") if v]
     for label, path in variants:
@@ -250,6 +307,15 @@ def main():
     work = tempfile.mkdtemp(prefix="migrt-bench-", dir="/var/tmp")
     migrt = ocitest.build_launcher(os.path.join(work, "migrt"))
     b = Bench(work, migrt)
+    filler = None
+    if args.warm_mib:
+        filler = os.path.join(work, "uffdfill")
+        subprocess.run(["gcc", "-O2", "-o", filler, os.path.join(HERE, "uffdfill.c")], check=True)
+
+    def warm():
+        if filler:
+            subprocess.run([filler, str(args.warm_mib // 2 * 2 or 2), "2048"], check=True,
+                           capture_output=True)
     # full: the defaults (--zstd-level auto picks 0 for an agent on this machine)
     extra = {"full": [], "full-z1": ["--zstd-level", "1"], "full-z0": ["--zstd-level", "0"],
              "full-z3": ["--zstd-level", "3"], "full-zfast": ["--zstd-level", "-5"],
@@ -264,10 +330,13 @@ def main():
             floors, kept, reps = [], [], {m[0]: [] for m in modes}
             for r in range(args.repeat):
                 if not args.no_floor:
+                    warm()
                     floors.append(b.runc_floor(mib))
                 if not args.no_kept:
+                    warm()
                     kept.append(b.runc_floor(mib, keep_source=True))
                 for name, mode, criu in modes:
+                    warm()
                     reps[name].append(b.migrt_run(mib, extra[mode], criu))
             floor = None
             if floors:
@@ -318,6 +387,13 @@ def main():
                     note += (f"; pages served {served:.2f}s after the restore (median; "
                              f"{(mib << 20) / 1e6 / max(served, 1e-3):.0f} MB/s), source "
                              f"released {rel:.2f}s after it")
+                    ends = [x["cpu_stream_ends_s"] for x in good if "cpu_stream_ends_s" in x]
+                    if ends:
+                        gib = max(mib / 1024, 1 / 1024)
+                        note += (f"; CPU per GiB: page server "
+                                 f"{_median([e.get('page_server', 0) for e in ends]) / gib:.2f}s, "
+                                 f"lazy-pages daemon "
+                                 f"{_median([e.get('lazy_pages_daemon', 0) for e in ends]) / gib:.2f}s")
                     rates = [x["workload_rounds_per_s"] for x in good
                              if "workload_rounds_per_s" in x]
                     if rates:

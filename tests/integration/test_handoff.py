@@ -7,7 +7,6 @@ image is read, not consumed (no pages punched out); the source's pod container i
 refused in its sandbox; the release removes the copy.
 """
 import os
-import shutil
 import uuid
 
 import ocitest
@@ -93,4 +92,4 @@ def test_handoff_keeps_the_copy_until_a_create_restores_it(tmp_path, make_bundle
             ag.kill()
         a.cleanup()
         b.cleanup()
-        shutil.rmtree(state, ignore_errors=True)
+        ocitest.remove_state(state)

@@ -6,7 +6,6 @@ holds neither a container nor staged files.
 """
 import json
 import os
-import shutil
 import signal
 import socket
 import subprocess
@@ -181,7 +180,7 @@ def two_nodes(tmp_path, node, make_bundle, migrt_launcher):
         ag.kill()
     a.cleanup()
     b.cleanup()
-    shutil.rmtree(state, ignore_errors=True)
+    ocitest.remove_state(state)
 
 
 def assert_source_running(n, out, cid="ctr"):

@@ -7,7 +7,6 @@ container name. The Kubernetes tier (tests/kube/test_kube_migrate.py) checks the
 under real kubelets.
 """
 import os
-import shutil
 import uuid
 
 import pytest
@@ -258,7 +257,7 @@ def test_pod_move_between_two_agents_as_the_controller_drives_it(tmp_path, make_
             ag.kill()
         a.cleanup()
         b.cleanup()
-        shutil.rmtree(state, ignore_errors=True)
+        ocitest.remove_state(state)
 
 
 def test_agent_migrate_refuses_bad_requests(tmp_path, migrt_launcher):
@@ -282,7 +281,7 @@ def test_agent_migrate_refuses_bad_requests(tmp_path, migrt_launcher):
         assert not os.path.exists(os.path.join(state, "out", "m-0123456789abcdef.pid"))
     finally:
         ag.kill()
-        shutil.rmtree(state, ignore_errors=True)
+        ocitest.remove_state(state)
 
 
 def test_cancelled_move_stops_the_waiting_create_at_once(tmp_path, make_bundle, migrt_launcher):
@@ -323,7 +322,7 @@ def test_cancelled_move_stops_the_waiting_create_at_once(tmp_path, make_bundle, 
     finally:
         ag.kill()
         b.cleanup()
-        shutil.rmtree(state, ignore_errors=True)
+        ocitest.remove_state(state)
 
 
 def test_held_source_stays_frozen_until_go_or_its_hold_ends(tmp_path, make_bundle,
@@ -400,4 +399,4 @@ def test_held_source_stays_frozen_until_go_or_its_hold_ends(tmp_path, make_bundl
             ag.kill()
         a.cleanup()
         b.cleanup()
-        shutil.rmtree(state, ignore_errors=True)
+        ocitest.remove_state(state)
