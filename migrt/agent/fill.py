@@ -81,7 +81,7 @@ def check(staged, mine, runc=None):
         staged.update(state="restored")
         return "restored", None
     errs = _errors(os.path.join(work, "lazy-pages.log")) if work else []
-    why = (f"the memory fill from the staged image failed (criu lazy-pages "
+    why = ("the memory fill from the staged image failed (criu lazy-pages "
            + (f"exited {code}" if code else "was killed") + ")"
            + (": " + "; ".join(errs) if errs else ""))
     # a copy with part of its memory missing must not run on: the source resumes

@@ -115,7 +115,7 @@ def test_checkpointed_pod_is_not_restarted_by_its_kubelet(kube, migrt_kube):
         ann = {c: subprocess.run(["runc", "--root", os.path.join(node.runc_root, "k8s.io"),
                                   "state", c], capture_output=True, text=True).stdout
                for c in running}
-        assert not [c for c, s in ann.items() if f'"io.kubernetes.cri.container-name": "main"'
+        assert not [c for c, s in ann.items() if '"io.kubernetes.cri.container-name": "main"'
                     in s and pod in s], "the checkpointed container runs again"
     finally:
         kube.delete_pod(pod, "--grace-period=0", "--force")
