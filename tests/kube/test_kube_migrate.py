@@ -430,7 +430,11 @@ def test_controller_killed_while_migrating_keeps_one_copy(kube, migrt_kube):
     kube.wait_gone(new)
 
 
-JOB_COUNTER = ("trap 'exit 0' TERM; exec 3>>/data.log; i=0; while [ $i -lt 300 ]; do "
+# 600 rounds of 0.2 s: the Job must still run when the move and the checks after it
+# are done, also on a slow CI machine (300 rounds were once too few: the Job completed
+# while the test still meant to look at the moved process)
+JOB_ROUNDS = 600
+JOB_COUNTER = ("trap 'exit 0' TERM; exec 3>>/data.log; i=0; while [ $i -lt %d ]; do " % JOB_ROUNDS +
                "i=$((i+1)); echo $i; echo $i >&3; echo $i > /tmp/count; sleep 0.2; done; "
                "echo job-done")
 
@@ -474,7 +478,7 @@ def test_job_pod_moves_without_a_failure_or_a_replacement(kube, migrt_kube):
         check_counter_moved(kube, new, before)
         # the work finishes in the new pod, and the Job completes from it
         done = wait_for(lambda: (lambda s: s if s.get("succeeded") == 1 else None)(
-            kube.get("job", job)["status"]), 90, "the Job complete")
+            kube.get("job", job)["status"]), JOB_ROUNDS * 0.2 + 60, "the Job complete")
     finally:
         stop.set()
         t.join(5)
@@ -483,7 +487,7 @@ def test_job_pod_moves_without_a_failure_or_a_replacement(kube, migrt_kube):
     # no pod added by the Job because of the move: only the old and the new pod
     assert seen == {old, new}, seen
     out = kube.logs(new)
-    assert out.split()[-1] == "job-done" and numbers(out)[-1] == 300, out[-40:]
+    assert out.split()[-1] == "job-done" and numbers(out)[-1] == JOB_ROUNDS, out[-40:]
     kube.kubectl("delete", "job", job, "--wait=false")
 
 
