@@ -225,10 +225,11 @@ def unmount_staging(under):
 
 
 def remove_state(state, timeout=10.0):
-    """Remove a test's MIGRT_STATE_DIR once nothing writes to it any more: the agent
-    starts each restore as a child that outlives it (its pid in out/*.pid) and writes
-    its exit status there when the container ends, which a teardown's delete makes
-    happen just before this runs."""
+    """Remove a test's MIGRT_STATE_DIR once nothing writes to it any more: a migration
+    the agent starts on its node (op `migrate`, the Kubernetes side) runs as a child
+    that outlives the agent (its pid in out/*.pid) and writes its report and exit
+    status there when it ends, which a teardown's delete makes happen just before this
+    runs."""
     out = os.path.join(state, "out")
     pids = []
     for name in os.listdir(out) if os.path.isdir(out) else []:
