@@ -55,6 +55,17 @@ def with_helper(n, tmp, name, args):
     return b
 
 
+def helper_running(n, tmp, cid, args, ready, what):
+    """servers_helper ARGS running as container cid on node A, its output showing
+    `ready`; returns (the destination bundle for node B, its output)."""
+    src = with_helper(n, tmp, f"{cid}-src", args)
+    dst = with_helper(n, tmp, f"{cid}-dst", args)
+    code, out, err = n.a.create(cid, src, start=True)
+    assert code == 0, err.text
+    ocitest.wait_for(lambda: ready in out.text, what=what)
+    return dst, out
+
+
 def ip(*args):
     p = subprocess.run(["ip", *args], capture_output=True, text=True)
     assert p.returncode == 0, (args, p.stderr)
@@ -411,11 +422,8 @@ def test_lazy_dump_that_fails_rolls_back_and_says_the_dump_failed(two_nodes, tmp
     with CRIU's own error."""
     n = two_nodes
     ag = n.agent()
-    src = with_helper(n, str(tmp_path), "uring-src", ["/bin/servers_helper", "uring"])
-    dst = with_helper(n, str(tmp_path), "uring-dst", ["/bin/servers_helper", "uring"])
-    code, out, err = n.a.create("ur", src, start=True)
-    assert code == 0, err.text
-    ocitest.wait_for(lambda: "uring" in out.text, what="helper holding an io_uring")
+    dst, _ = helper_running(n, str(tmp_path), "ur", ["/bin/servers_helper", "uring"],
+                            "uring", "helper holding an io_uring")
     p, rep = n.migrate(ag, "ur", "--lazy", bundle=dst)
     assert p.returncode == 4, p.stdout + p.stderr + ag.log()
     msg = p.stderr.strip().splitlines()[-1]
@@ -459,12 +467,8 @@ def test_lazy_memory_locked_in_ram_goes_with_the_dump_and_says_so(two_nodes, tmp
     keeping CRIU's log of it."""
     n = two_nodes
     ag = n.agent()
-    args = ["/bin/servers_helper", "mlocked", "4"]
-    src = with_helper(n, str(tmp_path), "ml-src", args)
-    dst = with_helper(n, str(tmp_path), "ml-dst", args)
-    code, out, err = n.a.create("ml", src, start=True)
-    assert code == 0, err.text
-    ocitest.wait_for(lambda: "round 2" in out.text, what="helper checking its memory")
+    dst, _ = helper_running(n, str(tmp_path), "ml", ["/bin/servers_helper", "mlocked", "4"],
+                            "round 2", "helper checking its memory")
     p, rep = n.migrate(ag, "ml", "--lazy", bundle=dst)
     assert p.returncode == 0, p.stderr + ag.log()
     assert rep["mode"] == "lazy" and rep["lazy_pages_in_image"] >= 4 << 20, rep
@@ -488,12 +492,8 @@ def test_lazy_memory_the_process_cannot_read_arrives_intact(two_nodes, tmp_path)
     the process makes it readable and finds every byte right."""
     n = two_nodes
     ag = n.agent()
-    args = ["/bin/servers_helper", "protnone", "8"]
-    src = with_helper(n, str(tmp_path), "pn-src", args)
-    dst = with_helper(n, str(tmp_path), "pn-dst", args)
-    code, out, err = n.a.create("pn", src, start=True)
-    assert code == 0, err.text
-    ocitest.wait_for(lambda: "protnone" in out.text, what="helper filled its memory")
+    dst, _ = helper_running(n, str(tmp_path), "pn", ["/bin/servers_helper", "protnone", "8"],
+                            "protnone", "helper filled its memory")
     p, rep = n.migrate(ag, "pn", "--lazy", bundle=dst)
     assert p.returncode == 0, p.stderr + ag.log()
     assert rep["mode"] == "lazy", rep
