@@ -20,6 +20,7 @@ import time
 
 POINTS = (
     "migrate.before-freeze",      # destination prechecked, nothing frozen yet
+    "migrate.dump-armed",         # runc checkpoint and its CRIU wait at the gate, not frozen
     "migrate.after-dump",         # source frozen, image dumped and sent, not committed
     "migrate.before-restore",     # committed and verified on the destination
     "migrate.before-release",     # destination runs the container; source still frozen

@@ -128,3 +128,30 @@ def log_span(path):
         if m:
             return int(m.group(1)) + int(m.group(2)) / 10 ** len(m.group(2))
     return None
+
+
+def _stamp(line):
+    m = _STAMP.match(line)
+    return int(m.group(1)) + int(m.group(2)) / 10 ** len(m.group(2)) if m else None
+
+
+def gate_passed_at(path, action=b"pre-dump"):
+    """When CRIU went on after its `action` scripts (migrt.criu.gate waits in the
+    pre-dump one), in its log's seconds: the stamp of the first line after "Running
+    pre-dump scripts" and the tab-indented lines naming each script, or None. What CRIU
+    did before it is not in the downtime."""
+    marker = b"Running " + action + b" scripts"
+    try:
+        with open(path, "rb") as f:
+            head = f.read(1 << 18)
+    except OSError:
+        return None
+    lines = head.splitlines()
+    for i, line in enumerate(lines):
+        if marker in line:
+            for later in lines[i + 1:]:
+                s = _stamp(later)
+                if s is not None and not later[later.index(b")") + 1:].startswith(b" \t"):
+                    return s
+            return None
+    return None

@@ -23,6 +23,7 @@ import time
 
 from migrt.criu import config as criuconf
 from migrt.criu import failpoints
+from migrt.criu import gate as dumpgate
 from migrt.criu import netlock
 from migrt.migration import handover, recovery
 from migrt.errors import EXIT_ROLLED_BACK, MigrtError, RefusedError
@@ -397,6 +398,8 @@ class Migration:
         self.filling = False
         self.hold = None                # migrt's lock on the source's network (handover)
         self.criu_conf = []             # CRIU options runc has no flag for (criu.config)
+        self.armed = None               # runc checkpoint started before the freeze (_arm_dump)
+        self.will_hold = False          # freeze() will take a hold (known before it does)
 
     # ------------------------------------------------------------ helpers
     def _t(self, name, t0):
@@ -416,6 +419,7 @@ class Migration:
                               f"{where}: {reason}; {tail}")
 
     def _rollback(self):
+        self._disarm()          # a runc started before the freeze (_arm_dump), if any
         if getattr(self, "checkpoint_hooks", False):
             self.checkpoint_hooks = False
             try:      # the source goes on: plugins undo (resume CUDA, tell the workload)
@@ -752,7 +756,7 @@ class Migration:
         the destination's CRIU skips its lock too, which is safe as long as no packet
         for the container reaches the destination before its restore ends (migrt moves
         no address; a pod's new copy has an address of its own)."""
-        if self.hold is not None and netlock.automatic():
+        if (self.hold is not None or self.will_hold) and netlock.automatic():
             self.report["network_lock"] = "skip"
             return ["network-lock skip"]
         return netlock.conf_lines(self.netlock)
@@ -779,7 +783,10 @@ class Migration:
             result["capture_error"] = f"dump: {type(e).__name__}: {e}"
 
     def _dump_thread(self, image, work, result, capture=True):
-        """Run runc checkpoint (and capture rootfs+spec); set result['done'] at the end."""
+        """Run runc checkpoint (and capture rootfs+spec); set result['done'] at the end.
+        A runc started before the freeze (_arm_dump) is taken over: its gate is open."""
+        armed = self._take_armed(image)
+
         def run():
             t0 = time.monotonic()
             cap = None
@@ -788,16 +795,28 @@ class Migration:
                 cap.start()
             try:
                 self.dump_started = True
-                p = subprocess.run([self.src.runc, "--root", self.src.root]
-                                   + self._checkpoint_argv(image, work),
-                                   capture_output=True, text=True, stdin=subprocess.DEVNULL,
-                                   env=criuconf.env(self.work, self._netlock_lines()
-                                                    + self.criu_conf))
+                if armed is not None:
+                    p = armed["proc"]
+                    t0 = armed["gate"].t_go
+                else:
+                    p = subprocess.Popen([self.src.runc, "--root", self.src.root]
+                                         + self._checkpoint_argv(image, work),
+                                         stdout=subprocess.PIPE, stderr=subprocess.PIPE,
+                                         text=True, stdin=subprocess.DEVNULL,
+                                         env=criuconf.env(self.work, self._netlock_lines()
+                                                          + self.criu_conf))
+                err = p.communicate()[1]
                 result["criu_s"] = time.monotonic() - t0
                 # CRIU's own figures (its stats image and its log's last time stamp)
                 from migrt.criu import stats as criustats
                 result["criu_stats"] = criustats.read((work, image), "dump")
-                result["criu_ran_s"] = criustats.log_span(os.path.join(work, "dump.log"))
+                log = os.path.join(work, "dump.log")
+                ran = criustats.log_span(log)
+                if armed is not None and ran is not None:
+                    # what CRIU did before its gate opened is not in the downtime
+                    passed = criustats.gate_passed_at(log)
+                    ran = ran - passed if passed is not None else None
+                result["criu_ran_s"] = ran
                 if cap is not None:
                     cap.join()
                 if p.returncode != 0:
@@ -807,7 +826,7 @@ class Migration:
                     kept = _kept_log(self.mid, _kept_name(os.path.basename(work)))
                     if self.opts.keep_image:
                         kept = log            # the work dir stays
-                    out = p.stderr.strip()[-300:].replace(log, kept)
+                    out = err.strip()[-300:].replace(log, kept)
                     result["error"] = (f"runc checkpoint into {image} failed: {out}"
                                        + (f"; CRIU log {kept}: {'; '.join(errs)}" if errs
                                           else "") + _full_disk(image, errs))
@@ -939,6 +958,98 @@ class Migration:
                 self.report["file_locks"] = n
         elif self.opts.file_locks and "--file-locks" not in self.opts.criu_flags:
             self.opts.criu_flags.append("--file-locks")
+
+    def _arm_dump(self):
+        """Start `runc checkpoint` now, before the freeze: its CRIU waits at the gate
+        (migrt.criu.gate) until the source is frozen, so that runc's and CRIU's start-up
+        are not in the downtime. Nothing is started when the gate is off."""
+        if not dumpgate.enabled():
+            return
+        self._detect_file_locks()       # runc's argv is fixed from here (see _open_gate)
+        self.will_hold = not handover.host_netns(self.state["pid"])
+        image = os.path.join(self.work, "image")
+        work = os.path.join(self.work, "work")
+        makedirs_private(image)
+        makedirs_private(work)
+        t0 = time.monotonic()
+        g = dumpgate.DumpGate(self.work)
+        a = {"gate": g, "image": image, "t_start": t0}
+        try:
+            if self.opts.mode == "lazy":
+                a.update(self._lazy_spawn(image, work, g.conf_lines()))
+                proc = a["proc"]
+            else:
+                argv = self._checkpoint_argv(image, work)
+                extra = g.conf_lines()
+                proc = subprocess.Popen([self.src.runc, "--root", self.src.root] + argv,
+                                        stdout=subprocess.PIPE, stderr=subprocess.PIPE,
+                                        text=True, stdin=subprocess.DEVNULL,
+                                        env=criuconf.env(self.work, self._netlock_lines()
+                                                         + self.criu_conf + extra))
+                a["proc"] = proc
+        except BaseException:
+            g.abort()
+            raise
+        a["file_locks"] = "--file-locks" in self.opts.criu_flags
+        self.armed = a
+        if not g.wait_ready(proc):
+            err = self._disarm()
+            raise TransferError(f"runc checkpoint did not reach CRIU's pre-dump gate "
+                                f"(before the freeze): {err or 'it did not answer in 60s'}")
+        self.report["dump_started_before_freeze_s"] = round(g.t_ready - t0, 4)
+        failpoints.hit("migrate.dump-armed")
+
+    def _open_gate(self):
+        """The source is frozen: let the armed CRIU dump. A lock taken between runc's
+        start and the freeze needs runc's --file-locks, which that runc was not given:
+        it is stopped at the gate and started again (_dump_thread, lazy_dump_and_send)."""
+        a = self.armed
+        if a is None:
+            return
+        if "--file-locks" in self.opts.criu_flags and not a["file_locks"]:
+            self._disarm()
+            self.report["dump_started_before_freeze_s"] = None
+            self.report["dump_restarted"] = ("a process took a file lock after runc "
+                                             "checkpoint started: started again with "
+                                             "--file-locks, once frozen")
+            return
+        a["gate"].open()
+
+    def _take_armed(self, image):
+        a = self.armed
+        if a is None or a["image"] != image or not a["gate"].is_open:
+            return None
+        self.armed = None
+        return a
+
+    def _disarm(self):
+        """Stop an armed runc before its gate opened (CRIU has touched no task): its
+        error output, if it said anything."""
+        a, self.armed = self.armed, None
+        if a is None:
+            return None
+        if a["gate"].is_open:           # CRIU is dumping: it ends by itself
+            try:
+                a["proc"].wait(30)
+            except subprocess.TimeoutExpired:
+                _kill_group(a["proc"]) if a.get("lazy") else a["proc"].kill()
+            return None
+        a["gate"].abort()
+        proc = a["proc"]
+        try:
+            _, err = proc.communicate(timeout=10)
+        except subprocess.TimeoutExpired:
+            if a.get("lazy"):
+                _kill_group(proc)
+            else:
+                proc.kill()
+            _, err = proc.communicate()
+        if a.get("status_r") is not None:
+            os.close(a["status_r"])
+        if a.get("lazy"):
+            self.lazy_proc = None
+        err = err.decode(errors="replace") if isinstance(err, bytes) else err
+        return (err or "").strip()[-300:] or None
 
     def freeze(self):
         self.phase = "freeze"
@@ -1104,6 +1215,30 @@ class Migration:
         self.journal.done()
 
     # ------------------------------------------------------------ lazy
+    def _lazy_spawn(self, image, work, extra=()):
+        """`runc checkpoint --lazy-pages`: CRIU's page server listens on this node's side
+        of the control connection, and writes a byte into status_r once it is up."""
+        local_ip = self.ctl.sock.getsockname()[0]
+        port = self.opts.page_server_port or _free_port(local_ip)
+        from migrt.criu import pagetls
+        tls = pagetls.write(os.path.join(self.work, "tls"), *self.page_tls)
+        r, w = os.pipe()
+        try:
+            self.lazy_proc = subprocess.Popen(
+                [self.src.runc, "--root", self.src.root]
+                + self._checkpoint_argv(image, work, f"{local_ip}:{port}", w),
+                stdin=subprocess.DEVNULL, stdout=subprocess.PIPE, stderr=subprocess.PIPE,
+                pass_fds=(w,), start_new_session=True,
+                env=criuconf.env(self.work, self._netlock_lines() + self.criu_conf
+                                 + pagetls.conf_lines(tls) + list(extra)))
+        except BaseException:
+            os.close(r)
+            raise
+        finally:
+            os.close(w)
+        return {"proc": self.lazy_proc, "status_r": r, "lazy": True,
+                "address": f"{local_ip}:{port}"}
+
     def lazy_dump_and_send(self):
         """Dump everything but memory; a CRIU page server here serves the pages later."""
         self.phase = "dump (lazy)"
@@ -1111,10 +1246,7 @@ class Migration:
         work = os.path.join(self.work, "work")
         makedirs_private(image)
         makedirs_private(work)
-        local_ip = self.ctl.sock.getsockname()[0]
-        port = self.opts.page_server_port or _free_port(local_ip)
-        from migrt.criu import pagetls
-        tls = pagetls.write(os.path.join(self.work, "tls"), *self.page_tls)
+        armed = self._take_armed(image)
         # the spec and the rootfs changes are taken while CRIU dumps (the container is
         # frozen: its files cannot change), not after it, in the downtime
         from migrt import image as img
@@ -1128,18 +1260,15 @@ class Migration:
             except Exception as e:          # noqa: BLE001 - raised below, in this thread
                 cap["error"] = e
         capturing = threading.Thread(target=capture, name="migrt-capture", daemon=True)
-        r, w = os.pipe()
         t0 = time.monotonic()
         self.dump_started = True
         capturing.start()
-        self.lazy_proc = subprocess.Popen(
-            [self.src.runc, "--root", self.src.root]
-            + self._checkpoint_argv(image, work, f"{local_ip}:{port}", w),
-            stdin=subprocess.DEVNULL, stdout=subprocess.PIPE, stderr=subprocess.PIPE,
-            pass_fds=(w,), start_new_session=True,
-            env=criuconf.env(self.work, self._netlock_lines()
-                             + self.criu_conf + pagetls.conf_lines(tls)))
-        os.close(w)
+        if armed is not None:
+            spawned = armed
+            t0 = armed["gate"].t_go
+        else:
+            spawned = self._lazy_spawn(image, work)
+        r, address = spawned["status_r"], spawned["address"]
         import select
         try:
             while True:
@@ -1168,10 +1297,10 @@ class Migration:
         sender = self.lazy_sender
         files = sender.send(image, lambda: True)
         self._check_lazy(files, work)
-        self._commit(files, m, lazy_address=f"{local_ip}:{port}")
+        self._commit(files, m, lazy_address=address)
         self._t("transfer", t1)
         self._account(sender)
-        self.report["page_server"] = f"{local_ip}:{port}"
+        self.report["page_server"] = address
 
     def _check_lazy(self, files, work):
         """A lazy dump leaves the memory in the frozen task. Pages CRIU wrote into the
@@ -1277,7 +1406,10 @@ class Migration:
                 if not self.opts.keep_image:
                     self.final_pipes = self._page_pipes(os.path.join(self.work, "image"),
                                                         self.final_sender)
+            self.phase = "start of the dump (runc checkpoint, before the freeze)"
+            self._arm_dump()
             t_freeze = self.freeze()
+            self._open_gate()
             if self.opts.mode == "lazy":
                 self.lazy_dump_and_send()
             else:

@@ -164,12 +164,18 @@ def two_nodes(tmp_path, node, make_bundle, migrt_launcher):
     n.make_bundle = make_bundle
 
     def migrate(ag_or_addr, cid="ctr", *extra, bundle=None, secret=None, timeout=120,
-                more_env=None):
+                more_env=None, spawn=False):
+        """Run `migrt migrate` to its end: (process, report or None); with spawn, start
+        it and return the Popen (stdout and stderr piped)."""
         addr = ag_or_addr if isinstance(ag_or_addr, str) else ag_or_addr.address
         argv = [migrt_launcher, "--root", a.root, "migrate", cid, "--to", addr,
                 "--secret-file", secret or n.secret, "--json"]
         if bundle:
             argv += ["--bundle", bundle, "--dest-root", b.root]
+        if spawn:
+            return subprocess.Popen(argv + list(extra), stdout=subprocess.PIPE,
+                                    stderr=subprocess.PIPE, text=True,
+                                    env=dict(env, **(more_env or {})))
         p = subprocess.run(argv + list(extra), capture_output=True, text=True,
                            env=dict(env, **(more_env or {})), timeout=timeout)
         rep = json.loads(p.stdout) if p.returncode == 0 else None

@@ -415,6 +415,44 @@ def test_file_locks_are_found_and_kept(two_nodes, tmp_path):
     assert "POSIX" in kinds and "FLOCK" in kinds, held
 
 
+def test_file_locks_taken_after_the_dump_started_are_kept(two_nodes, tmp_path):
+    """migrate starts `runc checkpoint` before the freeze (its CRIU waits at a gate:
+    migrt.criu.gate) and so chooses runc's --file-locks before the freeze. A process
+    that takes its locks after that, and before the freeze, still arrives with them:
+    migrate looks again once frozen, stops that runc at its gate, untouched, and starts
+    another with --file-locks."""
+    n = two_nodes
+    ag = n.agent()
+    args = ["sh", "-c", "while [ ! -e /lock-now ]; do sleep 0.02; done; "
+                        "exec /bin/servers_helper lock /lockfile"]
+    src = with_helper(n, str(tmp_path), "late-src", args)
+    dst = with_helper(n, str(tmp_path), "late-dst", args)
+    code, out, err = n.a.create("late", src, start=True)
+    assert code == 0, err.text
+    fp = tmp_path / "fp"
+    fp.mkdir()
+    mig = n.migrate(ag, "late", bundle=dst, spawn=True, more_env={
+        "MIGRT_FAILPOINTS": "migrate.dump-armed=pause(3)", "MIGRT_FAILPOINT_DIR": str(fp)})
+    ocitest.wait_for(lambda: os.listdir(fp) or mig.poll() is not None, timeout=60,
+                     what="migrate's dump started, at its gate")
+    assert mig.poll() is None, mig.communicate()
+    assert n.a.state("late")["status"] == "running"     # not frozen yet
+    open(os.path.join(src, "rootfs", "lock-now"), "w").close()
+    ocitest.wait_for(lambda: "locked" in out.text, timeout=2, what="locks taken")
+    stdout, stderr = mig.communicate(timeout=120)
+    assert mig.returncode == 0, stderr + ag.log()
+    rep = json.loads(stdout)
+    assert rep["file_locks"] == 2, rep
+    assert "file lock" in rep["dump_restarted"], rep
+    pid = n.b.state("late")["pid"]
+    held = []
+    for fd in os.listdir(f"/proc/{pid}/fdinfo"):
+        with open(f"/proc/{pid}/fdinfo/{fd}") as f:
+            held += [ln for ln in f if ln.startswith("lock:")]
+    kinds = " ".join(held)
+    assert "POSIX" in kinds and "FLOCK" in kinds, held
+
+
 def test_lazy_dump_that_fails_rolls_back_and_says_the_dump_failed(two_nodes, tmp_path):
     """CRIU cannot dump an io_uring instance: in lazy mode its status pipe then closes
     without the page server ever being ready. That is a failed dump: nothing is

@@ -493,6 +493,62 @@ def test_second_migrate_of_a_container_being_migrated_is_refused(nodes, tmp_path
     migr.wait_dest_counting(ag, cid, 0)
 
 
+def _checkpoints_of(cid):
+    """pids of the `runc checkpoint` processes of container cid."""
+    pids = []
+    for p in os.listdir("/proc"):
+        if not p.isdigit():
+            continue
+        try:
+            with open(f"/proc/{p}/cmdline", "rb") as f:
+                cmd = f.read().split(b"\0")
+        except OSError:
+            continue
+        if b"checkpoint" in cmd and cid.encode() in cmd:
+            pids.append(int(p))
+    return pids
+
+
+@pytest.mark.parametrize("mode", ["full", "lazy"])
+def test_migrate_killed_while_its_dump_waits_at_the_gate(nodes, tmp_path, mode):
+    """migrate starts `runc checkpoint` before the freeze, its CRIU waiting at a gate
+    (migrt.criu.gate) until the source is frozen. migrate killed there (kill -9): that
+    runc and its CRIU end by themselves, CRIU having stopped at its pre-dump script
+    without touching a task; the source never stops counting; a second migrate moves it."""
+    ag = nodes.agent()
+    cid, bundle, dest, out = nodes.counter()
+    fp = tmp_path / "fp"
+    fp.mkdir()
+    extra = ("--lazy",) if mode == "lazy" else ()
+    work_before = set(os.listdir(WORK)) if os.path.isdir(WORK) else set()
+    mig = nodes.spawn_migrate(cid, dest, ag, *extra, env={
+        "MIGRT_FAILPOINTS": "migrate.dump-armed=pause(60)", "MIGRT_FAILPOINT_DIR": str(fp)})
+    wait_file(str(fp), proc=mig)
+    armed = _checkpoints_of(cid)
+    assert armed, "no runc checkpoint started before the freeze"
+    assert nodes.a.state(cid)["status"] == "running"
+    logs = [os.path.join(WORK, m, "work", "dump.log")
+            for m in set(os.listdir(WORK)) - work_before]
+    logs = [p for p in logs if os.path.exists(p)]
+    assert logs, "CRIU has not started"
+    kill_pid(mig.pid)
+    mig.wait(10)
+    ocitest.wait_for(lambda: not _checkpoints_of(cid), timeout=15,
+                     what="the armed runc checkpoint and its CRIU to end by themselves")
+    assert nodes.a.state(cid)["status"] == "running"
+    before = ocitest.last_count(out)
+    ocitest.wait_for(lambda: ocitest.last_count(out) >= before + 3, timeout=10,
+                     what="the source counting on")
+    log = open(logs[0], errors="replace").read()
+    assert "Pre dump script failed" in log, log[-1500:]
+    assert "Seized task" not in log and "was trapped" not in log, log[-1500:]
+    p = subprocess.run(nodes.migrate_argv(cid, dest, ag, *extra), capture_output=True,
+                       text=True, timeout=120)
+    assert p.returncode == 0, p.stderr[-800:] + ag.log()[-3000:]
+    assert migr.copies(nodes, cid) == {"a": None, "b": "running"}
+    migr.wait_dest_counting(ag, cid, 0)
+
+
 def test_lazy_page_server_dies_before_every_page_is_served(nodes, tmp_path):
     """Lazy mode: the source's page server dies (kill -9 of its CRIU) while the
     destination's copy, already running, still lacks part of its memory. That copy is
