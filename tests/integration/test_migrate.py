@@ -746,7 +746,8 @@ TMPFS_MOUNTS = [
     # without tar
     {"destination": "/scratch", "type": "tmpfs", "source": "tmpfs",
      "options": ["nosuid", "nodev", "mode=0710", "uid=12", "gid=34", "size=1m"]},
-    # empty, but its root chmod-ed after the mount: through tar, its mode must come back
+    # empty, but its root chmod-ed after the mount: not saved as the empty archive (a
+    # small one instead, as tar would make it), its mode must come back
     {"destination": "/chmodded", "type": "tmpfs", "source": "tmpfs",
      "options": ["nosuid", "nodev", "mode=0755", "size=1m"]},
 ]
