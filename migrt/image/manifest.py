@@ -178,15 +178,27 @@ def _validator():
     return _VALIDATOR[0]
 
 
-def load(image_dir):
+def load(image_dir, validated=None):
+    """The image's manifest, parsed and validated. validated(stat): True if the file
+    with this stat (of the descriptor read) was validated already on this node: then
+    it is only parsed."""
     path = os.path.join(image_dir, MANIFEST)
-    from migrt.safeio import read_regular
+    from migrt.safeio import open_regular
     try:
-        data = read_regular(path, 64 << 20)
+        with os.fdopen(open_regular(path), "rb") as f:
+            st = os.fstat(f.fileno())
+            data = f.read(64 << 20)
     except FileNotFoundError:
         raise CheckpointError(f"{path}: missing (not a migrt image)")
     except OSError as e:
         raise CheckpointError(f"{path}: cannot read: {e.strerror}")
+    if validated is not None and validated(st):
+        try:
+            m = json.loads(data)
+        except (ValueError, UnicodeDecodeError, RecursionError):
+            m = None
+        if isinstance(m, dict):
+            return m
     return parse(data, path)
 
 

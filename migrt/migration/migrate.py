@@ -908,8 +908,9 @@ class Migration:
         return f"destination: {err}" if err else None
 
     def _commit(self, files, manifest, final=True, lazy_address=None):
+        # (the destination validates it against the schema: 5 ms for a small container's
+        # 80 files, which this side's own check of it spent again in the downtime)
         manifest["files"] = manifest_files(files)
-        mf.parse(json.dumps(manifest))
         msg = {"op": "commit", "manifest": manifest, "final": final}
         if lazy_address:
             msg["lazy_address"] = lazy_address

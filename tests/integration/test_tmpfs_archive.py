@@ -76,23 +76,25 @@ def checkpointed(tmp_path, make_bundle):
     rt = ocitest.Runtime("runc", root, env={"PATH": _env()["PATH"]})
     code, out, err = rt.create(cid, bundle, start=True)     # stdio: pipes CRIU can dump
     assert code == 0, err.text
-    # /dev with more than runc puts there: a directory tree, a setuid file, a FIFO, a link
-    _runc(root, "exec", cid, "sh", "-c",
-          "mkdir -p /dev/tree/deep && echo hello > /dev/tree/file && chmod 4710 /dev/tree/file"
-          " && mkfifo /dev/tree/fifo && ln -s ../null /dev/tree/lnk"
-          " && touch -d 2001-02-03 /dev/tree/deep")
-    look = ("ls -lan --full-time /dev /dev/tree /dev/tree/deep | grep -v ' \\.\\.$'"
-            " | grep -v -e ' pts$' -e ' shm$' -e ' mqueue$'")
-    before = _runc(root, "exec", cid, "sh", "-c", look).stdout
-    img, work = str(tmp_path / "img"), str(tmp_path / "work")
-    _runc(root, "checkpoint", "--image-path", img, "--work-path", work, cid)
-    log = open(os.path.join(work, "dump.log"), errors="replace").read()
-    assert "tmpfs ./dev: " in log and "saved without tar" in log, log[-2000:]
-    dev = [p for p in glob.glob(os.path.join(img, "tmpfs-dev-*.tar.gz.img"))
-           if open(p, "rb").read(len(HEAD)) == HEAD]
-    assert len(dev) >= 1, os.listdir(img)
-    yield root, bundle, img, dev, cid, before, look
-    _runc(root, "delete", "--force", cid, check=False)
+    try:
+        # /dev with more than runc puts there: a directory tree, a setuid file, a FIFO, a link
+        _runc(root, "exec", cid, "sh", "-c",
+              "mkdir -p /dev/tree/deep && echo hello > /dev/tree/file && chmod 4710 /dev/tree/file"
+              " && mkfifo /dev/tree/fifo && ln -s ../null /dev/tree/lnk"
+              " && touch -d 2001-02-03 /dev/tree/deep")
+        look = ("ls -lan --full-time /dev /dev/tree /dev/tree/deep | grep -v ' \\.\\.$'"
+                " | grep -v -e ' pts$' -e ' shm$' -e ' mqueue$'")
+        before = _runc(root, "exec", cid, "sh", "-c", look).stdout
+        img, work = str(tmp_path / "img"), str(tmp_path / "work")
+        _runc(root, "checkpoint", "--image-path", img, "--work-path", work, cid)
+        log = open(os.path.join(work, "dump.log"), errors="replace").read()
+        assert "tmpfs ./dev: " in log and "saved without tar" in log, log[-2000:]
+        dev = [p for p in glob.glob(os.path.join(img, "tmpfs-dev-*.tar.gz.img"))
+               if open(p, "rb").read(len(HEAD)) == HEAD]
+        assert len(dev) >= 1, os.listdir(img)
+        yield root, bundle, img, dev, cid, before, look
+    finally:        # also when the checkpoint failed: no container left running
+        _runc(root, "delete", "--force", cid, check=False)
 
 
 def test_small_tmpfs_image_is_tar_and_comes_back_as_it_was(tmp_path, checkpointed):

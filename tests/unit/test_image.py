@@ -119,6 +119,21 @@ def test_stamp_fast_path_notices_writes(tmp_path):
         image.verify_image(str(img))
 
 
+def test_manifest_changed_after_the_stamp_is_validated_again(tmp_path):
+    """verify_image skips the schema only for the manifest the agent validated (its
+    size, ctime and inode recorded in the stamp): one written since is checked again,
+    and an escaping path in it refused."""
+    b, img, m = make_image(tmp_path)
+    image.stamp_verified(str(img), m)
+    assert image.verify_image(str(img)) == m
+    path = img / "migrt" / "manifest.json"
+    d = json.loads(path.read_text())
+    d["files"][0]["path"] = "../../etc/shadow"
+    path.write_text(json.dumps(d))
+    with pytest.raises(CheckpointError, match="invalid manifest"):
+        image.verify_image(str(img))
+
+
 def test_apply_rootfs_renames(tmp_path):
     b, img, m = make_image(tmp_path)
     dest = tmp_path / "dest"
