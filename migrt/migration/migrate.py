@@ -1029,11 +1029,14 @@ class Migration:
         a, self.armed = self.armed, None
         if a is None:
             return None
-        if a["gate"].is_open:           # CRIU is dumping: it ends by itself
-            try:
+        if a["gate"].is_open:
+            if a.get("lazy"):           # its page server would wait: _rollback stops it
+                os.close(a["status_r"])
+                return None
+            try:                        # CRIU is dumping: it ends by itself
                 a["proc"].wait(30)
             except subprocess.TimeoutExpired:
-                _kill_group(a["proc"]) if a.get("lazy") else a["proc"].kill()
+                a["proc"].kill()
             return None
         a["gate"].abort()
         proc = a["proc"]

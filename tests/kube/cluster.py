@@ -379,6 +379,8 @@ class Node:
         logs = os.path.join(self.base, "varlog")
         for d in ("pods", "containers"):
             os.makedirs(os.path.join(logs, d), exist_ok=True)
+            # the mount points: a fresh machine that never ran a kubelet has neither
+            os.makedirs(os.path.join("/var/log", d), exist_ok=True)
         script = (f"mount --bind {logs}/pods /var/log/pods && "
                   f"mount --bind {logs}/containers /var/log/containers && "
                   "echo ready && exec sleep 2147483647")
