@@ -194,7 +194,10 @@ def test_idle_and_garbage_peers_do_not_block_others(setup):
         for s in idle:
             s.close()
     assert max(took) < 5, took
-    assert peak[0] - before <= 64 + 8, (before, peak[0])
+    # 64 handshakes, plus the honest prechecks' own threads (a control connection and
+    # its streams, which may linger while a loaded machine tears them down: CI saw 10);
+    # one thread per idle peer, the failure this guards against, would be hundreds
+    assert peak[0] - before <= 64 + 16, (before, peak[0])
     print(f"\nAGENT honest prechecks during a flood of {len(idle)} idle and 3 garbage "
           f"peers: {len(took)}, slowest {max(took):.2f}s; agent threads {before}, at most "
           f"{peak[0]} during the flood")
