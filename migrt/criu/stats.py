@@ -124,9 +124,9 @@ def log_span(path):
     except OSError:
         return None
     for line in reversed(tail.splitlines()):
-        m = _STAMP.match(line)
-        if m:
-            return int(m.group(1)) + int(m.group(2)) / 10 ** len(m.group(2))
+        s = _stamp(line)
+        if s is not None:
+            return s
     return None
 
 

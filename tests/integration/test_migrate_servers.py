@@ -392,6 +392,15 @@ def test_in_flight_connection_does_not_stop_the_migration(two_nodes, podnet, tmp
     c.close()
 
 
+def held_locks(pid):
+    """The "lock:" lines of every descriptor of process pid (its fdinfo)."""
+    held = []
+    for fd in os.listdir(f"/proc/{pid}/fdinfo"):
+        with open(f"/proc/{pid}/fdinfo/{fd}") as f:
+            held += [ln for ln in f if ln.startswith("lock:")]
+    return held
+
+
 def test_file_locks_are_found_and_kept(two_nodes, tmp_path):
     """A process holding a POSIX lock and a flock: migrate turns --file-locks on by
     itself (runc always tells CRIU, so only runc's flag can) and the locks arrive."""
@@ -406,11 +415,7 @@ def test_file_locks_are_found_and_kept(two_nodes, tmp_path):
     p, rep = n.migrate(ag, "lk", bundle=dst)
     assert p.returncode == 0, p.stderr + ag.log()
     assert rep["file_locks"] == 2, rep
-    pid = n.b.state("lk")["pid"]
-    held = []
-    for fd in os.listdir(f"/proc/{pid}/fdinfo"):
-        with open(f"/proc/{pid}/fdinfo/{fd}") as f:
-            held += [ln for ln in f if ln.startswith("lock:")]
+    held = held_locks(n.b.state("lk")["pid"])
     kinds = " ".join(held)
     assert "POSIX" in kinds and "FLOCK" in kinds, held
 
@@ -444,11 +449,7 @@ def test_file_locks_taken_after_the_dump_started_are_kept(two_nodes, tmp_path):
     rep = json.loads(stdout)
     assert rep["file_locks"] == 2, rep
     assert "file lock" in rep["dump_restarted"], rep
-    pid = n.b.state("late")["pid"]
-    held = []
-    for fd in os.listdir(f"/proc/{pid}/fdinfo"):
-        with open(f"/proc/{pid}/fdinfo/{fd}") as f:
-            held += [ln for ln in f if ln.startswith("lock:")]
+    held = held_locks(n.b.state("late")["pid"])
     kinds = " ".join(held)
     assert "POSIX" in kinds and "FLOCK" in kinds, held
 

@@ -347,8 +347,9 @@ def criu_hook(tmp, action):
     return d, {"org.criu.config": conf}
 
 
-def leaks_processes(cid):
-    """Processes whose command line names the container (runc checkpoint, migrate...)."""
+def leaks_processes(cid, word=None):
+    """Processes whose command line names the container (runc checkpoint, migrate...),
+    and `word` too if given (b"checkpoint": the container's runc checkpoint)."""
     out = []
     for d in os.listdir("/proc"):
         if not d.isdigit():
@@ -358,7 +359,8 @@ def leaks_processes(cid):
                 args = f.read().split(b"\0")
         except OSError:
             continue
-        if cid.encode() in args and b"migrate" not in args[:4]:
+        if cid.encode() in args and b"migrate" not in args[:4] and \
+                (word is None or word in args):
             out.append(int(d))
     return out
 

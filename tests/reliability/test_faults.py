@@ -495,18 +495,7 @@ def test_second_migrate_of_a_container_being_migrated_is_refused(nodes, tmp_path
 
 def _checkpoints_of(cid):
     """pids of the `runc checkpoint` processes of container cid."""
-    pids = []
-    for p in os.listdir("/proc"):
-        if not p.isdigit():
-            continue
-        try:
-            with open(f"/proc/{p}/cmdline", "rb") as f:
-                cmd = f.read().split(b"\0")
-        except OSError:
-            continue
-        if b"checkpoint" in cmd and cid.encode() in cmd:
-            pids.append(int(p))
-    return pids
+    return migr.leaks_processes(cid, b"checkpoint")
 
 
 @pytest.mark.parametrize("mode", ["full", "lazy"])
