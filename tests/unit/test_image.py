@@ -194,3 +194,53 @@ def test_namespace_binding(tmp_path, monkeypatch):
     monkeypatch.delenv("MIGRT_ALLOW_CROSS_NAMESPACE")
     (tmp_path / "migrt" / "manifest.json").write_text(json.dumps({"container": {"id": "c"}}))
     checkpoints.check_namespace(str(tmp_path), pod("team-b"), "m")
+
+
+def _file_entries():
+    """Good "files" entries and many broken ones: each a change of one property."""
+    good = {"path": "pages-1.img", "size": 8192, "xxh3": "0123456789abcdef",
+            "chunks": ["0123456789abcdef", "f" * 32]}
+    values = ["", "a", "x" * 4096, "x" * 4097, "/abs", "a/../b", "..", "../a", "a/..",
+              "a/..b", "..a/b", "a/.../b", "dir/file.img", "0123456789abcdef",
+              "0123456789ABCDEF", "0123456789abcde", "f" * 33, "f" * 32, "g" * 16,
+              " 0123456789abcdef", 0, -1, 1, 2 ** 40, True, None, 1.5, [], {},
+              ["0123456789abcdef"], ["0123456789abcdeg"], [1], ["f" * 16, None]]
+    out = [good, dict(good, chunks=[]), dict(good, size=0), [], "x", None, {}]
+    for key in good:
+        out.append({k: v for k, v in good.items() if k != key})
+        for v in values:
+            out.append(dict(good, **{key: v}))
+    out.append(dict(good, extra=1))
+    return out
+
+
+def test_file_entries_are_checked_as_the_schema_says():
+    """The manifest's "files" entries are checked by hand (jsonschema was slow there): on
+    every good entry and every entry broken in one property, the hand check and
+    jsonschema with the schema's own rule for an entry give the same verdict."""
+    import jsonschema
+    rule = mf.SCHEMA["properties"]["files"]["items"]
+    check = jsonschema.validators.validator_for(mf.SCHEMA)(rule)
+    entries = _file_entries()
+    assert len(entries) > 140
+    for e in entries:
+        assert (mf.file_entry_error(e) is None) == check.is_valid(e), e
+
+
+@pytest.mark.parametrize("entry, where", [
+    ({"path": "../x", "size": 1, "xxh3": "0" * 16, "chunks": []}, "files/1/path"),
+    ({"path": "x", "size": 1.0, "xxh3": "0" * 16, "chunks": []}, "files/1/size"),
+    ({"path": "x", "size": 1, "xxh3": "0" * 16 + "\n", "chunks": []}, "files/1/xxh3"),
+    ({"path": "x", "size": 1, "xxh3": "0" * 16, "chunks": ["0" * 16, "nothex" * 3]},
+     "files/1/chunks/1"),
+])
+def test_a_bad_file_entry_is_named_in_the_error(entry, where):
+    """A bad entry is refused with where it is; also where jsonschema alone would let it
+    through (12.0 as a size, a digest with a newline after it)."""
+    good = {"path": "a", "size": 0, "xxh3": "0" * 16, "chunks": []}
+    m = {"format": mf.FORMAT, "created": "now", "container": {"id": "c"},
+         "node": {"arch": "x86_64", "kernel": "6"}, "chunk_size": 1 << 22,
+         "files": [good, entry], "rootfs": {"kind": "none"}}
+    mf.parse(json.dumps(dict(m, files=[good])))
+    with pytest.raises(CheckpointError, match=f"invalid manifest at {where}:"):
+        mf.parse(json.dumps(m))
