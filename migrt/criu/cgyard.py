@@ -9,9 +9,17 @@ from a named one, `unified` for cgroup v2).
 
 `ensure(pid)` makes that dir under migrt's CRIU dir (a tmpfs: see migrt.criu.kdat) with a
 bind mount of each hierarchy the process belongs to, and returns it; None when one of
-them cannot be found or mounted, and CRIU then mounts them itself, as before. Only
-migrt's own dumps use it (restores mount their yard in a few microseconds here).
+them cannot be found or mounted, and CRIU then mounts them itself, as before.
 MIGRT_CGROUP_YARD=0 turns it off.
+
+migrt's dumps use it, and every restore through migrt (the marker's, the restorer's own
+process naming the hierarchies). A restore's CRIU mounts only the hierarchies the image
+names, a few microseconds each on a stock node; but a fresh cgroup2 mount applies its
+mount options to the whole node (cgroup2 has one set), so CRIU's option-less one turned
+a node's `favordynmods` off at every restore (`mount` no longer listed it), and on such a
+node that mount took 8 to 18 ms of the restore here (CRIU's log, "Making controller
+dir"). A hierarchy the image names and the yard lacks is mounted there by CRIU itself,
+and stays for the next restore.
 """
 import os
 

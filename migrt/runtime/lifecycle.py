@@ -566,9 +566,11 @@ def _restore_source(call, flags, cid, bundle, spec, marker, plugins, source):
             if flags.get(name):
                 tokens.append(f"--{name}")
         tokens += source.restore_flags
-        if source.criu_conf:
+        from migrt.criu import cgyard
+        conf = list(source.criu_conf) + cgyard.conf_lines(cgyard.ensure(os.getpid()))
+        if conf:
             from migrt.criu import config as criuconf
-            os.environ.update(criuconf.env(work, source.criu_conf))
+            os.environ.update(criuconf.env(work, conf))
         if source.lazy_address or source.lazy_local:
             lazy = start_lazy_pages(source, work)
             tokens.append("--lazy-pages")

@@ -6,7 +6,8 @@ breakdown printed as a table (phase, seconds).
         [--mode full|lazy] [--network veth|loopback] [--markdown] [--compare 'VAR=V ...']
 
 Before/after a release: --compare-migrt OTHER_LAUNCHER (that checkout's, built with
-`python3 -c 'import ocitest; ocitest.build_launcher("/tmp/old/migrt")'` from its tests/).
+`python3 -c 'import ocitest; ocitest.build_launcher("/tmp/old/migrt")'` from its tests/),
+with --compare-migrt-env 'MIGRT_CRIU=/tmp/old-criu/criu' for the CRIU that release built.
 The issue 17 before/after (the settings that bring back what was changed):
 
     ... --compare 'MIGRT_STAGING_ON_DISK=1 MIGRT_LOCAL_FILL_MIN=0 MIGRT_CONNECT_AFTER_FREEZE=1'
@@ -43,6 +44,8 @@ ROWS = [
     ("    migrt (manifest, after the dump)", ("checkpoint", "migrt_s")),
     ("  transfer after the checkpoint", ("phases", "transfer_after_checkpoint_s")),
     ("  commit (destination verifies)", ("phases", "commit_s")),
+    ("  transfer and commit (lazy: the image without its pages)",
+     ("phases", "transfer_and_commit_s")),
     ("  restore: request until running", ("phases", "restore_s")),
     ("    request and reply (network, agent)", ("restore", "request_s")),
     ("    migrt run start-up (spare restorer, staged source, plugins)",
@@ -105,6 +108,9 @@ def main():
                     help="also run every round with this other migrt launcher (another "
                     "checkout's: python3 -c 'import ocitest; ocitest.build_launcher(DEST)' "
                     "from its tests/), alternating: before/after a release")
+    ap.add_argument("--compare-migrt-env", default="", metavar="'VAR=VALUE ...'",
+                    help="the environment of the --compare-migrt variant (e.g. its CRIU: "
+                    "MIGRT_CRIU=/path/to/old/criu, a file named criu)")
     a = ap.parse_args()
     migrt = a.migrt
     if migrt is None:
@@ -115,7 +121,9 @@ def main():
         env = dict(kv.partition("=")[::2] for kv in a.compare.split())
         variants.insert(0, (a.compare, env, migrt))
     if a.compare_migrt:
-        variants.insert(0, (a.compare_migrt, {}, a.compare_migrt))
+        env = dict(kv.partition("=")[::2] for kv in a.compare_migrt_env.split())
+        name = " ".join([a.compare_migrt] + a.compare_migrt_env.split())
+        variants.insert(0, (name, env, a.compare_migrt))
     reports = {name: [] for name, _, _ in variants}
     for _ in range(a.rounds):
         for name, env, launcher in variants:

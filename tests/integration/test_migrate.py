@@ -10,6 +10,7 @@ import signal
 import socket
 import subprocess
 import sys
+import tempfile
 import threading
 import time
 
@@ -294,6 +295,46 @@ def test_report_says_where_the_downtime_went(two_nodes, mode):
             else os.path.join("/sys/fs/cgroup", name)
         if os.path.isdir(node):
             assert os.stat(d).st_dev == os.stat(node).st_dev, (d, node)
+
+
+def _cgroup2_mount():
+    """(mount point, super options) of this node's cgroup2 mount, or None."""
+    with open("/proc/self/mountinfo") as f:
+        for line in f:
+            parts = line.split()
+            i = parts.index("-")
+            if parts[i + 1] == "cgroup2":
+                return parts[4], parts[i + 3].split(",")
+    return None
+
+
+@pytest.mark.parametrize("mode", ["full", "lazy"])
+def test_a_restore_leaves_the_nodes_cgroup2_options_alone(two_nodes, mode):
+    """cgroup2 has one set of mount options for the whole node, and a fresh cgroup2 mount
+    without options clears them: CRIU's restore made one (its cgroup yard), so every
+    restore turned off a node's `favordynmods` (which spares each move of a task between
+    cgroups an RCU grace period). The restore now reads the cgroups through migrt's
+    yard of bind mounts: the node's options are what they were."""
+    n = two_nodes
+    cg2 = _cgroup2_mount()
+    assert cg2 is not None, "no cgroup2 mount on this node"
+    point, before = cg2
+    subprocess.run(["mount", "-o", "remount,favordynmods", point], check=True)
+    try:
+        assert "favordynmods" in _cgroup2_mount()[1]
+        ag = n.agent()
+        n.source()
+        p, rep = n.migrate(ag, "ctr", *(["--lazy"] if mode == "lazy" else []),
+                           bundle=n.dest_bundle())
+        assert p.returncode == 0, p.stderr + ag.log()
+        assert n.b.state("ctr")["status"] == "running"
+        assert "favordynmods" in _cgroup2_mount()[1], _cgroup2_mount()
+    finally:
+        if "favordynmods" not in before:
+            # `mount -o remount` keeps the options it finds: only a fresh mount clears them
+            with tempfile.TemporaryDirectory() as d:
+                subprocess.run(["mount", "-t", "cgroup2", "none", d], check=True)
+                subprocess.run(["umount", d], check=True)
 
 
 @pytest.mark.parametrize("lock", ["auto", "nftables", "iptables"])
