@@ -20,7 +20,10 @@ import sys
 # what a marker restore imports after the launcher's own modules
 PRELOAD = ("migrt.errors", "migrt.runtime.lifecycle", "migrt.runtime.checkpoints", "migrt.runtime.sources.staged",
            "migrt.agent.staging", "migrt.image", "migrt.plugins", "migrt.plugins.registry",
-           "migrt.plugins.config", "migrt.plugins.gate")
+           "migrt.plugins.config", "migrt.plugins.gate", "migrt.plugins.nodefacts",
+           "migrt.plugins.options", "migrt.plugins.proc", "migrt.plugins.record",
+           "migrt.runtime.podrules", "migrt.criu.cgyard", "migrt.criu.config", "psutil",
+           "shlex", "base64", "resource")
 MAX_REQUEST = 1 << 20
 
 
@@ -32,6 +35,11 @@ def wait(fd):
             importlib.import_module(name)
         except Exception:       # the real call reports whatever is wrong, in its own words
             pass
+    try:
+        from migrt.plugins import registry
+        registry.preload()
+    except Exception:
+        pass
     sock = socket.socket(fileno=fd)
     try:
         msg, fds, _, _ = socket.recv_fds(sock, MAX_REQUEST, 3)

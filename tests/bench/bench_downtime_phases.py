@@ -96,7 +96,7 @@ def demo(migrt, a, env):
 def main():
     ap = argparse.ArgumentParser()
     ap.add_argument("--rounds", type=int, default=7)
-    ap.add_argument("--mode", default="full", choices=("full", "lazy"))
+    ap.add_argument("--mode", default="full", choices=("full", "precopy", "lazy"))
     ap.add_argument("--network", default="veth", choices=("veth", "loopback"))
     ap.add_argument("--markdown", action="store_true")
     ap.add_argument("--compare", default=None, metavar="'VAR=VALUE ...'",

@@ -301,3 +301,22 @@ def test_records_of_long_quiet_ids_are_swept(tmp_path, monkeypatch):
     assert record.sweep(now=time.time() + 7200) == ["recent"]
     monkeypatch.setenv("MIGRT_RECORD_DAYS", "0")                # 0: keep every record
     assert record.sweep(now=time.time() + 99 * 86400) == []
+
+
+def test_a_preloaded_plugin_file_changed_since_is_imported_again(tmp_path):
+    """A spare restorer imports the node's plugin files long before a restore: one edited
+    in between is imported again when the restore loads it, not used as it was."""
+    from migrt.plugins import registry
+    path = tmp_path / "stamp_plugin.py"
+    body = textwrap.dedent("""\
+        from migrt.plugins import Plugin
+        class P(Plugin):
+            name = "stampplug"
+            version = {v!r}
+        plugin = P
+        """)
+    path.write_text(body.format(v="one"))
+    assert registry.load_file(str(path)).version == "one"
+    assert registry.load_file(str(path)).version == "one"       # kept: unchanged
+    path.write_text(body.format(v="two, longer"))
+    assert registry.load_file(str(path)).version == "two, longer"
