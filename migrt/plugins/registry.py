@@ -70,7 +70,9 @@ def preload():
     from migrt.plugins import gate as hookgate
     table = hookgate.node_cache().get("plugins") or {}
     for info in table.values():
-        src = info.get("source") if isinstance(info, dict) else None
+        if not isinstance(info, dict):
+            continue
+        src = info.get("source")
         if info.get("enabled") and isinstance(src, dict) and src.get("kind") == "file":
             try:
                 load_file(src["where"])
