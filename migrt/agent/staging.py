@@ -182,7 +182,15 @@ def sweep(staging, ttl, active=(), startup=False, log=None, disk=None):
     for s in all_staged(staging, disk):
         if s.mid in active:
             continue
-        rec = s.read() or {}
+        rec = s.read()
+        if rec is None:
+            # no record (yet): one being created has its dir and not yet its record
+            # (Staged.create), so its age is its dir's, never "since 1970" (that swept
+            # a migration arriving while the janitor ran: its transfer then failed)
+            try:
+                rec = {"updated": os.lstat(s.dir).st_mtime}
+            except OSError:
+                continue
         state = rec.get("state")
         age = now - rec.get("updated", rec.get("created", 0))
         lazy_busy = (state == "restored" and rec.get("lazy") and age < ttl) \

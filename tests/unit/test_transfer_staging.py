@@ -55,3 +55,17 @@ def test_mid_is_validated():
     for bad in ("../x", "m-", "m-XYZ", "m-0123/../..", ""):
         assert not stg.valid_mid(bad)
     assert stg.valid_mid(stg.new_mid())
+
+
+def test_a_migration_being_created_is_not_swept(tmp_path):
+    """A staged dir whose record is not written yet (Staged.create makes the dir first)
+    is as old as its dir: the janitor running at that moment leaves it alone; one left
+    without a record for longer than the time limit goes."""
+    young = stg.Staged(stg.new_mid(), str(tmp_path / "tmpfs"), str(tmp_path / "disk"))
+    os.makedirs(young.dir)
+    stale = stg.Staged(stg.new_mid(), str(tmp_path / "tmpfs"), str(tmp_path / "disk"))
+    os.makedirs(stale.dir)
+    os.utime(stale.dir, (time.time() - 1000, time.time() - 1000))
+    gone = stg.sweep(str(tmp_path / "tmpfs"), ttl=600, disk=str(tmp_path / "disk"))
+    assert gone == [stale.mid]
+    assert os.path.isdir(young.dir) and not os.path.exists(stale.dir)
