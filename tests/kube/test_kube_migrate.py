@@ -623,12 +623,20 @@ def test_lazy_move_hands_the_service_over_when_the_copy_runs(kube, migrt_kube):
     handed = iso_time(st["restoredTime"])
     ended = iso_time(st["stepTimes"]["finishing"])      # the migration's outcome came
     assert handed < ended and st["phases"]["pages_served_after_restore"] > 0, st
-    # the Endpoints dropped the frozen old pod for good, and named the new pod, before
-    # the migration ended (while the old pod still served the copy's memory)
+    # the Endpoints dropped the frozen old pod, and named the new pod, before the
+    # migration ended (while the old pod still served the copy's memory); a kubelet
+    # that put its own view back (its status manager) had the old pod listed again only
+    # until the hand-over's next round undid it (README: 0.1 s plus the API server's)
+    first_out = next(k for k, (tw, ips) in enumerate(changes) if tw >= handed - 1
+                     and old_ip not in ips and k and old_ip in changes[k - 1][1])
+    assert changes[first_out][0] < ended, (handed, ended, changes)
     last_old = max(k for k, (_, ips) in enumerate(changes) if old_ip in ips)
     assert last_old + 1 < len(changes), changes
     out = changes[last_old + 1][0]
-    assert out < ended, (handed, ended, changes)
+    for k in range(first_out, last_old + 1):
+        if old_ip in changes[k][1]:          # back for a moment: gone again at once
+            back = next(j for j in range(k + 1, len(changes)) if old_ip not in changes[j][1])
+            assert changes[back][0] - changes[k][0] < 0.6, (k, changes)
     assert any(new_ip in ips and tw < ended for tw, ips in changes), (ended, changes)
     # ... so a client following them asked the old pod nothing after that
     assert not [a for a in answers if a[0] > out + 0.05 and a[1] == old_ip], answers[-20:]
