@@ -167,7 +167,8 @@ def parse(data, where=MANIFEST):
     for i, entry in enumerate(m["files"]):
         bad = file_entry_error(entry)
         if bad is not None:
-            raise CheckpointError(f"{where}: invalid manifest at files/{i}/{bad[0]}: {bad[1]}")
+            loc = "/".join(str(x) for x in ("files", i, bad[0]) if x != "")
+            raise CheckpointError(f"{where}: invalid manifest at {loc}: {bad[1]}")
     return m
 
 
