@@ -20,6 +20,8 @@ import uuid
 import pytest
 
 import cluster as kc
+from migrt.kube import agents
+from migrt.transfer import wire
 import kubemigrt
 from cluster import pod_manifest, container_id, restart_count, wait_for
 from kubemigrt import (COUNTER, name, numbers, pm_for, runc_ids, running_of, events_of,
@@ -384,10 +386,25 @@ def test_controller_killed_while_migrating_keeps_one_copy(kube, migrt_kube):
             st = kube.get("podmigration", pmn).get("status") or {}
             return st if st.get("step") in ("migrating", "finishing", "done") else None
         st = wait_for(migrating, 60, "the migration step", interval=0.02)
-        migrt_kube.kill()
-        assert st["step"] == "migrating", st       # killed in the migration itself
-        new = st["targetPod"]
         a, b = kube.nodes["node-a"], kube.nodes["node-b"]
+        # the controller writes the step before it asks node-a's agent: kill it once the
+        # source agent has taken the request, i.e. once node-b's agent hears of the
+        # migration from it (on a loaded machine a kill at the step alone came before the
+        # request, and nothing moved until the controller's restart; CI saw that once)
+        secret = wire.load_secret(kube.secret)
+
+        def sent():
+            try:
+                state = agents.status(b.agent_address, secret, st["migrationID"])
+            except OSError:         # asked again
+                return None
+            return state if state not in ("unknown", "awaited") else None
+        seen = wait_for(sent, 60, "the source agent's transfer", interval=0.01)
+        migrt_kube.kill()
+        st = kube.get("podmigration", pmn)["status"]
+        # killed in the migration itself
+        assert st["step"] == "migrating", (st, seen)
+        new = st["targetPod"]
         samples = []
         end = time.monotonic() + 12
         while time.monotonic() < end:
