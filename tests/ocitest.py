@@ -229,9 +229,13 @@ def remove_state(state, timeout=10.0):
     the agent starts on its node (op `migrate`, the Kubernetes side) runs as a child
     that outlives the agent (its pid in out/*.pid) and writes its report and exit
     status there when it ends, which a teardown's delete makes happen just before this
-    runs."""
+    runs. The agent's spare restorer (migrt.front.spare, its own session) outlives it
+    too: an agent killed while its spare still preloads leaves a spare that writes the
+    node's plugin cache (plugins/cache-*.json) before it sees the agent gone, which made
+    the dir again after the rmtree. So every process started with this MIGRT_STATE_DIR
+    is waited for as well."""
     out = os.path.join(state, "out")
-    pids = []
+    pids = _pids_with_env(f"MIGRT_STATE_DIR={state}")
     for name in os.listdir(out) if os.path.isdir(out) else []:
         if name.endswith(".pid"):
             try:
@@ -250,3 +254,20 @@ def remove_state(state, timeout=10.0):
                 break
             time.sleep(0.05)
     shutil.rmtree(state, ignore_errors=True)
+
+
+def _pids_with_env(item):
+    """Pids of the processes (but this one) started with `item` (NAME=value) in their
+    environment."""
+    want = item.encode()
+    pids = []
+    for name in os.listdir("/proc"):
+        if not name.isdigit() or int(name) == os.getpid():
+            continue
+        try:
+            with open(f"/proc/{name}/environ", "rb") as f:
+                if want in f.read().split(b"\0"):
+                    pids.append(int(name))
+        except OSError:
+            pass
+    return pids

@@ -217,12 +217,12 @@ def test_pod_move_between_two_agents_as_the_controller_drives_it(tmp_path, make_
         rep = res["report"]
         assert rep["migration"] == mid and rep["phases"]["downtime"] > 0
         assert len(seen) == 1, seen
-        note, there, (state, ips) = seen[0]
+        note, there, (status, ips) = seen[0]     # not `state`: the finally removes it
         assert note["event"] == "restored" and note["mode"] == "full"
         assert 0 < note["downtime"] <= rep["phases"]["downtime"]
         # the copy ran when the event came (the migration goes on meanwhile: by the time
         # the target is asked, it may have been released already)
-        assert there == "running" and state not in ("awaited", "failed"), seen
+        assert there == "running" and status not in ("awaited", "failed"), seen
         assert isinstance(ips, list)
         assert a.state(cid) is None
         ocitest.wait_for(lambda: numbers(made["out"]), what="restored counter")
