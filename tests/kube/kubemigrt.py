@@ -36,6 +36,8 @@ class Controller:
         self.webhook_port = kc.free_port()
 
     def start(self):
+        if self.proc and self.proc.poll() is None:
+            return      # running (a test's finally restarts one it may not have killed)
         f = open(self.log, "ab")
         self.proc = subprocess.Popen(
             [sys.executable, "-m", "migrt.kube", "controller", "--kubeconfig", self.kubeconfig,
