@@ -40,6 +40,11 @@ def wait(fd):
         registry.preload()
     except Exception:
         pass
+    try:
+        from migrt.criu import features
+        features.has("lazy-socket-wait")       # a look through CRIU's binary, kept
+    except Exception:
+        pass
     sock = socket.socket(fileno=fd)
     try:
         msg, fds, _, _ = socket.recv_fds(sock, MAX_REQUEST, 3)

@@ -272,6 +272,10 @@ def _criu_watchdog(proc, lazy=None):
             if lazy_failed:
                 victims = ([main] if alive else []) + tasks
                 why = f"the lazy-pages daemon exited {lazy.returncode}"
+                log = getattr(lazy, "migrt_log", None)
+                errs = criu_errors(log) if log else []
+                if errs:
+                    why += f" ({'; '.join(errs)})"
             elif tasks and (zombie or (main is not None and not alive)):
                 now = time.monotonic()
                 stuck_since = stuck_since or now
@@ -669,6 +673,12 @@ def start_lazy_pages(source, work):
     """Start `criu lazy-pages` for this restore; runc restore --lazy-pages connects to
     lazy-pages.socket in the same work dir (so the daemon must use that dir).
 
+    A CRIU whose restore waits for that socket (migrt.criu.features, lazy-socket-wait)
+    gets runc started at once: the daemon's start-up (exec, its libraries, reading the
+    image's process tree: 5 to 10 ms) then overlaps runc's instead of coming before it,
+    in the downtime. Otherwise this waits until the daemon listens.
+    MIGRT_LAZY_SOCKET_WAIT=0 waits anyway (to compare).
+
     With a page server (lazy migration) the pages come from the source node. Local
     (source.lazy_local, a staged full or pre-copy migration): they come from the staged
     image on this node, and the daemon's exit status is written to FILL_STATUS in the
@@ -699,6 +709,11 @@ def start_lazy_pages(source, work):
         argv, stdin=subprocess.DEVNULL, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL,
         start_new_session=True,
         env=None if source.lazy_address else dict(os.environ, MIGRT_FILL_STATUS=status))
+    proc.migrt_log = log
+    if os.environ.get("MIGRT_LAZY_SOCKET_WAIT", "1") != "0":
+        from migrt.criu import features
+        if features.has("lazy-socket-wait", criu):
+            return proc         # a daemon that fails is seen by _criu_watchdog
     sock = os.path.join(work, "lazy-pages.socket")
     deadline = time.monotonic() + 10
     while not os.path.exists(sock):

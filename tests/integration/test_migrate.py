@@ -585,6 +585,70 @@ def test_failed_memory_fill_stops_the_destination_and_resumes_the_source(two_nod
     assert_destination_clean(n, ag)
 
 
+@pytest.mark.parametrize("together", [True, False], ids=["together", "daemon-first"])
+def test_lazy_restore_waits_for_a_daemon_that_starts_late(two_nodes, tmp_path, together):
+    """A lazy restore starts runc together with `criu lazy-pages` when the node's CRIU
+    waits for the daemon's socket (packaging/criu-patches, marker found by
+    migrt.criu.features), so the daemon's start-up is not in the downtime before runc.
+    Here the daemon starts 1 s late (a `criu` wrapper that carries the marker: the CRIU
+    it runs must really wait, or the restore fails): runc went ahead at once and CRIU's
+    restore waited for the daemon; the container runs there with its memory.
+    MIGRT_LAZY_SOCKET_WAIT=0 starts runc only once the daemon listens, as before."""
+    import shutil
+    n = two_nodes
+    real = os.path.realpath(shutil.which("criu"))
+    from migrt.criu import features
+    assert features.has("lazy-socket-wait", real), f"{real}: not install.sh's CRIU"
+    wrapper = tmp_path / "late" / "criu"
+    wrapper.parent.mkdir()
+    wrapper.write_text("#!/bin/sh\n# migrt-criu-feature:lazy-socket-wait (as " + real + ")\n"
+                       '[ "$1" = lazy-pages ] && sleep 1\n'
+                       'exec ' + real + ' "$@"\n')
+    wrapper.chmod(0o755)
+    ag = n.agent({"MIGRT_CRIU": str(wrapper),
+                  "MIGRT_LAZY_SOCKET_WAIT": "1" if together else "0"})
+    bundle, out = n.source()
+    p, rep = n.migrate(ag, "ctr", "--lazy", bundle=n.dest_bundle())
+    assert p.returncode == 0, p.stderr + ag.log()
+    rs = rep["downtime"]["restore"]
+    if together:
+        assert rs["before_runc_s"] < 0.5 and rs["criu_s"] >= 0.9, json.dumps(rs)
+    else:
+        assert rs["before_runc_s"] >= 0.9, rs
+    assert n.a.state("ctr") is None
+    c1 = dest_count(n)
+    ocitest.wait_for(lambda: dest_count(n) > c1 + 2, what="counter going on at the destination")
+    log = n.b.exec_out("ctr", "cat", "/data/counter.log").split()
+    assert [int(x) for x in log] == list(range(1, len(log) + 1))
+
+
+def test_lazy_daemon_that_fails_at_start_fails_the_restore_at_once(two_nodes, tmp_path):
+    """With runc started together with `criu lazy-pages`, a daemon that exits before it
+    listens would leave CRIU's restore waiting for its socket: migrt's watchdog stops
+    the restore as soon as the daemon is gone, the caller gets one line with the
+    daemon's exit, and the source resumes."""
+    import shutil
+    n = two_nodes
+    real = os.path.realpath(shutil.which("criu"))
+    wrapper = tmp_path / "dies" / "criu"
+    wrapper.parent.mkdir()
+    wrapper.write_text("#!/bin/sh\n# migrt-criu-feature:lazy-socket-wait (as " + real + ")\n"
+                       '[ "$1" = lazy-pages ] && exit 3\n'
+                       'exec ' + real + ' "$@"\n')
+    wrapper.chmod(0o755)
+    ag = n.agent({"MIGRT_CRIU": str(wrapper)})
+    bundle, out = n.source()
+    t0 = time.monotonic()
+    p, _ = n.migrate(ag, "ctr", "--lazy", bundle=n.dest_bundle())
+    took = time.monotonic() - t0
+    assert p.returncode == 4, p.stderr + ag.log()
+    assert "the lazy-pages daemon exited 3" in p.stderr, p.stderr
+    assert "source was resumed" in p.stderr and len(p.stderr.strip().splitlines()) == 1
+    assert took < 8, took           # not CRIU's 10 s wait for a socket that never comes
+    assert_source_running(n, out)
+    assert_destination_clean(n, ag)
+
+
 def test_lazy_restores_at_once_and_pages_follow(two_nodes):
     """--lazy: only the non-memory state moves while frozen; the destination runs at once
     and takes its memory from the source's page server; the source goes when all is served."""

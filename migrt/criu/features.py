@@ -1,0 +1,57 @@
+"""What this node's CRIU build does beyond CRIU as released, read from the binary itself.
+
+A patch of packaging/criu-patches that changes how migrt may drive CRIU puts a string
+"migrt-criu-feature:NAME" into CRIU's binary. migrt looks for it in the CRIU it runs
+(the same one runc finds: migrt.runc.criu_path) and drives any other CRIU as before.
+Nothing is run to find out: a CRIU run costs about 5 ms, a look through its 6 MB about 2,
+and the answer is kept per binary (path, inode, size, mtime) for the process's life (the
+agent's spare restorer looks in advance: migrt.front.spare).
+
+Features:
+    lazy-socket-wait    `criu restore --lazy-pages` waits (up to 10 s) for the
+                        lazy-pages daemon's socket instead of failing at once, so the
+                        daemon may be started together with runc, not before it.
+"""
+import mmap
+import os
+
+MARKER = b"migrt-criu-feature:"
+_NAME = frozenset(b"abcdefghijklmnopqrstuvwxyz0123456789-")
+_seen = {}
+
+
+def of(path):
+    """The set of feature names the CRIU binary at `path` carries (empty if unreadable)."""
+    try:
+        st = os.stat(path)
+    except OSError:
+        return frozenset()
+    key = (os.path.realpath(path), st.st_ino, st.st_size, st.st_mtime_ns)
+    found = _seen.get(key)
+    if found is None:
+        found = _seen[key] = _scan(path)
+    return found
+
+
+def has(name, path=None):
+    if path is None:
+        from migrt.runc import criu_path
+        path = criu_path()
+    return name in of(path)
+
+
+def _scan(path):
+    names = set()
+    try:
+        with open(path, "rb") as f, mmap.mmap(f.fileno(), 0, access=mmap.ACCESS_READ) as m:
+            at = m.find(MARKER)
+            while at >= 0:
+                start = end = at + len(MARKER)
+                while end < len(m) and m[end] in _NAME:
+                    end += 1
+                if end > start:
+                    names.add(m[start:end].decode())
+                at = m.find(MARKER, end)
+    except (OSError, ValueError):       # unreadable, or empty (mmap of 0 bytes)
+        return frozenset()
+    return frozenset(names)
