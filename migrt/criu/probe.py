@@ -267,7 +267,7 @@ def kept_map_locks(criu):
             os.makedirs(os.path.dirname(CACHE), exist_ok=True)
             tmp = f"{CACHE}.{os.getpid()}"
             with open(tmp, "w") as f:
-                json.dump(known, f)
+                f.write(json.dumps(known))
             os.replace(tmp, CACHE)
         except OSError:
             pass

@@ -192,7 +192,7 @@ def stamp_verified(image_dir, m, rootfs_dir=None):
     p = os.path.join(image_dir, STAMP)
     fd = os.open(p, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o600)
     with os.fdopen(fd, "w") as f:
-        json.dump(rec, f)
+        f.write(json.dumps(rec))
 
 
 def _stamp_record(image_dir):

@@ -150,7 +150,7 @@ def write(image_dir, manifest):
     tmp = path + ".tmp"
     fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o600)
     with os.fdopen(fd, "w") as f:
-        json.dump(manifest, f, indent=1, sort_keys=True)
+        f.write(json.dumps(manifest, indent=1, sort_keys=True))
     os.replace(tmp, path)
 
 

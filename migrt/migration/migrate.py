@@ -1507,7 +1507,7 @@ class Migration:
         try:
             with open(os.open(path + ".tmp", os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o600),
                       "w") as f:
-                json.dump(note, f)
+                f.write(json.dumps(note))
             os.replace(path + ".tmp", path)
         except OSError as e:      # a note for others: never fail the migration for it
             sys.stderr.write(f"migrt: could not write {path}: {e}\n")

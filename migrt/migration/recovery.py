@@ -65,7 +65,7 @@ class Journal:
         tmp = self.path + ".tmp"
         fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o600)
         with os.fdopen(fd, "w") as f:
-            json.dump(self.rec, f)
+            f.write(json.dumps(self.rec))
             f.flush()
             os.fsync(f.fileno())
         os.replace(tmp, self.path)

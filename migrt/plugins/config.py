@@ -138,7 +138,7 @@ def build_cache(st=None):
         os.makedirs(os.path.dirname(path), mode=0o755, exist_ok=True)
         tmp = f"{path}.{os.getpid()}.tmp"
         with open(tmp, "w") as f:
-            json.dump(cache, f)
+            f.write(json.dumps(cache))
         os.replace(tmp, path)
     except OSError:
         pass   # an unwritable state dir only costs speed

@@ -106,7 +106,7 @@ def collect(criu=None, use_cache=True):
     try:
         os.makedirs(os.path.dirname(cache), exist_ok=True)
         with open(cache + ".tmp", "w") as f:
-            json.dump({"key": key, "facts": facts}, f)
+            f.write(json.dumps({"key": key, "facts": facts}))
         os.replace(cache + ".tmp", cache)
     except OSError:
         pass

@@ -54,7 +54,7 @@ def container_dir(cid, base=None, create=True, root=None):
         if not os.path.exists(meta):
             tmp = meta + ".tmp"
             with open(os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o600), "w") as f:
-                json.dump({"id": cid, "root": os.path.realpath(root) if root else None}, f)
+                f.write(json.dumps({"id": cid, "root": os.path.realpath(root) if root else None}))
             os.replace(tmp, meta)
     return d
 

@@ -103,7 +103,7 @@ def read_spec(bundle):
 def write_spec(bundle, spec):
     path = os.path.join(bundle, "config.json")
     with open(path + ".tmp", "w") as f:
-        json.dump(spec, f, indent=2)
+        f.write(json.dumps(spec, indent=2))
     os.replace(path + ".tmp", path)
 
 

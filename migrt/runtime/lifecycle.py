@@ -41,7 +41,7 @@ def write_record(call, cid, rec):
     path = record_path(call, cid)
     tmp = path + ".tmp"
     with open(os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o600), "w") as f:
-        json.dump(rec, f)
+        f.write(json.dumps(rec))
     os.replace(tmp, path)
 
 
@@ -65,7 +65,7 @@ def work_dir(call, cid):
     d = tempfile.mkdtemp(prefix=_work_key(call.root, cid) + "-", dir=top)
     with open(os.open(os.path.join(d, "owner"), os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o600),
               "w") as f:
-        json.dump({"root": os.path.realpath(call.root), "id": cid}, f)
+        f.write(json.dumps({"root": os.path.realpath(call.root), "id": cid}))
     return d
 
 
@@ -407,7 +407,7 @@ def write_spec(bundle, spec):
     path = os.path.join(bundle, "config.json")
     tmp = path + ".migrt-tmp"
     with open(tmp, "w") as f:
-        json.dump(spec, f)
+        f.write(json.dumps(spec))
     os.replace(tmp, path)
 
 

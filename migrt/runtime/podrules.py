@@ -69,7 +69,7 @@ def _write(path, rec):
     os.makedirs(os.path.dirname(path), mode=0o700, exist_ok=True)
     tmp = path + ".tmp"
     with open(os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o600), "w") as f:
-        json.dump(rec, f)
+        f.write(json.dumps(rec))
     os.replace(tmp, path)
 
 

@@ -321,6 +321,8 @@ class Sender:
             else:
                 self._fail(f"transfer to {self.address}: "
                            f"{self._reason(conn) or wire.explain(e)}")
+        except Exception as e:      # noqa: BLE001 - a bug here must fail the transfer, said
+            self._fail(f"transfer to {self.address}: {type(e).__name__}: {e}")
         finally:
             conn.eof_sent = True
             conn.close()

@@ -377,6 +377,22 @@ def test_a_stream_failing_early_does_not_leave_send_waiting(tmp_path):
     assert "quota" in result.get("error", ""), result
 
 
+def test_an_unexpected_error_in_a_stream_is_the_transfers_error(tmp_path, monkeypatch):
+    """Whatever a stream's worker runs into ends the transfer with that error, named: it
+    once died with its traceback on stderr, and send() then failed on the digests it
+    never recorded ("failed during transfer: KeyError: 0")."""
+    stage = receiver.Stage(str(tmp_path / "st" / "i"), str(tmp_path / "st" / "r"))
+    agent = MiniAgent(stage)
+    r = tree(tmp_path, "r", {"core-1.img": b"abc", "pages-1.img": b"p" * 10})
+
+    def broken(self, head, data):
+        raise NotImplementedError("sendmsg not allowed here")
+    monkeypatch.setattr(snd.wire.Conn, "send_data", broken)
+    s = snd.Sender(agent.address, SECRET, "m-0123456789abcdef", streams=2, level=0)
+    with pytest.raises(snd.TransferError, match="NotImplementedError: sendmsg not allowed"):
+        s.send(r, lambda: True)
+
+
 def test_migrate_unwinds_on_signals_but_respects_nohup(monkeypatch):
     """SIGTERM and SIGHUP unwind a migration like Ctrl-C (migrt.migration.migrate), except
     a signal the caller ignores: under nohup a closed terminal must not stop it."""

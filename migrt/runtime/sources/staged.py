@@ -212,7 +212,7 @@ def await_arrival(s, mid, bundle):
     mark = awaited_path(staging, mid)
     os.makedirs(os.path.dirname(mark), mode=0o700, exist_ok=True)
     with open(os.open(mark, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o600), "w") as f:
-        json.dump({"pid": os.getpid(), "bundle": os.path.abspath(bundle), "since": time.time()}, f)
+        f.write(json.dumps({"pid": os.getpid(), "bundle": os.path.abspath(bundle), "since": time.time()}))
     seen = False
     deadline = time.monotonic() + wait
     try:
