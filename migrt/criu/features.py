@@ -16,6 +16,7 @@ import mmap
 import os
 
 MARKER = b"migrt-criu-feature:"
+LAZY_SOCKET_WAIT = "lazy-socket-wait"
 _NAME = frozenset(b"abcdefghijklmnopqrstuvwxyz0123456789-")
 _seen = {}
 

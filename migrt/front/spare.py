@@ -42,7 +42,7 @@ def wait(fd):
         pass
     try:
         from migrt.criu import features
-        features.has("lazy-socket-wait")       # a look through CRIU's binary, kept
+        features.has(features.LAZY_SOCKET_WAIT)       # a look through CRIU's binary, kept
     except Exception:
         pass
     sock = socket.socket(fileno=fd)

@@ -712,7 +712,7 @@ def start_lazy_pages(source, work):
     proc.migrt_log = log
     if os.environ.get("MIGRT_LAZY_SOCKET_WAIT", "1") != "0":
         from migrt.criu import features
-        if features.has("lazy-socket-wait", criu):
+        if features.has(features.LAZY_SOCKET_WAIT, criu):
             return proc         # a daemon that fails is seen by _criu_watchdog
     sock = os.path.join(work, "lazy-pages.socket")
     deadline = time.monotonic() + 10

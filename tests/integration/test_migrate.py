@@ -17,6 +17,7 @@ import time
 import pytest
 
 import ocitest
+from migrt.criu import features
 
 
 def free_port():
@@ -585,6 +586,23 @@ def test_failed_memory_fill_stops_the_destination_and_resumes_the_source(two_nod
     assert_destination_clean(n, ag)
 
 
+def waiting_criu(tmp_path, name, on_lazy_pages):
+    """A `criu` that runs the node's own (install.sh's) for everything, and for
+    `lazy-pages` runs the shell line `on_lazy_pages` first; it carries the marker of a
+    CRIU whose restore waits for the daemon's socket (migrt.criu.features), as the CRIU
+    it runs does. Returns (the wrapper, the real CRIU)."""
+    import shutil
+    real = os.path.realpath(shutil.which("criu"))
+    wrapper = tmp_path / name / "criu"
+    wrapper.parent.mkdir()
+    wrapper.write_text(f"#!/bin/sh\n# {features.MARKER.decode()}{features.LAZY_SOCKET_WAIT} "
+                       f"(as {real})\n"
+                       f'[ "$1" = lazy-pages ] && {on_lazy_pages}\n'
+                       f'exec {real} "$@"\n')
+    wrapper.chmod(0o755)
+    return wrapper, real
+
+
 @pytest.mark.parametrize("together", [True, False], ids=["together", "daemon-first"])
 def test_lazy_restore_waits_for_a_daemon_that_starts_late(two_nodes, tmp_path, together):
     """A lazy restore starts runc together with `criu lazy-pages` when the node's CRIU
@@ -594,17 +612,9 @@ def test_lazy_restore_waits_for_a_daemon_that_starts_late(two_nodes, tmp_path, t
     it runs must really wait, or the restore fails): runc went ahead at once and CRIU's
     restore waited for the daemon; the container runs there with its memory.
     MIGRT_LAZY_SOCKET_WAIT=0 starts runc only once the daemon listens, as before."""
-    import shutil
     n = two_nodes
-    real = os.path.realpath(shutil.which("criu"))
-    from migrt.criu import features
-    assert features.has("lazy-socket-wait", real), f"{real}: not install.sh's CRIU"
-    wrapper = tmp_path / "late" / "criu"
-    wrapper.parent.mkdir()
-    wrapper.write_text("#!/bin/sh\n# migrt-criu-feature:lazy-socket-wait (as " + real + ")\n"
-                       '[ "$1" = lazy-pages ] && sleep 1\n'
-                       'exec ' + real + ' "$@"\n')
-    wrapper.chmod(0o755)
+    wrapper, real = waiting_criu(tmp_path, "late", "sleep 1")
+    assert features.has(features.LAZY_SOCKET_WAIT, real), f"{real}: not install.sh's CRIU"
     ag = n.agent({"MIGRT_CRIU": str(wrapper),
                   "MIGRT_LAZY_SOCKET_WAIT": "1" if together else "0"})
     bundle, out = n.source()
@@ -627,15 +637,8 @@ def test_lazy_daemon_that_fails_at_start_fails_the_restore_at_once(two_nodes, tm
     listens would leave CRIU's restore waiting for its socket: migrt's watchdog stops
     the restore as soon as the daemon is gone, the caller gets one line with the
     daemon's exit, and the source resumes."""
-    import shutil
     n = two_nodes
-    real = os.path.realpath(shutil.which("criu"))
-    wrapper = tmp_path / "dies" / "criu"
-    wrapper.parent.mkdir()
-    wrapper.write_text("#!/bin/sh\n# migrt-criu-feature:lazy-socket-wait (as " + real + ")\n"
-                       '[ "$1" = lazy-pages ] && exit 3\n'
-                       'exec ' + real + ' "$@"\n')
-    wrapper.chmod(0o755)
+    wrapper, _ = waiting_criu(tmp_path, "dies", "exit 3")
     ag = n.agent({"MIGRT_CRIU": str(wrapper)})
     bundle, out = n.source()
     t0 = time.monotonic()
