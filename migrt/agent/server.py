@@ -547,6 +547,9 @@ class Agent:
             reply["net"] = net
         if page_tls:
             reply["page_tls_cert"] = page_tls[1].decode()
+            # what this node's CRIU (its lazy-pages daemon) understands (migrt.criu.features)
+            from migrt.criu import features
+            reply["criu_features"] = sorted(features.of(criu_path()))
         conn.send_json(reply)
         try:
             self._control_loop(conn, sess)

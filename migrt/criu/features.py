@@ -11,12 +11,20 @@ Features:
     lazy-socket-wait    `criu restore --lazy-pages` waits (up to 10 s) for the
                         lazy-pages daemon's socket instead of failing at once, so the
                         daemon may be started together with runc, not before it.
+    lazy-ranges         with MIGRT_CRIU_LAZY_RANGES=1 in its environment, a lazy dump
+                        leaves a private anonymous VMA lazy whole, without reading its
+                        page tables while the task is frozen; its page server then
+                        answers PS_IOV_HOLE for pages the task never had, which only
+                        a lazy-pages daemon of such a CRIU understands. So the source
+                        asks for it only when the destination's CRIU says it has it
+                        (the agent's precheck reply: criu_features).
 """
 import mmap
 import os
 
 MARKER = b"migrt-criu-feature:"
 LAZY_SOCKET_WAIT = "lazy-socket-wait"
+LAZY_RANGES = "lazy-ranges"
 _NAME = frozenset(b"abcdefghijklmnopqrstuvwxyz0123456789-")
 _seen = {}
 

@@ -392,6 +392,7 @@ class Migration:
         self.restore_sent = False
         self.restore_confirmed = False
         self.lazy_proc = None
+        self.lazy_ranges = False
         self.netlock = None             # CRIU's default until the precheck chooses
         self.dump_started = False
         self.dump_thread = None
@@ -690,6 +691,14 @@ class Migration:
                 self._abort_precheck()
                 raise RefusedError(f"destination {self.opts.to} cannot take {self.cid} with "
                                    f"--lazy: {e}; nothing was frozen")
+            # both CRIUs leave whole VMAs lazy unscanned (migrt.criu.features): the time
+            # frozen then does not grow with memory. MIGRT_LAZY_RANGES=0 scans, to compare.
+            from migrt.criu import features
+            theirs = reply.get("criu_features")
+            self.lazy_ranges = (os.environ.get("MIGRT_LAZY_RANGES", "1") != "0"
+                                and isinstance(theirs, list) and features.LAZY_RANGES in theirs
+                                and features.has(features.LAZY_RANGES))
+            self.report["lazy_ranges"] = self.lazy_ranges
         self.report["migration"] = self.mid
         # plugins may refuse now, before anything is frozen (devices, GPU, isolation...)
         from migrt.plugins.engine import ForContainer
@@ -1227,14 +1236,16 @@ class Migration:
         from migrt.criu import pagetls
         tls = pagetls.write(os.path.join(self.work, "tls"), *self.page_tls)
         r, w = os.pipe()
+        env = criuconf.env(self.work, self._netlock_lines() + self.criu_conf
+                           + pagetls.conf_lines(tls) + list(extra))
+        if self.lazy_ranges:
+            env["MIGRT_CRIU_LAZY_RANGES"] = "1"     # CRIU's own switch (mem.c, lazy_whole_vma)
         try:
             self.lazy_proc = subprocess.Popen(
                 [self.src.runc, "--root", self.src.root]
                 + self._checkpoint_argv(image, work, f"{local_ip}:{port}", w),
                 stdin=subprocess.DEVNULL, stdout=subprocess.PIPE, stderr=subprocess.PIPE,
-                pass_fds=(w,), start_new_session=True,
-                env=criuconf.env(self.work, self._netlock_lines() + self.criu_conf
-                                 + pagetls.conf_lines(tls) + list(extra)))
+                pass_fds=(w,), start_new_session=True, env=env)
         except BaseException:
             os.close(r)
             raise

@@ -245,6 +245,36 @@ def test_migrate_counter_continues(two_nodes, mode):
     assert assert_destination_staging_empty, ag.staged()
 
 
+def test_criu_breakpoints_still_work(two_nodes, tmp_path):
+    """install.sh's CRIU steps a dumped task's parasite, and a restored task's restorer,
+    out through their last syscalls instead of setting a hardware breakpoint (about
+    12 ms of perf set-up in the kernel while frozen: packaging/criu-patches,
+    without-hw-breakpoints.patch). MIGRT_CRIU_BREAKPOINTS=1 asks for breakpoints, to
+    compare: it reaches CRIU at both ends (a `criu` wrapper notes what it was given) and
+    the counter goes on at the destination."""
+    import shutil
+    n = two_nodes
+    real = os.path.realpath(shutil.which("criu"))
+    seen = tmp_path / "seen"
+    wrapper = tmp_path / "bp" / "criu"
+    wrapper.parent.mkdir()
+    wrapper.write_text(f'#!/bin/sh\necho "$1 $MIGRT_CRIU_BREAKPOINTS" >> {seen}\n'
+                       f'exec {real} "$@"\n')
+    wrapper.chmod(0o755)
+    env = {"MIGRT_CRIU": str(wrapper), "MIGRT_CRIU_BREAKPOINTS": "1"}
+    ag = n.agent(env)
+    bundle, out = n.source()
+    p, rep = n.migrate(ag, "ctr", bundle=n.dest_bundle(), more_env=env)
+    assert p.returncode == 0, p.stderr + ag.log()
+    calls = seen.read_text().split("\n")
+    assert calls.count("swrk 1") >= 2, calls     # runc drives CRIU over its RPC, at both ends
+    assert all(c.endswith(" 1") for c in calls if c), calls
+    last_src = ocitest.last_count(out)
+    c1 = dest_count(n)
+    assert c1 >= last_src, (c1, last_src)
+    ocitest.wait_for(lambda: dest_count(n) > c1 + 2, what="counter going on at the destination")
+
+
 @pytest.mark.parametrize("mode", ["full", "lazy"])
 def test_report_says_where_the_downtime_went(two_nodes, mode):
     """--json's "downtime": the source's phases add up to the downtime (what none covers
@@ -675,6 +705,82 @@ def test_lazy_restores_at_once_and_pages_follow(two_nodes):
     log = n.b.exec_out("ctr", "cat", "/data/counter.log").split()
     assert int(log[0]) == 1 and int(log[-1]) >= last_src
     assert not ag.staged(), ag.staged()
+
+
+def sparse_bundle(n, tmp):
+    """A bundle running sparse_holder.c (a 1 GiB mapping, about 80 MiB of it written,
+    which checks all of it every 100 ms) as its process 1."""
+    binary = os.path.join(tmp, "sparse_holder")
+    if not os.path.exists(binary):
+        subprocess.run(["gcc", "-O2", "-static", "-o", binary,
+                        os.path.join(os.path.dirname(__file__), "sparse_holder.c")], check=True)
+    b = n.make_bundle(["/bin/sparse_holder"], name=ocitest.uid("sparse"))
+    dst = os.path.join(b, "rootfs", "bin", "sparse_holder")
+    with open(binary, "rb") as f, open(dst, "wb") as g:
+        g.write(f.read())
+    os.chmod(dst, 0o755)
+    return b
+
+
+def sparse_status(rt, cid="ctr"):
+    """(round, VmRSS in KiB, has a guard page) of sparse_holder, after failing on any
+    wrong byte (or a guard page gone) it saw."""
+    bad = rt.exec_out(cid, "sh", "-c", "cat /tmp/sparse.bad 2>/dev/null; true").strip()
+    assert not bad, bad
+    v = rt.exec_out(cid, "sh", "-c", "cat /tmp/sparse.status 2>/dev/null; true").split()
+    return (int(v[0]), int(v[1]), v[2] == "1") if len(v) == 3 else None
+
+
+@pytest.mark.parametrize("ranges", [True, False], ids=["ranges", "scanned"])
+def test_lazy_memory_with_holes_arrives_as_it_was(two_nodes, tmp_path, ranges):
+    """Lazy mode leaves a private anonymous mapping lazy whole, without reading its page
+    tables while the source is frozen (packaging/criu-patches: lazy-ranges); the source's
+    page server then says which pages are holes when asked. A 1 GiB mapping with 80 MiB
+    written (pages here and there, a block, a block given back with MADV_DONTNEED):
+    on the destination every written page holds what was last written there, every other
+    page reads zero (also while the memory is still coming: the workload reads holes
+    each round), its guard page (MADV_GUARD_INSTALL, kernel 6.13 on) is one there too,
+    and the holes took no memory there. MIGRT_LAZY_RANGES=0 scans the page tables at
+    the dump, as before: the same result."""
+    n = two_nodes
+    ag = n.agent()
+    code, _, err = n.a.create("ctr", sparse_bundle(n, n.tmp), start=True)
+    assert code == 0, err.text
+    ocitest.wait_for(lambda: (sparse_status(n.a) or (0,))[0] >= 3, what="sparse_holder's rounds")
+    src_round, src_rss, src_guard = sparse_status(n.a)
+    p, rep = n.migrate(ag, "ctr", "--lazy", bundle=sparse_bundle(n, n.tmp),
+                       more_env={"MIGRT_LAZY_RANGES": "1" if ranges else "0"})
+    assert p.returncode == 0, p.stderr + ag.log()
+    assert rep["lazy_ranges"] is ranges, rep.get("lazy_ranges")
+    assert rep["bytes"]["image"] < 4 << 20, rep["bytes"]      # the memory was not dumped
+    assert n.a.state("ctr") is None
+    # every page was served before the source went: the workload's own checks after that
+    r0 = ocitest.wait_for(lambda: sparse_status(n.b), what="sparse_holder on the destination")[0]
+    assert r0 >= src_round
+    ocitest.wait_for(lambda: sparse_status(n.b)[0] >= r0 + 3, what="rounds going on there")
+    rnd, rss, guard = sparse_status(n.b)
+    assert guard == src_guard
+    # 80 MiB written on the source (VmRSS there src_rss): the 944 MiB of holes stayed holes
+    assert 60 << 10 < rss < 200 << 10, (rss, src_rss)
+
+
+def test_lazy_ranges_only_with_a_destination_that_knows_them(two_nodes, tmp_path):
+    """A destination whose CRIU lacks the lazy-ranges marker (an older build: its
+    lazy-pages daemon would not understand the page server's holes) is sent a dump whose
+    page tables were scanned, and the memory arrives all the same."""
+    n = two_nodes
+    wrapper, real = waiting_criu(tmp_path, "older", "true")     # carries one marker only
+    assert features.has(features.LAZY_RANGES, real), f"{real}: not install.sh's CRIU"
+    assert not features.has(features.LAZY_RANGES, str(wrapper))
+    ag = n.agent({"MIGRT_CRIU": str(wrapper)})
+    code, _, err = n.a.create("ctr", sparse_bundle(n, n.tmp), start=True)
+    assert code == 0, err.text
+    ocitest.wait_for(lambda: (sparse_status(n.a) or (0,))[0] >= 3, what="sparse_holder's rounds")
+    p, rep = n.migrate(ag, "ctr", "--lazy", bundle=sparse_bundle(n, n.tmp))
+    assert p.returncode == 0, p.stderr + ag.log()
+    assert rep["lazy_ranges"] is False, rep.get("lazy_ranges")
+    r0 = ocitest.wait_for(lambda: sparse_status(n.b), what="sparse_holder on the destination")[0]
+    ocitest.wait_for(lambda: sparse_status(n.b)[0] >= r0 + 3, what="rounds going on there")
 
 
 def _steal_pages(port, pid_in_ns, vaddr, nr_pages):
