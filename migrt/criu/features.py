@@ -18,6 +18,12 @@ Features:
                         a lazy-pages daemon of such a CRIU understands. So the source
                         asks for it only when the destination's CRIU says it has it
                         (the agent's precheck reply: criu_features).
+    early-smaps         with MIGRT_CRIU_EARLY_SMAPS=1, a lazy dump reads its tasks'
+                        /proc/PID/smaps before the freeze (while CRIU waits at
+                        migrt's gate: migrt.criu.gate), uses that copy if the VMAs
+                        are still the same once frozen, and checks their flags
+                        again when its page server is done (a change fails the
+                        dump: the copy is dropped, the source resumes).
 """
 import mmap
 import os
@@ -25,6 +31,7 @@ import os
 MARKER = b"migrt-criu-feature:"
 LAZY_SOCKET_WAIT = "lazy-socket-wait"
 LAZY_RANGES = "lazy-ranges"
+EARLY_SMAPS = "early-smaps"
 _NAME = frozenset(b"abcdefghijklmnopqrstuvwxyz0123456789-")
 _seen = {}
 

@@ -1240,6 +1240,9 @@ class Migration:
                            + pagetls.conf_lines(tls) + list(extra))
         if self.lazy_ranges:
             env["MIGRT_CRIU_LAZY_RANGES"] = "1"     # CRIU's own switch (mem.c, lazy_whole_vma)
+            from migrt.criu import features
+            if os.environ.get("MIGRT_EARLY_SMAPS", "1") != "0" and features.has(features.EARLY_SMAPS):
+                env["MIGRT_CRIU_EARLY_SMAPS"] = "1"     # proc_parse.c, smaps_read_early
         try:
             self.lazy_proc = subprocess.Popen(
                 [self.src.runc, "--root", self.src.root]
@@ -1366,9 +1369,13 @@ class Migration:
             rc = self.lazy_proc.wait(timeout)
             if rc != 0:
                 err = (self.lazy_proc.stderr.read() or b"").decode(errors="replace").strip()
-                failed = (f"the page server (runc checkpoint --lazy-pages) exited {rc} "
-                          f"before it had served every page"
-                          + (f": {err.splitlines()[-1][:200]}" if err else ""))
+                # CRIU's own words first (e.g. the tasks' VMA flags changed while they
+                # were being frozen: packaging/criu-patches, early-smaps), else runc's
+                errs = _criu_log_errors(os.path.join(self.work, "work", "dump.log"))
+                failed = (f"the page server (runc checkpoint --lazy-pages) exited {rc}"
+                          + (f": CRIU: {'; '.join(errs)[:300]}" if errs else
+                             f" before it had served every page: {err.splitlines()[-1][:200]}"
+                             if err else " before it had served every page"))
         except subprocess.TimeoutExpired:
             _kill_group(self.lazy_proc)
             failed = f"the page server had not served every page after {timeout:.0f}s"

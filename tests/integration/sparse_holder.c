@@ -6,6 +6,7 @@
  * and, every round, also reads through a few never-written pages (faults on holes).
  *
  * Where the kernel has guard regions (6.13 on), one page is a guard page, and must stay one.
+ * SIGUSR1 marks the whole mapping MADV_DONTFORK (its VmFlags change, its layout does not).
  *
  * /tmp/sparse.status: "ROUND RSS_KB GUARD" after each good round (GUARD: 1 if there is a
  * guard page, checked every round through /proc/self/pagemap).
@@ -17,6 +18,7 @@
 #include <stdio.h>
 #include <stdlib.h>
 #include <string.h>
+#include <signal.h>
 #include <sys/mman.h>
 #include <unistd.h>
 
@@ -93,6 +95,12 @@ static int is_guard(const void *addr)
 	return !!(pme & (1ULL << 58));
 }
 
+static void dontfork(int sig)
+{
+	(void)sig;
+	madvise(mem, SIZE, MADV_DONTFORK);
+}
+
 int main(void)
 {
 	int guard;
@@ -113,6 +121,7 @@ int main(void)
 		gen[p] = 0;
 	gen[GUARD_AT / PAGE] = 0;
 	guard = madvise(mem + GUARD_AT, PAGE, MADV_GUARD_INSTALL) == 0;
+	signal(SIGUSR1, dontfork);
 
 	for (;;) {
 		/*

@@ -764,6 +764,54 @@ def test_lazy_memory_with_holes_arrives_as_it_was(two_nodes, tmp_path, ranges):
     assert 60 << 10 < rss < 200 << 10, (rss, src_rss)
 
 
+def vmflags(pid, start):
+    """The VmFlags of pid's VMA that starts at `start` (hex, as in /proc/PID/maps)."""
+    with open(f"/proc/{pid}/smaps") as f:
+        text = f.read()
+    block = text.split(f"\n{start}-", 1)[1] if f"\n{start}-" in text else text
+    return block.split("VmFlags:", 1)[1].split("\n", 1)[0].split()
+
+
+def test_lazy_flags_changed_while_freezing_roll_back(two_nodes, tmp_path):
+    """A lazy dump reads the tasks' smaps before the freeze (CRIU waits at migrt's gate
+    meanwhile) and uses that copy when the VMAs are the same once frozen
+    (packaging/criu-patches, early-smaps). A VMA's flags can change in place in between:
+    here the process marks its 1 GiB mapping MADV_DONTFORK while migrate holds at the
+    gate. The copy read early lacks that flag, so when the page server is done CRIU
+    finds the flags changed and fails: the destination's copy is stopped, the source
+    resumes with its flag, and the one line says why."""
+    n = two_nodes
+    ag = n.agent()
+    src = sparse_bundle(n, n.tmp)
+    code, _, err = n.a.create("ctr", src, start=True)
+    assert code == 0, err.text
+    ocitest.wait_for(lambda: (sparse_status(n.a) or (0,))[0] >= 3, what="sparse_holder's rounds")
+    pid = n.a.state("ctr")["pid"]
+    with open(f"/proc/{pid}/maps") as f:
+        big = [ln.split("-")[0] for ln in f if int(ln.split()[0].split("-")[1], 16)
+               - int(ln.split()[0].split("-")[0], 16) == 1 << 30][0]
+    assert "dc" not in vmflags(pid, big)
+    fp = tmp_path / "fp"
+    fp.mkdir()
+    mig = n.migrate(ag, "ctr", "--lazy", bundle=sparse_bundle(n, n.tmp), spawn=True, more_env={
+        "MIGRT_FAILPOINTS": "migrate.dump-armed=pause(2)", "MIGRT_FAILPOINT_DIR": str(fp)})
+    ocitest.wait_for(lambda: os.listdir(fp) or mig.poll() is not None, timeout=60,
+                     what="migrate's dump started, at its gate")
+    assert mig.poll() is None, mig.communicate()
+    os.kill(pid, signal.SIGUSR1)           # not frozen yet: the mapping becomes DONTFORK
+    ocitest.wait_for(lambda: "dc" in vmflags(pid, big), timeout=1, what="the flag set")
+    stdout, stderr = mig.communicate(timeout=120)
+    assert mig.returncode == 4, stdout + stderr + ag.log()
+    line = stderr.strip().splitlines()[-1]
+    assert "changed while it was being frozen" in line and "source was resumed" in line, line
+    assert_source_running_sparse = sparse_status(n.a)[0]
+    ocitest.wait_for(lambda: sparse_status(n.a)[0] > assert_source_running_sparse + 2,
+                     what="the source going on")
+    assert n.a.state("ctr")["status"] == "running"
+    assert "dc" in vmflags(pid, big)
+    assert_destination_clean(n, ag)
+
+
 def test_lazy_ranges_only_with_a_destination_that_knows_them(two_nodes, tmp_path):
     """A destination whose CRIU lacks the lazy-ranges marker (an older build: its
     lazy-pages daemon would not understand the page server's holes) is sent a dump whose
