@@ -42,6 +42,22 @@ def build_launcher(dest, front=None):
     return dest
 
 
+def static_program(src, tmp):
+    """The C program `src` built static (gcc -O2 -static) into dir tmp, once."""
+    out = os.path.join(tmp, os.path.splitext(os.path.basename(src))[0])
+    if not os.path.exists(out):
+        subprocess.run(["gcc", "-O2", "-static", "-o", out, src], check=True)
+    return out
+
+
+def put_program(bundle, binary, name=None):
+    """Copy binary into the bundle's rootfs as /bin/NAME (executable)."""
+    dst = os.path.join(bundle, "rootfs", "bin", name or os.path.basename(binary))
+    shutil.copy(binary, dst)
+    os.chmod(dst, 0o755)
+    return dst
+
+
 def uid(prefix="t"):
     return f"{prefix}-{uuid.uuid4().hex[:8]}"
 

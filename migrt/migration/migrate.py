@@ -393,6 +393,7 @@ class Migration:
         self.restore_confirmed = False
         self.lazy_proc = None
         self.lazy_ranges = False
+        self.lazy_criu_env = {}         # CRIU's own switches for the lazy dump (precheck)
         self.netlock = None             # CRIU's default until the precheck chooses
         self.dump_started = False
         self.dump_thread = None
@@ -699,6 +700,12 @@ class Migration:
                                 and isinstance(theirs, list) and features.LAZY_RANGES in theirs
                                 and features.has(features.LAZY_RANGES))
             self.report["lazy_ranges"] = self.lazy_ranges
+            if self.lazy_ranges:
+                # mem.c lazy_whole_vma; proc_parse.c smaps_read_early (MIGRT_EARLY_SMAPS=0: not)
+                self.lazy_criu_env["MIGRT_CRIU_LAZY_RANGES"] = "1"
+                if os.environ.get("MIGRT_EARLY_SMAPS", "1") != "0" \
+                        and features.has(features.EARLY_SMAPS):
+                    self.lazy_criu_env["MIGRT_CRIU_EARLY_SMAPS"] = "1"
         self.report["migration"] = self.mid
         # plugins may refuse now, before anything is frozen (devices, GPU, isolation...)
         from migrt.plugins.engine import ForContainer
@@ -1158,6 +1165,10 @@ class Migration:
         self.report["handoff"] = True
         self.report["destination_id"] = None
 
+    def _dump_log_errors(self):
+        """CRIU's own error lines in this migration's dump log."""
+        return _criu_log_errors(os.path.join(self.work, "work", "dump.log"))
+
     def _watch_page_server(self):
         """Lazy mode: if CRIU's page server dies before the destination confirms, the
         destination cannot get its memory; stop waiting for it (CRIU has already thawed
@@ -1167,7 +1178,7 @@ class Migration:
                 and not self.restore_confirmed:
             if proc.poll() is not None:
                 if proc.returncode != 0:
-                    errs = _criu_log_errors(os.path.join(self.work, "work", "dump.log"))
+                    errs = self._dump_log_errors()
                     self.lazy_failed = ("CRIU page server failed"
                                         + (f": {'; '.join(errs)}" if errs else ""))
                     try:
@@ -1236,13 +1247,8 @@ class Migration:
         from migrt.criu import pagetls
         tls = pagetls.write(os.path.join(self.work, "tls"), *self.page_tls)
         r, w = os.pipe()
-        env = criuconf.env(self.work, self._netlock_lines() + self.criu_conf
-                           + pagetls.conf_lines(tls) + list(extra))
-        if self.lazy_ranges:
-            env["MIGRT_CRIU_LAZY_RANGES"] = "1"     # CRIU's own switch (mem.c, lazy_whole_vma)
-            from migrt.criu import features
-            if os.environ.get("MIGRT_EARLY_SMAPS", "1") != "0" and features.has(features.EARLY_SMAPS):
-                env["MIGRT_CRIU_EARLY_SMAPS"] = "1"     # proc_parse.c, smaps_read_early
+        env = dict(criuconf.env(self.work, self._netlock_lines() + self.criu_conf
+                                + pagetls.conf_lines(tls) + list(extra)), **self.lazy_criu_env)
         try:
             self.lazy_proc = subprocess.Popen(
                 [self.src.runc, "--root", self.src.root]
@@ -1371,7 +1377,7 @@ class Migration:
                 err = (self.lazy_proc.stderr.read() or b"").decode(errors="replace").strip()
                 # CRIU's own words first (e.g. the tasks' VMA flags changed while they
                 # were being frozen: packaging/criu-patches, early-smaps), else runc's
-                errs = _criu_log_errors(os.path.join(self.work, "work", "dump.log"))
+                errs = self._dump_log_errors()
                 failed = (f"the page server (runc checkpoint --lazy-pages) exited {rc}"
                           + (f": CRIU: {'; '.join(errs)[:300]}" if errs else
                              f" before it had served every page: {err.splitlines()[-1][:200]}"

@@ -710,15 +710,9 @@ def test_lazy_restores_at_once_and_pages_follow(two_nodes):
 def sparse_bundle(n, tmp):
     """A bundle running sparse_holder.c (a 1 GiB mapping, about 80 MiB of it written,
     which checks all of it every 100 ms) as its process 1."""
-    binary = os.path.join(tmp, "sparse_holder")
-    if not os.path.exists(binary):
-        subprocess.run(["gcc", "-O2", "-static", "-o", binary,
-                        os.path.join(os.path.dirname(__file__), "sparse_holder.c")], check=True)
+    binary = ocitest.static_program(os.path.join(os.path.dirname(__file__), "sparse_holder.c"), tmp)
     b = n.make_bundle(["/bin/sparse_holder"], name=ocitest.uid("sparse"))
-    dst = os.path.join(b, "rootfs", "bin", "sparse_holder")
-    with open(binary, "rb") as f, open(dst, "wb") as g:
-        g.write(f.read())
-    os.chmod(dst, 0o755)
+    ocitest.put_program(b, binary)
     return b
 
 
@@ -804,9 +798,8 @@ def test_lazy_flags_changed_while_freezing_roll_back(two_nodes, tmp_path):
     assert mig.returncode == 4, stdout + stderr + ag.log()
     line = stderr.strip().splitlines()[-1]
     assert "changed while it was being frozen" in line and "source was resumed" in line, line
-    assert_source_running_sparse = sparse_status(n.a)[0]
-    ocitest.wait_for(lambda: sparse_status(n.a)[0] > assert_source_running_sparse + 2,
-                     what="the source going on")
+    r0 = sparse_status(n.a)[0]
+    ocitest.wait_for(lambda: sparse_status(n.a)[0] > r0 + 2, what="the source going on")
     assert n.a.state("ctr")["status"] == "running"
     assert "dc" in vmflags(pid, big)
     assert_destination_clean(n, ag)

@@ -39,20 +39,13 @@ STAMPER = ("(while :; do read u _ < /proc/uptime; "
 
 
 def helper_binary(tmp):
-    out = os.path.join(tmp, "servers_helper")
-    if not os.path.exists(out):
-        subprocess.run(["gcc", "-O2", "-static", "-o", out,
-                        os.path.join(HERE, "servers_helper.c")], check=True)
-    return out
+    return ocitest.static_program(os.path.join(HERE, "servers_helper.c"), tmp)
 
 
 def with_helper(n, tmp, name, args):
     """A bundle whose rootfs has the helper in /bin."""
     b = n.make_bundle(args, name=ocitest.uid(name))
-    dst = os.path.join(b, "rootfs", "bin", "servers_helper")
-    with open(helper_binary(tmp), "rb") as f, open(dst, "wb") as g:
-        g.write(f.read())
-    os.chmod(dst, 0o755)
+    ocitest.put_program(b, helper_binary(tmp))
     return b
 
 

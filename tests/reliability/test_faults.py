@@ -16,7 +16,6 @@ migrate` being run again. Then, as a user would check it:
 """
 import json
 import os
-import shutil
 import signal
 import subprocess
 import time
@@ -544,15 +543,14 @@ def test_lazy_page_server_dies_before_every_page_is_served(nodes, tmp_path):
     stopped there and the source, which has all of it, resumes: one line says so, exit
     4. Before, the source was released anyway and the copy died at its first missing
     page: no copy left at all."""
-    memtouch = str(tmp_path / "memtouch")
-    subprocess.run(["gcc", "-O2", "-static", "-o", memtouch, os.path.join(
-        os.path.dirname(__file__), "..", "bench", "memtouch.c")], check=True)
+    memtouch = ocitest.static_program(os.path.join(
+        os.path.dirname(__file__), "..", "bench", "memtouch.c"), str(tmp_path))
     cid = ocitest.uid("lz")
     args = ["/bin/memtouch", "768", "20"]        # 768 MiB, 2% of it rewritten every 0.1 s
     bundles = []
     for name in (cid, cid + "-dst"):
         b = nodes.make_bundle(args, name=name)
-        shutil.copy(memtouch, os.path.join(b, "rootfs", "bin", "memtouch"))
+        ocitest.put_program(b, memtouch)
         bundles.append(b)
     src, dest = bundles
     agent = nodes.agent()
