@@ -76,9 +76,19 @@ class CriuCpu:
                         continue
                     with open(f"/proc/{pid}/stat") as f:
                         st = f.read().rsplit(")", 1)[1].split()
-                    self.last[pid] = (role, (int(st[11]) + int(st[12])) / self.hz)
+                    busiest = max((self._task_cpu(pid, tid)
+                                   for tid in os.listdir(f"/proc/{pid}/task")), default=0)
+                    self.last[pid] = (role, (int(st[11]) + int(st[12])) / self.hz, busiest)
                 except OSError:
                     pass
+
+    def _task_cpu(self, pid, tid):
+        try:
+            with open(f"/proc/{pid}/task/{tid}/stat") as f:
+                st = f.read().rsplit(")", 1)[1].split()
+            return (int(st[11]) + int(st[12])) / self.hz
+        except OSError:
+            return 0
 
     def __enter__(self):
         self.thread.start()
@@ -89,9 +99,13 @@ class CriuCpu:
         self.thread.join()
 
     def seconds(self):
+        """{role: CPU seconds, role + "_thread": its busiest thread's}: with both ends
+        of the stream on one machine, their sum is what the cores must give; on nodes
+        of their own, the busiest thread bounds each end."""
         out = {}
-        for role, t in self.last.values():
+        for role, t, busiest in self.last.values():
             out[role] = round(out.get(role, 0) + t, 2)
+            out[role + "_thread"] = round(max(out.get(role + "_thread", 0), busiest), 2)
         return out
 
 
@@ -390,10 +404,12 @@ def main():
                     ends = [x["cpu_stream_ends_s"] for x in good if "cpu_stream_ends_s" in x]
                     if ends:
                         gib = max(mib / 1024, 1 / 1024)
-                        note += (f"; CPU per GiB: page server "
-                                 f"{_median([e.get('page_server', 0) for e in ends]) / gib:.2f}s, "
-                                 f"lazy-pages daemon "
-                                 f"{_median([e.get('lazy_pages_daemon', 0) for e in ends]) / gib:.2f}s")
+                        def per_gib(key):
+                            return _median([e.get(key, 0) for e in ends]) / gib
+                        note += (f"; CPU per GiB: page server {per_gib('page_server'):.2f}s "
+                                 f"(busiest thread {per_gib('page_server_thread'):.2f}s), "
+                                 f"lazy-pages daemon {per_gib('lazy_pages_daemon'):.2f}s "
+                                 f"(busiest thread {per_gib('lazy_pages_daemon_thread'):.2f}s)")
                     rates = [x["workload_rounds_per_s"] for x in good
                              if "workload_rounds_per_s" in x]
                     if rates:

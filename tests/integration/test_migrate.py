@@ -725,8 +725,43 @@ def sparse_status(rt, cid="ctr"):
     return (int(v[0]), int(v[1]), v[2] == "1") if len(v) == 3 else None
 
 
-@pytest.mark.parametrize("ranges", [True, False], ids=["ranges", "scanned"])
-def test_lazy_memory_with_holes_arrives_as_it_was(two_nodes, tmp_path, ranges):
+def _comm(d):
+    with open(f"{d}/comm") as f:
+        return f.read().strip()
+
+
+class CriuThreads:
+    """Names of the threads seen in any `criu` process, looked at every few ms while
+    active (a with block)."""
+
+    def __init__(self):
+        self.names = set()
+        self.stop = threading.Event()
+        self.thread = threading.Thread(target=self.run, daemon=True)
+
+    def run(self):
+        while not self.stop.wait(0.003):
+            for pid in os.listdir("/proc"):
+                try:
+                    if not pid.isdigit() or _comm(f"/proc/{pid}") != "criu":
+                        continue
+                    for tid in os.listdir(f"/proc/{pid}/task"):
+                        self.names.add(_comm(f"/proc/{pid}/task/{tid}"))
+                except OSError:
+                    pass
+
+    def __enter__(self):
+        self.thread.start()
+        return self
+
+    def __exit__(self, *exc):
+        self.stop.set()
+        self.thread.join()
+
+
+@pytest.mark.parametrize("ranges,threads", [(True, True), (False, True), (True, False)],
+                         ids=["ranges", "scanned", "one-thread"])
+def test_lazy_memory_with_holes_arrives_as_it_was(two_nodes, tmp_path, ranges, threads):
     """Lazy mode leaves a private anonymous mapping lazy whole, without reading its page
     tables while the source is frozen (packaging/criu-patches: lazy-ranges); the source's
     page server then says which pages are holes when asked. A 1 GiB mapping with 80 MiB
@@ -735,17 +770,27 @@ def test_lazy_memory_with_holes_arrives_as_it_was(two_nodes, tmp_path, ranges):
     page reads zero (also while the memory is still coming: the workload reads holes
     each round), its guard page (MADV_GUARD_INSTALL, kernel 6.13 on) is one there too,
     and the holes took no memory there. MIGRT_LAZY_RANGES=0 scans the page tables at
-    the dump, as before: the same result."""
+    the dump, as before: the same result.
+
+    The page server reads the pages from the task in a thread of its own
+    (criu-pages-read) while its main thread encrypts and sends them, and the
+    lazy-pages daemon receives them in one (criu-pages-recv) while its main thread puts
+    them in place (packaging/criu-patches, worker-threads-for-lazy-pages.patch);
+    MIGRT_CRIU_STREAM_THREADS=0 at both ends: one thread each, the same result."""
     n = two_nodes
-    ag = n.agent()
+    env = {} if threads else {"MIGRT_CRIU_STREAM_THREADS": "0"}
+    ag = n.agent(env)
     code, _, err = n.a.create("ctr", sparse_bundle(n, n.tmp), start=True)
     assert code == 0, err.text
     ocitest.wait_for(lambda: (sparse_status(n.a) or (0,))[0] >= 3, what="sparse_holder's rounds")
     src_round, src_rss, src_guard = sparse_status(n.a)
-    p, rep = n.migrate(ag, "ctr", "--lazy", bundle=sparse_bundle(n, n.tmp),
-                       more_env={"MIGRT_LAZY_RANGES": "1" if ranges else "0"})
+    with CriuThreads() as seen:
+        p, rep = n.migrate(ag, "ctr", "--lazy", bundle=sparse_bundle(n, n.tmp),
+                           more_env={"MIGRT_LAZY_RANGES": "1" if ranges else "0", **env})
     assert p.returncode == 0, p.stderr + ag.log()
     assert rep["lazy_ranges"] is ranges, rep.get("lazy_ranges")
+    stream = {"criu-pages-read", "criu-pages-recv"}
+    assert seen.names & stream == (stream if threads else set()), seen.names
     assert rep["bytes"]["image"] < 4 << 20, rep["bytes"]      # the memory was not dumped
     assert n.a.state("ctr") is None
     # every page was served before the source went: the workload's own checks after that
