@@ -19,9 +19,11 @@ The gate's parts, in the migration's work dir (root only):
   touched a task, and runc exits with an error: a migrate that fails or dies before the
   freeze leaves nothing dumped and nothing seized.
 
-The script runs for CRIU's other actions too (network lock and unlock, post-dump), in
-the downtime: once the gate is open, the script's name leads to /bin/true (a shell and
-/bin/true, about a millisecond each).
+CRIU runs the script for its other actions too (network lock and unlock, post-dump),
+in the downtime: a fork and an exec each, 2 to 3 ms here. install.sh's CRIU does not
+when MIGRT_CRIU_PRE_DUMP_SCRIPT names the script (packaging/criu-patches,
+gate-script-at-pre-dump-only.patch; env()); for any other CRIU, once the gate is open
+the script's name leads to /bin/true.
 `MIGRT_DUMP_GATE=0` turns the gate off (runc started after the freeze, as before).
 """
 import fcntl
@@ -73,6 +75,11 @@ class DumpGate:
         """The CRIU config line that runs the gate (CRIU gives it to `sh -c`; its config
         file takes no value with a space in it)."""
         return [f"action-script {self.script}"]
+
+    def env(self):
+        """For the environment of the `runc checkpoint` it gates: its CRIU runs the
+        script for the pre-dump action only (a CRIU without the patch ignores this)."""
+        return {"MIGRT_CRIU_PRE_DUMP_SCRIPT": self.script}
 
     def wait_ready(self, proc, timeout=60.0):
         """Wait until CRIU stands at the gate: True; False if `proc` (runc) ended first or

@@ -993,7 +993,7 @@ class Migration:
         a = {"gate": g, "image": image, "t_start": t0}
         try:
             if self.opts.mode == "lazy":
-                a.update(self._lazy_spawn(image, work, g.conf_lines()))
+                a.update(self._lazy_spawn(image, work, g.conf_lines(), g.env()))
                 proc = a["proc"]
             else:
                 argv = self._checkpoint_argv(image, work)
@@ -1001,8 +1001,9 @@ class Migration:
                 proc = subprocess.Popen([self.src.runc, "--root", self.src.root] + argv,
                                         stdout=subprocess.PIPE, stderr=subprocess.PIPE,
                                         text=True, stdin=subprocess.DEVNULL,
-                                        env=criuconf.env(self.work, self._netlock_lines()
-                                                         + self.criu_conf + extra))
+                                        env=dict(criuconf.env(self.work, self._netlock_lines()
+                                                              + self.criu_conf + extra),
+                                                 **g.env()))
                 a["proc"] = proc
         except BaseException:
             g.abort()
@@ -1239,7 +1240,7 @@ class Migration:
         self.journal.done()
 
     # ------------------------------------------------------------ lazy
-    def _lazy_spawn(self, image, work, extra=()):
+    def _lazy_spawn(self, image, work, extra=(), extra_env=None):
         """`runc checkpoint --lazy-pages`: CRIU's page server listens on this node's side
         of the control connection, and writes a byte into status_r once it is up."""
         local_ip = self.ctl.sock.getsockname()[0]
@@ -1248,7 +1249,8 @@ class Migration:
         tls = pagetls.write(os.path.join(self.work, "tls"), *self.page_tls)
         r, w = os.pipe()
         env = dict(criuconf.env(self.work, self._netlock_lines() + self.criu_conf
-                                + pagetls.conf_lines(tls) + list(extra)), **self.lazy_criu_env)
+                                + pagetls.conf_lines(tls) + list(extra)), **self.lazy_criu_env,
+                   **(extra_env or {}))
         try:
             self.lazy_proc = subprocess.Popen(
                 [self.src.runc, "--root", self.src.root]

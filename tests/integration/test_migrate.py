@@ -276,6 +276,45 @@ def test_criu_breakpoints_still_work(two_nodes, tmp_path):
 
 
 @pytest.mark.parametrize("mode", ["full", "lazy"])
+def test_gate_script_at_pre_dump_only_and_users_scripts_at_every_action(two_nodes, tmp_path,
+                                                                         mode):
+    """migrate's dump gate is a CRIU action script that acts at pre-dump only
+    (migrt.criu.gate). install.sh's CRIU runs it for that action only
+    (MIGRT_CRIU_PRE_DUMP_SCRIPT; packaging/criu-patches,
+    gate-script-at-pre-dump-only.patch): for network lock and unlock and post-dump,
+    while the tasks are frozen, it cost a fork and an exec each. A user's own action
+    script (their CRIU_CONFIG_FILE) still runs at every action, and the dump's CRIU log
+    (kept for the container: `migrt logs`) says the gate was left out of the others."""
+    from migrt.criu import gate as dumpgate
+    from migrt.plugins import record
+    n = two_nodes
+    seen = tmp_path / "actions"
+    script = tmp_path / "user-action.sh"
+    script.write_text(f'#!/bin/sh\necho "$CRTOOLS_SCRIPT_ACTION" >> {seen}\n')
+    script.chmod(0o755)
+    conf = tmp_path / "user-criu.conf"
+    conf.write_text(f"action-script {script}\n")
+    ag = n.agent()
+    bundle, out = n.source()
+    before = set(record.criu_logs("ctr", root=n.a.root))
+    p, rep = n.migrate(ag, "ctr", *(["--lazy"] if mode == "lazy" else []),
+                       bundle=n.dest_bundle(), more_env={"CRIU_CONFIG_FILE": str(conf)})
+    assert p.returncode == 0, p.stderr + ag.log()
+    actions = seen.read_text().split()
+    assert {"pre-dump", "network-lock", "post-dump"} <= set(actions), actions
+    dumps = [f for f in set(record.criu_logs("ctr", root=n.a.root)) - before
+             if f.endswith("-dump.log")]
+    assert len(dumps) == 1, dumps
+    with open(dumps[0]) as f:
+        gate = [ln for ln in f if f"/{dumpgate.SCRIPT}]" in ln]
+    assert len(gate) == len(actions), (gate, actions)     # listed at each action
+    skipped = [ln for ln in gate if ln.rstrip().endswith("(pre-dump only)")]
+    assert len(skipped) == len(actions) - 1, gate          # run at pre-dump alone
+    ocitest.wait_for(lambda: dest_count(n) > ocitest.last_count(out),
+                     what="counter going on at the destination")
+
+
+@pytest.mark.parametrize("mode", ["full", "lazy"])
 def test_report_says_where_the_downtime_went(two_nodes, mode):
     """--json's "downtime": the source's phases add up to the downtime (what none covers
     is small), and inside the checkpoint and the restore CRIU's own figures (its stats
