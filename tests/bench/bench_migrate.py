@@ -59,6 +59,7 @@ class CriuCpu:
     def __init__(self):
         import threading
         self.last = {}
+        self.threads = {}
         self.stop = threading.Event()
         self.thread = threading.Thread(target=self.run, daemon=True)
         self.hz = os.sysconf("SC_CLK_TCK")
@@ -76,9 +77,12 @@ class CriuCpu:
                         continue
                     with open(f"/proc/{pid}/stat") as f:
                         st = f.read().rsplit(")", 1)[1].split()
-                    busiest = max((self._task_cpu(pid, tid)
-                                   for tid in os.listdir(f"/proc/{pid}/task")), default=0)
-                    self.last[pid] = (role, (int(st[11]) + int(st[12])) / self.hz, busiest)
+                    # a thread that ended before its process is not listed any more
+                    seen = self.threads.setdefault(pid, {})
+                    for tid in os.listdir(f"/proc/{pid}/task"):
+                        seen[tid] = max(seen.get(tid, 0), self._task_cpu(pid, tid))
+                    self.last[pid] = (role, (int(st[11]) + int(st[12])) / self.hz,
+                                      max(seen.values(), default=0))
                 except OSError:
                     pass
 
