@@ -75,24 +75,24 @@ class CriuCpu:
                     role = next((r for k, r in self.ROLES if k in cmd), None)
                     if role is None:
                         continue
-                    with open(f"/proc/{pid}/stat") as f:
-                        st = f.read().rsplit(")", 1)[1].split()
+                    total = self._cpu(f"/proc/{pid}/stat")
                     # a thread that ended before its process is not listed any more
                     seen = self.threads.setdefault(pid, {})
                     for tid in os.listdir(f"/proc/{pid}/task"):
-                        seen[tid] = max(seen.get(tid, 0), self._task_cpu(pid, tid))
-                    self.last[pid] = (role, (int(st[11]) + int(st[12])) / self.hz,
-                                      max(seen.values(), default=0))
+                        try:
+                            seen[tid] = max(seen.get(tid, 0),
+                                            self._cpu(f"/proc/{pid}/task/{tid}/stat"))
+                        except OSError:
+                            pass
+                    self.last[pid] = (role, total, max(seen.values(), default=0))
                 except OSError:
                     pass
 
-    def _task_cpu(self, pid, tid):
-        try:
-            with open(f"/proc/{pid}/task/{tid}/stat") as f:
-                st = f.read().rsplit(")", 1)[1].split()
-            return (int(st[11]) + int(st[12])) / self.hz
-        except OSError:
-            return 0
+    def _cpu(self, stat_path):
+        """utime + stime of a /proc stat file, in seconds."""
+        with open(stat_path) as f:
+            st = f.read().rsplit(")", 1)[1].split()
+        return (int(st[11]) + int(st[12])) / self.hz
 
     def __enter__(self):
         self.thread.start()
