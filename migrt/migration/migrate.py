@@ -343,8 +343,9 @@ def _write_kept_logs(mid, logs):
 
 def _full_disk(path, errs):
     """Say so when the dump's filesystem is full: CRIU's own log, on the same disk, may
-    not have been able to record it."""
-    if any("No space left" in e for e in errs):
+    not have been able to record it, or only part of its line (cut where the disk
+    filled: "No space left on devi")."""
+    if any("No space left on device" in e for e in errs):
         return ""
     try:
         st = os.statvfs(path)

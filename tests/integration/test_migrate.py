@@ -275,6 +275,19 @@ def test_criu_breakpoints_still_work(two_nodes, tmp_path):
     ocitest.wait_for(lambda: dest_count(n) > c1 + 2, what="counter going on at the destination")
 
 
+def criu_logs(n, cid="ctr"):
+    """The CRIU logs node A's runtime keeps for the container (`migrt logs`)."""
+    from migrt.plugins import record
+    return set(record.criu_logs(cid, root=n.a.root))
+
+
+def new_dump_log(n, before, cid="ctr"):
+    """The one dump log kept since `before` (criu_logs)."""
+    dumps = [f for f in criu_logs(n, cid) - before if f.endswith("-dump.log")]
+    assert len(dumps) == 1, dumps
+    return dumps[0]
+
+
 @pytest.mark.parametrize("mode", ["full", "lazy"])
 def test_gate_script_at_pre_dump_only_and_users_scripts_at_every_action(two_nodes, tmp_path,
                                                                          mode):
@@ -286,7 +299,6 @@ def test_gate_script_at_pre_dump_only_and_users_scripts_at_every_action(two_node
     script (their CRIU_CONFIG_FILE) still runs at every action, and the dump's CRIU log
     (kept for the container: `migrt logs`) says the gate was left out of the others."""
     from migrt.criu import gate as dumpgate
-    from migrt.plugins import record
     n = two_nodes
     seen = tmp_path / "actions"
     script = tmp_path / "user-action.sh"
@@ -296,16 +308,13 @@ def test_gate_script_at_pre_dump_only_and_users_scripts_at_every_action(two_node
     conf.write_text(f"action-script {script}\n")
     ag = n.agent()
     bundle, out = n.source()
-    before = set(record.criu_logs("ctr", root=n.a.root))
+    before = criu_logs(n)
     p, rep = n.migrate(ag, "ctr", *(["--lazy"] if mode == "lazy" else []),
                        bundle=n.dest_bundle(), more_env={"CRIU_CONFIG_FILE": str(conf)})
     assert p.returncode == 0, p.stderr + ag.log()
     actions = seen.read_text().split()
     assert {"pre-dump", "network-lock", "post-dump"} <= set(actions), actions
-    dumps = [f for f in set(record.criu_logs("ctr", root=n.a.root)) - before
-             if f.endswith("-dump.log")]
-    assert len(dumps) == 1, dumps
-    with open(dumps[0]) as f:
+    with open(new_dump_log(n, before)) as f:
         gate = [ln for ln in f if f"/{dumpgate.SCRIPT}]" in ln]
     assert len(gate) == len(actions), (gate, actions)     # listed at each action
     skipped = [ln for ln in gate if ln.rstrip().endswith("(pre-dump only)")]
@@ -322,18 +331,14 @@ def test_lazy_page_traffic_cipher(two_nodes, priority, cipher):
     is most of the busiest thread's work at each end); MIGRT_CRIU_TLS_PRIORITY, in
     migrate's and the agent's environment, sets CRIU's priority string instead. The
     suite both ends agreed on is in the dump's CRIU log, kept for the container."""
-    from migrt.plugins import record
     n = two_nodes
     env = {"MIGRT_CRIU_TLS_PRIORITY": priority} if priority else {}
     ag = n.agent(env)
     bundle, out = n.source()
-    before = set(record.criu_logs("ctr", root=n.a.root))
+    before = criu_logs(n)
     p, rep = n.migrate(ag, "ctr", "--lazy", bundle=n.dest_bundle(), more_env=env)
     assert p.returncode == 0, p.stderr + ag.log()
-    dumps = [f for f in set(record.criu_logs("ctr", root=n.a.root)) - before
-             if f.endswith("-dump.log")]
-    assert len(dumps) == 1, dumps
-    with open(dumps[0]) as f:
+    with open(new_dump_log(n, before)) as f:
         said = [ln.strip() for ln in f if "TLS handshake completed" in ln]
     assert len(said) == 1 and said[0].endswith(f": {cipher}"), said
     ocitest.wait_for(lambda: dest_count(n) > ocitest.last_count(out),
@@ -372,7 +377,9 @@ def test_report_says_where_the_downtime_went(two_nodes, mode):
     assert rs["lifecycle_s"] <= rs["migrt_run_s"] + tol, rs
     assert rs["prepare_s"] + rs["runc_s"] + rs["criu_s"] <= rs["lifecycle_s"] + tol, rs
     r = rs["criu"]
-    assert 0 < r["forking_s"] <= r["restore_s"] <= rs["criu_s"] + tol, rs
+    # forking one task can take less than the 0.1 ms the figures are rounded to
+    assert 0 <= r["forking_s"] <= r["restore_s"] <= rs["criu_s"] + tol, rs
+    assert r["restore_s"] > 0, rs
     if mode == "full":
         assert r["pages_restored"] > 0, rs
     else:

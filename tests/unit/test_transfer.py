@@ -451,3 +451,19 @@ def test_delta_chunk_checked_as_its_last_patch_lands(tmp_path):
     with pytest.raises(receiver.StageError, match="chunk 0 does not match"):
         patch(0, bytes([new[0] ^ 0xff]), e=0)     # (a fixed byte would match 1 time in 256)
         stage.finish(manifest(files))
+
+
+def test_full_disk_said_even_when_criu_logged_half_of_it(tmp_path, monkeypatch):
+    """A dump on a full disk: CRIU's log, on the same disk, may hold only the start of
+    its ENOSPC line. migrate still says "No space left on device" for the dump's path
+    (from the filesystem's free space), and only once when CRIU's line is whole."""
+    from migrt.migration import migrate as mig
+
+    class Full:
+        f_bavail, f_frsize = 3, 4096
+    monkeypatch.setattr(mig.os, "statvfs", lambda p: Full())
+    cut = ["Error (criu/bfd.c:131): bfd: Error flushing image: No space left on devi"]
+    said = mig._full_disk(str(tmp_path), cut)
+    assert said == f"; {tmp_path}: No space left on device (its filesystem is full)"
+    whole = ["Error (criu/bfd.c:131): bfd: Error flushing image: No space left on device"]
+    assert mig._full_disk(str(tmp_path), whole) == ""
