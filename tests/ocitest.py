@@ -162,6 +162,32 @@ class Runtime:
                 pass
 
 
+class Sampler:
+    """Calls self.sample() every `interval` seconds, in a thread of its own, while a
+    with block runs (a look at /proc during a migration)."""
+
+    interval = 0.05
+
+    def __init__(self):
+        self.stop = threading.Event()
+        self.thread = threading.Thread(target=self._run, daemon=True)
+
+    def _run(self):
+        while not self.stop.wait(self.interval):
+            self.sample()
+
+    def sample(self):
+        raise NotImplementedError
+
+    def __enter__(self):
+        self.thread.start()
+        return self
+
+    def __exit__(self, *exc):
+        self.stop.set()
+        self.thread.join()
+
+
 def wait_for(pred, timeout=10.0, interval=0.05, what="condition"):
     end = time.monotonic() + timeout
     while time.monotonic() < end:

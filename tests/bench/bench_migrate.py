@@ -48,7 +48,7 @@ def build_workload(dest):
     return out
 
 
-class CriuCpu:
+class CriuCpu(ocitest.Sampler):
     """CPU seconds of the two ends of a lazy migration's page stream: the source's CRIU
     (its page server, under the title "criu: dump") and the destination's `criu
     lazy-pages`, read from /proc every 50 ms while they run (so up to 50 ms of each
@@ -57,50 +57,39 @@ class CriuCpu:
     ROLES = ((b"criu: dump", "page_server"), (b"lazy-pages", "lazy_pages_daemon"))
 
     def __init__(self):
-        import threading
+        super().__init__()
         self.last = {}
         self.threads = {}
-        self.stop = threading.Event()
-        self.thread = threading.Thread(target=self.run, daemon=True)
         self.hz = os.sysconf("SC_CLK_TCK")
 
-    def run(self):
-        while not self.stop.wait(0.05):
-            for pid in os.listdir("/proc"):
-                if not pid.isdigit():
+    def sample(self):
+        for pid in os.listdir("/proc"):
+            if not pid.isdigit():
+                continue
+            try:
+                with open(f"/proc/{pid}/cmdline", "rb") as f:
+                    cmd = f.read(200)
+                role = next((r for k, r in self.ROLES if k in cmd), None)
+                if role is None:
                     continue
-                try:
-                    with open(f"/proc/{pid}/cmdline", "rb") as f:
-                        cmd = f.read(200)
-                    role = next((r for k, r in self.ROLES if k in cmd), None)
-                    if role is None:
-                        continue
-                    total = self._cpu(f"/proc/{pid}/stat")
-                    # a thread that ended before its process is not listed any more
-                    seen = self.threads.setdefault(pid, {})
-                    for tid in os.listdir(f"/proc/{pid}/task"):
-                        try:
-                            seen[tid] = max(seen.get(tid, 0),
-                                            self._cpu(f"/proc/{pid}/task/{tid}/stat"))
-                        except OSError:
-                            pass
-                    self.last[pid] = (role, total, max(seen.values(), default=0))
-                except OSError:
-                    pass
+                total = self._cpu(f"/proc/{pid}/stat")
+                # a thread that ended before its process is not listed any more
+                seen = self.threads.setdefault(pid, {})
+                for tid in os.listdir(f"/proc/{pid}/task"):
+                    try:
+                        seen[tid] = max(seen.get(tid, 0),
+                                        self._cpu(f"/proc/{pid}/task/{tid}/stat"))
+                    except OSError:
+                        pass
+                self.last[pid] = (role, total, max(seen.values(), default=0))
+            except OSError:
+                pass
 
     def _cpu(self, stat_path):
         """utime + stime of a /proc stat file, in seconds."""
         with open(stat_path) as f:
             st = f.read().rsplit(")", 1)[1].split()
         return (int(st[11]) + int(st[12])) / self.hz
-
-    def __enter__(self):
-        self.thread.start()
-        return self
-
-    def __exit__(self, *exc):
-        self.stop.set()
-        self.thread.join()
 
     def seconds(self):
         """{role: CPU seconds, role + "_thread": its busiest thread's}: with both ends

@@ -802,33 +802,25 @@ def _comm(d):
         return f.read().strip()
 
 
-class CriuThreads:
+class CriuThreads(ocitest.Sampler):
     """Names of the threads seen in any `criu` process, looked at every few ms while
     active (a with block)."""
 
+    interval = 0.003
+
     def __init__(self):
+        super().__init__()
         self.names = set()
-        self.stop = threading.Event()
-        self.thread = threading.Thread(target=self.run, daemon=True)
 
-    def run(self):
-        while not self.stop.wait(0.003):
-            for pid in os.listdir("/proc"):
-                try:
-                    if not pid.isdigit() or _comm(f"/proc/{pid}") != "criu":
-                        continue
-                    for tid in os.listdir(f"/proc/{pid}/task"):
-                        self.names.add(_comm(f"/proc/{pid}/task/{tid}"))
-                except OSError:
-                    pass
-
-    def __enter__(self):
-        self.thread.start()
-        return self
-
-    def __exit__(self, *exc):
-        self.stop.set()
-        self.thread.join()
+    def sample(self):
+        for pid in os.listdir("/proc"):
+            try:
+                if not pid.isdigit() or _comm(f"/proc/{pid}") != "criu":
+                    continue
+                for tid in os.listdir(f"/proc/{pid}/task"):
+                    self.names.add(_comm(f"/proc/{pid}/task/{tid}"))
+            except OSError:
+                pass
 
 
 @pytest.mark.parametrize("ranges,threads", [(True, True), (False, True), (True, False)],
