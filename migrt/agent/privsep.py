@@ -11,7 +11,7 @@ cgroups) needs root. `migrt agent --user NAME` splits the two:
     child         drops to NAME (no supplementary groups, no capabilities, no_new_privs)
                   and runs all of the agent's networking, staging and verification
 
-The socketpair is the one narrow path from the network side to root. It carries six
+The socketpair is the one narrow path from the network side to root. It carries eight
 requests, each checked by the parent before anything is done:
 
     restore  mid, bundle, id  a staged migration of *this* agent's staging dir, in state
@@ -19,6 +19,14 @@ requests, each checked by the parent before anything is done:
                               directory (no symlink on the way) with a root-owned regular
                               config.json; restored into the agent's own --restore-root
                               (a peer cannot name another runc root)    -> pid
+    arm      mid, bundle, id, restore plan
+                              `restore`'s checks, for a migration of this staging dir
+                              still in state `receiving`; the plan only runc restore
+                              flags of a fixed set, CRIU's tcp-close, the source's
+                              descriptors (strings): starts the restore, which waits at
+                              CRIU's gate for `restore`, and re-checks the migration
+                              then as any restore does                   -> armed or why not
+    disarm   mid              stop that armed restore (nothing restored)
     check    bundle, id       the bundle and id checks of `restore`, before the source
                               is frozen (the precheck)                   -> ok or why not
     exists   id               is there a container of that id in --restore-root -> bool
@@ -77,6 +85,14 @@ class RootHelper:
                 if timing is not None:      # where its time went (server.restore_figures)
                     out["timing"] = timing
                 return out
+            if op == "arm":
+                armed, why = self.arm(req)
+                return {"ok": True, "armed": armed, "why": why}
+            if op == "disarm":
+                from migrt.agent import staging as stg
+                if stg.valid_mid(req.get("mid")):
+                    self.agent.disarm(req["mid"])
+                return {"ok": True}
             if op == "exists":
                 return {"ok": True, "exists": self.exists(req)}
             if op == "check":
@@ -133,6 +149,28 @@ class RootHelper:
             raise Refused(str(e))
         finally:
             self._give_back(staged.dir)
+
+    def arm(self, req):
+        """`restore`'s checks, for a migration still arriving: its restore is started now
+        and waits at CRIU's gate (migrt.agent.server.Agent.arm)."""
+        from migrt.agent import server, staging as stg
+        mid, bundle, cid = req.get("mid"), req.get("bundle"), req.get("id")
+        if not stg.valid_mid(mid):
+            raise Refused("not a migration id")
+        if not stg.valid_cid(cid):
+            raise Refused("not a container id runc accepts")
+        root = self._check_root(req)
+        staged = stg.Staged(mid, self.agent.staging, self.agent.disk)
+        rec = staged.read()
+        if not rec or rec.get("state") != "receiving" or staged.linked():
+            raise Refused(f"migration {mid} is not arriving here")
+        self._check_bundle(bundle)
+        msg = {k: req.get(k) for k in ("restore_flags", "lazy", "criu_conf", "descriptors",
+                                       "memory")}
+        try:
+            return self.agent.arm(staged, dict(msg, bundle=bundle, id=cid, root=root))
+        except server.Refused as e:
+            raise Refused(str(e))
 
     def fill(self, req):
         """One look at a local lazy restore's memory fill (migrt.agent.fill); a failed
@@ -240,6 +278,18 @@ class Client:
         if isinstance(r.get("timing"), dict):
             self.timings[staged.mid] = r["timing"]
         return r.get("pid")
+
+    def arm(self, staged, msg):
+        r = self.call(dict({k: msg.get(k) for k in ("bundle", "id", "root", "restore_flags",
+                                                    "lazy", "criu_conf", "descriptors",
+                                                    "memory")},
+                           op="arm", mid=staged.mid))
+        if r.get("error"):
+            return False, r["error"]
+        return bool(r.get("armed")), r.get("why")
+
+    def disarm(self, mid):
+        self.call({"op": "disarm", "mid": mid})
 
     def exists(self, cid, root=None):
         r = self.call({"op": "exists", "id": cid, "root": root})

@@ -91,12 +91,17 @@ def restore_figures(root, cid, timing):
     if isinstance(rec.get("restore_seconds"), (int, float)):
         out["lifecycle_s"] = rec["restore_seconds"]
     t = rec.get("timing") if isinstance(rec.get("timing"), dict) else {}
-    for k in ("prepare_s", "before_runc_s", "runc_s", "after_runc_s"):
+    for k in ("prepare_s", "before_runc_s", "runc_s", "after_runc_s", "armed_before_s"):
         if isinstance(t.get(k), (int, float)):
             out[k] = t[k]
+    if isinstance(t.get("armed"), str):
+        out["armed"] = t["armed"][:300]
     work = rec.get("work") if isinstance(rec.get("work"), str) else None
     if work:
         ran = criustats.log_span(os.path.join(work, "restore.log"))
+        opened = criustats.restore_gate_opened_at(os.path.join(work, "restore.log"))
+        if ran is not None and opened is not None:
+            ran = max(0.0, ran - opened)      # armed: CRIU's start-up came before the freeze
         st = criustats.read((work, rec.get("image_dir")), "restore")
         if ran is not None:
             out["criu_s"] = round(ran, 4)
@@ -144,6 +149,7 @@ class Agent:
         self.stop = threading.Event()
         self._criu_features = {}
         self._spare = None          # migrt.front.spare.Spare, started by warm()
+        self.armed = {}             # mid -> a restore started before its images (arm())
         # connections still in their handshake, oldest first (see serve)
         self._pending = collections.OrderedDict()
         self._conns = 0             # authenticated connections being served
@@ -545,11 +551,12 @@ class Agent:
             reply["map_locks"] = "kept"      # checked above (an older agent says nothing)
         if net is not None:       # the destination container's network namespace and IPs
             reply["net"] = net
+        # what this node's CRIU understands (migrt.criu.features): its lazy-pages daemon,
+        # its restore gate (the `arm` op)
+        from migrt.criu import features
+        reply["criu_features"] = sorted(features.of(criu_path()))
         if page_tls:
             reply["page_tls_cert"] = page_tls[1].decode()
-            # what this node's CRIU (its lazy-pages daemon) understands (migrt.criu.features)
-            from migrt.criu import features
-            reply["criu_features"] = sorted(features.of(criu_path()))
         conn.send_json(reply)
         try:
             self._control_loop(conn, sess)
@@ -559,6 +566,11 @@ class Agent:
         finally:
             with self.lock:
                 self.sessions.pop(mid, None)
+            if getattr(sess, "armed", False) and not sess.restored:
+                try:                # its restore, started before the freeze, stops at its gate
+                    (self.privileged or self).disarm(mid)
+                except Exception as e:
+                    log(f"{mid}: stopping the armed restore: {e}")
             try:
                 stage.close()
             except Exception as e:          # the staged copy must go all the same
@@ -622,6 +634,20 @@ class Agent:
                 if (staged.read() or {}).get("state") == fill.FILLING:
                     reply["filling"] = True       # running; its memory still coming in
                 conn.send_json(reply)
+            elif op == "arm":
+                # before the freeze: the restore is started now and waits at CRIU's gate
+                # for `restore` (a restore that cannot be armed runs as usual then)
+                if sess.restored or not isinstance(msg.get("bundle"), str):
+                    conn.send_json({"error": "arm: needs a bundle, before the restore"})
+                    return
+                t0 = time.monotonic()
+                try:
+                    armed, why = (self.privileged or self).arm(staged, msg)
+                except Refused as e:
+                    armed, why = False, str(e)
+                sess.armed = armed
+                conn.send_json({"ok": True, "armed": armed, "why": why,
+                                "seconds": round(time.monotonic() - t0, 4)})
             elif op == "filled":
                 # the source waits for this before it lets its copy go
                 state, why = self.fill_wait(staged, float(msg.get("timeout", 600)))
@@ -707,8 +733,9 @@ class Agent:
                 conn.send_json({"error": f"unknown operation {op!r}"})
                 return
 
-    def restore(self, staged, msg):
-        """Create the container from the staged migration through migrt's marker."""
+    def _marked_bundle(self, staged, msg):
+        """Check a restore's bundle and id, and give the bundle's config.json the marker
+        (the caller's kept in the private dir, put back once runc has read it)."""
         bundle = msg.get("bundle")
         cid = msg.get("id")
         root = msg.get("root") or self.root
@@ -733,19 +760,138 @@ class Agent:
         except (OSError, ValueError, KeyError, TypeError, AttributeError) as e:
             shutil.rmtree(priv, ignore_errors=True)
             raise Refused(f"bundle {bundle}: {e}")
+        return bundle, cid, root, priv
+
+    def restore(self, staged, msg):
+        """Create the container from the staged migration through migrt's marker (the
+        restore armed for it, if it was and still matches)."""
+        a = self._take_armed(staged.mid)
+        if a is not None and (a["bundle"], a["id"], a["root"]) != (
+                msg.get("bundle"), msg.get("id"), msg.get("root") or self.root):
+            self._disarm(a)
+            a = None
+        if a is None:
+            bundle, cid, root, priv = self._marked_bundle(staged, msg)
+            spawned = None
+        else:
+            bundle, cid, root, priv = a["bundle"], a["id"], a["root"], a["priv"]
+            spawned = a["spawned"]
         ok = False
         try:
-            pid = self._restore(staged, bundle, cid, root, priv)
+            failpoints.hit("agent.before-restore")
+            if spawned is None:
+                spawned = self._spawn_restorer(bundle, cid, root, priv)
+            else:
+                spawned["t0"] = time.monotonic()
+                a["gate"].open()            # the images are here: the armed restore goes on
+            pid = self._await_restorer(staged, spawned, cid, root)
             ok = True
             return pid
         finally:
+            if not ok and a is not None and not a["gate"].is_open:
+                a["gate"].abort()           # nothing restored: the armed restore stops
+                self._reap(spawned)
             # runc has read it: the bundle keeps what its owner wrote, marker or not
             self._put_back_config(staged.mid)
             if not ok:
                 shutil.rmtree(priv, ignore_errors=True)
 
-    def _restore(self, staged, bundle, cid, root, priv):
-        failpoints.hit("agent.before-restore")
+    def arm(self, staged, msg):
+        """Start the restore of a migration not yet staged (before its source freezes):
+        `migrt run --detach` with the marker, whose runc and CRIU wait at CRIU's gate
+        (migrt.runtime.lifecycle._arm_restore) until `restore` lets them go. Returns
+        (armed, why not)."""
+        from migrt.criu import gate as cgate
+        plan = {"restore_flags": msg.get("restore_flags"), "lazy": bool(msg.get("lazy")),
+                "criu_conf": msg.get("criu_conf") or [], "descriptors": msg.get("descriptors"),
+                "memory": msg.get("memory") if isinstance(msg.get("memory"), int) else None}
+        keep = ("--tcp-established", "--ext-unix-sk", "--shell-job", "--file-locks",
+                "--auto-dedup")
+        if not isinstance(plan["restore_flags"], list) \
+                or any(f not in keep for f in plan["restore_flags"]) \
+                or plan["criu_conf"] not in ([], ["tcp-close"]) \
+                or not isinstance(plan["descriptors"], list) \
+                or not all(isinstance(d, str) for d in plan["descriptors"]):
+            raise Refused("arm: not a restore plan this agent runs")
+        self.disarm(staged.mid)
+        bundle, cid, root, priv = self._marked_bundle(staged, msg)
+        gate = spawned = None
+        try:
+            arm_dir = os.path.join(priv, "arm")
+            makedirs_private(arm_dir)
+            write_private(os.path.join(arm_dir, "arm.json"), json.dumps(plan).encode())
+            gate = cgate.Gate(arm_dir)
+            from migrt.runtime.lifecycle import ARMED_ENV
+            t0 = time.monotonic()
+            spawned = self._spawn_restorer(bundle, cid, root, priv, {ARMED_ENV: arm_dir})
+            ready = gate.wait_ready(spawned["proc"], 60)
+        except BaseException:
+            if gate is not None:
+                gate.abort()
+            if spawned is not None:
+                self._reap(spawned)
+            self._put_back_config(staged.mid)
+            shutil.rmtree(priv, ignore_errors=True)
+            raise
+        if not ready:
+            gate.abort()
+            self._reap(spawned)
+            self._put_back_config(staged.mid)
+            why = runc_error(spawned["errlog"], 0) or "its runc did not reach CRIU's gate"
+            shutil.rmtree(priv, ignore_errors=True)
+            return False, why
+        with self.lock:
+            self.armed[staged.mid] = {"bundle": bundle, "id": cid, "root": root,
+                                      "priv": priv, "gate": gate, "spawned": spawned}
+        log(f"{staged.mid}: restore armed as {cid} in {root} "
+            f"({time.monotonic() - t0:.3f}s to CRIU's gate)")
+        return True, None
+
+    def _take_armed(self, mid):
+        with self.lock:
+            return self.armed.pop(mid, None)
+
+    def disarm(self, mid):
+        """Stop the restore armed for `mid`, if any (its migration ended without one):
+        CRIU stops at its gate, runc and migrt clean up, the bundle's config goes back."""
+        a = self._take_armed(mid)
+        if a is not None:
+            self._disarm(a)
+            log(f"{mid}: armed restore stopped")
+
+    def _disarm(self, a):
+        a["gate"].abort()
+        self._reap(a["spawned"])
+        mid = os.path.basename(a["priv"])
+        self._put_back_config(mid)
+        shutil.rmtree(a["priv"], ignore_errors=True)
+
+    def _reap(self, spawned, timeout=30):
+        p = spawned["proc"]
+        try:
+            wait_exit(p, timeout)
+        except subprocess.TimeoutExpired:
+            try:
+                os.killpg(p.pid, signal.SIGKILL)
+            except OSError:
+                pass
+            p.wait()
+        self._close_spawned(spawned)
+
+    def _close_spawned(self, spawned):
+        for name in ("w", "in_r", "in_w"):
+            fd = spawned.pop(name, None)
+            if fd is not None:
+                os.close(fd)
+        if not spawned.get("warmed"):
+            spawned["warmed"] = True
+            # the next spare starts once this restore is over: its start-up (0.07 s of
+            # CPU) taken during the restore came out of the downtime on a 2-core node
+            threading.Thread(target=self.warm, daemon=True).start()
+
+    def _spawn_restorer(self, bundle, cid, root, priv, extra_env=None):
+        """`migrt run --detach` of the marked bundle, in the spare restorer if one is
+        ready; its stdout and stderr go to the container's log."""
         makedirs_private(self.log_dir)
         out_path = os.path.join(self.log_dir, f"{cid}.log")
         r, w = os.pipe()
@@ -758,7 +904,7 @@ class Agent:
             subprocess.Popen(["cat"], stdin=r, stdout=logf, stderr=subprocess.DEVNULL,
                              start_new_session=True, close_fds=True)
         os.close(r)
-        env = dict(os.environ, MIGRT_STAGING=self.staging)
+        env = dict(os.environ, MIGRT_STAGING=self.staging, **(extra_env or {}))
         # root-only: runc would follow a link planted in the network side's staging dir
         errlog = os.path.join(priv, "create.log")
         os.close(os.open(errlog, os.O_WRONLY | os.O_CREAT | os.O_NOFOLLOW, 0o600))
@@ -766,17 +912,28 @@ class Agent:
                 "run", "--detach", "--bundle", bundle, cid]     # create and start in one call
         # The container inherits runc's stdio: stdout and stderr both go to the log pipe,
         # so the error line is read back from the --log file.
+        spawned = {"w": w, "in_r": in_r, "in_w": in_w, "errlog": errlog,
+                   "t0": time.monotonic()}
         try:
-            t0 = time.monotonic()
             # its own session, so that a restore that hangs (runc restore --lazy-pages
             # after a failed page transfer does) can be stopped with its runc and CRIU
             spare = self._take_spare()
-            how = "a pre-started restorer" if spare is not None else "a new process"
+            spawned["how"] = "a pre-started restorer" if spare is not None else "a new process"
             if spare is not None:
-                p = spare.run(argv[1:], env, (in_r, w, w))
+                spawned["proc"] = spare.run(argv[1:], env, (in_r, w, w))
             else:
-                p = subprocess.Popen(argv, stdin=in_r, stdout=w, stderr=w, env=env,
-                                     start_new_session=True)
+                spawned["proc"] = subprocess.Popen(argv, stdin=in_r, stdout=w, stderr=w,
+                                                   env=env, start_new_session=True)
+        except BaseException:
+            self._close_spawned(spawned)
+            raise
+        return spawned
+
+    def _await_restorer(self, staged, spawned, cid, root):
+        p, errlog = spawned["proc"], spawned["errlog"]
+        env = dict(os.environ, MIGRT_STAGING=self.staging)
+        t0 = spawned["t0"]
+        try:
             try:
                 wait_exit(p, self.restore_timeout)
             except subprocess.TimeoutExpired:
@@ -792,12 +949,7 @@ class Agent:
                 raise Refused(f"restore did not finish in {self.restore_timeout:.0f}s; stopped")
             self.last_timing = {"restore": time.monotonic() - t0}
         finally:
-            os.close(w)
-            os.close(in_r)
-            os.close(in_w)
-            # the next spare starts once this restore is over: its start-up (0.07 s of
-            # CPU) taken during the restore came out of the downtime on a 2-core node
-            threading.Thread(target=self.warm, daemon=True).start()
+            self._close_spawned(spawned)
         if p.returncode != 0:
             raise Refused(runc_error(errlog, 0) or f"migrt run --detach exited {p.returncode}")
         failpoints.hit("agent.after-create")
@@ -820,7 +972,7 @@ class Agent:
         self.last_timing["total"] = time.monotonic() - t0
         self.timings[staged.mid] = restore_figures(root, cid, self.last_timing)
         log(f"{staged.mid}: restored as {cid} (pid {state.get('pid')}) in {root} "
-            f"(restore {self.last_timing['restore']:.3f}s in {how}, checked running "
+            f"(restore {self.last_timing['restore']:.3f}s in {spawned['how']}, checked running "
             f"{self.last_timing['total']:.3f}s)")
         return state.get("pid")
 

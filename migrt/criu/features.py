@@ -24,6 +24,11 @@ Features:
                         are still the same once frozen, and checks their flags
                         again when its page server is done (a change fails the
                         dump: the copy is dropped, the source resumes).
+    restore-gate        with MIGRT_CRIU_RESTORE_GATE naming a dir, `criu restore`
+                        waits there before it reads an image (migrt.criu.gate.
+                        RestoreGate), then reads them from that dir's "images" if
+                        migrt linked it there: the destination starts runc restore
+                        before the source is frozen (the agent's `arm` op).
 """
 import mmap
 import os
@@ -32,6 +37,7 @@ MARKER = b"migrt-criu-feature:"
 LAZY_SOCKET_WAIT = "lazy-socket-wait"
 LAZY_RANGES = "lazy-ranges"
 EARLY_SMAPS = "early-smaps"
+RESTORE_GATE = "restore-gate"
 _NAME = frozenset(b"abcdefghijklmnopqrstuvwxyz0123456789-")
 _seen = {}
 

@@ -39,47 +39,28 @@ def enabled():
     return os.environ.get("MIGRT_DUMP_GATE", "1") != "0" and shutil.which("flock") is not None
 
 
-class DumpGate:
-    """One dump's gate (see the module's text). Not reusable: one open() or abort()."""
+class Gate:
+    """One gate in `work_dir` (see the module's text): `gate.ready`, `gate.lock`,
+    `gate.go`. The waiting side is CRIU's (a script, or CRIU itself: RestoreGate) or a
+    process of migrt's own (wait_for_go). Not reusable: one open() or abort()."""
 
     def __init__(self, work_dir):
-        if any(c.isspace() or c in "\"'\\$`;&|<>" for c in work_dir):
-            raise ValueError(f"work dir {work_dir!r} cannot be named in a CRIU action script")
         self.dir = work_dir
         self.ready_path = os.path.join(work_dir, "gate.ready")
         self.go_path = os.path.join(work_dir, "gate.go")
-        lock_path = os.path.join(work_dir, "gate.lock")
-        for p in (self.ready_path, self.go_path, lock_path):
+        self.lock_path = os.path.join(work_dir, "gate.lock")
+        for p in (self.ready_path, self.go_path, self.lock_path):
             try:
                 os.unlink(p)
             except FileNotFoundError:
                 pass
         os.mkfifo(self.ready_path, 0o600)
         self.ready_fd = os.open(self.ready_path, os.O_RDONLY | os.O_NONBLOCK | os.O_CLOEXEC)
-        self.lock_fd = os.open(lock_path, os.O_RDWR | os.O_CREAT | os.O_EXCL | os.O_CLOEXEC,
+        self.lock_fd = os.open(self.lock_path, os.O_RDWR | os.O_CREAT | os.O_EXCL | os.O_CLOEXEC,
                                0o600)
         fcntl.flock(self.lock_fd, fcntl.LOCK_EX)
-        self.script = os.path.join(work_dir, SCRIPT)
-        fd = os.open(self.script, os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_CLOEXEC, 0o700)
-        with os.fdopen(fd, "w") as f:
-            # `1<>`: opening the FIFO read-write never blocks, whatever migrate does
-            f.write("#!/bin/sh\n"
-                    '[ "$CRTOOLS_SCRIPT_ACTION" = pre-dump ] || exit 0\n'
-                    f"echo ready 1<>{self.ready_path}\n"
-                    f"flock -s {lock_path} true\n"
-                    f"[ -e {self.go_path} ]\n")
         self.t_ready = None
         self.t_go = None
-
-    def conf_lines(self):
-        """The CRIU config line that runs the gate (CRIU gives it to `sh -c`; its config
-        file takes no value with a space in it)."""
-        return [f"action-script {self.script}"]
-
-    def env(self):
-        """For the environment of the `runc checkpoint` it gates: its CRIU runs the
-        script for the pre-dump action only (a CRIU without the patch ignores this)."""
-        return {"MIGRT_CRIU_PRE_DUMP_SCRIPT": self.script}
 
     def wait_ready(self, proc, timeout=60.0):
         """Wait until CRIU stands at the gate: True; False if `proc` (runc) ended first or
@@ -103,22 +84,13 @@ class DumpGate:
                 return False
 
     def open(self):
-        """Let CRIU dump (the source is frozen now)."""
+        """Let the waiting side go on."""
         os.close(os.open(self.go_path, os.O_WRONLY | os.O_CREAT | os.O_CLOEXEC, 0o600))
-        # CRIU's later actions (network lock and unlock, post-dump: in the downtime) run
-        # /bin/true from here on instead of a second shell (about 1 ms less each); the
-        # shell that runs the pre-dump action has the script open already
-        link = self.script + ".true"
-        try:
-            os.symlink("/bin/true", link)
-            os.rename(link, self.script)
-        except OSError:
-            pass
         self.t_go = time.monotonic()
         self._release()
 
     def abort(self):
-        """CRIU stops at the gate, before it has touched a task."""
+        """The waiting side stops at the gate (CRIU: before it has touched a task)."""
         self._release()
 
     def _release(self):
@@ -131,3 +103,72 @@ class DumpGate:
     @property
     def is_open(self):
         return self.t_go is not None
+
+
+class DumpGate(Gate):
+    """The pre-dump gate of an armed `runc checkpoint` (a CRIU action script)."""
+
+    def __init__(self, work_dir):
+        if any(c.isspace() or c in "\"'\\$`;&|<>" for c in work_dir):
+            raise ValueError(f"work dir {work_dir!r} cannot be named in a CRIU action script")
+        super().__init__(work_dir)
+        lock_path = self.lock_path
+        self.script = os.path.join(work_dir, SCRIPT)
+        fd = os.open(self.script, os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_CLOEXEC, 0o700)
+        with os.fdopen(fd, "w") as f:
+            # `1<>`: opening the FIFO read-write never blocks, whatever migrate does
+            f.write("#!/bin/sh\n"
+                    '[ "$CRTOOLS_SCRIPT_ACTION" = pre-dump ] || exit 0\n'
+                    f"echo ready 1<>{self.ready_path}\n"
+                    f"flock -s {lock_path} true\n"
+                    f"[ -e {self.go_path} ]\n")
+
+    def conf_lines(self):
+        """The CRIU config line that runs the gate (CRIU gives it to `sh -c`; its config
+        file takes no value with a space in it)."""
+        return [f"action-script {self.script}"]
+
+    def env(self):
+        """For the environment of the `runc checkpoint` it gates: its CRIU runs the
+        script for the pre-dump action only (a CRIU without the patch ignores this)."""
+        return {"MIGRT_CRIU_PRE_DUMP_SCRIPT": self.script}
+
+    def open(self):
+        """Let CRIU dump (the source is frozen now)."""
+        # CRIU's later actions (network lock and unlock, post-dump: in the downtime) run
+        # /bin/true from here on instead of a second shell (about 1 ms less each); the
+        # shell that runs the pre-dump action has the script open already
+        link = self.script + ".true"
+        try:
+            os.symlink("/bin/true", link)
+            os.rename(link, self.script)
+        except OSError:
+            pass
+        Gate.open(self)
+
+
+class RestoreGate(Gate):
+    """The gate of an armed `runc restore`: install.sh's CRIU (restore-gate.patch, the
+    CRIU feature "restore-gate") waits in it itself, before it reads any image, when
+    MIGRT_CRIU_RESTORE_GATE names its dir (env()). Its log says "restore gate open" when
+    it goes on (migrt.criu.stats.log_span counts from there)."""
+
+    def env(self):
+        return {"MIGRT_CRIU_RESTORE_GATE": self.dir}
+
+
+def wait_for_go(gate_dir):
+    """The waiting side of a Gate, for a process of migrt's own (an armed restore waits
+    for its agent): says it is ready, waits until the gate's holder lets go (or dies),
+    and returns whether it said go."""
+    fd = os.open(os.path.join(gate_dir, "gate.ready"), os.O_RDWR | os.O_CLOEXEC)
+    try:
+        os.write(fd, b"ready\n")
+    finally:
+        os.close(fd)
+    lock = os.open(os.path.join(gate_dir, "gate.lock"), os.O_RDONLY | os.O_CLOEXEC)
+    try:
+        fcntl.flock(lock, fcntl.LOCK_SH)
+    finally:
+        os.close(lock)
+    return os.path.exists(os.path.join(gate_dir, "gate.go"))

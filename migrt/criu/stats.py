@@ -155,3 +155,18 @@ def gate_passed_at(path, action=b"pre-dump"):
                     return s
             return None
     return None
+
+
+def restore_gate_opened_at(path):
+    """When an armed restore's CRIU went on from its gate (migrt.criu.gate.RestoreGate:
+    the log line "restore gate open"), in its log's seconds, or None: what it did before
+    was done before the source froze."""
+    try:
+        with open(path, "rb") as f:
+            head = f.read(1 << 16)
+    except OSError:
+        return None
+    for line in head.splitlines():
+        if b"restore gate open" in line:
+            return _stamp(line)
+    return None

@@ -674,6 +674,8 @@ class Migration:
             raise RefusedError(f"destination {self.opts.to} cannot take {self.cid}: "
                                f"{wire.explain(e)}; nothing was frozen")
         self.mid = reply["mid"]
+        theirs = reply.get("criu_features")
+        self.dest_criu_features = theirs if isinstance(theirs, list) else []
         if bad and reply.get("map_locks") != "kept":
             # an agent from before the check: this node's CRIU is the best guess
             from migrt.criu import probe
@@ -1017,6 +1019,46 @@ class Migration:
                                 f"(before the freeze): {err or 'it did not answer in 60s'}")
         self.report["dump_started_before_freeze_s"] = round(g.t_ready - t0, 4)
         failpoints.hit("migrate.dump-armed")
+
+    def _arm_restore(self):
+        """Have the destination start its restore now, before the freeze: its runc and
+        CRIU wait at CRIU's gate until `restore` (migrt.agent.server.Agent.arm), so that
+        their start-up is not in the downtime. The plan is what the restore will need,
+        as far as it is known now; the destination uses the armed restore only if the
+        restore it works out from the images matches it exactly, and otherwise restores
+        as usual. Needs the destination's CRIU gate (features.RESTORE_GATE) and a bundle
+        there (not --handoff, not a marker); MIGRT_RESTORE_ARM=0: not armed."""
+        from migrt.criu import features
+        if not self.opts.bundle or self.opts.handoff \
+                or os.environ.get("MIGRT_RESTORE_ARM", "1") == "0" \
+                or features.RESTORE_GATE not in self.dest_criu_features:
+            return
+        keep = ("--tcp-established", "--ext-unix-sk", "--shell-job", "--file-locks")
+        self._detect_file_locks()
+        flags = [f for f in self._manifest_flags() if f in keep]
+        if self.opts.mode != "lazy":
+            flags.append("--auto-dedup")      # migrt.runtime.sources.staged, restored once
+        try:
+            with open(os.path.join(self.src.root, self.cid, "state.json")) as f:
+                descriptors = json.load(f).get("external_descriptors")
+        except (OSError, ValueError):
+            descriptors = None
+        if not isinstance(descriptors, list):
+            self.report["restore_armed"] = "no: the source's runc state has no descriptors"
+            return
+        t0 = time.monotonic()
+        reply = self._request({
+            "op": "arm", "bundle": self.opts.bundle, "root": self.opts.dest_root,
+            "id": self.opts.new_id or self.cid, "restore_flags": flags,
+            "lazy": self.opts.mode == "lazy", "memory": self.estimate,
+            "criu_conf": ["tcp-close"] if "tcp-close" in self.criu_conf else [],
+            "descriptors": descriptors})
+        if reply.get("error"):
+            raise TransferError(f"the destination's restore could not be started: "
+                                f"{reply['error']}")
+        self.report["restore_armed"] = "yes" if reply.get("armed") else \
+            f"no: {reply.get('why') or 'the destination said no'}"
+        self._t("restore_armed", t0)
 
     def _open_gate(self):
         """The source is frozen: let the armed CRIU dump. A lock taken between runc's
@@ -1437,6 +1479,8 @@ class Migration:
                 if not self.opts.keep_image:
                     self.final_pipes = self._page_pipes(os.path.join(self.work, "image"),
                                                         self.final_sender)
+            self.phase = "start of the restore (runc restore on the destination, before the freeze)"
+            self._arm_restore()
             self.phase = "start of the dump (runc checkpoint, before the freeze)"
             self._arm_dump()
             t_freeze = self.freeze()

@@ -462,6 +462,176 @@ def _read_pid(path):
         return None
 
 
+ARMED_ENV = "MIGRT_RESTORE_ARMED"
+
+
+def _restore_args(work, bundle, detach, flags, restore_flags, lazy):
+    """`runc restore`'s arguments after --image-path, up to the container id."""
+    args = ["--work-path", work, "--bundle", bundle]
+    if detach:
+        args.append("--detach")
+    for name in ("pid-file", "console-socket"):
+        if flags.get(name):
+            args += [f"--{name}", flags[name]]
+    for name in ("no-pivot", "no-subreaper"):
+        if flags.get(name):
+            args.append(f"--{name}")
+    args += list(restore_flags)
+    if lazy:
+        args.append("--lazy-pages")
+    return args
+
+
+class Armed:
+    """A `runc restore` started before its images exist (migrt.agent arms it before the
+    source freezes): its CRIU waits at a gate (migrt.criu.gate.RestoreGate) before it
+    reads an image. Used only if the restore, worked out once the images are here,
+    would have run exactly it; stopped otherwise, and the restore runs as usual."""
+
+    def __init__(self, proc, gate, work, args, conf, spec, descriptors, t_start):
+        self.proc, self.gate, self.work = proc, gate, work
+        self.args, self.conf, self.spec = args, conf, spec
+        self.descriptors = descriptors
+        self.t_start = t_start
+        self.t_ready = self.t_go = None
+
+    def differs(self, args, conf, spec, image_dir):
+        """None if the restore worked out now is the armed one; else what differs."""
+        if self.proc.poll() is not None:
+            return f"its runc exited ({self.proc.returncode}) before the images came"
+        if args != self.args:
+            return f"runc restore {' '.join(args)}, armed with {' '.join(self.args)}"
+        if conf != self.conf:
+            return f"CRIU config {conf}, armed with {self.conf}"
+        if spec != self.spec:
+            return "the pre-restore plugins changed the bundle's config"
+        try:
+            with open(os.path.join(image_dir, "descriptors.json")) as f:
+                got = json.load(f)
+        except (OSError, ValueError):
+            got = None
+        if got != self.descriptors:
+            return "the checkpoint's descriptors.json is not the one armed"
+        return None
+
+    def release(self, lazy=None):
+        """Open CRIU's gate; runc's exit status once it is done."""
+        import threading
+        threading.Thread(target=_criu_watchdog, args=(self.proc, lazy), daemon=True).start()
+        self.gate.open()
+        while True:
+            try:
+                return self.proc.wait()
+            except InterruptedError:
+                continue
+
+    def stop(self):
+        """CRIU stops at its gate, before it read an image; runc fails and cleans up."""
+        self.gate.abort()
+        if self.proc.poll() is None:
+            try:
+                self.proc.wait(30)
+            except subprocess.TimeoutExpired:
+                self.proc.kill()
+                self.proc.wait()
+
+
+def _disarm(call, cid, bundle, armed):
+    """Nothing left of an armed restore that will not be used: no runc, no container,
+    the caller's config.json back, no work dir."""
+    armed.stop()
+    if exists(call, cid):
+        quiet_runc(call.global_tokens() + ["delete", "--force", cid])
+    unmount_criu_leftovers(call, cid)
+    put_back_spec(bundle)
+    remove_work(armed.work)
+
+
+def _arm_restore(call, flags, cid, bundle, spec, marker, arm_dir):
+    """Start `runc restore` for a staged migration that has not arrived yet, stop its
+    CRIU at the gate, then wait for the agent's go (or its no: the migration did not go
+    ahead). The plan (arm.json in the agent's root-only dir): runc's restore flags, lazy
+    or not, CRIU's config lines, the source's descriptors.json. Returns an Armed."""
+    from migrt.criu import cgyard, gate as cgate
+    from migrt.safeio import read_regular
+    try:
+        plan = json.loads(read_regular(os.path.join(arm_dir, "arm.json"), 1 << 20))
+        restore_flags = [str(f) for f in plan["restore_flags"]]
+        conf_lines = [str(c) for c in plan.get("criu_conf") or []]
+        descriptors = plan["descriptors"]
+        lazy = bool(plan.get("lazy"))
+        memory = plan.get("memory") if isinstance(plan.get("memory"), int) else None
+    except (OSError, ValueError, KeyError, TypeError) as e:
+        raise MigrtError(f"armed restore of {cid}: its plan in {arm_dir}: {e}")
+    if not lazy and marker.startswith("staged:"):
+        # a large full or pre-copy migration fills its memory in after the restore
+        # (migrt.runtime.sources.staged): as that source will decide, from the estimate
+        from migrt.agent.staging import Staged, valid_mid
+        from migrt.runtime.sources.staged import fill_locally
+        mid = marker.split(":", 1)[1]
+        if valid_mid(mid):
+            lazy = fill_locally(Staged(mid).read() or {}, memory)
+    detach = call.command == "create" or flags.get("detach")
+    if not detach:
+        raise MigrtError(f"armed restore of {cid}: only a detached restore can be armed")
+    t_start = time.monotonic()
+    sweep_work()
+    work = work_dir(call, cid)
+    stand_in = os.path.join(work, "images-to-come")
+    makedirs_private(stand_in)
+    with open(os.open(os.path.join(stand_in, "descriptors.json"),
+                      os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o600), "w") as f:
+        json.dump(descriptors, f)
+    g_dir = os.path.join(work, "gate")
+    makedirs_private(g_dir)
+    g = cgate.RestoreGate(g_dir)
+    runc_spec = strip_marker(spec)
+    os.replace(os.path.join(bundle, "config.json"), os.path.join(bundle, SPEC_BACKUP))
+    write_spec(bundle, runc_spec)
+    tokens, _log, _offset = log_globals(call, work)
+    args = _restore_args(work, bundle, detach, flags, restore_flags, lazy)
+    conf = conf_lines + cgyard.conf_lines(cgyard.ensure(os.getpid()))
+    env = dict(os.environ)
+    if conf:
+        from migrt.criu import config as criuconf
+        env.update(criuconf.env(work, conf))
+    env.update(g.env())
+    proc = None
+
+    def give_up(why):
+        g.abort()
+        if proc is not None and proc.poll() is None:
+            proc.kill()
+            proc.wait()
+        if exists(call, cid):
+            quiet_runc(call.global_tokens() + ["delete", "--force", cid])
+        unmount_criu_leftovers(call, cid)
+        put_back_spec(bundle)
+        remove_work(work)
+        return MigrtError(f"armed restore of {cid}: {why}")
+
+    try:
+        proc = subprocess.Popen([runc_path()] + tokens + ["restore", "--image-path", stand_in]
+                                + args + [cid], close_fds=False, env=env)
+        armed = Armed(proc, g, work, args, conf, runc_spec, descriptors, t_start)
+        if not g.wait_ready(proc, 60):
+            raise give_up("runc restore did not reach CRIU's restore gate"
+                          + (f" (it exited {proc.returncode})" if proc.poll() is not None
+                             else " in 60s"))
+        armed.t_ready = time.monotonic()
+        go = cgate.wait_for_go(arm_dir)
+        armed.t_go = time.monotonic()
+    except MigrtError:
+        raise
+    except BaseException as e:
+        raise give_up(f"{type(e).__name__}: {e}")
+    if not go:
+        armed.stop()
+        raise give_up("the migration did not go ahead (its agent said no, or is gone); "
+                      "nothing was restored")
+    return armed
+
+
 def restore_create(call, flags, cid, bundle, spec, marker, plugins):
     """`create` (or `run`) of a bundle carrying the marker: restore instead.
 
@@ -478,9 +648,19 @@ def restore_create(call, flags, cid, bundle, spec, marker, plugins):
         # from its image like any restart, never from the old checkpoint again
         write_spec(bundle, strip_marker(spec))
         return create_with_plugins(call, flags, cid, bundle, strip_marker(spec), plugins)
-    source = checkpoints.resolve(marker, bundle)
+    armed = None
+    arm_dir = os.environ.pop(ARMED_ENV, None)
+    if arm_dir:
+        armed = _arm_restore(call, flags, cid, bundle, spec, marker, arm_dir)
     try:
-        return _restore_source(call, flags, cid, bundle, spec, marker, plugins, source)
+        source = checkpoints.resolve(marker, bundle)
+    except BaseException:
+        if armed is not None:
+            _disarm(call, cid, bundle, armed)
+        raise
+    try:
+        return _restore_source(call, flags, cid, bundle, spec, marker, plugins, source,
+                               armed=armed)
     finally:
         if source.cleanup:
             try:
@@ -489,42 +669,53 @@ def restore_create(call, flags, cid, bundle, spec, marker, plugins):
                 pass
 
 
-def _restore_source(call, flags, cid, bundle, spec, marker, plugins, source):
+def _restore_source(call, flags, cid, bundle, spec, marker, plugins, source, armed=None):
     try:
         checkpoints.check_namespace(source.image_dir, spec, marker, source.namespace)
     except BaseException as e:
+        if armed is not None:
+            _disarm(call, cid, bundle, armed)
         if source.on_failed:
             source.on_failed(cid, str(e))
         raise
     detach = call.command == "create" or flags.get("detach")
-    sweep_work()
-    # no container of this id exists: work dirs of its earlier restores are leftovers
-    # (those of a restore still starting, this last minute, are left to it)
-    for old in work_dirs_of(call.root, cid):
-        try:
-            if time.time() - os.lstat(old).st_mtime > 60:
-                remove_work(old)
-        except OSError:
-            pass
-    work = work_dir(call, cid)
+    if armed is not None:
+        work = armed.work
+    else:
+        sweep_work()
+        # no container of this id exists: work dirs of its earlier restores are leftovers
+        # (those of a restore still starting, this last minute, are left to it)
+        for old in work_dirs_of(call.root, cid):
+            try:
+                if time.time() - os.lstat(old).st_mtime > 60:
+                    remove_work(old)
+            except OSError:
+                pass
+        work = work_dir(call, cid)
 
     runc_spec = strip_marker(spec)
     try:
         ctx = run_stage("pre-restore", plugins, call=call, cid=cid, bundle=bundle,
                         spec=runc_spec, image_dir=source.image_dir, work_dir=work)
     except BaseException:
+        if armed is not None:
+            _disarm(call, cid, bundle, armed)
         remove_work(work)
         raise
     runc_spec = ctx["spec"]
-    # the caller's config.json as it is now (a backup left by anything earlier is stale)
-    os.replace(os.path.join(bundle, "config.json"), os.path.join(bundle, SPEC_BACKUP))
-    write_spec(bundle, runc_spec)
+    if armed is None:
+        # the caller's config.json as it is now (a backup left by anything earlier is stale)
+        os.replace(os.path.join(bundle, "config.json"), os.path.join(bundle, SPEC_BACKUP))
+    if armed is None or runc_spec != armed.spec:
+        write_spec(bundle, runc_spec)
 
     lazy = None
     journal = None
 
     def undo(err):
         """Leave nothing of a failed restore: no container, the caller's bundle back."""
+        if armed is not None:
+            armed.stop()
         if lazy:
             _kill(lazy)
         if exists(call, cid):
@@ -559,42 +750,55 @@ def _restore_source(call, flags, cid, bundle, spec, marker, plugins, source):
             source.prepare(bundle, runc_spec, journal=journal)
         timing["prepare_s"] = round(time.monotonic() - started, 4)
         tokens, log, offset = log_globals(call, work)
-        tokens += ["restore", "--image-path", source.image_dir, "--work-path", work,
-                   "--bundle", bundle]
-        if detach:
-            tokens.append("--detach")
-        for name in ("pid-file", "console-socket"):
-            if flags.get(name):
-                tokens += [f"--{name}", flags[name]]
-        for name in ("no-pivot", "no-subreaper"):
-            if flags.get(name):
-                tokens.append(f"--{name}")
-        tokens += source.restore_flags
         from migrt.criu import cgyard
         conf = list(source.criu_conf) + cgyard.conf_lines(cgyard.ensure(os.getpid()))
-        if conf:
-            from migrt.criu import config as criuconf
-            os.environ.update(criuconf.env(work, conf))
-        if source.lazy_address or source.lazy_local:
-            lazy = start_lazy_pages(source, work)
-            tokens.append("--lazy-pages")
-        tokens.append(cid)
-        if not detach:
-            # `run` stays attached: there is no start to follow and nothing to record.
-            rc = run_runc(tokens, forward_signals=True, watch_criu=True, lazy=lazy)
-            _private_stats(source.image_dir)
-            if rc != 0 and not _was_restored(work):
-                raise failed(log, offset)
-            if journal is not None:
-                journal.commit()
-            put_back_spec(bundle)
-            if lazy:
-                _kill(lazy)
-            remove_work(work)
-            return rc
-        t_runc = time.monotonic()
-        timing["before_runc_s"] = round(t_runc - started - timing["prepare_s"], 4)
-        rc = run_runc(tokens, watch_criu=True, lazy=lazy)
+        wants_lazy = bool(source.lazy_address or source.lazy_local)
+        args = _restore_args(work, bundle, detach, flags, source.restore_flags, wants_lazy)
+        if armed is not None:
+            why = armed.differs(args, conf, runc_spec, source.image_dir)
+            if why is not None:
+                # the restore runs as if it had not been armed; its record says why
+                armed.stop()
+                armed = None
+                timing["armed"] = f"not used: {why}"
+                if exists(call, cid):
+                    quiet_runc(call.global_tokens() + ["delete", "--force", cid])
+                unmount_criu_leftovers(call, cid)
+        if armed is not None:
+            # runc and CRIU, started before the freeze with these same arguments, config
+            # and spec, wait at CRIU's gate: it reads the images from here on
+            os.symlink(source.image_dir, os.path.join(armed.gate.dir, "images"))
+            if wants_lazy:
+                lazy = start_lazy_pages(source, work)
+            timing["armed"] = "used"
+            timing["armed_before_s"] = round(armed.t_go - armed.t_start, 4)
+            t_runc = time.monotonic()
+            timing["before_runc_s"] = round(t_runc - started - timing["prepare_s"], 4)
+            rc = armed.release(lazy)
+        else:
+            tokens += ["restore", "--image-path", source.image_dir] + args
+            if conf:
+                from migrt.criu import config as criuconf
+                os.environ.update(criuconf.env(work, conf))
+            if wants_lazy:
+                lazy = start_lazy_pages(source, work)
+            tokens.append(cid)
+            if not detach:
+                # `run` stays attached: there is no start to follow and nothing to record.
+                rc = run_runc(tokens, forward_signals=True, watch_criu=True, lazy=lazy)
+                _private_stats(source.image_dir)
+                if rc != 0 and not _was_restored(work):
+                    raise failed(log, offset)
+                if journal is not None:
+                    journal.commit()
+                put_back_spec(bundle)
+                if lazy:
+                    _kill(lazy)
+                remove_work(work)
+                return rc
+            t_runc = time.monotonic()
+            timing["before_runc_s"] = round(t_runc - started - timing["prepare_s"], 4)
+            rc = run_runc(tokens, watch_criu=True, lazy=lazy)
         t_ran = time.monotonic()
         timing["runc_s"] = round(t_ran - t_runc, 4)     # runc restore and CRIU
         _private_stats(source.image_dir)
