@@ -1711,6 +1711,12 @@ def downtime_breakdown(phases, dump, restore, mode):
                   "runc_s", "criu_s", "after_runc_s", "check_running_s"):
             if restore.get(k) is not None:
                 rs[k] = _r(restore[k])
+        if isinstance(restore.get("armed"), str):
+            # started before the freeze ("used"), or why the restore ran as usual instead;
+            # armed_before_s: its runc's and CRIU's start-up, out of the downtime
+            rs["armed"] = restore["armed"]
+            if restore.get("armed_before_s") is not None:
+                rs["armed_before_s"] = _r(restore["armed_before_s"])
         run, life = rs.get("migrt_run_s"), rs.get("lifecycle_s")
         if run is not None and life is not None:
             # `migrt run` up to the restore proper: start-up, the staged source, plugins

@@ -1167,3 +1167,92 @@ def test_tmpfs_mounts_arrive_as_they_were(two_nodes, mode):
     found = {f["check"]: f for f in json.loads(d.stdout)["findings"]}
     kd = found["CRIU kernel cache"]
     assert kd["status"] == "ok" and "on a tmpfs, cache present" in kd["detail"], kd
+
+
+# ---------------------------------------------------------------- restore armed before the freeze
+
+def restore_log_of(n, cid="ctr"):
+    """CRIU's restore.log of the container restored on node B (its work dir, from
+    migrt's record in node B's runc state dir)."""
+    with open(os.path.join(n.b.root, cid, "migrt.json")) as f:
+        rec = json.load(f)
+    with open(os.path.join(rec["work"], "restore.log"), errors="replace") as f:
+        return rec, f.read()
+
+
+@pytest.mark.parametrize("mode", ["full", "lazy"])
+def test_restore_armed_before_the_freeze_is_used(two_nodes, mode):
+    """The destination starts runc restore while the source still runs (the agent's
+    `arm`): its CRIU waits at the restore gate (packaging/criu-patches/restore-gate.patch)
+    and reads the images only once they are there. The container then runs on node B
+    from the images this migration sent, and the report says the armed restore was used,
+    with runc's start-up out of the downtime."""
+    n = two_nodes
+    ag = n.agent()
+    bundle, out = n.source()
+    p, rep = n.migrate(ag, "ctr", *(["--lazy"] if mode == "lazy" else []), bundle=n.dest_bundle())
+    assert p.returncode == 0, p.stderr + ag.log()
+    assert rep["restore_armed"] == "yes", rep.get("restore_armed")
+    rs = rep["downtime"]["restore"]
+    assert rs["armed"] == "used", rs
+    assert rs["armed_before_s"] > 0, rs
+    assert "restore armed as ctr" in ag.log()
+    rec, log = restore_log_of(n)
+    assert "restore gate: waiting" in log and "restore gate open" in log, log[:2000]
+    # the images' first line ("Dump CRIU run id", from inventory.img) comes after the gate
+    assert log.index("restore gate open") < log.index("Dump CRIU run id"), log[:3000]
+    assert "restore gate: images in" in log
+    # runc's own share of the restore (runc restore minus CRIU's part after its gate) is
+    # what the arming took out: no Go start-up, no CRIU version run, no cgroups in it
+    assert rs["runc_s"] < rs["criu_s"] + 0.05, rs
+    last_src = ocitest.last_count(out)
+    assert n.a.state("ctr") is None
+    assert n.b.state("ctr")["status"] == "running"
+    c1 = dest_count(n)
+    assert c1 >= last_src, (c1, last_src)
+    ocitest.wait_for(lambda: dest_count(n) > c1 + 1, what="the counter going on on node B")
+
+
+def test_restore_not_armed_when_asked_not_to(two_nodes):
+    """MIGRT_RESTORE_ARM=0: the destination starts runc restore once the images are
+    there, as before (the comparison the benchmark makes)."""
+    n = two_nodes
+    ag = n.agent()
+    n.source()
+    p, rep = n.migrate(ag, "ctr", bundle=n.dest_bundle(), more_env={"MIGRT_RESTORE_ARM": "0"})
+    assert p.returncode == 0, p.stderr + ag.log()
+    assert "restore_armed" not in rep
+    assert "armed" not in rep["downtime"]["restore"]
+    assert "restore gate" not in restore_log_of(n)[1]
+    assert n.b.state("ctr")["status"] == "running"
+
+
+def test_migration_ended_before_the_freeze_stops_the_armed_restore(two_nodes, tmp_path):
+    """migrate dies after the destination armed its restore and before the freeze: the
+    agent stops that restore at CRIU's gate. Node B has no container, its bundle's
+    config.json is byte for byte what it was, no work dir or staged copy is left, and
+    the source runs on."""
+    n = two_nodes
+    fp = tmp_path / "fp"
+    fp.mkdir()
+    ag = n.agent()
+    _, out = n.source()
+    dest = n.dest_bundle()
+    with open(os.path.join(dest, "config.json"), "rb") as f:
+        before = f.read()
+    mig = n.migrate(ag, "ctr", bundle=dest, spawn=True, more_env={
+        "MIGRT_FAILPOINTS": "migrate.dump-armed=kill", "MIGRT_FAILPOINT_DIR": str(fp)})
+    mig.communicate(timeout=120)
+    assert mig.returncode == -signal.SIGKILL, mig.returncode
+    assert "restore armed as ctr" in ag.log()
+    ocitest.wait_for(lambda: "armed restore stopped" in ag.log(), timeout=30,
+                     what="the agent stopping the armed restore")
+    assert_destination_clean(n, ag)
+    import psutil
+    with open(os.path.join(dest, "config.json"), "rb") as f:
+        assert f.read() == before
+    assert not os.path.exists(os.path.join(n.b.root, "ctr"))
+    assert not [p for p in psutil.process_iter(["cmdline"])
+                if "restore" in " ".join(p.info["cmdline"] or []) and n.b.root in
+                " ".join(p.info["cmdline"] or [])], "a runc restore left behind"
+    assert_source_running(n, out)

@@ -419,7 +419,9 @@ def test_file_locks_taken_after_the_dump_started_are_kept(two_nodes, tmp_path):
     migrt.criu.gate) and so chooses runc's --file-locks before the freeze. A process
     that takes its locks after that, and before the freeze, still arrives with them:
     migrate looks again once frozen, stops that runc at its gate, untouched, and starts
-    another with --file-locks."""
+    another with --file-locks. The destination's restore, armed before the freeze
+    without --file-locks, differs from the restore those images need: it is stopped at
+    its gate and the restore runs as usual (the report says why)."""
     n = two_nodes
     ag = n.agent()
     args = ["sh", "-c", "while [ ! -e /lock-now ]; do sleep 0.02; done; "
@@ -443,6 +445,9 @@ def test_file_locks_taken_after_the_dump_started_are_kept(two_nodes, tmp_path):
     rep = json.loads(stdout)
     assert rep["file_locks"] == 2, rep
     assert "file lock" in rep["dump_restarted"], rep
+    assert rep["restore_armed"] == "yes", rep.get("restore_armed")
+    armed = rep["downtime"]["restore"]["armed"]
+    assert armed.startswith("not used:") and "--file-locks" in armed, armed
     held = held_locks(n.b.state("late")["pid"])
     kinds = " ".join(held)
     assert "POSIX" in kinds and "FLOCK" in kinds, held
