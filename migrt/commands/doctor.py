@@ -177,6 +177,7 @@ def check_criu(node):
     else:
         found.append(Finding("criu", OK, f"CRIU {show(v)} ({path}): criu check: Looks good"))
         found.append(check_criu_probe(node, path, v))
+    found.append(check_criu_features(path))
     rc, out = node.run([path, "check", "--feature", "uffd-noncoop"])
     if rc == 0:
         found.append(Finding("lazy restore", OK, "uffd-noncoop supported: post-copy "
@@ -206,6 +207,21 @@ def check_criu(node):
                              "kernel: no pre-dump / iterative pre-copy (lazy restore still "
                              "works)", "a kernel with CONFIG_MEM_SOFT_DIRTY", required=False))
     return found
+
+
+def check_criu_features(path):
+    """Which of migrt's CRIU patches (packaging/criu-patches) this CRIU carries, read
+    from the binary (migrt.criu.features): migrt drives a CRIU without one as before,
+    only slower, so a missing one is a warning that says what it costs."""
+    from migrt.criu import features
+    have = features.of(path)
+    missing = [n for n in features.KNOWN if n not in have]
+    if not missing:
+        return Finding("criu patches", OK, f"{path} carries migrt's CRIU patches: "
+                       + ", ".join(n for n in features.KNOWN), required=False)
+    return Finding("criu patches", WARN, f"{path} lacks migrt's CRIU patches: "
+                   + "; ".join(f"{n} ({features.KNOWN[n]})" for n in missing),
+                   INSTALL, required=False)
 
 
 def check_criu_probe(node, path, v):

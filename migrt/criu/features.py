@@ -38,6 +38,15 @@ LAZY_SOCKET_WAIT = "lazy-socket-wait"
 LAZY_RANGES = "lazy-ranges"
 EARLY_SMAPS = "early-smaps"
 RESTORE_GATE = "restore-gate"
+NO_BREAKPOINTS = "no-breakpoints"
+# what each one gives, for `migrt doctor` (and what a CRIU without it costs)
+KNOWN = {
+    LAZY_SOCKET_WAIT: "a lazy restore starts with its lazy-pages daemon, not after it",
+    LAZY_RANGES: "a lazy dump's time frozen does not grow with memory",
+    EARLY_SMAPS: "a lazy dump reads its tasks' smaps before the freeze",
+    RESTORE_GATE: "the destination's runc restore starts before the freeze",
+    NO_BREAKPOINTS: "no hardware breakpoint at dump or restore (10 to 30 ms each)",
+}
 _NAME = frozenset(b"abcdefghijklmnopqrstuvwxyz0123456789-")
 _seen = {}
 

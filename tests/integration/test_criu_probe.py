@@ -59,6 +59,32 @@ def test_doctor_on_this_node_reports_the_probe_and_cap_sys_resource(tmp_path):
     assert cap["status"] == ("ok" if has else "warn") and not cap["required"]
 
 
+def test_doctor_says_which_of_migrts_criu_patches_the_criu_carries(tmp_path):
+    """install.sh's CRIU carries every patch migrt looks for; CRIU as Debian ships it
+    (the unpatched build below) none, and doctor says what each one missing costs."""
+    from migrt.criu import features
+    cfg = tmp_path / "config.toml"
+    cfg.write_text("version = 2\n")
+
+    def finding(env):
+        p = subprocess.run([sys.executable, "-m", "migrt", "doctor", "--json",
+                            "--containerd-config", str(cfg)], capture_output=True, text=True,
+                           cwd=REPO, timeout=120, env=dict(os.environ, **env))
+        return {f["check"]: f for f in json.loads(p.stdout)["findings"]}["criu patches"]
+    ours = finding({})
+    assert ours["status"] == "ok" and not ours["required"], ours
+    assert all(n in ours["detail"] for n in features.KNOWN), ours
+    criu = os.environ.get("MIGRT_TEST_LOCKDROP_CRIU", "/var/tmp/migrt-test/criu-4.2.1-unpatched")
+    if not os.access(criu, os.X_OK):
+        subprocess.run([os.path.join(REPO, "tests", "workloads", "build_lockdrop_criu.sh"), criu],
+                       check=True, timeout=900)
+    theirs = finding({"MIGRT_CRIU": criu})
+    assert theirs["status"] == "warn" and criu in theirs["detail"], theirs
+    assert "restore-gate (the destination's runc restore starts before the freeze)" \
+        in theirs["detail"], theirs
+    assert "install.sh" in theirs["fix"]
+
+
 def test_probe_finds_a_criu_that_drops_the_lock_on_a_mapped_file():
     """CRIU 4.2.1 as Debian ships it (no packaging/criu-patches), built once by
     tests/workloads/build_lockdrop_criu.sh: all else works, the mapped file's lock is gone."""
