@@ -157,18 +157,36 @@ class RestoreGate(Gate):
         return {"MIGRT_CRIU_RESTORE_GATE": self.dir}
 
 
-def wait_for_go(gate_dir):
+class _Late(Exception):
+    pass
+
+
+def wait_for_go(gate_dir, timeout=None):
     """The waiting side of a Gate, for a process of migrt's own (an armed restore waits
-    for its agent): says it is ready, waits until the gate's holder lets go (or dies),
-    and returns whether it said go."""
+    for its agent): says it is ready, waits until the gate's holder lets go (or dies, or
+    `timeout` seconds passed: from the main thread only), and returns whether it said go."""
+    import signal
+    import threading
     fd = os.open(os.path.join(gate_dir, "gate.ready"), os.O_RDWR | os.O_CLOEXEC)
     try:
         os.write(fd, b"ready\n")
     finally:
         os.close(fd)
     lock = os.open(os.path.join(gate_dir, "gate.lock"), os.O_RDONLY | os.O_CLOEXEC)
+    bounded = timeout is not None and threading.current_thread() is threading.main_thread()
+
+    def late(_sig, _frame):
+        raise _Late()
+    old = signal.signal(signal.SIGALRM, late) if bounded else None
     try:
+        if bounded:
+            signal.setitimer(signal.ITIMER_REAL, max(0.001, timeout))
         fcntl.flock(lock, fcntl.LOCK_SH)
+    except _Late:
+        return False
     finally:
+        if bounded:
+            signal.setitimer(signal.ITIMER_REAL, 0)
+            signal.signal(signal.SIGALRM, old)
         os.close(lock)
     return os.path.exists(os.path.join(gate_dir, "gate.go"))

@@ -619,7 +619,8 @@ def _arm_restore(call, flags, cid, bundle, spec, marker, arm_dir):
                           + (f" (it exited {proc.returncode})" if proc.poll() is not None
                              else " in 60s"))
         armed.t_ready = time.monotonic()
-        go = cgate.wait_for_go(arm_dir)
+        # bounded: an agent that neither lets go nor dies must not keep this forever
+        go = cgate.wait_for_go(arm_dir, _armed_wait())
         armed.t_go = time.monotonic()
     except MigrtError:
         raise
@@ -627,9 +628,17 @@ def _arm_restore(call, flags, cid, bundle, spec, marker, arm_dir):
         raise give_up(f"{type(e).__name__}: {e}")
     if not go:
         armed.stop()
-        raise give_up("the migration did not go ahead (its agent said no, or is gone); "
+        raise give_up("the migration did not go ahead (its agent said no, is gone, or "
+                      f"did not answer in {_armed_wait():.0f}s: MIGRT_ARMED_WAIT); "
                       "nothing was restored")
     return armed
+
+
+def _armed_wait():
+    try:
+        return float(os.environ.get("MIGRT_ARMED_WAIT", "1800"))
+    except ValueError:
+        return 1800.0
 
 
 def restore_create(call, flags, cid, bundle, spec, marker, plugins):
