@@ -59,11 +59,20 @@ def _entry(rel, st, top):
     return e
 
 
+def _criu_temp(dirpath, top, name):
+    """CRIU's own temporary dir in the container's /tmp (mount.c: "/tmp/cr-tmpfs.XXXXXX",
+    made and removed while it dumps a tmpfs mount, as the rootfs changes are taken): not
+    the container's, never carried."""
+    return name.startswith("cr-tmpfs.") and len(name) == 15 \
+        and os.path.relpath(dirpath, top) == "tmp"
+
+
 def _walk(top):
-    """Yield (relpath, lstat) for everything under top, parents first."""
+    """Yield (relpath, lstat) for everything under top, parents first; what vanishes
+    meanwhile is left out."""
     for dirpath, dirnames, filenames in os.walk(top):
-        dirnames.sort()
-        for n in sorted(dirnames) + sorted(filenames):
+        dirnames[:] = sorted(n for n in dirnames if not _criu_temp(dirpath, top, n))
+        for n in dirnames + sorted(filenames):
             full = os.path.join(dirpath, n)
             try:
                 yield os.path.relpath(full, top), os.lstat(full)
@@ -118,12 +127,20 @@ def diff(rootfs, since_ns=None, base=None):
     for rel, st in _walk(rootfs):
         if st.st_ctime_ns < since_ns:
             continue
-        e = _entry(rel, st, rootfs)
+        try:
+            e = _entry(rel, st, rootfs)
+            if e["type"] == "dir":
+                names = os.listdir(os.path.join(rootfs, rel))
+                if rel == "tmp":
+                    names = [n for n in names if not _criu_temp(os.path.join(rootfs, "tmp"),
+                                                                rootfs, n)]
+                listings[rel] = sorted(names)
+        except (FileNotFoundError, NotADirectoryError):
+            continue            # gone since the walk saw it
         if e["type"] == "other":
+            listings.pop(rel, None)
             continue
         entries.append(e)
-        if e["type"] == "dir":
-            listings[rel] = sorted(os.listdir(os.path.join(rootfs, rel)))
     try:
         if os.lstat(rootfs).st_ctime_ns >= since_ns:
             listings["."] = sorted(os.listdir(rootfs))

@@ -244,3 +244,32 @@ def test_a_bad_file_entry_is_named_in_the_error(entry, where):
     mf.parse(json.dumps(dict(m, files=[good])))
     with pytest.raises(CheckpointError, match=f"invalid manifest at {where}:"):
         mf.parse(json.dumps(m))
+
+
+def test_rootfs_changes_leave_out_criu_temp_dirs_and_what_vanishes(tmp_path, monkeypatch):
+    """The rootfs changes are taken while CRIU dumps: CRIU makes and removes its own
+    /tmp/cr-tmpfs.XXXXXX in the container's rootfs meanwhile (seen in CI: the walk saw
+    it, its listing failed). Neither it nor an entry gone since the walk is carried, and
+    the rest of the diff is as it was."""
+    root = tmp_path / "rootfs"
+    (root / "tmp").mkdir(parents=True)
+    since = time.time_ns() - 1
+    (root / "tmp" / "mine").write_text("the container's")
+    (root / "tmp" / "cr-tmpfs.Ab3dE9").mkdir()
+    (root / "tmp" / "cr-tmpfs.Ab3dE9" / "x").write_text("")
+    (root / "etc").mkdir()
+    (root / "etc" / "vanishing").mkdir()
+    real = os.listdir
+
+    def listdir(p):
+        if str(p).endswith("vanishing"):
+            raise FileNotFoundError(2, "gone", str(p))
+        return real(p)
+    monkeypatch.setattr(rfs.os, "listdir", listdir)
+    kind, _, entries, deleted, listings = rfs.diff(str(root), since_ns=since)
+    paths = {e["path"] for e in entries}
+    assert kind == "since-start"
+    assert "tmp/mine" in paths and "tmp" in paths and "etc" in paths
+    assert not any("cr-tmpfs" in p for p in paths), paths
+    assert "etc/vanishing" not in paths
+    assert listings["tmp"] == ["mine"], listings
