@@ -165,10 +165,9 @@ class RootHelper:
         if not rec or rec.get("state") != "receiving" or staged.linked():
             raise Refused(f"migration {mid} is not arriving here")
         self._check_bundle(bundle)
-        msg = {k: req.get(k) for k in ("restore_flags", "lazy", "criu_conf", "descriptors",
-                                       "memory")}
         try:
-            return self.agent.arm(staged, dict(msg, bundle=bundle, id=cid, root=root))
+            plan = server.arm_plan(req)
+            return self.agent.arm(staged, dict(plan, bundle=bundle, id=cid, root=root))
         except server.Refused as e:
             raise Refused(str(e))
 

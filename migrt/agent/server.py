@@ -74,6 +74,27 @@ class Refused(Exception):
     pass
 
 
+ARM_FLAGS = ("--tcp-established", "--ext-unix-sk", "--shell-job", "--file-locks",
+             "--auto-dedup")
+
+
+def arm_plan(msg):
+    """The restore plan of an `arm` request, checked: runc restore flags of a fixed set
+    only, CRIU's tcp-close or nothing, the source's descriptors as a short list of
+    strings. Anything else: Refused."""
+    flags, conf, desc = msg.get("restore_flags"), msg.get("criu_conf") or [], \
+        msg.get("descriptors")
+    if not isinstance(flags, list) or any(f not in ARM_FLAGS for f in flags) \
+            or len(set(flags)) != len(flags) or conf not in ([], ["tcp-close"]) \
+            or not isinstance(desc, list) or len(desc) > 64 \
+            or not all(isinstance(d, str) and len(d) < 4096 for d in desc):
+        raise Refused("arm: not a restore plan this agent runs")
+    memory = msg.get("memory")
+    return {"restore_flags": flags, "lazy": msg.get("lazy") is True, "criu_conf": conf,
+            "descriptors": desc,
+            "memory": memory if isinstance(memory, int) and memory >= 0 else None}
+
+
 def restore_figures(root, cid, timing):
     """Where a restore's time went: the agent's own (`migrt run --detach` in a spare,
     the check that it runs), the restoring runtime's (migrt.runtime.lifecycle's record:
@@ -802,17 +823,7 @@ class Agent:
         (migrt.runtime.lifecycle._arm_restore) until `restore` lets them go. Returns
         (armed, why not)."""
         from migrt.criu import gate as cgate
-        plan = {"restore_flags": msg.get("restore_flags"), "lazy": bool(msg.get("lazy")),
-                "criu_conf": msg.get("criu_conf") or [], "descriptors": msg.get("descriptors"),
-                "memory": msg.get("memory") if isinstance(msg.get("memory"), int) else None}
-        keep = ("--tcp-established", "--ext-unix-sk", "--shell-job", "--file-locks",
-                "--auto-dedup")
-        if not isinstance(plan["restore_flags"], list) \
-                or any(f not in keep for f in plan["restore_flags"]) \
-                or plan["criu_conf"] not in ([], ["tcp-close"]) \
-                or not isinstance(plan["descriptors"], list) \
-                or not all(isinstance(d, str) for d in plan["descriptors"]):
-            raise Refused("arm: not a restore plan this agent runs")
+        plan = arm_plan(msg)
         self.disarm(staged.mid)
         bundle, cid, root, priv = self._marked_bundle(staged, msg)
         gate = spawned = None

@@ -72,6 +72,9 @@ def test_network_side_runs_as_nobody(tmp_path, migrt_launcher, make_bundle, shar
         nums = migr.wait_dest_counting(ag, cid, last)
         assert nums[0] == last + 1
         assert migr.copies(nodes, cid) == {"a": None, "b": "running"}
+        # its restore was started by the root side before the freeze (`arm`), and used
+        assert report.get("restore_armed") == "yes", report.get("restore_armed")
+        assert report["downtime"]["restore"]["armed"] == "used", report["downtime"]["restore"]
         # what it staged was written by nobody and is gone
         assert ag.staged_data() == []
         print(f"\nPRIVILEGE network side pid {net.pid} uid {nobody} caps 0 no_new_privs; "
@@ -92,6 +95,10 @@ class StubAgent:
     def restore(self, staged, msg):
         self.calls.append((staged.mid, msg))
         return 4242
+
+    def arm(self, staged, msg):
+        self.calls.append(("arm", staged.mid, msg))
+        return True, None
 
 
 def test_root_helper_refuses_everything_else(tmp_path):
@@ -133,6 +140,33 @@ def test_root_helper_refuses_everything_else(tmp_path):
     r = helper.handle(ok)
     assert r == {"ok": True, "pid": 4242} and agent.calls == [(good.mid, {
         "bundle": str(bundle), "id": "c1", "root": root})]
+    # `arm`: a migration still arriving, the same bundle and id checks, a plan of runc
+    # flags of a fixed set, nothing else reaches the agent
+    agent.calls.clear()
+    arm = {"op": "arm", "mid": receiving.mid, "bundle": str(bundle), "id": "c1",
+           "restore_flags": ["--tcp-established", "--auto-dedup"], "lazy": False,
+           "criu_conf": [], "descriptors": ["/dev/null", "pipe:[1]", "pipe:[2]"],
+           "memory": 1 << 20}
+    bad_arms = [
+        dict(arm, mid=good.mid), dict(arm, mid="../../etc"), dict(arm, id="../x"),
+        dict(arm, root="/run/runc"), dict(arm, bundle=str(link)), dict(arm, bundle=str(other)),
+        dict(arm, bundle=str(cfglink)), dict(arm, restore_flags=["--exec-cmd"]),
+        dict(arm, restore_flags=["--tcp-established", "--tcp-established"]),
+        dict(arm, restore_flags="--shell-job"), dict(arm, criu_conf=["action-script /x"]),
+        dict(arm, descriptors=[1, 2]), dict(arm, descriptors="/dev/null"),
+        dict(arm, descriptors=["x"] * 65), {"op": "disarm", "mid": "../../etc"},
+    ]
+    for req in bad_arms:
+        r = helper.handle(req)
+        if req["op"] == "disarm":
+            continue                # an invalid mid: nothing to stop, nothing done
+        assert "error" in r, (req, r)
+    assert agent.calls == []
+    assert helper.handle(arm) == {"ok": True, "armed": True, "why": None}
+    assert agent.calls == [("arm", receiving.mid, {
+        "restore_flags": ["--tcp-established", "--auto-dedup"], "lazy": False,
+        "criu_conf": [], "descriptors": ["/dev/null", "pipe:[1]", "pipe:[2]"],
+        "memory": 1 << 20, "bundle": str(bundle), "id": "c1", "root": root})]
     assert helper.handle({"op": "exists", "id": "c1"}) == {"ok": True, "exists": False}
     assert helper.handle({"op": "check", "bundle": str(bundle), "id": "c1"}) == {"ok": True}
     assert "error" in helper.handle({"op": "check", "bundle": str(link), "id": "c1"})
