@@ -787,9 +787,15 @@ class Agent:
         """Create the container from the staged migration through migrt's marker (the
         restore armed for it, if it was and still matches)."""
         a = self._take_armed(staged.mid)
-        if a is not None and (a["bundle"], a["id"], a["root"]) != (
-                msg.get("bundle"), msg.get("id"), msg.get("root") or self.root):
+        if a is not None and ((a["bundle"], a["id"], a["root"]) != (
+                msg.get("bundle"), msg.get("id"), msg.get("root") or self.root)
+                or a["spawned"]["proc"].poll() is not None):
+            # another bundle or id than armed, or its restorer is gone (killed, failed
+            # while it waited): it stops, and the restore runs as if never armed
+            why = "its restorer is gone" if a["spawned"]["proc"].poll() is not None \
+                else "another bundle or id"
             self._disarm(a)
+            log(f"{staged.mid}: armed restore not used ({why}); restoring as usual")
             a = None
         if a is None:
             bundle, cid, root, priv = self._marked_bundle(staged, msg)

@@ -1256,3 +1256,40 @@ def test_migration_ended_before_the_freeze_stops_the_armed_restore(two_nodes, tm
                 if "restore" in " ".join(p.info["cmdline"] or []) and n.b.root in
                 " ".join(p.info["cmdline"] or [])], "a runc restore left behind"
     assert_source_running(n, out)
+
+
+def test_armed_restorer_killed_before_the_freeze_restores_as_usual(two_nodes, tmp_path):
+    """The destination's armed restorer (`migrt run` waiting for its go, its runc and
+    CRIU at CRIU's gate) is killed while the source still runs: CRIU stops at its gate
+    (its holder is gone), and on `restore` the agent restores as if nothing had been
+    armed. The migration completes, one copy runs, on node B."""
+    n = two_nodes
+    fp = tmp_path / "fp"
+    fp.mkdir()
+    ag = n.agent()
+    _, out = n.source()
+    mig = n.migrate(ag, "ctr", bundle=n.dest_bundle(), spawn=True, more_env={
+        "MIGRT_FAILPOINTS": "migrate.dump-armed=pause(3)", "MIGRT_FAILPOINT_DIR": str(fp)})
+    ocitest.wait_for(lambda: os.listdir(fp) or mig.poll() is not None, timeout=60,
+                     what="the dump armed (and the restore before it)")
+    assert mig.poll() is None, mig.communicate()
+    assert "restore armed as ctr" in ag.log()
+    import psutil
+    # the armed runc restore (its stand-in images dir) and its parent, the restorer
+    runcs = [p for p in psutil.process_iter(["cmdline"])
+             if "images-to-come" in " ".join(p.info["cmdline"] or [])
+             and n.b.root in " ".join(p.info["cmdline"] or [])]
+    assert len(runcs) == 1, runcs
+    restorer = runcs[0].parent()
+    assert "run" in restorer.cmdline() or "migrt" in " ".join(restorer.cmdline())
+    restorer.kill()
+    stdout, stderr = mig.communicate(timeout=120)
+    assert mig.returncode == 0, stdout + stderr + ag.log()
+    rep = json.loads(stdout)
+    assert rep["restore_armed"] == "yes"
+    assert "armed" not in rep["downtime"]["restore"], rep["downtime"]["restore"]
+    assert "armed restore not used (its restorer is gone)" in ag.log()
+    assert n.a.state("ctr") is None
+    assert n.b.state("ctr")["status"] == "running"
+    last = ocitest.last_count(out)
+    assert dest_count(n) >= last
