@@ -37,26 +37,33 @@ class Watch:
         self.both = []
         self.uids = []
         self.samples = 0
+        self.seen_on = set()        # the nodes any sample saw it running on
         self.stop = threading.Event()
         self.t = threading.Thread(target=self.run, daemon=True)
         self.t.start()
 
+    def sample(self):
+        run = {n: [c for c, s in running_of(node, self.pod).items() if s == "running"]
+               for n, node in self.kube.nodes.items()}
+        if all(run.values()):
+            self.both.append(run)
+        self.seen_on.update(n for n, cs in run.items() if cs)
+        p = self.kube.kubectl("get", "pod", self.pod, "-o",
+                              "jsonpath={.metadata.uid}", check=False)
+        if p.returncode == 0 and p.stdout and (not self.uids or self.uids[-1] != p.stdout):
+            self.uids.append(p.stdout)
+        self.samples += 1
+
     def run(self):
         while not self.stop.is_set():
-            run = {n: [c for c, s in running_of(node, self.pod).items() if s == "running"]
-                   for n, node in self.kube.nodes.items()}
-            if all(run.values()):
-                self.both.append(run)
-            p = self.kube.kubectl("get", "pod", self.pod, "-o",
-                                  "jsonpath={.metadata.uid}", check=False)
-            if p.returncode == 0 and p.stdout and (not self.uids or self.uids[-1] != p.stdout):
-                self.uids.append(p.stdout)
-            self.samples += 1
+            self.sample()
             time.sleep(0.1)
 
     def end(self):
+        """Stop, with one last sample once the caller has seen the move end."""
         self.stop.set()
         self.t.join(10)
+        self.sample()
 
 
 def statefulset(kube, name, cmd=COUNTER):
@@ -128,8 +135,10 @@ def test_statefulset_pod_moves_and_keeps_its_name(kube, sts_kube):
         assert 0 < st["downtimeSeconds"] < 30, st
         assert (st.get("handoff") or {}).get("attempts") == 1, st
         p, after = check_moved(kube, pod, old, before, target)
-        # one copy at every sample; the API had the old pod, then the new one, no other
-        assert w.samples > 10 and not w.both, w.both[:3]
+        # one copy at every sample, and the samples saw it run on the source, then on the
+        # target (however fast the move); the API had the old pod, then the new one
+        assert not w.both, w.both[:3]
+        assert w.seen_on == {source, target}, (w.seen_on, w.samples)
         assert w.uids[0] == old["metadata"]["uid"] and w.uids[-1] == p["metadata"]["uid"]
         assert len(w.uids) == 2, w.uids
         s = kube.get("statefulset", sts)["status"]
