@@ -130,8 +130,10 @@ class RootHelper:
                           f"not {root!r}")
         return self.agent.root
 
-    def restore(self, req):
-        from migrt.agent import server, staging as stg
+    def _checked(self, req, state):
+        """A restore's (or arm's) migration, bundle, id and root, each checked: the
+        migration this agent's, in `state`. (staged, bundle, id, root), or Refused."""
+        from migrt.agent import staging as stg
         mid, bundle, cid = req.get("mid"), req.get("bundle"), req.get("id")
         if not stg.valid_mid(mid):
             raise Refused("not a migration id")
@@ -140,9 +142,15 @@ class RootHelper:
         root = self._check_root(req)
         staged = stg.Staged(mid, self.agent.staging, self.agent.disk)
         rec = staged.read()
-        if not rec or rec.get("state") != "staged":
-            raise Refused(f"migration {mid} is not staged here")
+        arriving = state == "receiving"
+        if not rec or rec.get("state") != state or (arriving and staged.linked()):
+            raise Refused(f"migration {mid} is not {'arriving' if arriving else 'staged'} here")
         self._check_bundle(bundle)
+        return staged, bundle, cid, root
+
+    def restore(self, req):
+        from migrt.agent import server
+        staged, bundle, cid, root = self._checked(req, "staged")
         try:
             return self.agent.restore(staged, {"bundle": bundle, "id": cid, "root": root})
         except server.Refused as e:
@@ -153,18 +161,8 @@ class RootHelper:
     def arm(self, req):
         """`restore`'s checks, for a migration still arriving: its restore is started now
         and waits at CRIU's gate (migrt.agent.server.Agent.arm)."""
-        from migrt.agent import server, staging as stg
-        mid, bundle, cid = req.get("mid"), req.get("bundle"), req.get("id")
-        if not stg.valid_mid(mid):
-            raise Refused("not a migration id")
-        if not stg.valid_cid(cid):
-            raise Refused("not a container id runc accepts")
-        root = self._check_root(req)
-        staged = stg.Staged(mid, self.agent.staging, self.agent.disk)
-        rec = staged.read()
-        if not rec or rec.get("state") != "receiving" or staged.linked():
-            raise Refused(f"migration {mid} is not arriving here")
-        self._check_bundle(bundle)
+        from migrt.agent import server
+        staged, bundle, cid, root = self._checked(req, "receiving")
         try:
             plan = server.arm_plan(req)
             return self.agent.arm(staged, dict(plan, bundle=bundle, id=cid, root=root))

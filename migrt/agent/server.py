@@ -41,6 +41,7 @@ import zstandard
 from migrt.criu import failpoints
 from migrt.migration import recovery
 from migrt.runc import criu_path, quick_status, runc_path
+from migrt.runtime import checkpoints
 from migrt.runtime.lifecycle import runc_error, wait_exit
 from migrt.agent import fill, staging as stg
 from migrt.safeio import makedirs_private, read_regular, write_private
@@ -74,8 +75,22 @@ class Refused(Exception):
     pass
 
 
-ARM_FLAGS = ("--tcp-established", "--ext-unix-sk", "--shell-job", "--file-locks",
-             "--auto-dedup")
+ARM_FLAGS = checkpoints.RESTORE_FLAGS + ("--auto-dedup",)
+
+
+def _exit_or_kill(p, timeout):
+    """Wait for a restorer (its own session) to exit: True; after `timeout` seconds
+    its whole group (runc, CRIU) is killed and reaped: False."""
+    try:
+        wait_exit(p, timeout)
+        return True
+    except subprocess.TimeoutExpired:
+        try:
+            os.killpg(p.pid, signal.SIGKILL)
+        except OSError:
+            pass
+        p.wait()
+        return False
 
 
 def arm_plan(msg):
@@ -884,15 +899,7 @@ class Agent:
         shutil.rmtree(a["priv"], ignore_errors=True)
 
     def _reap(self, spawned, timeout=30):
-        p = spawned["proc"]
-        try:
-            wait_exit(p, timeout)
-        except subprocess.TimeoutExpired:
-            try:
-                os.killpg(p.pid, signal.SIGKILL)
-            except OSError:
-                pass
-            p.wait()
+        _exit_or_kill(spawned["proc"], timeout)
         self._close_spawned(spawned)
 
     def _close_spawned(self, spawned):
@@ -951,14 +958,7 @@ class Agent:
         env = dict(os.environ, MIGRT_STAGING=self.staging)
         t0 = spawned["t0"]
         try:
-            try:
-                wait_exit(p, self.restore_timeout)
-            except subprocess.TimeoutExpired:
-                try:
-                    os.killpg(p.pid, signal.SIGKILL)
-                except OSError:
-                    pass
-                p.wait()
+            if not _exit_or_kill(p, self.restore_timeout):
                 from migrt.runtime.lifecycle import unmount_criu_leftovers
                 subprocess.run([self.runtime, "--root", root, "delete", "--force", cid],
                                capture_output=True, env=env)

@@ -1033,9 +1033,9 @@ class Migration:
                 or os.environ.get("MIGRT_RESTORE_ARM", "1") == "0" \
                 or features.RESTORE_GATE not in self.dest_criu_features:
             return
-        keep = ("--tcp-established", "--ext-unix-sk", "--shell-job", "--file-locks")
+        from migrt.runtime.checkpoints import RESTORE_FLAGS
         self._detect_file_locks()
-        flags = [f for f in self._manifest_flags() if f in keep]
+        flags = [f for f in self._manifest_flags() if f in RESTORE_FLAGS]
         if self.opts.mode != "lazy":
             flags.append("--auto-dedup")      # migrt.runtime.sources.staged, restored once
         try:

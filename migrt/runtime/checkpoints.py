@@ -26,6 +26,9 @@ import struct
 
 from migrt.errors import CheckpointError
 
+# the dump's flags that its restore needs too (runc restore takes the same ones)
+RESTORE_FLAGS = ("--tcp-established", "--ext-unix-sk", "--shell-job", "--file-locks")
+
 DEFAULT_DIRS = ("/var/lib/migrt/checkpoints", "/run/migrt")
 
 # The files without which CRIU cannot even start a restore.
@@ -273,8 +276,7 @@ def manifest_flags(image_dir):
         man = json.loads(read_regular(path, 64 << 20))
     except (OSError, ValueError) as e:
         raise CheckpointError(f"{path}: cannot read: {getattr(e, 'strerror', None) or e}")
-    keep = ("--tcp-established", "--ext-unix-sk", "--shell-job", "--file-locks")
-    return [f for f in man.get("criu_flags", []) if f in keep]
+    return [f for f in man.get("criu_flags", []) if f in RESTORE_FLAGS]
 
 
 def manifest_criu_conf(man):

@@ -536,13 +536,18 @@ class Armed:
                 self.proc.wait()
 
 
+def _no_container(call, cid):
+    """No container of this id (a failed or stopped restore's), no CRIU mounts left."""
+    if exists(call, cid):
+        quiet_runc(call.global_tokens() + ["delete", "--force", cid])
+    unmount_criu_leftovers(call, cid)
+
+
 def _disarm(call, cid, bundle, armed):
     """Nothing left of an armed restore that will not be used: no runc, no container,
     the caller's config.json back, no work dir."""
     armed.stop()
-    if exists(call, cid):
-        quiet_runc(call.global_tokens() + ["delete", "--force", cid])
-    unmount_criu_leftovers(call, cid)
+    _no_container(call, cid)
     put_back_spec(bundle)
     remove_work(armed.work)
 
@@ -603,9 +608,7 @@ def _arm_restore(call, flags, cid, bundle, spec, marker, arm_dir):
         if proc is not None and proc.poll() is None:
             proc.kill()
             proc.wait()
-        if exists(call, cid):
-            quiet_runc(call.global_tokens() + ["delete", "--force", cid])
-        unmount_criu_leftovers(call, cid)
+        _no_container(call, cid)
         put_back_spec(bundle)
         remove_work(work)
         return MigrtError(f"armed restore of {cid}: {why}")
@@ -727,9 +730,7 @@ def _restore_source(call, flags, cid, bundle, spec, marker, plugins, source, arm
             armed.stop()
         if lazy:
             _kill(lazy)
-        if exists(call, cid):
-            quiet_runc(call.global_tokens() + ["delete", "--force", cid])
-        unmount_criu_leftovers(call, cid)
+        _no_container(call, cid)
         if journal is not None:
             try:
                 journal.rollback()
@@ -770,9 +771,7 @@ def _restore_source(call, flags, cid, bundle, spec, marker, plugins, source, arm
                 armed.stop()
                 armed = None
                 timing["armed"] = f"not used: {why}"
-                if exists(call, cid):
-                    quiet_runc(call.global_tokens() + ["delete", "--force", cid])
-                unmount_criu_leftovers(call, cid)
+                _no_container(call, cid)
         if armed is not None:
             # runc and CRIU, started before the freeze with these same arguments, config
             # and spec, wait at CRIU's gate: it reads the images from here on

@@ -62,9 +62,8 @@ def resolve(rest, bundle):
     finally:
         if lock is not None:
             os.close(lock)
-    keep = ("--tcp-established", "--ext-unix-sk", "--shell-job", "--file-locks")
-    flags = [f for f in m.get("criu_flags", []) if f in keep]
-    from migrt.runtime.checkpoints import manifest_criu_conf
+    from migrt.runtime.checkpoints import RESTORE_FLAGS, manifest_criu_conf
+    flags = [f for f in m.get("criu_flags", []) if f in RESTORE_FLAGS]
     conf = manifest_criu_conf(m)
     lazy = rec.get("lazy_address")
     if not lazy and not retain:
