@@ -16,7 +16,8 @@ import click
 @click.option("--dest-root", "dest_root", help="runc root on the destination (with --bundle)")
 @click.option("--id", "new_id", help="container id on the destination [default: the same]")
 @click.option("--precopy", is_flag=True, help="send a full image while running, then only "
-              "the changed blocks during the freeze")
+              "the changed blocks during the freeze (with --lazy: then only the pages that "
+              "changed come from here after the restore)")
 @click.option("--lazy", is_flag=True, help="post-copy: restore at once, serve memory on "
               "demand from a page server here (cannot be rolled back once restored)")
 @click.option("--streams", default=4, show_default=True, help="parallel TCP streams")
@@ -69,8 +70,6 @@ def command(call, container, to, secret_file, bundle, dest_root, new_id, precopy
     from migrt.transfer import wire
     if peer_timeout is not None:
         os.environ["MIGRT_PEER_TIMEOUT"] = str(peer_timeout)
-    if precopy and lazy:
-        raise click.UsageError("--precopy and --lazy exclude each other")
     if handoff and (lazy or bundle):
         raise click.UsageError("--handoff stages the copy for a later create: not with "
                                "--lazy (its memory would stay on this node) nor --bundle")
@@ -81,7 +80,9 @@ def command(call, container, to, secret_file, bundle, dest_root, new_id, precopy
         secret = wire.load_secret(secret_file)
     except (wire.ProtocolError, OSError) as e:
         raise click.ClickException(str(e))
-    mode = "precopy" if precopy else "lazy" if lazy else "full"
+    # --precopy --lazy: lazy mode after a pre-copy round (only what changed since is
+    # served from here after the restore)
+    mode = "lazy" if lazy else "precopy" if precopy else "full"
     if level != "auto":
         try:
             level = int(level)
@@ -93,7 +94,8 @@ def command(call, container, to, secret_file, bundle, dest_root, new_id, precopy
                        rootfs_base=rootfs_base, tcp_established=tcp_established,
                        file_locks=file_locks, skip_in_flight=skip_in_flight, mid=mid,
                        restored_file=restored_file, handoff=handoff,
-                       hold_source=hold_source, hold_timeout=hold_timeout)
+                       hold_source=hold_source, hold_timeout=hold_timeout,
+                       precopy=precopy and lazy)
     root = call.root if call is not None else "/run/runc"
     report = mig.migrate(root, container, opts)
     if as_json:

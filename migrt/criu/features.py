@@ -29,6 +29,13 @@ Features:
                         RestoreGate), then reads them from that dir's "images" if
                         migrt linked it there: the destination starts runc restore
                         before the source is frozen (the agent's `arm` op).
+    lazy-parent         a lazy migration with a pre-copy (`migrate --precopy --lazy`):
+                        with MIGRT_CRIU_LAZY_PARENT_DIR naming the pre-copy's images,
+                        the page server compares each lazy page with the pre-copy's
+                        and answers "the same" without its data; the lazy-pages daemon
+                        (MIGRT_CRIU_LAZY_PARENT=1, the pre-copy in its images dir's
+                        parent/) reads those from there. Either end without it: every
+                        page is sent, as without a pre-copy.
 """
 import mmap
 import os
@@ -39,6 +46,7 @@ LAZY_RANGES = "lazy-ranges"
 EARLY_SMAPS = "early-smaps"
 RESTORE_GATE = "restore-gate"
 NO_BREAKPOINTS = "no-breakpoints"
+LAZY_PARENT = "lazy-parent"
 # what each one gives, for `migrt doctor` (and what a CRIU without it costs)
 KNOWN = {
     LAZY_SOCKET_WAIT: "a lazy restore starts with its lazy-pages daemon, not after it",
@@ -46,6 +54,7 @@ KNOWN = {
     EARLY_SMAPS: "a lazy dump reads its tasks' smaps before the freeze",
     RESTORE_GATE: "the destination's runc restore starts before the freeze",
     NO_BREAKPOINTS: "no hardware breakpoint at dump or restore (10 to 30 ms each)",
+    LAZY_PARENT: "with --precopy --lazy, lazy pages unchanged since the pre-copy are not sent",
 }
 _NAME = frozenset(b"abcdefghijklmnopqrstuvwxyz0123456789-")
 _seen = {}

@@ -82,8 +82,11 @@ class Options:
                  page_server_port=0, criu_flags=(), rootfs_base=None, keep_image=False,
                  tcp_established=None, file_locks=None, skip_in_flight=True,
                  mid=None, restored_file=None, handoff=False, hold_source=None,
-                 hold_timeout=120.0):
+                 hold_timeout=120.0, precopy=False):
         self.to = to
+        # lazy mode only: a pre-copy round first (the memory sent while the container
+        # runs); after the restore only the pages that changed since come over the wire
+        self.precopy = precopy
         # once the copy runs on the destination, the source stays frozen until this file
         # exists (at most hold_timeout seconds), then goes: the caller (migrt.kube, a Job
         # pod with restartPolicy Never) takes the old pod out of its Job meanwhile
@@ -395,6 +398,8 @@ class Migration:
         self.lazy_proc = None
         self.lazy_ranges = False
         self.lazy_criu_env = {}         # CRIU's own switches for the lazy dump (precheck)
+        self.lazy_precopy = False       # --precopy --lazy, both CRIUs able (precheck)
+        self.precopy_files = {}         # what that pre-copy sent, in parent/
         self.netlock = None             # CRIU's default until the precheck chooses
         self.dump_started = False
         self.dump_thread = None
@@ -709,6 +714,16 @@ class Migration:
                 if os.environ.get("MIGRT_EARLY_SMAPS", "1") != "0" \
                         and features.has(features.EARLY_SMAPS):
                     self.lazy_criu_env["MIGRT_CRIU_EARLY_SMAPS"] = "1"
+            if self.opts.precopy:
+                # the pages compared with the pre-copy's are those of whole-lazy VMAs
+                lacks = [w for w, has in (("this node's", features.has(features.LAZY_PARENT)),
+                                          ("the destination's", isinstance(theirs, list)
+                                           and features.LAZY_PARENT in theirs)) if not has]
+                self.lazy_precopy = self.lazy_ranges and not lacks
+                self.report["lazy_precopy"] = (
+                    "used" if self.lazy_precopy else
+                    f"not used: {' and '.join(lacks)} CRIU lacks {features.LAZY_PARENT}" if lacks
+                    else "not used: needs lazy ranges (MIGRT_LAZY_RANGES)")
         self.report["migration"] = self.mid
         # plugins may refuse now, before anything is frozen (devices, GPU, isolation...)
         from migrt.plugins.engine import ForContainer
@@ -747,12 +762,12 @@ class Migration:
                                               self.work, dest_id=self.opts.new_id or self.cid,
                                               dest_root=self.opts.dest_root, mode=self.opts.mode)
 
-    def _sender(self, progress=None, want_blocks=False, streams=None):
+    def _sender(self, progress=None, want_blocks=False, streams=None, release=None):
         # each chunk's local copy is freed once sent, unless the user keeps the image
         return Sender(self.opts.to, self.opts.secret, self.mid,
                       streams=streams or self.opts.streams,
                       level=self.opts.level, progress=progress, want_blocks=want_blocks,
-                      release=not self.opts.keep_image)
+                      release=not self.opts.keep_image if release is None else release)
 
     def _checkpoint_argv(self, image, work, lazy_addr=None, status_fd=None):
         argv = ["checkpoint", "--image-path", image, "--work-path", work]
@@ -868,7 +883,7 @@ class Migration:
         return t
 
     def _send_round(self, image, work, capture, base=None, label="dump", fifos=False,
-                    sender=None, pipes=None):
+                    sender=None, pipes=None, send_dir=None):
         """Dump into image while sending it. fifos: the pages go through FIFOs (only
         when frozen anyway: CRIU then waits for the transfer, and so do the tasks)."""
         makedirs_private(image)   # plugins may have written there
@@ -889,7 +904,7 @@ class Migration:
         t0 = time.monotonic()
         th = self._dump_thread(image, work, result, capture)
         try:
-            files = sender.send(image, lambda: result["done"] or "error" in result, base=base,
+            files = sender.send(send_dir or image, lambda: result["done"] or "error" in result, base=base,
                                 pipes=pipes, wake=ended, early=lambda: result.get("early", ()))
         except (TransferError, wire.ProtocolError) as e:
             th.join()
@@ -968,6 +983,33 @@ class Migration:
             self.phases["precopy_frozen"] = round(st.get("freezing_s", 0) + st["frozen_s"], 4)
         self._account(sender, "_precopy")
         return sender.blocks
+
+    def lazy_precopy_round(self):
+        """--precopy --lazy: a dump while the container runs (as precopy's first round),
+        sent into the destination's images dir as parent/ (CRIU's name for an earlier
+        dump of the same tasks). After the restore, the source's page server compares
+        each page it is asked for with this dump's and answers "the same" without the
+        data; the destination reads those from its copy (packaging/criu-patches,
+        lazy-parent). The comparison is exact, so nothing need track which pages were
+        written in between (this kernel has no soft-dirty tracking)."""
+        from migrt.runtime.checkpoints import PRECOPY_PARENT
+        self.phase = "pre-copy"
+        t0 = time.monotonic()
+        self._detect_file_locks()
+        top = os.path.join(self.work, "precopy")
+        parent = os.path.join(top, PRECOPY_PARENT)
+        # (kept here once sent: the page server compares with it after the restore)
+        sender, files, result, took = self._send_round(
+            parent, os.path.join(self.work, "work1"), capture=False, label="pre-copy",
+            send_dir=top, sender=self._sender(release=False))
+        self._commit(files, self._bare_manifest(), final=False)
+        self.precopy_files = files
+        self.lazy_criu_env["MIGRT_CRIU_LAZY_PARENT_DIR"] = parent
+        self._t("precopy", t0)
+        st = result.get("criu_stats") or {}
+        if st.get("frozen_s") is not None:
+            self.phases["precopy_frozen"] = round(st.get("freezing_s", 0) + st["frozen_s"], 4)
+        self._account(sender, "_precopy")
 
     def _detect_file_locks(self):
         """--file-locks when a process holds a lock (unless the user said either way)."""
@@ -1366,7 +1408,8 @@ class Migration:
         sender = self.lazy_sender
         files = sender.send(image, lambda: True)
         self._check_lazy(files, work)
-        self._commit(files, m, lazy_address=address)
+        # the pre-copy's files stay staged beside these (the manifest lists them all)
+        self._commit(dict(self.precopy_files, **files), m, lazy_address=address)
         self._t("transfer", t1)
         self._account(sender)
         self.report["page_server"] = address
@@ -1432,8 +1475,27 @@ class Migration:
             failed = f"the page server had not served every page after {timeout:.0f}s"
         self._t("pages_served_after_restore", t0)
         self.lazy_proc = None
+        if self.lazy_precopy and not failed:
+            self._count_precopy_pages()
         if failed:
             self._lazy_failed_after_restore(failed)
+
+    def _count_precopy_pages(self):
+        """--precopy --lazy: how many of the pages served after the restore were the
+        same as the pre-copy's (not sent) and how many were sent, from CRIU's log."""
+        import re
+        try:
+            with open(os.path.join(self.work, "work", "dump.log"), "rb") as f:
+                f.seek(max(0, os.fstat(f.fileno()).st_size - (64 << 10)))
+                tail = f.read()
+        except OSError:
+            return
+        m = re.search(rb"Lazy pages the same as the pre-copy's: (\d+), sent: (\d+) "
+                      rb"\((\d+) replies with both\)", tail)
+        if m:
+            self.report["lazy_pages_from_precopy"] = int(m.group(1))
+            self.report["lazy_pages_sent"] = int(m.group(2))
+            self.report["lazy_replies_mixed"] = int(m.group(3))
 
     def _lazy_failed_after_restore(self, why):
         stopped, answer = False, "no answer"
@@ -1461,6 +1523,8 @@ class Migration:
         failpoints.hit("migrate.before-freeze")
         try:
             base = self.precopy_round() if self.opts.mode == "precopy" else None
+            if self.lazy_precopy:
+                self.lazy_precopy_round()
             # e.g. the workload is told and drains (rdma), CUDA is locked (gpu)
             self.phase = "checkpoint preparation (plugins)"
             self.plugins.pre_checkpoint(os.path.join(self.work, "image"), mode="dump",

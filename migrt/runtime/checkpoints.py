@@ -28,6 +28,10 @@ from migrt.errors import CheckpointError
 
 # the dump's flags that its restore needs too (runc restore takes the same ones)
 RESTORE_FLAGS = ("--tcp-established", "--ext-unix-sk", "--shell-job", "--file-locks")
+# In a lazy migration with a pre-copy (migrate --precopy --lazy), the dump made while
+# the container ran, in this subdir of the images dir (CRIU's own name for an earlier
+# dump of the same tasks): the lazy pages that are the same as there are read from it
+PRECOPY_PARENT = "parent"
 
 DEFAULT_DIRS = ("/var/lib/migrt/checkpoints", "/run/migrt")
 

@@ -917,10 +917,18 @@ def start_lazy_pages(source, work):
                             'echo $rc > "$MIGRT_FILL_STATUS.tmp" && '
                             'mv "$MIGRT_FILL_STATUS.tmp" "$MIGRT_FILL_STATUS"; exit $rc',
                 "lazy-pages"] + argv
+    if not source.lazy_address:
+        env = dict(os.environ, MIGRT_FILL_STATUS=status)
+    elif os.path.isdir(os.path.join(source.image_dir, checkpoints.PRECOPY_PARENT)):
+        # a lazy migration with a pre-copy (migrate --precopy --lazy): the pages that
+        # are the same as in that earlier dump, here in parent/, are read from it and
+        # not sent (packaging/criu-patches, lazy-parent)
+        env = dict(os.environ, MIGRT_CRIU_LAZY_PARENT="1")
+    else:
+        env = None
     proc = subprocess.Popen(
         argv, stdin=subprocess.DEVNULL, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL,
-        start_new_session=True,
-        env=None if source.lazy_address else dict(os.environ, MIGRT_FILL_STATUS=status))
+        start_new_session=True, env=env)
     proc.migrt_log = log
     if os.environ.get("MIGRT_LAZY_SOCKET_WAIT", "1") != "0":
         from migrt.criu import features

@@ -3,7 +3,8 @@
  * one page in 16, one 16 MiB block, and a 4 MiB block it then gave back
  * (MADV_DONTNEED). Every 100 ms it checks all of it: each written page holds what it
  * last wrote there, every other page reads zero. It rewrites a few pages each round
- * and, every round, also reads through a few never-written pages (faults on holes).
+ * (eight of the one-in-16 pages and one of the block) and, every round, also reads
+ * through a few never-written pages (faults on holes).
  *
  * Where the kernel has guard regions (6.13 on), one page is a guard page, and must stay one.
  * SIGUSR1 marks the whole mapping MADV_DONTFORK (its VmFlags change, its layout does not).
@@ -154,6 +155,8 @@ int main(void)
 			if (p != GUARD_AT / PAGE)
 				write_page(p);
 		}
+		/* and one page of the written block: a run of pages with one changed */
+		write_page(BLOCK_AT / PAGE + (round * 37) % (BLOCK_LEN / PAGE));
 		round++;
 		FILE *f = fopen("/tmp/sparse.status.new", "w");
 		if (f) {
