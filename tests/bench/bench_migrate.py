@@ -9,7 +9,8 @@ busybox container; then, one after the other:
 - runc with the source kept: `runc pause`, `runc checkpoint --leave-running`, `runc restore
   --auto-dedup`, then delete the source: what migrt must do by design even if the
   transfer cost nothing (the source stays until the copy runs; memory is not doubled);
-- migrt full (defaults) / full with zstd level 1 forced / precopy / lazy: `migrt migrate --json` to an agent on
+- migrt full (defaults) / full with zstd level 1 forced / precopy / lazy / precopy-lazy
+  (`--precopy --lazy`): `migrt migrate --json` to an agent on
   loopback (two runc roots), downtime = freeze until the destination runs the container;
 - podman: `podman container checkpoint --export` + `podman container restore --import`.
 
@@ -326,7 +327,8 @@ def main():
     # full: the defaults (--zstd-level auto picks 0 for an agent on this machine)
     extra = {"full": [], "full-z1": ["--zstd-level", "1"], "full-z0": ["--zstd-level", "0"],
              "full-z3": ["--zstd-level", "3"], "full-zfast": ["--zstd-level", "-5"],
-             "precopy": ["--precopy"], "lazy": ["--lazy"]}
+             "precopy": ["--precopy"], "lazy": ["--lazy"],
+             "precopy-lazy": ["--precopy", "--lazy"]}
     # (row name, mode, CRIU path or None)
     modes = [(m if not variants else f"{m}, criu {label}", m, path)
              for m in args.modes.split(",") for label, path in (variants or [(None, None)])]
@@ -386,7 +388,14 @@ def main():
                 if mode == "precopy":
                     note += (f"; round 1: {by.get('image_precopy', 0) / 1e6:.0f} MB, "
                              f"frozen {ph.get('precopy_dump_freeze', 0):.2f}s while dumped")
-                if mode == "lazy":
+                if mode == "precopy-lazy":
+                    same = _median([x.get("lazy_pages_from_precopy", 0) for x in good])
+                    sent = _median([x.get("lazy_pages_sent", 0) for x in good])
+                    note += (f"; pre-copy {by.get('image_precopy', 0) / 1e6:.0f} MB while it "
+                             f"ran ({ph.get('precopy', 0):.2f}s), {rep.get('lazy_precopy')}; "
+                             f"after the restore {same * 4096 / 1e6:.0f} MB taken from it, "
+                             f"{sent * 4096 / 1e6:.0f} MB sent (medians)")
+                if mode in ("lazy", "precopy-lazy"):
                     served = [x["phases"].get("pages_served_after_restore") for x in good]
                     served = _median([x for x in served if x is not None] or [0])
                     rel = _median([x["phases"].get("source_released_after_restore", 0)
