@@ -904,8 +904,9 @@ class Migration:
         t0 = time.monotonic()
         th = self._dump_thread(image, work, result, capture)
         try:
-            files = sender.send(send_dir or image, lambda: result["done"] or "error" in result, base=base,
-                                pipes=pipes, wake=ended, early=lambda: result.get("early", ()))
+            files = sender.send(send_dir or image, lambda: result["done"] or "error" in result,
+                                base=base, pipes=pipes, wake=ended,
+                                early=lambda: result.get("early", ()))
         except (TransferError, wire.ProtocolError) as e:
             th.join()
             prog.done(ok=False)
@@ -966,13 +967,26 @@ class Migration:
         self.report.setdefault("cpu_compress_s", 0.0)
         self.report["cpu_compress_s"] = round(self.report["cpu_compress_s"] + s.cpu_compress, 3)
 
-    def precopy_round(self):
+    def precopy_round(self, as_parent=False):
+        """A dump while the container runs, sent whole; returns its blocks (the base of
+        --precopy's delta round).
+
+        as_parent (--precopy --lazy): the dump goes into the destination's images dir as
+        parent/ (CRIU's name for an earlier dump of the same tasks) and stays here once
+        sent. After the restore the source's page server compares each page it is asked
+        for with this dump's and answers "the same" without the data; the destination
+        reads those from its copy (packaging/criu-patches, lazy-parent). The comparison
+        is exact, so nothing need track which pages were written in between (this
+        kernel has no soft-dirty tracking)."""
+        from migrt.runtime.checkpoints import PRECOPY_PARENT
         self.phase = "pre-copy"
         t0 = time.monotonic()
         self._detect_file_locks()
+        top = os.path.join(self.work, "precopy") if as_parent else None
+        image = os.path.join(top or self.work, PRECOPY_PARENT if as_parent else "round1")
         sender, files, result, took = self._send_round(
-            os.path.join(self.work, "round1"), os.path.join(self.work, "work1"),
-            capture=False, label="pre-copy")
+            image, os.path.join(self.work, "work1"), capture=False, label="pre-copy",
+            send_dir=top, sender=self._sender(release=False) if as_parent else None)
         self._commit(files, self._bare_manifest(), final=False)
         self._t("precopy", t0)
         self.phases["precopy_dump_freeze"] = round(result.get("criu_s", 0), 4)
@@ -982,34 +996,10 @@ class Migration:
         if st.get("frozen_s") is not None:
             self.phases["precopy_frozen"] = round(st.get("freezing_s", 0) + st["frozen_s"], 4)
         self._account(sender, "_precopy")
+        if as_parent:
+            self.precopy_files = files          # listed again in the final manifest
+            self.lazy_criu_env["MIGRT_CRIU_LAZY_PARENT_DIR"] = image
         return sender.blocks
-
-    def lazy_precopy_round(self):
-        """--precopy --lazy: a dump while the container runs (as precopy's first round),
-        sent into the destination's images dir as parent/ (CRIU's name for an earlier
-        dump of the same tasks). After the restore, the source's page server compares
-        each page it is asked for with this dump's and answers "the same" without the
-        data; the destination reads those from its copy (packaging/criu-patches,
-        lazy-parent). The comparison is exact, so nothing need track which pages were
-        written in between (this kernel has no soft-dirty tracking)."""
-        from migrt.runtime.checkpoints import PRECOPY_PARENT
-        self.phase = "pre-copy"
-        t0 = time.monotonic()
-        self._detect_file_locks()
-        top = os.path.join(self.work, "precopy")
-        parent = os.path.join(top, PRECOPY_PARENT)
-        # (kept here once sent: the page server compares with it after the restore)
-        sender, files, result, took = self._send_round(
-            parent, os.path.join(self.work, "work1"), capture=False, label="pre-copy",
-            send_dir=top, sender=self._sender(release=False))
-        self._commit(files, self._bare_manifest(), final=False)
-        self.precopy_files = files
-        self.lazy_criu_env["MIGRT_CRIU_LAZY_PARENT_DIR"] = parent
-        self._t("precopy", t0)
-        st = result.get("criu_stats") or {}
-        if st.get("frozen_s") is not None:
-            self.phases["precopy_frozen"] = round(st.get("freezing_s", 0) + st["frozen_s"], 4)
-        self._account(sender, "_precopy")
 
     def _detect_file_locks(self):
         """--file-locks when a process holds a lock (unless the user said either way)."""
@@ -1524,7 +1514,7 @@ class Migration:
         try:
             base = self.precopy_round() if self.opts.mode == "precopy" else None
             if self.lazy_precopy:
-                self.lazy_precopy_round()
+                self.precopy_round(as_parent=True)
             # e.g. the workload is told and drains (rdma), CUDA is locked (gpu)
             self.phase = "checkpoint preparation (plugins)"
             self.plugins.pre_checkpoint(os.path.join(self.work, "image"), mode="dump",
