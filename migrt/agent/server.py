@@ -1181,7 +1181,8 @@ class Agent:
             return False
 
     # ------------------------------------------------------------ source side
-    MODES = {"full": [], "precopy": ["--precopy"], "lazy": ["--lazy"]}
+    MODES = {"full": [], "precopy": ["--precopy"], "lazy": ["--lazy"],
+             "precopy-lazy": ["--precopy", "--lazy"]}
 
     def _migrate_out(self, conn, hello):
         """Run `migrt migrate` of a container of this node (see the module's doc). The
@@ -1193,7 +1194,8 @@ class Agent:
         if not (stg.valid_cid(cid) and stg.valid_mid(mid) and isinstance(to, str)
                 and to.rpartition(":")[2].isdigit() and mode in self.MODES):
             conn.send_json({"error": "migrate needs a container id, a migration id, "
-                                     "a destination HOST:PORT and a mode (full, precopy, lazy)"})
+                                     "a destination HOST:PORT and a mode ("
+                                     + ", ".join(self.MODES) + ")"})
             return
         if self.privileged:
             conn.send_json({"error": "this agent runs its network side unprivileged "

@@ -1,6 +1,6 @@
 """`kubectl migrt`: move pods with migrt (a kubectl plugin: the executable kubectl-migrt).
 
-    kubectl migrt pod NAME [--to NODE] [--mode full|precopy|lazy] [--json] [--dry-run]
+    kubectl migrt pod NAME [--to NODE] [--mode full|precopy|lazy|precopy-lazy] [--json] [--dry-run]
     kubectl migrt drain NODE [--max-parallel N] [--mode M] [--json]
     kubectl migrt list [-A]
     kubectl migrt controller --secret-file FILE     (the PodMigration controller itself)
@@ -33,7 +33,7 @@ def parser():
     _common(p)
     p.add_argument("name")
     p.add_argument("--to", dest="to", help="target node [default: the scheduler picks]")
-    p.add_argument("--mode", default="full", choices=("full", "precopy", "lazy"))
+    p.add_argument("--mode", default="full", choices=ctl.MODES)
     p.add_argument("--json", action="store_true", help="print the final report as JSON")
     p.add_argument("--dry-run", action="store_true",
                    help="check that the pod could be moved; change nothing")
@@ -42,7 +42,7 @@ def parser():
     _common(d)
     d.add_argument("node")
     d.add_argument("--max-parallel", type=int, default=2, help="pods moved at once [2]")
-    d.add_argument("--mode", default="full", choices=("full", "precopy", "lazy"))
+    d.add_argument("--mode", default="full", choices=ctl.MODES)
     d.add_argument("--json", action="store_true")
     d.add_argument("--timeout", type=float, default=600)
     ls = sub.add_parser("list", help="list PodMigrations")
@@ -174,6 +174,11 @@ def report_lines(pm, took):
     if b:
         lines.append(f"  bytes: image {b.get('image', 0) / 1e6:.1f} MB, on the wire "
                      f"{b.get('wire', 0) / 1e6:.1f} MB")
+    if st.get("lazyPrecopy"):
+        pages = st.get("lazyPages") or {}
+        lines.append(f"  pre-copy {st['lazyPrecopy']}" + (
+            f": after the restore {pages.get('fromPrecopy', 0)} pages read from it on the "
+            f"target, {pages.get('sent', 0)} sent" if pages else ""))
     return lines
 
 

@@ -44,6 +44,8 @@ LABEL = "migrt.io/migration"              # on the new pod: the PodMigration's n
 HELD = "migrt.io/held-labels"             # labels held back until the ReplicaSet adopts it
 DRAIN_TAINT = "migrt.io/drain"            # a node tainted so is drained by migration
 # the owners whose pods migrt hands over to them (kind: API group/version, resource)
+# migrt migrate's modes, as the source agent takes them (precopy-lazy: --precopy --lazy)
+MODES = ("full", "precopy", "lazy", "precopy-lazy")
 OWNERS = {"ReplicaSet": ("apps/v1", "replicasets"), "Job": ("batch/v1", "jobs")}
 RUNTIME_CLASS = os.environ.get("MIGRT_RUNTIME_CLASS", "migrt")
 SCHEDULE_TIMEOUT = float(os.environ.get("MIGRT_KUBE_SCHEDULE_TIMEOUT", "60"))
@@ -493,8 +495,8 @@ class Mover:
                 raise Failed(f"pod {pod['metadata']['name']} already runs on {target}",
                              delete_target=False)
         mode = spec.get("mode") or "full"
-        if mode not in ("full", "precopy", "lazy"):
-            raise Failed(f"mode {mode!r}: one of full, precopy, lazy", delete_target=False)
+        if mode not in MODES:
+            raise Failed(f"mode {mode!r}: one of {', '.join(MODES)}", delete_target=False)
         mid = "m-" + os.urandom(8).hex()
         cid = pod["status"]["containerStatuses"][0]["containerID"].split("://", 1)[-1]
         self.set_status(phase="Running", step="creating target pod", migrationID=mid,
@@ -624,6 +626,13 @@ class Mover:
             ph = report.get("phases") or {}
             fields.update(phases=ph, bytes=report.get("bytes") or {},
                           downtimeSeconds=ph.get("downtime"))
+            if report.get("lazy_precopy"):      # precopy-lazy: what the pre-copy saved
+                fields["lazyPrecopy"] = str(report["lazy_precopy"])
+                pages = {k: report[f"lazy_pages_{w}"] for k, w in
+                         (("fromPrecopy", "from_precopy"), ("sent", "sent"))
+                         if isinstance(report.get(f"lazy_pages_{w}"), int)}
+                if pages:
+                    fields["lazyPages"] = pages
         if res.get("ok") or rc == 6:
             self.set_status(**fields, message=f"restored on {self.st.get('targetNode')}")
             return

@@ -667,3 +667,35 @@ def test_lazy_move_hands_the_service_over_when_the_copy_runs(kube, migrt_kube):
         "ReplicaSet"
     kube.kubectl("delete", "deployment", app, "--wait=false")
     kube.kubectl("delete", "service", app, "--wait=false")
+
+
+def test_precopy_lazy_move_takes_unchanged_memory_from_the_precopy(kube, migrt_kube):
+    """`kubectl migrt pod --mode precopy-lazy` (migrate --precopy --lazy through the
+    source agent): the pod's ~50 MB of memory that did not change after the pre-copy is
+    read on the target from the pre-copy, not sent again after the restore; the
+    PodMigration and the command's output say how many pages each way; the counter goes
+    on in the same process."""
+    pod = name("pl")
+    cmd = ("trap 'exit 0' TERM; x=$(head -c 50000000 /dev/zero | tr '\\0' a); "
+           "exec 3>>/data.log; i=0; while :; do i=$((i+1)); echo $i; echo $i >&3; "
+           "echo $i > /tmp/count; sleep 0.2; done")
+    kube.run_pod(pod_manifest(pod, cmd, node="node-a"))
+    wait_for(lambda: len(numbers(kube.logs(pod))) >= 5, 60, "counter running")
+    before = numbers(kube.logs(pod))
+    r = kubectl_migrt(kube, migrt_kube, "pod", pod, "--to", "node-b", "--mode", "precopy-lazy")
+    assert r.returncode == 0, r.stdout + r.stderr + migrt_kube.tail()
+    st = pm_for(kube, pod)["status"]
+    assert st["phase"] == "Succeeded" and st["mode"] == "precopy-lazy", st
+    assert st["lazyPrecopy"] == "used", st
+    pages = st["lazyPages"]
+    # 50 MB is about 12,200 pages; what the counter's shell wrote since is a few
+    assert pages["fromPrecopy"] > 11000 and pages["sent"] < pages["fromPrecopy"] // 10, pages
+    assert st["phases"]["precopy"] > 0 and st["phases"]["pages_served_after_restore"] > 0, st
+    assert (f"pre-copy used: after the restore {pages['fromPrecopy']} pages read from it on "
+            f"the target, {pages['sent']} sent") in r.stdout, r.stdout
+    new = st["targetPod"]
+    assert kube.wait_pod(new)["spec"]["nodeName"] == "node-b"
+    check_counter_moved(kube, new, before)
+    kube.wait_gone(pod)
+    kube.delete_pod(new)
+    kube.wait_gone(new)
