@@ -1109,6 +1109,16 @@ class Agent:
                          last_error=rec.get("last_error"))
         with self.lock:
             active = mid in self.sessions
+        if hello.get("stop") and rec and not active and rec.get("state") == "restored":
+            # lazy mode, from the source's recovery: the page server of a `migrt migrate`
+            # that died ended before it had served every page, so the copy here lacks
+            # part of its memory and must not run on (a live migrate asks in its session)
+            why = str(hello["stop"])[:500]
+            reply["stopped"] = bool(self.stop_copy(staged, why))
+            if reply["stopped"]:
+                log(f"{mid}: {why}; the container here was stopped (the source's recovery)")
+            rec = staged.read()
+            reply["state"] = (rec or {}).get("state", "unknown")
         if hello.get("release") and rec and not active \
                 and rec.get("state") in ("restored", "failed", "done"):
             # the source decided (migrt.migration.recovery): nothing here is needed now

@@ -16,6 +16,9 @@ writer left running (a `runc checkpoint` and its CRIU), asks the destination age
 became of the migration, and finishes it:
 
     destination runs the container           -> delete the (frozen) source
+      (lazy mode: once the dead writer's page server has ended; if CRIU's log says it
+      did not serve every page, the destination's copy is stopped and the source
+      resumes, or, if the destination cannot confirm, the source stays paused)
     destination never got to restore it      -> resume the source
     destination unreachable, or the answer
     cannot tell "dropped" from "restored"    -> leave the source frozen, keep the
@@ -188,6 +191,23 @@ def resolve(j, secret):
     if dest == "restored" or (dest is not None and exists):
         if serving and leftovers(rec):
             return f"{where}: the destination runs it; the source still serves its memory"
+        failed = serving and src is not None and page_server_failure(rec)
+        if failed:
+            # the copy there lacks part of its memory: it must stop, and the source,
+            # which has all of it, resumes (as a live migrate does, lazy_finish)
+            if not stop_destination(rec, secret, failed):
+                if src == "running":        # thawed by its failed CRIU: not two copies
+                    _runc(rec, "pause", cid)
+                return (f"{where}: {failed}, and the destination did not confirm that it "
+                        f"stopped its copy; the source stays frozen until it does")
+            unlocked = _clear_netlock(srcst.get("pid"))
+            if src == "paused":
+                r = _runc(rec, "resume", cid)
+                if r.returncode != 0:
+                    return f"{where}: could not resume the source: {r.stderr.strip()}"
+            outcome = (f"{where}: {failed}; the destination's copy, missing part of its "
+                       f"memory, was stopped there; source resumed")
+            return _finish(j, rec, secret, phase, outcome, killed, unlocked)
         if src is not None:
             if srcst.get("bundle"):         # its kubelet must not bring it back
                 from migrt.migration.migrate import bury
@@ -213,6 +233,10 @@ def resolve(j, secret):
         # unreachable, still restoring, or gone after a restore may have happened
         return (f"{where}: destination says {dest or 'nothing (unreachable)'}; the source "
                 f"stays {src} until that is known")
+    return _finish(j, rec, secret, phase, outcome, killed, unlocked)
+
+
+def _finish(j, rec, secret, phase, outcome, killed, unlocked):
     if killed:
         outcome += f"; stopped {killed} leftover process(es)"
     if unlocked:
@@ -222,6 +246,48 @@ def resolve(j, secret):
     _drop_work(rec)
     j.done()
     return outcome
+
+
+def page_server_failure(rec):
+    """Lazy mode, once the dead writer's page server (its `runc checkpoint --lazy-pages`
+    and CRIU) has ended: None if CRIU's log says the dump finished, every page served;
+    else why not, in one line. A CRIU killed leaves no last line, and counts as failed."""
+    log = os.path.join(rec.get("work") or "", "work", "dump.log")
+    try:
+        with open(log, "rb") as f:
+            f.seek(max(0, os.fstat(f.fileno()).st_size - (16 << 10)))
+            tail = f.read().decode(errors="replace")
+    except OSError as e:
+        return f"its page server's log cannot be read ({e.strerror}: {log})"
+    if "Dumping finished successfully" in tail:
+        return None
+    from migrt.runtime.lifecycle import criu_errors
+    errs = criu_errors(log)
+    return ("its page server ended before it had served every page"
+            + (f" (CRIU: {'; '.join(errs)[:300]})" if errs else " (CRIU's log has no end: "
+               "killed)"))
+
+
+def stop_destination(rec, secret, why):
+    """Ask the destination agent to stop the copy it restored (lazy mode: it lacks part
+    of its memory). True once it says no such copy runs there."""
+    from migrt.transfer import wire
+    hello = {"op": "status", "mid": rec["mid"], "stop": why,
+             "id": rec.get("dest_id") or rec["container"]}
+    if rec.get("dest_root"):
+        hello["root"] = rec["dest_root"]
+    try:
+        c, _ = wire.connect(rec["to"], secret, hello, timeout=3)
+    except (wire.ProtocolError, OSError):
+        return False
+    try:
+        reply = c.read_json()
+    except (wire.ProtocolError, OSError):
+        return False
+    finally:
+        c.close()
+    return bool(reply.get("stopped")) or (reply.get("state") in ("failed", "unknown")
+                                          and reply.get("container_exists") is False)
 
 
 def _release(rec, cid, pid):

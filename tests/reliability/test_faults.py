@@ -18,6 +18,7 @@ import json
 import os
 import signal
 import subprocess
+import sys
 import time
 
 import pytest
@@ -537,12 +538,11 @@ def test_migrate_killed_while_its_dump_waits_at_the_gate(nodes, tmp_path, mode):
     migr.wait_dest_counting(ag, cid, 0)
 
 
-def test_lazy_page_server_dies_before_every_page_is_served(nodes, tmp_path):
-    """Lazy mode: the source's page server dies (kill -9 of its CRIU) while the
-    destination's copy, already running, still lacks part of its memory. That copy is
-    stopped there and the source, which has all of it, resumes: one line says so, exit
-    4. Before, the source was released anyway and the copy died at its first missing
-    page: no copy left at all."""
+def _lazy_memtouch_served(nodes, tmp_path, pause):
+    """A 768 MiB memtouch moved in lazy mode, with `migrt migrate` held at its failpoint
+    before the release: the destination runs it while the source's page server still
+    serves its memory (seconds, under memtouch's faults). Returns (cid, migrate, agent,
+    the source's stdout, the page server's CRIU pids)."""
     memtouch = ocitest.static_program(os.path.join(
         os.path.dirname(__file__), "..", "bench", "memtouch.c"), str(tmp_path))
     cid = ocitest.uid("lz")
@@ -560,15 +560,35 @@ def test_lazy_page_server_dies_before_every_page_is_served(nodes, tmp_path):
     fpdir = str(tmp_path / "fp")
     os.makedirs(fpdir)
     mig = nodes.spawn_migrate(cid, dest, agent, "--lazy", env={
-        "MIGRT_FAILPOINT_DIR": fpdir, "MIGRT_FAILPOINTS": "migrate.before-release=pause(1)"})
+        "MIGRT_FAILPOINT_DIR": fpdir, "MIGRT_FAILPOINTS": f"migrate.before-release=pause({pause})"})
     wait_file(fpdir, proc=mig)
     while not any(f.startswith("migrate.before-release") for f in os.listdir(fpdir)):
         assert mig.poll() is None, mig.stderr.read().decode()[-800:]
         time.sleep(0.02)
-    # the destination runs; 768 MiB take seconds to serve under memtouch's faults
     assert (nodes.b.state(cid) or {}).get("status") == "running"
     pids = _lazy_page_server(cid)
     assert pids, "the page server had already served every page"
+    return cid, mig, agent, out, pids
+
+
+def _source_goes_on_alone(nodes, agent, cid, out):
+    """One copy: the source, running again (not paused) and going on."""
+    assert nodes.b.state(cid) is None, nodes.b.state(cid)
+    assert nodes.a.state(cid)["status"] == "running"
+    rounds = len(out.lines())
+    ocitest.wait_for(lambda: len(out.lines()) > rounds + 5, timeout=20,
+                     what="memtouch going on at the source")
+    ocitest.wait_for(lambda: not agent.staged_data(), timeout=20, what="staging emptied")
+    assert not journals_of(cid)
+
+
+def test_lazy_page_server_dies_before_every_page_is_served(nodes, tmp_path):
+    """Lazy mode: the source's page server dies (kill -9 of its CRIU) while the
+    destination's copy, already running, still lacks part of its memory. That copy is
+    stopped there and the source, which has all of it, resumes: one line says so, exit
+    4. Before, the source was released anyway and the copy died at its first missing
+    page: no copy left at all."""
+    cid, mig, agent, out, pids = _lazy_memtouch_served(nodes, tmp_path, 1)
     for pid in pids:
         kill_pid(pid)
     mig.wait(120)
@@ -577,11 +597,46 @@ def test_lazy_page_server_dies_before_every_page_is_served(nodes, tmp_path):
     assert "missing part of its memory, was stopped there" in msg, msg[-800:]
     assert "the source was resumed" in msg, msg[-800:]
     assert len(msg.strip().splitlines()) == 1, msg
-    # one copy: the source, running again (not paused) and going on
-    assert nodes.b.state(cid) is None, nodes.b.state(cid)
-    assert nodes.a.state(cid)["status"] == "running"
-    rounds = len(out.lines())
-    ocitest.wait_for(lambda: len(out.lines()) > rounds + 5, timeout=20,
-                     what="memtouch going on at the source")
-    ocitest.wait_for(lambda: not agent.staged_data(), timeout=20, what="staging emptied")
-    assert not journals_of(cid)
+    _source_goes_on_alone(nodes, agent, cid, out)
+
+
+def test_lazy_page_server_dies_after_migrate_was_killed(nodes, tmp_path):
+    """Lazy mode, both failures at once: `migrt migrate` is killed (kill -9) after the
+    restore, while its page server still serves the destination's memory, and then that
+    page server dies too. Recovery (`python -m migrt.migration.recovery`, as the agent
+    runs it) reads in CRIU's log that not every page was served: it has the
+    destination's copy stopped and resumes the source, and its line says so. Before,
+    recovery deleted the source once the page server had ended, served or not: no copy
+    left at all."""
+    cid, mig, agent, out, pids = _lazy_memtouch_served(nodes, tmp_path, 60)
+    kill_pid(mig.pid)
+    mig.wait(10)
+    assert journals_of(cid)
+    for pid in pids:
+        kill_pid(pid)
+    ocitest.wait_for(lambda: not _lazy_page_server(cid) and not any(
+        cid.encode() in a and b"checkpoint" in a for a in _cmdlines()), timeout=30,
+        what="the page server's runc to end")
+    p = subprocess.run([sys.executable, "-m", "migrt.migration.recovery"],
+                       capture_output=True, text=True, timeout=120,
+                       env=dict(os.environ, MIGRT_SECRET_FILE=nodes.secret_file))
+    assert p.returncode == 0, p.stdout + p.stderr + agent.log()[-4000:]
+    line = [x for x in p.stdout.splitlines() if cid in x]
+    assert len(line) == 1, p.stdout
+    assert "its page server ended before it had served every page" in line[0], line
+    assert "the destination's copy, missing part of its memory, was stopped there; " \
+           "source resumed" in line[0], line
+    assert "the container here was stopped (the source's recovery)" in agent.log()
+    _source_goes_on_alone(nodes, agent, cid, out)
+
+
+def _cmdlines():
+    out = []
+    for p in os.listdir("/proc"):
+        if p.isdigit():
+            try:
+                with open(f"/proc/{p}/cmdline", "rb") as f:
+                    out.append(f.read())
+            except OSError:
+                pass
+    return out
