@@ -217,7 +217,7 @@ build_deps_cleanup() {
 }
 
 # What the CRIU build needs, all from the node's own release.
-criu_build_deps="gcc libc6-dev make pkgconf xz-utils libbsd-dev libcap-dev libgnutls28-dev
+criu_build_deps="gcc libc6-dev make pkgconf xz-utils libbsd-dev libcap-dev libgnutls28-dev libssl-dev
     libnet1-dev libnftables-dev libnl-3-dev libprotobuf-c-dev libprotobuf-dev
     protobuf-c-compiler protobuf-compiler uuid-dev patch"
 

@@ -114,6 +114,13 @@ def stop(staged, mine, why, runc=None):
         return False
     import types
     restored = lifecycle.read_record(types.SimpleNamespace(root=root), cid)
+    # what its lazy-pages daemon said (a stream that failed its check, a lost
+    # connection), before the work dir goes with the container
+    work = (restored or {}).get("work") or ""
+    if work and os.path.dirname(os.path.normpath(work)) == lifecycle.work_top():
+        said = _errors(os.path.join(work, "lazy-pages.log"))
+        if said:
+            why = f"{why}; its lazy-pages daemon: {'; '.join(said)}"[:1500]
     _delete(runc, root, cid)
     gone = subprocess.run([_runc(runc), "--root", root, "state", cid], capture_output=True,
                           timeout=60).returncode != 0

@@ -547,6 +547,7 @@ class Agent:
             conn.send_json({"error": str(e)})
             return
         page_tls = None
+        frames = False
         if msg.get("mode") == "lazy":
             # the lazy-pages daemon's TLS identity, pinned to the source's (migrt.criu.pagetls)
             from migrt.criu import pagetls
@@ -556,6 +557,9 @@ class Agent:
             except ValueError as e:
                 conn.send_json({"error": str(e)})
                 return
+            # the page stream in frames after the handshake when both CRIUs can: the
+            # source offers, this node decides, and says so in the reply
+            frames = msg.get("page_frames") is True and pagetls.frames_possible()
         mid = msg.get("mid")
         if mid is not None:
             # chosen by the source (a pod waits for it already): used once only
@@ -575,7 +579,7 @@ class Agent:
                       for_bundle=os.path.abspath(for_bundle) if for_bundle else None,
                       fill_ok="fill" in caps)
         if page_tls:
-            pagetls.write(staged.tls_dir, *page_tls)
+            pagetls.write(staged.tls_dir, *page_tls, frames=frames)
         stage = receiver.Stage(staged.image_dir, staged.rootfs_dir, quota=self.quota)
         sess = Session(self, staged, stage, msg)
         with self.lock:
@@ -593,6 +597,7 @@ class Agent:
         reply["criu_features"] = sorted(features.of(criu_path()))
         if page_tls:
             reply["page_tls_cert"] = page_tls[1].decode()
+            reply["page_frames"] = frames
         conn.send_json(reply)
         try:
             self._control_loop(conn, sess)
@@ -754,6 +759,7 @@ class Agent:
                 if stopped:
                     sess.restored = False
                     sess.failed = True
+                    why = (staged.read() or {}).get("error") or why
                     log(f"{staged.mid}: {why}; the container here was stopped")
                 conn.send_json({"ok": bool(stopped), "stopped": bool(stopped)}
                                if stopped else
@@ -1116,6 +1122,7 @@ class Agent:
             why = str(hello["stop"])[:500]
             reply["stopped"] = bool(self.stop_copy(staged, why))
             if reply["stopped"]:
+                why = (staged.read() or {}).get("error") or why
                 log(f"{mid}: {why}; the container here was stopped (the source's recovery)")
             rec = staged.read()
             reply["state"] = (rec or {}).get("state", "unknown")

@@ -36,6 +36,11 @@ Features:
                         (MIGRT_CRIU_LAZY_PARENT=1, the pre-copy in its images dir's
                         parent/) reads those from there. Either end without it: every
                         page is sent, as without a pre-copy.
+    stream-frames       with MIGRT_CRIU_STREAM_FRAMES=1 at both ends, a lazy
+                        migration's page stream goes on after the TLS handshake in
+                        AES-128-GCM frames keyed from the session (TLS exporter),
+                        not in TLS records: about half the stream's cipher and copy
+                        CPU. Set only when both ends' CRIUs carry it.
 """
 import mmap
 import os
@@ -47,6 +52,7 @@ EARLY_SMAPS = "early-smaps"
 RESTORE_GATE = "restore-gate"
 NO_BREAKPOINTS = "no-breakpoints"
 LAZY_PARENT = "lazy-parent"
+STREAM_FRAMES = "stream-frames"
 # what each one gives, for `migrt doctor` (and what a CRIU without it costs)
 KNOWN = {
     LAZY_SOCKET_WAIT: "a lazy restore starts with its lazy-pages daemon, not after it",
@@ -55,6 +61,8 @@ KNOWN = {
     RESTORE_GATE: "the destination's runc restore starts before the freeze",
     NO_BREAKPOINTS: "no hardware breakpoint at dump or restore (10 to 30 ms each)",
     LAZY_PARENT: "with --precopy --lazy, lazy pages unchanged since the pre-copy are not sent",
+    STREAM_FRAMES: "a lazy migration's page stream in frames keyed from TLS, not TLS records "
+                   "(about a quarter less CPU per GiB at the two ends)",
 }
 _NAME = frozenset(b"abcdefghijklmnopqrstuvwxyz0123456789-")
 _seen = {}

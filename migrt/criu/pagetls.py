@@ -66,11 +66,16 @@ def peer_cert(value):
     return value.encode()
 
 
-def write(directory, key_pem, cert_pem, peer_pem):
-    """Put the three files in a new root-only dir; returns their paths."""
+def write(directory, key_pem, cert_pem, peer_pem, frames=False):
+    """Put the three files in a new root-only dir; returns their paths. `frames`: the
+    two ends agreed on the stream in frames after the handshake (migrt.criu.features,
+    stream-frames), noted beside them for the lazy-pages daemon (`uses_frames`)."""
     os.makedirs(directory, mode=0o700, exist_ok=False)
     paths = files(directory)
-    for k, data in (("key", key_pem), ("cert", cert_pem), ("cacert", peer_pem)):
+    items = [("key", key_pem), ("cert", cert_pem), ("cacert", peer_pem)]
+    if frames:
+        items.append(("frames", b"1\n"))
+    for k, data in items:
         fd = os.open(paths[k], os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_NOFOLLOW, 0o600)
         with os.fdopen(fd, "wb") as f:
             f.write(data)
@@ -80,7 +85,21 @@ def write(directory, key_pem, cert_pem, peer_pem):
 def files(directory):
     return {"key": os.path.join(directory, "own.key"),
             "cert": os.path.join(directory, "own.crt"),
-            "cacert": os.path.join(directory, "peer.crt")}
+            "cacert": os.path.join(directory, "peer.crt"),
+            "frames": os.path.join(directory, "frames")}
+
+
+def uses_frames(paths):
+    return os.path.isfile(paths.get("frames") or "")
+
+
+def frames_possible():
+    """This node's CRIU can carry the stream in frames (MIGRT_PAGE_FRAMES=0: never,
+    to compare)."""
+    if os.environ.get("MIGRT_PAGE_FRAMES", "1") == "0":
+        return False
+    from migrt.criu import features
+    return features.has(features.STREAM_FRAMES)
 
 
 def conf_lines(paths):

@@ -666,6 +666,8 @@ class Migration:
             from migrt.criu import pagetls
             self.page_tls = pagetls.identity(f"migrt page server {self.cid}")
             req["page_tls_cert"] = self.page_tls[1].decode()
+            # the stream in frames after the handshake, if both CRIUs can (the agent says)
+            req["page_frames"] = pagetls.frames_possible()
         try:
             self.ctl, _ = wire.connect(self.opts.to, self.opts.secret, hello)
             reply = self._request(req)
@@ -694,6 +696,11 @@ class Migration:
                     f"an SQLite database in WAL mode would be at risk; packaging/install.sh "
                     f"builds a CRIU that keeps it); nothing was frozen")
         if self.opts.mode == "lazy":
+            frames = req["page_frames"] and reply.get("page_frames") is True
+            if frames:          # packaging/criu-patches, stream-frames (tls.c)
+                self.lazy_criu_env["MIGRT_CRIU_STREAM_FRAMES"] = "1"
+            self.report["page_stream"] = ("AES-128-GCM frames keyed from TLS" if frames else
+                                          "TLS records")
             try:
                 self.page_tls += (pagetls.peer_cert(reply.get("page_tls_cert")),)
             except ValueError as e:

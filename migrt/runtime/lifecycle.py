@@ -917,15 +917,19 @@ def start_lazy_pages(source, work):
                             'echo $rc > "$MIGRT_FILL_STATUS.tmp" && '
                             'mv "$MIGRT_FILL_STATUS.tmp" "$MIGRT_FILL_STATUS"; exit $rc',
                 "lazy-pages"] + argv
+    env = None
     if not source.lazy_address:
         env = dict(os.environ, MIGRT_FILL_STATUS=status)
-    elif os.path.isdir(os.path.join(source.image_dir, checkpoints.PRECOPY_PARENT)):
-        # a lazy migration with a pre-copy (migrate --precopy --lazy): the pages that
-        # are the same as in that earlier dump, here in parent/, are read from it and
-        # not sent (packaging/criu-patches, lazy-parent)
-        env = dict(os.environ, MIGRT_CRIU_LAZY_PARENT="1")
     else:
-        env = None
+        if os.path.isdir(os.path.join(source.image_dir, checkpoints.PRECOPY_PARENT)):
+            # a lazy migration with a pre-copy (migrate --precopy --lazy): the pages that
+            # are the same as in that earlier dump, here in parent/, are read from it and
+            # not sent (packaging/criu-patches, lazy-parent)
+            env = dict(os.environ, MIGRT_CRIU_LAZY_PARENT="1")
+        if source.lazy_tls and pagetls.uses_frames(source.lazy_tls):
+            # both ends agreed on the stream in frames after the handshake
+            # (packaging/criu-patches, stream-frames)
+            env = dict(env or os.environ, MIGRT_CRIU_STREAM_FRAMES="1")
     proc = subprocess.Popen(
         argv, stdin=subprocess.DEVNULL, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL,
         start_new_session=True, env=env)

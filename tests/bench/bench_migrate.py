@@ -25,6 +25,14 @@ when nothing slows it), and the CPU each end of the page stream used per GiB (th
 source's CRIU, which dumps and then serves the pages, and the destination's lazy-pages
 daemon): with each end on a core of its own, the slower end bounds the rate.
 
+--env LABEL=VAR=VALUE[+VAR=VALUE],... does the same with environments instead of builds
+(`--env frames=,records=MIGRT_PAGE_FRAMES=0`). --stream-floor also moves the memory, each
+round, the way tests/bench/streamfloor.c does: the stream's unavoidable work (read the
+stopped task, AES-128-GCM, loopback TCP, decrypt, UFFDIO_COPY), without CRIU or a
+workload; each lazy run's arrival is then given as a ratio to the floor of its own round,
+which this VM's varying speed (the same work takes 1.5 times as long from one hour to
+the next) moves alike.
+
 Prints one table (markdown with --markdown) and the raw reports as JSON on stderr.
 """
 import argparse
@@ -182,8 +190,10 @@ class Bench:
         c = rt.exec_out("w", "cat", "/tmp/count").strip()
         return int(c) if c.isdigit() else None
 
-    def migrt_run(self, mib, extra, criu=None):
+    def migrt_run(self, mib, extra, criu=None, more_env=None):
         env = dict(self.env, MIGRT_CRIU=criu) if criu else self.env
+        if more_env:
+            env = dict(env, **more_env)
         ra = ocitest.Runtime(self.migrt, os.path.join(self.work, f"m-a-{self.n}"), env=env)
         rb = ocitest.Runtime(self.migrt, os.path.join(self.work, f"m-b-{self.n}"), env=env)
         secret = os.path.join(self.work, "secret")
@@ -302,6 +312,15 @@ def main():
     ap.add_argument("--markdown", action="store_true")
     ap.add_argument("--criu", default="",
                     help="LABEL=PATH,...: run each migrt mode with each of these CRIU builds")
+    ap.add_argument("--env", default="",
+                    help="LABEL=VAR=VALUE[+VAR=VALUE],...: run each migrt mode in each of these "
+                    "environments, for migrate and the agent (LABEL= alone: unchanged), e.g. "
+                    "frames=,records=MIGRT_PAGE_FRAMES=0")
+    ap.add_argument("--stream-floor", action="store_true",
+                    help="each round, also move the memory as tests/bench/streamfloor.c does "
+                    "(read, AES-128-GCM, loopback TCP, decrypt, UFFDIO_COPY: the stream's "
+                    "unavoidable work, no CRIU, no workload), and give lazy rows their ratio "
+                    "to it, round by round")
     ap.add_argument("--warm-mib", type=int, default=0,
                     help="before every case, fill and free this much memory (uffdfill.c): "
                     "on a VM that hands free memory back to its host, new memory costs a "
@@ -309,6 +328,15 @@ def main():
                     "cost out of every case alike (see bench_memfloor.py)")
     args = ap.parse_args()
     variants = [tuple(v.split("=", 1)) for v in args.criu.split(",") if v]
+    envs = []
+    for v in (e for e in args.env.split(",") if e):
+        label, _, rest = v.partition("=")
+        pairs = [kv.split("=", 1) for kv in rest.split("+") if kv]
+        if not label or any(len(kv) != 2 for kv in pairs):
+            ap.error(f"--env {v}: LABEL=VAR=VALUE[+VAR=VALUE]")
+        envs.append((label, dict(pairs)))
+    if variants and envs:
+        ap.error("--criu and --env: one or the other")
     for label, path in variants:
         if os.path.basename(path) != "criu" or not os.access(path, os.X_OK):
             ap.error(f"--criu {label}={path}: must be an executable file named criu")
@@ -319,6 +347,17 @@ def main():
     if args.warm_mib:
         filler = os.path.join(work, "uffdfill")
         subprocess.run(["gcc", "-O2", "-o", filler, os.path.join(HERE, "uffdfill.c")], check=True)
+    streamfloor = None
+    if args.stream_floor:
+        streamfloor = os.path.join(work, "streamfloor")
+        subprocess.run(["gcc", "-O2", "-o", streamfloor, os.path.join(HERE, "streamfloor.c"),
+                        "-lcrypto"], check=True)
+
+    def stream_floor(mib):
+        out = subprocess.run([streamfloor, str(mib), "1"], capture_output=True, text=True,
+                             check=True).stdout
+        line = [ln for ln in out.splitlines() if ln.startswith("round 1:")][0]
+        return float(line.split()[2])
 
     def warm():
         if filler:
@@ -329,24 +368,33 @@ def main():
              "full-z3": ["--zstd-level", "3"], "full-zfast": ["--zstd-level", "-5"],
              "precopy": ["--precopy"], "lazy": ["--lazy"],
              "precopy-lazy": ["--precopy", "--lazy"]}
-    # (row name, mode, CRIU path or None)
-    modes = [(m if not variants else f"{m}, criu {label}", m, path)
+    # (row name, mode, CRIU path or None, environment or None)
+    modes = [(m if not variants else f"{m}, criu {label}", m, path, None)
              for m in args.modes.split(",") for label, path in (variants or [(None, None)])]
+    if envs:
+        modes = [(f"{m}, {label}", m, None, env) for m in args.modes.split(",")
+                 for label, env in envs]
     rows, raw = [], {}
     try:
         for mib in [int(s) for s in args.sizes.split(",")]:
             # rounds interleave the methods, so that a noisy minute hits all of them alike
             floors, kept, reps = [], [], {m[0]: [] for m in modes}
+            streams = []
             for r in range(args.repeat):
+                if streamfloor:
+                    warm()
+                    streams.append(stream_floor(mib))
                 if not args.no_floor:
                     warm()
                     floors.append(b.runc_floor(mib))
                 if not args.no_kept:
                     warm()
                     kept.append(b.runc_floor(mib, keep_source=True))
-                for name, mode, criu in modes:
+                for name, mode, criu, env in modes:
                     warm()
-                    reps[name].append(b.migrt_run(mib, extra[mode], criu))
+                    reps[name].append(b.migrt_run(mib, extra[mode], criu, env))
+                    if streams:
+                        reps[name][-1]["stream_floor_s"] = streams[-1]
             floor = None
             if floors:
                 raw[f"{mib}-runc"] = floors
@@ -367,7 +415,15 @@ def main():
                              f"restore {_median([x['restore'] for x in kept]):.2f}s; the least "
                              f"a migration that keeps the source until the copy runs can "
                              f"do" + _spread(kd)))
-            for name, mode, _ in modes:
+            if streams:
+                raw[f"{mib}-stream-floor"] = streams
+                sf = _median(streams)
+                rows.append((mib, "stream floor (streamfloor.c: process_vm_readv, AES-128-GCM, "
+                             "loopback TCP, decrypt, UFFDIO_COPY; one thread per end, no "
+                             "workload)", None, None, None, None, (mib << 20) / 1e6 / sf,
+                             f"all the memory moved in {sf:.2f}s (median; "
+                             + ", ".join(f"{x:.2f}" for x in streams) + ")"))
+            for name, mode, _, _ in modes:
                 raw[f"{mib}-{name}"] = reps[name]
                 bad = [x["error"] for x in reps[name] if "error" in x]
                 good = [x for x in reps[name] if "error" not in x]
@@ -403,6 +459,12 @@ def main():
                     note += (f"; pages served {served:.2f}s after the restore (median; "
                              f"{(mib << 20) / 1e6 / max(served, 1e-3):.0f} MB/s), source "
                              f"released {rel:.2f}s after it")
+                    ratios = [x["phases"]["pages_served_after_restore"] / x["stream_floor_s"]
+                              for x in good if x.get("stream_floor_s")
+                              and x["phases"].get("pages_served_after_restore")]
+                    if ratios:
+                        note += (f" ({_median(ratios):.2f}x the stream floor of its round, "
+                                 f"median)")
                     ends = [x["cpu_stream_ends_s"] for x in good if "cpu_stream_ends_s" in x]
                     if ends:
                         gib = max(mib / 1024, 1 / 1024)

@@ -900,6 +900,113 @@ def test_lazy_with_a_precopy_sends_only_what_changed(two_nodes, tmp_path):
     assert sparse_status(n.b)[2] == src_guard
 
 
+class FlipOnTheWay:
+    """A forwarder on the page stream's way (iptables REDIRECTs the lazy-pages daemon's
+    connection to the page server's port here; its own connection onwards carries a
+    mark the rule leaves alone) that flips one bit of what the page server sends, once
+    `after` bytes have passed: what an attacker on the network between the nodes, or a
+    bad link that fooled TCP's checksum, would do."""
+
+    MARK = 0x4d7274
+
+    def __init__(self, target_port, after):
+        self.target_port, self.after = target_port, after
+        self.sock = socket.socket()
+        self.sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+        self.sock.bind(("0.0.0.0", 0))
+        self.sock.listen(8)
+        self.port = self.sock.getsockname()[1]
+        self.connections = 0
+        self.flipped_at = None
+        self.rule = ["OUTPUT", "-t", "nat", "-p", "tcp", "--dport", str(target_port), "-m",
+                     "mark", "!", "--mark", str(self.MARK), "-j", "REDIRECT", "--to-ports",
+                     str(self.port)]
+        subprocess.run(["iptables", "-I", *self.rule], check=True, capture_output=True)
+        threading.Thread(target=self._accept, daemon=True).start()
+
+    def close(self):
+        subprocess.run(["iptables", "-D", *self.rule], capture_output=True)
+        self.sock.close()
+
+    def _accept(self):
+        while True:
+            try:
+                c, _ = self.sock.accept()
+            except OSError:
+                return
+            up = socket.socket()
+            up.setsockopt(socket.SOL_SOCKET, socket.SO_MARK, self.MARK)
+            up.connect(("127.0.0.1", self.target_port))
+            self.connections += 1
+            threading.Thread(target=self._pump, args=(c, up, False), daemon=True).start()
+            threading.Thread(target=self._pump, args=(up, c, True), daemon=True).start()
+
+    def _pump(self, src, dst, from_server):
+        seen = 0
+        try:
+            while True:
+                data = src.recv(1 << 16)
+                if not data:
+                    break
+                if from_server and self.flipped_at is None and seen + len(data) > self.after:
+                    data = bytearray(data)
+                    data[self.after - seen] ^= 0x01
+                    self.flipped_at = self.after
+                seen += len(data)
+                dst.sendall(data)
+        except OSError:
+            pass
+        for s in (src, dst):
+            try:
+                s.shutdown(socket.SHUT_RDWR)
+            except OSError:
+                pass
+
+
+@pytest.mark.parametrize("frames", [True, False], ids=["frames", "tls-records"])
+def test_lazy_page_stream_that_was_tampered_with_fails(two_nodes, tmp_path, frames):
+    """One bit of the page stream flipped on its way, after 8 MiB of pages, once the
+    container runs on the destination: the lazy-pages daemon finds the frame (or, with
+    MIGRT_PAGE_FRAMES=0, the TLS record) fails its check and uses none of it; the
+    destination's copy, missing part of its memory, is stopped there and the source,
+    which has it all, resumes (exit 4, one line). No page that did not come from the
+    source is ever put in place (sparse_holder checks all its memory every round,
+    and goes on at the source)."""
+    n = two_nodes
+    env = {} if frames else {"MIGRT_PAGE_FRAMES": "0"}
+    ag = n.agent(env)
+    code, _, err = n.a.create("ctr", sparse_bundle(n, n.tmp), start=True)
+    assert code == 0, err.text
+    ocitest.wait_for(lambda: (sparse_status(n.a) or (0,))[0] >= 3, what="sparse_holder's rounds")
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        port = s.getsockname()[1]
+    fw = FlipOnTheWay(port, after=8 << 20)
+    try:
+        p, rep = n.migrate(ag, "ctr", "--lazy", "--page-server-port", str(port),
+                           bundle=sparse_bundle(n, n.tmp), more_env=env)
+    finally:
+        fw.close()
+    assert fw.connections == 1 and fw.flipped_at, (fw.connections, fw.flipped_at)
+    assert p.returncode == 4, p.stdout + p.stderr + ag.log()
+    msg = p.stderr.strip()
+    assert len(msg.splitlines()) == 1, msg
+    assert "missing part of its memory, was stopped there" in msg, msg
+    assert "the source was resumed" in msg, msg
+    # the source's page server: the daemon left without saying it had every page; the
+    # destination's agent: why its lazy-pages daemon failed
+    assert "went away before it said it had every page" in msg, msg
+    said = [ln for ln in ag.log().splitlines() if "the container here was stopped" in ln]
+    assert len(said) == 1, ag.log()[-3000:]
+    assert ("failed its check (tampered, or not from the peer)" if frames else
+            "Decryption has failed") in said[0], said
+    # one copy: the source, going on with all of its memory as it was
+    assert n.b.state("ctr") is None, n.b.state("ctr")
+    assert n.a.state("ctr")["status"] == "running"
+    r0 = sparse_status(n.a)[0]
+    ocitest.wait_for(lambda: sparse_status(n.a)[0] >= r0 + 3, what="rounds going on at the source")
+
+
 def test_lazy_without_a_precopy_sends_every_page(two_nodes, tmp_path):
     """Plain --lazy: no pre-copy round, nothing compared; every page is sent."""
     n = two_nodes
