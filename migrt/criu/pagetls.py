@@ -72,11 +72,11 @@ def write(directory, key_pem, cert_pem, peer_pem, frames=False):
     stream-frames), noted beside them for the lazy-pages daemon (`uses_frames`)."""
     os.makedirs(directory, mode=0o700, exist_ok=False)
     paths = files(directory)
-    items = [("key", key_pem), ("cert", cert_pem), ("cacert", peer_pem)]
+    items = [(paths["key"], key_pem), (paths["cert"], cert_pem), (paths["cacert"], peer_pem)]
     if frames:
-        items.append(("frames", b"1\n"))
-    for k, data in items:
-        fd = os.open(paths[k], os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_NOFOLLOW, 0o600)
+        items.append((os.path.join(directory, FRAMES), b"1\n"))
+    for path, data in items:
+        fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_NOFOLLOW, 0o600)
         with os.fdopen(fd, "wb") as f:
             f.write(data)
     return paths
@@ -85,12 +85,14 @@ def write(directory, key_pem, cert_pem, peer_pem, frames=False):
 def files(directory):
     return {"key": os.path.join(directory, "own.key"),
             "cert": os.path.join(directory, "own.crt"),
-            "cacert": os.path.join(directory, "peer.crt"),
-            "frames": os.path.join(directory, "frames")}
+            "cacert": os.path.join(directory, "peer.crt")}
+
+
+FRAMES = "frames"       # beside the files: both ends agreed on the stream in frames
 
 
 def uses_frames(paths):
-    return os.path.isfile(paths.get("frames") or "")
+    return os.path.isfile(os.path.join(os.path.dirname(paths["cert"]), FRAMES))
 
 
 def frames_possible():

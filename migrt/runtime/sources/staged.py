@@ -102,7 +102,7 @@ def resolve(rest, bundle):
     if lazy:
         from migrt.criu import pagetls
         tls = pagetls.files(s.tls_dir)
-        if not all(os.path.isfile(tls[k]) for k in ("key", "cert", "cacert")):
+        if not all(os.path.isfile(p) for p in tls.values()):
             raise CheckpointError(f"staged:{rest}: lazy migration without its page-traffic "
                                   f"TLS identity ({s.tls_dir})")
     source = RestoreSource(s.image_dir, restore_flags=flags, lazy_address=lazy, lazy_tls=tls,
