@@ -43,9 +43,9 @@ FINALIZER = "migrt.io/controller"
 LABEL = "migrt.io/migration"              # on the new pod: the PodMigration's name
 HELD = "migrt.io/held-labels"             # labels held back until the ReplicaSet adopts it
 DRAIN_TAINT = "migrt.io/drain"            # a node tainted so is drained by migration
-# the owners whose pods migrt hands over to them (kind: API group/version, resource)
 # migrt migrate's modes, as the source agent takes them (precopy-lazy: --precopy --lazy)
 MODES = ("full", "precopy", "lazy", "precopy-lazy")
+# the owners whose pods migrt hands over to them (kind: API group/version, resource)
 OWNERS = {"ReplicaSet": ("apps/v1", "replicasets"), "Job": ("batch/v1", "jobs")}
 RUNTIME_CLASS = os.environ.get("MIGRT_RUNTIME_CLASS", "migrt")
 SCHEDULE_TIMEOUT = float(os.environ.get("MIGRT_KUBE_SCHEDULE_TIMEOUT", "60"))

@@ -142,25 +142,33 @@ def stop_leftovers(rec):
     return len(victims)
 
 
-def destination_state(rec, secret):
-    """What the destination agent says of the migration: (state, exists) where state is
-    restored, restoring, failed, gone, or None when it cannot be asked, and exists
-    whether a container of the destination's id is in the destination's runc root
-    (None if the agent does not say)."""
+def _ask_destination(rec, secret, **more):
+    """The destination agent's `status` reply about this migration (`more`: what the
+    source decided, e.g. stop or release), or None if it cannot be asked."""
     from migrt.transfer import wire
-    hello = {"op": "status", "mid": rec["mid"], "id": rec.get("dest_id") or rec["container"]}
+    hello = dict(more, op="status", mid=rec["mid"], id=rec.get("dest_id") or rec["container"])
     if rec.get("dest_root"):
         hello["root"] = rec["dest_root"]
     try:
         c, _ = wire.connect(rec["to"], secret, hello, timeout=3)
     except (wire.ProtocolError, OSError):
-        return None, None
+        return None
     try:
-        reply = c.read_json()
+        return c.read_json()
     except (wire.ProtocolError, OSError):
-        return None, None
+        return None
     finally:
         c.close()
+
+
+def destination_state(rec, secret):
+    """What the destination agent says of the migration: (state, exists) where state is
+    restored, restoring, failed, gone, or None when it cannot be asked, and exists
+    whether a container of the destination's id is in the destination's runc root
+    (None if the agent does not say)."""
+    reply = _ask_destination(rec, secret)
+    if reply is None:
+        return None, None
     st = reply.get("state")
     state = {"restored": "restored", "done": "restored", "restoring": "restoring",
              "failed": "failed", "unknown": "gone"}.get(st, st or "gone")
@@ -271,21 +279,7 @@ def page_server_failure(rec):
 def stop_destination(rec, secret, why):
     """Ask the destination agent to stop the copy it restored (lazy mode: it lacks part
     of its memory). True once it says no such copy runs there."""
-    from migrt.transfer import wire
-    hello = {"op": "status", "mid": rec["mid"], "stop": why,
-             "id": rec.get("dest_id") or rec["container"]}
-    if rec.get("dest_root"):
-        hello["root"] = rec["dest_root"]
-    try:
-        c, _ = wire.connect(rec["to"], secret, hello, timeout=3)
-    except (wire.ProtocolError, OSError):
-        return False
-    try:
-        reply = c.read_json()
-    except (wire.ProtocolError, OSError):
-        return False
-    finally:
-        c.close()
+    reply = _ask_destination(rec, secret, stop=why) or {}
     return bool(reply.get("stopped")) or (reply.get("state") in ("failed", "unknown")
                                           and reply.get("container_exists") is False)
 
@@ -313,18 +307,7 @@ def _release(rec, cid, pid):
 def release_destination(rec, secret):
     """The migration is decided: the destination's staged copy is not needed any more
     (it would otherwise stay until the agent's --ttl)."""
-    from migrt.transfer import wire
-    try:
-        c, _ = wire.connect(rec["to"], secret, {"op": "status", "mid": rec["mid"],
-                                                 "release": True}, timeout=3)
-    except (wire.ProtocolError, OSError):
-        return
-    try:
-        c.read_json()
-    except (wire.ProtocolError, OSError):
-        pass
-    finally:
-        c.close()
+    _ask_destination(rec, secret, release=True)
 
 
 def _clear_netlock(pid):
