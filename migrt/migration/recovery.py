@@ -208,11 +208,9 @@ def resolve(j, secret):
                     _runc(rec, "pause", cid)
                 return (f"{where}: {failed}, and the destination did not confirm that it "
                         f"stopped its copy; the source stays frozen until it does")
-            unlocked = _clear_netlock(srcst.get("pid"))
-            if src == "paused":
-                r = _runc(rec, "resume", cid)
-                if r.returncode != 0:
-                    return f"{where}: could not resume the source: {r.stderr.strip()}"
+            unlocked, err = _resume_source(rec, cid, src, srcst.get("pid"))
+            if err:
+                return f"{where}: {err}"
             outcome = (f"{where}: {failed}; the destination's copy, missing part of its "
                        f"memory, was stopped there; source resumed")
             return _finish(j, rec, secret, phase, outcome, killed, unlocked)
@@ -230,11 +228,9 @@ def resolve(j, secret):
         if serving:
             killed = stop_leftovers(rec)
             src = json.loads(_runc(rec, "state", cid).stdout or "{}").get("status")
-        unlocked = _clear_netlock(srcst.get("pid"))
-        if src == "paused":
-            r = _runc(rec, "resume", cid)
-            if r.returncode != 0:
-                return f"{where}: could not resume the source: {r.stderr.strip()}"
+        unlocked, err = _resume_source(rec, cid, src, srcst.get("pid"))
+        if err:
+            return f"{where}: {err}"
         outcome = (f"{where}: the destination has no copy; source "
                    + ("resumed" if src == "paused" else f"left {src or 'absent'}"))
     else:
@@ -242,6 +238,17 @@ def resolve(j, secret):
         return (f"{where}: destination says {dest or 'nothing (unreachable)'}; the source "
                 f"stays {src} until that is known")
     return _finish(j, rec, secret, phase, outcome, killed, unlocked)
+
+
+def _resume_source(rec, cid, src, pid):
+    """The source goes on: the network lock a dead CRIU left removed, then resumed if
+    paused. Returns (a note on the lock, "" or an error line)."""
+    unlocked = _clear_netlock(pid)
+    if src == "paused":
+        r = _runc(rec, "resume", cid)
+        if r.returncode != 0:
+            return unlocked, f"could not resume the source: {r.stderr.strip()}"
+    return unlocked, ""
 
 
 def _finish(j, rec, secret, phase, outcome, killed, unlocked):

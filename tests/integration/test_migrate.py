@@ -38,9 +38,14 @@ def secret_file(path, value=None):
 class Proxy:
     """A TCP relay between migrate and the agent that can damage or slow the data."""
 
-    def __init__(self, target, flip_at=None, rate=None):
+    def __init__(self, target, flip_at=None, rate=None, flip_conn=1, flip_down=False,
+                 mark=None):
         self.target = target
-        self.flip_at = flip_at       # flip one byte at this offset of the 2nd connection
+        self.flip_at = flip_at       # flip one byte at this offset of connection flip_conn
+        self.flip_conn = flip_conn   # (the 2nd by default), client to server unless
+        self.flip_down = flip_down   # flip_down: server to client
+        self.flipped = False
+        self.mark = mark             # SO_MARK of the connections onward (iptables)
         self.rate = rate             # bytes per second, client to server
         self.forwarded = 0
         self.sock = socket.socket()
@@ -57,7 +62,10 @@ class Proxy:
             except OSError:
                 return
             host, port = self.target.rsplit(":", 1)
-            u = socket.create_connection((host, int(port)))
+            u = socket.socket()
+            if self.mark is not None:
+                u.setsockopt(socket.SOL_SOCKET, socket.SO_MARK, self.mark)
+            u.connect((host, int(port)))
             idx = self.n
             self.n += 1
             threading.Thread(target=self._pump, args=(c, u, idx, True), daemon=True).start()
@@ -70,9 +78,11 @@ class Proxy:
                 data = a.recv(16384)
                 if not data:
                     break
-                if up and self.flip_at is not None and idx == 1 and pos <= self.flip_at < pos + len(data):
+                if up != self.flip_down and self.flip_at is not None and idx == self.flip_conn \
+                        and pos <= self.flip_at < pos + len(data):
                     i = self.flip_at - pos
                     data = data[:i] + bytes([data[i] ^ 0x55]) + data[i + 1:]
+                    self.flipped = True
                 pos += len(data)
                 if up:
                     self.forwarded += len(data)
@@ -900,67 +910,26 @@ def test_lazy_with_a_precopy_sends_only_what_changed(two_nodes, tmp_path):
     assert sparse_status(n.b)[2] == src_guard
 
 
-class FlipOnTheWay:
-    """A forwarder on the page stream's way (iptables REDIRECTs the lazy-pages daemon's
+class FlipOnTheWay(Proxy):
+    """A relay on the page stream's way (iptables REDIRECTs the lazy-pages daemon's
     connection to the page server's port here; its own connection onwards carries a
-    mark the rule leaves alone) that flips one bit of what the page server sends, once
-    `after` bytes have passed: what an attacker on the network between the nodes, or a
-    bad link that fooled TCP's checksum, would do."""
+    mark the rule leaves alone) that flips one byte of what the page server sends,
+    `after` bytes in: what an attacker on the network between the nodes, or a bad link
+    that fooled TCP's checksum, would do."""
 
     MARK = 0x4d7274
 
     def __init__(self, target_port, after):
-        self.target_port, self.after = target_port, after
-        self.sock = socket.socket()
-        self.sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
-        self.sock.bind(("0.0.0.0", 0))
-        self.sock.listen(8)
-        self.port = self.sock.getsockname()[1]
-        self.connections = 0
-        self.flipped_at = None
+        super().__init__(f"127.0.0.1:{target_port}", flip_at=after, flip_conn=0,
+                         flip_down=True, mark=self.MARK)
         self.rule = ["OUTPUT", "-t", "nat", "-p", "tcp", "--dport", str(target_port), "-m",
                      "mark", "!", "--mark", str(self.MARK), "-j", "REDIRECT", "--to-ports",
-                     str(self.port)]
+                     self.address.rsplit(":", 1)[1]]
         subprocess.run(["iptables", "-I", *self.rule], check=True, capture_output=True)
-        threading.Thread(target=self._accept, daemon=True).start()
 
     def close(self):
         subprocess.run(["iptables", "-D", *self.rule], capture_output=True)
-        self.sock.close()
-
-    def _accept(self):
-        while True:
-            try:
-                c, _ = self.sock.accept()
-            except OSError:
-                return
-            up = socket.socket()
-            up.setsockopt(socket.SOL_SOCKET, socket.SO_MARK, self.MARK)
-            up.connect(("127.0.0.1", self.target_port))
-            self.connections += 1
-            threading.Thread(target=self._pump, args=(c, up, False), daemon=True).start()
-            threading.Thread(target=self._pump, args=(up, c, True), daemon=True).start()
-
-    def _pump(self, src, dst, from_server):
-        seen = 0
-        try:
-            while True:
-                data = src.recv(1 << 16)
-                if not data:
-                    break
-                if from_server and self.flipped_at is None and seen + len(data) > self.after:
-                    data = bytearray(data)
-                    data[self.after - seen] ^= 0x01
-                    self.flipped_at = self.after
-                seen += len(data)
-                dst.sendall(data)
-        except OSError:
-            pass
-        for s in (src, dst):
-            try:
-                s.shutdown(socket.SHUT_RDWR)
-            except OSError:
-                pass
+        super().close()
 
 
 @pytest.mark.parametrize("frames", [True, False], ids=["frames", "tls-records"])
@@ -987,7 +956,7 @@ def test_lazy_page_stream_that_was_tampered_with_fails(two_nodes, tmp_path, fram
                            bundle=sparse_bundle(n, n.tmp), more_env=env)
     finally:
         fw.close()
-    assert fw.connections == 1 and fw.flipped_at, (fw.connections, fw.flipped_at)
+    assert fw.n == 1 and fw.flipped, (fw.n, fw.flipped)
     assert p.returncode == 4, p.stdout + p.stderr + ag.log()
     msg = p.stderr.strip()
     assert len(msg.splitlines()) == 1, msg
