@@ -85,6 +85,7 @@ def check(staged, mine, runc=None):
            + (f"exited {code}" if code else "was killed") + ")"
            + (": " + "; ".join(errs) if errs else ""))
     # a copy with part of its memory missing must not run on: the source resumes
+    _bury(mine, staged.mid)
     _delete(runc, root, cid)
     lifecycle.forget(restored)
     staged.update(state="failed", error=why)
@@ -114,6 +115,22 @@ def stop(staged, mine, why, runc=None):
         return False
     import types
     restored = lifecycle.read_record(types.SimpleNamespace(root=root), cid)
+    # a pod's container: its kubelet must not start it again from its image (nor has
+    # it, meanwhile: migrt.runtime.podrules.still_migrating) once the source resumes
+    _bury(mine, staged.mid)
+
+    def gone():
+        return subprocess.run([_runc(runc), "--root", root, "state", cid],
+                              capture_output=True, timeout=60).returncode != 0
+    if (restored or {}).get("restored_from") != f"staged:{staged.mid}":
+        # migrt's own record of that container (root's, in runc's state dir) does not
+        # say it was restored from this migration: it went already (a copy whose
+        # missing memory read as zeros may have crashed), or its id names another
+        # container now, which is not ours to stop
+        if gone():
+            staged.update(state="failed", error=why)
+            return True
+        return False
     # what its lazy-pages daemon said (a stream that failed its check, a lost
     # connection), before the work dir goes with the container
     work = (restored or {}).get("work") or ""
@@ -122,10 +139,23 @@ def stop(staged, mine, why, runc=None):
         if said:
             why = f"{why}; its lazy-pages daemon: {'; '.join(said)}"[:1500]
     _delete(runc, root, cid)
-    gone = subprocess.run([_runc(runc), "--root", root, "state", cid], capture_output=True,
-                          timeout=60).returncode != 0
-    if gone:
-        if restored:
-            lifecycle.forget(restored)
-        staged.update(state="failed", error=why)
-    return gone
+    if not gone():
+        return False
+    lifecycle.forget(restored)
+    staged.update(state="failed", error=why)
+    return True
+
+
+def _bury(mine, mid):
+    """The pod container restored for migration `mid` (the restore's record `mine`
+    names its sandbox and name) is not started again in its pod: the migration failed,
+    and the source runs on."""
+    pod = (mine or {}).get("pod")
+    if not (isinstance(pod, list) and len(pod) == 2):
+        return
+    from migrt.runtime import podrules
+    try:
+        podrules.bury_pod(pod[0], pod[1], f"stopped on this node: its migration {mid} "
+                                          f"failed before all its memory had come")
+    except (OSError, ValueError):
+        pass

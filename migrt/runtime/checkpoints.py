@@ -59,7 +59,11 @@ class RestoreSource:
                    says where the daemon reports (set by the restore)
     prepare        callable(bundle, spec, journal) run before runc restore (rootfs
                    changes, noted in the migrt.image.rootfs.Journal to be undone on failure)
-    on_restored    callable(cid, pid) after the container runs
+    on_restored    callable(cid, pid, root, spec) after the container runs (root: runc's
+                   --root)
+    pending        a path that exists until the migration behind this restore has ended
+                   (a lazy one's staged dir: its memory still comes from the source), or
+                   None: a pod's container restarted meanwhile is refused (podrules)
     on_failed      callable(cid, message) after a failed restore was cleaned up
     criu_conf      CRIU config-file lines the restore needs (runc has no flag for them)
     cleanup        callable() once the restore is over, however it ended (attached `run`
@@ -82,6 +86,7 @@ class RestoreSource:
         self.description = description or image_dir
         self.namespace = None       # the pod namespace an engine archive recorded
         self.cleanup = None
+        self.pending = None
 
 
 def check_namespace(image_dir, spec, marker, theirs=None):

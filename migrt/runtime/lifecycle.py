@@ -655,9 +655,14 @@ def restore_create(call, flags, cid, bundle, spec, marker, plugins):
     if not isinstance(spec.get("process"), dict):
         raise BundleError(f"bundle {bundle}: config.json has no process")
     from migrt.runtime import podrules
-    if podrules.restored_before(spec) is not None:
+    before = podrules.restored_before(spec)
+    if before is not None:
         # its kubelet restarts a container this pod sandbox already restored: it starts
-        # from its image like any restart, never from the old checkpoint again
+        # from its image like any restart, never from the old checkpoint again; but not
+        # while a lazy migration that restored it has not ended
+        why = podrules.still_migrating(spec, before)
+        if why:
+            raise MigrtError(why)
         write_spec(bundle, strip_marker(spec))
         return create_with_plugins(call, flags, cid, bundle, strip_marker(spec), plugins)
     armed = None
@@ -838,14 +843,14 @@ def _restore_source(call, flags, cid, bundle, spec, marker, plugins, source, arm
         "restored_at": time.time(), "lazy_pid": lazy.pid if lazy else None,
     })
     from migrt.runtime import podrules
-    podrules.mark_restored(spec, marker)
+    podrules.mark_restored(spec, marker, pending=source.pending)
     if source.lazy_local:
         # the memory still streams in from the local image: done when the daemon is
         source.fill = {"pid": lazy.pid, "status": os.path.join(work, FILL_STATUS),
                        "log": os.path.join(work, "lazy-pages.log"), "root": call.root,
                        "container": cid}
     if source.on_restored:
-        source.on_restored(cid, pid)
+        source.on_restored(cid, pid, call.root, spec)
     return 0
 
 

@@ -13,7 +13,11 @@
    and its kubelet restarts it, the create must start it from its image like any
    restart, never rewind it to the old checkpoint (nor fail because a staged migration
    is gone). The first restore in a sandbox records the container's name; later creates
-   of that name there drop the marker.
+   of that name there drop the marker. Except while the migration that restored it
+   lazily has not ended (its memory still comes from the source, whose copy is frozen,
+   not gone): a restart then would run beside a source that may yet resume, so it is
+   refused until then; if that migration fails, the destination's agent buries the
+   container (rule 1) before it stops it, and the source resumes.
 
 Both records live in MIGRT_KUBE_STATE (default /run/migrt/kube): `tomb/<sandbox>/<name>`
 and `restored/<sandbox>/<name>`. Sandbox ids are unique per node and across nodes, so
@@ -98,9 +102,17 @@ def bury(spec, why):
     pc = pod_container(spec)
     if pc is None:
         return False
-    _write(_path("tomb", pc[0], pc[1]), {"why": why, "at": time.time()})
-    sweep()
+    bury_pod(pc[0], pc[1], why)
     return True
+
+
+def bury_pod(sid, name, why):
+    """bury() by the pod sandbox id and container name (pod_container's first two)."""
+    if not (isinstance(sid, str) and _NAME.match(sid) and isinstance(name, str)
+            and _NAME.match(name)):
+        raise ValueError(f"not a pod sandbox id and container name: {sid!r}, {name!r}")
+    _write(_path("tomb", sid, name), {"why": why, "at": time.time()})
+    sweep()
 
 
 def unbury(spec):
@@ -147,14 +159,34 @@ def restored_before(spec):
     return _read(_path("restored", pc[0], pc[1]))
 
 
-def mark_restored(spec, marker):
+def mark_restored(spec, marker, pending=None):
+    """`pending`: a lazy migration's staged dir, there until the source has served
+    every page (the migration's end): see still_migrating()."""
     pc = pod_container(spec)
     if pc is None:
         return
+    rec = {"marker": marker, "at": time.time()}
+    if pending:
+        rec["pending"] = pending
     try:
-        _write(_path("restored", pc[0], pc[1]), {"marker": marker, "at": time.time()})
+        _write(_path("restored", pc[0], pc[1]), rec)
     except OSError:
         pass
+
+
+def still_migrating(spec, rec):
+    """The one line a restart of a lazily restored container gets while its migration
+    has not ended (its memory still comes from the source, or the migration has just
+    failed and the source resumes), else None. Started from its image then, it would be
+    a second copy of the workload beside the source's; once the migration is over it
+    either succeeded (a restart is a restart) or buried this container (rule 1)."""
+    pending = (rec or {}).get("pending")
+    if not (isinstance(pending, str) and os.path.isdir(pending)):
+        return None
+    return (f"{_who(pod_container(spec))} was restored by migration "
+            f"{os.path.basename(pending)}, which has not ended (the source node still "
+            f"holds the workload); migrt does not start it again from its image until "
+            f"that migration has ended")
 
 
 # ------------------------------------------------------------ cleanup

@@ -41,6 +41,21 @@ def make_image(path, mib):
             f.write(struct.pack(f"<{len(words) * 2}I", *[x for w in words for x in (w, 0)]))
 
 
+def split_image(src, n):
+    """pages-1.img cut into n page files of equal size, each with a 56-byte pagemap file
+    (the size of CRIU's pagemap-shmem image for one run of pages)."""
+    whole = os.path.join(src, "pages-1.img")
+    size = os.path.getsize(whole)
+    piece = size // n
+    with open(whole, "rb") as f:
+        for i in range(n):
+            with open(os.path.join(src, f"pages-{i + 2}.img"), "wb") as out:
+                out.write(f.read(piece))
+            with open(os.path.join(src, f"pagemap-shmem-{i + 1}.img"), "wb") as out:
+                out.write(os.urandom(56))
+    os.unlink(whole)
+
+
 def serve(dest, q):
     """The receiving side, in its own process so that its CPU is counted apart."""
     stage = receiver.Stage(os.path.join(dest, "image"), os.path.join(dest, "rootfs"))
@@ -96,28 +111,37 @@ def main():
     ap.add_argument("--mib", type=int, default=1024)
     ap.add_argument("--levels", default="0,1,3")
     ap.add_argument("--streams", default="1,4")
+    ap.add_argument("--files", default="1",
+                    help="N,...: the image also cut into N page files, each with a small "
+                         "pagemap file beside it, as CRIU writes one of each per shared "
+                         "memory object (per-file costs)")
     ap.add_argument("--markdown", action="store_true")
     args = ap.parse_args()
     work = tempfile.mkdtemp(prefix="migrt-bench-xfer-", dir="/dev/shm")
     try:
-        src = os.path.join(work, "src")
-        os.makedirs(src)
-        make_image(os.path.join(src, "pages-1.img"), args.mib)
+        srcs = {}
+        for nf in (int(x) for x in args.files.split(",")):
+            src = srcs[nf] = os.path.join(work, f"src-{nf}")
+            os.makedirs(src)
+            make_image(os.path.join(src, "pages-1.img"), args.mib)
+            if nf > 1:
+                split_image(src, nf)
         # one run thrown away: on a VM that hands free pages back to the host, the first
         # run pays host faults for the receiver's fresh tmpfs pages (docs/engine.md)
-        one(src, args.mib, 0, 4, work)
-        rows = [one(src, args.mib, lv, st, work)
+        one(srcs[min(srcs)], args.mib, 0, 4, work)
+        rows = [dict(one(src, args.mib, lv, st, work), files=nf)
+                for nf, src in srcs.items()
                 for lv in (int(x) for x in args.levels.split(","))
                 for st in (int(x) for x in args.streams.split(","))]
     finally:
         shutil.rmtree(work, ignore_errors=True)
-    head = ("zstd level", "streams", "MB/s", "wire/raw", "sender CPU s/GiB",
+    head = ("page files", "zstd level", "streams", "MB/s", "wire/raw", "sender CPU s/GiB",
             "of which stream threads", "receiver CPU s/GiB")
     if args.markdown:
         print("| " + " | ".join(head) + " |")
         print("|" + "---|" * len(head))
     for r in rows:
-        cells = (str(r["level"]), str(r["streams"]), f"{r['MBps']:.0f}",
+        cells = (str(r["files"]), str(r["level"]), str(r["streams"]), f"{r['MBps']:.0f}",
                  f"{r['wire_ratio']:.2f}", f"{r['send_cpu_per_GiB']:.2f}",
                  f"{r['compress_cpu_per_GiB']:.2f}", f"{r['recv_cpu_per_GiB']:.2f}")
         print(("| " + " | ".join(cells) + " |") if args.markdown else "  ".join(

@@ -352,3 +352,85 @@ def test_target_kubelet_back_before_the_bound_the_move_completes(kube, fault_kub
     assert f"moved to node-b as pod {new}" in s["message"], s
     kube.delete_pod(new)
     kube.wait_gone(new)
+
+
+# ~600 MB held in a shell variable: served in the background after a lazy restore, it
+# keeps the source's page server at work for a second or more
+LAZY_COUNTER = "x=$(head -c 600000000 /dev/zero | tr '\\0' a); " + COUNTER
+
+
+def lazy_page_server(cid):
+    """The source's CRIU processes serving a lazy migration's pages: those under the
+    `runc checkpoint --lazy-pages` of container cid (all nodes' processes are on this
+    machine)."""
+    runcs, kids = set(), {}
+    for p in os.listdir("/proc"):
+        if not p.isdigit():
+            continue
+        try:
+            with open(f"/proc/{p}/cmdline", "rb") as f:
+                cmd = f.read().split(b"\0")
+            with open(f"/proc/{p}/stat") as f:
+                ppid = int(f.read().rsplit(")", 1)[1].split()[1])
+        except (OSError, ValueError, IndexError):
+            continue
+        if b"checkpoint" in cmd and b"--lazy-pages" in cmd and cid.encode() in cmd:
+            runcs.add(int(p))
+        if cmd and (os.path.basename(cmd[0]) == b"criu" or cmd[0].startswith(b"criu:")):
+            kids[int(p)] = ppid
+    return [pid for pid, ppid in kids.items() if ppid in runcs]
+
+
+@pytest.fixture
+def held_release(kube, tmp_path):
+    """node-a's agent restarted so that its `migrt migrate` runs wait 10 s at the
+    failpoint before the release: in lazy mode the new pod's container runs by then,
+    its memory still coming from node-a's page server."""
+    a = kube.nodes["node-a"]
+    fp = tmp_path / "failpoints"
+    fp.mkdir()
+    a.kill_agent(signal.SIGTERM)
+    a.start_agent(env={"MIGRT_FAILPOINTS": "migrate.before-release=pause(10)",
+                       "MIGRT_FAILPOINT_DIR": str(fp)})
+    yield str(fp)
+    while SAMPLERS:
+        c = SAMPLERS.pop()
+        c.stop.set()
+        c.t.join(10)
+    a.kill_agent(signal.SIGTERM)
+    a.start_agent()
+
+
+def test_lazy_page_server_killed_after_the_restore_the_source_runs_on(kube, fault_kube,
+                                                                     held_release):
+    """Lazy mode: the new pod's container runs on node-b, created by its kubelet from
+    the marker, when node-a's page server dies (kill -9) before it has served every
+    page. That copy lacks part of its memory: node-b's agent stops it (the restore
+    noted, as root, which container it made for the migration), the source resumes,
+    the PodMigration fails and the new pod goes. Before, the agent could not stop a
+    copy the kubelet had made: the source stayed frozen and the migration ended in
+    doubt, the copy running on without part of its memory."""
+    pod, pmn = name("lzps"), name("pm")
+    kube.run_pod(pod_manifest(pod, LAZY_COUNTER, node="node-a"), timeout=180)
+    wait_for(lambda: len(numbers(kube.logs(pod))) >= 3, 90, "the counter")
+    old = kube.pod(pod)
+    copies = Copies(kube, pod)
+    new_podmigration(kube, pmn, pod, mode="lazy")
+    wait_for(lambda: any(f.startswith("migrate.before-release.")
+                         for f in os.listdir(held_release)), 120,
+             "the new pod's container restored", interval=0.01)
+    pids = lazy_page_server(container_id(old))
+    assert pids, "node-a's page server had already served every page"
+    for pid in pids:
+        os.kill(pid, signal.SIGKILL)
+    st = kube.get("podmigration", pmn)["status"]
+    copies.new = st.get("targetPod")
+    assert copies.new, st
+    pm = wait_pm_end(kube, pmn, 180)
+    s = pm["status"]
+    assert s["phase"] == "Failed", (s, fault_kube.tail())
+    assert s["message"].startswith("migration failed: "), s
+    assert "missing part of its memory, was stopped there" in s["message"], s
+    check_source_runs_on(kube, pod, old, pmn, copies)
+    kube.delete_pod(pod)
+    kube.wait_gone(pod)

@@ -538,10 +538,12 @@ def test_migrate_killed_while_its_dump_waits_at_the_gate(nodes, tmp_path, mode):
     migr.wait_dest_counting(ag, cid, 0)
 
 
-def _lazy_memtouch_served(nodes, tmp_path, pause):
+def _lazy_memtouch_served(nodes, tmp_path, pause, marker=False):
     """A 768 MiB memtouch moved in lazy mode, with `migrt migrate` held at its failpoint
     before the release: the destination runs it while the source's page server still
-    serves its memory (seconds, under memtouch's faults). Returns (cid, migrate, agent,
+    serves its memory (seconds, under memtouch's faults). With `marker`, migrate gets no
+    bundle: it stages, and the destination's copy is created from the marker it prints
+    by another process, as containerd (the kubelet) does. Returns (cid, migrate, agent,
     the source's stdout, the page server's CRIU pids)."""
     memtouch = ocitest.static_program(os.path.join(
         os.path.dirname(__file__), "..", "bench", "memtouch.c"), str(tmp_path))
@@ -559,8 +561,27 @@ def _lazy_memtouch_served(nodes, tmp_path, pause):
     ocitest.wait_for(lambda: "ready" in out.text, timeout=120, what="memtouch filled")
     fpdir = str(tmp_path / "fp")
     os.makedirs(fpdir)
-    mig = nodes.spawn_migrate(cid, dest, agent, "--lazy", env={
-        "MIGRT_FAILPOINT_DIR": fpdir, "MIGRT_FAILPOINTS": f"migrate.before-release=pause({pause})"})
+    env = {"MIGRT_FAILPOINT_DIR": fpdir,
+           "MIGRT_FAILPOINTS": f"migrate.before-release=pause({pause})"}
+    if not marker:
+        mig = nodes.spawn_migrate(cid, dest, agent, "--lazy", env=env)
+    else:
+        argv = nodes.migrate_argv(cid, dest, agent, "--lazy", "--wait", "60")
+        del argv[argv.index("--bundle"):argv.index("--bundle") + 2]
+        mig = subprocess.Popen(argv, stdout=subprocess.PIPE, stderr=subprocess.PIPE,
+                               stdin=subprocess.DEVNULL, start_new_session=True,
+                               env=dict(os.environ, **env))
+        nodes.procs.append(mig)
+        said = b""
+        while b"MIGRT_RESTORE_FROM=" not in said:
+            line = mig.stderr.readline()
+            assert line, said.decode(errors="replace")[-800:]
+            said += line
+        value = said.split(b"MIGRT_RESTORE_FROM=", 1)[1].split()[0].decode()
+        ocitest.bundlekit.set_env(dest, "MIGRT_RESTORE_FROM", value)
+        b = ocitest.Runtime(nodes.b.binary, nodes.b.root, env={"MIGRT_STAGING": agent.staging})
+        rc, _, err = b.create(cid, dest, start=True)
+        assert rc == 0, err.text
     wait_file(fpdir, proc=mig)
     while not any(f.startswith("migrate.before-release") for f in os.listdir(fpdir)):
         assert mig.poll() is None, mig.stderr.read().decode()[-800:]
@@ -597,6 +618,25 @@ def test_lazy_page_server_dies_before_every_page_is_served(nodes, tmp_path):
     assert "missing part of its memory, was stopped there" in msg, msg[-800:]
     assert "the source was resumed" in msg, msg[-800:]
     assert len(msg.strip().splitlines()) == 1, msg
+    _source_goes_on_alone(nodes, agent, cid, out)
+
+
+def test_lazy_page_server_dies_under_a_copy_created_from_the_marker(nodes, tmp_path):
+    """As above, but the destination's copy was created from the marker by another
+    process, as containerd does for a pod (not by the agent): the agent still stops it
+    (the restore noted, as root, which container it made for this migration) and the
+    source resumes. Before, the agent could not stop such a copy: the source stayed
+    frozen and the migration ended in doubt, the copy running on without part of its
+    memory."""
+    cid, mig, agent, out, pids = _lazy_memtouch_served(nodes, tmp_path, 1, marker=True)
+    for pid in pids:
+        kill_pid(pid)
+    mig.wait(120)
+    msg = mig.stderr.read().decode(errors="replace").strip().splitlines()
+    assert mig.returncode == 4, "\n".join(msg[-5:]) + agent.log()[-6000:]
+    assert "missing part of its memory, was stopped there" in msg[-1], msg[-3:]
+    assert "the source was resumed" in msg[-1], msg[-3:]
+    assert "the container here was stopped" in agent.log()
     _source_goes_on_alone(nodes, agent, cid, out)
 
 

@@ -245,6 +245,37 @@ def test_pod_rules_records(tmp_path, monkeypatch):
     assert not os.path.exists(old)
 
 
+def test_pod_rules_while_a_lazy_migration_runs(tmp_path, monkeypatch):
+    """A container restored lazily is not started again from its image while its
+    migration runs (its staged dir is there); once buried by the agent (the migration
+    failed) it is refused for good; once the migration is over, a restart is one."""
+    monkeypatch.setenv("MIGRT_KUBE_STATE", str(tmp_path / "kube"))
+    spec = {"annotations": {"io.kubernetes.cri.container-type": "container",
+                            "io.kubernetes.cri.sandbox-id": "abc123",
+                            "io.kubernetes.cri.container-name": "main",
+                            "io.kubernetes.cri.sandbox-namespace": "team",
+                            "io.kubernetes.cri.sandbox-name": "web-1"}}
+    staged = tmp_path / "staging" / "m-0123456789abcdef"
+    staged.mkdir(parents=True)
+    podrules.mark_restored(spec, "staged:m-0123456789abcdef", pending=str(staged))
+    rec = podrules.restored_before(spec)
+    assert podrules.still_migrating(spec, rec) == (
+        "container main of pod team/web-1 was restored by migration m-0123456789abcdef, "
+        "which has not ended (the source node still holds the workload); migrt does not "
+        "start it again from its image until that migration has ended")
+    podrules.bury_pod("abc123", "main", "stopped on this node: its migration "
+                      "m-0123456789abcdef failed before all its memory had come")
+    assert podrules.refusal(spec).startswith(
+        "container main of pod team/web-1 was stopped on this node: its migration "
+        "m-0123456789abcdef failed before all its memory had come; migrt does not start")
+    with pytest.raises(ValueError):
+        podrules.bury_pod("../x", "main", "x")
+    staged.rmdir()                      # the migration is over
+    assert podrules.still_migrating(spec, rec) is None
+    podrules.mark_restored(spec, "staged:m-1")          # a full restore: nothing pending
+    assert podrules.still_migrating(spec, podrules.restored_before(spec)) is None
+
+
 def test_statefulset_target_node_checks():
     from migrt.kube import statefulset as sts
     node = {"metadata": {"name": "node-b", "labels": {"kubernetes.io/hostname": "node-b",

@@ -76,16 +76,18 @@ def resolve(rest, bundle):
         image.apply_rootfs(s.image_dir, bundle, rootfs_dir=s.rootfs_dir, m=m, spec=spec,
                            move=not retain, journal=journal)
 
-    def on_restored(cid, pid):
+    def on_restored(cid, pid, root, spec):
         # the agent frees the images when the source releases the migration: freeing
-        # hundreds of MiB of tmpfs here would only lengthen the downtime
-        fill = source.fill
-        if fill:
+        # hundreds of MiB of tmpfs here would only lengthen the downtime.
+        # The agent follows a local fill, and stops a copy whose memory cannot all come
+        # (lazy mode: the source's page server failed), only through its own root-only
+        # record of the restore and migrt's record in the runc state dir, never through
+        # the staged record (migrt.agent.fill): write the first here when containerd,
+        # not the agent, ran this create
+        _note_restore(rest, cid, root, spec)
+        if source.fill:
             # running, its memory still coming in from the image: the agent says when
             # it is all there (migrt.agent.fill), and only then may the source go
-            # (the agent follows the fill through its own root-only record and migrt's
-            # record in the runc state dir, never through this one: migrt.agent.fill)
-            _note_restore(rest, fill)
             s.update(state="filling", container=cid, pid=pid, lazy=False)
         else:
             s.update(state="restored", container=cid, pid=pid, lazy=bool(lazy))
@@ -110,6 +112,10 @@ def resolve(rest, bundle):
                            prepare=prepare,
                            on_restored=on_restored, on_failed=on_failed,
                            description=f"staged:{rest}", criu_conf=conf)
+    if lazy or source.lazy_local:
+        # the container runs before its memory is all here: the migration ends (and
+        # this dir goes) only once it is, or once it failed and the source resumed
+        source.pending = s.dir
     return source
 
 
@@ -129,23 +135,29 @@ def _alive(pid):
         return False
 
 
-def _note_restore(mid, fill):
-    """The agent follows a memory fill only through its own root-only record of the
-    restore (migrt.agent.fill): when the restore was not the agent's own (containerd ran
-    this create on a `staged:` marker), write that record here, as root, in the agent's
-    dir. An agent-made record is left as it is."""
+def _note_restore(mid, cid, root, spec):
+    """The agent's root-only record of the restore for migration `mid` (which container,
+    under which runc root, and for a pod's container its sandbox and name, which the
+    agent buries if it has to stop the copy: migrt.runtime.podrules), written here, as
+    root, in the agent's dir when the restore was not the agent's own (containerd ran
+    this create on a `staged:` marker). An agent-made record is left as it is."""
     import json
     from migrt.safeio import makedirs_private, write_private
     from migrt.agent.staging import private_root
     d = os.path.join(private_root(), mid)
     if os.path.exists(os.path.join(d, "restore.json")):
         return
+    from migrt.runtime import podrules
+    pod = podrules.pod_container(spec)
     try:
         makedirs_private(d)
         write_private(os.path.join(d, "restore.json"), json.dumps(
-            {"mid": mid, "container": fill["container"], "root": fill["root"]}).encode())
+            dict({"mid": mid, "container": cid, "root": root},
+                 **({"pod": list(pod[:2])} if pod else {}))).encode())
     except OSError:
-        pass        # the fill then cannot be followed: the source resumes (no loss)
+        # a fill then cannot be followed (the source resumes: no loss), nor a lazy copy
+        # stopped (the source stays frozen: in doubt, never two copies)
+        pass
 
 
 AWAITED = ".awaited"
