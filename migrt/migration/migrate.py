@@ -1413,8 +1413,8 @@ class Migration:
 
     def _check_lazy(self, files, work):
         """A lazy dump leaves the memory in the frozen task. Pages CRIU wrote into the
-        image instead (memory locked in RAM, huge pages, or a dump that did not take the
-        lazy path: seen once at 8 GiB, cause unknown) travel before the restore, in the
+        image instead (shared memory, memory locked in RAM, huge pages, or a dump that did
+        not take the lazy path: seen once at 8 GiB, cause unknown) travel before the restore, in the
         downtime: say how much, and keep CRIU's log of it for a look."""
         paged = sum(size for rel, (size, _) in files.items()
                     if os.path.basename(rel).startswith("pages-"))
@@ -1427,8 +1427,14 @@ class Migration:
                 _write_kept_logs(self.mid, {"lazy-dump.log": f.read(8 << 20)})
         except OSError:
             kept = None
+        # CRIU serves only private memory lazily: a shared mapping's pages (MAP_SHARED
+        # anonymous, memfd, System V) go in the dump, one pagemap-shmem image per object
+        shared = sum(1 for rel in files if os.path.basename(rel).startswith("pagemap-shmem-"))
+        why = (f"{shared} shared memory object{'s' if shared != 1 else ''}, which CRIU "
+               f"does not serve lazily, or memory locked in RAM or in huge pages"
+               if shared else "memory locked in RAM or in huge pages")
         warn = (f"lazy mode: {paged / (1 << 20):.0f} MiB of the memory could not be left "
-                f"lazy and went with the dump (memory locked in RAM or huge pages)"
+                f"lazy and went with the dump ({why})"
                 + (f"; CRIU log {kept}" if kept else ""))
         self.report["warning"] = warn
         sys.stderr.write(f"migrt: warning: {warn}\n")

@@ -59,6 +59,7 @@ class Stage:
         # inside the kernel, where waiters spin and take the CPU that CRIU needs
         self.write_lock = threading.Lock()
         self.fds = {}
+        self.dirs = set()    # dirs made and checked (no symlink on the way) for fds
         self.known = {}      # rel -> {chunk index: digest} as received
         self.touched = {}    # rel -> set of chunk indexes patched by a delta
         self.touches = {}    # rel -> {chunk index: patches written so far}
@@ -78,9 +79,13 @@ class Stage:
         if fd is None:
             p = self.path(rel)
             parent = os.path.dirname(p)
-            makedirs_private(parent)
-            if os.path.realpath(parent) != parent:
-                raise StageError(f"refusing path {rel!r} (symlink in the way)")
+            if parent not in self.dirs:
+                # (once per dir: an image of thousands of shared-memory objects is
+                # thousands of files in one dir)
+                makedirs_private(parent)
+                if os.path.realpath(parent) != parent:
+                    raise StageError(f"refusing path {rel!r} (symlink in the way)")
+                self.dirs.add(parent)
             fd = os.open(p, os.O_RDWR | os.O_CREAT | os.O_NOFOLLOW | os.O_CLOEXEC, 0o600)
             self.fds[rel] = fd
         return fd

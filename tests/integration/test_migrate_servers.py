@@ -516,6 +516,7 @@ def test_lazy_memory_locked_in_ram_goes_with_the_dump_and_says_so(two_nodes, tmp
     assert p.returncode == 0, p.stderr + ag.log()
     assert rep["mode"] == "lazy" and rep["lazy_pages_in_image"] >= 4 << 20, rep
     assert "4 MiB of the memory could not be left lazy" in p.stderr, p.stderr
+    assert "(memory locked in RAM or in huge pages)" in p.stderr, p.stderr
     kept = rep["warning"].rsplit("CRIU log ", 1)[1]
     with open(kept, errors="replace") as f:
         assert "Pagemap generated" in f.read(), kept      # CRIU's own account of it
