@@ -198,6 +198,27 @@ def wait_for(pred, timeout=10.0, interval=0.05, what="condition"):
     raise AssertionError(f"timed out waiting for {what}")
 
 
+def lazy_page_server(cid):
+    """The source's CRIU serving a lazy migration's pages: the CRIU processes under the
+    `runc checkpoint --lazy-pages` of container cid (on this machine, whichever node)."""
+    runcs, kids = set(), {}
+    for p in os.listdir("/proc"):
+        if not p.isdigit():
+            continue
+        try:
+            with open(f"/proc/{p}/cmdline", "rb") as f:
+                cmd = f.read().split(b"\0")
+            with open(f"/proc/{p}/stat") as f:
+                ppid = int(f.read().rsplit(")", 1)[1].split()[1])
+        except (OSError, ValueError, IndexError):
+            continue
+        if b"checkpoint" in cmd and b"--lazy-pages" in cmd and cid.encode() in cmd:
+            runcs.add(int(p))
+        if cmd and (os.path.basename(cmd[0]) == b"criu" or cmd[0].startswith(b"criu:")):
+            kids[int(p)] = ppid
+    return [pid for pid, ppid in kids.items() if ppid in runcs]
+
+
 def last_count(out):
     nums = [int(x) for x in out.lines() if x.strip().isdigit()]
     return nums[-1] if nums else 0

@@ -36,6 +36,7 @@ import time
 import pytest
 
 import cluster as kc
+import ocitest
 import kubemigrt
 from cluster import pod_manifest, container_id, restart_count, wait_for
 from kubemigrt import (COUNTER, name, numbers, new_podmigration, wait_pm_end, running_of,
@@ -359,28 +360,6 @@ def test_target_kubelet_back_before_the_bound_the_move_completes(kube, fault_kub
 LAZY_COUNTER = "x=$(head -c 600000000 /dev/zero | tr '\\0' a); " + COUNTER
 
 
-def lazy_page_server(cid):
-    """The source's CRIU processes serving a lazy migration's pages: those under the
-    `runc checkpoint --lazy-pages` of container cid (all nodes' processes are on this
-    machine)."""
-    runcs, kids = set(), {}
-    for p in os.listdir("/proc"):
-        if not p.isdigit():
-            continue
-        try:
-            with open(f"/proc/{p}/cmdline", "rb") as f:
-                cmd = f.read().split(b"\0")
-            with open(f"/proc/{p}/stat") as f:
-                ppid = int(f.read().rsplit(")", 1)[1].split()[1])
-        except (OSError, ValueError, IndexError):
-            continue
-        if b"checkpoint" in cmd and b"--lazy-pages" in cmd and cid.encode() in cmd:
-            runcs.add(int(p))
-        if cmd and (os.path.basename(cmd[0]) == b"criu" or cmd[0].startswith(b"criu:")):
-            kids[int(p)] = ppid
-    return [pid for pid, ppid in kids.items() if ppid in runcs]
-
-
 @pytest.fixture
 def held_release(kube, tmp_path):
     """node-a's agent restarted so that its `migrt migrate` runs wait 10 s at the
@@ -419,7 +398,7 @@ def test_lazy_page_server_killed_after_the_restore_the_source_runs_on(kube, faul
     wait_for(lambda: any(f.startswith("migrate.before-release.")
                          for f in os.listdir(held_release)), 120,
              "the new pod's container restored", interval=0.01)
-    pids = lazy_page_server(container_id(old))
+    pids = ocitest.lazy_page_server(container_id(old))
     assert pids, "node-a's page server had already served every page"
     for pid in pids:
         os.kill(pid, signal.SIGKILL)

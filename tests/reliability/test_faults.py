@@ -276,27 +276,6 @@ def cut(ctx):
     ctx["proxy"].cut()
 
 
-def _lazy_page_server(cid):
-    """The source's CRIU serving a lazy migration's pages: `criu swrk` under the
-    `runc checkpoint --lazy-pages` of container cid."""
-    runcs, kids = set(), {}
-    for p in os.listdir("/proc"):
-        if not p.isdigit():
-            continue
-        try:
-            with open(f"/proc/{p}/cmdline", "rb") as f:
-                cmd = f.read().split(b"\0")
-            with open(f"/proc/{p}/stat") as f:
-                ppid = int(f.read().rsplit(")", 1)[1].split()[1])
-        except (OSError, ValueError, IndexError):
-            continue
-        if b"checkpoint" in cmd and b"--lazy-pages" in cmd and cid.encode() in cmd:
-            runcs.add(int(p))
-        if cmd and (os.path.basename(cmd[0]) == b"criu" or cmd[0].startswith(b"criu:")):
-            kids[int(p)] = ppid
-    return [pid for pid, ppid in kids.items() if ppid in runcs]
-
-
 def blackhole(seconds=None):
     """Drop every packet to and from the agent's port, without a reset: the peer is as
     good as a host powered off (or, with seconds, a partition that heals)."""
@@ -587,7 +566,7 @@ def _lazy_memtouch_served(nodes, tmp_path, pause, marker=False):
         assert mig.poll() is None, mig.stderr.read().decode()[-800:]
         time.sleep(0.02)
     assert (nodes.b.state(cid) or {}).get("status") == "running"
-    pids = _lazy_page_server(cid)
+    pids = ocitest.lazy_page_server(cid)
     assert pids, "the page server had already served every page"
     return cid, mig, agent, out, pids
 
@@ -654,7 +633,7 @@ def test_lazy_page_server_dies_after_migrate_was_killed(nodes, tmp_path):
     assert journals_of(cid)
     for pid in pids:
         kill_pid(pid)
-    ocitest.wait_for(lambda: not _lazy_page_server(cid) and not any(
+    ocitest.wait_for(lambda: not ocitest.lazy_page_server(cid) and not any(
         cid.encode() in a and b"checkpoint" in a for a in _cmdlines()), timeout=30,
         what="the page server's runc to end")
     p = subprocess.run([sys.executable, "-m", "migrt.migration.recovery"],
