@@ -133,7 +133,7 @@ def stop(staged, mine, why, runc=None):
         return False
     # what its lazy-pages daemon said (a stream that failed its check, a lost
     # connection), before the work dir goes with the container
-    work = (restored or {}).get("work") or ""
+    work = restored.get("work") or ""
     if work and os.path.dirname(os.path.normpath(work)) == lifecycle.work_top():
         said = _errors(os.path.join(work, "lazy-pages.log"))
         if said:

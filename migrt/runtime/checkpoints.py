@@ -55,8 +55,9 @@ class RestoreSource:
     lazy_address   "host:port" of a page server: restore with lazy-pages from it
     lazy_tls       its TLS files (migrt.criu.pagetls.files), or None for plain TCP
     lazy_local     restore with lazy-pages from image_dir itself: the container runs
-                   before its memory is all back (migrt.runtime.sources.staged); `fill` then
-                   says where the daemon reports (set by the restore)
+                   before its memory is all back (migrt.runtime.sources.staged); the daemon
+                   reports in the restore's work dir (FILL_STATUS), which the agent
+                   finds through migrt's record of the container (migrt.agent.fill)
     prepare        callable(bundle, spec, journal) run before runc restore (rootfs
                    changes, noted in the migrt.image.rootfs.Journal to be undone on failure)
     on_restored    callable(cid, pid, root, spec) after the container runs (root: runc's
@@ -79,7 +80,6 @@ class RestoreSource:
         self.lazy_address = lazy_address
         self.lazy_tls = lazy_tls
         self.lazy_local = lazy_local and not lazy_address
-        self.fill = None
         self.prepare = prepare
         self.on_restored = on_restored
         self.on_failed = on_failed

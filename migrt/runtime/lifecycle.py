@@ -844,11 +844,6 @@ def _restore_source(call, flags, cid, bundle, spec, marker, plugins, source, arm
     })
     from migrt.runtime import podrules
     podrules.mark_restored(spec, marker, pending=source.pending)
-    if source.lazy_local:
-        # the memory still streams in from the local image: done when the daemon is
-        source.fill = {"pid": lazy.pid, "status": os.path.join(work, FILL_STATUS),
-                       "log": os.path.join(work, "lazy-pages.log"), "root": call.root,
-                       "container": cid}
     if source.on_restored:
         source.on_restored(cid, pid, call.root, spec)
     return 0

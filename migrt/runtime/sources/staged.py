@@ -85,7 +85,7 @@ def resolve(rest, bundle):
         # the staged record (migrt.agent.fill): write the first here when containerd,
         # not the agent, ran this create
         _note_restore(rest, cid, root, spec)
-        if source.fill:
+        if source.lazy_local:
             # running, its memory still coming in from the image: the agent says when
             # it is all there (migrt.agent.fill), and only then may the source go
             s.update(state="filling", container=cid, pid=pid, lazy=False)
